@@ -1,0 +1,329 @@
+//! `pipeline.toml`: the manifest that chains the stages.
+//!
+//! Every key is optional; [`Pipeline::resolve_*`] methods apply the
+//! documented defaults (see `docs/pipeline.md`). Unknown keys are an error
+//! naming the key and the file, so a typo never silently does nothing.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::cli::{Classify, Exit};
+
+/// The default model source.
+pub const DEFAULT_SOURCE: &str = "hf:Intel/Qwen3-Next-80B-A3B-Thinking-int4-mixed-AutoRound";
+
+/// Errors reading the manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// `--pipeline FILE` was given but the file does not exist.
+    #[error("{0}: pipeline manifest not found (pass an existing file to --pipeline, or omit it to use defaults)")]
+    Missing(PathBuf),
+    /// The file could not be read.
+    #[error("{path}: cannot read pipeline manifest: {source}")]
+    Read {
+        /// The manifest.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax error or a wrong/unknown key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The manifest.
+        path: PathBuf,
+        /// The parser's message, flattened to one line.
+        message: String,
+    },
+}
+
+impl Classify for PipelineError {
+    fn exit(&self) -> Exit {
+        Exit::Usage
+    }
+}
+
+/// The whole manifest.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    /// What model, and where the work goes.
+    #[serde(default)]
+    pub model: ModelTable,
+    /// `rh-fetch` settings.
+    #[serde(default)]
+    pub fetch: FetchTable,
+    /// `rh-inspect` settings.
+    #[serde(default)]
+    pub inspect: InspectTable,
+    /// `rh-repack` settings.
+    #[serde(default)]
+    pub repack: RepackTable,
+    /// `rh-verify` settings.
+    #[serde(default)]
+    pub verify: VerifyTable,
+    /// `rh-serve` settings.
+    #[serde(default)]
+    pub serve: ServeTable,
+    /// `rh-bench` settings.
+    #[serde(default)]
+    pub bench: BenchTable,
+    /// Where the manifest was read from (directory used to resolve relative paths).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The manifest file, if one was read.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
+}
+
+/// `[model]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelTable {
+    /// `hf:ORG/REPO[@REV]`, `dir:PATH` or `synthetic:PRESET`. Default: [`DEFAULT_SOURCE`].
+    pub source: Option<String>,
+    /// Hub revision (branch, tag or commit). Default `main`.
+    pub revision: Option<String>,
+    /// Where stage outputs and checkpoint records go. Default `work`.
+    pub work_dir: Option<PathBuf>,
+}
+
+/// `[fetch]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchTable {
+    /// Output checkpoint directory. Default `<work_dir>/checkpoint`.
+    pub out: Option<PathBuf>,
+    /// Glob patterns of files to fetch (default: all).
+    pub include: Option<Vec<String>>,
+    /// Glob patterns of files to skip.
+    pub exclude: Option<Vec<String>>,
+    /// Files downloaded at once. Default 4.
+    pub concurrency: Option<usize>,
+    /// Use only what is already cached. Default false.
+    pub offline: Option<bool>,
+    /// Synthetic sources: number of layers (overrides the preset).
+    pub layers: Option<usize>,
+    /// Synthetic sources: random seed. Default 0.
+    pub seed: Option<u64>,
+}
+
+/// `[inspect]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectTable {
+    /// Where the strategy is written. Default `<work_dir>/strategy.toml`.
+    pub out: Option<PathBuf>,
+    /// Seconds spent on the memory-bandwidth probe. Default 2.
+    pub probe_seconds: Option<f64>,
+    /// Force a thread count instead of the probed choice.
+    pub threads: Option<usize>,
+}
+
+/// `[repack]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepackTable {
+    /// Input checkpoint directory. Default: fetch's output.
+    pub checkpoint: Option<PathBuf>,
+    /// Output cache directory. Default `<work_dir>/cache`.
+    pub cache: Option<PathBuf>,
+    /// Largest cache data file in MiB. Default 2048.
+    pub file_size_mib: Option<u64>,
+    /// Worker threads. Default: all cores.
+    pub threads: Option<usize>,
+}
+
+/// `[verify]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyTable {
+    /// Cache directory to check. Default: repack's output.
+    pub cache: Option<PathBuf>,
+    /// Expected manifest hash (from whoever shared the cache).
+    pub expect: Option<String>,
+    /// Only sizes, header and index. Default false.
+    pub quick: Option<bool>,
+}
+
+/// `[serve]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeTable {
+    /// Model to load: a cache or checkpoint directory. Default: repack's output.
+    pub model: Option<PathBuf>,
+    /// Strategy file. Default `<work_dir>/strategy.toml` when present.
+    pub strategy: Option<PathBuf>,
+    /// Sampling temperature (default from generation_config.json).
+    pub temperature: Option<f32>,
+    /// Top-k (default from generation_config.json).
+    pub top_k: Option<usize>,
+    /// Top-p (default from generation_config.json).
+    pub top_p: Option<f32>,
+    /// Min-p. Default 0.
+    pub min_p: Option<f32>,
+    /// Repetition penalty. Default 1.0 (off).
+    pub repeat_penalty: Option<f32>,
+    /// RNG seed. Default: random.
+    pub seed: Option<u64>,
+    /// Longest answer in tokens. Default 512.
+    pub max_tokens: Option<usize>,
+    /// Context size in tokens. Default 8192.
+    pub ctx_size: Option<usize>,
+    /// System prompt.
+    pub system: Option<String>,
+    /// Show the model's reasoning. Default false.
+    pub thinking: Option<bool>,
+    /// Worker threads. Default: the strategy's.
+    pub threads: Option<usize>,
+}
+
+/// `[bench]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchTable {
+    /// Model to benchmark. Default: repack's output.
+    pub model: Option<PathBuf>,
+    /// Prompt tokens for the pp test. Default 512.
+    pub prompt_tokens: Option<usize>,
+    /// Generated tokens for the tg test. Default 128.
+    pub gen_tokens: Option<usize>,
+    /// Repetitions. Default 3.
+    pub repetitions: Option<usize>,
+    /// Worker threads. Default: the strategy's.
+    pub threads: Option<usize>,
+}
+
+impl Pipeline {
+    /// Reads the manifest: `explicit` if given (it must exist), else
+    /// `./pipeline.toml` when present, else all defaults.
+    pub fn discover(explicit: Option<&Path>) -> Result<Pipeline, PipelineError> {
+        match explicit {
+            Some(p) => {
+                if !p.exists() {
+                    return Err(PipelineError::Missing(p.to_path_buf()));
+                }
+                Pipeline::load(p)
+            }
+            None => {
+                let p = Path::new("pipeline.toml");
+                if p.exists() {
+                    Pipeline::load(p)
+                } else {
+                    Ok(Pipeline {
+                        base_dir: PathBuf::from("."),
+                        ..Default::default()
+                    })
+                }
+            }
+        }
+    }
+
+    /// Reads and parses one manifest file.
+    pub fn load(path: &Path) -> Result<Pipeline, PipelineError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut p: Pipeline = toml::from_str(&text).map_err(|e| PipelineError::Parse {
+            path: path.to_path_buf(),
+            message: toml_message(&e),
+        })?;
+        p.base_dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        p.file = Some(path.to_path_buf());
+        Ok(p)
+    }
+
+    /// A path from the manifest, relative to the manifest's directory.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// The model source (default [`DEFAULT_SOURCE`]).
+    pub fn source(&self) -> String {
+        self.model
+            .source
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SOURCE.to_string())
+    }
+
+    /// The work directory (default `work`).
+    pub fn work_dir(&self) -> PathBuf {
+        self.path(self.model.work_dir.as_deref().unwrap_or(Path::new("work")))
+    }
+
+    /// Fetch's output directory.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        match &self.fetch.out {
+            Some(p) => self.path(p),
+            None => self.work_dir().join("checkpoint"),
+        }
+    }
+
+    /// Repack's input: `[repack] checkpoint`, else fetch's output.
+    pub fn repack_input(&self) -> PathBuf {
+        match &self.repack.checkpoint {
+            Some(p) => self.path(p),
+            None => self.checkpoint_dir(),
+        }
+    }
+
+    /// Repack's output cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        match &self.repack.cache {
+            Some(p) => self.path(p),
+            None => self.work_dir().join("cache"),
+        }
+    }
+
+    /// Where inspect writes (and serve/bench read) the strategy.
+    pub fn strategy_path(&self) -> PathBuf {
+        match &self.inspect.out {
+            Some(p) => self.path(p),
+            None => self.work_dir().join("strategy.toml"),
+        }
+    }
+}
+
+/// toml's error messages span several lines with a source excerpt; keep the
+/// first line and the key/line information in one line.
+fn toml_message(e: &toml::de::Error) -> String {
+    let msg = e.message().replace('\n', " ");
+    match e.span() {
+        Some(span) => format!("{msg} (at byte {}; fix or remove that key)", span.start),
+        None => msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pipeline.toml");
+        std::fs::write(&f, "[repack]\nthreds = 2\n").unwrap();
+        let e = Pipeline::load(&f).unwrap_err().to_string();
+        assert!(e.contains("threds"), "{e}");
+        assert!(e.contains("pipeline.toml"), "{e}");
+    }
+
+    #[test]
+    fn paths_resolve_against_manifest_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pipeline.toml");
+        std::fs::write(&f, "[model]\nsource = \"synthetic:tiny\"\nwork_dir = \"w\"\n").unwrap();
+        let p = Pipeline::load(&f).unwrap();
+        assert_eq!(p.work_dir(), dir.path().join("w"));
+        assert_eq!(p.cache_dir(), dir.path().join("w/cache"));
+        assert_eq!(p.source(), "synthetic:tiny");
+    }
+}

@@ -1,0 +1,277 @@
+//! Weight matrices as the kernels read them: dense float matrices and
+//! group-quantized int4/int8 matrices, each borrowing its bytes from a
+//! mapped file or owning them.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::mmap::MappedFile;
+
+/// Bytes of a tensor: a range of a mapped file (zero-copy) or an owned,
+/// 8-byte-aligned buffer.
+#[derive(Clone)]
+pub enum Bytes {
+    /// `len` bytes at `offset` of a mapped file. The constructor checks the
+    /// range lies inside the file.
+    Mapped {
+        /// The mapping (kept alive by the Arc).
+        file: Arc<MappedFile>,
+        /// Start offset.
+        offset: usize,
+        /// Length.
+        len: usize,
+    },
+    /// Owned bytes (backed by u64 words so f32 views are aligned).
+    Owned(Arc<AlignedBuf>),
+}
+
+/// A heap buffer aligned to 8 bytes.
+pub struct AlignedBuf {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Copies `bytes` into an aligned buffer.
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        let mut b = Self::zeroed(bytes.len());
+        b.as_mut_slice().copy_from_slice(bytes);
+        b
+    }
+    /// A zero-filled buffer of `len` bytes.
+    pub fn zeroed(len: usize) -> Self {
+        AlignedBuf {
+            words: vec![0u64; len.div_ceil(8)],
+            len,
+        }
+    }
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.len]
+    }
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
+    }
+}
+
+impl Bytes {
+    /// Borrows `len` bytes at `offset` of a mapped file; `None` when the
+    /// range is outside the file.
+    pub fn mapped(file: Arc<MappedFile>, offset: usize, len: usize) -> Option<Bytes> {
+        let end = offset.checked_add(len)?;
+        (end <= file.len()).then_some(Bytes::Mapped { file, offset, len })
+    }
+    /// Owns a copy of `bytes`.
+    pub fn copy_from(bytes: &[u8]) -> Bytes {
+        Bytes::Owned(Arc::new(AlignedBuf::from_slice(bytes)))
+    }
+    /// Takes an aligned buffer.
+    pub fn owned(buf: AlignedBuf) -> Bytes {
+        Bytes::Owned(Arc::new(buf))
+    }
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped { file, offset, len } => &file.bytes()[*offset..*offset + *len],
+            Bytes::Owned(b) => b.as_slice(),
+        }
+    }
+    /// Length.
+    pub fn len(&self) -> usize {
+        match self {
+            Bytes::Mapped { len, .. } => *len,
+            Bytes::Owned(b) => b.len,
+        }
+    }
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Whether the bytes live in a mapped file (no heap copy).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, Bytes::Mapped { .. })
+    }
+}
+
+impl fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Bytes::Mapped { offset, len, .. } => write!(f, "Mapped({offset}+{len})"),
+            Bytes::Owned(b) => write!(f, "Owned({})", b.len),
+        }
+    }
+}
+
+/// Element type of a dense matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatType {
+    /// IEEE f32.
+    F32,
+    /// IEEE f16.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl FloatType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            FloatType::F32 => 4,
+            FloatType::F16 | FloatType::BF16 => 2,
+        }
+    }
+}
+
+/// A dense row-major matrix `[rows, cols]` of f32/f16/bf16.
+#[derive(Clone, Debug)]
+pub struct DenseMatrix {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Element type.
+    pub dtype: FloatType,
+    /// `rows * cols * dtype.size()` bytes, little-endian.
+    pub data: Bytes,
+}
+
+/// Elements per quantization block; groups are whole numbers of blocks.
+pub const QBLOCK: usize = 32;
+
+/// How zero points are stored.
+#[derive(Clone, Debug)]
+pub enum Zeros {
+    /// Every group's zero point is `2^(bits-1)` (AutoRound/GPTQ symmetric).
+    Symmetric,
+    /// One u16 (LE) zero point per `(row, group)`, row-major.
+    PerGroup(Bytes),
+}
+
+/// A group-quantized matrix in the kernel layout (see `docs/cache-format.md`):
+///
+/// * `qdata`: `rows` rows of `cols / 32` blocks. An int4 block is 16 bytes;
+///   byte `i` holds element `i` in its low nibble and element `i + 16` in its
+///   high nibble. An int8 block is 32 bytes, one unsigned byte per element.
+/// * `scales`: f16 `[rows, n_groups]`, sign kept (AutoRound scales may be
+///   negative).
+/// * weight `W[r, k] = scale[r, k / group_size] * (q[r, k] - zero[r, k / group_size])`.
+#[derive(Clone, Debug)]
+pub struct QuantMatrix {
+    /// Output features.
+    pub rows: usize,
+    /// Input features (a multiple of 32).
+    pub cols: usize,
+    /// 4 or 8.
+    pub bits: u8,
+    /// Elements per scale along a row (a multiple of 32).
+    pub group_size: usize,
+    /// Packed quantized values.
+    pub qdata: Bytes,
+    /// f16 scales.
+    pub scales: Bytes,
+    /// Zero points.
+    pub zeros: Zeros,
+}
+
+impl QuantMatrix {
+    /// Groups per row.
+    pub fn n_groups(&self) -> usize {
+        self.cols.div_ceil(self.group_size)
+    }
+    /// Bytes of one packed row.
+    pub fn row_bytes(&self) -> usize {
+        Self::packed_row_bytes(self.cols, self.bits)
+    }
+    /// Bytes of one packed row of `cols` elements at `bits`.
+    pub fn packed_row_bytes(cols: usize, bits: u8) -> usize {
+        cols / QBLOCK * (QBLOCK * bits as usize / 8)
+    }
+    /// The zero point of every group when symmetric.
+    pub fn symmetric_zero(bits: u8) -> u16 {
+        1 << (bits - 1)
+    }
+    /// Checks the byte lengths against the shape.
+    pub fn check(&self) -> Result<(), String> {
+        if self.bits != 4 && self.bits != 8 {
+            return Err(format!("{} bits (supported: 4, 8)", self.bits));
+        }
+        if self.cols % QBLOCK != 0 || self.group_size % QBLOCK != 0 || self.group_size == 0 {
+            return Err(format!(
+                "input size {} and group size {} must be multiples of {QBLOCK}",
+                self.cols, self.group_size
+            ));
+        }
+        let want = self.rows * self.row_bytes();
+        if self.qdata.len() != want {
+            return Err(format!("quantized data is {} bytes, expected {want}", self.qdata.len()));
+        }
+        let ng = self.rows * self.n_groups();
+        if self.scales.len() != ng * 2 {
+            return Err(format!("scales are {} bytes, expected {}", self.scales.len(), ng * 2));
+        }
+        if let Zeros::PerGroup(z) = &self.zeros {
+            if z.len() != ng * 2 {
+                return Err(format!("zeros are {} bytes, expected {}", z.len(), ng * 2));
+            }
+        }
+        Ok(())
+    }
+    /// Bytes of weights read by one full matvec.
+    pub fn bytes_read(&self) -> usize {
+        self.qdata.len()
+            + self.scales.len()
+            + match &self.zeros {
+                Zeros::PerGroup(z) => z.len(),
+                Zeros::Symmetric => 0,
+            }
+    }
+}
+
+/// A 2-D weight, `[rows = out_features, cols = in_features]`.
+#[derive(Clone, Debug)]
+pub enum Matrix {
+    /// Float weights.
+    Dense(DenseMatrix),
+    /// Group-quantized weights.
+    Quant(QuantMatrix),
+}
+
+impl Matrix {
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        match self {
+            Matrix::Dense(d) => d.rows,
+            Matrix::Quant(q) => q.rows,
+        }
+    }
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        match self {
+            Matrix::Dense(d) => d.cols,
+            Matrix::Quant(q) => q.cols,
+        }
+    }
+    /// Bytes a full matvec reads.
+    pub fn bytes_read(&self) -> usize {
+        match self {
+            Matrix::Dense(d) => d.data.len(),
+            Matrix::Quant(q) => q.bytes_read(),
+        }
+    }
+    /// Whether every byte lives in a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        match self {
+            Matrix::Dense(d) => d.data.is_mapped(),
+            Matrix::Quant(q) => {
+                q.qdata.is_mapped()
+                    && q.scales.is_mapped()
+                    && match &q.zeros {
+                        Zeros::PerGroup(z) => z.is_mapped(),
+                        Zeros::Symmetric => true,
+                    }
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Where the engine gets its weights: a [`WeightSource`] hands out matrices
+//! in the kernel layout and small tensors as f32, checking names, shapes and
+//! dtypes. The safetensors checkpoint ([`crate::checkpoint`]) and the
+//! repacked cache both implement it, so model code does not care which.
+
+use crate::cli::{Classify, Exit};
+use crate::config::ModelConfig;
+use crate::tensor::Matrix;
+
+/// Errors fetching a weight; each names the tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    /// Not in the checkpoint.
+    #[error("{source_path}: tensor `{tensor}` is missing")]
+    Missing {
+        /// Tensor name.
+        tensor: String,
+        /// Checkpoint or cache path.
+        source_path: String,
+    },
+    /// Present with the wrong shape.
+    #[error("{source_path}: tensor `{tensor}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// Tensor name.
+        tensor: String,
+        /// Checkpoint or cache path.
+        source_path: String,
+        /// What the config implies.
+        expected: Vec<usize>,
+        /// What is stored.
+        found: Vec<usize>,
+    },
+    /// An element type the engine cannot use there.
+    #[error("{source_path}: tensor `{tensor}` has dtype {dtype}, expected {expected}")]
+    Dtype {
+        /// Tensor name.
+        tensor: String,
+        /// Checkpoint or cache path.
+        source_path: String,
+        /// What is stored.
+        dtype: String,
+        /// What is accepted.
+        expected: String,
+    },
+    /// Quantized tensors that cannot be used.
+    #[error("{source_path}: {reason}")]
+    Quant {
+        /// Checkpoint or cache path.
+        source_path: String,
+        /// The conversion's message (names the tensor).
+        reason: String,
+    },
+    /// The checkpoint or cache itself is unreadable.
+    #[error("{0}")]
+    Format(String),
+}
+
+impl Classify for WeightError {
+    fn exit(&self) -> Exit {
+        Exit::Failure
+    }
+}
+
+/// Supplies a model's weights.
+pub trait WeightSource: Send + Sync {
+    /// The model's config.
+    fn config(&self) -> &ModelConfig;
+
+    /// Where the weights come from (for messages).
+    fn path(&self) -> String;
+
+    /// The weight of linear module `module` (e.g.
+    /// `model.layers.0.linear_attn.in_proj_qkvz`, `lm_head`,
+    /// `model.embed_tokens`) as a `[rows, cols]` matrix: quantized when the
+    /// source stores it quantized, dense otherwise.
+    fn matrix(&self, module: &str, rows: usize, cols: usize) -> Result<Matrix, WeightError>;
+
+    /// A small tensor by full name (norm weights, conv1d, A_log, dt_bias) as
+    /// f32, checked against `shape`.
+    fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, WeightError>;
+
+    /// Whether a tensor or module exists (e.g. optional MTP weights).
+    fn contains(&self, name: &str) -> bool;
+}
