@@ -1,0 +1,56 @@
+//! Helpers shared by the integration tests: locate (and build, once) the
+//! `rh-*` binaries, run them, and make scratch directories.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Once;
+
+static BUILD: Once = Once::new();
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Path of a built `rh-*` binary. The first call runs `cargo build --bins`
+/// (a no-op when up to date) so a plain `cargo test` always tests current
+/// binaries, whichever package they belong to.
+pub fn bin(name: &str) -> PathBuf {
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--bins", "--workspace"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --bins failed");
+    });
+    // target/debug/deps/<test-binary> -> target/debug/<name>
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target/debug");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not built", p.display());
+    p
+}
+
+/// A command for an `rh-*` binary with a clean environment for logs.
+pub fn rh(name: &str) -> Command {
+    let mut c = Command::new(bin(name));
+    c.env_remove("RUST_LOG");
+    c
+}
+
+/// Runs a command, returning its output (never panics on non-zero exit).
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("spawn")
+}
+
+/// stdout + stderr as one string, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
