@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod fsutil;
 pub mod kernels;
+pub mod membw;
 pub mod mmap;
 pub mod pipeline;
 pub mod quant;
