@@ -1,0 +1,63 @@
+# Chains the stages through a pipeline manifest. Each stage's target is its
+# checkpoint record in $(WORK)/stages/, so make reruns a stage only when the
+# manifest or a predecessor's record changed, and the binaries themselves
+# skip work that is already done (they compare input fingerprints).
+#
+#   make demo                      # whole pipeline on the built-in demo model
+#   make test                      # the test suite (what CI runs)
+#   make chat                      # real model: fetch, inspect, repack, verify, chat
+#   make bench PIPELINE=pipeline.bench.toml WORK=bench-work
+#
+# WORK must match [model] work_dir of the manifest in PIPELINE.
+
+CARGO    ?= cargo
+PIPELINE ?= pipeline.toml
+WORK     ?= work
+BIN      := target/release
+RH        = --pipeline $(PIPELINE)
+PROMPT   ?= Write a haiku about trains.
+
+.PHONY: build fetch inspect repack verify chat ask bench test demo clean-work
+
+build:
+	$(CARGO) build --release --workspace --bins
+
+$(WORK)/stages/fetch.json: $(PIPELINE) | build
+	$(BIN)/rh-fetch $(RH) && touch $@
+
+$(WORK)/stages/inspect.json: $(WORK)/stages/fetch.json | build
+	$(BIN)/rh-inspect $(RH) && touch $@
+
+$(WORK)/stages/repack.json: $(WORK)/stages/fetch.json | build
+	$(BIN)/rh-repack $(RH) && touch $@
+
+$(WORK)/stages/verify.json: $(WORK)/stages/repack.json | build
+	$(BIN)/rh-verify $(RH) && touch $@
+
+fetch: $(WORK)/stages/fetch.json
+inspect: $(WORK)/stages/inspect.json
+repack: $(WORK)/stages/repack.json
+verify: $(WORK)/stages/verify.json
+
+# Interactive chat on the verified cache.
+chat: $(WORK)/stages/inspect.json $(WORK)/stages/verify.json
+	$(BIN)/rh-serve $(RH)
+
+# One-shot answer to $(PROMPT).
+ask: $(WORK)/stages/inspect.json $(WORK)/stages/verify.json
+	$(BIN)/rh-serve $(RH) --prompt "$(PROMPT)"
+
+bench: $(WORK)/stages/inspect.json $(WORK)/stages/repack.json
+	$(BIN)/rh-bench $(RH)
+
+# The built-in demo, end to end, ending with a generated reply.
+demo:
+	$(MAKE) ask PIPELINE=pipeline.demo.toml WORK=demo-work PROMPT="Hello! Who are you?"
+
+# The test suite. Dependencies are optimised in the test profile
+# (Cargo.toml), so numeric tests run at speed in a debug build.
+test:
+	$(CARGO) test --workspace
+
+clean-work:
+	rm -rf $(WORK)
