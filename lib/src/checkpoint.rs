@@ -48,9 +48,18 @@ fn fmt_err(path: &Path, msg: impl std::fmt::Display) -> WeightError {
 
 /// Parses and validates a safetensors header against the file's length.
 /// Returns tensors with absolute offsets.
-pub fn read_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Dtype, Vec<usize>, usize, usize)>, WeightError> {
+pub fn read_header(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Vec<(String, Dtype, Vec<usize>, usize, usize)>, WeightError> {
     if bytes.len() < 8 {
-        return Err(fmt_err(path, format!("truncated safetensors file ({} bytes, no header)", bytes.len())));
+        return Err(fmt_err(
+            path,
+            format!(
+                "truncated safetensors file ({} bytes, no header)",
+                bytes.len()
+            ),
+        ));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
     if n > 100 << 20 || 8 + n > bytes.len() {
@@ -77,10 +86,21 @@ pub fn read_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Dtype, Vec<
         if e - s != want {
             return Err(fmt_err(
                 path,
-                format!("tensor `{name}` has {} bytes but shape {:?} of {:?} needs {want}", e - s, info.shape, info.dtype),
+                format!(
+                    "tensor `{name}` has {} bytes but shape {:?} of {:?} needs {want}",
+                    e - s,
+                    info.shape,
+                    info.dtype
+                ),
             ));
         }
-        out.push((name.clone(), info.dtype, info.shape.clone(), data_start + s, e - s));
+        out.push((
+            name.clone(),
+            info.dtype,
+            info.shape.clone(),
+            data_start + s,
+            e - s,
+        ));
     }
     Ok(out)
 }
@@ -89,7 +109,10 @@ impl Checkpoint {
     /// Opens a checkpoint directory: config.json plus its safetensors.
     pub fn open(dir: &Path) -> Result<Checkpoint, WeightError> {
         if !dir.is_dir() {
-            return Err(fmt_err(dir, "not a directory (expected a checkpoint with config.json and *.safetensors)"));
+            return Err(fmt_err(
+                dir,
+                "not a directory (expected a checkpoint with config.json and *.safetensors)",
+            ));
         }
         let config = ModelConfig::load(&dir.join("config.json"))
             .map_err(|e| WeightError::Format(crate::cli::one_line(&e)))?;
@@ -99,11 +122,26 @@ impl Checkpoint {
         for (i, f) in files.iter().enumerate() {
             let map = MappedFile::open(f).map_err(|e| WeightError::Format(e.to_string()))?;
             for (name, dtype, shape, offset, len) in read_header(f, map.bytes())? {
-                tensors.insert(name, TensorEntry { file: i, dtype, shape, offset, len });
+                tensors.insert(
+                    name,
+                    TensorEntry {
+                        file: i,
+                        dtype,
+                        shape,
+                        offset,
+                        len,
+                    },
+                );
             }
             maps.push(map);
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), config, files, maps, tensors })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            files,
+            maps,
+            tensors,
+        })
     }
 
     /// The safetensors files: from the index when there is one (checking
@@ -113,8 +151,8 @@ impl Checkpoint {
         let mut files: Vec<PathBuf> = Vec::new();
         if index.exists() {
             let text = std::fs::read(&index).map_err(|e| fmt_err(&index, e))?;
-            let v: serde_json::Value =
-                serde_json::from_slice(&text).map_err(|e| fmt_err(&index, format!("invalid JSON: {e}")))?;
+            let v: serde_json::Value = serde_json::from_slice(&text)
+                .map_err(|e| fmt_err(&index, format!("invalid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -124,23 +162,35 @@ impl Checkpoint {
             names.dedup();
             for n in names {
                 if n.contains("..") || n.starts_with('/') {
-                    return Err(fmt_err(&index, format!("shard name `{n}` escapes the checkpoint directory")));
+                    return Err(fmt_err(
+                        &index,
+                        format!("shard name `{n}` escapes the checkpoint directory"),
+                    ));
                 }
                 let p = dir.join(n);
                 if !p.exists() {
-                    return Err(fmt_err(&p, "listed in model.safetensors.index.json but missing; fetch again"));
+                    return Err(fmt_err(
+                        &p,
+                        "listed in model.safetensors.index.json but missing; fetch again",
+                    ));
                 }
                 files.push(p);
             }
             // Extra tensors (e.g. MTP) live in files the index does not list.
-            for e in std::fs::read_dir(dir).map_err(|e| fmt_err(dir, e))?.flatten() {
+            for e in std::fs::read_dir(dir)
+                .map_err(|e| fmt_err(dir, e))?
+                .flatten()
+            {
                 let p = e.path();
                 if p.extension().is_some_and(|x| x == "safetensors") && !files.contains(&p) {
                     files.push(p);
                 }
             }
         } else {
-            for e in std::fs::read_dir(dir).map_err(|e| fmt_err(dir, e))?.flatten() {
+            for e in std::fs::read_dir(dir)
+                .map_err(|e| fmt_err(dir, e))?
+                .flatten()
+            {
                 let p = e.path();
                 if p.extension().is_some_and(|x| x == "safetensors") {
                     files.push(p);
@@ -161,7 +211,10 @@ impl Checkpoint {
     }
 
     fn missing(&self, tensor: &str) -> WeightError {
-        WeightError::Missing { tensor: tensor.to_string(), source_path: self.dir.display().to_string() }
+        WeightError::Missing {
+            tensor: tensor.to_string(),
+            source_path: self.dir.display().to_string(),
+        }
     }
 
     fn shape_err(&self, tensor: &str, expected: &[usize], found: &[usize]) -> WeightError {
@@ -191,23 +244,37 @@ impl Checkpoint {
         } else {
             Bytes::copy_from(bytes)
         };
-        Ok(Matrix::Dense(DenseMatrix { rows, cols, dtype, data }))
+        Ok(Matrix::Dense(DenseMatrix {
+            rows,
+            cols,
+            dtype,
+            data,
+        }))
     }
 
     fn quantized(&self, module: &str, rows: usize, cols: usize) -> Result<Matrix, WeightError> {
-        let q = self.config.quantization_config.as_ref().ok_or_else(|| WeightError::Quant {
-            source_path: self.dir.display().to_string(),
-            reason: format!("`{module}.qweight` present but config.json has no quantization_config"),
-        })?;
-        let (bits, group_size) = match self.config.precision(module) {
-            Precision::Int { bits, group_size, .. } => (bits, group_size),
-            Precision::Float => {
-                return Err(WeightError::Quant {
+        let q = self
+            .config
+            .quantization_config
+            .as_ref()
+            .ok_or_else(|| WeightError::Quant {
+                source_path: self.dir.display().to_string(),
+                reason: format!(
+                    "`{module}.qweight` present but config.json has no quantization_config"
+                ),
+            })?;
+        let (bits, group_size) =
+            match self.config.precision(module) {
+                Precision::Int {
+                    bits, group_size, ..
+                } => (bits, group_size),
+                Precision::Float => return Err(WeightError::Quant {
                     source_path: self.dir.display().to_string(),
-                    reason: format!("`{module}` is quantized on disk but quantization_config says it is 16-bit"),
-                })
-            }
-        };
+                    reason: format!(
+                        "`{module}` is quantized on disk but quantization_config says it is 16-bit"
+                    ),
+                }),
+            };
         let get = |suffix: &str| {
             let n = format!("{module}.{suffix}");
             self.bytes(&n).ok_or_else(|| self.missing(&n))
@@ -215,7 +282,11 @@ impl Checkpoint {
         let (qw_e, qweight) = get("qweight")?;
         let (qz_e, qzeros) = get("qzeros")?;
         let (sc_e, scales) = get("scales")?;
-        for (e, suffix, want) in [(qw_e, "qweight", Dtype::I32), (qz_e, "qzeros", Dtype::I32), (sc_e, "scales", Dtype::F16)] {
+        for (e, suffix, want) in [
+            (qw_e, "qweight", Dtype::I32),
+            (qz_e, "qzeros", Dtype::I32),
+            (sc_e, "scales", Dtype::F16),
+        ] {
             if e.dtype != want {
                 return Err(WeightError::Dtype {
                     tensor: format!("{module}.{suffix}"),
@@ -225,7 +296,11 @@ impl Checkpoint {
                 });
             }
         }
-        let gs = if group_size <= 0 { cols } else { group_size as usize };
+        let gs = if group_size <= 0 {
+            cols
+        } else {
+            group_size as usize
+        };
         if ![2, 4, 8].contains(&bits) {
             return Err(WeightError::Quant {
                 source_path: self.dir.display().to_string(),
@@ -272,7 +347,10 @@ pub fn float_type(d: Dtype) -> Option<FloatType> {
 /// Converts float bytes of any supported dtype to f32.
 pub fn to_f32(dtype: FloatType, bytes: &[u8]) -> Vec<f32> {
     match dtype {
-        FloatType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+        FloatType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
         FloatType::F16 => bytes
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -296,7 +374,10 @@ impl WeightSource for Checkpoint {
     fn matrix(&self, module: &str, rows: usize, cols: usize) -> Result<Matrix, WeightError> {
         if self.tensors.contains_key(&format!("{module}.qweight")) {
             self.quantized(module, rows, cols)
-        } else if module == "lm_head" && self.config.tie_word_embeddings && !self.tensors.contains_key("lm_head.weight") {
+        } else if module == "lm_head"
+            && self.config.tie_word_embeddings
+            && !self.tensors.contains_key("lm_head.weight")
+        {
             self.dense("model.embed_tokens.weight", rows, cols)
         } else {
             self.dense(&format!("{module}.weight"), rows, cols)
@@ -321,5 +402,92 @@ impl WeightSource for Checkpoint {
         self.tensors.contains_key(name)
             || self.tensors.contains_key(&format!("{name}.weight"))
             || self.tensors.contains_key(&format!("{name}.qweight"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Matrix;
+
+    fn fixture(case: &str, kind: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/reference")
+            .join(case)
+            .join(kind)
+    }
+
+    /// Every quantized module of the checkpoints auto-round itself wrote
+    /// converts to the kernel layout losslessly: row by row, the kernel
+    /// layout dequantizes to exactly AutoRound's reference formula.
+    #[test]
+    fn autoround_fixtures_convert_losslessly() {
+        for case in ["gs32", "gs128"] {
+            let ck = Checkpoint::open(&fixture(case, "quant")).unwrap();
+            let q = ck.config.quantization_config.clone().unwrap();
+            let modules: Vec<String> = ck
+                .tensors
+                .keys()
+                .filter_map(|n| n.strip_suffix(".qweight").map(str::to_string))
+                .collect();
+            assert!(
+                modules.len() > 100,
+                "{case}: {} quantized modules",
+                modules.len()
+            );
+            for m in &modules {
+                let (sc, _) = ck.bytes(&format!("{m}.scales")).unwrap();
+                let rows = sc.shape[1];
+                let (qw, _) = ck.bytes(&format!("{m}.qweight")).unwrap();
+                let Precision::Int {
+                    bits, group_size, ..
+                } = ck.config.precision(m)
+                else {
+                    panic!("{m} quantized on disk but config says float")
+                };
+                let cols = qw.shape[0] * 32 / bits as usize;
+                let Matrix::Quant(km) = ck.matrix(m, rows, cols).unwrap() else {
+                    panic!()
+                };
+                let t = AutoRoundTensors {
+                    module: m,
+                    qweight: ck.bytes(&format!("{m}.qweight")).unwrap().1,
+                    qzeros: ck.bytes(&format!("{m}.qzeros")).unwrap().1,
+                    scales: ck.bytes(&format!("{m}.scales")).unwrap().1,
+                    out_features: rows,
+                    in_features: cols,
+                    bits: bits as u8,
+                    group_size: group_size as usize,
+                    zeros_minus_one: q.zeros_minus_one(),
+                };
+                let reference = t.dequantize_reference().unwrap();
+                let mut row = vec![0f32; cols];
+                for r in 0..rows {
+                    crate::quant::dequantize_row(&km, r, &mut row);
+                    assert_eq!(
+                        &row[..],
+                        &reference[r * cols..(r + 1) * cols],
+                        "{case} {m} row {r}"
+                    );
+                }
+            }
+            // The router and shared-expert gate stay 16-bit (regex extra_config keys).
+            assert_eq!(
+                ck.config.precision("model.layers.0.mlp.gate"),
+                Precision::Float
+            );
+            assert!(matches!(
+                ck.matrix(
+                    "model.layers.0.mlp.gate",
+                    ck.config.num_experts,
+                    ck.config.hidden_size
+                )
+                .unwrap(),
+                Matrix::Dense(_)
+            ));
+            // The float checkpoint of the same case opens too (transformers 5 config style in gs32).
+            let f = Checkpoint::open(&fixture(case, "float")).unwrap();
+            assert_eq!(f.config.num_hidden_layers, 4);
+        }
     }
 }

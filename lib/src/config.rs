@@ -367,15 +367,22 @@ impl ModelConfig {
             )));
         }
         if self.hidden_act != "silu" {
-            return Err(bad(format!("hidden_act `{}` (only silu is supported)", self.hidden_act)));
+            return Err(bad(format!(
+                "hidden_act `{}` (only silu is supported)",
+                self.hidden_act
+            )));
         }
         if !self.mlp_only_layers.is_empty() || self.decoder_sparse_step != 1 {
             return Err(bad(
-                "dense MLP layers (mlp_only_layers / decoder_sparse_step != 1) are not supported".into(),
+                "dense MLP layers (mlp_only_layers / decoder_sparse_step != 1) are not supported"
+                    .into(),
             ));
         }
         if let Some(q) = &self.quantization_config {
-            let ok_method = matches!(q.quant_method.as_str(), "auto-round" | "intel/auto-round" | "gptq");
+            let ok_method = matches!(
+                q.quant_method.as_str(),
+                "auto-round" | "intel/auto-round" | "gptq"
+            );
             if !ok_method {
                 return Err(bad(format!(
                     "quantization_config.quant_method `{}` is not supported (auto-round or gptq)",
@@ -383,10 +390,16 @@ impl ModelConfig {
                 )));
             }
             if ![2, 4, 8].contains(&q.bits) && q.bits < 16 {
-                return Err(bad(format!("quantization_config.bits {} is not supported (2, 4, 8)", q.bits)));
+                return Err(bad(format!(
+                    "quantization_config.bits {} is not supported (2, 4, 8)",
+                    q.bits
+                )));
             }
             if let Some(pf) = &q.packing_format {
-                if !matches!(pf.as_str(), "auto_round:auto_gptq" | "auto_round" | "auto_gptq" | "gptq") {
+                if !matches!(
+                    pf.as_str(),
+                    "auto_round:auto_gptq" | "auto_round" | "auto_gptq" | "gptq"
+                ) {
                     return Err(bad(format!(
                         "quantization_config.packing_format `{pf}` is not supported (auto_round:auto_gptq)"
                     )));
@@ -437,10 +450,14 @@ impl ModelConfig {
     /// End-of-sequence ids.
     pub fn eos_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => {
-                a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
             }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -498,11 +515,19 @@ mod tests {
         assert_eq!(c.precision("model.layers.0.mlp.gate"), Precision::Float);
         assert_eq!(
             c.precision("model.layers.1.mlp.shared_expert.up_proj"),
-            Precision::Int { bits: 8, group_size: 32, sym: true }
+            Precision::Int {
+                bits: 8,
+                group_size: 32,
+                sym: true
+            }
         );
         assert_eq!(
             c.precision("model.layers.1.mlp.experts.3.up_proj"),
-            Precision::Int { bits: 4, group_size: 32, sym: true }
+            Precision::Int {
+                bits: 4,
+                group_size: 32,
+                sym: true
+            }
         );
     }
 

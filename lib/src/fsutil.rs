@@ -107,9 +107,7 @@ pub fn ensure_writable_dir(dir: &Path) -> Result<(), FsError> {
 pub fn blake3_file(path: &Path) -> Result<blake3::Hash, FsError> {
     let mut hasher = blake3::Hasher::new();
     let f = File::open(path).map_err(|e| FsError::io(path, e))?;
-    hasher
-        .update_reader(f)
-        .map_err(|e| FsError::io(path, e))?;
+    hasher.update_reader(f).map_err(|e| FsError::io(path, e))?;
     Ok(hasher.finalize())
 }
 

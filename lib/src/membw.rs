@@ -40,7 +40,10 @@ fn best_rate(words: &[u64], budget: Duration, parallel: bool) -> f64 {
     loop {
         let t = Instant::now();
         let s = if parallel {
-            words.par_chunks(1 << 16).map(sum_words).reduce(|| 0, u64::wrapping_add)
+            words
+                .par_chunks(1 << 16)
+                .map(sum_words)
+                .reduce(|| 0, u64::wrapping_add)
         } else {
             sum_words(words)
         };
@@ -62,7 +65,10 @@ pub fn measure(buffer_bytes: usize, seconds: f64) -> Bandwidth {
     let n = (buffer_bytes / 8).max(4096);
     // Touch every page (and give the pages non-zero content, so no
     // zero-page sharing flatters the figure).
-    let words: Vec<u64> = (0..n as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
+    let words: Vec<u64> = (0..n as u64)
+        .into_par_iter()
+        .map(|i| i.wrapping_mul(0x9E37_79B9))
+        .collect();
     let half = Duration::from_secs_f64(seconds.max(0.02) / 2.0);
     let single = best_rate(&words, half, false);
     let all = best_rate(&words, half, true);

@@ -320,7 +320,11 @@ mod tests {
     fn paths_resolve_against_manifest_dir() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("pipeline.toml");
-        std::fs::write(&f, "[model]\nsource = \"synthetic:tiny\"\nwork_dir = \"w\"\n").unwrap();
+        std::fs::write(
+            &f,
+            "[model]\nsource = \"synthetic:tiny\"\nwork_dir = \"w\"\n",
+        )
+        .unwrap();
         let p = Pipeline::load(&f).unwrap();
         assert_eq!(p.work_dir(), dir.path().join("w"));
         assert_eq!(p.cache_dir(), dir.path().join("w/cache"));

@@ -78,7 +78,9 @@ impl AutoRoundTensors<'_> {
             reason,
         };
         if bits != 4 && bits != 8 {
-            return Err(unsupported(format!("{bits}-bit weights are not supported (4 or 8)")));
+            return Err(unsupported(format!(
+                "{bits}-bit weights are not supported (4 or 8)"
+            )));
         }
         if inp % QBLOCK != 0 {
             return Err(unsupported(format!(
@@ -109,7 +111,11 @@ impl AutoRoundTensors<'_> {
             }
         };
         size("qweight", self.qweight.len(), inp / pf * out * 4)?;
-        size("qzeros", self.qzeros.len(), groups * (out * bits as usize).div_ceil(32) * 4)?;
+        size(
+            "qzeros",
+            self.qzeros.len(),
+            groups * (out * bits as usize).div_ceil(32) * 4,
+        )?;
         size("scales", self.scales.len(), groups * out * 2)
     }
 
@@ -308,7 +314,11 @@ pub fn autoround_pack_sym(
             let wmax = slice.iter().cloned().fold(0f32, f32::max);
             let wmin = slice.iter().cloned().fold(0f32, f32::min);
             // auto-round int_sym: the larger-magnitude extreme maps to -maxq.
-            let max_v = if wmax.abs() < wmin.abs() { wmin.abs() } else { -wmax.abs() };
+            let max_v = if wmax.abs() < wmin.abs() {
+                wmin.abs()
+            } else {
+                -wmax.abs()
+            };
             let mut s = max_v / maxq;
             if s == 0.0 {
                 s = 1.0;
@@ -350,13 +360,20 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
     #[test]
     fn kernel_layout_is_lossless() {
-        for (bits, gs, rows, cols) in [(4u8, 32, 5, 64), (8, 32, 3, 96), (4, 128, 7, 256), (8, 64, 2, 128)] {
+        for (bits, gs, rows, cols) in [
+            (4u8, 32, 5, 64),
+            (8, 32, 3, 96),
+            (4, 128, 7, 256),
+            (8, 64, 2, 128),
+        ] {
             let mut seed = 7;
             let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
             let (qw, qz, sc) = autoround_pack_sym(&w, rows, cols, bits, gs);
@@ -378,12 +395,15 @@ mod tests {
             let mut row = vec![0f32; cols];
             for r in 0..rows {
                 dequantize_row(&m, r, &mut row);
-                assert_eq!(&row[..], &reference[r * cols..(r + 1) * cols], "bits {bits} gs {gs}");
+                assert_eq!(
+                    &row[..],
+                    &reference[r * cols..(r + 1) * cols],
+                    "bits {bits} gs {gs}"
+                );
             }
             // Quantization error is bounded by half a step; some scales are negative.
-            let negative = (0..rows * cols.div_ceil(gs)).any(|i| {
-                half::f16::from_le_bytes([sc[i * 2], sc[i * 2 + 1]]).to_f32() < 0.0
-            });
+            let negative = (0..rows * cols.div_ceil(gs))
+                .any(|i| half::f16::from_le_bytes([sc[i * 2], sc[i * 2 + 1]]).to_f32() < 0.0);
             assert!(negative);
         }
     }

@@ -297,7 +297,9 @@ pub fn plan(
 fn outputs_present(dir: &Path, outputs: &[Output]) -> bool {
     outputs.iter().all(|o| {
         let p = dir.join(&o.path);
-        std::fs::metadata(&p).map(|m| m.len() == o.size).unwrap_or(false)
+        std::fs::metadata(&p)
+            .map(|m| m.len() == o.size)
+            .unwrap_or(false)
     })
 }
 

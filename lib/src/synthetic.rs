@@ -161,11 +161,21 @@ impl Spec {
         let mut config = config;
         if let Some(n) = layers {
             if n == 0 || n > max_layers {
-                return Err(SyntheticError::Layers { preset: name.into(), max: max_layers, got: n });
+                return Err(SyntheticError::Layers {
+                    preset: name.into(),
+                    max: max_layers,
+                    got: n,
+                });
             }
             config["num_hidden_layers"] = n.into();
         }
-        Ok(Spec { preset: name.to_string(), config, group_size, shard_bytes, seed })
+        Ok(Spec {
+            preset: name.to_string(),
+            config,
+            group_size,
+            shard_bytes,
+            seed,
+        })
     }
 
     fn dim(&self, k: &str) -> usize {
@@ -179,12 +189,24 @@ impl Spec {
     /// Linear modules with their `[out, in]` and bits (4, 8, or 16 = BF16).
     pub fn linears(&self) -> Vec<(String, usize, usize, u32)> {
         let h = self.dim("hidden_size");
-        let (nk, nv) = (self.dim("linear_num_key_heads"), self.dim("linear_num_value_heads"));
-        let (dk, dv) = (self.dim("linear_key_head_dim"), self.dim("linear_value_head_dim"));
-        let (nh, nkv, hd) =
-            (self.dim("num_attention_heads"), self.dim("num_key_value_heads"), self.dim("head_dim"));
-        let (e, mi, si) =
-            (self.dim("num_experts"), self.dim("moe_intermediate_size"), self.dim("shared_expert_intermediate_size"));
+        let (nk, nv) = (
+            self.dim("linear_num_key_heads"),
+            self.dim("linear_num_value_heads"),
+        );
+        let (dk, dv) = (
+            self.dim("linear_key_head_dim"),
+            self.dim("linear_value_head_dim"),
+        );
+        let (nh, nkv, hd) = (
+            self.dim("num_attention_heads"),
+            self.dim("num_key_value_heads"),
+            self.dim("head_dim"),
+        );
+        let (e, mi, si) = (
+            self.dim("num_experts"),
+            self.dim("moe_intermediate_size"),
+            self.dim("shared_expert_intermediate_size"),
+        );
         let mut v = Vec::new();
         for l in 0..self.dim("num_hidden_layers") {
             let p = format!("model.layers.{l}");
@@ -194,7 +216,12 @@ impl Spec {
                 v.push((format!("{p}.self_attn.v_proj"), nkv * hd, h, 8));
                 v.push((format!("{p}.self_attn.o_proj"), h, nh * hd, 8));
             } else {
-                v.push((format!("{p}.linear_attn.in_proj_qkvz"), 2 * nk * dk + 2 * nv * dv, h, 8));
+                v.push((
+                    format!("{p}.linear_attn.in_proj_qkvz"),
+                    2 * nk * dk + 2 * nv * dv,
+                    h,
+                    8,
+                ));
                 v.push((format!("{p}.linear_attn.in_proj_ba"), 2 * nv, h, 8));
                 v.push((format!("{p}.linear_attn.out_proj"), h, nv * dv, 8));
             }
@@ -247,31 +274,75 @@ impl Spec {
             shape,
             fill: Fill::Bf16 { center, a },
         };
-        let mut out = vec![bf16("model.embed_tokens.weight".into(), vec![vocab, h], 0.0, 1.0)];
-        let (nv, dv) = (self.dim("linear_num_value_heads"), self.dim("linear_value_head_dim"));
+        let mut out = vec![bf16(
+            "model.embed_tokens.weight".into(),
+            vec![vocab, h],
+            0.0,
+            1.0,
+        )];
+        let (nv, dv) = (
+            self.dim("linear_num_value_heads"),
+            self.dim("linear_value_head_dim"),
+        );
         let hd = self.dim("head_dim");
-        let conv_dim = 2 * self.dim("linear_num_key_heads") * self.dim("linear_key_head_dim") + nv * dv;
+        let conv_dim =
+            2 * self.dim("linear_num_key_heads") * self.dim("linear_key_head_dim") + nv * dv;
         let k = self.dim("linear_conv_kernel_dim");
         let linears = self.linears();
         for l in 0..self.dim("num_hidden_layers") {
             let p = format!("model.layers.{l}");
-            out.push(bf16(format!("{p}.input_layernorm.weight"), vec![h], 0.0, 0.1));
-            out.push(bf16(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.0, 0.1));
+            out.push(bf16(
+                format!("{p}.input_layernorm.weight"),
+                vec![h],
+                0.0,
+                0.1,
+            ));
+            out.push(bf16(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                0.0,
+                0.1,
+            ));
             if self.is_full_attention(l) {
-                out.push(bf16(format!("{p}.self_attn.q_norm.weight"), vec![hd], 0.0, 0.1));
-                out.push(bf16(format!("{p}.self_attn.k_norm.weight"), vec![hd], 0.0, 0.1));
+                out.push(bf16(
+                    format!("{p}.self_attn.q_norm.weight"),
+                    vec![hd],
+                    0.0,
+                    0.1,
+                ));
+                out.push(bf16(
+                    format!("{p}.self_attn.k_norm.weight"),
+                    vec![hd],
+                    0.0,
+                    0.1,
+                ));
             } else {
-                out.push(bf16(format!("{p}.linear_attn.conv1d.weight"), vec![conv_dim, 1, k], 0.0, 0.5));
+                out.push(bf16(
+                    format!("{p}.linear_attn.conv1d.weight"),
+                    vec![conv_dim, 1, k],
+                    0.0,
+                    0.5,
+                ));
                 out.push(bf16(format!("{p}.linear_attn.dt_bias"), vec![nv], 0.0, 1.0));
                 // A_log = log(A) with A in about [1, 16].
                 out.push(bf16(format!("{p}.linear_attn.A_log"), vec![nv], 1.4, 1.4));
-                out.push(bf16(format!("{p}.linear_attn.norm.weight"), vec![dv], 1.0, 0.1));
+                out.push(bf16(
+                    format!("{p}.linear_attn.norm.weight"),
+                    vec![dv],
+                    1.0,
+                    0.1,
+                ));
             }
             let prefix = format!("{p}.");
             for (name, o, i, bits) in linears.iter().filter(|x| x.0.starts_with(&prefix)) {
                 let (o, i, bits) = (*o, *i, *bits);
                 if bits == 16 {
-                    out.push(bf16(format!("{name}.weight"), vec![o, i], 0.0, (3.0 / i as f32).sqrt()));
+                    out.push(bf16(
+                        format!("{name}.weight"),
+                        vec![o, i],
+                        0.0,
+                        (3.0 / i as f32).sqrt(),
+                    ));
                     continue;
                 }
                 let g = i.div_ceil(self.group_size);
@@ -279,18 +350,33 @@ impl Spec {
                 // Uniform integers in [-2^(b-1), 2^(b-1)) have std ~2^(b-1)/sqrt(3);
                 // pick the scale so weights have std ~1/sqrt(in).
                 let mag = 3f32.sqrt() / ((1u32 << (bits - 1)) as f32 * (i as f32).sqrt());
-                out.push(Planned { name: format!("{name}.qweight"), dtype: "I32", shape: vec![i / pf, o], fill: Fill::QWeight });
+                out.push(Planned {
+                    name: format!("{name}.qweight"),
+                    dtype: "I32",
+                    shape: vec![i / pf, o],
+                    fill: Fill::QWeight,
+                });
                 out.push(Planned {
                     name: format!("{name}.qzeros"),
                     dtype: "I32",
                     shape: vec![g, (o * bits as usize).div_ceil(32)],
                     fill: Fill::QZeros { bits },
                 });
-                out.push(Planned { name: format!("{name}.scales"), dtype: "F16", shape: vec![g, o], fill: Fill::Scales { mag } });
+                out.push(Planned {
+                    name: format!("{name}.scales"),
+                    dtype: "F16",
+                    shape: vec![g, o],
+                    fill: Fill::Scales { mag },
+                });
             }
         }
         out.push(bf16("model.norm.weight".into(), vec![h], 0.0, 0.1));
-        out.push(bf16("lm_head.weight".into(), vec![vocab, h], 0.0, (3.0 / h as f32).sqrt()));
+        out.push(bf16(
+            "lm_head.weight".into(),
+            vec![vocab, h],
+            0.0,
+            (3.0 / h as f32).sqrt(),
+        ));
         out
     }
 
@@ -329,19 +415,29 @@ impl Spec {
         }
         vec![
             ("config.json".into(), pretty(&config)),
-            ("quantization_config.json".into(), pretty(&config["quantization_config"])),
+            (
+                "quantization_config.json".into(),
+                pretty(&config["quantization_config"]),
+            ),
             (
                 "generation_config.json".into(),
-                pretty(&json!({"bos_token_id": 151643, "eos_token_id": [151645, 151643],
+                pretty(
+                    &json!({"bos_token_id": 151643, "eos_token_id": [151645, 151643],
                     "pad_token_id": 151643, "do_sample": true, "temperature": 0.6, "top_k": 20,
-                    "top_p": 0.95, "transformers_version": "4.57.0.dev0"})),
+                    "top_p": 0.95, "transformers_version": "4.57.0.dev0"}),
+                ),
             ),
             ("tokenizer.json".into(), assets::qwen3_tokenizer_json()),
             (
                 "tokenizer_config.json".into(),
-                pretty(&assets::qwen3_tokenizer_config(assets::QWEN3_THINKING_CHAT_TEMPLATE)),
+                pretty(&assets::qwen3_tokenizer_config(
+                    assets::QWEN3_THINKING_CHAT_TEMPLATE,
+                )),
             ),
-            ("chat_template.jinja".into(), assets::QWEN3_THINKING_CHAT_TEMPLATE.as_bytes().to_vec()),
+            (
+                "chat_template.jinja".into(),
+                assets::QWEN3_THINKING_CHAT_TEMPLATE.as_bytes().to_vec(),
+            ),
             (
                 "model.safetensors.index.json".into(),
                 pretty(&json!({"metadata": {"total_size": total}, "weight_map": weight_map})),
@@ -357,7 +453,9 @@ struct SplitMix(u64);
 impl SplitMix {
     fn for_tensor(seed: u64, name: &str) -> SplitMix {
         let h = blake3::hash(format!("{seed}:{name}").as_bytes());
-        SplitMix(u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")))
+        SplitMix(u64::from_le_bytes(
+            h.as_bytes()[..8].try_into().expect("8 bytes"),
+        ))
     }
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -432,7 +530,9 @@ pub fn write_tensor(w: &mut impl Write, t: &Planned, seed: u64) -> io::Result<()
                 for _ in 0..n / 2 {
                     let u = rng.unit();
                     // magnitude in [0.5, 1.5) x mag, sign random (AutoRound keeps signs)
-                    let v = mag * (1.0 + 0.5 * u.abs() * 2.0 - 0.5) * if rng.next() & 1 == 0 { 1.0 } else { -1.0 };
+                    let v = mag
+                        * (1.0 + 0.5 * u.abs() * 2.0 - 0.5)
+                        * if rng.next() & 1 == 0 { 1.0 } else { -1.0 };
                     buf.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
                 }
             }
@@ -456,7 +556,9 @@ pub fn write_shard(w: &mut impl Write, tensors: &[Planned], seed: u64) -> io::Re
 pub fn total_bytes(spec: &Spec) -> u64 {
     spec.shards()
         .iter()
-        .map(|(_, ts)| safetensors_header(ts).len() as u64 + ts.iter().map(Planned::bytes).sum::<u64>())
+        .map(|(_, ts)| {
+            safetensors_header(ts).len() as u64 + ts.iter().map(Planned::bytes).sum::<u64>()
+        })
         .sum()
 }
 
@@ -480,7 +582,8 @@ mod tests {
             std::fs::write(dir.path().join(name), bytes).unwrap();
         }
         for (file, tensors) in spec.shards() {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(dir.path().join(file)).unwrap());
+            let mut f =
+                std::io::BufWriter::new(std::fs::File::create(dir.path().join(file)).unwrap());
             write_shard(&mut f, &tensors, 0).unwrap();
         }
         let ck = Checkpoint::open(dir.path()).unwrap();
@@ -488,12 +591,20 @@ mod tests {
         assert_eq!(c.num_hidden_layers, 2);
         assert_eq!(
             c.precision("model.layers.0.mlp.experts.0.up_proj"),
-            Precision::Int { bits: 4, group_size: 128, sym: true }
+            Precision::Int {
+                bits: 4,
+                group_size: 128,
+                sym: true
+            }
         );
         assert_eq!(c.precision("model.layers.0.mlp.gate"), Precision::Float);
-        let m = ck.matrix("model.layers.0.linear_attn.in_proj_qkvz", 768, 128).unwrap();
+        let m = ck
+            .matrix("model.layers.0.linear_attn.in_proj_qkvz", 768, 128)
+            .unwrap();
         assert!(matches!(m, crate::tensor::Matrix::Quant(ref q) if q.bits == 8));
-        let m = ck.matrix("model.layers.1.mlp.experts.3.down_proj", 128, 128).unwrap();
+        let m = ck
+            .matrix("model.layers.1.mlp.experts.3.down_proj", 128, 128)
+            .unwrap();
         assert!(matches!(m, crate::tensor::Matrix::Quant(ref q) if q.bits == 4));
         // Determinism: the same spec gives the same bytes.
         let (_, ts) = &spec.shards()[1];

@@ -205,11 +205,18 @@ impl QuantMatrix {
         }
         let want = self.rows * self.row_bytes();
         if self.qdata.len() != want {
-            return Err(format!("quantized data is {} bytes, expected {want}", self.qdata.len()));
+            return Err(format!(
+                "quantized data is {} bytes, expected {want}",
+                self.qdata.len()
+            ));
         }
         let ng = self.rows * self.n_groups();
         if self.scales.len() != ng * 2 {
-            return Err(format!("scales are {} bytes, expected {}", self.scales.len(), ng * 2));
+            return Err(format!(
+                "scales are {} bytes, expected {}",
+                self.scales.len(),
+                ng * 2
+            ));
         }
         if let Zeros::PerGroup(z) = &self.zeros {
             if z.len() != ng * 2 {

@@ -19,12 +19,14 @@ pub fn matvec(w: &Matrix, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), w.cols(), "matvec: input length");
     assert_eq!(y.len(), w.rows(), "matvec: output length");
     let prep = scalar::Prepared::new(w, x);
-    y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(ci, ys)| {
-        let r0 = ci * ROWS_PER_TASK;
-        for (i, yr) in ys.iter_mut().enumerate() {
-            *yr = scalar::dot_row(w, r0 + i, x, &prep);
-        }
-    });
+    y.par_chunks_mut(ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(ci, ys)| {
+            let r0 = ci * ROWS_PER_TASK;
+            for (i, yr) in ys.iter_mut().enumerate() {
+                *yr = scalar::dot_row(w, r0 + i, x, &prep);
+            }
+        });
 }
 
 /// `Y = X Wᵀ` for `n` tokens: `x` `[n, cols]`, `y` `[n, rows]`.
@@ -35,8 +37,9 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
     if n == 1 {
         return matvec(w, x, y);
     }
-    let preps: Vec<scalar::Prepared> =
-        (0..n).map(|t| scalar::Prepared::new(w, &x[t * cols..(t + 1) * cols])).collect();
+    let preps: Vec<scalar::Prepared> = (0..n)
+        .map(|t| scalar::Prepared::new(w, &x[t * cols..(t + 1) * cols]))
+        .collect();
     // Each task owns a block of weight rows and computes them for every token,
     // so each weight row is read once per call.
     let blocks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(ROWS_PER_TASK))
