@@ -23,6 +23,7 @@ pub mod membw;
 pub mod mmap;
 pub mod pipeline;
 pub mod quant;
+pub mod speedbench;
 pub mod stage;
 pub mod synthetic;
 pub mod tensor;
