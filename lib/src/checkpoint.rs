@@ -403,6 +403,15 @@ impl WeightSource for Checkpoint {
             || self.tensors.contains_key(&format!("{name}.weight"))
             || self.tensors.contains_key(&format!("{name}.qweight"))
     }
+
+    fn aux_file(&self, name: &str) -> Option<Vec<u8>> {
+        // Only plain file names: a name with a separator must not reach
+        // outside the checkpoint directory.
+        if name.contains(['/', '\\']) || name.starts_with('.') {
+            return None;
+        }
+        std::fs::read(self.dir.join(name)).ok()
+    }
 }
 
 #[cfg(test)]

@@ -81,4 +81,20 @@ pub trait WeightSource: Send + Sync {
 
     /// Whether a tensor or module exists (e.g. optional MTP weights).
     fn contains(&self, name: &str) -> bool;
+
+    /// A non-weight file that travels with the model, by its name in a hub
+    /// repository (`tokenizer.json`, `tokenizer_config.json`,
+    /// `generation_config.json`, `chat_template.jinja`): read from the
+    /// checkpoint directory, or from the cache index. `None` when absent.
+    fn aux_file(&self, name: &str) -> Option<Vec<u8>>;
 }
+
+/// The non-weight files a model directory may carry, in the order a
+/// consumer should look for them.
+pub const AUX_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+];
