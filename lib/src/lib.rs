@@ -21,6 +21,7 @@ pub mod fsutil;
 pub mod kernels;
 pub mod membw;
 pub mod mmap;
+pub mod model;
 pub mod pipeline;
 pub mod quant;
 pub mod speedbench;
