@@ -270,3 +270,118 @@ impl Model {
         (&self.embed, &self.layers, &self.norm, &self.lm_head)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Checkpoint;
+    use std::path::PathBuf;
+
+    fn fixture(case: &str, kind: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/reference")
+            .join(case)
+            .join(kind)
+    }
+
+    fn checkpoint(case: &str, kind: &str) -> Arc<Checkpoint> {
+        Arc::new(Checkpoint::open(&fixture(case, kind)).unwrap())
+    }
+
+    /// A source that hides one tensor.
+    struct Hiding(Arc<Checkpoint>, &'static str);
+    impl WeightSource for Hiding {
+        fn config(&self) -> &ModelConfig {
+            self.0.config()
+        }
+        fn path(&self) -> String {
+            self.0.path()
+        }
+        fn matrix(&self, module: &str, rows: usize, cols: usize) -> Result<Matrix, WeightError> {
+            if module == self.1 {
+                return Err(WeightError::Missing {
+                    tensor: format!("{module}.weight"),
+                    source_path: self.path(),
+                });
+            }
+            self.0.matrix(module, rows, cols)
+        }
+        fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, WeightError> {
+            if name == self.1 {
+                return Err(WeightError::Missing {
+                    tensor: name.into(),
+                    source_path: self.path(),
+                });
+            }
+            self.0.vector(name, shape)
+        }
+        fn contains(&self, name: &str) -> bool {
+            name != self.1 && self.0.contains(name)
+        }
+        fn aux_file(&self, name: &str) -> Option<Vec<u8>> {
+            self.0.aux_file(name)
+        }
+    }
+
+    #[test]
+    fn missing_weights_are_named() {
+        for name in [
+            "model.layers.2.linear_attn.A_log",
+            "model.layers.1.self_attn.q_norm.weight",
+            "model.layers.3.mlp.experts.5.down_proj",
+            "lm_head",
+        ] {
+            let src = Hiding(checkpoint("gs32", "quant"), name);
+            let e = Model::load(Arc::new(src)).err().expect("load must fail");
+            assert!(e.to_string().contains(name), "{e}");
+        }
+    }
+
+    #[test]
+    fn params_count_every_tensor_of_the_checkpoint() {
+        let ck = checkpoint("gs128", "float");
+        let stored: u64 = ck
+            .tensors
+            .values()
+            .map(|t| t.shape.iter().product::<usize>() as u64)
+            .sum();
+        let m = Model::load(ck).unwrap();
+        assert_eq!(m.params(), stored);
+        assert!(m.weight_bytes_per_token() < m.weight_bytes());
+        // BF16 matrices: 2 bytes per element; vectors counted at 4.
+        assert!(m.weight_bytes() >= 2 * (m.params() - 1_000));
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        let m = Model::load(checkpoint("gs32", "float")).unwrap();
+        let e = m.check_ids(&[1, 2, 512]).unwrap_err();
+        assert!(matches!(
+            e,
+            ModelError::TokenOutOfRange {
+                id: 512,
+                index: 2,
+                vocab: 512
+            }
+        ));
+        assert!(matches!(m.check_ids(&[]), Err(ModelError::Empty)));
+        assert!(m.check_ids(&[0, 511]).is_ok());
+    }
+
+    #[test]
+    fn cloned_state_continues_independently() {
+        let m = Model::load(checkpoint("gs32", "quant")).unwrap();
+        let mut a = m.new_state();
+        m.forward(&mut a, &[5, 6, 7]);
+        let mut b = a.clone();
+        let la = m.forward(&mut a, &[8]);
+        let lb = m.forward(&mut b, &[8]);
+        assert_eq!(la, lb);
+        assert_eq!(a.position(), 4);
+        assert!(a.bytes() > 0);
+        // and a different continuation gives different logits
+        let mut c = m.new_state();
+        m.forward(&mut c, &[5, 6, 9]);
+        assert_ne!(m.forward(&mut c, &[8]), la);
+    }
+}
