@@ -24,6 +24,7 @@ pub mod mmap;
 pub mod model;
 pub mod pipeline;
 pub mod quant;
+pub mod sample;
 pub mod speedbench;
 pub mod stage;
 pub mod synthetic;
