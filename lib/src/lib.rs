@@ -17,6 +17,7 @@ pub mod assets;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod fetch;
 pub mod fsutil;
 pub mod kernels;
 pub mod membw;
