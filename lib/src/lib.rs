@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod evaluate;
+pub mod fetch;
 pub mod fsutil;
 pub mod kernels;
 pub mod membw;

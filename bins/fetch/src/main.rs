@@ -1,1 +1,144 @@
-fn main() {}
+//! `rh-fetch`: get the model checkpoint (hub, local dir, or synthetic) into
+//! the work dir, resumably and verified. Logic lives in `roundhouse::fetch`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use roundhouse::cli::{self, CliError, Verbosity};
+use roundhouse::fetch::{self, hf_cache, FetchOptions};
+use roundhouse::pipeline::Pipeline;
+
+/// Fetch a checkpoint: `hf:OWNER/NAME[@REV]` (or `OWNER/NAME`) from the
+/// Hugging Face hub, `dir:PATH` from this machine, or `synthetic:tiny` /
+/// `synthetic:qwen3-next-80b` generated locally. Resumes interrupted runs;
+/// says "up to date" when there is nothing to do.
+#[derive(Parser, Debug)]
+#[command(name = "rh-fetch", version)]
+struct Args {
+    /// Model source (default: `[model] source` of the manifest).
+    source: Option<String>,
+    /// Pipeline manifest (default: ./pipeline.toml when present).
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Hub revision: branch, tag or commit (default `main`).
+    #[arg(long)]
+    revision: Option<String>,
+    /// Checkpoint directory to write (default `<work_dir>/checkpoint`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Work directory for the stage record (default `[model] work_dir`, or
+    /// `<out>/.rh` when only --out is given).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Only files matching these globs (repeatable).
+    #[arg(long)]
+    include: Vec<String>,
+    /// Skip files matching these globs (repeatable).
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Files transferred at once (default 4).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Use only files already in the HF cache.
+    #[arg(long)]
+    offline: bool,
+    /// Synthetic sources: number of layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Synthetic sources: random seed (default 0).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Hub base URL.
+    #[arg(long, env = "HF_ENDPOINT", default_value = fetch::DEFAULT_ENDPOINT)]
+    endpoint: String,
+    /// Reuse and fill the standard HF cache (HF_HUB_CACHE, else HF_HOME/hub,
+    /// else ~/.cache/huggingface/hub).
+    #[arg(long)]
+    hf_cache: bool,
+    /// Use the HF cache under this HF_HOME (implies --hf-cache).
+    #[arg(long)]
+    hf_home: Option<PathBuf>,
+    /// Redo the stage even when it is up to date.
+    #[arg(long)]
+    force: bool,
+    /// Retries of a failing request (reset whenever a retry made progress).
+    #[arg(long, default_value_t = 6)]
+    retries: u32,
+    /// Seconds a stalled read waits before the connection counts as dropped.
+    #[arg(long, default_value_t = 60.0)]
+    read_timeout: f64,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// More logs (-v, -vv).
+    #[arg(short, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Errors only, no progress bars.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+fn body(a: Args) -> Result<(), CliError> {
+    let verbosity = Verbosity {
+        verbose: a.verbose,
+        quiet: a.quiet,
+    };
+    cli::init_logging(&verbosity);
+    let p = Pipeline::discover(a.pipeline.as_deref())?;
+    let manifest_work = p.model.work_dir.is_some();
+    let out = a.out.clone().unwrap_or_else(|| p.checkpoint_dir());
+    let work_dir = match (&a.work_dir, &a.out) {
+        (Some(w), _) => w.clone(),
+        (None, Some(o)) if !manifest_work && p.file.is_none() => o.join(".rh"),
+        _ => p.work_dir(),
+    };
+    if !(a.read_timeout > 0.0) {
+        return Err(CliError::usage("--read-timeout must be positive"));
+    }
+    let hf_cache = match (&a.hf_home, a.hf_cache) {
+        (Some(h), _) => Some(h.join("hub")),
+        (None, true) => Some(hf_cache::default_hub_cache()),
+        _ => None,
+    };
+    let opts = FetchOptions {
+        source: a.source.clone().unwrap_or_else(|| p.source()),
+        revision: a.revision.clone().or_else(|| p.model.revision.clone()),
+        work_dir,
+        out,
+        include: if a.include.is_empty() {
+            p.fetch.include.clone().unwrap_or_default()
+        } else {
+            a.include.clone()
+        },
+        exclude: if a.exclude.is_empty() {
+            p.fetch.exclude.clone().unwrap_or_default()
+        } else {
+            a.exclude.clone()
+        },
+        concurrency: a.concurrency.or(p.fetch.concurrency).unwrap_or(4),
+        offline: a.offline || p.fetch.offline.unwrap_or(false),
+        layers: a.layers.or(p.fetch.layers),
+        seed: a.seed.or(p.fetch.seed).unwrap_or(0),
+        endpoint: a.endpoint.clone(),
+        token: hf_cache::token_from_env(),
+        hf_cache,
+        force: a.force,
+        quiet: a.quiet,
+        retries: a.retries,
+        read_timeout: Duration::from_secs_f64(a.read_timeout),
+    };
+    let summary = fetch::run(&opts)?;
+    if a.json {
+        println!("{}", summary.to_json());
+    } else if !a.quiet || summary.up_to_date {
+        println!("rh-fetch: {}", summary.describe());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::main_with("rh-fetch", || body(args))
+}

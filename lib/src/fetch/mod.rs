@@ -1,0 +1,725 @@
+//! `rh-fetch`: get a checkpoint into the work dir, resumably and verified.
+//!
+//! Sources ([`Source::parse`]):
+//!
+//! * `synthetic:tiny`, `synthetic:qwen3-next-80b`: generated locally by
+//!   [`crate::synthetic`], each shard streamed to a temp file, fsynced and
+//!   renamed ([`synthetic`]);
+//! * `dir:PATH` or an existing directory: a local checkpoint (or a snapshot
+//!   in the Hugging Face cache), hardlinked or copied after its safetensors
+//!   headers are validated ([`local`]);
+//! * `hf:OWNER/NAME[@REV]` or plain `OWNER/NAME`: the Hugging Face hub (or a
+//!   mirror at `--endpoint`), over our own HTTP client with Range resume,
+//!   retries and sha256 checks ([`hub`]), optionally sharing the standard HF
+//!   cache layout ([`hf_cache`]).
+//!
+//! Each file is a unit of the `fetch` stage record ([`crate::stage`]): a
+//! killed run resumes where it stopped, a finished one is "up to date".
+
+pub mod hf_cache;
+pub mod hub;
+pub mod local;
+pub mod synthetic;
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::cli::{Classify, Exit};
+use crate::fsutil::FsError;
+use crate::stage::{self, Output, Plan, StageError, StageRun};
+
+/// The stage name in records.
+pub const STAGE: &str = "fetch";
+
+/// The default hub.
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// Errors of `rh-fetch`; each message is one line naming the file or repo.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The source string is not understood.
+    #[error("source `{0}` not understood: use hf:OWNER/NAME[@REVISION], OWNER/NAME, dir:PATH, synthetic:tiny or synthetic:qwen3-next-80b")]
+    BadSource(String),
+    /// A flag or manifest value is wrong.
+    #[error("{0}")]
+    Usage(String),
+    /// The synthetic generator refused its settings.
+    #[error(transparent)]
+    Synthetic(#[from] crate::synthetic::SyntheticError),
+    /// The stage record could not be read or written.
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    /// A file operation failed.
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    /// A local checkpoint file is not valid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The hub refused access.
+    #[error("{repo}: the hub refused access (HTTP {status}) to {url}: {hint}")]
+    Auth {
+        /// The repo.
+        repo: String,
+        /// 401 or 403.
+        status: u16,
+        /// The URL refused.
+        url: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// Repo, revision or file not found.
+    #[error("{what}: not found on {endpoint} (HTTP 404); check the repo name, the revision and the file name")]
+    NotFound {
+        /// `repo@revision` or `repo@revision: file`.
+        what: String,
+        /// The hub.
+        endpoint: String,
+    },
+    /// An HTTP exchange failed for good (after retries where they apply).
+    #[error("{what}: {reason}")]
+    Http {
+        /// What was being fetched.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// Downloaded bytes do not match the hub's hash or size.
+    #[error("{file}: {reason}; the partial download was deleted, rerun to fetch it again")]
+    Checksum {
+        /// The file.
+        file: String,
+        /// What did not match.
+        reason: String,
+    },
+    /// A name from the hub would escape the output directory.
+    #[error("{repo}: refusing file name `{name}` from the hub (absolute, `..` or otherwise escaping the output directory)")]
+    UnsafeName {
+        /// The repo.
+        repo: String,
+        /// The name.
+        name: String,
+    },
+    /// `--offline` and the files are not cached.
+    #[error("{0}")]
+    Offline(String),
+    /// Not enough free disk space.
+    #[error("{dir}: needs {need} more but only {free} is free; free some space or pass --out on another disk")]
+    Disk {
+        /// The output directory.
+        dir: PathBuf,
+        /// Bytes still to write (human readable).
+        need: String,
+        /// Bytes free (human readable).
+        free: String,
+    },
+    /// Another worker failed; this one stopped early (never shown alone).
+    #[error("stopped because another download failed")]
+    Aborted,
+}
+
+impl Classify for FetchError {
+    fn exit(&self) -> Exit {
+        match self {
+            FetchError::BadSource(_) | FetchError::Usage(_) => Exit::Usage,
+            FetchError::Synthetic(e) => e.exit(),
+            FetchError::Stage(e) => e.exit(),
+            FetchError::Checksum { .. } => Exit::VerifyFailed,
+            _ => Exit::Failure,
+        }
+    }
+}
+
+/// Where the model comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A generated checkpoint of a preset.
+    Synthetic(String),
+    /// A local checkpoint directory.
+    Local(PathBuf),
+    /// A hub repo, with the revision given in the source (`@REV`), if any.
+    Hub {
+        /// `OWNER/NAME`.
+        repo: String,
+        /// Branch, tag or commit from `@REV`.
+        revision: Option<String>,
+    },
+}
+
+fn valid_repo_part(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Source {
+    /// Parses a source string. A plain string names a local directory when
+    /// one exists at that path, else a hub repo `OWNER/NAME[@REV]`.
+    pub fn parse(s: &str) -> Result<Source, FetchError> {
+        let bad = || FetchError::BadSource(s.to_string());
+        if let Some(p) = s.strip_prefix("synthetic:") {
+            return Ok(Source::Synthetic(p.to_string()));
+        }
+        if let Some(p) = s.strip_prefix("dir:") {
+            if p.is_empty() {
+                return Err(bad());
+            }
+            return Ok(Source::Local(PathBuf::from(p)));
+        }
+        let hub = if let Some(r) = s.strip_prefix("hf:") {
+            r
+        } else if Path::new(s).is_dir() {
+            return Ok(Source::Local(PathBuf::from(s)));
+        } else {
+            s
+        };
+        let (repo, revision) = match hub.split_once('@') {
+            Some((r, rev)) if !rev.is_empty() => (r, Some(rev.to_string())),
+            Some(_) => return Err(bad()),
+            None => (hub, None),
+        };
+        let mut parts = repo.split('/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(o), Some(n), None) if valid_repo_part(o) && valid_repo_part(n) => {
+                Ok(Source::Hub {
+                    repo: repo.to_string(),
+                    revision,
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// Everything `rh-fetch` needs, after flags and manifest are merged.
+#[derive(Clone, Debug)]
+pub struct FetchOptions {
+    /// The source string ([`Source::parse`]).
+    pub source: String,
+    /// Revision from `--revision` or `[model] revision` (`@REV` in the
+    /// source is used when this is `None`; default `main`).
+    pub revision: Option<String>,
+    /// Where the stage record goes (`<work_dir>/stages/fetch.json`).
+    pub work_dir: PathBuf,
+    /// The checkpoint directory to produce.
+    pub out: PathBuf,
+    /// Glob patterns of files to fetch (empty: all).
+    pub include: Vec<String>,
+    /// Glob patterns of files to skip.
+    pub exclude: Vec<String>,
+    /// Files transferred at once.
+    pub concurrency: usize,
+    /// Use only what is cached (hub sources).
+    pub offline: bool,
+    /// Synthetic: layer count.
+    pub layers: Option<usize>,
+    /// Synthetic: seed.
+    pub seed: u64,
+    /// The hub's base URL.
+    pub endpoint: String,
+    /// Bearer token for the hub.
+    pub token: Option<String>,
+    /// The HF hub cache directory (`.../huggingface/hub`) to reuse files
+    /// from and store files into, when the cache is wanted.
+    pub hf_cache: Option<PathBuf>,
+    /// Redo everything.
+    pub force: bool,
+    /// Hide progress bars.
+    pub quiet: bool,
+    /// Retries of a failing request (reset whenever a retry made progress).
+    pub retries: u32,
+    /// A read that stalls this long counts as a dropped connection.
+    pub read_timeout: Duration,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            source: crate::pipeline::DEFAULT_SOURCE.to_string(),
+            revision: None,
+            work_dir: PathBuf::from("work"),
+            out: PathBuf::from("work/checkpoint"),
+            include: Vec::new(),
+            exclude: Vec::new(),
+            concurrency: 4,
+            offline: false,
+            layers: None,
+            seed: 0,
+            endpoint: DEFAULT_ENDPOINT.to_string(),
+            token: None,
+            hf_cache: None,
+            force: false,
+            quiet: false,
+            retries: 6,
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FetchSummary {
+    /// True when nothing had to be done.
+    pub up_to_date: bool,
+    /// The source string.
+    pub source: String,
+    /// The checkpoint directory.
+    pub out_dir: PathBuf,
+    /// The pinned hub commit, for hub sources.
+    pub commit: Option<String>,
+    /// Files in the checkpoint.
+    pub files: usize,
+    /// Their total size.
+    pub bytes: u64,
+    /// Bytes downloaded or generated by this run.
+    pub transferred: u64,
+    /// Files taken from the HF cache, a local dir, or an earlier run.
+    pub reused: usize,
+}
+
+impl FetchSummary {
+    /// The summary as one JSON object (for `--json`).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("summary serializes")
+    }
+
+    /// One line for a person.
+    pub fn describe(&self) -> String {
+        let commit = self
+            .commit
+            .as_deref()
+            .map(|c| format!(" (commit {c})"))
+            .unwrap_or_default();
+        if self.up_to_date {
+            format!(
+                "up to date: {} files, {} in {}{commit} (--force to fetch again)",
+                self.files,
+                crate::cli::human_bytes(self.bytes),
+                self.out_dir.display()
+            )
+        } else {
+            format!(
+                "fetched {}: {} files, {} in {}{commit}; {} transferred, {} files reused",
+                self.source,
+                self.files,
+                crate::cli::human_bytes(self.bytes),
+                self.out_dir.display(),
+                crate::cli::human_bytes(self.transferred),
+                self.reused
+            )
+        }
+    }
+}
+
+/// Include/exclude glob filter over relative file paths.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    include: Vec<glob::Pattern>,
+    exclude: Vec<glob::Pattern>,
+}
+
+impl Filter {
+    /// Compiles the patterns; a bad pattern is a usage error.
+    pub fn new(include: &[String], exclude: &[String]) -> Result<Filter, FetchError> {
+        let compile = |v: &[String]| {
+            v.iter()
+                .map(|p| {
+                    glob::Pattern::new(p)
+                        .map_err(|e| FetchError::Usage(format!("bad glob pattern `{p}`: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Filter {
+            include: compile(include)?,
+            exclude: compile(exclude)?,
+        })
+    }
+
+    /// Whether `path` (relative, `/`-separated) is wanted. A pattern matches
+    /// the whole path or, when it has no `/`, the file name alone.
+    pub fn wants(&self, path: &str) -> bool {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        let hit =
+            |p: &glob::Pattern| p.matches(path) || (!p.as_str().contains('/') && p.matches(name));
+        (self.include.is_empty() || self.include.iter().any(hit)) && !self.exclude.iter().any(hit)
+    }
+}
+
+/// Checks that a relative file name from a remote or a listing stays inside
+/// the output directory: no absolute paths, `..`, empty parts or backslashes.
+pub fn safe_relative(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains('\\')
+        && !name.contains('\0')
+        && !name.ends_with(".part")
+        && !name.ends_with(".tmp")
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+        && !name
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+}
+
+/// The stage record shared by workers: completed units, saved atomically.
+pub(crate) struct Units {
+    run: Mutex<StageRun>,
+    /// The checkpoint directory.
+    pub out: PathBuf,
+    /// Set when a worker failed, so others stop.
+    pub abort: AtomicBool,
+}
+
+impl Units {
+    fn new(run: StageRun, out: PathBuf) -> Self {
+        Units {
+            run: Mutex::new(run),
+            out,
+            abort: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether `path` was completed by this or an interrupted run and is
+    /// still on disk with its recorded size.
+    pub fn is_done(&self, path: &str) -> bool {
+        self.run.lock().expect("record lock").is_done(path)
+    }
+
+    /// Records a completed file.
+    pub fn done(&self, path: &str, size: u64, blake3: Option<String>) -> Result<(), FetchError> {
+        self.run.lock().expect("record lock").unit_done(
+            path,
+            Output {
+                path: path.to_string(),
+                size,
+                blake3,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Whether another worker failed.
+    pub fn aborted(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+}
+
+/// What a source's fetch returns for the record.
+pub(crate) struct Fetched {
+    /// Files, relative to the output dir, in order.
+    pub files: Vec<String>,
+    /// Stage-specific details.
+    pub details: serde_json::Value,
+    /// Pinned commit (hub).
+    pub commit: Option<String>,
+    /// Bytes transferred by this run.
+    pub transferred: u64,
+    /// Files reused rather than transferred.
+    pub reused: usize,
+}
+
+/// Runs `f` over `items` on up to `n` threads; the first error stops the
+/// others from starting new items and is returned.
+pub(crate) fn parallel<T: Send>(
+    items: Vec<T>,
+    n: usize,
+    units: &Units,
+    f: impl Fn(T) -> Result<(), FetchError> + Sync,
+) -> Result<(), FetchError> {
+    let queue = Mutex::new(items.into_iter());
+    let first_err: Mutex<Option<FetchError>> = Mutex::new(None);
+    let n = n.max(1);
+    std::thread::scope(|s| {
+        for _ in 0..n {
+            s.spawn(|| loop {
+                if units.aborted() {
+                    return;
+                }
+                let Some(item) = queue.lock().expect("queue lock").next() else {
+                    return;
+                };
+                if let Err(e) = f(item) {
+                    units.abort.store(true, Ordering::Relaxed);
+                    let mut slot = first_err.lock().expect("error lock");
+                    let replace = match (&*slot, &e) {
+                        (None, _) => true,
+                        (Some(FetchError::Aborted), e) => !matches!(e, FetchError::Aborted),
+                        _ => false,
+                    };
+                    if replace {
+                        *slot = Some(e);
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    match first_err.into_inner().expect("error lock") {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// A writer that hashes (blake3, optionally sha256) what passes through and
+/// advances a progress bar.
+pub(crate) struct HashingWriter<'a, W: Write> {
+    /// The inner writer.
+    pub inner: W,
+    /// blake3 of everything written.
+    pub blake3: blake3::Hasher,
+    /// Bytes written.
+    pub written: u64,
+    bar: &'a indicatif::ProgressBar,
+}
+
+impl<'a, W: Write> HashingWriter<'a, W> {
+    pub(crate) fn new(inner: W, bar: &'a indicatif::ProgressBar) -> Self {
+        HashingWriter {
+            inner,
+            blake3: blake3::Hasher::new(),
+            written: 0,
+            bar,
+        }
+    }
+}
+
+impl<W: Write> Write for HashingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.blake3.update(&buf[..n]);
+        self.written += n as u64;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Free bytes on the filesystem holding `dir` (None where unknown).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid
+    // NUL-terminated path that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Fails early when `need` more bytes will not fit under `dir`.
+pub(crate) fn check_disk(dir: &Path, need: u64) -> Result<(), FetchError> {
+    if let Some(free) = free_bytes(dir) {
+        if need > free {
+            return Err(FetchError::Disk {
+                dir: dir.to_path_buf(),
+                need: crate::cli::human_bytes(need),
+                free: crate::cli::human_bytes(free),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn fingerprint(opts: &FetchOptions, src: &Source) -> String {
+    let mut fp = stage::Fingerprint::new();
+    fp.add("out", opts.out.to_string_lossy().as_bytes());
+    fp.add("include", opts.include.join("\n"));
+    fp.add("exclude", opts.exclude.join("\n"));
+    match src {
+        Source::Synthetic(p) => {
+            fp.add("synthetic", p);
+            fp.add("layers", format!("{:?}", opts.layers));
+            fp.add("seed", opts.seed.to_string());
+        }
+        Source::Local(d) => {
+            let d = d.canonicalize().unwrap_or_else(|_| d.clone());
+            fp.add("dir", d.to_string_lossy().as_bytes());
+        }
+        Source::Hub { repo, revision } => {
+            fp.add("repo", repo);
+            fp.add("revision", hub_revision(opts, revision));
+            fp.add("endpoint", opts.endpoint.trim_end_matches('/'));
+        }
+    }
+    fp.finish()
+}
+
+fn hub_revision(opts: &FetchOptions, from_source: &Option<String>) -> String {
+    opts.revision
+        .clone()
+        .or_else(|| from_source.clone())
+        .unwrap_or_else(|| "main".to_string())
+}
+
+/// Runs the fetch stage: up to date, resumed, or from scratch.
+pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
+    let src = Source::parse(&opts.source)?;
+    let filter = Filter::new(&opts.include, &opts.exclude)?;
+    if opts.concurrency == 0 {
+        return Err(FetchError::Usage("--concurrency must be at least 1".into()));
+    }
+    if let Source::Synthetic(p) = &src {
+        // Validate the preset before touching the disk.
+        crate::synthetic::Spec::preset(p, opts.layers, opts.seed)?;
+    }
+    let fp = fingerprint(opts, &src);
+    let mut inputs = BTreeMap::new();
+    inputs.insert("source".to_string(), opts.source.clone());
+    if let Source::Hub { revision, .. } = &src {
+        inputs.insert("revision".into(), hub_revision(opts, revision));
+        inputs.insert("endpoint".into(), opts.endpoint.clone());
+    }
+    let plan = stage::plan(&opts.work_dir, STAGE, &fp, &opts.out, inputs, opts.force)?;
+    let run = match plan {
+        Plan::UpToDate(rec) => {
+            return Ok(FetchSummary {
+                up_to_date: true,
+                source: opts.source.clone(),
+                out_dir: opts.out.clone(),
+                commit: rec
+                    .details
+                    .get("commit")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string),
+                files: rec.outputs.len(),
+                bytes: rec.outputs.iter().map(|o| o.size).sum(),
+                transferred: 0,
+                reused: rec.outputs.len(),
+            })
+        }
+        Plan::Run(run) => run,
+    };
+    if run.resumed {
+        tracing::info!(
+            "resuming an interrupted fetch ({} files already done)",
+            run.record.units_done.len()
+        );
+    }
+    crate::fsutil::ensure_writable_dir(&opts.out)?;
+    let units = Units::new(run, opts.out.clone());
+    let fetched = match &src {
+        Source::Synthetic(p) => synthetic::fetch(opts, p, &filter, &units)?,
+        Source::Local(d) => local::fetch(opts, d, &filter, &units)?,
+        Source::Hub { repo, revision } => {
+            let rev = hub_revision(opts, revision);
+            hub::fetch(opts, repo, &rev, &filter, &units)?
+        }
+    };
+    let run = units.run.into_inner().expect("record lock");
+    let outputs: Vec<Output> = fetched
+        .files
+        .iter()
+        .map(|f| {
+            run.unit(f).cloned().ok_or_else(|| {
+                FetchError::Invalid(format!("{f}: finished but not recorded (internal error)"))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let bytes = outputs.iter().map(|o| o.size).sum();
+    let files = outputs.len();
+    run.finish(outputs, fetched.details)?;
+    Ok(FetchSummary {
+        up_to_date: false,
+        source: opts.source.clone(),
+        out_dir: opts.out.clone(),
+        commit: fetched.commit,
+        files,
+        bytes,
+        transferred: fetched.transferred,
+        reused: fetched.reused,
+    })
+}
+
+/// Creates the parent directories of `out/rel`.
+pub(crate) fn ensure_parent(path: &Path) -> Result<(), FetchError> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(|e| FsError::io(d, e))?;
+    }
+    Ok(())
+}
+
+/// `path` with `suffix` appended to its file name.
+pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_parse() {
+        assert_eq!(
+            Source::parse("synthetic:tiny").unwrap(),
+            Source::Synthetic("tiny".into())
+        );
+        assert_eq!(
+            Source::parse("hf:Intel/Qwen3-Next@v1.0").unwrap(),
+            Source::Hub {
+                repo: "Intel/Qwen3-Next".into(),
+                revision: Some("v1.0".into())
+            }
+        );
+        assert_eq!(
+            Source::parse("owner/name").unwrap(),
+            Source::Hub {
+                repo: "owner/name".into(),
+                revision: None
+            }
+        );
+        assert_eq!(
+            Source::parse("dir:/x/y").unwrap(),
+            Source::Local("/x/y".into())
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(
+            Source::parse(tmp.path().to_str().unwrap()).unwrap(),
+            Source::Local(tmp.path().into())
+        );
+        for bad in ["hf:a", "a/b/c", "hf:../x", "hf:a/b@", "", "hf:a/b c"] {
+            assert!(Source::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn filter_globs() {
+        let f = Filter::new(&["*.json".into(), "model-*".into()], &["*mtp*".into()]).unwrap();
+        assert!(f.wants("config.json"));
+        assert!(f.wants("model-00001-of-00002.safetensors"));
+        assert!(!f.wants("model_extra_tensors_mtp.safetensors"));
+        assert!(!f.wants("README.md"));
+        assert!(f.wants("sub/x.json"));
+        assert!(Filter::new(&["[".into()], &[]).is_err());
+        assert!(Filter::default().wants("anything"));
+    }
+
+    #[test]
+    fn unsafe_names_are_refused() {
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "a/../../b",
+            "a//b",
+            "",
+            "a\\b",
+            "./a",
+            "x.part",
+        ] {
+            assert!(!safe_relative(bad), "{bad}");
+        }
+        for good in ["config.json", "sub/dir/model.safetensors", "a..b"] {
+            assert!(safe_relative(good), "{good}");
+        }
+    }
+}
