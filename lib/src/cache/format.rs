@@ -354,7 +354,10 @@ impl IndexHeader {
             });
         }
         if u32_at(12) as usize != HEADER_LEN {
-            return Err(bad(format!("header length {} (expected {HEADER_LEN})", u32_at(12))));
+            return Err(bad(format!(
+                "header length {} (expected {HEADER_LEN})",
+                u32_at(12)
+            )));
         }
         let (off, len) = (u64_at(16), u64_at(24));
         if off != HEADER_LEN as u64 || off.checked_add(len) != Some(bytes.len() as u64) {
@@ -367,7 +370,9 @@ impl IndexHeader {
         index_hash.copy_from_slice(&bytes[32..64]);
         let archive = &bytes[HEADER_LEN..];
         if *blake3::hash(archive).as_bytes() != index_hash {
-            return Err(bad("index bytes do not match their blake3 in the header; damaged".into()));
+            return Err(bad(
+                "index bytes do not match their blake3 in the header; damaged".into(),
+            ));
         }
         Ok((
             IndexHeader {

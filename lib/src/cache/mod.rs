@@ -35,7 +35,10 @@ pub enum CacheError {
         reason: String,
     },
     /// A cache written in another format version.
-    #[error("{path}: cache format version {found}, this tool reads version {}; rerun rh-repack", FORMAT_VERSION)]
+    #[error(
+        "{path}: cache format version {found}, this tool reads version {}; rerun rh-repack",
+        FORMAT_VERSION
+    )]
     Version {
         /// The index file.
         path: PathBuf,
@@ -85,3 +88,6 @@ pub fn is_cache(dir: &Path) -> bool {
         .is_ok()
         && magic == format::INDEX_MAGIC
 }
+
+#[cfg(test)]
+mod tests;

@@ -244,8 +244,7 @@ impl WeightSource for Cache {
 
     fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, WeightError> {
         let e = self.entry(name).ok_or_else(|| self.missing(name))?;
-        if e.shape.len() != shape.len() || e.shape.iter().zip(shape).any(|(&a, &b)| a != b as u64)
-        {
+        if e.shape.len() != shape.len() || e.shape.iter().zip(shape).any(|(&a, &b)| a != b as u64) {
             return Err(self.shape_err(name, shape, &e.shape));
         }
         match &e.payload {

@@ -33,8 +33,8 @@ use crate::weights::AUX_FILES;
 
 use super::format::{
     align_up, data_file_name, group_of, is_data_file_name, natural_cmp, AuxFile, DataFile,
-    DataHeader, FloatKind, Index, IndexHeader, Payload, Span, TensorEntry, ALIGN,
-    FORMAT_VERSION, HEADER_LEN, INDEX_FILE,
+    DataHeader, FloatKind, Index, IndexHeader, Payload, Span, TensorEntry, ALIGN, FORMAT_VERSION,
+    HEADER_LEN, INDEX_FILE,
 };
 use super::CacheError;
 
@@ -391,7 +391,11 @@ fn plan_layout(ck: &Checkpoint, handles: &[File], file_size: u64) -> Result<Layo
     let config_json = std::fs::read(ck.dir.join("config.json"))
         .map_err(|e| FsError::io(ck.dir.join("config.json"), e))?;
     let mut aux = Vec::new();
-    for name in AUX_FILES.iter().copied().chain(["quantization_config.json"]) {
+    for name in AUX_FILES
+        .iter()
+        .copied()
+        .chain(["quantization_config.json"])
+    {
         let p = ck.dir.join(name);
         if p.is_file() {
             aux.push(AuxFile {
@@ -715,10 +719,9 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
                 df.size
             )));
         }
-        let f = w
-            .w
-            .into_inner()
-            .map_err(|e| FsError::io(&tmp, e.into_error()))?;
+        let f =
+            w.w.into_inner()
+                .map_err(|e| FsError::io(&tmp, e.into_error()))?;
         f.sync_all().map_err(|e| FsError::io(&tmp, e))?;
         drop(f);
         fsutil::commit_temp(&tmp, &final_path)?;
@@ -816,7 +819,8 @@ fn write_group(
             while done < e.len {
                 let n = (e.len - done).min(CHUNK as usize);
                 let buf = read_at(&handles[e.file], &ck.files[e.file], e.offset + done, n)?;
-                w.w.write_all(&buf).map_err(|err| FsError::io(&w.path, err))?;
+                w.w.write_all(&buf)
+                    .map_err(|err| FsError::io(&w.path, err))?;
                 done += n;
             }
             w.pos += e.len as u64;
