@@ -1,0 +1,93 @@
+//! The repacked weight cache (`docs/cache-format.md`): a header-checked,
+//! rkyv-indexed set of data files whose payloads are already in the kernel
+//! layout, so the engine maps them and reads weights in place.
+//!
+//! * [`format`]: headers, the archived [`format::Index`], validation;
+//! * [`write`]: `rh-repack` (checkpoint -> cache, streaming and resumable);
+//! * [`read`]: [`Cache`], a [`crate::weights::WeightSource`] over the mapped files.
+
+pub mod format;
+pub mod read;
+pub mod write;
+
+use std::path::{Path, PathBuf};
+
+use crate::cli::{Classify, Exit};
+use crate::fsutil::FsError;
+use crate::stage::StageError;
+
+pub use format::{Index, FORMAT_VERSION, INDEX_FILE};
+pub use read::Cache;
+pub use write::{repack, RepackOptions, RepackOutcome};
+
+/// Errors reading or writing a cache; each names the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// An I/O error.
+    #[error(transparent)]
+    Io(#[from] FsError),
+    /// A header, index or data file is damaged or inconsistent.
+    #[error("{path}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A cache written in another format version.
+    #[error(
+        "{path}: cache format version {found}, this tool reads version {}; rerun rh-repack",
+        FORMAT_VERSION
+    )]
+    Version {
+        /// The index file.
+        path: PathBuf,
+        /// Its version.
+        found: u32,
+    },
+    /// The directory has no cache index.
+    #[error("{0}: not a roundhouse cache (no {INDEX_FILE}); run rh-repack first")]
+    NotACache(PathBuf),
+    /// The input checkpoint cannot be repacked.
+    #[error("{0}")]
+    Input(String),
+    /// A stage-record problem (including a predecessor not finished).
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    /// The run was stopped by the test hook.
+    #[error("stopped after {0} tensor groups (RH_REPACK_ABORT_AFTER_UNITS)")]
+    Stopped(usize),
+}
+
+impl CacheError {
+    pub(crate) fn corrupt(path: &Path, reason: impl Into<String>) -> CacheError {
+        CacheError::Corrupt {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Classify for CacheError {
+    fn exit(&self) -> Exit {
+        match self {
+            CacheError::Corrupt { .. } | CacheError::Version { .. } => Exit::VerifyFailed,
+            CacheError::Stage(e) => e.exit(),
+            _ => Exit::Failure,
+        }
+    }
+}
+
+/// Whether `dir` holds a cache: its index file exists and starts with the
+/// cache magic (cheap; [`Cache::open`] does the full validation).
+pub fn is_cache(dir: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    std::fs::File::open(dir.join(INDEX_FILE))
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == format::INDEX_MAGIC
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,865 @@
+//! `rh-repack`: checkpoint -> cache, streaming and resumable.
+//!
+//! 1. Plan: from the checkpoint's headers (and its small `qzeros`, to know
+//!    which layers are symmetric) compute every tensor's file and offset,
+//!    hence the whole index and its hash, before writing a payload byte.
+//! 2. Write data files in order, one tensor group at a time: tensors are
+//!    read with `pread` (not mapped, so resident memory stays bounded),
+//!    converted in parallel in small batches, written sequentially into
+//!    `data-NNNNN.rhd.tmp`, fsynced, and the group recorded in the stage
+//!    record. A finished file is renamed to its final name.
+//! 3. Write `index.rhc` atomically, remove stale data files, finish the stage.
+//!
+//! A killed run resumes from the last recorded group; because the plan is
+//! deterministic the result is byte-identical to an uninterrupted run.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use crate::checkpoint::{float_type, Checkpoint, TensorEntry as CkEntry};
+use crate::config::Precision;
+use crate::fsutil::{self, FsError};
+use crate::quant::AutoRoundTensors;
+use crate::stage::{self, Fingerprint, Output, Plan};
+use crate::tensor::{QuantMatrix, Zeros, QBLOCK};
+use crate::weights::AUX_FILES;
+
+use super::format::{
+    align_up, data_file_name, group_of, is_data_file_name, natural_cmp, AuxFile, DataFile,
+    DataHeader, FloatKind, Index, IndexHeader, Payload, Span, TensorEntry, ALIGN, FORMAT_VERSION,
+    HEADER_LEN, INDEX_FILE,
+};
+use super::CacheError;
+
+/// Input bytes converted together in one parallel batch.
+const BATCH_BYTES: u64 = 32 << 20;
+/// Dense tensors above this are copied in chunks of this size.
+const CHUNK: u64 = 8 << 20;
+
+/// What `rh-repack` does.
+#[derive(Clone, Debug)]
+pub struct RepackOptions {
+    /// Input checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// Output cache directory.
+    pub cache: PathBuf,
+    /// Work dir holding the stage records.
+    pub work_dir: PathBuf,
+    /// Largest data file in bytes.
+    pub file_size: u64,
+    /// Worker threads (`None`: all cores).
+    pub threads: Option<usize>,
+    /// Redo even when up to date.
+    pub force: bool,
+    /// Require a complete fetch stage (the input is fetch's output).
+    pub require_fetch: bool,
+    /// Hide the progress bar.
+    pub quiet: bool,
+    /// Test hook: stop (as if killed) after this many groups of this run.
+    pub stop_after_units: Option<usize>,
+}
+
+/// What a repack run did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RepackOutcome {
+    /// True when nothing was done because the cache was up to date.
+    pub up_to_date: bool,
+    /// True when units of an interrupted run were reused.
+    pub resumed: bool,
+    /// The cache directory.
+    pub cache: PathBuf,
+    /// Data files.
+    pub files: usize,
+    /// Entries in the tensor table.
+    pub tensors: usize,
+    /// Bytes of all data files.
+    pub bytes: u64,
+    /// blake3 of the index (hex).
+    pub index_blake3: String,
+    /// Seconds this run took.
+    pub seconds: f64,
+}
+
+/// Where a planned entry's bytes come from.
+#[derive(Clone, Debug)]
+enum Source {
+    /// An AutoRound module.
+    Quant {
+        module: String,
+        qweight: CkEntry,
+        qzeros: CkEntry,
+        scales: CkEntry,
+        bits: u8,
+        group_size: usize,
+        rows: usize,
+        cols: usize,
+        zeros_minus_one: bool,
+    },
+    /// A tensor copied as-is.
+    Copy(CkEntry),
+}
+
+impl Source {
+    fn input_bytes(&self) -> u64 {
+        match self {
+            Source::Quant {
+                qweight,
+                qzeros,
+                scales,
+                ..
+            } => (qweight.len + qzeros.len + scales.len) as u64,
+            Source::Copy(e) => e.len as u64,
+        }
+    }
+}
+
+/// One data file's tensor group.
+#[derive(Clone, Debug)]
+struct Group {
+    file: usize,
+    name: String,
+    /// Items `[start, end)` of the plan.
+    items: std::ops::Range<usize>,
+    /// File offset right after the group's last payload.
+    end: u64,
+}
+
+/// The complete layout.
+struct Layout {
+    index: Index,
+    sources: Vec<Source>,
+    groups: Vec<Group>,
+}
+
+fn input_err(msg: impl Into<String>) -> CacheError {
+    CacheError::Input(msg.into())
+}
+
+fn read_at(file: &File, path: &Path, offset: usize, len: usize) -> Result<Vec<u8>, CacheError> {
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset as u64)
+        .map_err(|e| FsError::io(path, e))?;
+    Ok(buf)
+}
+
+/// Whether every zero point stored in AutoRound `qzeros` equals
+/// `2^(bits-1)` (the same extraction as `quant::AutoRoundTensors`).
+fn qzeros_symmetric(qz: &[u8], rows: usize, groups: usize, bits: u8, minus_one: bool) -> bool {
+    let b = bits as usize;
+    let pf = 32 / b;
+    let words_per_row = (rows * b).div_ceil(32);
+    let sym = 1u32 << (b - 1);
+    let mask = (1u32 << b) - 1;
+    (0..groups).all(|g| {
+        (0..rows).all(|n| {
+            let i = (g * words_per_row + n / pf) * 4;
+            let w = u32::from_le_bytes(qz[i..i + 4].try_into().expect("4 bytes"));
+            ((w >> (b * (n % pf))) & mask) + minus_one as u32 == sym
+        })
+    })
+}
+
+/// Plans a quantized module (the checks `Checkpoint::matrix` applies).
+fn quant_source(ck: &Checkpoint, module: &str) -> Result<Source, CacheError> {
+    let dir = ck.dir.display();
+    let q = ck.config.quantization_config.as_ref().ok_or_else(|| {
+        input_err(format!(
+            "{dir}: `{module}.qweight` present but config.json has no quantization_config"
+        ))
+    })?;
+    let (bits, group_size) = match ck.config.precision(module) {
+        Precision::Int {
+            bits, group_size, ..
+        } => (bits, group_size),
+        Precision::Float => {
+            return Err(input_err(format!(
+                "{dir}: `{module}` is quantized on disk but quantization_config says it is 16-bit"
+            )))
+        }
+    };
+    let get = |suffix: &str, dtype: Dtype| -> Result<CkEntry, CacheError> {
+        let n = format!("{module}.{suffix}");
+        let e = ck
+            .tensors
+            .get(&n)
+            .ok_or_else(|| input_err(format!("{dir}: tensor `{n}` is missing")))?;
+        if e.dtype != dtype || e.shape.len() != 2 {
+            return Err(input_err(format!(
+                "{dir}: tensor `{n}` is {:?} {:?}, expected a 2-D {dtype:?}",
+                e.dtype, e.shape
+            )));
+        }
+        Ok(e.clone())
+    };
+    let qweight = get("qweight", Dtype::I32)?;
+    let qzeros = get("qzeros", Dtype::I32)?;
+    let scales = get("scales", Dtype::F16)?;
+    if bits != 4 && bits != 8 {
+        return Err(input_err(format!(
+            "{dir}: `{module}`: {bits}-bit weights are not supported (4 or 8)"
+        )));
+    }
+    let rows = scales.shape[1];
+    let cols = qweight.shape[0] * 32 / bits as usize;
+    let gs = if group_size <= 0 {
+        cols
+    } else {
+        group_size as usize
+    };
+    if cols % QBLOCK != 0 || gs % QBLOCK != 0 || gs == 0 {
+        return Err(input_err(format!(
+            "{dir}: `{module}`: input size {cols} and group size {gs} must be multiples of {QBLOCK}"
+        )));
+    }
+    let groups = cols.div_ceil(gs);
+    if qweight.shape[1] != rows || scales.shape[0] != groups {
+        return Err(input_err(format!(
+            "{dir}: `{module}`: qweight {:?} and scales {:?} disagree for {bits}-bit group size {gs}",
+            qweight.shape, scales.shape
+        )));
+    }
+    if qzeros.len != groups * (rows * bits as usize).div_ceil(32) * 4 {
+        return Err(input_err(format!(
+            "{dir}: `{module}.qzeros` has shape {:?}, expected [{groups}, {}]",
+            qzeros.shape,
+            (rows * bits as usize).div_ceil(32)
+        )));
+    }
+    Ok(Source::Quant {
+        module: module.to_string(),
+        qweight,
+        qzeros,
+        scales,
+        bits: bits as u8,
+        group_size: gs,
+        rows,
+        cols,
+        zeros_minus_one: q.zeros_minus_one(),
+    })
+}
+
+/// Plans the whole cache.
+fn plan_layout(ck: &Checkpoint, handles: &[File], file_size: u64) -> Result<Layout, CacheError> {
+    // Entries: quantized modules by module name, everything else as-is.
+    let mut consumed = std::collections::HashSet::new();
+    let mut named: Vec<(String, Source)> = Vec::new();
+    for name in ck.tensors.keys() {
+        if let Some(module) = name.strip_suffix(".qweight") {
+            named.push((module.to_string(), quant_source(ck, module)?));
+            for s in ["qweight", "qzeros", "scales"] {
+                consumed.insert(format!("{module}.{s}"));
+            }
+        }
+    }
+    for (name, e) in &ck.tensors {
+        if !consumed.contains(name) {
+            named.push((name.clone(), Source::Copy(e.clone())));
+        }
+    }
+    named.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+
+    // Symmetric or not: read every (small) qzeros, in parallel.
+    let zeros_needed: Vec<bool> = named
+        .par_iter()
+        .map(|(_, s)| match s {
+            Source::Quant {
+                qzeros,
+                bits,
+                rows,
+                cols,
+                group_size,
+                zeros_minus_one,
+                ..
+            } => {
+                let qz = read_at(
+                    &handles[qzeros.file],
+                    &ck.files[qzeros.file],
+                    qzeros.offset,
+                    qzeros.len,
+                )?;
+                Ok(!qzeros_symmetric(
+                    &qz,
+                    *rows,
+                    cols.div_ceil(*group_size),
+                    *bits,
+                    *zeros_minus_one,
+                ))
+            }
+            Source::Copy(_) => Ok(false),
+        })
+        .collect::<Result<_, CacheError>>()?;
+
+    let mut files: Vec<DataFile> = Vec::new();
+    let mut tensors = Vec::with_capacity(named.len());
+    let mut groups: Vec<Group> = Vec::new();
+    let mut pos = HEADER_LEN as u64;
+    let mut sources = Vec::with_capacity(named.len());
+    for (i, ((name, source), needs_zeros)) in named.into_iter().zip(zeros_needed).enumerate() {
+        let (shape, lens): (Vec<u64>, Vec<u64>) = match &source {
+            Source::Quant {
+                rows,
+                cols,
+                bits,
+                group_size,
+                ..
+            } => {
+                let q = (*rows * QuantMatrix::packed_row_bytes(*cols, *bits)) as u64;
+                let s = (*rows * cols.div_ceil(*group_size) * 2) as u64;
+                let mut l = vec![q, s];
+                if needs_zeros {
+                    l.push(s);
+                }
+                (vec![*rows as u64, *cols as u64], l)
+            }
+            Source::Copy(e) => (
+                e.shape.iter().map(|&d| d as u64).collect(),
+                vec![e.len as u64],
+            ),
+        };
+        let size: u64 = lens.iter().map(|&l| align_up(l)).sum();
+        if files.is_empty() || (pos > HEADER_LEN as u64 && align_up(pos) + size > file_size) {
+            if let Some(last) = files.last_mut() {
+                last.size = pos;
+            }
+            files.push(DataFile {
+                name: data_file_name(files.len()),
+                size: 0,
+            });
+            pos = HEADER_LEN as u64;
+        }
+        let file = (files.len() - 1) as u32;
+        let spans: Vec<Span> = lens
+            .iter()
+            .map(|&len| {
+                let offset = align_up(pos);
+                pos = offset + len;
+                Span { file, offset, len }
+            })
+            .collect();
+        let payload = match &source {
+            Source::Quant {
+                bits, group_size, ..
+            } => Payload::Quant {
+                bits: *bits,
+                group_size: *group_size as u32,
+                qdata: spans[0],
+                scales: spans[1],
+                zeros: spans.get(2).copied(),
+            },
+            Source::Copy(e) => match float_type(e.dtype) {
+                Some(t) => Payload::Dense {
+                    dtype: FloatKind::from_float_type(t),
+                    data: spans[0],
+                },
+                None => Payload::Raw {
+                    dtype: format!("{:?}", e.dtype),
+                    data: spans[0],
+                },
+            },
+        };
+        let g = group_of(&name);
+        match groups.last_mut() {
+            Some(last) if last.file == file as usize && last.name == g => {
+                last.items.end = i + 1;
+                last.end = pos;
+            }
+            _ => groups.push(Group {
+                file: file as usize,
+                name: g,
+                items: i..i + 1,
+                end: pos,
+            }),
+        }
+        tensors.push(TensorEntry {
+            name,
+            shape,
+            payload,
+        });
+        sources.push(source);
+    }
+    if let Some(last) = files.last_mut() {
+        last.size = pos;
+    }
+
+    let config_json = std::fs::read(ck.dir.join("config.json"))
+        .map_err(|e| FsError::io(ck.dir.join("config.json"), e))?;
+    let mut aux = Vec::new();
+    for name in AUX_FILES
+        .iter()
+        .copied()
+        .chain(["quantization_config.json"])
+    {
+        let p = ck.dir.join(name);
+        if p.is_file() {
+            aux.push(AuxFile {
+                name: name.to_string(),
+                bytes: std::fs::read(&p).map_err(|e| FsError::io(&p, e))?,
+            });
+        }
+    }
+    Ok(Layout {
+        index: Index {
+            format: FORMAT_VERSION,
+            alignment: ALIGN as u32,
+            config_json,
+            aux,
+            files,
+            tensors,
+        },
+        sources,
+        groups,
+    })
+}
+
+/// The input fingerprint: format, settings, and every checkpoint file's
+/// name, size and modification time (cheap; contents are not hashed).
+fn fingerprint(
+    opts: &RepackOptions,
+    fetch: Option<&stage::StageRecord>,
+) -> Result<String, CacheError> {
+    let mut fp = Fingerprint::new();
+    fp.add("format", FORMAT_VERSION.to_le_bytes());
+    fp.add("file_size", opts.file_size.to_le_bytes());
+    let mut entries: Vec<_> = std::fs::read_dir(&opts.checkpoint)
+        .map_err(|e| FsError::io(&opts.checkpoint, e))?
+        .flatten()
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let m = e.metadata().map_err(|err| FsError::io(e.path(), err))?;
+        if !m.is_file() {
+            continue;
+        }
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        fp.add(
+            &e.file_name().to_string_lossy(),
+            format!("{}:{mtime}", m.len()),
+        );
+    }
+    if let Some(r) = fetch {
+        fp.add_record(r);
+    }
+    Ok(fp.finish())
+}
+
+/// A converted tensor: its payloads, each with its planned span.
+type Produced = Vec<(Span, Vec<u8>)>;
+
+fn produce(
+    source: &Source,
+    entry: &TensorEntry,
+    ck: &Checkpoint,
+    handles: &[File],
+) -> Result<Produced, CacheError> {
+    let read = |e: &CkEntry| read_at(&handles[e.file], &ck.files[e.file], e.offset, e.len);
+    match (source, &entry.payload) {
+        (
+            Source::Quant {
+                module,
+                qweight,
+                qzeros,
+                scales,
+                bits,
+                group_size,
+                rows,
+                cols,
+                zeros_minus_one,
+            },
+            Payload::Quant {
+                qdata: qs,
+                scales: ss,
+                zeros: zs,
+                ..
+            },
+        ) => {
+            let (qw, qz, sc) = (read(qweight)?, read(qzeros)?, read(scales)?);
+            let m = AutoRoundTensors {
+                module,
+                qweight: &qw,
+                qzeros: &qz,
+                scales: &sc,
+                out_features: *rows,
+                in_features: *cols,
+                bits: *bits,
+                group_size: *group_size,
+                zeros_minus_one: *zeros_minus_one,
+            }
+            .to_kernel_layout()
+            .map_err(|e| input_err(format!("{}: {e}", ck.dir.display())))?;
+            let mut out = vec![
+                (*qs, m.qdata.as_slice().to_vec()),
+                (*ss, m.scales.as_slice().to_vec()),
+            ];
+            match (zs, &m.zeros) {
+                (None, Zeros::Symmetric) => {}
+                (Some(z), Zeros::PerGroup(b)) => out.push((*z, b.as_slice().to_vec())),
+                (Some(z), Zeros::Symmetric) => {
+                    let v = QuantMatrix::symmetric_zero(*bits).to_le_bytes();
+                    out.push((*z, v.repeat(z.len as usize / 2)));
+                }
+                (None, Zeros::PerGroup(_)) => {
+                    return Err(input_err(format!(
+                        "{}: `{module}`: zero points changed between planning and writing",
+                        ck.dir.display()
+                    )))
+                }
+            }
+            Ok(out)
+        }
+        (Source::Copy(e), Payload::Dense { data, .. } | Payload::Raw { data, .. }) => {
+            Ok(vec![(*data, read(e)?)])
+        }
+        _ => unreachable!("plan pairs sources with payloads of the same kind"),
+    }
+}
+
+/// Writes planned payloads at their offsets (zero padding in between).
+struct PayloadWriter {
+    w: BufWriter<File>,
+    pos: u64,
+    path: PathBuf,
+}
+
+impl PayloadWriter {
+    fn write(&mut self, span: Span, bytes: &[u8]) -> Result<(), CacheError> {
+        if span.offset < self.pos {
+            return Err(input_err(format!(
+                "{}: internal error: payload at {} but already at {}",
+                self.path.display(),
+                span.offset,
+                self.pos
+            )));
+        }
+        self.pad_to(span.offset)?;
+        self.w
+            .write_all(bytes)
+            .map_err(|e| FsError::io(&self.path, e))?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+    fn pad_to(&mut self, offset: u64) -> Result<(), CacheError> {
+        let pad = (offset - self.pos) as usize;
+        self.w
+            .write_all(&[0u8; ALIGN as usize][..pad.min(ALIGN as usize)])
+            .map_err(|e| FsError::io(&self.path, e))?;
+        self.pos = offset;
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<(), CacheError> {
+        self.w.flush().map_err(|e| FsError::io(&self.path, e))?;
+        self.w
+            .get_ref()
+            .sync_data()
+            .map_err(|e| FsError::io(&self.path, e))?;
+        Ok(())
+    }
+}
+
+/// Runs the repack stage.
+pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
+    let t0 = Instant::now();
+    let fetch = if opts.require_fetch {
+        Some(stage::require_complete(&opts.work_dir, "fetch")?)
+    } else {
+        None
+    };
+    let ck = Checkpoint::open(&opts.checkpoint).map_err(|e| input_err(e.to_string()))?;
+    if opts.cache == opts.checkpoint {
+        return Err(input_err(format!(
+            "{}: the cache directory must differ from the checkpoint directory",
+            opts.cache.display()
+        )));
+    }
+    let fp = fingerprint(opts, fetch.as_ref())?;
+    let inputs = BTreeMap::from([
+        ("checkpoint".into(), opts.checkpoint.display().to_string()),
+        ("cache".into(), opts.cache.display().to_string()),
+    ]);
+    fsutil::ensure_writable_dir(&opts.cache)?;
+    let mut run = match stage::plan(
+        &opts.work_dir,
+        "repack",
+        &fp,
+        &opts.cache,
+        inputs,
+        opts.force,
+    )? {
+        Plan::UpToDate(rec) => {
+            let d = &rec.details;
+            return Ok(RepackOutcome {
+                up_to_date: true,
+                resumed: false,
+                cache: opts.cache.clone(),
+                files: d["files"].as_u64().unwrap_or(0) as usize,
+                tensors: d["tensors"].as_u64().unwrap_or(0) as usize,
+                bytes: d["bytes"].as_u64().unwrap_or(0),
+                index_blake3: d["index_blake3"].as_str().unwrap_or("").to_string(),
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+        }
+        Plan::Run(run) => run,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.unwrap_or(0))
+        .build()
+        .map_err(|e| input_err(format!("thread pool: {e}")))?;
+    let handles: Vec<File> = ck
+        .files
+        .iter()
+        .map(|p| File::open(p).map_err(|e| FsError::io(p, e).into()))
+        .collect::<Result<_, CacheError>>()?;
+    let layout = pool.install(|| plan_layout(&ck, &handles, opts.file_size))?;
+    let index_bytes = layout.index.to_bytes();
+    let index_hash = *blake3::hash(&index_bytes).as_bytes();
+    tracing::info!(
+        "repack plan: {} tensors in {} data files, index {} bytes",
+        layout.index.tensors.len(),
+        layout.index.files.len(),
+        index_bytes.len()
+    );
+
+    // The directory stops claiming to be a cache until the new index lands.
+    let index_path = opts.cache.join(INDEX_FILE);
+    match std::fs::remove_file(&index_path) {
+        Ok(()) => fsutil::sync_dir(&opts.cache)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(FsError::io(&index_path, e).into()),
+    }
+
+    let total: u64 = layout.index.files.iter().map(|f| f.size).sum();
+    let bar = crate::cli::bytes_bar(total, "repack", opts.quiet);
+    let n_files = layout.index.files.len();
+    let mut units_this_run = 0usize;
+    for (fi, df) in layout.index.files.iter().enumerate() {
+        let final_path = opts.cache.join(&df.name);
+        let tmp = fsutil::temp_path(&final_path);
+        let file_unit = format!("file:{}", df.name);
+        let on_disk = std::fs::metadata(&final_path).map(|m| m.len()).ok();
+        if run.unit(&file_unit).is_some_and(|o| o.size == df.size) && on_disk == Some(df.size) {
+            bar.inc(df.size);
+            continue;
+        }
+        let groups: Vec<&Group> = layout.groups.iter().filter(|g| g.file == fi).collect();
+        // Resume point: the recorded prefix of this file's groups.
+        let mut done = 0;
+        let mut resume_at = 0u64;
+        for g in &groups {
+            let unit = format!("{}:{}", df.name, g.name);
+            if run.unit(&unit).is_some_and(|o| o.size == g.end) {
+                done += 1;
+                resume_at = g.end;
+            } else {
+                break;
+            }
+        }
+        let tmp_len = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
+        let (file, pos) = if done > 0 && tmp_len >= resume_at {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .open(&tmp)
+                .map_err(|e| FsError::io(&tmp, e))?;
+            f.set_len(resume_at).map_err(|e| FsError::io(&tmp, e))?;
+            f.seek(SeekFrom::Start(resume_at))
+                .map_err(|e| FsError::io(&tmp, e))?;
+            tracing::info!("{}: resuming after {done} tensor groups", tmp.display());
+            (f, resume_at)
+        } else {
+            done = 0;
+            let mut f = File::create(&tmp).map_err(|e| FsError::io(&tmp, e))?;
+            let h = DataHeader {
+                file_no: fi as u32,
+                n_files: n_files as u32,
+                size: df.size,
+                index_hash,
+            };
+            f.write_all(&h.encode()).map_err(|e| FsError::io(&tmp, e))?;
+            (f, HEADER_LEN as u64)
+        };
+        bar.inc(pos);
+        let mut w = PayloadWriter {
+            w: BufWriter::with_capacity(1 << 20, file),
+            pos,
+            path: tmp.clone(),
+        };
+        for g in &groups[done..] {
+            write_group(&layout, g, &ck, &handles, &pool, &mut w, &bar)?;
+            w.sync()?;
+            let unit = format!("{}:{}", df.name, g.name);
+            run.unit_done(
+                &unit,
+                Output {
+                    path: tmp.file_name().expect("file").to_string_lossy().into(),
+                    size: g.end,
+                    blake3: None,
+                },
+            )?;
+            units_this_run += 1;
+            if opts.stop_after_units == Some(units_this_run) {
+                bar.abandon();
+                return Err(CacheError::Stopped(units_this_run));
+            }
+        }
+        if w.pos != df.size {
+            return Err(input_err(format!(
+                "{}: internal error: wrote {} bytes, planned {}",
+                tmp.display(),
+                w.pos,
+                df.size
+            )));
+        }
+        let f =
+            w.w.into_inner()
+                .map_err(|e| FsError::io(&tmp, e.into_error()))?;
+        f.sync_all().map_err(|e| FsError::io(&tmp, e))?;
+        drop(f);
+        fsutil::commit_temp(&tmp, &final_path)?;
+        run.unit_done(
+            &file_unit,
+            Output {
+                path: df.name.clone(),
+                size: df.size,
+                blake3: None,
+            },
+        )?;
+    }
+    bar.finish_and_clear();
+
+    // Stale data files of an earlier, larger cache.
+    let keep: std::collections::HashSet<&str> =
+        layout.index.files.iter().map(|f| f.name.as_str()).collect();
+    for e in std::fs::read_dir(&opts.cache)
+        .map_err(|e| FsError::io(&opts.cache, e))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_data_file_name(&name) && !keep.contains(name.as_str()) {
+            std::fs::remove_file(e.path()).map_err(|err| FsError::io(e.path(), err))?;
+        }
+    }
+
+    let header = IndexHeader {
+        version: FORMAT_VERSION,
+        index_offset: HEADER_LEN as u64,
+        index_len: index_bytes.len() as u64,
+        index_hash,
+    };
+    fsutil::write_atomic_with(&index_path, |f| {
+        f.write_all(&header.encode())?;
+        f.write_all(&index_bytes)
+    })?;
+    let index_file_hash = fsutil::blake3_file(&index_path)?.to_hex().to_string();
+    let mut outputs: Vec<Output> = layout
+        .index
+        .files
+        .iter()
+        .map(|f| Output {
+            path: f.name.clone(),
+            size: f.size,
+            blake3: None,
+        })
+        .collect();
+    outputs.push(Output {
+        path: INDEX_FILE.into(),
+        size: (HEADER_LEN + index_bytes.len()) as u64,
+        blake3: Some(index_file_hash),
+    });
+    let hex = blake3::Hash::from(index_hash).to_hex().to_string();
+    let resumed = run.resumed;
+    let outcome = RepackOutcome {
+        up_to_date: false,
+        resumed,
+        cache: opts.cache.clone(),
+        files: n_files,
+        tensors: layout.index.tensors.len(),
+        bytes: total,
+        index_blake3: hex.clone(),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    run.finish(
+        outputs,
+        serde_json::json!({
+            "format_version": FORMAT_VERSION, "files": n_files,
+            "tensors": outcome.tensors, "bytes": total, "index_blake3": hex,
+        }),
+    )?;
+    Ok(outcome)
+}
+
+/// Converts and writes one tensor group: small tensors in parallel batches,
+/// big dense ones streamed in chunks.
+fn write_group(
+    layout: &Layout,
+    g: &Group,
+    ck: &Checkpoint,
+    handles: &[File],
+    pool: &rayon::ThreadPool,
+    w: &mut PayloadWriter,
+    bar: &indicatif::ProgressBar,
+) -> Result<(), CacheError> {
+    let mut i = g.items.start;
+    while i < g.items.end {
+        let src = &layout.sources[i];
+        if let (Source::Copy(e), true) = (src, src.input_bytes() > CHUNK) {
+            let span = layout.index.tensors[i].spans()[0];
+            let before = w.pos;
+            w.pad_to(span.offset)?;
+            let mut done = 0usize;
+            while done < e.len {
+                let n = (e.len - done).min(CHUNK as usize);
+                let buf = read_at(&handles[e.file], &ck.files[e.file], e.offset + done, n)?;
+                w.w.write_all(&buf)
+                    .map_err(|err| FsError::io(&w.path, err))?;
+                done += n;
+            }
+            w.pos += e.len as u64;
+            bar.inc(w.pos - before);
+            i += 1;
+            continue;
+        }
+        // A batch of consecutive small tensors, converted in parallel.
+        let mut end = i;
+        let mut bytes = 0;
+        while end < g.items.end
+            && (end == i || bytes < BATCH_BYTES)
+            && !matches!(&layout.sources[end], s @ Source::Copy(_) if s.input_bytes() > CHUNK)
+        {
+            bytes += layout.sources[end].input_bytes();
+            end += 1;
+        }
+        let produced: Vec<Produced> = pool.install(|| {
+            (i..end)
+                .into_par_iter()
+                .map(|j| produce(&layout.sources[j], &layout.index.tensors[j], ck, handles))
+                .collect::<Result<_, CacheError>>()
+        })?;
+        for p in produced {
+            let before = w.pos;
+            for (span, b) in p {
+                if b.len() as u64 != span.len {
+                    return Err(input_err(format!(
+                        "{}: internal error: payload of {} bytes for a {}-byte span",
+                        w.path.display(),
+                        b.len(),
+                        span.len
+                    )));
+                }
+                w.write(span, &b)?;
+            }
+            bar.inc(w.pos - before);
+        }
+        i = end;
+    }
+    Ok(())
+}
