@@ -1,0 +1,471 @@
+//! rh-fetch as a process against a real HTTP hub on 127.0.0.1
+//! (tests/common/hub.rs) with injected faults, plus the synthetic and local
+//! sources.
+
+use rh_tests::hub::{safetensors_bytes, HubFile, HubServer, Repo};
+use rh_tests::{rh, run, text};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+const REPO: &str = "acme/tiny-model";
+const SHARD1: &str = "model-00001-of-00002.safetensors";
+const SHARD2: &str = "model-00002-of-00002.safetensors";
+const MTP: &str = "model_extra_tensors_mtp.safetensors";
+
+fn files() -> Vec<HubFile> {
+    let f = |path: &str, data: Vec<u8>, lfs: bool| HubFile {
+        path: path.into(),
+        data,
+        lfs,
+    };
+    vec![
+        f(
+            "config.json",
+            br#"{"model_type": "qwen3_next", "hidden_size": 128}"#.to_vec(),
+            false,
+        ),
+        f("tokenizer.json", br#"{"version": "1.0"}"#.to_vec(), false),
+        f("README.md", b"# tiny\n".to_vec(), false),
+        f(SHARD1, safetensors_bytes(1_000_000, 1), true),
+        f(SHARD2, safetensors_bytes(1_500_000, 2), true),
+        f(MTP, safetensors_bytes(65_536, 3), true),
+    ]
+}
+
+fn hub() -> HubServer {
+    HubServer::start(vec![
+        Repo {
+            name: REPO.into(),
+            commit: COMMIT.into(),
+            revisions: vec!["main".into(), "v1".into()],
+            files: files(),
+            token: None,
+        },
+        Repo {
+            name: "acme/gated".into(),
+            commit: COMMIT.into(),
+            revisions: vec!["main".into()],
+            files: files()[..2].to_vec(),
+            token: Some("hf_secret".into()),
+        },
+        Repo {
+            name: "acme/evil".into(),
+            commit: COMMIT.into(),
+            revisions: vec!["main".into()],
+            files: vec![HubFile {
+                path: "../escape.json".into(),
+                data: b"{}".to_vec(),
+                lfs: false,
+            }],
+            token: None,
+        },
+    ])
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let e = Env {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::create_dir_all(e.hf_home()).unwrap();
+        e
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    fn hf_home(&self) -> PathBuf {
+        self.path("hf-home")
+    }
+    /// rh-fetch SOURCE --out DIR --work-dir DIR --endpoint URL, with no
+    /// token or cache from the machine running the tests.
+    fn fetch(&self, server: &HubServer, source: &str, out: &str) -> Command {
+        self.fetch_at(&server.url, source, out)
+    }
+    fn fetch_at(&self, endpoint: &str, source: &str, out: &str) -> Command {
+        let mut c = rh("rh-fetch");
+        c.arg(source)
+            .arg("--out")
+            .arg(self.path(out))
+            .arg("--work-dir")
+            .arg(self.path(&format!("{out}-work")))
+            .arg("--endpoint")
+            .arg(endpoint)
+            .current_dir(self.dir.path())
+            .env_remove("HF_TOKEN")
+            .env_remove("HF_TOKEN_PATH")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HUGGINGFACE_HUB_CACHE")
+            .env_remove("HF_ENDPOINT")
+            .env("HF_HOME", self.hf_home());
+        c
+    }
+    fn record(&self, out: &str) -> serde_json::Value {
+        let p = self.path(&format!("{out}-work/stages/fetch.json"));
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    }
+}
+
+fn data(path: &str) -> Vec<u8> {
+    files().into_iter().find(|f| f.path == path).unwrap().data
+}
+
+fn assert_one_line_err(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "one-line error: {}", text(o));
+    err
+}
+
+fn assert_all_files(dir: &Path) {
+    for f in files() {
+        let got = std::fs::read(dir.join(&f.path)).unwrap_or_else(|e| panic!("{}: {e}", f.path));
+        assert!(got == f.data, "{} differs", f.path);
+    }
+}
+
+#[test]
+fn full_download_matches_and_rerun_is_up_to_date() {
+    let hub = hub();
+    let env = Env::new();
+    let o = run(&mut env.fetch(&hub, &format!("hf:{REPO}"), "ck"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_all_files(&env.path("ck"));
+    let rec = env.record("ck");
+    assert_eq!(rec["status"], "complete");
+    assert_eq!(rec["details"]["commit"], COMMIT);
+    assert_eq!(rec["outputs"].as_array().unwrap().len(), files().len());
+    let sha = files()[3].sha256();
+    assert_eq!(rec["details"]["files"][SHARD1]["sha256"], sha.as_str());
+    // No temp files left behind.
+    for e in std::fs::read_dir(env.path("ck")).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!n.ends_with(".part") && !n.ends_with(".tmp"), "{n}");
+    }
+
+    let before = hub.file_requests();
+    let o = run(&mut env.fetch(&hub, &format!("hf:{REPO}"), "ck"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).to_lowercase().contains("up to date"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        hub.file_requests(),
+        before,
+        "an up-to-date rerun downloads nothing"
+    );
+
+    // --force redoes it.
+    let o = run(env.fetch(&hub, &format!("hf:{REPO}"), "ck").arg("--force"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(hub.file_requests() > before);
+    assert_all_files(&env.path("ck"));
+}
+
+#[test]
+fn dropped_connection_then_rerun_resumes_with_range() {
+    let hub = hub();
+    let env = Env::new();
+    let len = data(SHARD1).len() as u64;
+    hub.faults(|f| {
+        f.drop_after.insert(SHARD1.into(), (300_000, 1));
+    });
+    // No retries: the run fails like a killed one, keeping the partial file.
+    let o = run(env
+        .fetch(&hub, REPO, "ck")
+        .args(["--retries", "0", "--concurrency", "1"]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = assert_one_line_err(&o);
+    assert!(err.contains(SHARD1) && err.contains("resume"), "{err}");
+    let part = env.path(&format!("ck/{SHARD1}.part"));
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), 300_000);
+    assert!(!env.path(&format!("ck/{SHARD1}")).exists());
+    assert_eq!(env.record("ck")["status"], "running");
+
+    let o = run(&mut env.fetch(&hub, REPO, "ck"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_all_files(&env.path("ck"));
+    assert!(
+        hub.ranges(SHARD1).iter().any(|r| r == "bytes=300000-"),
+        "{:?}",
+        hub.ranges(SHARD1)
+    );
+    assert!(
+        hub.bytes_served(SHARD1) < 2 * len,
+        "{}",
+        hub.bytes_served(SHARD1)
+    );
+    assert!(!part.exists());
+}
+
+#[test]
+fn drop_and_500_within_one_run_are_retried_and_resumed() {
+    let hub = hub();
+    let env = Env::new();
+    let len = data(SHARD2).len() as u64;
+    hub.faults(|f| {
+        f.drop_after.insert(SHARD2.into(), (200_000, 2));
+        f.fail_500.insert(SHARD1.into(), 1);
+        f.fail_500.insert("config.json".into(), 1);
+    });
+    let o = run(&mut env.fetch(&hub, REPO, "ck"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_all_files(&env.path("ck"));
+    let r = hub.ranges(SHARD2);
+    assert!(r.iter().any(|r| r == "bytes=200000-"), "{r:?}");
+    assert!(r.iter().any(|r| r == "bytes=400000-"), "{r:?}");
+    assert!(hub.bytes_served(SHARD2) < 2 * len);
+}
+
+#[test]
+fn server_ignoring_range_restarts_the_file() {
+    let hub = hub();
+    let env = Env::new();
+    hub.faults(|f| {
+        f.drop_after.insert(SHARD1.into(), (100_000, 1));
+        f.ignore_range.push(SHARD1.into());
+    });
+    let o = run(&mut env.fetch(&hub, REPO, "ck"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_all_files(&env.path("ck"));
+}
+
+#[test]
+fn corrupted_bytes_fail_with_one_line_and_no_file() {
+    let hub = hub();
+    let env = Env::new();
+    hub.faults(|f| f.corrupt.push(SHARD2.into()));
+    let o = run(&mut env.fetch(&hub, REPO, "ck"));
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let err = assert_one_line_err(&o);
+    assert!(err.contains(SHARD2) && err.contains("sha256"), "{err}");
+    assert!(!env.path(&format!("ck/{SHARD2}")).exists());
+    assert!(!env.path(&format!("ck/{SHARD2}.part")).exists());
+    // Once the hub serves good bytes, a rerun completes.
+    hub.faults(|f| f.corrupt.clear());
+    let o = run(&mut env.fetch(&hub, REPO, "ck"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_all_files(&env.path("ck"));
+}
+
+#[test]
+fn gated_repo_asks_for_hf_token() {
+    let hub = hub();
+    let env = Env::new();
+    let o = run(&mut env.fetch(&hub, "hf:acme/gated", "ck"));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = assert_one_line_err(&o);
+    assert!(err.contains("HF_TOKEN") && err.contains("401"), "{err}");
+
+    let o = run(env
+        .fetch(&hub, "hf:acme/gated", "ck")
+        .env("HF_TOKEN", "wrong"));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(assert_one_line_err(&o).contains("HF_TOKEN"));
+
+    let o = run(env
+        .fetch(&hub, "hf:acme/gated", "ck")
+        .env("HF_TOKEN", "hf_secret"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(env.path("ck/config.json").exists());
+
+    // The token file under HF_HOME works too.
+    std::fs::write(env.hf_home().join("token"), "hf_secret\n").unwrap();
+    let o = run(&mut env.fetch(&hub, "hf:acme/gated", "ck2"));
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn missing_revision_and_unsafe_names_are_clear_errors() {
+    let hub = hub();
+    let env = Env::new();
+    let o = run(&mut env.fetch(&hub, &format!("hf:{REPO}@nope"), "ck"));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = assert_one_line_err(&o);
+    assert!(
+        err.contains(&format!("{REPO}@nope")) && err.contains("404"),
+        "{err}"
+    );
+
+    let o = run(env
+        .fetch(&hub, REPO, "ck")
+        .args(["--revision", "v1", "--include", "config.json"]));
+    assert!(o.status.success(), "{}", text(&o));
+
+    let o = run(&mut env.fetch(&hub, "hf:acme/evil", "evil"));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = assert_one_line_err(&o);
+    assert!(err.contains("../escape.json"), "{err}");
+    assert!(!env.path("escape.json").exists());
+}
+
+#[test]
+fn include_and_exclude_globs() {
+    let hub = hub();
+    let env = Env::new();
+    let o = run(env.fetch(&hub, REPO, "ck").args([
+        "--include",
+        "*.json",
+        "--include",
+        "*.safetensors",
+        "--exclude",
+        "*mtp*",
+        "--exclude",
+        "tokenizer*",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let ck = env.path("ck");
+    for (f, want) in [
+        ("config.json", true),
+        (SHARD1, true),
+        (SHARD2, true),
+        ("tokenizer.json", false),
+        (MTP, false),
+        ("README.md", false),
+    ] {
+        assert_eq!(ck.join(f).exists(), want, "{f}");
+    }
+    assert!(!hub.seen().iter().any(|s| s.path.contains(MTP)));
+    assert_eq!(env.record("ck")["outputs"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn hf_cache_layout_is_written_reused_and_read_offline() {
+    let hub = hub();
+    let env = Env::new();
+    let home = env.hf_home();
+    let o = run(env.fetch(&hub, REPO, "ck").arg("--hf-home").arg(&home));
+    assert!(o.status.success(), "{}", text(&o));
+    let repo_dir = home.join("hub/models--acme--tiny-model");
+    let sha = files()[3].sha256();
+    assert_eq!(
+        std::fs::read(repo_dir.join("blobs").join(&sha)).unwrap(),
+        data(SHARD1)
+    );
+    let link = repo_dir.join("snapshots").join(COMMIT).join(SHARD1);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read(&link).unwrap(), data(SHARD1));
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
+        COMMIT
+    );
+
+    // A second checkpoint dir reuses the cached blobs instead of downloading.
+    let served = hub.bytes_served(SHARD1) + hub.bytes_served(SHARD2);
+    let o = run(env.fetch(&hub, REPO, "ck2").arg("--hf-cache"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(hub.bytes_served(SHARD1) + hub.bytes_served(SHARD2), served);
+    assert_all_files(&env.path("ck2"));
+
+    // --offline needs no hub at all.
+    let mut c = env.fetch_at("http://127.0.0.1:9", REPO, "ck3");
+    c.args(["--offline", "--hf-cache"]);
+    let o = run(&mut c);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_all_files(&env.path("ck3"));
+
+    // A revision that is not cached: one clear line.
+    let o = run(env
+        .fetch(&hub, &format!("{REPO}@other"), "ck4")
+        .args(["--offline", "--hf-cache"]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(assert_one_line_err(&o).contains("--offline"));
+}
+
+#[test]
+fn synthetic_tiny_opens_and_local_dir_is_validated() {
+    let env = Env::new();
+    let out = env.path("syn");
+    let o = run(rh("rh-fetch")
+        .args(["synthetic:tiny", "--layers", "2", "--out"])
+        .arg(&out)
+        .current_dir(env.dir.path()));
+    assert!(o.status.success(), "{}", text(&o));
+    let ck = roundhouse::checkpoint::Checkpoint::open(&out).unwrap();
+    assert_eq!(ck.config.num_hidden_layers, 2);
+
+    // A local dir source: copied or hardlinked, opens the same.
+    let o = run(rh("rh-fetch")
+        .arg(format!("dir:{}", out.display()))
+        .arg("--out")
+        .arg(env.path("copy"))
+        .current_dir(env.dir.path()));
+    assert!(o.status.success(), "{}", text(&o));
+    roundhouse::checkpoint::Checkpoint::open(&env.path("copy")).unwrap();
+
+    // A truncated shard is refused before anything is copied.
+    let bad = env.path("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("config.json"), b"{}").unwrap();
+    let mut shard = std::fs::read(out.join("model-00002-of-00003.safetensors")).unwrap();
+    shard.truncate(shard.len() - 100);
+    std::fs::write(bad.join("model.safetensors"), &shard).unwrap();
+    let o = run(rh("rh-fetch")
+        .arg(format!("dir:{}", bad.display()))
+        .arg("--out")
+        .arg(env.path("copy2"))
+        .current_dir(env.dir.path()));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = assert_one_line_err(&o);
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+    assert!(!env.path("copy2/model.safetensors").exists());
+}
+
+#[test]
+fn synthetic_80b_layer_streams_with_small_memory() {
+    let env = Env::new();
+    let out = env.path("big");
+    let time = Path::new("/usr/bin/time");
+    let mut c = if time.exists() {
+        let mut c = Command::new(time);
+        c.arg("-v").arg(rh_tests::bin("rh-fetch"));
+        c
+    } else {
+        rh("rh-fetch")
+    };
+    c.args(["synthetic:qwen3-next-80b", "--layers", "1", "--out"])
+        .arg(&out)
+        .current_dir(env.dir.path());
+    let o = run(&mut c);
+    assert!(o.status.success(), "{}", text(&o));
+    let total: u64 = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        total > 1 << 30,
+        "one real-shape layer + embeddings is > 1 GiB: {total}"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    match err
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Maximum resident set size (kbytes):"))
+    {
+        Some(kb) => {
+            let kb: u64 = kb.trim().parse().unwrap();
+            assert!(
+                kb < 200 * 1024,
+                "peak RSS {kb} kB while writing {total} bytes: not streaming"
+            );
+        }
+        None => eprintln!("note: /usr/bin/time -v not available; peak RSS not checked"),
+    }
+    // Rerun: up to date, nothing rewritten.
+    let o = run(rh("rh-fetch")
+        .args(["synthetic:qwen3-next-80b", "--layers", "1", "--out"])
+        .arg(&out)
+        .current_dir(env.dir.path()));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("up to date"), "{}", text(&o));
+}
