@@ -3,6 +3,9 @@
 //! dtypes. The safetensors checkpoint ([`crate::checkpoint`]) and the
 //! repacked cache both implement it, so model code does not care which.
 
+use std::path::Path;
+use std::sync::Arc;
+
 use crate::cli::{Classify, Exit};
 use crate::config::ModelConfig;
 use crate::tensor::Matrix;
@@ -98,3 +101,15 @@ pub const AUX_FILES: [&str; 5] = [
     "chat_template.jinja",
     "special_tokens_map.json",
 ];
+
+/// Opens a model directory: the repacked cache when `dir` holds one
+/// ([`crate::cache::is_cache`]), else the safetensors checkpoint.
+pub fn open_weights(dir: &Path) -> Result<Arc<dyn WeightSource>, WeightError> {
+    if crate::cache::is_cache(dir) {
+        let c = crate::cache::Cache::open(dir)
+            .map_err(|e| WeightError::Format(crate::cli::one_line(&e)))?;
+        Ok(Arc::new(c))
+    } else {
+        Ok(Arc::new(crate::checkpoint::Checkpoint::open(dir)?))
+    }
+}

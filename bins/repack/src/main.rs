@@ -1,1 +1,122 @@
-fn main() {}
+//! `rh-repack`: converts a safetensors checkpoint (AutoRound int4/int8 or
+//! float) into a zero-copy cache (`docs/cache-format.md`). Thin wrapper over
+//! `roundhouse::cache::repack`.
+//!
+//! Test hook: with `RH_REPACK_ABORT_AFTER_UNITS=N` the process aborts (as if
+//! killed) right after recording its N-th tensor group, so tests can check
+//! that the next run resumes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgAction, Parser};
+use roundhouse::cache::{repack, CacheError, RepackOptions};
+use roundhouse::cli::{self, human_bytes, CliError, Verbosity};
+use roundhouse::pipeline::Pipeline;
+
+/// Repack a checkpoint into a memory-mappable cache in the kernels' layout.
+#[derive(Parser, Debug)]
+#[command(name = "rh-repack", version)]
+struct Args {
+    /// Input checkpoint directory [default: `[repack] checkpoint`, else
+    /// fetch's output, which must be complete].
+    checkpoint: Option<PathBuf>,
+    /// Output cache directory [default: `[repack] cache`, else `<work_dir>/cache`].
+    cache: Option<PathBuf>,
+    /// Pipeline manifest [default: ./pipeline.toml when present].
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Largest cache data file in MiB [default: 2048].
+    #[arg(long)]
+    file_size_mib: Option<u64>,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Redo the repack even when the cache is up to date.
+    #[arg(long)]
+    force: bool,
+    /// Print the outcome as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// More logs (-v info, -vv debug).
+    #[arg(short, long, action = ArgAction::Count)]
+    verbose: u8,
+    /// Errors only, no progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+fn run(args: Args) -> Result<(), CliError> {
+    cli::init_logging(&Verbosity {
+        verbose: args.verbose,
+        quiet: args.quiet,
+    });
+    let p = Pipeline::discover(args.pipeline.as_deref())?;
+    let explicit_input = args.checkpoint.is_some() || p.repack.checkpoint.is_some();
+    let file_size_mib = args
+        .file_size_mib
+        .or(p.repack.file_size_mib)
+        .unwrap_or(2048);
+    if file_size_mib == 0 {
+        return Err(CliError::usage("--file-size-mib must be at least 1"));
+    }
+    let threads = args.threads.or(p.repack.threads);
+    if threads == Some(0) {
+        return Err(CliError::usage("--threads must be at least 1"));
+    }
+    let stop_after_units = match std::env::var("RH_REPACK_ABORT_AFTER_UNITS") {
+        Ok(v) => Some(v.parse::<usize>().map_err(|_| {
+            CliError::usage(format!("RH_REPACK_ABORT_AFTER_UNITS={v} is not a number"))
+        })?),
+        Err(_) => None,
+    };
+    let opts = RepackOptions {
+        checkpoint: args.checkpoint.unwrap_or_else(|| p.repack_input()),
+        cache: args.cache.unwrap_or_else(|| p.cache_dir()),
+        work_dir: p.work_dir(),
+        file_size: file_size_mib << 20,
+        threads,
+        force: args.force,
+        require_fetch: !explicit_input,
+        quiet: args.quiet,
+        stop_after_units,
+    };
+    let out = match repack(&opts) {
+        Err(CacheError::Stopped(_)) => std::process::abort(),
+        r => r?,
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&out).expect("outcome serializes")
+        );
+    } else if out.up_to_date {
+        println!(
+            "rh-repack: {} is up to date ({} tensors in {} files, {}); --force to redo",
+            out.cache.display(),
+            out.tensors,
+            out.files,
+            human_bytes(out.bytes)
+        );
+    } else if !args.quiet {
+        println!(
+            "rh-repack: wrote {}: {} tensors in {} files, {} in {:.1} s{}",
+            out.cache.display(),
+            out.tensors,
+            out.files,
+            human_bytes(out.bytes),
+            out.seconds,
+            if out.resumed {
+                " (resumed an interrupted run)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::main_with("rh-repack", || run(args))
+}
