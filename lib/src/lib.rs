@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod fsutil;
+pub mod inspect;
 pub mod kernels;
 pub mod membw;
 pub mod mmap;
