@@ -21,6 +21,7 @@ pub mod config;
 pub mod evaluate;
 pub mod fetch;
 pub mod fsutil;
+pub mod inspect;
 pub mod kernels;
 pub mod membw;
 pub mod mmap;

@@ -1,0 +1,361 @@
+//! How many bytes the model has, and how many a decoded token reads.
+//!
+//! Decode reads every dense weight once per token (attention, shared
+//! expert, router, norms, `lm_head`), one row of `embed_tokens`, and only
+//! `num_experts_per_tok / num_experts` of the routed experts; the MTP block
+//! is not used. The figures come, best first, from the checkpoint's
+//! `config.json` and safetensors headers (only the headers are read), from
+//! the repacked cache's file sizes, or from the published numbers of the
+//! default model.
+
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::Checkpoint;
+use crate::cli::{Classify, Exit};
+
+/// Qwen3-Next-80B-A3B AutoRound int4-mixed: tensor bytes of the indexed
+/// shards (docs/research/qwen3-next-architecture.md).
+pub const PRESET_TOTAL_BYTES: u64 = 43_243_415_040;
+/// Its weight bytes read per decoded token (docs/research/peers.md §4.1).
+pub const PRESET_PER_TOKEN_BYTES: u64 = 3_240_000_000;
+/// Its routed-expert bytes (512 experts x 48 layers; 10 read per token
+/// make 0.785 GB of the per-token figure).
+pub const PRESET_EXPERT_BYTES: u64 = 40_166_000_000;
+
+/// Errors reading the model's sizes.
+#[derive(Debug, thiserror::Error)]
+pub enum SizesError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A header or config is not what it should be.
+    #[error("{path}: {reason}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Classify for SizesError {
+    fn exit(&self) -> Exit {
+        Exit::Failure
+    }
+}
+
+/// Where the size figures came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SizeSource {
+    /// Counted from the checkpoint's safetensors headers and config.json.
+    Checkpoint,
+    /// The cache's file sizes, per-token share scaled from the preset.
+    Cache,
+    /// The published figures of the default model.
+    Preset,
+}
+
+/// The model's byte counts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSizes {
+    /// Where the figures came from.
+    pub source: SizeSource,
+    /// The directory read, if any.
+    pub path: Option<PathBuf>,
+    /// One line saying how the figures were obtained.
+    pub note: String,
+    /// Weight bytes the engine maps (everything but the MTP block).
+    pub total_bytes: u64,
+    /// Weight bytes read per decoded token.
+    pub per_token_bytes: u64,
+    /// Routed-expert bytes (the part that can stay on the CPU when the
+    /// rest goes to a GPU).
+    pub expert_bytes: u64,
+    /// MTP (multi-token prediction) bytes, not used for decode.
+    pub mtp_bytes: u64,
+    /// Tensors counted (0 when not counted).
+    pub tensors: usize,
+}
+
+impl ModelSizes {
+    /// The preset figures for the default model.
+    pub fn preset() -> ModelSizes {
+        ModelSizes {
+            source: SizeSource::Preset,
+            path: None,
+            note: "preset figures of Qwen3-Next-80B-A3B AutoRound int4-mixed \
+                   (no checkpoint or cache yet: run rh-fetch for exact numbers)"
+                .into(),
+            total_bytes: PRESET_TOTAL_BYTES,
+            per_token_bytes: PRESET_PER_TOKEN_BYTES,
+            expert_bytes: PRESET_EXPERT_BYTES,
+            mtp_bytes: 0,
+            tensors: 0,
+        }
+    }
+
+    /// Bytes other than routed experts (attention, shared experts,
+    /// embeddings, lm_head): what "attention on GPU" places there.
+    pub fn dense_bytes(&self) -> u64 {
+        self.total_bytes.saturating_sub(self.expert_bytes)
+    }
+
+    /// Counts a checkpoint directory: `config.json` for the expert routing
+    /// and the safetensors headers for the tensor sizes. Reads only the
+    /// headers, never tensor data.
+    pub fn from_checkpoint(dir: &Path) -> Result<ModelSizes, SizesError> {
+        let cfg_path = dir.join("config.json");
+        let cfg_text = std::fs::read(&cfg_path).map_err(|source| SizesError::Io {
+            path: cfg_path.clone(),
+            source,
+        })?;
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&cfg_text).map_err(|e| SizesError::Format {
+                path: cfg_path.clone(),
+                reason: format!("invalid JSON: {e}"),
+            })?;
+        let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64());
+        let experts = get("num_experts").unwrap_or(0);
+        let per_tok = get("num_experts_per_tok").unwrap_or(0);
+        if experts > 0 && (per_tok == 0 || per_tok > experts) {
+            return Err(SizesError::Format {
+                path: cfg_path,
+                reason: format!("num_experts_per_tok {per_tok} does not fit num_experts {experts}"),
+            });
+        }
+        let tied = cfg
+            .get("tie_word_embeddings")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let files = Checkpoint::list_files(dir).map_err(|e| SizesError::Format {
+            path: dir.to_path_buf(),
+            reason: crate::cli::one_line(&e),
+        })?;
+        let (mut dense, mut expert, mut mtp, mut embed, mut embed_rows) = (0u64, 0u64, 0, 0, 1);
+        let mut has_lm_head = false;
+        let mut tensors = 0;
+        for f in &files {
+            for (name, rows, bytes) in header_tensors(f)? {
+                tensors += 1;
+                if name.starts_with("mtp.") || name.contains(".mtp.") {
+                    mtp += bytes;
+                } else if name.contains(".mlp.experts.") {
+                    expert += bytes;
+                } else if name.contains("embed_tokens") {
+                    embed += bytes;
+                    embed_rows = rows.max(1);
+                } else {
+                    has_lm_head |= name.contains("lm_head");
+                    dense += bytes;
+                }
+            }
+        }
+        let mut per_token = dense + embed / embed_rows;
+        if tied && !has_lm_head {
+            per_token += embed; // lm_head reads the whole shared matrix
+        }
+        if experts > 0 {
+            per_token += expert * per_tok / experts;
+        } else {
+            per_token += expert;
+        }
+        Ok(ModelSizes {
+            source: SizeSource::Checkpoint,
+            path: Some(dir.to_path_buf()),
+            note: format!(
+                "counted from {} safetensors header(s) and config.json ({per_tok} of {experts} experts per token)",
+                files.len()
+            ),
+            total_bytes: dense + expert + embed,
+            per_token_bytes: per_token,
+            expert_bytes: expert,
+            mtp_bytes: mtp,
+            tensors,
+        })
+    }
+
+    /// Estimates from a cache directory's total file size, taking the
+    /// per-token and expert shares from the preset model's proportions.
+    pub fn from_cache(dir: &Path) -> Result<ModelSizes, SizesError> {
+        let total = dir_bytes(dir)?;
+        let scale = |x: u64| (total as f64 * x as f64 / PRESET_TOTAL_BYTES as f64) as u64;
+        Ok(ModelSizes {
+            source: SizeSource::Cache,
+            path: Some(dir.to_path_buf()),
+            note: "cache file sizes; per-token share estimated from the preset model's proportions"
+                .into(),
+            total_bytes: total,
+            per_token_bytes: scale(PRESET_PER_TOKEN_BYTES),
+            expert_bytes: scale(PRESET_EXPERT_BYTES),
+            mtp_bytes: 0,
+            tensors: 0,
+        })
+    }
+}
+
+/// `(name, first dimension, bytes)` of every tensor in a safetensors file,
+/// from its header alone, each checked against the file's length.
+pub fn header_tensors(path: &Path) -> Result<Vec<(String, u64, u64)>, SizesError> {
+    let io = |source| SizesError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fmt = |reason: String| SizesError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let file_len = f.metadata().map_err(io)?.len();
+    let mut len8 = [0u8; 8];
+    f.read_exact(&mut len8).map_err(|_| {
+        fmt(format!(
+            "truncated safetensors file ({file_len} bytes, no header)"
+        ))
+    })?;
+    let n = u64::from_le_bytes(len8);
+    if n > 100 << 20 || 8 + n > file_len {
+        return Err(fmt(format!(
+            "safetensors header claims {n} bytes but the file has {file_len}; truncated or not a safetensors file"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+        .map_err(|e| fmt(format!("invalid safetensors header: {e}")))?;
+    let data_len = file_len - 8 - n;
+    let mut out = Vec::new();
+    for (name, info) in meta.tensors() {
+        let (s, e) = info.data_offsets;
+        if e < s || e as u64 > data_len {
+            return Err(fmt(format!(
+                "tensor `{name}` spans bytes {s}..{e} but the data section has {data_len}; the file is truncated"
+            )));
+        }
+        let rows = info.shape.first().copied().unwrap_or(1) as u64;
+        out.push((name, rows, (e - s) as u64));
+    }
+    Ok(out)
+}
+
+fn dir_bytes(dir: &Path) -> Result<u64, SizesError> {
+    let mut total = 0;
+    let rd = std::fs::read_dir(dir).map_err(|source| SizesError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for e in rd.flatten() {
+        let ft = match e.file_type() {
+            Ok(t) => t,
+            Err(_) => continue,
+        };
+        if ft.is_dir() {
+            total += dir_bytes(&e.path())?;
+        } else if ft.is_file() {
+            total += e.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_st(path: &Path, tensors: &[(&str, Vec<usize>, usize)]) {
+        // (name, shape, bytes) as U8 tensors.
+        let mut meta = serde_json::Map::new();
+        let mut off = 0;
+        for (name, shape, bytes) in tensors {
+            meta.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": "U8", "shape": shape, "data_offsets": [off, off + bytes]}),
+            );
+            off += bytes;
+        }
+        let h = serde_json::to_vec(&meta).unwrap();
+        let mut buf = (h.len() as u64).to_le_bytes().to_vec();
+        buf.extend_from_slice(&h);
+        buf.resize(buf.len() + off, 0);
+        std::fs::write(path, buf).unwrap();
+    }
+
+    #[test]
+    fn checkpoint_counts_active_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("config.json"),
+            r#"{"num_experts": 4, "num_experts_per_tok": 1}"#,
+        )
+        .unwrap();
+        write_st(
+            &d.path().join("model.safetensors"),
+            &[
+                ("model.embed_tokens.weight", vec![10, 10], 100),
+                ("model.layers.0.self_attn.q_proj.weight", vec![50], 50),
+                (
+                    "model.layers.0.mlp.experts.0.up_proj.qweight",
+                    vec![100],
+                    100,
+                ),
+                (
+                    "model.layers.0.mlp.experts.1.up_proj.qweight",
+                    vec![100],
+                    100,
+                ),
+                (
+                    "model.layers.0.mlp.experts.2.up_proj.qweight",
+                    vec![100],
+                    100,
+                ),
+                (
+                    "model.layers.0.mlp.experts.3.up_proj.qweight",
+                    vec![100],
+                    100,
+                ),
+                ("lm_head.weight", vec![10, 10], 100),
+                ("mtp.fc.weight", vec![7], 7),
+            ],
+        );
+        let s = ModelSizes::from_checkpoint(d.path()).unwrap();
+        assert_eq!(s.source, SizeSource::Checkpoint);
+        assert_eq!(s.total_bytes, 100 + 50 + 400 + 100);
+        assert_eq!(s.expert_bytes, 400);
+        assert_eq!(s.mtp_bytes, 7);
+        // one embedding row (10) + q_proj (50) + lm_head (100) + 1/4 of experts
+        assert_eq!(s.per_token_bytes, 10 + 50 + 100 + 100);
+        assert_eq!(s.tensors, 8);
+    }
+
+    #[test]
+    fn truncated_shard_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config.json"), "{}").unwrap();
+        let p = d.path().join("model.safetensors");
+        write_st(&p, &[("a", vec![100], 100)]);
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
+        let e = ModelSizes::from_checkpoint(d.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn preset_is_self_consistent() {
+        let p = ModelSizes::preset();
+        let dense_read = p.per_token_bytes - p.expert_bytes * 10 / 512;
+        assert!(dense_read < p.dense_bytes(), "per-token dense within dense");
+        assert!(p.per_token_bytes < p.total_bytes / 10);
+    }
+}
