@@ -14,6 +14,7 @@
 //! * compute: [`kernels`].
 
 pub mod assets;
+pub mod chat;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
