@@ -1,0 +1,192 @@
+//! Gated full attention of Qwen3-Next: `q_proj` gives, per head,
+//! `[q (head_dim) | gate (head_dim)]`; q and k get a zero-centred RMSNorm
+//! over the head, then partial NeoX RoPE on the first `rotary_dim` dims;
+//! causal softmax attention with grouped KV heads; the output is multiplied
+//! by `sigmoid(gate)` and projected by `o_proj`.
+
+use rayon::prelude::*;
+
+use super::norm::{rms_norm_zc, sigmoid};
+use super::{load_matrix, load_vector, ModelError};
+use crate::config::ModelConfig;
+use crate::kernels::matmul;
+use crate::tensor::Matrix;
+use crate::weights::WeightSource;
+
+/// The KV cache of one attention layer: normalised, rotated keys and values,
+/// `[positions, kv_heads * head_dim]` each.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    /// Keys.
+    pub k: Vec<f32>,
+    /// Values.
+    pub v: Vec<f32>,
+}
+
+/// One gated attention mixer.
+pub struct Attention {
+    hidden: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    eps: f32,
+    /// `theta^(-2i/rotary_dim)` for `i < rotary_dim / 2`.
+    inv_freq: Vec<f32>,
+    q_proj: Matrix,
+    k_proj: Matrix,
+    v_proj: Matrix,
+    o_proj: Matrix,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+}
+
+impl Attention {
+    /// Loads layer `prefix` (`model.layers.L.self_attn`).
+    pub fn load(w: &dyn WeightSource, c: &ModelConfig, prefix: &str) -> Result<Self, ModelError> {
+        let (h, nh, nkv, hd) = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
+        let rot = c.rotary_dim();
+        let theta = c.rope_theta() as f32;
+        // As transformers computes it: float32 base ** (arange(0, dim, 2) / dim).
+        let inv_freq = (0..rot / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / rot as f32))
+            .collect();
+        Ok(Attention {
+            hidden: h,
+            nh,
+            nkv,
+            hd,
+            eps: c.rms_norm_eps as f32,
+            inv_freq,
+            q_proj: load_matrix(w, &format!("{prefix}.q_proj"), nh * hd * 2, h)?,
+            k_proj: load_matrix(w, &format!("{prefix}.k_proj"), nkv * hd, h)?,
+            v_proj: load_matrix(w, &format!("{prefix}.v_proj"), nkv * hd, h)?,
+            o_proj: load_matrix(w, &format!("{prefix}.o_proj"), h, nh * hd)?,
+            q_norm: load_vector(w, &format!("{prefix}.q_norm.weight"), &[hd])?,
+            k_norm: load_vector(w, &format!("{prefix}.k_norm.weight"), &[hd])?,
+        })
+    }
+
+    /// The linear modules.
+    pub fn matrices(&self) -> [&Matrix; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
+    /// Elements of the small tensors.
+    pub fn vector_params(&self) -> usize {
+        self.q_norm.len() + self.k_norm.len()
+    }
+
+    /// Attends `n` normalised tokens `x` `[n, hidden]` at positions
+    /// `pos0..pos0 + n`, appending to `cache`; returns `[n, hidden]`.
+    pub fn forward(&self, x: &[f32], n: usize, pos0: usize, cache: &mut KvCache) -> Vec<f32> {
+        let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
+        let mut qg = vec![0f32; n * nh * 2 * hd];
+        matmul(&self.q_proj, x, n, &mut qg);
+        let mut k = vec![0f32; n * nkv * hd];
+        matmul(&self.k_proj, x, n, &mut k);
+        let mut v = vec![0f32; n * nkv * hd];
+        matmul(&self.v_proj, x, n, &mut v);
+
+        let mut q = vec![0f32; n * nh * hd];
+        let mut gate = vec![0f32; n * nh * hd];
+        for (i, pair) in qg.chunks_exact(2 * hd).enumerate() {
+            q[i * hd..(i + 1) * hd].copy_from_slice(&pair[..hd]);
+            gate[i * hd..(i + 1) * hd].copy_from_slice(&pair[hd..]);
+        }
+        rms_norm_zc(&mut q, &self.q_norm, self.eps);
+        rms_norm_zc(&mut k, &self.k_norm, self.eps);
+        for t in 0..n {
+            let p = pos0 + t;
+            rope(
+                &mut q[t * nh * hd..(t + 1) * nh * hd],
+                hd,
+                &self.inv_freq,
+                p,
+            );
+            rope(
+                &mut k[t * nkv * hd..(t + 1) * nkv * hd],
+                hd,
+                &self.inv_freq,
+                p,
+            );
+        }
+        cache.k.extend_from_slice(&k);
+        cache.v.extend_from_slice(&v);
+
+        let group = nh / nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let kvw = nkv * hd;
+        let (ck, cv) = (&cache.k, &cache.v);
+        let mut o = vec![0f32; n * nh * hd];
+        o.par_chunks_mut(hd).enumerate().for_each(|(i, oh)| {
+            let (t, h) = (i / nh, i % nh);
+            let kvh = h / group;
+            let qh = &q[i * hd..(i + 1) * hd];
+            let len = pos0 + t + 1;
+            let mut scores: Vec<f32> = (0..len)
+                .map(|s| {
+                    let ks = &ck[s * kvw + kvh * hd..s * kvw + (kvh + 1) * hd];
+                    qh.iter().zip(ks).map(|(a, b)| a * b).sum::<f32>() * scale
+                })
+                .collect();
+            super::norm::softmax(&mut scores);
+            for (s, p) in scores.iter().enumerate() {
+                let vs = &cv[s * kvw + kvh * hd..s * kvw + (kvh + 1) * hd];
+                for (oj, vj) in oh.iter_mut().zip(vs) {
+                    *oj += p * vj;
+                }
+            }
+        });
+        for (oj, gj) in o.iter_mut().zip(&gate) {
+            *oj *= sigmoid(*gj);
+        }
+        let mut y = vec![0f32; n * self.hidden];
+        matmul(&self.o_proj, &o, n, &mut y);
+        y
+    }
+}
+
+/// Rotates the first `2 * inv_freq.len()` dims of each `hd`-sized head in
+/// `x` to absolute position `pos`, NeoX style (pairs `(i, i + rot/2)`);
+/// the remaining dims pass through.
+pub fn rope(x: &mut [f32], hd: usize, inv_freq: &[f32], pos: usize) {
+    let half = inv_freq.len();
+    for head in x.chunks_exact_mut(hd) {
+        for (i, f) in inv_freq.iter().enumerate() {
+            let (sin, cos) = (f * pos as f32).sin_cos();
+            let (x1, x2) = (head[i], head[i + half]);
+            head[i] = x1 * cos - x2 * sin;
+            head[i + half] = x2 * cos + x1 * sin;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rope;
+
+    #[test]
+    fn rope_rotates_half_pairs_and_passes_the_rest() {
+        let inv = [1.0f32, 0.5];
+        let orig = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let mut x = orig.clone();
+        rope(&mut x, 6, &inv, 0);
+        assert_eq!(x, orig, "position 0 is the identity");
+        rope(&mut x, 6, &inv, 3);
+        for h in 0..2 {
+            let (o, r) = (&orig[h * 6..h * 6 + 6], &x[h * 6..h * 6 + 6]);
+            assert_eq!(&r[4..], &o[4..], "dims past rotary_dim pass through");
+            // pair (0, 2) rotated by 3 rad, pair (1, 3) by 1.5 rad
+            let (s, c) = 3f32.sin_cos();
+            assert!((r[0] - (o[0] * c - o[2] * s)).abs() < 1e-6);
+            assert!((r[2] - (o[2] * c + o[0] * s)).abs() < 1e-6);
+            let (s, c) = 1.5f32.sin_cos();
+            assert!((r[1] - (o[1] * c - o[3] * s)).abs() < 1e-6);
+        }
+    }
+}

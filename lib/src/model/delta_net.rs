@@ -1,0 +1,363 @@
+//! Gated DeltaNet (the linear-attention mixer of Qwen3-Next).
+//!
+//! Per token: the fused `in_proj_qkvz` / `in_proj_ba` projections are split
+//! per key-head group (`[q | k | v (r heads) | z (r heads)]` and
+//! `[b (r) | a (r)]`, `r = value heads / key heads`), q, k and v go through a
+//! causal depthwise conv with SiLU (the last `K - 1` inputs are the rolling
+//! conv state), q and k are L2-normalised (q also scaled by `dk^-0.5`),
+//! `beta = sigmoid(b)`, `g = -exp(A_log) * softplus(a + dt_bias)`, and each
+//! value head runs the delta rule on its `[dk, dv]` state:
+//!
+//! ```text
+//! S = S * exp(g);  d = beta * (v - Sᵀk);  S = S + k ⊗ d;  o = Sᵀq
+//! ```
+//!
+//! then a gated RMSNorm with `z` and `out_proj`. Prefill runs the same
+//! recurrence token by token after batched projections, so prefill and
+//! decode give the same numbers.
+
+use rayon::prelude::*;
+
+use super::norm::{l2_norm, rms_norm_gated, sigmoid, silu, softplus};
+use super::{load_matrix, load_vector, ModelError};
+use crate::config::ModelConfig;
+use crate::kernels::matmul;
+use crate::tensor::Matrix;
+use crate::weights::WeightSource;
+
+/// Epsilon of the in-kernel q/k L2 norm (FLA's value, independent of the config).
+const L2_EPS: f32 = 1e-6;
+
+/// Dimensions of one DeltaNet layer, all from the config.
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaDims {
+    /// Residual width.
+    pub hidden: usize,
+    /// Key heads.
+    pub nk: usize,
+    /// Value heads.
+    pub nv: usize,
+    /// Key head size.
+    pub dk: usize,
+    /// Value head size.
+    pub dv: usize,
+    /// Conv kernel width.
+    pub kernel: usize,
+}
+
+impl DeltaDims {
+    /// From the model config.
+    pub fn new(c: &ModelConfig) -> DeltaDims {
+        DeltaDims {
+            hidden: c.hidden_size,
+            nk: c.linear_num_key_heads,
+            nv: c.linear_num_value_heads,
+            dk: c.linear_key_head_dim,
+            dv: c.linear_value_head_dim,
+            kernel: c.linear_conv_kernel_dim,
+        }
+    }
+    /// Value heads per key head.
+    pub fn ratio(&self) -> usize {
+        self.nv / self.nk
+    }
+    /// `nk * dk`.
+    pub fn key_dim(&self) -> usize {
+        self.nk * self.dk
+    }
+    /// `nv * dv`.
+    pub fn value_dim(&self) -> usize {
+        self.nv * self.dv
+    }
+    /// Channels through the conv (q, k, v).
+    pub fn conv_dim(&self) -> usize {
+        2 * self.key_dim() + self.value_dim()
+    }
+    /// Rows of `in_proj_qkvz`.
+    pub fn qkvz_rows(&self) -> usize {
+        2 * self.key_dim() + 2 * self.value_dim()
+    }
+}
+
+/// Per-sequence state of one DeltaNet layer.
+#[derive(Clone, Debug)]
+pub struct DeltaState {
+    /// The last `K - 1` conv inputs, oldest first, `[K - 1, conv_dim]`.
+    pub conv: Vec<f32>,
+    /// Recurrent state per value head, `[nv, dk, dv]`.
+    pub ssm: Vec<f32>,
+}
+
+/// One Gated DeltaNet mixer.
+pub struct DeltaNet {
+    dims: DeltaDims,
+    eps: f32,
+    in_proj_qkvz: Matrix,
+    in_proj_ba: Matrix,
+    out_proj: Matrix,
+    /// `[conv_dim, K]`.
+    conv_w: Vec<f32>,
+    dt_bias: Vec<f32>,
+    /// `-exp(A_log)`.
+    a_neg: Vec<f32>,
+    norm_w: Vec<f32>,
+}
+
+impl DeltaNet {
+    /// Loads layer `prefix` (`model.layers.L.linear_attn`).
+    pub fn load(w: &dyn WeightSource, c: &ModelConfig, prefix: &str) -> Result<Self, ModelError> {
+        let d = DeltaDims::new(c);
+        let a_log = load_vector(w, &format!("{prefix}.A_log"), &[d.nv])?;
+        Ok(DeltaNet {
+            dims: d,
+            eps: c.rms_norm_eps as f32,
+            in_proj_qkvz: load_matrix(
+                w,
+                &format!("{prefix}.in_proj_qkvz"),
+                d.qkvz_rows(),
+                d.hidden,
+            )?,
+            in_proj_ba: load_matrix(w, &format!("{prefix}.in_proj_ba"), 2 * d.nv, d.hidden)?,
+            out_proj: load_matrix(w, &format!("{prefix}.out_proj"), d.hidden, d.value_dim())?,
+            conv_w: load_vector(
+                w,
+                &format!("{prefix}.conv1d.weight"),
+                &[d.conv_dim(), 1, d.kernel],
+            )?,
+            dt_bias: load_vector(w, &format!("{prefix}.dt_bias"), &[d.nv])?,
+            a_neg: a_log.iter().map(|v| -v.exp()).collect(),
+            norm_w: load_vector(w, &format!("{prefix}.norm.weight"), &[d.dv])?,
+        })
+    }
+
+    /// The linear modules (for byte and parameter counts).
+    pub fn matrices(&self) -> [&Matrix; 3] {
+        [&self.in_proj_qkvz, &self.in_proj_ba, &self.out_proj]
+    }
+
+    /// Elements of the small tensors.
+    pub fn vector_params(&self) -> usize {
+        self.conv_w.len() + self.dt_bias.len() + self.a_neg.len() + self.norm_w.len()
+    }
+
+    /// A zero state.
+    pub fn new_state(&self) -> DeltaState {
+        let d = &self.dims;
+        DeltaState {
+            conv: vec![0.0; (d.kernel - 1) * d.conv_dim()],
+            ssm: vec![0.0; d.nv * d.dk * d.dv],
+        }
+    }
+
+    /// Mixes `n` normalised tokens `x` `[n, hidden]`, continuing `st`;
+    /// returns `[n, hidden]`.
+    pub fn forward(&self, x: &[f32], n: usize, st: &mut DeltaState) -> Vec<f32> {
+        let d = self.dims;
+        let (kd, vd, cd) = (d.key_dim(), d.value_dim(), d.conv_dim());
+        let r = d.ratio();
+        let rows = d.qkvz_rows();
+        let mut qkvz = vec![0f32; n * rows];
+        matmul(&self.in_proj_qkvz, x, n, &mut qkvz);
+        let mut ba = vec![0f32; n * 2 * d.nv];
+        matmul(&self.in_proj_ba, x, n, &mut ba);
+
+        // Split per key-head group into conv input [q | k | v], z, b, a.
+        let blk = 2 * d.dk + 2 * r * d.dv;
+        let mut mixed = vec![0f32; n * cd];
+        let mut z = vec![0f32; n * vd];
+        let mut b = vec![0f32; n * d.nv];
+        let mut a = vec![0f32; n * d.nv];
+        for t in 0..n {
+            let src = &qkvz[t * rows..(t + 1) * rows];
+            let m = &mut mixed[t * cd..(t + 1) * cd];
+            for g in 0..d.nk {
+                let s = &src[g * blk..(g + 1) * blk];
+                let rv = r * d.dv;
+                m[g * d.dk..(g + 1) * d.dk].copy_from_slice(&s[..d.dk]);
+                m[kd + g * d.dk..kd + (g + 1) * d.dk].copy_from_slice(&s[d.dk..2 * d.dk]);
+                m[2 * kd + g * rv..2 * kd + (g + 1) * rv]
+                    .copy_from_slice(&s[2 * d.dk..2 * d.dk + rv]);
+                z[t * vd + g * rv..t * vd + (g + 1) * rv].copy_from_slice(&s[2 * d.dk + rv..]);
+                let bas = &ba[t * 2 * d.nv + g * 2 * r..t * 2 * d.nv + (g + 1) * 2 * r];
+                for j in 0..r {
+                    b[t * d.nv + g * r + j] = bas[j];
+                    a[t * d.nv + g * r + j] = bas[r + j];
+                }
+            }
+        }
+
+        // Causal depthwise conv + SiLU over the state's K-1 inputs then these.
+        let conv = self.conv(&mixed, n, st);
+
+        // q, k: L2 norm per key head; q scaled by dk^-0.5.
+        let scale = 1.0 / (d.dk as f32).sqrt();
+        let mut q = vec![0f32; n * kd];
+        let mut k = vec![0f32; n * kd];
+        for t in 0..n {
+            let c = &conv[t * cd..(t + 1) * cd];
+            q[t * kd..(t + 1) * kd].copy_from_slice(&c[..kd]);
+            k[t * kd..(t + 1) * kd].copy_from_slice(&c[kd..2 * kd]);
+        }
+        for h in q.chunks_exact_mut(d.dk) {
+            l2_norm(h, L2_EPS);
+            for v in h.iter_mut() {
+                *v *= scale;
+            }
+        }
+        for h in k.chunks_exact_mut(d.dk) {
+            l2_norm(h, L2_EPS);
+        }
+
+        // Delta rule per value head (heads are independent).
+        let heads: Vec<Vec<f32>> = st
+            .ssm
+            .par_chunks_mut(d.dk * d.dv)
+            .enumerate()
+            .map(|(h, s)| {
+                let kh = h / r;
+                let mut out = vec![0f32; n * d.dv];
+                let mut kvs = vec![0f32; d.dv];
+                for t in 0..n {
+                    let qt = &q[t * kd + kh * d.dk..t * kd + (kh + 1) * d.dk];
+                    let kt = &k[t * kd + kh * d.dk..t * kd + (kh + 1) * d.dk];
+                    let vt = &conv[t * cd + 2 * kd + h * d.dv..t * cd + 2 * kd + (h + 1) * d.dv];
+                    let beta = sigmoid(b[t * d.nv + h]);
+                    let g = self.a_neg[h] * softplus(a[t * d.nv + h] + self.dt_bias[h]);
+                    let decay = g.exp();
+                    delta_step(
+                        s,
+                        qt,
+                        kt,
+                        vt,
+                        beta,
+                        decay,
+                        &mut kvs,
+                        &mut out[t * d.dv..(t + 1) * d.dv],
+                    );
+                }
+                out
+            })
+            .collect();
+
+        // Gated RMSNorm per head, then out_proj.
+        let mut o = vec![0f32; n * vd];
+        for (h, ho) in heads.iter().enumerate() {
+            for t in 0..n {
+                let dst = &mut o[t * vd + h * d.dv..t * vd + (h + 1) * d.dv];
+                dst.copy_from_slice(&ho[t * d.dv..(t + 1) * d.dv]);
+                let zt = &z[t * vd + h * d.dv..t * vd + (h + 1) * d.dv];
+                rms_norm_gated(dst, zt, &self.norm_w, self.eps);
+            }
+        }
+        let mut y = vec![0f32; n * d.hidden];
+        matmul(&self.out_proj, &o, n, &mut y);
+        y
+    }
+
+    /// The causal conv with SiLU; updates the conv state to the last K-1 inputs.
+    fn conv(&self, mixed: &[f32], n: usize, st: &mut DeltaState) -> Vec<f32> {
+        let d = self.dims;
+        let (cd, kk) = (d.conv_dim(), d.kernel);
+        let hist = kk - 1;
+        let mut out = vec![0f32; n * cd];
+        // input(s) for s in -(K-1)..n: state row K-1+s when negative.
+        let input = |s: isize, c: usize| -> f32 {
+            if s < 0 {
+                st.conv[(hist as isize + s) as usize * cd + c]
+            } else {
+                mixed[s as usize * cd + c]
+            }
+        };
+        for t in 0..n {
+            for c in 0..cd {
+                let w = &self.conv_w[c * kk..(c + 1) * kk];
+                let mut acc = 0f32;
+                for (j, wj) in w.iter().enumerate() {
+                    acc += wj * input(t as isize - hist as isize + j as isize, c);
+                }
+                out[t * cd + c] = silu(acc);
+            }
+        }
+        // New state: the last K-1 of (old state ++ mixed).
+        let mut next = vec![0f32; hist * cd];
+        for i in 0..hist {
+            let s = n as isize - hist as isize + i as isize;
+            for c in 0..cd {
+                next[i * cd + c] = input(s, c);
+            }
+        }
+        st.conv = next;
+        out
+    }
+}
+
+/// One delta-rule step on a `[dk, dv]` state `s`: decay, read `Sᵀk`, write
+/// `k ⊗ beta (v - Sᵀk)`, output `Sᵀq` into `out`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn delta_step(
+    s: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    beta: f32,
+    decay: f32,
+    kvs: &mut [f32],
+    out: &mut [f32],
+) {
+    let dv = v.len();
+    kvs.fill(0.0);
+    for (i, ki) in k.iter().enumerate() {
+        let row = &mut s[i * dv..(i + 1) * dv];
+        for (sj, kv) in row.iter_mut().zip(kvs.iter_mut()) {
+            *sj *= decay;
+            *kv += *sj * ki;
+        }
+    }
+    for (kv, vj) in kvs.iter_mut().zip(v) {
+        *kv = beta * (vj - *kv);
+    }
+    out.fill(0.0);
+    for (i, (ki, qi)) in k.iter().zip(q).enumerate() {
+        let row = &mut s[i * dv..(i + 1) * dv];
+        for ((sj, dj), oj) in row.iter_mut().zip(kvs.iter()).zip(out.iter_mut()) {
+            *sj += ki * dj;
+            *oj += *sj * qi;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused step equals the textbook rule written out with matrices.
+    #[test]
+    fn delta_step_matches_definition() {
+        let (dk, dv) = (3, 2);
+        let mut s: Vec<f32> = (0..dk * dv).map(|i| i as f32 * 0.1 - 0.2).collect();
+        let s0 = s.clone();
+        let (q, k, v) = ([0.3, -0.1, 0.5], [0.2, 0.4, -0.6], [1.0, -2.0]);
+        let (beta, decay) = (0.7, 0.9);
+        let mut kvs = vec![0.0; dv];
+        let mut out = vec![0.0; dv];
+        delta_step(&mut s, &q, &k, &v, beta, decay, &mut kvs, &mut out);
+        // reference
+        let sd: Vec<f32> = s0.iter().map(|x| x * decay).collect();
+        let mut want_s = sd.clone();
+        for j in 0..dv {
+            let kv: f32 = (0..dk).map(|i| sd[i * dv + j] * k[i]).sum();
+            let dj = beta * (v[j] - kv);
+            for i in 0..dk {
+                want_s[i * dv + j] += k[i] * dj;
+            }
+        }
+        for j in 0..dv {
+            let o: f32 = (0..dk).map(|i| want_s[i * dv + j] * q[i]).sum();
+            assert!((o - out[j]).abs() < 1e-6);
+        }
+        for (a, b) in s.iter().zip(&want_s) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+}

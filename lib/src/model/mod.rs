@@ -1,0 +1,387 @@
+//! The Qwen3-Next forward pass on CPU (`model_type` `qwen3_next`).
+//!
+//! [`Model`] holds every weight as a kernel-layout [`Matrix`] (read in place
+//! from the weight source) plus the small tensors as f32; [`State`] holds one
+//! sequence's conv and recurrent states (linear-attention layers) and KV
+//! cache (full-attention layers). [`Model::forward`] feeds any number of
+//! tokens after what a state holds: many at once run the batched prefill
+//! path (one matmul per weight over all tokens), one runs the decode path;
+//! both compute the same function.
+//!
+//! Files by concern: [`norm`] (RMSNorms, activations), [`delta_net`] (Gated
+//! DeltaNet), [`attention`] (gated attention, RoPE, KV cache), [`moe`]
+//! (router, experts, shared expert), [`qwen3_next`] (layer stack, final norm,
+//! lm_head).
+
+pub mod attention;
+pub mod delta_net;
+pub mod moe;
+pub mod norm;
+pub mod qwen3_next;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::cli::{Classify, Exit};
+use crate::config::{ConfigError, ModelConfig};
+use crate::tensor::Matrix;
+use crate::weights::{WeightError, WeightSource};
+
+pub use qwen3_next::{Layer, Mixer};
+
+/// Errors loading a model or feeding it.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A weight is missing, misshapen or of an unusable type (names the tensor).
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+    /// The config's dimensions are unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A token id outside the vocabulary.
+    #[error("token id {id} at position {index} is outside the vocabulary (vocab_size {vocab})")]
+    TokenOutOfRange {
+        /// The id.
+        id: u32,
+        /// Its index in the input.
+        index: usize,
+        /// vocab_size.
+        vocab: usize,
+    },
+    /// No tokens where at least one is needed.
+    #[error("no input tokens")]
+    Empty,
+}
+
+impl Classify for ModelError {
+    fn exit(&self) -> Exit {
+        match self {
+            ModelError::TokenOutOfRange { .. } | ModelError::Empty => Exit::Usage,
+            _ => Exit::Failure,
+        }
+    }
+}
+
+/// Fetches a linear module through the weight source.
+pub(crate) fn load_matrix(
+    w: &dyn WeightSource,
+    module: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Matrix, ModelError> {
+    let m = w.matrix(module, rows, cols)?;
+    if m.rows() != rows || m.cols() != cols {
+        return Err(ModelError::Weight(WeightError::Shape {
+            tensor: module.to_string(),
+            source_path: w.path(),
+            expected: vec![rows, cols],
+            found: vec![m.rows(), m.cols()],
+        }));
+    }
+    Ok(m)
+}
+
+/// Fetches a small tensor as f32 through the weight source.
+pub(crate) fn load_vector(
+    w: &dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>, ModelError> {
+    let v = w.vector(name, shape)?;
+    let want: usize = shape.iter().product();
+    if v.len() != want {
+        return Err(ModelError::Weight(WeightError::Shape {
+            tensor: name.to_string(),
+            source_path: w.path(),
+            expected: shape.to_vec(),
+            found: vec![v.len()],
+        }));
+    }
+    Ok(v)
+}
+
+/// A loaded Qwen3-Next model.
+pub struct Model {
+    config: ModelConfig,
+    weights: Arc<dyn WeightSource>,
+    embed: Matrix,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Matrix,
+}
+
+/// Per-layer part of a [`State`].
+#[derive(Clone, Debug)]
+pub enum LayerState {
+    /// Conv and recurrent state of a Gated DeltaNet layer.
+    Linear(delta_net::DeltaState),
+    /// KV cache of a full-attention layer.
+    Full(attention::KvCache),
+}
+
+/// One sequence's state: everything the model needs to continue it.
+#[derive(Clone, Debug)]
+pub struct State {
+    pos: usize,
+    layers: Vec<LayerState>,
+}
+
+impl State {
+    /// Tokens consumed so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Bytes held (conv/recurrent states and KV cache).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Linear(d) => (d.conv.len() + d.ssm.len()) * 4,
+                LayerState::Full(kv) => (kv.k.len() + kv.v.len()) * 4,
+            })
+            .sum()
+    }
+}
+
+impl Model {
+    /// Loads every weight through the source (cheap: matrices stay mapped
+    /// where the source allows); checks every shape against the config.
+    pub fn load(weights: Arc<dyn WeightSource>) -> Result<Model, ModelError> {
+        let config = weights.config().clone();
+        config.validate(Path::new(&weights.path()))?;
+        let w: &dyn WeightSource = weights.as_ref();
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed = load_matrix(w, "model.embed_tokens", v, h)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::load(w, &config, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let norm = load_vector(w, "model.norm.weight", &[h])?;
+        let lm_head = load_matrix(w, "lm_head", v, h)?;
+        Ok(Model {
+            config,
+            weights,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Where the weights come from.
+    pub fn weights(&self) -> &Arc<dyn WeightSource> {
+        &self.weights
+    }
+
+    /// The decoder layers.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// A fresh per-sequence state.
+    pub fn new_state(&self) -> State {
+        State {
+            pos: 0,
+            layers: self.layers.iter().map(Layer::new_state).collect(),
+        }
+    }
+
+    /// Checks that every id is inside the vocabulary and that there is at
+    /// least one: call before [`Model::forward`] on untrusted input.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<(), ModelError> {
+        if ids.is_empty() {
+            return Err(ModelError::Empty);
+        }
+        let vocab = self.config.vocab_size;
+        match ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            Some((index, &id)) => Err(ModelError::TokenOutOfRange { id, index, vocab }),
+            None => Ok(()),
+        }
+    }
+
+    /// Feeds `ids` after what `state` already holds (prefill when many,
+    /// decode when one), updates `state`, and returns the logits of the last
+    /// position (`vocab_size` values).
+    ///
+    /// Panics when `ids` is empty or holds an id outside the vocabulary;
+    /// see [`Model::check_ids`].
+    pub fn forward(&self, state: &mut State, ids: &[u32]) -> Vec<f32> {
+        self.run(state, ids, false)
+    }
+
+    /// Like [`Model::forward`], but returns the logits of every position,
+    /// row-major `[ids.len(), vocab_size]`.
+    pub fn forward_all(&self, state: &mut State, ids: &[u32]) -> Vec<f32> {
+        self.run(state, ids, true)
+    }
+
+    fn run(&self, state: &mut State, ids: &[u32], all: bool) -> Vec<f32> {
+        if let Err(e) = self.check_ids(ids) {
+            panic!("Model::forward: {e}");
+        }
+        qwen3_next::forward(self, state, ids, all)
+    }
+
+    /// Bytes of weights read to decode one token: one embedding row, every
+    /// non-expert linear, the top-k routed experts (at the layer's average
+    /// expert size), the shared expert, and lm_head.
+    pub fn weight_bytes_per_token(&self) -> u64 {
+        let embed_row = self.embed.bytes_read() as u64 / self.config.vocab_size as u64;
+        let mut total = embed_row + self.lm_head.bytes_read() as u64;
+        for l in &self.layers {
+            total += l.bytes_per_token(self.config.num_experts_per_tok);
+        }
+        total
+    }
+
+    /// Total bytes of all weights (matrices as stored, small tensors at 4
+    /// bytes per element as held).
+    pub fn weight_bytes(&self) -> u64 {
+        let mut total = (self.embed.bytes_read() + self.lm_head.bytes_read()) as u64;
+        total += self.norm.len() as u64 * 4;
+        for l in &self.layers {
+            total += l
+                .matrices()
+                .iter()
+                .map(|m| m.bytes_read() as u64)
+                .sum::<u64>();
+            total += l.vector_params() as u64 * 4;
+        }
+        total
+    }
+
+    /// Parameter count.
+    pub fn params(&self) -> u64 {
+        let mp = |m: &Matrix| (m.rows() * m.cols()) as u64;
+        let mut total = mp(&self.embed) + mp(&self.lm_head) + self.norm.len() as u64;
+        for l in &self.layers {
+            total += l.matrices().iter().map(|m| mp(m)).sum::<u64>();
+            total += l.vector_params() as u64;
+        }
+        total
+    }
+
+    pub(crate) fn parts(&self) -> (&Matrix, &[Layer], &[f32], &Matrix) {
+        (&self.embed, &self.layers, &self.norm, &self.lm_head)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Checkpoint;
+    use std::path::PathBuf;
+
+    fn fixture(case: &str, kind: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/reference")
+            .join(case)
+            .join(kind)
+    }
+
+    fn checkpoint(case: &str, kind: &str) -> Arc<Checkpoint> {
+        Arc::new(Checkpoint::open(&fixture(case, kind)).unwrap())
+    }
+
+    /// A source that hides one tensor.
+    struct Hiding(Arc<Checkpoint>, &'static str);
+    impl WeightSource for Hiding {
+        fn config(&self) -> &ModelConfig {
+            self.0.config()
+        }
+        fn path(&self) -> String {
+            self.0.path()
+        }
+        fn matrix(&self, module: &str, rows: usize, cols: usize) -> Result<Matrix, WeightError> {
+            if module == self.1 {
+                return Err(WeightError::Missing {
+                    tensor: format!("{module}.weight"),
+                    source_path: self.path(),
+                });
+            }
+            self.0.matrix(module, rows, cols)
+        }
+        fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, WeightError> {
+            if name == self.1 {
+                return Err(WeightError::Missing {
+                    tensor: name.into(),
+                    source_path: self.path(),
+                });
+            }
+            self.0.vector(name, shape)
+        }
+        fn contains(&self, name: &str) -> bool {
+            name != self.1 && self.0.contains(name)
+        }
+        fn aux_file(&self, name: &str) -> Option<Vec<u8>> {
+            self.0.aux_file(name)
+        }
+    }
+
+    #[test]
+    fn missing_weights_are_named() {
+        for name in [
+            "model.layers.2.linear_attn.A_log",
+            "model.layers.1.self_attn.q_norm.weight",
+            "model.layers.3.mlp.experts.5.down_proj",
+            "lm_head",
+        ] {
+            let src = Hiding(checkpoint("gs32", "quant"), name);
+            let e = Model::load(Arc::new(src)).err().expect("load must fail");
+            assert!(e.to_string().contains(name), "{e}");
+        }
+    }
+
+    #[test]
+    fn params_count_every_tensor_of_the_checkpoint() {
+        let ck = checkpoint("gs128", "float");
+        let stored: u64 = ck
+            .tensors
+            .values()
+            .map(|t| t.shape.iter().product::<usize>() as u64)
+            .sum();
+        let m = Model::load(ck).unwrap();
+        assert_eq!(m.params(), stored);
+        assert!(m.weight_bytes_per_token() < m.weight_bytes());
+        // BF16 matrices: 2 bytes per element; vectors counted at 4.
+        assert!(m.weight_bytes() >= 2 * (m.params() - 1_000));
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        let m = Model::load(checkpoint("gs32", "float")).unwrap();
+        let e = m.check_ids(&[1, 2, 512]).unwrap_err();
+        assert!(matches!(
+            e,
+            ModelError::TokenOutOfRange {
+                id: 512,
+                index: 2,
+                vocab: 512
+            }
+        ));
+        assert!(matches!(m.check_ids(&[]), Err(ModelError::Empty)));
+        assert!(m.check_ids(&[0, 511]).is_ok());
+    }
+
+    #[test]
+    fn cloned_state_continues_independently() {
+        let m = Model::load(checkpoint("gs32", "quant")).unwrap();
+        let mut a = m.new_state();
+        m.forward(&mut a, &[5, 6, 7]);
+        let mut b = a.clone();
+        let la = m.forward(&mut a, &[8]);
+        let lb = m.forward(&mut b, &[8]);
+        assert_eq!(la, lb);
+        assert_eq!(a.position(), 4);
+        assert!(a.bytes() > 0);
+        // and a different continuation gives different logits
+        let mut c = m.new_state();
+        m.forward(&mut c, &[5, 6, 9]);
+        assert_ne!(m.forward(&mut c, &[8]), la);
+    }
+}

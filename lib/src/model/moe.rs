@@ -1,0 +1,186 @@
+//! The sparse MoE block: softmax router over all experts, top-k (weights
+//! renormalised when `norm_topk_prob`), SiLU-gated experts, plus a shared
+//! expert scaled by `sigmoid(shared_expert_gate · x)`. Only the routed
+//! experts run; in prefill the tokens are grouped by expert so each expert's
+//! weights are read once per call.
+
+use super::norm::{sigmoid, silu, softmax};
+use super::{load_matrix, ModelError};
+use crate::config::ModelConfig;
+use crate::kernels::matmul;
+use crate::tensor::Matrix;
+use crate::weights::WeightSource;
+
+/// A SiLU-gated MLP: `down(silu(gate x) * up x)`.
+pub struct Expert {
+    /// `[inter, hidden]`.
+    pub gate: Matrix,
+    /// `[inter, hidden]`.
+    pub up: Matrix,
+    /// `[hidden, inter]`.
+    pub down: Matrix,
+}
+
+impl Expert {
+    fn load(
+        w: &dyn WeightSource,
+        prefix: &str,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<Self, ModelError> {
+        Ok(Expert {
+            gate: load_matrix(w, &format!("{prefix}.gate_proj"), inter, hidden)?,
+            up: load_matrix(w, &format!("{prefix}.up_proj"), inter, hidden)?,
+            down: load_matrix(w, &format!("{prefix}.down_proj"), hidden, inter)?,
+        })
+    }
+
+    /// Runs `m` tokens `x` `[m, hidden]`; returns `[m, hidden]`.
+    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let inter = self.gate.rows();
+        let mut g = vec![0f32; m * inter];
+        let mut u = vec![0f32; m * inter];
+        matmul(&self.gate, x, m, &mut g);
+        matmul(&self.up, x, m, &mut u);
+        for (gi, ui) in g.iter_mut().zip(&u) {
+            *gi = silu(*gi) * ui;
+        }
+        let mut y = vec![0f32; m * self.down.rows()];
+        matmul(&self.down, &g, m, &mut y);
+        y
+    }
+
+    /// The three matrices.
+    pub fn matrices(&self) -> [&Matrix; 3] {
+        [&self.gate, &self.up, &self.down]
+    }
+}
+
+/// One MoE block.
+pub struct Moe {
+    hidden: usize,
+    top_k: usize,
+    norm_topk: bool,
+    router: Matrix,
+    experts: Vec<Expert>,
+    shared: Option<(Expert, Matrix)>,
+}
+
+impl Moe {
+    /// Loads `prefix` (`model.layers.L.mlp`).
+    pub fn load(w: &dyn WeightSource, c: &ModelConfig, prefix: &str) -> Result<Self, ModelError> {
+        let h = c.hidden_size;
+        let experts = (0..c.num_experts)
+            .map(|e| {
+                Expert::load(
+                    w,
+                    &format!("{prefix}.experts.{e}"),
+                    h,
+                    c.moe_intermediate_size,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let shared = if c.shared_expert_intermediate_size > 0 {
+            Some((
+                Expert::load(
+                    w,
+                    &format!("{prefix}.shared_expert"),
+                    h,
+                    c.shared_expert_intermediate_size,
+                )?,
+                load_matrix(w, &format!("{prefix}.shared_expert_gate"), 1, h)?,
+            ))
+        } else {
+            None
+        };
+        Ok(Moe {
+            hidden: h,
+            top_k: c.num_experts_per_tok,
+            norm_topk: c.norm_topk_prob,
+            router: load_matrix(w, &format!("{prefix}.gate"), c.num_experts, h)?,
+            experts,
+            shared,
+        })
+    }
+
+    /// The router.
+    pub fn router(&self) -> &Matrix {
+        &self.router
+    }
+    /// The routed experts.
+    pub fn experts(&self) -> &[Expert] {
+        &self.experts
+    }
+    /// The shared expert and its gate.
+    pub fn shared(&self) -> Option<&(Expert, Matrix)> {
+        self.shared.as_ref()
+    }
+
+    /// The top-k experts of one token and their weights, from router logits.
+    pub fn route(&self, logits: &[f32]) -> Vec<(usize, f32)> {
+        let mut p = logits.to_vec();
+        softmax(&mut p);
+        let mut idx: Vec<usize> = (0..p.len()).collect();
+        // Highest probability first; ties to the lower index.
+        idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+        idx.truncate(self.top_k);
+        let sum: f32 = idx.iter().map(|&e| p[e]).sum();
+        idx.into_iter()
+            .map(|e| (e, if self.norm_topk { p[e] / sum } else { p[e] }))
+            .collect()
+    }
+
+    /// Runs `n` normalised tokens `x` `[n, hidden]`; returns `[n, hidden]`.
+    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let h = self.hidden;
+        let ne = self.experts.len();
+        let mut logits = vec![0f32; n * ne];
+        matmul(&self.router, x, n, &mut logits);
+        // Tokens per expert, in token order.
+        let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+        for t in 0..n {
+            for (e, wgt) in self.route(&logits[t * ne..(t + 1) * ne]) {
+                by_expert[e].push((t, wgt));
+            }
+        }
+        let mut out = vec![0f32; n * h];
+        for (e, toks) in by_expert.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            let m = toks.len();
+            let y = if m == n {
+                self.experts[e].forward(x, n)
+            } else {
+                let mut xs = Vec::with_capacity(m * h);
+                for &(t, _) in toks {
+                    xs.extend_from_slice(&x[t * h..(t + 1) * h]);
+                }
+                self.experts[e].forward(&xs, m)
+            };
+            for (i, &(t, wgt)) in toks.iter().enumerate() {
+                for (o, yi) in out[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(&y[i * h..(i + 1) * h])
+                {
+                    *o += wgt * yi;
+                }
+            }
+        }
+        if let Some((expert, gate)) = &self.shared {
+            let y = expert.forward(x, n);
+            let mut g = vec![0f32; n];
+            matmul(gate, x, n, &mut g);
+            for t in 0..n {
+                let s = sigmoid(g[t]);
+                for (o, yi) in out[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(&y[t * h..(t + 1) * h])
+                {
+                    *o += s * yi;
+                }
+            }
+        }
+        out
+    }
+}

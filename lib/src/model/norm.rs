@@ -1,0 +1,120 @@
+//! Normalisations and small element-wise helpers shared by the layers.
+
+/// Zero-centred RMSNorm (Gemma style, used for every Qwen3-Next norm except
+/// the DeltaNet output norm): `y = x / rms(x) * (1 + w)`, in place, over rows
+/// of `w.len()` elements.
+pub fn rms_norm_zc(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    debug_assert_eq!(x.len() % d, 0);
+    for row in x.chunks_exact_mut(d) {
+        let inv = inv_rms(row, eps);
+        for (v, wi) in row.iter_mut().zip(w) {
+            *v = *v * inv * (1.0 + wi);
+        }
+    }
+}
+
+/// Zero-centred RMSNorm from `x` into `out` (same shapes).
+pub fn rms_norm_zc_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    out.copy_from_slice(x);
+    rms_norm_zc(out, w, eps);
+}
+
+/// The gated RMSNorm of the DeltaNet output (`Qwen3NextRMSNormGated`), over
+/// one head: `x = w * (x / rms(x)) * silu(z)`, with the weight used as stored
+/// (no `1 +`).
+pub fn rms_norm_gated(x: &mut [f32], z: &[f32], w: &[f32], eps: f32) {
+    debug_assert_eq!(x.len(), w.len());
+    debug_assert_eq!(x.len(), z.len());
+    let inv = inv_rms(x, eps);
+    for ((v, wi), zi) in x.iter_mut().zip(w).zip(z) {
+        *v = wi * (*v * inv) * silu(*zi);
+    }
+}
+
+/// `1 / sqrt(mean(x²) + eps)`, accumulated in f64 for stability.
+#[inline]
+pub fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    (1.0 / (ss / x.len() as f64 + eps as f64).sqrt()) as f32
+}
+
+/// L2 normalisation as FLA/transformers do it: `x * rsqrt(Σx² + eps)`.
+pub fn l2_norm(x: &mut [f32], eps: f32) {
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let inv = (1.0 / (ss + eps as f64).sqrt()) as f32;
+    for v in x {
+        *v *= inv;
+    }
+}
+
+/// SiLU, `x * sigmoid(x)`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Logistic sigmoid.
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// PyTorch's softplus (beta 1, threshold 20).
+#[inline]
+pub fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
+    }
+}
+
+/// In-place softmax over a slice.
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut s = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        s += *v;
+    }
+    let inv = 1.0 / s;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_centred_norm_uses_one_plus_w() {
+        let mut x = vec![3.0, 4.0];
+        // rms = sqrt(12.5); w = 0 means scale 1.
+        rms_norm_zc(&mut x, &[0.0, 1.0], 0.0);
+        let r = 12.5f32.sqrt();
+        assert!((x[0] - 3.0 / r).abs() < 1e-6);
+        assert!((x[1] - 2.0 * 4.0 / r).abs() < 1e-6);
+    }
+
+    #[test]
+    fn gated_norm_uses_plain_weight_and_silu_gate() {
+        let mut x = vec![1.0, -1.0];
+        rms_norm_gated(&mut x, &[0.0, 2.0], &[2.0, 1.0], 0.0);
+        assert!((x[0] - 0.0).abs() < 1e-6); // silu(0) = 0
+        assert!((x[1] - (-1.0 * silu(2.0))).abs() < 1e-6);
+    }
+
+    #[test]
+    fn l2_and_softplus_and_softmax() {
+        let mut v = vec![3.0, 4.0];
+        l2_norm(&mut v, 0.0);
+        assert!((v[0] - 0.6).abs() < 1e-6 && (v[1] - 0.8).abs() < 1e-6);
+        assert_eq!(softplus(30.0), 30.0);
+        assert!((softplus(0.0) - 2f32.ln()).abs() < 1e-6);
+        let mut p = vec![1.0, 1.0, 1.0, 1.0];
+        softmax(&mut p);
+        assert!(p.iter().all(|&x| (x - 0.25).abs() < 1e-6));
+    }
+}
