@@ -15,6 +15,7 @@
 
 pub mod assets;
 pub mod cache;
+pub mod chat;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
