@@ -1,23 +1,170 @@
 //! Matrix-vector (decode) and matrix-matrix (prefill) products over
 //! [`Matrix`] weights, read in place.
 //!
-//! The public functions choose an implementation at run time; [`scalar`]
-//! is the portable reference every faster kernel is tested against.
+//! The public functions choose an implementation at run time: on x86_64
+//! CPUs with AVX2, FMA and F16C the SIMD kernels of the private `avx2` module
+//! (detected once and cached), elsewhere the portable [`scalar`] reference,
+//! which every faster kernel is tested against. NEON kernels are not written
+//! yet: ARM CPUs run the scalar path.
+//!
+//! Quantized matrix-vector products have two SIMD paths ([`Path`]): f32
+//! activations, or activations quantized to int8 per 32-element block and
+//! multiplied with integer instructions (as llama.cpp's Q8 dot products do).
+//! [`default_path`] picks one; `RH_ACTIVATIONS=f32|int8` overrides it and
+//! `RH_KERNELS=scalar` forces the reference loops. Matrix-matrix products
+//! always use f32 activations: they are bound by arithmetic, not memory, and
+//! convert each block of weight rows to f32 once per block of tokens.
+//!
+//! Invalid matrices (byte lengths that disagree with the shape, input or
+//! group sizes that are not multiples of 32) are refused with a panic naming
+//! the problem, never computed.
 
+// pub mod bench;
 pub mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
 use crate::tensor::Matrix;
 
-/// Rows handed to one rayon task: big enough to amortise scheduling,
-/// small enough to balance two to sixty-four cores.
+/// Rows handed to one rayon task by the scalar path.
 const ROWS_PER_TASK: usize = 64;
+
+/// The least weight bytes one SIMD matvec task reads: below this rayon's
+/// scheduling cost (a few microseconds) would show.
+const MIN_TASK_BYTES: usize = 32 << 10;
+
+/// Tasks per thread for matvec: enough to even out a busy core, few enough
+/// to keep batch-1 scheduling cheap on 2 to 64 threads.
+const TASKS_PER_THREAD: usize = 4;
+
+/// Tokens whose activations one matmul pass keeps in cache while a block of
+/// weight rows is converted and multiplied (a multiple of the tile width).
+#[cfg(target_arch = "x86_64")]
+const TOKENS_PER_PASS: usize = 48;
+
+/// How a product is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Path {
+    /// The portable reference loops.
+    Scalar,
+    /// SIMD with f32 activations.
+    SimdF32,
+    /// SIMD with the activations quantized to int8 per 32-element block for
+    /// quantized weights (dense weights and matmul use f32 activations).
+    SimdInt8,
+}
+
+impl Path {
+    /// A short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Scalar => "scalar",
+            Path::SimdF32 => "simd-f32",
+            Path::SimdInt8 => "simd-int8",
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Simd {
+    None,
+    #[cfg(target_arch = "x86_64")]
+    Avx2(avx2::Avx2),
+}
+
+fn simd() -> Simd {
+    static SIMD: OnceLock<Simd> = OnceLock::new();
+    *SIMD.get_or_init(|| {
+        if std::env::var("RH_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
+            return Simd::None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(a) = avx2::Avx2::detect() {
+            return Simd::Avx2(a);
+        }
+        Simd::None
+    })
+}
+
+/// The instruction set the SIMD paths use on this CPU (`"avx2+fma"`), or
+/// `"scalar"` when they fall back to the reference loops.
+pub fn isa() -> &'static str {
+    match simd() {
+        Simd::None => "scalar",
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2(_) => "avx2+fma",
+    }
+}
+
+/// The path [`matvec`] uses: `RH_ACTIVATIONS=f32` or `int8` when set,
+/// otherwise int8 activations (the fastest; their error is measured by the
+/// kernel tests and benchmarks).
+pub fn default_path() -> Path {
+    static PATH: OnceLock<Path> = OnceLock::new();
+    *PATH.get_or_init(|| match std::env::var("RH_ACTIVATIONS").as_deref() {
+        Ok("f32") => Path::SimdF32,
+        Ok("scalar") => Path::Scalar,
+        _ => Path::SimdInt8,
+    })
+}
+
+/// Panics with a clear message when `w`'s bytes disagree with its shape.
+fn validate(w: &Matrix) {
+    let res = match w {
+        Matrix::Quant(q) => q.check(),
+        Matrix::Dense(d) => {
+            let want = d.rows.checked_mul(d.cols).map(|n| n * d.dtype.size());
+            if want == Some(d.data.len()) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "dense data is {} bytes, expected {} x {} x {}",
+                    d.data.len(),
+                    d.rows,
+                    d.cols,
+                    d.dtype.size()
+                ))
+            }
+        }
+    };
+    if let Err(e) = res {
+        panic!(
+            "kernels: invalid weight matrix [{}, {}]: {e}",
+            w.rows(),
+            w.cols()
+        );
+    }
+}
 
 /// `y = W x` for `W` `[rows, cols]`, `x` `[cols]`, `y` `[rows]`.
 pub fn matvec(w: &Matrix, x: &[f32], y: &mut [f32]) {
+    matvec_path(w, x, y, default_path())
+}
+
+/// [`matvec`] on a chosen path (the scalar one when the CPU lacks the SIMD
+/// instructions).
+pub fn matvec_path(w: &Matrix, x: &[f32], y: &mut [f32], path: Path) {
     assert_eq!(x.len(), w.cols(), "matvec: input length");
     assert_eq!(y.len(), w.rows(), "matvec: output length");
+    validate(w);
+    match (simd(), path) {
+        #[cfg(target_arch = "x86_64")]
+        (Simd::Avx2(a), Path::SimdF32 | Path::SimdInt8) => {
+            avx2_matvec(a, w, x, y, path == Path::SimdInt8)
+        }
+        _ => scalar_matvec(w, x, y),
+    }
+}
+
+fn scalar_matvec(w: &Matrix, x: &[f32], y: &mut [f32]) {
     let prep = scalar::Prepared::new(w, x);
     y.par_chunks_mut(ROWS_PER_TASK)
         .enumerate()
@@ -29,14 +176,76 @@ pub fn matvec(w: &Matrix, x: &[f32], y: &mut [f32]) {
         });
 }
 
+/// Rows per matvec task: about [`TASKS_PER_THREAD`] tasks per thread, none
+/// reading less than [`MIN_TASK_BYTES`].
+fn rows_per_task(rows: usize, row_bytes: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let min_rows = (MIN_TASK_BYTES / row_bytes.max(1)).max(1);
+    rows.div_ceil(threads * TASKS_PER_THREAD).max(min_rows)
+}
+
+/// Runs `f(first_row, outputs)` over chunks of `rpt` rows, inline when one
+/// chunk covers everything.
+#[cfg(target_arch = "x86_64")]
+fn for_row_chunks(y: &mut [f32], rpt: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if y.len() <= rpt {
+        f(0, y)
+    } else {
+        y.par_chunks_mut(rpt)
+            .enumerate()
+            .for_each(|(i, ys)| f(i * rpt, ys));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_matvec(a: avx2::Avx2, w: &Matrix, x: &[f32], y: &mut [f32], int8: bool) {
+    match w {
+        Matrix::Quant(q) => {
+            let v = avx2::QuantView::new(q).expect("validated");
+            let rpt = rows_per_task(q.rows, q.row_bytes());
+            if int8 {
+                let act = avx2::Q8Act::new(x, q.group_size);
+                for_row_chunks(y, rpt, |r0, ys| a.quant_rows_q8(&v, r0, &act, ys));
+            } else {
+                let gsum: Vec<f32> = x.chunks(q.group_size).map(|c| c.iter().sum()).collect();
+                for_row_chunks(y, rpt, |r0, ys| a.quant_rows_f32(&v, r0, x, &gsum, ys));
+            }
+        }
+        Matrix::Dense(d) => {
+            let v = avx2::DenseView::new(d).expect("validated");
+            let rpt = rows_per_task(d.rows, d.cols * d.dtype.size());
+            for_row_chunks(y, rpt, |r0, ys| a.dense_rows(&v, r0, x, ys));
+        }
+    }
+}
+
 /// `Y = X Wᵀ` for `n` tokens: `x` `[n, cols]`, `y` `[n, rows]`.
 pub fn matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
+    matmul_path(w, x, n, y, default_path())
+}
+
+/// [`matmul`] on a chosen path. Both SIMD paths compute with f32
+/// activations; one token goes through [`matvec_path`].
+pub fn matmul_path(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path) {
     let (rows, cols) = (w.rows(), w.cols());
     assert_eq!(x.len(), n * cols, "matmul: input length");
     assert_eq!(y.len(), n * rows, "matmul: output length");
-    if n == 1 {
-        return matvec(w, x, y);
+    if n == 0 {
+        return;
     }
+    if n == 1 {
+        return matvec_path(w, x, y, path);
+    }
+    validate(w);
+    match (simd(), path) {
+        #[cfg(target_arch = "x86_64")]
+        (Simd::Avx2(a), Path::SimdF32 | Path::SimdInt8) => avx2_matmul(a, w, x, n, y),
+        _ => scalar_matmul(w, x, n, y),
+    }
+}
+
+fn scalar_matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
     let preps: Vec<scalar::Prepared> = (0..n)
         .map(|t| scalar::Prepared::new(w, &x[t * cols..(t + 1) * cols]))
         .collect();
@@ -57,6 +266,11 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
             (r0, out)
         })
         .collect();
+    scatter(&blocks, n, rows, y);
+}
+
+/// Writes per-block outputs (`[block rows, n]`) into `y` (`[n, rows]`).
+fn scatter(blocks: &[(usize, Vec<f32>)], n: usize, rows: usize, y: &mut [f32]) {
     for (r0, out) in blocks {
         let nr = out.len() / n;
         for i in 0..nr {
@@ -67,7 +281,88 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
     }
 }
 
-/// Row `r` of `W` as f32 (embedding lookup).
+/// Rows per matmul task: a multiple of the tile height, small enough that a
+/// task's weights stay in the core's cache across token passes.
+#[cfg(target_arch = "x86_64")]
+fn matmul_rows_per_task(rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let r = rows
+        .div_ceil(threads * TASKS_PER_THREAD)
+        .clamp(avx2::TILE_R, 64);
+    r.div_ceil(avx2::TILE_R) * avx2::TILE_R
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_matmul(a: avx2::Avx2, w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
+    use avx2::{TILE_R, TILE_T};
+    let (rows, cols) = (w.rows(), w.cols());
+    enum View<'a> {
+        Q(avx2::QuantView<'a>),
+        D(avx2::DenseView<'a>),
+    }
+    let view = match w {
+        Matrix::Quant(q) => View::Q(avx2::QuantView::new(q).expect("validated")),
+        Matrix::Dense(d) => View::D(avx2::DenseView::new(d).expect("validated")),
+    };
+    let rpt = matmul_rows_per_task(rows);
+    let blocks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(rpt))
+        .into_par_iter()
+        .map(|bi| {
+            let r0 = bi * rpt;
+            let r1 = (r0 + rpt).min(rows);
+            let mut out = vec![0f32; (r1 - r0) * n];
+            let mut panel = vec![0f32; TILE_R * cols];
+            for t0 in (0..n).step_by(TOKENS_PER_PASS) {
+                let t1 = (t0 + TOKENS_PER_PASS).min(n);
+                for p0 in (r0..r1).step_by(TILE_R) {
+                    let nr = TILE_R.min(r1 - p0);
+                    // Weight rows to f32 once per pass; the tiles then reuse
+                    // them for every token of the pass from L1.
+                    for (i, dst) in panel.chunks_exact_mut(cols).take(nr).enumerate() {
+                        match &view {
+                            View::Q(v) => a.quant_row_f32(v, p0 + i, dst),
+                            View::D(v) => a.dense_row_f32(v, p0 + i, dst),
+                        }
+                    }
+                    let mut t = t0;
+                    while t < t1 {
+                        let nt = TILE_T.min(t1 - t);
+                        a.tile(
+                            &panel,
+                            nr,
+                            &x[t * cols..],
+                            cols,
+                            nt,
+                            cols,
+                            &mut out[(p0 - r0) * n + t..],
+                            n,
+                        );
+                        t += nt;
+                    }
+                }
+            }
+            (r0, out)
+        })
+        .collect();
+    scatter(&blocks, n, rows, y);
+}
+
+/// Row `r` of `W` as f32 (embedding lookup), converted in place from the
+/// mapped bytes.
 pub fn row(w: &Matrix, r: usize, out: &mut [f32]) {
-    scalar::row(w, r, out)
+    assert!(r < w.rows(), "row: index {r} out of {} rows", w.rows());
+    assert_eq!(out.len(), w.cols(), "row: output length");
+    validate(w);
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2(a) => match w {
+            Matrix::Quant(q) => {
+                a.quant_row_f32(&avx2::QuantView::new(q).expect("validated"), r, out)
+            }
+            Matrix::Dense(d) => {
+                a.dense_row_f32(&avx2::DenseView::new(d).expect("validated"), r, out)
+            }
+        },
+        _ => scalar::row(w, r, out),
+    }
 }

@@ -1,0 +1,644 @@
+//! x86_64 kernels for CPUs with AVX2, FMA and F16C (Haswell and later,
+//! Zen and later), chosen at run time.
+//!
+//! Every `unsafe fn` here is `#[target_feature]`-gated and reads through raw
+//! pointers with unaligned loads. Safety rests on two things the safe
+//! wrappers on [`Avx2`] establish before calling in:
+//!
+//! * an [`Avx2`] value exists only after [`Avx2::detect`] saw the features
+//!   on the running CPU, so executing the instructions is defined;
+//! * the views ([`QuantView`], [`DenseView`]) are built from matrices whose
+//!   byte lengths were checked against their shapes, and every wrapper checks
+//!   row indices and slice lengths, so every pointer offset stays inside its
+//!   slice.
+//!
+//! Payloads from a mapped file may sit at any address: only unaligned loads
+//! (`loadu`, `loadl`) are used.
+
+use std::arch::x86_64::*;
+
+use crate::tensor::{DenseMatrix, FloatType, QuantMatrix, Zeros, QBLOCK};
+
+/// Proof that the running CPU has AVX2, FMA and F16C; only
+/// [`Avx2::detect`] makes one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx2(());
+
+impl Avx2 {
+    /// `Some` when the CPU supports the instructions these kernels use.
+    pub(crate) fn detect() -> Option<Avx2> {
+        (is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        .then_some(Avx2(()))
+    }
+}
+
+/// A validated borrow of a [`QuantMatrix`].
+pub(crate) struct QuantView<'a> {
+    q: &'a [u8],
+    scales: &'a [u8],
+    zeros: Option<&'a [u8]>,
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    group_size: usize,
+    n_groups: usize,
+    row_bytes: usize,
+}
+
+impl<'a> QuantView<'a> {
+    /// Checks `m`'s shape and byte lengths.
+    pub(crate) fn new(m: &'a QuantMatrix) -> Result<Self, String> {
+        m.check()?;
+        Ok(QuantView {
+            q: m.qdata.as_slice(),
+            scales: m.scales.as_slice(),
+            zeros: match &m.zeros {
+                Zeros::Symmetric => None,
+                Zeros::PerGroup(z) => Some(z.as_slice()),
+            },
+            rows: m.rows,
+            cols: m.cols,
+            bits: m.bits,
+            group_size: m.group_size,
+            n_groups: m.n_groups(),
+            row_bytes: m.row_bytes(),
+        })
+    }
+}
+
+/// A validated borrow of a [`DenseMatrix`].
+pub(crate) struct DenseView<'a> {
+    data: &'a [u8],
+    rows: usize,
+    cols: usize,
+    dtype: FloatType,
+}
+
+impl<'a> DenseView<'a> {
+    /// Checks `d`'s byte length.
+    pub(crate) fn new(d: &'a DenseMatrix) -> Result<Self, String> {
+        let want = d
+            .rows
+            .checked_mul(d.cols)
+            .and_then(|n| n.checked_mul(d.dtype.size()))
+            .ok_or_else(|| format!("shape [{}, {}] overflows", d.rows, d.cols))?;
+        if d.data.len() != want {
+            return Err(format!(
+                "dense data is {} bytes, expected {want} for [{}, {}] {:?}",
+                d.data.len(),
+                d.rows,
+                d.cols,
+                d.dtype
+            ));
+        }
+        Ok(DenseView {
+            data: d.data.as_slice(),
+            rows: d.rows,
+            cols: d.cols,
+            dtype: d.dtype,
+        })
+    }
+}
+
+/// Activations quantized to int8 per 32-element block (like llama.cpp's
+/// Q8_0): `x[k] ≈ d[k / 32] * xq[k]`.
+pub(crate) struct Q8Act {
+    xq: Vec<i8>,
+    d: Vec<f32>,
+    /// Per weight group: the sum of the dequantized activations,
+    /// `Σ_{b in g} d[b] * Σ xq[b]`, for the zero-point correction.
+    gsum: Vec<f32>,
+}
+
+impl Q8Act {
+    /// Quantizes `x` (length a multiple of 32) for weights with `group_size`.
+    pub(crate) fn new(x: &[f32], group_size: usize) -> Q8Act {
+        assert!(x.len() % QBLOCK == 0 && group_size % QBLOCK == 0 && group_size > 0);
+        let nb = x.len() / QBLOCK;
+        let mut xq = vec![0i8; x.len()];
+        let mut d = vec![0f32; nb];
+        let mut bsum = vec![0f32; nb];
+        for (b, (xs, qs)) in x
+            .chunks_exact(QBLOCK)
+            .zip(xq.chunks_exact_mut(QBLOCK))
+            .enumerate()
+        {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if amax == 0.0 || !amax.is_finite() {
+                // Zero block (or a non-finite one, kept visible as NaN).
+                d[b] = if amax == 0.0 { 0.0 } else { f32::NAN };
+                continue;
+            }
+            let db = amax / 127.0;
+            let inv = 127.0 / amax;
+            let mut s = 0i32;
+            for (q, v) in qs.iter_mut().zip(xs) {
+                let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                *q = r;
+                s += r as i32;
+            }
+            d[b] = db;
+            bsum[b] = db * s as f32;
+        }
+        let bpg = group_size / QBLOCK;
+        let gsum = bsum.chunks(bpg).map(|c| c.iter().sum()).collect();
+        Q8Act { xq, d, gsum }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Safe entry points.
+
+impl Avx2 {
+    /// `out[i] = row (r0 + i) · x` with `x` quantized to int8.
+    pub(crate) fn quant_rows_q8(self, v: &QuantView, r0: usize, a: &Q8Act, out: &mut [f32]) {
+        assert!(r0 + out.len() <= v.rows, "rows out of range");
+        assert!(a.xq.len() == v.cols && a.gsum.len() == v.n_groups);
+        for (i, o) in out.iter_mut().enumerate() {
+            // SAFETY: `self` proves AVX2/FMA/F16C; the row index is in range
+            // and the activation lengths match the view's checked shape.
+            *o = unsafe { dot_q8_row(v, r0 + i, a) };
+        }
+    }
+
+    /// `out[i] = row (r0 + i) · x` with f32 activations; `gsum[g]` is the sum
+    /// of `x` over group `g`.
+    pub(crate) fn quant_rows_f32(
+        self,
+        v: &QuantView,
+        r0: usize,
+        x: &[f32],
+        gsum: &[f32],
+        out: &mut [f32],
+    ) {
+        assert!(r0 + out.len() <= v.rows, "rows out of range");
+        assert!(x.len() == v.cols && gsum.len() == v.n_groups);
+        for (i, o) in out.iter_mut().enumerate() {
+            // SAFETY: as in `quant_rows_q8`.
+            *o = unsafe { dot_f32_row(v, r0 + i, x, gsum) };
+        }
+    }
+
+    /// `out[i] = row (r0 + i) · x` for a dense matrix.
+    pub(crate) fn dense_rows(self, v: &DenseView, r0: usize, x: &[f32], out: &mut [f32]) {
+        assert!(r0 + out.len() <= v.rows, "rows out of range");
+        assert!(x.len() == v.cols);
+        let es = v.dtype.size();
+        for (i, o) in out.iter_mut().enumerate() {
+            let r = r0 + i;
+            let row = &v.data[r * v.cols * es..(r + 1) * v.cols * es];
+            // SAFETY: `row` holds `cols` elements of `dtype` and `x` holds
+            // `cols` floats; the CPU features are proven by `self`.
+            *o = unsafe {
+                match v.dtype {
+                    FloatType::F32 => dot_dense::<DT_F32>(row.as_ptr(), x.as_ptr(), v.cols),
+                    FloatType::F16 => dot_dense::<DT_F16>(row.as_ptr(), x.as_ptr(), v.cols),
+                    FloatType::BF16 => dot_dense::<DT_BF16>(row.as_ptr(), x.as_ptr(), v.cols),
+                }
+            };
+        }
+    }
+
+    /// Dequantizes row `r` into `out` (length `cols`).
+    pub(crate) fn quant_row_f32(self, v: &QuantView, r: usize, out: &mut [f32]) {
+        assert!(r < v.rows && out.len() == v.cols);
+        // SAFETY: row in range, `out` has `cols` floats, features proven.
+        unsafe { quant_row_to_f32(v, r, out) }
+    }
+
+    /// Converts row `r` of a dense matrix into `out` (length `cols`).
+    pub(crate) fn dense_row_f32(self, v: &DenseView, r: usize, out: &mut [f32]) {
+        assert!(r < v.rows && out.len() == v.cols);
+        let es = v.dtype.size();
+        let row = &v.data[r * v.cols * es..(r + 1) * v.cols * es];
+        // SAFETY: `row` holds `cols` elements, `out` has room for `cols`.
+        unsafe {
+            match v.dtype {
+                FloatType::F32 => convert_dense::<DT_F32>(row.as_ptr(), out.as_mut_ptr(), v.cols),
+                FloatType::F16 => convert_dense::<DT_F16>(row.as_ptr(), out.as_mut_ptr(), v.cols),
+                FloatType::BF16 => convert_dense::<DT_BF16>(row.as_ptr(), out.as_mut_ptr(), v.cols),
+            }
+        }
+    }
+
+    /// Register-blocked product of `nr <= 4` f32 weight rows (`w`, row
+    /// stride `k`) with `nt <= 3` tokens (`x`, row stride `ldx`):
+    /// `out[r * ldo + t] = w[r] · x[t]` over `k` elements.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn tile(
+        self,
+        w: &[f32],
+        nr: usize,
+        x: &[f32],
+        ldx: usize,
+        nt: usize,
+        k: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        assert!((1..=TILE_R).contains(&nr) && (1..=TILE_T).contains(&nt));
+        assert!(w.len() >= nr * k);
+        assert!(ldx >= k && x.len() >= (nt - 1) * ldx + k);
+        assert!(ldo >= nt && out.len() >= (nr - 1) * ldo + nt);
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [[0f32; TILE_T]; TILE_R];
+        // SAFETY: the asserts above bound every row/token read by the tile
+        // functions; features proven by `self`.
+        unsafe {
+            match (nr, nt) {
+                (4, 3) => tile_rt::<4, 3>(wp, xp, ldx, k, &mut acc),
+                (4, 2) => tile_rt::<4, 2>(wp, xp, ldx, k, &mut acc),
+                (4, 1) => tile_rt::<4, 1>(wp, xp, ldx, k, &mut acc),
+                (3, 3) => tile_rt::<3, 3>(wp, xp, ldx, k, &mut acc),
+                (3, 2) => tile_rt::<3, 2>(wp, xp, ldx, k, &mut acc),
+                (3, 1) => tile_rt::<3, 1>(wp, xp, ldx, k, &mut acc),
+                (2, 3) => tile_rt::<2, 3>(wp, xp, ldx, k, &mut acc),
+                (2, 2) => tile_rt::<2, 2>(wp, xp, ldx, k, &mut acc),
+                (2, 1) => tile_rt::<2, 1>(wp, xp, ldx, k, &mut acc),
+                (1, 3) => tile_rt::<1, 3>(wp, xp, ldx, k, &mut acc),
+                (1, 2) => tile_rt::<1, 2>(wp, xp, ldx, k, &mut acc),
+                _ => tile_rt::<1, 1>(wp, xp, ldx, k, &mut acc),
+            }
+        }
+        for (r, accr) in acc.iter().enumerate().take(nr) {
+            out[r * ldo..r * ldo + nt].copy_from_slice(&accr[..nt]);
+        }
+    }
+
+    /// Floating-point multiply-adds per second of a register-resident FMA
+    /// loop on this thread: `iters` iterations of 10 independent 8-wide
+    /// FMAs. Returns a value to keep the work alive.
+    pub(crate) fn fma_loop(self, iters: u64) -> f32 {
+        // SAFETY: features proven by `self`; no memory is touched.
+        unsafe { fma_loop(iters) }
+    }
+}
+
+/// Weight rows per register tile.
+pub(crate) const TILE_R: usize = 4;
+/// Tokens per register tile.
+pub(crate) const TILE_T: usize = 3;
+
+// ---------------------------------------------------------------------------
+// Kernels.
+
+const DT_F32: u8 = 0;
+const DT_F16: u8 = 1;
+const DT_BF16: u8 = 2;
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// The f16 at index `i` of `p` as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_at(p: *const u8, i: usize) -> f32 {
+    let h = u16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
+/// The zero point of group `g` of row `r`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn zero_at(v: &QuantView, r: usize, g: usize) -> f32 {
+    match v.zeros {
+        None => QuantMatrix::symmetric_zero(v.bits) as f32,
+        Some(z) => {
+            let i = (r * v.n_groups + g) * 2;
+            u16::from_le_bytes([z[i], z[i + 1]]) as f32
+        }
+    }
+}
+
+/// Eight i32 lanes summing to `Σ q[k] * xq[k]` over one int4 block, with
+/// `q` read from 16 bytes at `qp` and the activations from 32 at `xp`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_i4_q8(qp: *const u8, xp: *const i8) -> __m256i {
+    let v = _mm_loadu_si128(qp as *const __m128i);
+    // Low nibbles are elements 0..16, high nibbles 16..32: the two halves
+    // of the register line up with the activation block.
+    let w = _mm256_and_si256(
+        _mm256_set_m128i(_mm_srli_epi16(v, 4), v),
+        _mm256_set1_epi8(0x0F),
+    );
+    let x = _mm256_loadu_si256(xp as *const __m256i);
+    // q <= 15 and |x| <= 127: the i16 pair sums cannot saturate.
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+}
+
+/// Eight i32 lanes summing to `Σ (q[k] - 128) * xq[k]` over one int8 block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_i8_q8(qp: *const u8, xp: *const i8) -> __m256i {
+    // q - 128 as i8; maddubs needs an unsigned operand, so take |q - 128|
+    // (<= 128) and move the sign onto the activations (|x| <= 127): pair sums
+    // stay within 2 * 128 * 127 < 32767.
+    let w = _mm256_xor_si256(
+        _mm256_loadu_si256(qp as *const __m256i),
+        _mm256_set1_epi8(-128),
+    );
+    let x = _mm256_loadu_si256(xp as *const __m256i);
+    let p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_q8<const BITS: usize>(qp: *const u8, xp: *const i8) -> __m256i {
+    if BITS == 4 {
+        block_i4_q8(qp, xp)
+    } else {
+        block_i8_q8(qp, xp)
+    }
+}
+
+/// Row `r` of `v` times int8-quantized activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_row(v: &QuantView, r: usize, a: &Q8Act) -> f32 {
+    if v.bits == 4 {
+        dot_q8_row_bits::<4>(v, r, a)
+    } else {
+        dot_q8_row_bits::<8>(v, r, a)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_row_bits<const BITS: usize>(v: &QuantView, r: usize, a: &Q8Act) -> f32 {
+    let bb = QBLOCK * BITS / 8;
+    let nb = v.cols / QBLOCK;
+    let bpg = v.group_size / QBLOCK;
+    let qrow = v.q.as_ptr().add(r * v.row_bytes);
+    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let xq = a.xq.as_ptr();
+    let d = a.d.as_ptr();
+    // The int8 kernel computes with q - 128.
+    let offset = if BITS == 8 { 128.0 } else { 0.0 };
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut corr = 0f32;
+    for g in 0..v.n_groups {
+        let s = f16_at(srow, g);
+        let z = zero_at(v, r, g);
+        corr += s * (offset - z) * a.gsum[g];
+        let mut b = g * bpg;
+        let b1 = (b + bpg).min(nb);
+        while b + 1 < b1 {
+            let p0 = _mm256_cvtepi32_ps(block_q8::<BITS>(qrow.add(b * bb), xq.add(b * QBLOCK)));
+            let p1 = _mm256_cvtepi32_ps(block_q8::<BITS>(
+                qrow.add((b + 1) * bb),
+                xq.add((b + 1) * QBLOCK),
+            ));
+            acc0 = _mm256_fmadd_ps(p0, _mm256_set1_ps(s * *d.add(b)), acc0);
+            acc1 = _mm256_fmadd_ps(p1, _mm256_set1_ps(s * *d.add(b + 1)), acc1);
+            b += 2;
+        }
+        if b < b1 {
+            let p0 = _mm256_cvtepi32_ps(block_q8::<BITS>(qrow.add(b * bb), xq.add(b * QBLOCK)));
+            acc0 = _mm256_fmadd_ps(p0, _mm256_set1_ps(s * *d.add(b)), acc0);
+        }
+    }
+    hsum(_mm256_add_ps(acc0, acc1)) + corr
+}
+
+/// The 32 values of one block as four vectors of 8 f32 (elements 0..8,
+/// 8..16, 16..24, 24..32).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_block<const BITS: usize>(qp: *const u8) -> [__m256; 4] {
+    if BITS == 4 {
+        let v = _mm_loadu_si128(qp as *const __m128i);
+        let lo = _mm256_cvtepu8_epi32(v);
+        let hi = _mm256_cvtepu8_epi32(_mm_srli_si128(v, 8));
+        let m = _mm256_set1_epi32(0x0F);
+        [
+            _mm256_cvtepi32_ps(_mm256_and_si256(lo, m)),
+            _mm256_cvtepi32_ps(_mm256_and_si256(hi, m)),
+            _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4)),
+            _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4)),
+        ]
+    } else {
+        [
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(qp as *const __m128i))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                qp.add(8) as *const __m128i
+            ))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                qp.add(16) as *const __m128i
+            ))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                qp.add(24) as *const __m128i
+            ))),
+        ]
+    }
+}
+
+/// Row `r` of `v` times f32 activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f32_row(v: &QuantView, r: usize, x: &[f32], gsum: &[f32]) -> f32 {
+    if v.bits == 4 {
+        dot_f32_row_bits::<4>(v, r, x, gsum)
+    } else {
+        dot_f32_row_bits::<8>(v, r, x, gsum)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f32_row_bits<const BITS: usize>(
+    v: &QuantView,
+    r: usize,
+    x: &[f32],
+    gsum: &[f32],
+) -> f32 {
+    let bb = QBLOCK * BITS / 8;
+    let nb = v.cols / QBLOCK;
+    let bpg = v.group_size / QBLOCK;
+    let qrow = v.q.as_ptr().add(r * v.row_bytes);
+    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let xp = x.as_ptr();
+    let mut tot = _mm256_setzero_ps();
+    let mut corr = 0f32;
+    for g in 0..v.n_groups {
+        let s = f16_at(srow, g);
+        corr += s * zero_at(v, r, g) * gsum[g];
+        let b0 = g * bpg;
+        let b1 = (b0 + bpg).min(nb);
+        let mut a = [_mm256_setzero_ps(); 4];
+        for b in b0..b1 {
+            let w = unpack_block::<BITS>(qrow.add(b * bb));
+            let xb = xp.add(b * QBLOCK);
+            for (j, aj) in a.iter_mut().enumerate() {
+                *aj = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb.add(8 * j)), *aj);
+            }
+        }
+        let gacc = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+        tot = _mm256_fmadd_ps(_mm256_set1_ps(s), gacc, tot);
+    }
+    hsum(tot) - corr
+}
+
+/// Dequantizes row `r` of `v` into `out` (`cols` floats).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quant_row_to_f32(v: &QuantView, r: usize, out: &mut [f32]) {
+    if v.bits == 4 {
+        quant_row_to_f32_bits::<4>(v, r, out)
+    } else {
+        quant_row_to_f32_bits::<8>(v, r, out)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quant_row_to_f32_bits<const BITS: usize>(v: &QuantView, r: usize, out: &mut [f32]) {
+    let bb = QBLOCK * BITS / 8;
+    let nb = v.cols / QBLOCK;
+    let bpg = v.group_size / QBLOCK;
+    let qrow = v.q.as_ptr().add(r * v.row_bytes);
+    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let op = out.as_mut_ptr();
+    for g in 0..v.n_groups {
+        let s = f16_at(srow, g);
+        let z = zero_at(v, r, g);
+        let sv = _mm256_set1_ps(s);
+        let zs = _mm256_set1_ps(-z * s);
+        let b0 = g * bpg;
+        for b in b0..(b0 + bpg).min(nb) {
+            let w = unpack_block::<BITS>(qrow.add(b * bb));
+            for (j, wj) in w.iter().enumerate() {
+                _mm256_storeu_ps(op.add(b * QBLOCK + 8 * j), _mm256_fmadd_ps(*wj, sv, zs));
+            }
+        }
+    }
+}
+
+/// Eight dense elements of type `DT` at `p` as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
+    match DT {
+        DT_F32 => _mm256_loadu_ps(p as *const f32),
+        DT_F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+        _ => _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+            16,
+        )),
+    }
+}
+
+/// One dense element of type `DT` at `p` as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load1<const DT: u8>(p: *const u8) -> f32 {
+    match DT {
+        DT_F32 => f32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]),
+        DT_F16 => f16_at(p, 0),
+        _ => f32::from_bits((u16::from_le_bytes([*p, *p.add(1)]) as u32) << 16),
+    }
+}
+
+/// `Σ w[k] * x[k]` over `n` elements, `w` of type `DT`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_dense<const DT: u8>(w: *const u8, x: *const f32, n: usize) -> f32 {
+    let es = if DT == DT_F32 { 4 } else { 2 };
+    let mut a = [_mm256_setzero_ps(); 4];
+    let mut k = 0;
+    while k + 32 <= n {
+        for (j, aj) in a.iter_mut().enumerate() {
+            let o = k + 8 * j;
+            *aj = _mm256_fmadd_ps(load8::<DT>(w.add(o * es)), _mm256_loadu_ps(x.add(o)), *aj);
+        }
+        k += 32;
+    }
+    while k + 8 <= n {
+        a[0] = _mm256_fmadd_ps(load8::<DT>(w.add(k * es)), _mm256_loadu_ps(x.add(k)), a[0]);
+        k += 8;
+    }
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(a[0], a[1]),
+        _mm256_add_ps(a[2], a[3]),
+    ));
+    while k < n {
+        s += load1::<DT>(w.add(k * es)) * *x.add(k);
+        k += 1;
+    }
+    s
+}
+
+/// Converts `n` dense elements of type `DT` at `w` to f32 at `out`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn convert_dense<const DT: u8>(w: *const u8, out: *mut f32, n: usize) {
+    let es = if DT == DT_F32 { 4 } else { 2 };
+    let mut k = 0;
+    while k + 8 <= n {
+        _mm256_storeu_ps(out.add(k), load8::<DT>(w.add(k * es)));
+        k += 8;
+    }
+    while k < n {
+        *out.add(k) = load1::<DT>(w.add(k * es));
+        k += 1;
+    }
+}
+
+/// `acc[r][t] = Σ_k w[r * k_len + k] * x[t * ldx + k]` for an `R x T` tile.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_rt<const R: usize, const T: usize>(
+    w: *const f32,
+    x: *const f32,
+    ldx: usize,
+    k_len: usize,
+    acc_out: &mut [[f32; TILE_T]; TILE_R],
+) {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let k8 = k_len / 8 * 8;
+    let mut k = 0;
+    while k < k8 {
+        let mut xv = [_mm256_setzero_ps(); T];
+        for (t, xt) in xv.iter_mut().enumerate() {
+            *xt = _mm256_loadu_ps(x.add(t * ldx + k));
+        }
+        for (r, accr) in acc.iter_mut().enumerate() {
+            let wv = _mm256_loadu_ps(w.add(r * k_len + k));
+            for (t, a) in accr.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(wv, xv[t], *a);
+            }
+        }
+        k += 8;
+    }
+    for r in 0..R {
+        for t in 0..T {
+            let mut s = hsum(acc[r][t]);
+            for k in k8..k_len {
+                s += *w.add(r * k_len + k) * *x.add(t * ldx + k);
+            }
+            acc_out[r][t] = s;
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fma_loop(iters: u64) -> f32 {
+    let mut a = [_mm256_set1_ps(1.0); 10];
+    let m = _mm256_set1_ps(0.999_999);
+    let c = _mm256_set1_ps(1e-7);
+    for _ in 0..iters {
+        for ai in a.iter_mut() {
+            *ai = _mm256_fmadd_ps(*ai, m, c);
+        }
+    }
+    let mut s = _mm256_setzero_ps();
+    for ai in a {
+        s = _mm256_add_ps(s, ai);
+    }
+    hsum(s)
+}

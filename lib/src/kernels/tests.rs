@@ -1,0 +1,367 @@
+//! Property tests: every SIMD kernel against the scalar reference on random
+//! shapes, scales (negative ones included), zero kinds, bit widths, dense
+//! types and misaligned payloads.
+
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::mmap::MappedFile;
+use crate::tensor::{Bytes, DenseMatrix, FloatType, QuantMatrix, Zeros, QBLOCK};
+
+/// Random int4/int8 matrix; scales of either sign, zeros symmetric or per group.
+fn rand_quant(
+    rng: &mut StdRng,
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    group: usize,
+    per_group: bool,
+) -> QuantMatrix {
+    let ng = cols.div_ceil(group);
+    let mut q = vec![0u8; rows * QuantMatrix::packed_row_bytes(cols, bits)];
+    rng.fill(&mut q[..]);
+    let scales: Vec<u8> = (0..rows * ng)
+        .flat_map(|_| {
+            let s: f32 = rng.gen_range(0.001..0.05) * if rng.gen_bool(0.3) { -1.0 } else { 1.0 };
+            half::f16::from_f32(s).to_le_bytes()
+        })
+        .collect();
+    let zeros = if per_group {
+        let maxz = (1u16 << bits) - 1;
+        let z: Vec<u8> = (0..rows * ng)
+            .flat_map(|_| rng.gen_range(0..=maxz).to_le_bytes())
+            .collect();
+        Zeros::PerGroup(Bytes::copy_from(&z))
+    } else {
+        Zeros::Symmetric
+    };
+    QuantMatrix {
+        rows,
+        cols,
+        bits,
+        group_size: group,
+        qdata: Bytes::copy_from(&q),
+        scales: Bytes::copy_from(&scales),
+        zeros,
+    }
+}
+
+fn rand_dense(rng: &mut StdRng, rows: usize, cols: usize, dtype: FloatType) -> DenseMatrix {
+    let data: Vec<u8> = (0..rows * cols)
+        .flat_map(|_| {
+            let v: f32 = rng.gen_range(-1.0..1.0);
+            match dtype {
+                FloatType::F32 => v.to_le_bytes().to_vec(),
+                FloatType::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+                FloatType::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+            }
+        })
+        .collect();
+    DenseMatrix {
+        rows,
+        cols,
+        dtype,
+        data: Bytes::copy_from(&data),
+    }
+}
+
+fn rand_x(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect()
+}
+
+/// The dequantized matrix, row-major.
+fn dense_f32(w: &Matrix) -> Vec<f32> {
+    let mut out = vec![0f32; w.rows() * w.cols()];
+    for (r, o) in out.chunks_exact_mut(w.cols()).enumerate() {
+        scalar::row(w, r, o);
+    }
+    out
+}
+
+fn scalar_y(w: &Matrix, x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; w.rows()];
+    scalar_matvec(w, x, &mut y);
+    y
+}
+
+/// `Σ_k |W[r, k] x[k]|` per row: the scale errors are measured against.
+fn magnitudes(wf: &[f32], cols: usize, x: &[f32]) -> Vec<f64> {
+    wf.chunks_exact(cols)
+        .map(|row| row.iter().zip(x).map(|(w, x)| (w * x).abs() as f64).sum())
+        .collect()
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], bound: &[f64]) {
+    for (r, ((g, w), b)) in got.iter().zip(want).zip(bound).enumerate() {
+        let err = (*g as f64 - *w as f64).abs();
+        assert!(
+            err <= *b,
+            "{what}: row {r}: got {g}, scalar {w}, error {err:e} > bound {b:e}"
+        );
+    }
+}
+
+fn have_simd() -> bool {
+    !matches!(simd(), Simd::None)
+}
+
+#[test]
+fn quant_matvec_matches_scalar_on_random_shapes() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for case in 0..60 {
+        let bits = if case % 2 == 0 { 4 } else { 8 };
+        let group = [32, 64, 128][case % 3];
+        let cols = group * rng.gen_range(1..=4) + if case % 5 == 0 { 32 } else { 0 };
+        let rows = rng.gen_range(1..=300);
+        let per_group = case % 4 >= 2;
+        let w = Matrix::Quant(rand_quant(&mut rng, rows, cols, bits, group, per_group));
+        let x = rand_x(&mut rng, cols);
+        let want = scalar_y(&w, &x);
+        let wf = dense_f32(&w);
+        let mags = magnitudes(&wf, cols, &x);
+        let label = format!("case {case}: {bits}-bit [{rows}, {cols}] g{group} pg={per_group}");
+
+        let mut y = vec![0f32; rows];
+        matvec_path(&w, &x, &mut y, Path::SimdF32);
+        let tight: Vec<f64> = mags.iter().map(|m| 1e-5 * m + 1e-6).collect();
+        assert_close(&format!("{label} f32"), &y, &want, &tight);
+
+        // Int8 activations: each element moves by at most half a step
+        // d_b / 2 = amax_b / 254, so the error is bounded by Σ |W| d_b / 2.
+        matvec_path(&w, &x, &mut y, Path::SimdInt8);
+        let steps: Vec<f32> = x
+            .chunks(QBLOCK)
+            .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())) / 254.0)
+            .collect();
+        let bound: Vec<f64> = wf
+            .chunks_exact(cols)
+            .zip(&mags)
+            .map(|(row, m)| {
+                let q: f64 = row
+                    .iter()
+                    .enumerate()
+                    .map(|(k, w)| (w.abs() * steps[k / QBLOCK]) as f64)
+                    .sum();
+                q * 1.001 + 1e-5 * m + 1e-6
+            })
+            .collect();
+        assert_close(&format!("{label} int8"), &y, &want, &bound);
+    }
+}
+
+#[test]
+fn int8_activation_error_is_small_relative_to_the_dot_magnitude() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut worst = 0f64;
+    for bits in [4u8, 8] {
+        let w = Matrix::Quant(rand_quant(&mut rng, 200, 512, bits, 128, false));
+        let x = rand_x(&mut rng, 512);
+        let want = scalar_y(&w, &x);
+        let mags = magnitudes(&dense_f32(&w), 512, &x);
+        let mut y = vec![0f32; 200];
+        matvec_path(&w, &x, &mut y, Path::SimdInt8);
+        for ((g, w), m) in y.iter().zip(&want).zip(&mags) {
+            worst = worst.max((*g as f64 - *w as f64).abs() / m);
+        }
+    }
+    // Uniform activations: about 1/254 per element at worst, far less summed.
+    assert!(worst < 4e-3, "worst relative error {worst:e}");
+}
+
+#[test]
+fn dense_matvec_and_rows_match_scalar() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for case in 0..30 {
+        let dtype = [FloatType::F32, FloatType::F16, FloatType::BF16][case % 3];
+        let rows = rng.gen_range(1..=300);
+        let cols = rng.gen_range(1..=300);
+        let w = Matrix::Dense(rand_dense(&mut rng, rows, cols, dtype));
+        let x = rand_x(&mut rng, cols);
+        let want = scalar_y(&w, &x);
+        let mags = magnitudes(&dense_f32(&w), cols, &x);
+        let tight: Vec<f64> = mags.iter().map(|m| 1e-5 * m + 1e-6).collect();
+        for path in [Path::SimdF32, Path::SimdInt8] {
+            let mut y = vec![0f32; rows];
+            matvec_path(&w, &x, &mut y, path);
+            assert_close(
+                &format!("case {case} {dtype:?} [{rows}, {cols}]"),
+                &y,
+                &want,
+                &tight,
+            );
+        }
+        let r = rng.gen_range(0..rows);
+        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+        row(&w, r, &mut a);
+        scalar::row(&w, r, &mut b);
+        assert_eq!(a, b, "row {r} of case {case}");
+    }
+}
+
+#[test]
+fn quant_rows_match_scalar() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for case in 0..12 {
+        let bits = if case % 2 == 0 { 4 } else { 8 };
+        let w = Matrix::Quant(rand_quant(
+            &mut rng,
+            9,
+            96,
+            bits,
+            [32, 64][(case / 2) % 2],
+            case >= 6,
+        ));
+        for r in 0..9 {
+            let (mut a, mut b) = (vec![0f32; 96], vec![0f32; 96]);
+            row(&w, r, &mut a);
+            scalar::row(&w, r, &mut b);
+            for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-6 * y.abs().max(1.0),
+                    "case {case} r {r} k {k}: {x} vs {y}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_scalar_on_random_shapes() {
+    let mut rng = StdRng::seed_from_u64(9);
+    for case in 0..24 {
+        let n = [2, 3, 4, 5, 7, 50, 97][case % 7];
+        let rows = rng.gen_range(1..=130);
+        let dcols = rng.gen_range(1..=100);
+        let w = match case % 5 {
+            0 => Matrix::Dense(rand_dense(&mut rng, rows, dcols, FloatType::BF16)),
+            1 => Matrix::Dense(rand_dense(&mut rng, rows, 64, FloatType::F32)),
+            2 => Matrix::Quant(rand_quant(&mut rng, rows, 128, 8, 64, case % 2 == 0)),
+            _ => Matrix::Quant(rand_quant(&mut rng, rows, 160, 4, 32, case % 2 == 1)),
+        };
+        let cols = w.cols();
+        let x = rand_x(&mut rng, n * cols);
+        let mut want = vec![0f32; n * rows];
+        scalar_matmul(&w, &x, n, &mut want);
+        let wf = dense_f32(&w);
+        for path in [Path::SimdF32, Path::SimdInt8] {
+            let mut y = vec![f32::NAN; n * rows];
+            matmul_path(&w, &x, n, &mut y, path);
+            for t in 0..n {
+                let xt = &x[t * cols..(t + 1) * cols];
+                let tight: Vec<f64> = magnitudes(&wf, cols, xt)
+                    .iter()
+                    .map(|m| 1e-5 * m + 1e-6)
+                    .collect();
+                assert_close(
+                    &format!("case {case} n={n} token {t}"),
+                    &y[t * rows..(t + 1) * rows],
+                    &want[t * rows..(t + 1) * rows],
+                    &tight,
+                );
+            }
+        }
+    }
+}
+
+/// A matrix whose payloads sit at odd offsets of a mapped file.
+#[test]
+fn misaligned_mapped_payloads_give_the_same_numbers() {
+    let mut rng = StdRng::seed_from_u64(13);
+    for (bits, per_group) in [(4u8, false), (4, true), (8, false), (8, true)] {
+        let m = rand_quant(&mut rng, 37, 256, bits, 64, per_group);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.bin");
+        let mut file = vec![0u8; 3];
+        let q_off = file.len();
+        file.extend_from_slice(m.qdata.as_slice());
+        file.push(0);
+        let s_off = file.len();
+        file.extend_from_slice(m.scales.as_slice());
+        file.push(0);
+        let z_off = file.len();
+        if let Zeros::PerGroup(z) = &m.zeros {
+            file.extend_from_slice(z.as_slice());
+        }
+        std::fs::write(&path, &file).unwrap();
+        let f: Arc<MappedFile> = MappedFile::open(&path).unwrap();
+        let mapped = QuantMatrix {
+            qdata: Bytes::mapped(f.clone(), q_off, m.qdata.len()).unwrap(),
+            scales: Bytes::mapped(f.clone(), s_off, m.scales.len()).unwrap(),
+            zeros: match &m.zeros {
+                Zeros::PerGroup(z) => {
+                    Zeros::PerGroup(Bytes::mapped(f.clone(), z_off, z.len()).unwrap())
+                }
+                Zeros::Symmetric => Zeros::Symmetric,
+            },
+            ..m.clone()
+        };
+        assert!(mapped.qdata.as_slice().as_ptr() as usize % 2 == 1);
+        let (w0, w1) = (Matrix::Quant(m), Matrix::Quant(mapped));
+        let x = rand_x(&mut rng, 256);
+        for path in [Path::SimdF32, Path::SimdInt8] {
+            let (mut a, mut b) = (vec![0f32; 37], vec![0f32; 37]);
+            matvec_path(&w0, &x, &mut a, path);
+            matvec_path(&w1, &x, &mut b, path);
+            assert_eq!(a, b, "{bits}-bit per_group={per_group} {path:?}");
+        }
+        let x2 = rand_x(&mut rng, 256 * 4);
+        let (mut a, mut b) = (vec![0f32; 37 * 4], vec![0f32; 37 * 4]);
+        matmul(&w0, &x2, 4, &mut a);
+        matmul(&w1, &x2, 4, &mut b);
+        assert_eq!(a, b);
+    }
+    // Dense bf16 at an odd offset.
+    let d = rand_dense(&mut rng, 5, 77, FloatType::BF16);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.bin");
+    let mut file = vec![9u8];
+    file.extend_from_slice(d.data.as_slice());
+    std::fs::write(&path, &file).unwrap();
+    let f = MappedFile::open(&path).unwrap();
+    let dm = DenseMatrix {
+        data: Bytes::mapped(f, 1, d.data.len()).unwrap(),
+        ..d.clone()
+    };
+    let x = rand_x(&mut rng, 77);
+    let (mut a, mut b) = (vec![0f32; 5], vec![0f32; 5]);
+    matvec(&Matrix::Dense(d), &x, &mut a);
+    matvec(&Matrix::Dense(dm), &x, &mut b);
+    assert_eq!(a, b);
+}
+
+#[test]
+#[should_panic(expected = "invalid weight matrix")]
+fn short_payload_is_refused() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut m = rand_quant(&mut rng, 4, 64, 4, 32, false);
+    m.qdata = Bytes::copy_from(&m.qdata.as_slice()[..m.qdata.len() - 1]);
+    let mut y = vec![0f32; 4];
+    matvec(&Matrix::Quant(m), &[0.0; 64], &mut y);
+}
+
+#[test]
+#[should_panic(expected = "multiples of 32")]
+fn group_size_not_a_multiple_of_32_is_refused() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let mut m = rand_quant(&mut rng, 4, 64, 4, 32, false);
+    m.group_size = 48;
+    m.scales = Bytes::copy_from(&vec![0u8; 4 * 2 * 2]);
+    let mut y = vec![0f32; 4];
+    matvec(&Matrix::Quant(m), &[0.0; 64], &mut y);
+}
+
+#[test]
+fn simd_is_detected_on_x86_64_with_avx2() {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+        && std::env::var("RH_KERNELS").is_err()
+    {
+        assert!(have_simd(), "AVX2 present but the SIMD path is off");
+    }
+    let _ = have_simd();
+}
