@@ -295,3 +295,46 @@ fn bench_perplexity_on_a_synthetic_model() {
         "{err}"
     );
 }
+
+#[test]
+fn misshapen_checkpoint_is_a_one_line_error_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("model");
+    std::fs::create_dir(&m).unwrap();
+    let src = case_dir("gs32").join("quant");
+    for f in ["model.safetensors", "quantization_config.json"] {
+        std::fs::copy(src.join(f), m.join(f)).unwrap();
+    }
+    // A config whose expert size disagrees with the stored tensors.
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    cfg["moe_intermediate_size"] = 96.into();
+    std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
+    let o = run(rh("rh-bench")
+        .arg("logits")
+        .arg(&m)
+        .args(["--ids", "1,2", "--out"])
+        .arg(dir.path().join("l.safetensors"))
+        .current_dir(dir.path()));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("model.layers.0.mlp.experts.0.") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    // A model type this engine does not run.
+    cfg["model_type"] = "llama".into();
+    std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
+    let o = run(rh("rh-bench")
+        .arg("logits")
+        .arg(&m)
+        .args(["--ids", "1", "--out"])
+        .arg(dir.path().join("l.safetensors"))
+        .current_dir(dir.path()));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("llama") && err.contains("config.json"),
+        "{err}"
+    );
+}
