@@ -469,3 +469,71 @@ fn synthetic_80b_layer_streams_with_small_memory() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("up to date"), "{}", text(&o));
 }
+
+#[test]
+fn stalled_body_times_out_and_resumes() {
+    let hub = hub();
+    let env = Env::new();
+    hub.faults(|f| {
+        f.stall_after.insert(SHARD1.into(), (250_000, 5_000, 1));
+    });
+    let o = run(env.fetch(&hub, REPO, "ck").args(["--read-timeout", "0.5"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_all_files(&env.path("ck"));
+    assert!(
+        hub.ranges(SHARD1).iter().any(|r| r == "bytes=250000-"),
+        "{:?}",
+        hub.ranges(SHARD1)
+    );
+}
+
+#[test]
+fn sigkill_mid_file_then_rerun_resumes() {
+    let hub = hub();
+    let env = Env::new();
+    let len = data(SHARD2).len() as u64;
+    // The hub sends 400 kB of the shard, then hangs: the process is killed
+    // while it waits.
+    hub.faults(|f| {
+        f.stall_after.insert(SHARD2.into(), (400_000, 60_000, 1));
+    });
+    let mut child = env
+        .fetch(&hub, REPO, "ck")
+        .args(["--include", SHARD2])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let part = env.path(&format!("ck/{SHARD2}.part"));
+    // Wait (polling, no fixed sleep) until the partial file holds the bytes
+    // sent, or give up after a generous bound.
+    let mut seen = 0;
+    for _ in 0..6000 {
+        seen = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+        if seen >= 400_000 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(seen, 400_000, "partial file before the kill");
+    assert!(!env.path(&format!("ck/{SHARD2}")).exists());
+
+    let o = run(env.fetch(&hub, REPO, "ck").args(["--include", SHARD2]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(env.path(&format!("ck/{SHARD2}"))).unwrap(),
+        data(SHARD2)
+    );
+    assert!(
+        hub.ranges(SHARD2).iter().any(|r| r == "bytes=400000-"),
+        "{:?}",
+        hub.ranges(SHARD2)
+    );
+    assert!(
+        hub.bytes_served(SHARD2) < 2 * len,
+        "{}",
+        hub.bytes_served(SHARD2)
+    );
+}

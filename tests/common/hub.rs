@@ -59,6 +59,9 @@ pub struct Faults {
     pub fail_500: HashMap<String, usize>,
     /// Reply 200 with the whole file to Range requests.
     pub ignore_range: Vec<String>,
+    /// After this many body bytes, stall for this many milliseconds (then
+    /// close), for this many replies.
+    pub stall_after: HashMap<String, (u64, u64, usize)>,
 }
 
 /// One request the server saw.
@@ -365,7 +368,7 @@ fn serve_bytes(
     range: Option<&str>,
     extra: &[(&str, String)],
 ) -> std::io::Result<()> {
-    let (fail, drop_at, corrupt, ignore_range) = {
+    let (fail, drop_at, corrupt, ignore_range, stall) = {
         let mut s = st.lock().unwrap();
         let fail = match s.faults.fail_500.get_mut(&f.path) {
             Some(n) if *n > 0 => {
@@ -381,11 +384,19 @@ fn serve_bytes(
             }
             _ => None,
         };
+        let stall = match s.faults.stall_after.get_mut(&f.path) {
+            Some((at, ms, n)) if *n > 0 && !fail && drop_at.is_none() => {
+                *n -= 1;
+                Some((*at, *ms))
+            }
+            _ => None,
+        };
         (
             fail,
             drop_at,
             s.faults.corrupt.contains(&f.path),
             s.faults.ignore_range.contains(&f.path),
+            stall,
         )
     };
     if fail {
@@ -424,9 +435,9 @@ fn serve_bytes(
         body.len()
     ));
     conn.write_all(head.as_bytes())?;
-    let n = match drop_at {
-        Some(at) => (at as usize).min(body.len()),
-        None => body.len(),
+    let n = match (drop_at, stall) {
+        (Some(at), _) | (None, Some((at, _))) => (at as usize).min(body.len()),
+        _ => body.len(),
     };
     let mut sent = 0;
     for chunk in body[..n].chunks(64 << 10) {
@@ -437,7 +448,10 @@ fn serve_bytes(
     }
     *st.lock().unwrap().served.entry(f.path.clone()).or_insert(0) += sent as u64;
     conn.flush()?;
-    if drop_at.is_some() {
+    if let Some((_, ms)) = stall {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    if drop_at.is_some() || stall.is_some() {
         let _ = conn.shutdown(Shutdown::Both);
     }
     Ok(())

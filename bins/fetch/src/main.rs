@@ -122,7 +122,7 @@ fn body(a: Args) -> Result<(), CliError> {
         layers: a.layers.or(p.fetch.layers),
         seed: a.seed.or(p.fetch.seed).unwrap_or(0),
         endpoint: a.endpoint.clone(),
-        token: hf_cache::token_from_env(),
+        token: hf_cache::token_with_home(a.hf_home.as_deref()),
         hf_cache,
         force: a.force,
         quiet: a.quiet,

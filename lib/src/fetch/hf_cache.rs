@@ -45,6 +45,12 @@ pub fn hf_home() -> PathBuf {
 /// The token: `HF_TOKEN`, else the file at `HF_TOKEN_PATH`, else
 /// `$HF_HOME/token` (where `huggingface-cli login` writes it).
 pub fn token_from_env() -> Option<String> {
+    token_with_home(None)
+}
+
+/// Like [`token_from_env`], with `home` (e.g. `--hf-home`) in place of
+/// `HF_HOME` for the token file.
+pub fn token_with_home(home: Option<&Path>) -> Option<String> {
     if let Ok(t) = std::env::var("HF_TOKEN") {
         let t = t.trim().to_string();
         if !t.is_empty() {
@@ -53,7 +59,11 @@ pub fn token_from_env() -> Option<String> {
     }
     let path = std::env::var_os("HF_TOKEN_PATH")
         .map(PathBuf::from)
-        .unwrap_or_else(|| hf_home().join("token"));
+        .unwrap_or_else(|| {
+            home.map(Path::to_path_buf)
+                .unwrap_or_else(hf_home)
+                .join("token")
+        });
     let t = fs::read_to_string(path).ok()?;
     let t = t.trim().to_string();
     (!t.is_empty()).then_some(t)
