@@ -19,7 +19,7 @@
 //! group sizes that are not multiples of 32) are refused with a panic naming
 //! the problem, never computed.
 
-// pub mod bench;
+pub mod bench;
 pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]
@@ -204,7 +204,7 @@ fn avx2_matvec(a: avx2::Avx2, w: &Matrix, x: &[f32], y: &mut [f32], int8: bool) 
             let v = avx2::QuantView::new(q).expect("validated");
             let rpt = rows_per_task(q.rows, q.row_bytes());
             if int8 {
-                let act = avx2::Q8Act::new(x, q.group_size);
+                let act = avx2::Q8Act::new(x, q.bits, q.group_size);
                 for_row_chunks(y, rpt, |r0, ys| a.quant_rows_q8(&v, r0, &act, ys));
             } else {
                 let gsum: Vec<f32> = x.chunks(q.group_size).map(|c| c.iter().sum()).collect();
