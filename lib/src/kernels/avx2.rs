@@ -267,12 +267,13 @@ impl Avx2 {
     }
 
     /// Register-blocked product of `nr <= 4` f32 weight rows (`w`, row
-    /// stride `k`) with `nt <= 3` tokens (`x`, row stride `ldx`):
-    /// `out[r * ldo + t] = w[r] · x[t]` over `k` elements.
+    /// stride `ldw`) with `nt <= 3` tokens (`x`, row stride `ldx`) over `k`
+    /// elements, added to `out[r * ldo + t]`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn tile(
         self,
         w: &[f32],
+        ldw: usize,
         nr: usize,
         x: &[f32],
         ldx: usize,
@@ -282,7 +283,7 @@ impl Avx2 {
         ldo: usize,
     ) {
         assert!((1..=TILE_R).contains(&nr) && (1..=TILE_T).contains(&nt));
-        assert!(w.len() >= nr * k);
+        assert!(ldw >= k && w.len() >= (nr - 1) * ldw + k);
         assert!(ldx >= k && x.len() >= (nt - 1) * ldx + k);
         assert!(ldo >= nt && out.len() >= (nr - 1) * ldo + nt);
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
@@ -291,22 +292,24 @@ impl Avx2 {
         // functions; features proven by `self`.
         unsafe {
             match (nr, nt) {
-                (4, 3) => tile_rt::<4, 3>(wp, xp, ldx, k, &mut acc),
-                (4, 2) => tile_rt::<4, 2>(wp, xp, ldx, k, &mut acc),
-                (4, 1) => tile_rt::<4, 1>(wp, xp, ldx, k, &mut acc),
-                (3, 3) => tile_rt::<3, 3>(wp, xp, ldx, k, &mut acc),
-                (3, 2) => tile_rt::<3, 2>(wp, xp, ldx, k, &mut acc),
-                (3, 1) => tile_rt::<3, 1>(wp, xp, ldx, k, &mut acc),
-                (2, 3) => tile_rt::<2, 3>(wp, xp, ldx, k, &mut acc),
-                (2, 2) => tile_rt::<2, 2>(wp, xp, ldx, k, &mut acc),
-                (2, 1) => tile_rt::<2, 1>(wp, xp, ldx, k, &mut acc),
-                (1, 3) => tile_rt::<1, 3>(wp, xp, ldx, k, &mut acc),
-                (1, 2) => tile_rt::<1, 2>(wp, xp, ldx, k, &mut acc),
-                _ => tile_rt::<1, 1>(wp, xp, ldx, k, &mut acc),
+                (4, 3) => tile_rt::<4, 3>(wp, ldw, xp, ldx, k, &mut acc),
+                (4, 2) => tile_rt::<4, 2>(wp, ldw, xp, ldx, k, &mut acc),
+                (4, 1) => tile_rt::<4, 1>(wp, ldw, xp, ldx, k, &mut acc),
+                (3, 3) => tile_rt::<3, 3>(wp, ldw, xp, ldx, k, &mut acc),
+                (3, 2) => tile_rt::<3, 2>(wp, ldw, xp, ldx, k, &mut acc),
+                (3, 1) => tile_rt::<3, 1>(wp, ldw, xp, ldx, k, &mut acc),
+                (2, 3) => tile_rt::<2, 3>(wp, ldw, xp, ldx, k, &mut acc),
+                (2, 2) => tile_rt::<2, 2>(wp, ldw, xp, ldx, k, &mut acc),
+                (2, 1) => tile_rt::<2, 1>(wp, ldw, xp, ldx, k, &mut acc),
+                (1, 3) => tile_rt::<1, 3>(wp, ldw, xp, ldx, k, &mut acc),
+                (1, 2) => tile_rt::<1, 2>(wp, ldw, xp, ldx, k, &mut acc),
+                _ => tile_rt::<1, 1>(wp, ldw, xp, ldx, k, &mut acc),
             }
         }
         for (r, accr) in acc.iter().enumerate().take(nr) {
-            out[r * ldo..r * ldo + nt].copy_from_slice(&accr[..nt]);
+            for (o, a) in out[r * ldo..r * ldo + nt].iter_mut().zip(accr) {
+                *o += a;
+            }
         }
     }
 
@@ -738,11 +741,12 @@ unsafe fn convert_dense<const DT: u8>(w: *const u8, out: *mut f32, n: usize) {
     }
 }
 
-/// `acc[r][t] = Σ_k w[r * k_len + k] * x[t * ldx + k]` for an `R x T` tile.
+/// `acc[r][t] = Σ_k w[r * ldw + k] * x[t * ldx + k]` for an `R x T` tile.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_rt<const R: usize, const T: usize>(
     w: *const f32,
+    ldw: usize,
     x: *const f32,
     ldx: usize,
     k_len: usize,
@@ -757,7 +761,7 @@ unsafe fn tile_rt<const R: usize, const T: usize>(
             *xt = _mm256_loadu_ps(x.add(t * ldx + k));
         }
         for (r, accr) in acc.iter_mut().enumerate() {
-            let wv = _mm256_loadu_ps(w.add(r * k_len + k));
+            let wv = _mm256_loadu_ps(w.add(r * ldw + k));
             for (t, a) in accr.iter_mut().enumerate() {
                 *a = _mm256_fmadd_ps(wv, xv[t], *a);
             }
@@ -768,7 +772,7 @@ unsafe fn tile_rt<const R: usize, const T: usize>(
         for t in 0..T {
             let mut s = hsum(acc[r][t]);
             for k in k8..k_len {
-                s += *w.add(r * k_len + k) * *x.add(t * ldx + k);
+                s += *w.add(r * ldw + k) * *x.add(t * ldx + k);
             }
             acc_out[r][t] = s;
         }

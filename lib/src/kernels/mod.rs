@@ -48,7 +48,12 @@ const TASKS_PER_THREAD: usize = 4;
 /// Tokens whose activations one matmul pass keeps in cache while a block of
 /// weight rows is converted and multiplied (a multiple of the tile width).
 #[cfg(target_arch = "x86_64")]
-const TOKENS_PER_PASS: usize = 48;
+const TOKENS_PER_PASS: usize = 96;
+
+/// Columns of a matmul panel multiplied at a time (4 rows x 512 f32 = 8 KiB
+/// of L1).
+#[cfg(target_arch = "x86_64")]
+const COLS_PER_SLICE: usize = 512;
 
 /// How a product is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -324,20 +329,26 @@ fn avx2_matmul(a: avx2::Avx2, w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
                             View::D(v) => a.dense_row_f32(v, p0 + i, dst),
                         }
                     }
-                    let mut t = t0;
-                    while t < t1 {
-                        let nt = TILE_T.min(t1 - t);
-                        a.tile(
-                            &panel,
-                            nr,
-                            &x[t * cols..],
-                            cols,
-                            nt,
-                            cols,
-                            &mut out[(p0 - r0) * n + t..],
-                            n,
-                        );
-                        t += nt;
+                    // Columns in slices that keep the panel's part in L1
+                    // while the pass's tokens stream through.
+                    for k0 in (0..cols).step_by(COLS_PER_SLICE) {
+                        let kl = COLS_PER_SLICE.min(cols - k0);
+                        let mut t = t0;
+                        while t < t1 {
+                            let nt = TILE_T.min(t1 - t);
+                            a.tile(
+                                &panel[k0..],
+                                cols,
+                                nr,
+                                &x[t * cols + k0..],
+                                cols,
+                                nt,
+                                kl,
+                                &mut out[(p0 - r0) * n + t..],
+                                n,
+                            );
+                            t += nt;
+                        }
                     }
                 }
             }
