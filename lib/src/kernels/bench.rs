@@ -464,6 +464,11 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
 }
 
 impl KernelReport {
+    /// The report as pretty-printed JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report serializes")
+    }
+
     /// The report as a text table.
     pub fn table(&self) -> String {
         use std::fmt::Write;
