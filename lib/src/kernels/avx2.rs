@@ -27,6 +27,12 @@ pub(crate) struct Avx2(());
 impl Avx2 {
     /// `Some` when the CPU supports the instructions these kernels use.
     pub(crate) fn detect() -> Option<Avx2> {
+        if let Some(v) = std::env::var("RH_PREFETCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            PREFETCH_BYTES.store(v, std::sync::atomic::Ordering::Relaxed);
+        }
         (is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c"))
@@ -334,6 +340,24 @@ const DT_F32: u8 = 0;
 const DT_F16: u8 = 1;
 const DT_BF16: u8 = 2;
 
+/// How far ahead of the current weight bytes the matvec kernels prefetch:
+/// enough lines in flight for one thread to approach the memory bandwidth
+/// (4 KiB measured best here against 0.5-8 KiB; `RH_PREFETCH=<bytes>`
+/// overrides it for tuning on other machines).
+static PREFETCH_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4096);
+
+fn pf_bytes() -> usize {
+    PREFETCH_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Hints the cache line at `p` into L1. Prefetches never fault, so `p` may
+/// point past the end of the weights (it is formed with `wrapping_add`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prefetch(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn hsum(v: __m256) -> f32 {
@@ -497,6 +521,7 @@ unsafe fn dot_q8_i4_paired(v: &QuantView, r: usize, a: &Q8Act) -> f32 {
     let d4 = a.d4.as_ptr();
     let m = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
+    let pfb = pf_bytes();
     let mut tot0 = _mm256_setzero_ps();
     let mut tot1 = _mm256_setzero_ps();
     for g in 0..v.n_groups {
@@ -506,6 +531,7 @@ unsafe fn dot_q8_i4_paired(v: &QuantView, r: usize, a: &Q8Act) -> f32 {
         let mut acc1 = _mm256_setzero_ps();
         let mut b = b0;
         while b + 1 < b1 {
+            prefetch(qrow.wrapping_add(b * 16 + pfb));
             let w = _mm256_loadu_si256(qrow.add(b * 16) as *const __m256i);
             let lo = _mm256_and_si256(w, m);
             let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);
@@ -541,6 +567,7 @@ unsafe fn dot_q8_row_bits<const BITS: usize>(v: &QuantView, r: usize, a: &Q8Act)
     let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
     let xq = a.xq.as_ptr();
     let d = a.d.as_ptr();
+    let pfb = pf_bytes();
     let mut tot0 = _mm256_setzero_ps();
     let mut tot1 = _mm256_setzero_ps();
     for g in 0..v.n_groups {
@@ -549,6 +576,7 @@ unsafe fn dot_q8_row_bits<const BITS: usize>(v: &QuantView, r: usize, a: &Q8Act)
         let mut acc0 = _mm256_setzero_ps();
         let mut acc1 = _mm256_setzero_ps();
         while b + 1 < b1 {
+            prefetch(qrow.wrapping_add(b * bb + pfb));
             let p0 = _mm256_cvtepi32_ps(block_q8::<BITS>(qrow.add(b * bb), xq.add(b * QBLOCK)));
             let p1 = _mm256_cvtepi32_ps(block_q8::<BITS>(
                 qrow.add((b + 1) * bb),
@@ -620,6 +648,7 @@ unsafe fn dot_f32_row_bits<const BITS: usize>(v: &QuantView, r: usize, x: &[f32]
     let qrow = v.q.as_ptr().add(r * v.row_bytes);
     let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
     let xp = x.as_ptr();
+    let pfb = pf_bytes();
     let mut tot = _mm256_setzero_ps();
     for g in 0..v.n_groups {
         let s = f16_at(srow, g);
@@ -627,6 +656,7 @@ unsafe fn dot_f32_row_bits<const BITS: usize>(v: &QuantView, r: usize, x: &[f32]
         let b1 = (b0 + bpg).min(nb);
         let mut a = [_mm256_setzero_ps(); 4];
         for b in b0..b1 {
+            prefetch(qrow.wrapping_add(b * bb + pfb));
             let w = unpack_block::<BITS>(qrow.add(b * bb));
             let xb = xp.add(b * QBLOCK);
             for (j, aj) in a.iter_mut().enumerate() {
@@ -704,7 +734,9 @@ unsafe fn dot_dense<const DT: u8>(w: *const u8, x: *const f32, n: usize) -> f32 
     let es = if DT == DT_F32 { 4 } else { 2 };
     let mut a = [_mm256_setzero_ps(); 4];
     let mut k = 0;
+    let pfb = pf_bytes();
     while k + 32 <= n {
+        prefetch(w.wrapping_add(k * es + pfb));
         for (j, aj) in a.iter_mut().enumerate() {
             let o = k + 8 * j;
             *aj = _mm256_fmadd_ps(load8::<DT>(w.add(o * es)), _mm256_loadu_ps(x.add(o)), *aj);

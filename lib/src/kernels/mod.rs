@@ -11,7 +11,8 @@
 //! activations, or activations quantized to int8 per 32-element block and
 //! multiplied with integer instructions (as llama.cpp's Q8 dot products do).
 //! [`default_path`] picks one; `RH_ACTIVATIONS=f32|int8` overrides it and
-//! `RH_KERNELS=scalar` forces the reference loops. Matrix-matrix products
+//! `RH_KERNELS=scalar` forces the reference loops; `RH_PREFETCH=<bytes>`
+//! sets the software-prefetch distance of the matvec kernels. Matrix-matrix products
 //! always use f32 activations: they are bound by arithmetic, not memory, and
 //! convert each block of weight rows to f32 once per block of tokens.
 //!
