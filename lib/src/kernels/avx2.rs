@@ -27,6 +27,12 @@ pub(crate) struct Avx2(());
 impl Avx2 {
     /// `Some` when the CPU supports the instructions these kernels use.
     pub(crate) fn detect() -> Option<Avx2> {
+        if let Some(v) = std::env::var("RH_PREFETCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            PREFETCH_BYTES.store(v, std::sync::atomic::Ordering::Relaxed);
+        }
         (is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c"))
@@ -103,48 +109,85 @@ impl<'a> DenseView<'a> {
 }
 
 /// Activations quantized to int8 per 32-element block (like llama.cpp's
-/// Q8_0): `x[k] ≈ d[k / 32] * xq[k]`.
+/// Q8_0): `x[k] ≈ d[k / 32] * xq'[k]`.
+///
+/// For int4 weights whose groups hold an even number of blocks the bytes are
+/// stored pair-interleaved, to match a 32-byte load of two int4 blocks:
+/// for blocks `b, b + 1` (`b` even) the 64 bytes are `x_b[0..16]`,
+/// `x_{b+1}[0..16]`, `x_b[16..32]`, `x_{b+1}[16..32]`; a last odd block is
+/// stored plainly. Otherwise every block is stored plainly.
 pub(crate) struct Q8Act {
     xq: Vec<i8>,
     d: Vec<f32>,
+    /// `d[b]` repeated four times per block, so two blocks' scales load as
+    /// one vector.
+    d4: Vec<f32>,
     /// Per weight group: the sum of the dequantized activations,
     /// `Σ_{b in g} d[b] * Σ xq[b]`, for the zero-point correction.
     gsum: Vec<f32>,
+    paired: bool,
+    group_size: usize,
 }
 
 impl Q8Act {
-    /// Quantizes `x` (length a multiple of 32) for weights with `group_size`.
-    pub(crate) fn new(x: &[f32], group_size: usize) -> Q8Act {
+    /// Quantizes `x` (length a multiple of 32) for `bits`-bit weights with
+    /// `group_size`.
+    pub(crate) fn new(x: &[f32], bits: u8, group_size: usize) -> Q8Act {
         assert!(x.len() % QBLOCK == 0 && group_size % QBLOCK == 0 && group_size > 0);
         let nb = x.len() / QBLOCK;
+        let bpg = group_size / QBLOCK;
+        let paired = bits == 4 && bpg % 2 == 0;
         let mut xq = vec![0i8; x.len()];
         let mut d = vec![0f32; nb];
         let mut bsum = vec![0f32; nb];
-        for (b, (xs, qs)) in x
-            .chunks_exact(QBLOCK)
-            .zip(xq.chunks_exact_mut(QBLOCK))
-            .enumerate()
-        {
-            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            if amax == 0.0 || !amax.is_finite() {
-                // Zero block (or a non-finite one, kept visible as NaN).
-                d[b] = if amax == 0.0 { 0.0 } else { f32::NAN };
-                continue;
+        let mut qs = [0i8; QBLOCK];
+        for (b, xs) in x.chunks_exact(QBLOCK).enumerate() {
+            // NaN propagates (a plain `max` would drop it).
+            let amax = xs.iter().fold(0f32, |m, v| {
+                if m.is_nan() || v.is_nan() {
+                    f32::NAN
+                } else {
+                    m.max(v.abs())
+                }
+            });
+            qs = [0; QBLOCK];
+            if amax == 0.0 {
+                d[b] = 0.0;
+            } else if !amax.is_finite() {
+                // Non-finite input: keep it visible in the output as NaN.
+                d[b] = f32::NAN;
+            } else {
+                let db = amax / 127.0;
+                let inv = 127.0 / amax;
+                let mut s = 0i32;
+                for (q, v) in qs.iter_mut().zip(xs) {
+                    let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                    *q = r;
+                    s += r as i32;
+                }
+                d[b] = db;
+                bsum[b] = db * s as f32;
             }
-            let db = amax / 127.0;
-            let inv = 127.0 / amax;
-            let mut s = 0i32;
-            for (q, v) in qs.iter_mut().zip(xs) {
-                let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                *q = r;
-                s += r as i32;
+            let base = b / 2 * 2 * QBLOCK;
+            if paired && (b % 2 == 1 || b + 1 < nb) {
+                let h = (b % 2) * 16;
+                xq[base + h..base + h + 16].copy_from_slice(&qs[..16]);
+                xq[base + 32 + h..base + 32 + h + 16].copy_from_slice(&qs[16..]);
+            } else {
+                xq[b * QBLOCK..(b + 1) * QBLOCK].copy_from_slice(&qs);
             }
-            d[b] = db;
-            bsum[b] = db * s as f32;
         }
-        let bpg = group_size / QBLOCK;
+        let _ = qs;
+        let d4 = d.iter().flat_map(|v| [*v; 4]).collect();
         let gsum = bsum.chunks(bpg).map(|c| c.iter().sum()).collect();
-        Q8Act { xq, d, gsum }
+        Q8Act {
+            xq,
+            d,
+            d4,
+            gsum,
+            paired,
+            group_size,
+        }
     }
 }
 
@@ -156,10 +199,16 @@ impl Avx2 {
     pub(crate) fn quant_rows_q8(self, v: &QuantView, r0: usize, a: &Q8Act, out: &mut [f32]) {
         assert!(r0 + out.len() <= v.rows, "rows out of range");
         assert!(a.xq.len() == v.cols && a.gsum.len() == v.n_groups);
+        assert!(
+            a.group_size == v.group_size && a.paired == (v.bits == 4 && v.group_size % 64 == 0)
+        );
         for (i, o) in out.iter_mut().enumerate() {
             // SAFETY: `self` proves AVX2/FMA/F16C; the row index is in range
-            // and the activation lengths match the view's checked shape.
-            *o = unsafe { dot_q8_row(v, r0 + i, a) };
+            // and the activation lengths and layout match the view's checked
+            // shape.
+            *o = unsafe {
+                dot_q8_row(v, r0 + i, a) + correction(v, r0 + i, &a.gsum, offset(v.bits))
+            };
         }
     }
 
@@ -177,7 +226,7 @@ impl Avx2 {
         assert!(x.len() == v.cols && gsum.len() == v.n_groups);
         for (i, o) in out.iter_mut().enumerate() {
             // SAFETY: as in `quant_rows_q8`.
-            *o = unsafe { dot_f32_row(v, r0 + i, x, gsum) };
+            *o = unsafe { dot_f32_row(v, r0 + i, x) + correction(v, r0 + i, gsum, 0.0) };
         }
     }
 
@@ -224,12 +273,13 @@ impl Avx2 {
     }
 
     /// Register-blocked product of `nr <= 4` f32 weight rows (`w`, row
-    /// stride `k`) with `nt <= 3` tokens (`x`, row stride `ldx`):
-    /// `out[r * ldo + t] = w[r] · x[t]` over `k` elements.
+    /// stride `ldw`) with `nt <= 3` tokens (`x`, row stride `ldx`) over `k`
+    /// elements, added to `out[r * ldo + t]`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn tile(
         self,
         w: &[f32],
+        ldw: usize,
         nr: usize,
         x: &[f32],
         ldx: usize,
@@ -239,7 +289,7 @@ impl Avx2 {
         ldo: usize,
     ) {
         assert!((1..=TILE_R).contains(&nr) && (1..=TILE_T).contains(&nt));
-        assert!(w.len() >= nr * k);
+        assert!(ldw >= k && w.len() >= (nr - 1) * ldw + k);
         assert!(ldx >= k && x.len() >= (nt - 1) * ldx + k);
         assert!(ldo >= nt && out.len() >= (nr - 1) * ldo + nt);
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
@@ -248,22 +298,24 @@ impl Avx2 {
         // functions; features proven by `self`.
         unsafe {
             match (nr, nt) {
-                (4, 3) => tile_rt::<4, 3>(wp, xp, ldx, k, &mut acc),
-                (4, 2) => tile_rt::<4, 2>(wp, xp, ldx, k, &mut acc),
-                (4, 1) => tile_rt::<4, 1>(wp, xp, ldx, k, &mut acc),
-                (3, 3) => tile_rt::<3, 3>(wp, xp, ldx, k, &mut acc),
-                (3, 2) => tile_rt::<3, 2>(wp, xp, ldx, k, &mut acc),
-                (3, 1) => tile_rt::<3, 1>(wp, xp, ldx, k, &mut acc),
-                (2, 3) => tile_rt::<2, 3>(wp, xp, ldx, k, &mut acc),
-                (2, 2) => tile_rt::<2, 2>(wp, xp, ldx, k, &mut acc),
-                (2, 1) => tile_rt::<2, 1>(wp, xp, ldx, k, &mut acc),
-                (1, 3) => tile_rt::<1, 3>(wp, xp, ldx, k, &mut acc),
-                (1, 2) => tile_rt::<1, 2>(wp, xp, ldx, k, &mut acc),
-                _ => tile_rt::<1, 1>(wp, xp, ldx, k, &mut acc),
+                (4, 3) => tile_rt::<4, 3>(wp, ldw, xp, ldx, k, &mut acc),
+                (4, 2) => tile_rt::<4, 2>(wp, ldw, xp, ldx, k, &mut acc),
+                (4, 1) => tile_rt::<4, 1>(wp, ldw, xp, ldx, k, &mut acc),
+                (3, 3) => tile_rt::<3, 3>(wp, ldw, xp, ldx, k, &mut acc),
+                (3, 2) => tile_rt::<3, 2>(wp, ldw, xp, ldx, k, &mut acc),
+                (3, 1) => tile_rt::<3, 1>(wp, ldw, xp, ldx, k, &mut acc),
+                (2, 3) => tile_rt::<2, 3>(wp, ldw, xp, ldx, k, &mut acc),
+                (2, 2) => tile_rt::<2, 2>(wp, ldw, xp, ldx, k, &mut acc),
+                (2, 1) => tile_rt::<2, 1>(wp, ldw, xp, ldx, k, &mut acc),
+                (1, 3) => tile_rt::<1, 3>(wp, ldw, xp, ldx, k, &mut acc),
+                (1, 2) => tile_rt::<1, 2>(wp, ldw, xp, ldx, k, &mut acc),
+                _ => tile_rt::<1, 1>(wp, ldw, xp, ldx, k, &mut acc),
             }
         }
         for (r, accr) in acc.iter().enumerate().take(nr) {
-            out[r * ldo..r * ldo + nt].copy_from_slice(&accr[..nt]);
+            for (o, a) in out[r * ldo..r * ldo + nt].iter_mut().zip(accr) {
+                *o += a;
+            }
         }
     }
 
@@ -287,6 +339,24 @@ pub(crate) const TILE_T: usize = 3;
 const DT_F32: u8 = 0;
 const DT_F16: u8 = 1;
 const DT_BF16: u8 = 2;
+
+/// How far ahead of the current weight bytes the matvec kernels prefetch:
+/// enough lines in flight for one thread to approach the memory bandwidth
+/// (4 KiB measured best here against 0.5-8 KiB; `RH_PREFETCH=<bytes>`
+/// overrides it for tuning on other machines).
+static PREFETCH_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4096);
+
+fn pf_bytes() -> usize {
+    PREFETCH_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Hints the cache line at `p` into L1. Prefetches never fault, so `p` may
+/// point past the end of the weights (it is formed with `wrapping_add`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prefetch(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+}
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -361,14 +431,130 @@ unsafe fn block_q8<const BITS: usize>(qp: *const u8, xp: *const i8) -> __m256i {
     }
 }
 
-/// Row `r` of `v` times int8-quantized activations.
+/// What the int8 kernels subtract from every weight (they compute with
+/// `q - 128` so the values fit a signed byte).
+fn offset(bits: u8) -> f32 {
+    if bits == 8 {
+        128.0
+    } else {
+        0.0
+    }
+}
+
+/// The zero-point term of row `r`: `Σ_g s_g (offset − z_g) gsum_g`, where
+/// the main kernels computed `Σ_g s_g Σ_k (q_k − offset) x_k`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn correction(v: &QuantView, r: usize, gsum: &[f32], offset: f32) -> f32 {
+    let ng = v.n_groups;
+    let srow = v.scales.as_ptr().add(r * ng * 2);
+    let gs = gsum.as_ptr();
+    match v.zeros {
+        None => {
+            let k = offset - QuantMatrix::symmetric_zero(v.bits) as f32;
+            if k == 0.0 {
+                return 0.0;
+            }
+            let mut acc = _mm256_setzero_ps();
+            let mut g = 0;
+            while g + 8 <= ng {
+                let s8 = _mm256_cvtph_ps(_mm_loadu_si128(srow.add(2 * g) as *const __m128i));
+                acc = _mm256_fmadd_ps(s8, _mm256_loadu_ps(gs.add(g)), acc);
+                g += 8;
+            }
+            let mut t = hsum(acc);
+            while g < ng {
+                t += f16_at(srow, g) * *gs.add(g);
+                g += 1;
+            }
+            k * t
+        }
+        Some(z) => {
+            let zrow = z.as_ptr().add(r * ng * 2);
+            let off = _mm256_set1_ps(offset);
+            let mut acc = _mm256_setzero_ps();
+            let mut g = 0;
+            while g + 8 <= ng {
+                let s8 = _mm256_cvtph_ps(_mm_loadu_si128(srow.add(2 * g) as *const __m128i));
+                let z8 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                    zrow.add(2 * g) as *const __m128i,
+                )));
+                let sz = _mm256_mul_ps(s8, _mm256_sub_ps(off, z8));
+                acc = _mm256_fmadd_ps(sz, _mm256_loadu_ps(gs.add(g)), acc);
+                g += 8;
+            }
+            let mut t = hsum(acc);
+            while g < ng {
+                let zg = u16::from_le_bytes([*zrow.add(2 * g), *zrow.add(2 * g + 1)]) as f32;
+                t += f16_at(srow, g) * (offset - zg) * *gs.add(g);
+                g += 1;
+            }
+            t
+        }
+    }
+}
+
+/// Row `r` of `v` times int8-quantized activations, without the zero-point
+/// term: `Σ_g s_g Σ_k (q_k − offset) x_k`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_row(v: &QuantView, r: usize, a: &Q8Act) -> f32 {
     if v.bits == 4 {
-        dot_q8_row_bits::<4>(v, r, a)
+        if a.paired {
+            dot_q8_i4_paired(v, r, a)
+        } else {
+            dot_q8_row_bits::<4>(v, r, a)
+        }
     } else {
         dot_q8_row_bits::<8>(v, r, a)
     }
+}
+
+/// The int4 kernel on pair-interleaved activations: one 32-byte load covers
+/// two blocks, whose low and high nibbles meet activations laid out to match.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_i4_paired(v: &QuantView, r: usize, a: &Q8Act) -> f32 {
+    let nb = v.cols / QBLOCK;
+    let bpg = v.group_size / QBLOCK;
+    let qrow = v.q.as_ptr().add(r * v.row_bytes);
+    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let xq = a.xq.as_ptr();
+    let d4 = a.d4.as_ptr();
+    let m = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let pfb = pf_bytes();
+    let mut tot0 = _mm256_setzero_ps();
+    let mut tot1 = _mm256_setzero_ps();
+    for g in 0..v.n_groups {
+        let b0 = g * bpg;
+        let b1 = (b0 + bpg).min(nb);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut b = b0;
+        while b + 1 < b1 {
+            prefetch(qrow.wrapping_add(b * 16 + pfb));
+            let w = _mm256_loadu_si256(qrow.add(b * 16) as *const __m256i);
+            let lo = _mm256_and_si256(w, m);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);
+            let xa = _mm256_loadu_si256(xq.add(b * QBLOCK) as *const __m256i);
+            let xb = _mm256_loadu_si256(xq.add(b * QBLOCK + 32) as *const __m256i);
+            // Each i16 is at most 2 * 15 * 127 per product pair; the sum of
+            // the two stays below 7700.
+            let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
+            let i = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+            acc0 = _mm256_fmadd_ps(i, _mm256_loadu_ps(d4.add(b * 4)), acc0);
+            std::mem::swap(&mut acc0, &mut acc1);
+            b += 2;
+        }
+        if b < b1 {
+            // The row's last block when the row has an odd number of blocks.
+            let i = _mm256_cvtepi32_ps(block_i4_q8(qrow.add(b * 16), xq.add(b * QBLOCK)));
+            acc0 = _mm256_fmadd_ps(i, _mm256_set1_ps(*a.d.as_ptr().add(b)), acc0);
+        }
+        let s = _mm256_set1_ps(f16_at(srow, g));
+        tot0 = _mm256_fmadd_ps(s, acc0, tot0);
+        tot1 = _mm256_fmadd_ps(s, acc1, tot1);
+    }
+    hsum(_mm256_add_ps(tot0, tot1))
 }
 
 #[inline]
@@ -381,33 +567,34 @@ unsafe fn dot_q8_row_bits<const BITS: usize>(v: &QuantView, r: usize, a: &Q8Act)
     let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
     let xq = a.xq.as_ptr();
     let d = a.d.as_ptr();
-    // The int8 kernel computes with q - 128.
-    let offset = if BITS == 8 { 128.0 } else { 0.0 };
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let mut corr = 0f32;
+    let pfb = pf_bytes();
+    let mut tot0 = _mm256_setzero_ps();
+    let mut tot1 = _mm256_setzero_ps();
     for g in 0..v.n_groups {
-        let s = f16_at(srow, g);
-        let z = zero_at(v, r, g);
-        corr += s * (offset - z) * a.gsum[g];
         let mut b = g * bpg;
         let b1 = (b + bpg).min(nb);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
         while b + 1 < b1 {
+            prefetch(qrow.wrapping_add(b * bb + pfb));
             let p0 = _mm256_cvtepi32_ps(block_q8::<BITS>(qrow.add(b * bb), xq.add(b * QBLOCK)));
             let p1 = _mm256_cvtepi32_ps(block_q8::<BITS>(
                 qrow.add((b + 1) * bb),
                 xq.add((b + 1) * QBLOCK),
             ));
-            acc0 = _mm256_fmadd_ps(p0, _mm256_set1_ps(s * *d.add(b)), acc0);
-            acc1 = _mm256_fmadd_ps(p1, _mm256_set1_ps(s * *d.add(b + 1)), acc1);
+            acc0 = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(&*d.add(b)), acc0);
+            acc1 = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(&*d.add(b + 1)), acc1);
             b += 2;
         }
         if b < b1 {
             let p0 = _mm256_cvtepi32_ps(block_q8::<BITS>(qrow.add(b * bb), xq.add(b * QBLOCK)));
-            acc0 = _mm256_fmadd_ps(p0, _mm256_set1_ps(s * *d.add(b)), acc0);
+            acc0 = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(&*d.add(b)), acc0);
         }
+        let s = _mm256_set1_ps(f16_at(srow, g));
+        tot0 = _mm256_fmadd_ps(s, acc0, tot0);
+        tot1 = _mm256_fmadd_ps(s, acc1, tot1);
     }
-    hsum(_mm256_add_ps(acc0, acc1)) + corr
+    hsum(_mm256_add_ps(tot0, tot1))
 }
 
 /// The 32 values of one block as four vectors of 8 f32 (elements 0..8,
@@ -442,39 +629,34 @@ unsafe fn unpack_block<const BITS: usize>(qp: *const u8) -> [__m256; 4] {
     }
 }
 
-/// Row `r` of `v` times f32 activations.
+/// Row `r` of `v` times f32 activations, without the zero-point term.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f32_row(v: &QuantView, r: usize, x: &[f32], gsum: &[f32]) -> f32 {
+unsafe fn dot_f32_row(v: &QuantView, r: usize, x: &[f32]) -> f32 {
     if v.bits == 4 {
-        dot_f32_row_bits::<4>(v, r, x, gsum)
+        dot_f32_row_bits::<4>(v, r, x)
     } else {
-        dot_f32_row_bits::<8>(v, r, x, gsum)
+        dot_f32_row_bits::<8>(v, r, x)
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f32_row_bits<const BITS: usize>(
-    v: &QuantView,
-    r: usize,
-    x: &[f32],
-    gsum: &[f32],
-) -> f32 {
+unsafe fn dot_f32_row_bits<const BITS: usize>(v: &QuantView, r: usize, x: &[f32]) -> f32 {
     let bb = QBLOCK * BITS / 8;
     let nb = v.cols / QBLOCK;
     let bpg = v.group_size / QBLOCK;
     let qrow = v.q.as_ptr().add(r * v.row_bytes);
     let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
     let xp = x.as_ptr();
+    let pfb = pf_bytes();
     let mut tot = _mm256_setzero_ps();
-    let mut corr = 0f32;
     for g in 0..v.n_groups {
         let s = f16_at(srow, g);
-        corr += s * zero_at(v, r, g) * gsum[g];
         let b0 = g * bpg;
         let b1 = (b0 + bpg).min(nb);
         let mut a = [_mm256_setzero_ps(); 4];
         for b in b0..b1 {
+            prefetch(qrow.wrapping_add(b * bb + pfb));
             let w = unpack_block::<BITS>(qrow.add(b * bb));
             let xb = xp.add(b * QBLOCK);
             for (j, aj) in a.iter_mut().enumerate() {
@@ -484,7 +666,7 @@ unsafe fn dot_f32_row_bits<const BITS: usize>(
         let gacc = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
         tot = _mm256_fmadd_ps(_mm256_set1_ps(s), gacc, tot);
     }
-    hsum(tot) - corr
+    hsum(tot)
 }
 
 /// Dequantizes row `r` of `v` into `out` (`cols` floats).
@@ -552,7 +734,9 @@ unsafe fn dot_dense<const DT: u8>(w: *const u8, x: *const f32, n: usize) -> f32 
     let es = if DT == DT_F32 { 4 } else { 2 };
     let mut a = [_mm256_setzero_ps(); 4];
     let mut k = 0;
+    let pfb = pf_bytes();
     while k + 32 <= n {
+        prefetch(w.wrapping_add(k * es + pfb));
         for (j, aj) in a.iter_mut().enumerate() {
             let o = k + 8 * j;
             *aj = _mm256_fmadd_ps(load8::<DT>(w.add(o * es)), _mm256_loadu_ps(x.add(o)), *aj);
@@ -589,11 +773,12 @@ unsafe fn convert_dense<const DT: u8>(w: *const u8, out: *mut f32, n: usize) {
     }
 }
 
-/// `acc[r][t] = Σ_k w[r * k_len + k] * x[t * ldx + k]` for an `R x T` tile.
+/// `acc[r][t] = Σ_k w[r * ldw + k] * x[t * ldx + k]` for an `R x T` tile.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_rt<const R: usize, const T: usize>(
     w: *const f32,
+    ldw: usize,
     x: *const f32,
     ldx: usize,
     k_len: usize,
@@ -608,7 +793,7 @@ unsafe fn tile_rt<const R: usize, const T: usize>(
             *xt = _mm256_loadu_ps(x.add(t * ldx + k));
         }
         for (r, accr) in acc.iter_mut().enumerate() {
-            let wv = _mm256_loadu_ps(w.add(r * k_len + k));
+            let wv = _mm256_loadu_ps(w.add(r * ldw + k));
             for (t, a) in accr.iter_mut().enumerate() {
                 *a = _mm256_fmadd_ps(wv, xv[t], *a);
             }
@@ -619,7 +804,7 @@ unsafe fn tile_rt<const R: usize, const T: usize>(
         for t in 0..T {
             let mut s = hsum(acc[r][t]);
             for k in k8..k_len {
-                s += *w.add(r * k_len + k) * *x.add(t * ldx + k);
+                s += *w.add(r * ldw + k) * *x.add(t * ldx + k);
             }
             acc_out[r][t] = s;
         }

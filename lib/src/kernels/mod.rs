@@ -11,7 +11,8 @@
 //! activations, or activations quantized to int8 per 32-element block and
 //! multiplied with integer instructions (as llama.cpp's Q8 dot products do).
 //! [`default_path`] picks one; `RH_ACTIVATIONS=f32|int8` overrides it and
-//! `RH_KERNELS=scalar` forces the reference loops. Matrix-matrix products
+//! `RH_KERNELS=scalar` forces the reference loops; `RH_PREFETCH=<bytes>`
+//! sets the software-prefetch distance of the matvec kernels. Matrix-matrix products
 //! always use f32 activations: they are bound by arithmetic, not memory, and
 //! convert each block of weight rows to f32 once per block of tokens.
 //!
@@ -19,7 +20,7 @@
 //! group sizes that are not multiples of 32) are refused with a panic naming
 //! the problem, never computed.
 
-// pub mod bench;
+pub mod bench;
 pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]
@@ -48,7 +49,12 @@ const TASKS_PER_THREAD: usize = 4;
 /// Tokens whose activations one matmul pass keeps in cache while a block of
 /// weight rows is converted and multiplied (a multiple of the tile width).
 #[cfg(target_arch = "x86_64")]
-const TOKENS_PER_PASS: usize = 48;
+const TOKENS_PER_PASS: usize = 96;
+
+/// Columns of a matmul panel multiplied at a time (4 rows x 512 f32 = 8 KiB
+/// of L1).
+#[cfg(target_arch = "x86_64")]
+const COLS_PER_SLICE: usize = 512;
 
 /// How a product is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -204,7 +210,7 @@ fn avx2_matvec(a: avx2::Avx2, w: &Matrix, x: &[f32], y: &mut [f32], int8: bool) 
             let v = avx2::QuantView::new(q).expect("validated");
             let rpt = rows_per_task(q.rows, q.row_bytes());
             if int8 {
-                let act = avx2::Q8Act::new(x, q.group_size);
+                let act = avx2::Q8Act::new(x, q.bits, q.group_size);
                 for_row_chunks(y, rpt, |r0, ys| a.quant_rows_q8(&v, r0, &act, ys));
             } else {
                 let gsum: Vec<f32> = x.chunks(q.group_size).map(|c| c.iter().sum()).collect();
@@ -324,20 +330,26 @@ fn avx2_matmul(a: avx2::Avx2, w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
                             View::D(v) => a.dense_row_f32(v, p0 + i, dst),
                         }
                     }
-                    let mut t = t0;
-                    while t < t1 {
-                        let nt = TILE_T.min(t1 - t);
-                        a.tile(
-                            &panel,
-                            nr,
-                            &x[t * cols..],
-                            cols,
-                            nt,
-                            cols,
-                            &mut out[(p0 - r0) * n + t..],
-                            n,
-                        );
-                        t += nt;
+                    // Columns in slices that keep the panel's part in L1
+                    // while the pass's tokens stream through.
+                    for k0 in (0..cols).step_by(COLS_PER_SLICE) {
+                        let kl = COLS_PER_SLICE.min(cols - k0);
+                        let mut t = t0;
+                        while t < t1 {
+                            let nt = TILE_T.min(t1 - t);
+                            a.tile(
+                                &panel[k0..],
+                                cols,
+                                nr,
+                                &x[t * cols + k0..],
+                                cols,
+                                nt,
+                                kl,
+                                &mut out[(p0 - r0) * n + t..],
+                                n,
+                            );
+                            t += nt;
+                        }
                     }
                 }
             }

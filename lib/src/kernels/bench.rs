@@ -1,0 +1,566 @@
+//! Kernel benchmarks: effective bandwidth and arithmetic rate of
+//! [`matvec`](super::matvec) and [`matmul`](super::matmul) on the real
+//! model's shapes, next to the memory read bandwidth ([`crate::membw`]) and an
+//! FMA-peak microbenchmark measured in the same run, on the same threads.
+//!
+//! Matrix-vector figures are "cold": each timed pass walks over enough
+//! separate copies of the matrix (at least [`KernelOpts::cold_bytes`]) that
+//! the weights come from memory, as they do in decode, where every layer and
+//! expert is read once per token. Matrix-matrix figures use one copy.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::{isa, matmul_path, matvec_path, Path};
+use crate::membw::{self, Bandwidth};
+use crate::tensor::{AlignedBuf, Bytes, DenseMatrix, FloatType, Matrix, QuantMatrix, Zeros};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct KernelOpts {
+    /// Threads (a private rayon pool); `None` uses the current pool.
+    pub threads: Option<usize>,
+    /// Substrings selecting shapes by name; empty measures every shape.
+    pub shapes: Vec<String>,
+    /// Time budget of each measurement in seconds (at least one pass runs).
+    pub seconds: f64,
+    /// Tokens of the matrix-matrix products.
+    pub tokens: usize,
+    /// Buffer of the memory-bandwidth probe.
+    pub membw_bytes: usize,
+    /// Bytes of matrix copies a cold matvec pass walks over.
+    pub cold_bytes: usize,
+    /// Whether to measure matrix-matrix products.
+    pub matmul: bool,
+}
+
+impl Default for KernelOpts {
+    fn default() -> Self {
+        KernelOpts {
+            threads: None,
+            shapes: Vec::new(),
+            seconds: 0.5,
+            tokens: 512,
+            membw_bytes: 1 << 30,
+            cold_bytes: 512 << 20,
+            matmul: true,
+        }
+    }
+}
+
+/// Weight kind of a benchmark shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum WeightKind {
+    /// int4, group 128, symmetric.
+    Int4,
+    /// int8, group 128, symmetric.
+    Int8,
+    /// bfloat16.
+    Bf16,
+}
+
+/// A benchmark shape.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Shape {
+    /// Name (what `--shapes` matches).
+    pub name: &'static str,
+    /// Weight kind.
+    pub kind: WeightKind,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Whether the matrix-matrix product is measured too.
+    pub matmul: bool,
+}
+
+/// The shapes measured: Qwen3-Next-80B-A3B's expert, attention and lm_head
+/// matrices, and two larger than any cache.
+pub const SHAPES: &[Shape] = &[
+    Shape {
+        name: "expert-gate-up",
+        kind: WeightKind::Int4,
+        rows: 512,
+        cols: 2048,
+        matmul: true,
+    },
+    Shape {
+        name: "expert-down",
+        kind: WeightKind::Int4,
+        rows: 2048,
+        cols: 512,
+        matmul: true,
+    },
+    Shape {
+        name: "qkvz",
+        kind: WeightKind::Int8,
+        rows: 12288,
+        cols: 2048,
+        matmul: true,
+    },
+    Shape {
+        name: "q_proj",
+        kind: WeightKind::Int8,
+        rows: 8192,
+        cols: 2048,
+        matmul: true,
+    },
+    Shape {
+        name: "lm_head",
+        kind: WeightKind::Bf16,
+        rows: 151936,
+        cols: 2048,
+        matmul: true,
+    },
+    Shape {
+        name: "big-int4",
+        kind: WeightKind::Int4,
+        rows: 16384,
+        cols: 16384,
+        matmul: false,
+    },
+    Shape {
+        name: "big-int8",
+        kind: WeightKind::Int8,
+        rows: 16384,
+        cols: 16384,
+        matmul: false,
+    },
+];
+
+/// One measured kernel and shape.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelRow {
+    /// Shape name.
+    pub shape: String,
+    /// Weight kind.
+    pub kind: WeightKind,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// `matvec` or `matmul`.
+    pub op: &'static str,
+    /// Kernel path.
+    pub path: &'static str,
+    /// Tokens per call.
+    pub tokens: usize,
+    /// Best seconds per call.
+    pub seconds: f64,
+    /// Weight bytes read per call / seconds, in GB/s.
+    pub gbs: f64,
+    /// Effective bandwidth as a share of the measured read bandwidth.
+    pub of_bandwidth: f64,
+    /// `2 rows cols tokens / seconds`, in GFLOP/s.
+    pub gflops: f64,
+    /// GFLOP/s as a share of the FMA peak.
+    pub of_fma_peak: f64,
+    /// Calls timed.
+    pub calls: usize,
+}
+
+/// Error of int8-quantized activations against the f32 reference.
+#[derive(Clone, Debug, Serialize)]
+pub struct Int8Error {
+    /// Shape name.
+    pub shape: String,
+    /// `‖y_int8 − y_ref‖₂ / ‖y_ref‖₂`.
+    pub rel_l2: f64,
+    /// `max |y_int8 − y_ref| / (max y_ref − min y_ref)`: the measure the
+    /// engine bounds logits with.
+    pub max_over_range: f64,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelReport {
+    /// Instruction set of the SIMD paths.
+    pub isa: &'static str,
+    /// Threads used.
+    pub threads: usize,
+    /// Memory read bandwidth on the same threads.
+    pub bandwidth: Bandwidth,
+    /// FMA peak, GFLOP/s, one thread.
+    pub fma_peak_1t_gflops: f64,
+    /// FMA peak, GFLOP/s, all threads.
+    pub fma_peak_gflops: f64,
+    /// Per kernel and shape.
+    pub rows: Vec<KernelRow>,
+    /// Int8-activation error per quantized shape.
+    pub int8_error: Vec<Int8Error>,
+}
+
+/// Runs the benchmarks.
+pub fn run(opts: &KernelOpts) -> KernelReport {
+    match opts.threads.filter(|&t| t > 0) {
+        Some(t) => match rayon::ThreadPoolBuilder::new().num_threads(t).build() {
+            Ok(pool) => pool.install(|| run_here(opts)),
+            Err(e) => {
+                tracing::warn!("thread pool of {t}: {e}; using the global pool");
+                run_here(opts)
+            }
+        },
+        None => run_here(opts),
+    }
+}
+
+fn run_here(opts: &KernelOpts) -> KernelReport {
+    let threads = rayon::current_num_threads();
+    tracing::info!("memory bandwidth probe ({} MiB)", opts.membw_bytes >> 20);
+    let bandwidth = membw::measure(opts.membw_bytes, (opts.seconds * 4.0).max(1.0));
+    let (fma1, fma_all) = fma_peak(opts.seconds.max(0.2));
+    let mut rep = KernelReport {
+        isa: isa(),
+        threads,
+        bandwidth,
+        fma_peak_1t_gflops: fma1,
+        fma_peak_gflops: fma_all,
+        rows: Vec::new(),
+        int8_error: Vec::new(),
+    };
+    for shape in SHAPES {
+        if !opts.shapes.is_empty() && !opts.shapes.iter().any(|s| shape.name.contains(s.as_str())) {
+            continue;
+        }
+        tracing::info!("shape {} [{}, {}]", shape.name, shape.rows, shape.cols);
+        bench_shape(shape, opts, &mut rep);
+    }
+    rep
+}
+
+/// GFLOP/s of a register-resident FMA loop: one thread, then every thread.
+pub fn fma_peak(seconds: f64) -> (f64, f64) {
+    let iters = 2_000_000u64;
+    let flops_per_call = iters as f64 * 10.0 * 8.0 * 2.0;
+    let Some(one) = fma_call(iters) else {
+        return (0.0, 0.0);
+    };
+    let mut best1 = flops_per_call / one / 1e9;
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < seconds / 2.0 {
+        best1 = best1.max(flops_per_call / fma_call(iters).unwrap_or(f64::MAX) / 1e9);
+    }
+    let mut best_all = 0f64;
+    let start = Instant::now();
+    loop {
+        let t = Instant::now();
+        rayon::broadcast(|_| fma_call(iters));
+        let dt = t.elapsed().as_secs_f64();
+        best_all = best_all.max(flops_per_call * rayon::current_num_threads() as f64 / dt / 1e9);
+        if start.elapsed().as_secs_f64() >= seconds / 2.0 {
+            break;
+        }
+    }
+    (best1, best_all)
+}
+
+/// Seconds of one FMA-loop call on this thread; `None` without SIMD.
+fn fma_call(iters: u64) -> Option<f64> {
+    match super::simd() {
+        #[cfg(target_arch = "x86_64")]
+        super::Simd::Avx2(a) => {
+            let t = Instant::now();
+            std::hint::black_box(a.fma_loop(std::hint::black_box(iters)));
+            Some(t.elapsed().as_secs_f64())
+        }
+        _ => None,
+    }
+}
+
+/// Fills `buf` with pseudo-random bytes (splitmix64), in parallel.
+fn fill_random(buf: &mut [u8], seed: u64) {
+    buf.par_chunks_mut(1 << 16).enumerate().for_each(|(ci, c)| {
+        let mut s = seed ^ (ci as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for w in c.chunks_mut(8) {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let b = z.to_le_bytes();
+            w.copy_from_slice(&b[..w.len()]);
+        }
+    });
+}
+
+/// Random 2-byte floats of moderate magnitude (no NaN, infinity or
+/// subnormal): the high byte of each element is forced into `[0x3C, 0x3F]`
+/// with a random sign, for bf16 `[2^-7, 2)` and for f16 `[1, 2)`-ish values.
+fn tame_halves(buf: &mut [u8]) {
+    buf.par_chunks_mut(1 << 16).for_each(|c| {
+        for h in c.chunks_exact_mut(2) {
+            h[1] = (h[1] & 0x80) | 0x3C | (h[1] & 0x03);
+        }
+    });
+}
+
+/// A random matrix of `shape` (scales small and of either sign).
+pub fn random_matrix(shape: &Shape, seed: u64) -> Matrix {
+    let (rows, cols) = (shape.rows, shape.cols);
+    match shape.kind {
+        WeightKind::Bf16 => {
+            let mut b = AlignedBuf::zeroed(rows * cols * 2);
+            fill_random(b.as_mut_slice(), seed);
+            tame_halves(b.as_mut_slice());
+            Matrix::Dense(DenseMatrix {
+                rows,
+                cols,
+                dtype: FloatType::BF16,
+                data: Bytes::owned(b),
+            })
+        }
+        WeightKind::Int4 | WeightKind::Int8 => {
+            let bits = if shape.kind == WeightKind::Int4 { 4 } else { 8 };
+            let group = 128.min(cols);
+            let mut q = AlignedBuf::zeroed(rows * QuantMatrix::packed_row_bytes(cols, bits));
+            fill_random(q.as_mut_slice(), seed);
+            let ng = cols.div_ceil(group);
+            let mut s = AlignedBuf::zeroed(rows * ng * 2);
+            fill_random(s.as_mut_slice(), seed ^ 1);
+            // f16 with exponent field 0b0_1000 region: about ±[2^-7, 2^-6).
+            s.as_mut_slice().par_chunks_mut(1 << 16).for_each(|c| {
+                for h in c.chunks_exact_mut(2) {
+                    h[1] = (h[1] & 0x80) | 0x20 | (h[1] & 0x03);
+                }
+            });
+            Matrix::Quant(QuantMatrix {
+                rows,
+                cols,
+                bits,
+                group_size: group,
+                qdata: Bytes::owned(q),
+                scales: Bytes::owned(s),
+                zeros: Zeros::Symmetric,
+            })
+        }
+    }
+}
+
+/// Activations like a transformer's: mostly small, with a few outlier
+/// channels (which is what makes per-block int8 quantization lossy).
+fn activations(n: usize, seed: u64) -> Vec<f32> {
+    let mut b = vec![0u8; n * 4];
+    fill_random(&mut b, seed);
+    b.chunks_exact(4)
+        .enumerate()
+        .map(|(i, c)| {
+            let u = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32 / u32::MAX as f32;
+            let v = 2.0 * u - 1.0;
+            if i % 97 == 13 {
+                v * 20.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// Best seconds per call of `f` within `seconds` (one warm-up call first
+/// when it is cheap), and the number of timed calls.
+fn time_best(seconds: f64, mut f: impl FnMut()) -> (f64, usize) {
+    let t = Instant::now();
+    f();
+    let first = t.elapsed().as_secs_f64();
+    if first >= seconds {
+        return (first, 1);
+    }
+    let mut best = first;
+    let mut calls = 1;
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+        calls += 1;
+    }
+    (best, calls)
+}
+
+fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
+    let one = random_matrix(shape, 42);
+    let bytes = one.bytes_read();
+    let copies = opts.cold_bytes.div_ceil(bytes).max(1);
+    let mut mats = vec![one];
+    for c in 1..copies {
+        mats.push(random_matrix(shape, 42 + c as u64));
+    }
+    let (rows, cols) = (shape.rows, shape.cols);
+    let x = activations(cols, 7);
+    let mut y = vec![0f32; rows];
+    let bw = rep.bandwidth.all_threads_gbs;
+    let peak = rep.fma_peak_gflops;
+    let paths: &[Path] = if shape.kind == WeightKind::Bf16 {
+        &[Path::SimdF32]
+    } else {
+        &[Path::SimdInt8, Path::SimdF32]
+    };
+    let row = |op, path: Path, tokens: usize, secs: f64, calls: usize| {
+        let gbs = bytes as f64 / secs / 1e9;
+        let gflops = 2.0 * (rows * cols * tokens) as f64 / secs / 1e9;
+        KernelRow {
+            shape: shape.name.to_string(),
+            kind: shape.kind,
+            rows,
+            cols,
+            op,
+            path: path.name(),
+            tokens,
+            seconds: secs,
+            gbs,
+            of_bandwidth: if bw > 0.0 { gbs / bw } else { 0.0 },
+            gflops,
+            of_fma_peak: if peak > 0.0 { gflops / peak } else { 0.0 },
+            calls,
+        }
+    };
+    for &path in paths {
+        // One pass = one matvec on every copy.
+        let (secs, passes) = time_best(opts.seconds, || {
+            for m in &mats {
+                matvec_path(m, &x, &mut y, path);
+            }
+        });
+        let per_call = secs / mats.len() as f64;
+        rep.rows
+            .push(row("matvec", path, 1, per_call, passes * mats.len()));
+    }
+    mats.truncate(1);
+    let w = &mats[0];
+    if shape.kind != WeightKind::Bf16 && rows * cols <= 1 << 26 {
+        let mut y8 = vec![0f32; rows];
+        let mut yr = vec![0f32; rows];
+        matvec_path(w, &x, &mut y8, Path::SimdInt8);
+        matvec_path(w, &x, &mut yr, Path::Scalar);
+        let num: f64 = y8
+            .iter()
+            .zip(&yr)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = yr.iter().map(|b| (*b as f64).powi(2)).sum();
+        let maxd = y8
+            .iter()
+            .zip(&yr)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+        let (lo, hi) = yr.iter().fold((f64::MAX, f64::MIN), |(l, h), v| {
+            (l.min(*v as f64), h.max(*v as f64))
+        });
+        rep.int8_error.push(Int8Error {
+            shape: shape.name.to_string(),
+            rel_l2: (num / den.max(f64::MIN_POSITIVE)).sqrt(),
+            max_over_range: maxd / (hi - lo).max(f64::MIN_POSITIVE),
+        });
+    }
+    if opts.matmul && shape.matmul && opts.tokens > 1 {
+        let n = opts.tokens;
+        let xs = activations(n * cols, 9);
+        let mut ys = vec![0f32; n * rows];
+        let (secs, calls) = time_best(opts.seconds, || {
+            matmul_path(w, &xs, n, &mut ys, Path::SimdF32)
+        });
+        rep.rows.push(row("matmul", Path::SimdF32, n, secs, calls));
+    }
+}
+
+impl KernelReport {
+    /// The report as pretty-printed JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report serializes")
+    }
+
+    /// The report as a text table.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let b = &self.bandwidth;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "kernels: {} on {} threads; memory read bandwidth {:.2} GB/s ({:.2} on 1 thread, {} MiB buffer); FMA peak {:.1} GFLOP/s ({:.1} on 1 thread)",
+            self.isa,
+            self.threads,
+            b.all_threads_gbs,
+            b.single_thread_gbs,
+            b.buffer_bytes >> 20,
+            self.fma_peak_gflops,
+            self.fma_peak_1t_gflops
+        );
+        let _ = writeln!(
+            s,
+            "{:<15} {:>13} {:<6} {:<9} {:>6} {:>10} {:>8} {:>6} {:>9} {:>6}",
+            "shape",
+            "rows x cols",
+            "op",
+            "path",
+            "tokens",
+            "ms/call",
+            "GB/s",
+            "%bw",
+            "GFLOP/s",
+            "%fma"
+        );
+        for r in &self.rows {
+            let _ = writeln!(
+                s,
+                "{:<15} {:>13} {:<6} {:<9} {:>6} {:>10.3} {:>8.2} {:>5.0}% {:>9.1} {:>5.1}%",
+                format!("{} {:?}", r.shape, r.kind)
+                    .chars()
+                    .take(15)
+                    .collect::<String>(),
+                format!("{}x{}", r.rows, r.cols),
+                r.op,
+                r.path,
+                r.tokens,
+                r.seconds * 1e3,
+                r.gbs,
+                r.of_bandwidth * 100.0,
+                r.gflops,
+                r.of_fma_peak * 100.0
+            );
+        }
+        if !self.int8_error.is_empty() {
+            let _ = writeln!(s, "int8 activations vs scalar f32 reference:");
+            for e in &self.int8_error {
+                let _ = writeln!(
+                    s,
+                    "  {:<15} relative L2 error {:.2e}, max error / output range {:.2e}",
+                    e.shape, e.rel_l2, e.max_over_range
+                );
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_run_reports_every_selected_shape() {
+        let opts = KernelOpts {
+            threads: Some(2),
+            shapes: vec!["expert-gate".into()],
+            seconds: 0.01,
+            tokens: 4,
+            membw_bytes: 1 << 20,
+            cold_bytes: 1,
+            matmul: true,
+        };
+        let rep = run(&opts);
+        assert_eq!(rep.threads, 2);
+        let ops: Vec<_> = rep.rows.iter().map(|r| (r.op, r.path)).collect();
+        assert_eq!(
+            ops,
+            vec![
+                ("matvec", "simd-int8"),
+                ("matvec", "simd-f32"),
+                ("matmul", "simd-f32")
+            ]
+        );
+        assert!(rep.rows.iter().all(|r| r.gbs > 0.0 && r.seconds > 0.0));
+        assert_eq!(rep.int8_error.len(), 1);
+        assert!(rep.int8_error[0].max_over_range < 2e-2);
+        assert!(rep.table().contains("expert-gate-up"));
+    }
+}
