@@ -34,4 +34,5 @@ pub mod speedbench;
 pub mod stage;
 pub mod synthetic;
 pub mod tensor;
+pub mod verify;
 pub mod weights;

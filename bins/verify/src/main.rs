@@ -1,1 +1,175 @@
-fn main() {}
+//! `rh-verify`: BLAKE3 manifests for the cache (write, check, quick check)
+//! and portable tar.zst bundles. Logic lives in `roundhouse::verify`.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use roundhouse::cli::{self, CliError, Verbosity};
+use roundhouse::pipeline::Pipeline;
+use roundhouse::verify::{self, pack, CheckOptions, StageOptions};
+
+/// Check a directory (the repacked cache) against its BLAKE3 manifest,
+/// locating damage to a file and chunk; pack and unpack verified bundles.
+/// Without a subcommand it runs the pipeline's verify stage: it writes the
+/// cache's manifest when there is none, else checks the cache against it.
+#[derive(Parser, Debug)]
+#[command(name = "rh-verify", version)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Pipeline manifest (default: ./pipeline.toml when present).
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Stage: directory to verify (default: [verify] cache, else repack's output).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Stage: check sizes and the first and last chunk of each file only.
+    #[arg(long)]
+    quick: bool,
+    /// Stage: the manifest hash the cache must have (shared out of band).
+    #[arg(long)]
+    expect: Option<String>,
+    /// Stage: redo even when up to date.
+    #[arg(long)]
+    force: bool,
+    /// Print the result as JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More logs (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Errors only (and no progress bar).
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Hash every file of DIR into DIR/manifest.blake3.json.
+    Write {
+        /// Directory to hash.
+        dir: PathBuf,
+        /// Chunk size in MiB (a power of two).
+        #[arg(long, default_value_t = 64)]
+        chunk_mib: u64,
+    },
+    /// Check DIR against DIR/manifest.blake3.json (exit 3 on a mismatch).
+    Check {
+        /// Directory to check.
+        dir: PathBuf,
+        /// Sizes and the first and last chunk of each file only.
+        #[arg(long)]
+        quick: bool,
+        /// The manifest hash DIR must have.
+        #[arg(long)]
+        expect: Option<String>,
+    },
+    /// Stream DIR (manifest first) into a tar.zst bundle, checking as it goes.
+    Pack {
+        /// Directory with a manifest.
+        dir: PathBuf,
+        /// Bundle to write (e.g. cache.tar.zst).
+        #[arg(long)]
+        out: PathBuf,
+        /// zstd level (1-19).
+        #[arg(long, default_value_t = 3)]
+        level: i32,
+    },
+    /// Extract a bundle into DIR, verifying every chunk as it arrives.
+    Unpack {
+        /// The bundle.
+        bundle: PathBuf,
+        /// Directory to fill.
+        #[arg(long)]
+        out: PathBuf,
+        /// The manifest hash the bundle must carry.
+        #[arg(long)]
+        expect: Option<String>,
+    },
+}
+
+fn emit<T: serde::Serialize>(json: bool, quiet: bool, value: &T, line: String) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("result serializes")
+        );
+    } else if !quiet {
+        println!("{line}");
+    }
+}
+
+fn run(a: Args) -> Result<(), CliError> {
+    cli::init_logging(&Verbosity {
+        verbose: a.verbose,
+        quiet: a.quiet,
+    });
+    let (json, quiet) = (a.json, a.quiet);
+    match a.cmd {
+        Some(Cmd::Write { dir, chunk_mib }) => {
+            if chunk_mib == 0 || !chunk_mib.is_power_of_two() {
+                return Err(CliError::usage(format!(
+                    "--chunk-mib {chunk_mib}: must be a power of two"
+                )));
+            }
+            let (_, s) = verify::write_manifest(&dir, chunk_mib << 20, quiet)?;
+            emit(json, quiet, &s, s.line());
+        }
+        Some(Cmd::Check { dir, quick, expect }) => {
+            let s = verify::check(
+                &dir,
+                &CheckOptions {
+                    quick,
+                    expect,
+                    quiet,
+                },
+            )?;
+            emit(json, quiet, &s, s.line());
+        }
+        Some(Cmd::Pack { dir, out, level }) => {
+            if !(1..=19).contains(&level) {
+                return Err(CliError::usage(format!("--level {level}: must be 1 to 19")));
+            }
+            let s = pack::pack(&dir, &out, level, quiet)?;
+            emit(json, quiet, &s, s.line("packed"));
+        }
+        Some(Cmd::Unpack {
+            bundle,
+            out,
+            expect,
+        }) => {
+            let s = pack::unpack(&bundle, &out, expect.as_deref(), quiet)?;
+            emit(json, quiet, &s, s.line("unpacked"));
+        }
+        None => {
+            let p = Pipeline::discover(a.pipeline.as_deref())?;
+            let mut o = StageOptions::from_pipeline(&p);
+            if let Some(c) = a.cache {
+                o.dir = Some(c);
+            }
+            if a.expect.is_some() {
+                o.expect = a.expect;
+            }
+            o.quick |= a.quick;
+            o.force = a.force;
+            o.quiet = quiet;
+            let r = verify::run_stage(&p, &o)?;
+            let line = match &r.summary {
+                Some(s) => s.line(),
+                None => format!(
+                    "verify: up to date: {} already verified (manifest blake3 {}); use --force to check again",
+                    r.dir.display(),
+                    r.manifest_blake3
+                ),
+            };
+            emit(json, quiet, &r, line);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::main_with("rh-verify", || run(args))
+}

@@ -1,0 +1,907 @@
+//! `rh-verify`: a BLAKE3 manifest for a directory of files (the repacked
+//! cache), checked in parallel and located to the damaged chunk, plus a
+//! portable `tar.zst` bundle verified while it is unpacked.
+//!
+//! `DIR/manifest.blake3.json` lists every other file with its size, its
+//! whole-file BLAKE3 (the same as `b3sum`) and one value per chunk
+//! ([`hash`] explains how they relate). The manifest's own BLAKE3 is the
+//! one hash a person shares out of band (`--expect`).
+
+pub mod hash;
+pub mod pack;
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::cli::{self, human_bytes, Classify, Exit};
+use crate::fsutil::{self, FsError};
+use crate::pipeline::Pipeline;
+use crate::stage::{self, Fingerprint, Output, Plan, StageError};
+
+use hash::{chunk_count, chunk_range, file_root, hash_jobs, hex, parse_hex, Job};
+
+/// File name of the manifest inside the checked directory.
+pub const MANIFEST_NAME: &str = "manifest.blake3.json";
+/// Version of the manifest layout.
+pub const MANIFEST_FORMAT: u32 = 1;
+/// Default chunk size: 64 MiB.
+pub const DEFAULT_CHUNK: u64 = 64 << 20;
+
+/// Errors of verification; mismatches exit with code 3.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// Reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Crash-safe write failed.
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    /// Stage record trouble.
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    /// No manifest where one is needed.
+    #[error("{0}: no manifest; create one with `rh-verify write {1}`")]
+    NoManifest(PathBuf, PathBuf),
+    /// The manifest itself is malformed.
+    #[error("{path}: bad manifest: {reason}")]
+    BadManifest {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The data does not match the manifest (first problem, and how many more).
+    #[error("{first}{}", if *.more > 0 { format!(" (and {} more problem(s); -v lists them)", .more) } else { String::new() })]
+    Mismatch {
+        /// The first problem, naming file and chunk.
+        first: String,
+        /// Further problems.
+        more: usize,
+    },
+    /// The manifest's own hash is not the one expected.
+    #[error("{path}: manifest blake3 is {found}, expected {expected}: this is not the cache that was shared")]
+    Expect {
+        /// The manifest.
+        path: PathBuf,
+        /// Its hash.
+        found: String,
+        /// `--expect`.
+        expected: String,
+    },
+    /// A file changed size while it was read.
+    #[error("{path}: {reason}")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+        /// What happened.
+        reason: String,
+    },
+    /// A bundle that is not a valid, complete bundle.
+    #[error("{path}: {reason}")]
+    BadBundle {
+        /// The bundle.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Bad arguments to a library call (a chunk size that is not a power of two, ...).
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl VerifyError {
+    /// Wraps an I/O error with its path.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        VerifyError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+impl Classify for VerifyError {
+    fn exit(&self) -> Exit {
+        match self {
+            VerifyError::Io { .. } | VerifyError::Fs(_) | VerifyError::NoManifest(..) => {
+                Exit::Failure
+            }
+            VerifyError::Stage(e) => e.exit(),
+            VerifyError::Usage(_) => Exit::Usage,
+            _ => Exit::VerifyFailed,
+        }
+    }
+}
+
+/// One file in the manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path relative to the directory, `/`-separated.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// BLAKE3 of the whole file (hex), as `b3sum` prints it.
+    pub blake3: String,
+    /// One value per chunk (hex).
+    pub chunks: Vec<String>,
+}
+
+/// `manifest.blake3.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// Always `blake3`.
+    pub algorithm: String,
+    /// Chunk size in bytes (a power of two, at least 1 KiB).
+    pub chunk_size: u64,
+    /// Every file but the manifest, sorted by path.
+    pub files: Vec<FileEntry>,
+}
+
+/// Refuses paths that are empty, absolute, contain `..` or `.` parts, or
+/// name the manifest itself.
+pub fn safe_relative(p: &str) -> Result<(), String> {
+    if p.is_empty() || p.starts_with('/') || p.contains('\\') || p.contains('\0') {
+        return Err(format!("path `{p}` is not a plain relative path"));
+    }
+    for c in Path::new(p).components() {
+        if !matches!(c, Component::Normal(_)) {
+            return Err(format!("path `{p}` escapes the directory"));
+        }
+    }
+    if p.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        return Err(format!("path `{p}` escapes the directory"));
+    }
+    if p == MANIFEST_NAME {
+        return Err(format!("path `{p}` is the manifest itself"));
+    }
+    Ok(())
+}
+
+impl Manifest {
+    /// Parses and validates manifest bytes.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Manifest, VerifyError> {
+        let bad = |reason: String| VerifyError::BadManifest {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let found = v.get("format").and_then(|f| f.as_u64()).unwrap_or(0);
+        if found != MANIFEST_FORMAT as u64 {
+            return Err(bad(format!(
+                "format {found}, this tool reads {MANIFEST_FORMAT}"
+            )));
+        }
+        let m: Manifest = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        if m.algorithm != "blake3" {
+            return Err(bad(format!("algorithm `{}` is not blake3", m.algorithm)));
+        }
+        if m.chunk_size < 1024 || !m.chunk_size.is_power_of_two() {
+            return Err(bad(format!(
+                "chunk_size {} is not a power of two >= 1024",
+                m.chunk_size
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        for f in &m.files {
+            safe_relative(&f.path).map_err(&bad)?;
+            if !seen.insert(f.path.as_str()) {
+                return Err(bad(format!("`{}` is listed twice", f.path)));
+            }
+            if parse_hex(&f.blake3).is_none() || f.chunks.iter().any(|c| parse_hex(c).is_none()) {
+                return Err(bad(format!("`{}`: a hash is not 64 hex digits", f.path)));
+            }
+            let want = chunk_count(f.size, m.chunk_size);
+            if f.chunks.len() as u64 != want {
+                return Err(bad(format!(
+                    "`{}`: {} chunk hashes for {} bytes, expected {want}",
+                    f.path,
+                    f.chunks.len(),
+                    f.size
+                )));
+            }
+        }
+        Ok(m)
+    }
+
+    /// Reads `DIR/manifest.blake3.json`, with its own hash.
+    pub fn load(dir: &Path) -> Result<(Manifest, blake3::Hash), VerifyError> {
+        let path = dir.join(MANIFEST_NAME);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(VerifyError::NoManifest(path, dir.to_path_buf()))
+            }
+            Err(e) => return Err(VerifyError::io(&path, e)),
+        };
+        let m = Manifest::parse(&bytes, &path)?;
+        Ok((m, blake3::hash(&bytes)))
+    }
+
+    /// The bytes written to disk (pretty JSON, files sorted: the same
+    /// files give the same bytes and so the same manifest hash).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = serde_json::to_vec_pretty(self).expect("manifest serializes");
+        b.push(b'\n');
+        b
+    }
+
+    /// Total bytes of the listed files.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// Every regular file under `dir` except the manifest and temporary files
+/// (`*.tmp`), as sorted `/`-separated relative paths with sizes.
+pub fn list_files(dir: &Path) -> Result<Vec<(String, u64)>, VerifyError> {
+    fn walk(root: &Path, rel: &str, out: &mut Vec<(String, u64)>) -> Result<(), VerifyError> {
+        let d = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        };
+        let rd = std::fs::read_dir(&d).map_err(|e| VerifyError::io(&d, e))?;
+        for e in rd {
+            let e = e.map_err(|e| VerifyError::io(&d, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let r = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let meta = std::fs::metadata(e.path()).map_err(|err| VerifyError::io(e.path(), err))?;
+            if meta.is_dir() {
+                walk(root, &r, out)?;
+            } else if meta.is_file()
+                && r != MANIFEST_NAME
+                && !name.ends_with(".tmp")
+                && !name.starts_with(".roundhouse-")
+            {
+                out.push((r, meta.len()));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, "", &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// Progress reporting for the hashing passes.
+fn bar(total: u64, msg: &str, quiet: bool) -> indicatif::ProgressBar {
+    cli::bytes_bar(total, msg, quiet)
+}
+
+/// Outcome of writing or checking.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    /// `write`, `check` or `quick`.
+    pub mode: String,
+    /// The directory.
+    pub dir: PathBuf,
+    /// Files in the manifest.
+    pub files: usize,
+    /// Bytes of those files.
+    pub bytes: u64,
+    /// Bytes actually hashed by this run.
+    pub hashed_bytes: u64,
+    /// Files skipped because an interrupted run already did them.
+    pub resumed_files: usize,
+    /// Seconds spent.
+    pub seconds: f64,
+    /// Hashed bytes per second, GB/s.
+    pub gbs: f64,
+    /// BLAKE3 of the manifest file.
+    pub manifest_blake3: String,
+    /// Files present but not in the manifest (not an error).
+    pub unlisted: Vec<String>,
+}
+
+impl Summary {
+    /// The result line.
+    pub fn line(&self) -> String {
+        let what = match self.mode.as_str() {
+            "write" => format!("wrote {}", self.dir.join(MANIFEST_NAME).display()),
+            "quick" => "OK (quick: sizes, first and last chunks)".to_string(),
+            _ => "OK".to_string(),
+        };
+        let resumed = if self.resumed_files > 0 {
+            format!(", {} file(s) done by an earlier run", self.resumed_files)
+        } else {
+            String::new()
+        };
+        format!(
+            "verify: {what}: {} files, {}; hashed {} in {:.2} s ({:.2} GB/s){resumed}; manifest blake3 {}",
+            self.files,
+            human_bytes(self.bytes),
+            human_bytes(self.hashed_bytes),
+            self.seconds,
+            self.gbs,
+            self.manifest_blake3
+        )
+    }
+}
+
+/// Hooks for resumable runs: which files to skip, and what to do when a
+/// file is finished (record it as a stage unit).
+pub struct Resume<'a> {
+    /// Entries already done (write: hashed; check: verified), by path.
+    pub done: BTreeMap<String, FileEntry>,
+    /// Called once per finished file.
+    pub on_file: &'a (dyn Fn(&FileEntry) -> Result<(), VerifyError> + Sync),
+}
+
+impl Resume<'_> {
+    fn none() -> Resume<'static> {
+        Resume {
+            done: BTreeMap::new(),
+            on_file: &|_| Ok(()),
+        }
+    }
+}
+
+/// Writes `DIR/manifest.blake3.json` for every file in `dir`.
+pub fn write_manifest(
+    dir: &Path,
+    chunk_size: u64,
+    quiet: bool,
+) -> Result<(Manifest, Summary), VerifyError> {
+    write_manifest_resumable(dir, chunk_size, quiet, &Resume::none())
+}
+
+/// [`write_manifest`] that reuses entries hashed by an interrupted run
+/// (when the file still has the recorded size) and reports each finished
+/// file.
+pub fn write_manifest_resumable(
+    dir: &Path,
+    chunk_size: u64,
+    quiet: bool,
+    resume: &Resume,
+) -> Result<(Manifest, Summary), VerifyError> {
+    if chunk_size < 1024 || !chunk_size.is_power_of_two() {
+        return Err(VerifyError::Usage(format!(
+            "chunk size {chunk_size} must be a power of two of at least 1024 bytes"
+        )));
+    }
+    if !dir.is_dir() {
+        return Err(VerifyError::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+        ));
+    }
+    let t = Instant::now();
+    let files = list_files(dir)?;
+    let mut entries: Vec<Option<FileEntry>> = vec![None; files.len()];
+    let mut jobs = Vec::new();
+    let mut job_file = Vec::new();
+    let mut resumed = 0;
+    for (i, (p, size)) in files.iter().enumerate() {
+        match resume.done.get(p) {
+            Some(e)
+                if e.size == *size && e.chunks.len() as u64 == chunk_count(*size, chunk_size) =>
+            {
+                entries[i] = Some(e.clone());
+                resumed += 1;
+            }
+            _ => {
+                jobs.push(Job {
+                    path: p.clone(),
+                    size: *size,
+                    chunks: (0..chunk_count(*size, chunk_size)).collect(),
+                });
+                job_file.push(i);
+            }
+        }
+    }
+    let to_hash: u64 = jobs.iter().map(|j| j.size).sum();
+    let pb = bar(to_hash, "hashing", quiet);
+    let results = Mutex::new(entries);
+    hash_jobs(dir, &jobs, chunk_size, &|n| pb.inc(n), &|h| {
+        let job = &jobs[h.job];
+        let cvs: Vec<[u8; 32]> = h.cvs.iter().map(|c| c.1).collect();
+        let e = FileEntry {
+            path: job.path.clone(),
+            size: job.size,
+            blake3: file_root(&cvs, job.size, chunk_size).to_hex().to_string(),
+            chunks: cvs.iter().map(hex).collect(),
+        };
+        (resume.on_file)(&e)?;
+        results.lock().expect("not poisoned")[job_file[h.job]] = Some(e);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        algorithm: "blake3".into(),
+        chunk_size,
+        files: results
+            .into_inner()
+            .expect("not poisoned")
+            .into_iter()
+            .map(|e| e.expect("every file hashed"))
+            .collect(),
+    };
+    let bytes = manifest.to_bytes();
+    fsutil::write_atomic(&dir.join(MANIFEST_NAME), &bytes)?;
+    let secs = t.elapsed().as_secs_f64();
+    let summary = Summary {
+        mode: "write".into(),
+        dir: dir.to_path_buf(),
+        files: manifest.files.len(),
+        bytes: manifest.total_bytes(),
+        hashed_bytes: to_hash,
+        resumed_files: resumed,
+        seconds: secs,
+        gbs: to_hash as f64 / secs.max(1e-9) / 1e9,
+        manifest_blake3: blake3::hash(&bytes).to_hex().to_string(),
+        unlisted: Vec::new(),
+    };
+    Ok((manifest, summary))
+}
+
+/// How to check.
+#[derive(Clone, Debug, Default)]
+pub struct CheckOptions {
+    /// Sizes plus the first and last chunk of each file only.
+    pub quick: bool,
+    /// The manifest hash the directory must have.
+    pub expect: Option<String>,
+    /// No progress bar.
+    pub quiet: bool,
+}
+
+/// Checks `dir` against its manifest. Every problem is logged; the error
+/// names the first (file and chunk with its byte range) and counts the rest.
+pub fn check(dir: &Path, o: &CheckOptions) -> Result<Summary, VerifyError> {
+    check_resumable(dir, o, &Resume::none())
+}
+
+/// [`check`] that skips files an interrupted run already verified (when
+/// their size still matches) and reports each verified file.
+pub fn check_resumable(
+    dir: &Path,
+    o: &CheckOptions,
+    resume: &Resume,
+) -> Result<Summary, VerifyError> {
+    let t = Instant::now();
+    let (m, mhash) = Manifest::load(dir)?;
+    let mhex = mhash.to_hex().to_string();
+    if let Some(exp) = &o.expect {
+        if !exp.trim().eq_ignore_ascii_case(&mhex) {
+            return Err(VerifyError::Expect {
+                path: dir.join(MANIFEST_NAME),
+                found: mhex,
+                expected: exp.trim().to_string(),
+            });
+        }
+    }
+    let chunk = m.chunk_size;
+    let mut problems: Vec<(usize, u64, String)> = Vec::new();
+    let mut jobs = Vec::new();
+    let mut job_entry = Vec::new();
+    let mut resumed = 0;
+    for (i, f) in m.files.iter().enumerate() {
+        let p = dir.join(&f.path);
+        let size = match std::fs::metadata(&p) {
+            Ok(meta) if meta.is_file() => meta.len(),
+            Ok(_) => {
+                problems.push((i, 0, format!("{}: not a regular file", p.display())));
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                problems.push((
+                    i,
+                    0,
+                    format!("{}: missing (listed in the manifest)", p.display()),
+                ));
+                continue;
+            }
+            Err(e) => return Err(VerifyError::io(&p, e)),
+        };
+        if size != f.size {
+            let what = if size < f.size {
+                "truncated"
+            } else {
+                "too long"
+            };
+            problems.push((
+                i,
+                0,
+                format!(
+                    "{}: {what}: {size} bytes, the manifest says {}",
+                    p.display(),
+                    f.size
+                ),
+            ));
+            continue;
+        }
+        if resume.done.get(&f.path).is_some_and(|d| d == f) {
+            resumed += 1;
+            continue;
+        }
+        let n = chunk_count(f.size, chunk);
+        let chunks: Vec<u64> = if o.quick {
+            let mut c = vec![0, n.saturating_sub(1)];
+            c.dedup();
+            c.retain(|&x| x < n);
+            c
+        } else {
+            (0..n).collect()
+        };
+        jobs.push(Job {
+            path: f.path.clone(),
+            size: f.size,
+            chunks,
+        });
+        job_entry.push(i);
+    }
+    let to_hash: u64 = jobs
+        .iter()
+        .map(|j| {
+            j.chunks
+                .iter()
+                .map(|&c| {
+                    let (s, e) = chunk_range(j.size, chunk, c);
+                    e - s
+                })
+                .sum::<u64>()
+        })
+        .sum();
+    let pb = bar(
+        to_hash,
+        if o.quick { "quick check" } else { "checking" },
+        o.quiet,
+    );
+    let found = Mutex::new(Vec::new());
+    hash_jobs(dir, &jobs, chunk, &|n| pb.inc(n), &|h| {
+        let i = job_entry[h.job];
+        let f = &m.files[i];
+        let mut bad = Vec::new();
+        for (c, cv) in &h.cvs {
+            if hex(cv) != f.chunks[*c as usize] {
+                let (s, e) = chunk_range(f.size, chunk, *c);
+                bad.push((
+                    i,
+                    *c,
+                    format!(
+                        "{}: chunk {c} (bytes {s}..{e}) does not match the manifest",
+                        dir.join(&f.path).display()
+                    ),
+                ));
+            }
+        }
+        if bad.is_empty() && !o.quick {
+            let cvs: Vec<[u8; 32]> = h.cvs.iter().map(|c| c.1).collect();
+            if file_root(&cvs, f.size, chunk).to_hex().as_str() != f.blake3 {
+                bad.push((
+                    i,
+                    u64::MAX,
+                    format!(
+                        "{}: file hash does not match the manifest (manifest inconsistent)",
+                        dir.join(&f.path).display()
+                    ),
+                ));
+            }
+        }
+        if bad.is_empty() {
+            if !o.quick {
+                (resume.on_file)(f)?;
+            }
+        } else {
+            found.lock().expect("not poisoned").extend(bad);
+        }
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    problems.extend(found.into_inner().expect("not poisoned"));
+    problems.sort_by_key(|p| (p.0, p.1));
+    for p in &problems {
+        tracing::info!("{}", p.2);
+    }
+    if let Some(first) = problems.first() {
+        return Err(VerifyError::Mismatch {
+            first: first.2.clone(),
+            more: problems.len() - 1,
+        });
+    }
+    let listed: BTreeSet<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+    let unlisted: Vec<String> = list_files(dir)?
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| !listed.contains(p.as_str()))
+        .collect();
+    for u in &unlisted {
+        tracing::warn!("{}: not in the manifest (ignored)", dir.join(u).display());
+    }
+    let secs = t.elapsed().as_secs_f64();
+    Ok(Summary {
+        mode: if o.quick { "quick" } else { "check" }.into(),
+        dir: dir.to_path_buf(),
+        files: m.files.len(),
+        bytes: m.total_bytes(),
+        hashed_bytes: to_hash,
+        resumed_files: resumed,
+        seconds: secs,
+        gbs: to_hash as f64 / secs.max(1e-9) / 1e9,
+        manifest_blake3: mhex,
+        unlisted,
+    })
+}
+
+/// Settings of the pipeline stage (manifest values with flags applied).
+#[derive(Clone, Debug, Default)]
+pub struct StageOptions {
+    /// Directory to verify (default: `[verify] cache`, else repack's output).
+    pub dir: Option<PathBuf>,
+    /// `--expect`.
+    pub expect: Option<String>,
+    /// `--quick`.
+    pub quick: bool,
+    /// `--force`.
+    pub force: bool,
+    /// No progress bar.
+    pub quiet: bool,
+}
+
+impl StageOptions {
+    /// The manifest's `[verify]` table.
+    pub fn from_pipeline(p: &Pipeline) -> StageOptions {
+        StageOptions {
+            dir: p.verify.cache.as_ref().map(|c| p.path(c)),
+            expect: p.verify.expect.clone(),
+            quick: p.verify.quick.unwrap_or(false),
+            force: false,
+            quiet: false,
+        }
+    }
+}
+
+/// What the pipeline stage did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageReport {
+    /// Nothing was redone.
+    pub up_to_date: bool,
+    /// The run's summary (absent when up to date).
+    pub summary: Option<Summary>,
+    /// The manifest's hash.
+    pub manifest_blake3: String,
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+const PARTIAL: &str = "verify.partial.json";
+
+/// The verify stage: requires repack complete, writes the manifest of the
+/// cache when it has none, else checks the cache against it. Units are
+/// files, so a killed run resumes where it stopped.
+pub fn run_stage(p: &Pipeline, o: &StageOptions) -> Result<StageReport, VerifyError> {
+    let work = p.work_dir();
+    let repack = stage::require_complete(&work, "repack")?;
+    let dir = o.dir.clone().unwrap_or_else(|| p.cache_dir());
+    let manifest_path = dir.join(MANIFEST_NAME);
+    let writing = !manifest_path.exists();
+    let mut fp = Fingerprint::new();
+    fp.add_record(&repack)
+        .add("dir", dir.to_string_lossy().as_bytes())
+        .add("quick", o.quick.to_string())
+        .add("expect", o.expect.clone().unwrap_or_default());
+    let mut inputs = BTreeMap::new();
+    inputs.insert("cache".to_string(), dir.display().to_string());
+    let run = match stage::plan(&work, "verify", &fp.finish(), &dir, inputs, o.force)? {
+        Plan::UpToDate(rec) => {
+            let h = rec
+                .details
+                .get("manifest_blake3")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string();
+            return Ok(StageReport {
+                up_to_date: true,
+                summary: None,
+                manifest_blake3: h,
+                dir,
+            });
+        }
+        Plan::Run(run) => run,
+    };
+    let partial_path = work.join("stages").join(PARTIAL);
+    // Entries finished by an interrupted run whose unit is still valid.
+    let mut done = BTreeMap::new();
+    if writing {
+        if let Ok(b) = std::fs::read(&partial_path) {
+            if let Ok(v) = serde_json::from_slice::<Vec<FileEntry>>(&b) {
+                for e in v {
+                    if run.is_done(&e.path) {
+                        done.insert(e.path.clone(), e);
+                    }
+                }
+            }
+        }
+    } else if !o.quick {
+        // Check mode: units are verified files; the manifest entry itself
+        // is the reference, so rebuild entries from it.
+        if let Ok((m, _)) = Manifest::load(&dir) {
+            for f in m.files {
+                if run.unit(&f.path).is_some_and(|u| {
+                    u.size == f.size && u.blake3.as_deref() == Some(f.blake3.as_str())
+                }) && run.is_done(&f.path)
+                {
+                    done.insert(f.path.clone(), f);
+                }
+            }
+        }
+    }
+    let run = Mutex::new(run);
+    let partial = Mutex::new(done.values().cloned().collect::<Vec<FileEntry>>());
+    let on_file = |e: &FileEntry| -> Result<(), VerifyError> {
+        if writing {
+            let mut v = partial.lock().expect("not poisoned");
+            v.push(e.clone());
+            fsutil::write_atomic(
+                &partial_path,
+                &serde_json::to_vec(&*v).expect("entries serialize"),
+            )?;
+        }
+        run.lock().expect("not poisoned").unit_done(
+            &e.path,
+            Output {
+                path: e.path.clone(),
+                size: e.size,
+                blake3: Some(e.blake3.clone()),
+            },
+        )?;
+        Ok(())
+    };
+    let resume = Resume {
+        done,
+        on_file: &on_file,
+    };
+    let summary = if writing {
+        let (_, s) = write_manifest_resumable(&dir, DEFAULT_CHUNK, o.quiet, &resume)?;
+        if let Some(exp) = &o.expect {
+            if !exp.trim().eq_ignore_ascii_case(&s.manifest_blake3) {
+                return Err(VerifyError::Expect {
+                    path: manifest_path,
+                    found: s.manifest_blake3,
+                    expected: exp.trim().to_string(),
+                });
+            }
+        }
+        s
+    } else {
+        check_resumable(
+            &dir,
+            &CheckOptions {
+                quick: o.quick,
+                expect: o.expect.clone(),
+                quiet: o.quiet,
+            },
+            &resume,
+        )?
+    };
+    let _ = std::fs::remove_file(&partial_path);
+    let size = std::fs::metadata(&manifest_path)
+        .map_err(|e| VerifyError::io(&manifest_path, e))?
+        .len();
+    let details = serde_json::json!({
+        "manifest_blake3": summary.manifest_blake3,
+        "mode": summary.mode,
+        "files": summary.files,
+        "bytes": summary.bytes,
+        "hashed_bytes": summary.hashed_bytes,
+        "seconds": summary.seconds,
+        "gbs": summary.gbs,
+    });
+    run.into_inner().expect("not poisoned").finish(
+        vec![Output {
+            path: MANIFEST_NAME.into(),
+            size,
+            blake3: Some(summary.manifest_blake3.clone()),
+        }],
+        details,
+    )?;
+    Ok(StageReport {
+        up_to_date: false,
+        manifest_blake3: summary.manifest_blake3.clone(),
+        summary: Some(summary),
+        dir,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("sub")).unwrap();
+        let big: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(d.path().join("big.bin"), &big).unwrap();
+        std::fs::write(d.path().join("sub/small.txt"), b"hello").unwrap();
+        std::fs::write(d.path().join("empty"), b"").unwrap();
+        d
+    }
+
+    #[test]
+    fn write_then_check_then_damage() {
+        let d = tree();
+        let (m, s) = write_manifest(d.path(), 1024, true).unwrap();
+        assert_eq!(m.files.len(), 3);
+        assert_eq!(m.files[0].path, "big.bin");
+        assert_eq!(m.files[0].chunks.len(), 10);
+        assert_eq!(
+            m.files[0].blake3,
+            crate::fsutil::blake3_file(&d.path().join("big.bin"))
+                .unwrap()
+                .to_hex()
+                .to_string()
+        );
+        let ok = check(d.path(), &CheckOptions::default()).unwrap();
+        assert_eq!(ok.manifest_blake3, s.manifest_blake3);
+
+        // Flip one byte in chunk 4.
+        let p = d.path().join("big.bin");
+        let mut b = std::fs::read(&p).unwrap();
+        b[4 * 1024 + 17] ^= 1;
+        std::fs::write(&p, &b).unwrap();
+        let e = check(d.path(), &CheckOptions::default()).unwrap_err();
+        assert_eq!(e.exit(), Exit::VerifyFailed);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("big.bin") && msg.contains("chunk 4 (bytes 4096..5120)"),
+            "{msg}"
+        );
+        // Quick does not read chunk 4.
+        check(
+            d.path(),
+            &CheckOptions {
+                quick: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+
+        // Expect a different hash.
+        let e = check(
+            d.path(),
+            &CheckOptions {
+                expect: Some("00".repeat(32)),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("expected 0000"), "{e}");
+    }
+
+    #[test]
+    fn manifest_validation() {
+        let p = Path::new("m.json");
+        let bad = |s: &str| Manifest::parse(s.as_bytes(), p).unwrap_err().to_string();
+        assert!(bad("{").contains("invalid JSON"));
+        assert!(bad(r#"{"format":2}"#).contains("format 2"));
+        let h = "0".repeat(64);
+        let f = |path: &str, size: u64, n: usize| {
+            format!(
+                r#"{{"format":1,"algorithm":"blake3","chunk_size":1024,"files":[{{"path":"{path}","size":{size},"blake3":"{h}","chunks":[{}]}}]}}"#,
+                vec![format!("\"{h}\""); n].join(",")
+            )
+        };
+        assert!(Manifest::parse(f("a/b", 2000, 2).as_bytes(), p).is_ok());
+        assert!(bad(&f("../x", 1, 1)).contains("escapes"));
+        assert!(bad(&f("/etc/passwd", 1, 1)).contains("not a plain relative"));
+        assert!(bad(&f("a", 2000, 1)).contains("expected 2"));
+        assert!(bad(&f(MANIFEST_NAME, 1, 1)).contains("manifest itself"));
+    }
+}

@@ -1,0 +1,445 @@
+//! Portable bundles: `tar` inside `zstd`, streamed, manifest first.
+//!
+//! `pack` re-hashes every file as it streams it in and refuses to finish a
+//! bundle of data that no longer matches the manifest. `unpack` reads the
+//! manifest first, accepts only the files it lists (so no path can escape
+//! the target), verifies every chunk as it arrives, writes each file to a
+//! temporary name and renames it only once it is complete and verified,
+//! and writes the manifest last. Files already in place with the right
+//! hash are kept (a resumed unpack rewrites nothing that is good).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use blake3::hazmat::HasherExt;
+use serde::{Deserialize, Serialize};
+
+use super::hash::{chunk_count, file_root, hex};
+use super::{Manifest, VerifyError, MANIFEST_NAME};
+use crate::cli::{self, human_bytes};
+use crate::fsutil;
+
+/// Result of pack or unpack.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PackSummary {
+    /// The bundle.
+    pub bundle: PathBuf,
+    /// The directory.
+    pub dir: PathBuf,
+    /// Files (without the manifest).
+    pub files: usize,
+    /// Bytes of those files.
+    pub bytes: u64,
+    /// Size of the bundle.
+    pub bundle_bytes: u64,
+    /// Files that were already in place and verified (unpack only).
+    pub kept: usize,
+    /// Seconds.
+    pub seconds: f64,
+    /// Manifest hash.
+    pub manifest_blake3: String,
+}
+
+impl PackSummary {
+    /// The result line.
+    pub fn line(&self, verb: &str) -> String {
+        let kept = if self.kept > 0 {
+            format!(", {} already in place", self.kept)
+        } else {
+            String::new()
+        };
+        format!(
+            "verify: {verb} {} files, {} <-> {} bundle {} (ratio {:.3}) in {:.2} s{kept}; manifest blake3 {}",
+            self.files,
+            human_bytes(self.bytes),
+            human_bytes(self.bundle_bytes),
+            self.bundle.display(),
+            self.bytes as f64 / self.bundle_bytes.max(1) as f64,
+            self.seconds,
+            self.manifest_blake3
+        )
+    }
+}
+
+/// Streams a file's bytes while computing its chunk values, so the data
+/// can be checked against the manifest on the fly.
+struct ChunkHasher {
+    chunk: u64,
+    size: u64,
+    pos: u64,
+    hasher: blake3::Hasher,
+    cvs: Vec<[u8; 32]>,
+}
+
+impl ChunkHasher {
+    fn new(size: u64, chunk: u64) -> Self {
+        ChunkHasher {
+            chunk,
+            size,
+            pos: 0,
+            hasher: blake3::Hasher::new(),
+            cvs: Vec::new(),
+        }
+    }
+
+    /// Feeds bytes; returns the indices of chunks completed by them.
+    fn update(&mut self, mut data: &[u8]) -> Vec<usize> {
+        let mut done = Vec::new();
+        while !data.is_empty() {
+            let chunk_end = ((self.pos / self.chunk) + 1) * self.chunk;
+            let take = ((chunk_end - self.pos) as usize).min(data.len());
+            self.hasher.update(&data[..take]);
+            self.pos += take as u64;
+            data = &data[take..];
+            if self.pos == chunk_end || self.pos == self.size {
+                let cv = if self.size <= self.chunk {
+                    *self.hasher.finalize().as_bytes()
+                } else {
+                    self.hasher.finalize_non_root()
+                };
+                self.cvs.push(cv);
+                done.push(self.cvs.len() - 1);
+                self.hasher = blake3::Hasher::new();
+                if self.pos < self.size {
+                    self.hasher.set_input_offset(self.pos);
+                }
+            }
+        }
+        done
+    }
+}
+
+fn check_chunks(
+    h: &ChunkHasher,
+    done: &[usize],
+    entry: &super::FileEntry,
+    where_: &str,
+) -> Result<(), VerifyError> {
+    for &c in done {
+        if c >= entry.chunks.len() || hex(&h.cvs[c]) != entry.chunks[c] {
+            let (s, e) = super::hash::chunk_range(entry.size, h.chunk, c as u64);
+            return Err(VerifyError::Mismatch {
+                first: format!(
+                    "{where_}: `{}` chunk {c} (bytes {s}..{e}) does not match the manifest; run `rh-verify check` on it",
+                    entry.path
+                ),
+                more: 0,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Packs `dir` (which must have a manifest) into a `tar.zst` bundle at
+/// `out`, written to a temporary name and renamed when complete.
+pub fn pack(dir: &Path, out: &Path, level: i32, quiet: bool) -> Result<PackSummary, VerifyError> {
+    let t = Instant::now();
+    let (m, mhash) = Manifest::load(dir)?;
+    let manifest_bytes = std::fs::read(dir.join(MANIFEST_NAME))
+        .map_err(|e| VerifyError::io(dir.join(MANIFEST_NAME), e))?;
+    let pb = cli::bytes_bar(m.total_bytes(), "packing", quiet);
+    let tmp = fsutil::temp_path(out);
+    let result = (|| -> Result<(), VerifyError> {
+        let f = File::create(&tmp).map_err(|e| VerifyError::io(&tmp, e))?;
+        let mut enc = zstd::stream::Encoder::new(BufWriter::with_capacity(1 << 20, f), level)
+            .map_err(|e| VerifyError::io(&tmp, e))?;
+        enc.include_checksum(true)
+            .map_err(|e| VerifyError::io(&tmp, e))?;
+        let mut tar = tar::Builder::new(enc);
+        let header = |size: u64| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(size);
+            h.set_mode(0o644);
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            h
+        };
+        tar.append_data(
+            &mut header(manifest_bytes.len() as u64),
+            MANIFEST_NAME,
+            &manifest_bytes[..],
+        )
+        .map_err(|e| VerifyError::io(&tmp, e))?;
+        for entry in &m.files {
+            let p = dir.join(&entry.path);
+            let file = File::open(&p).map_err(|e| VerifyError::io(&p, e))?;
+            let len = file.metadata().map_err(|e| VerifyError::io(&p, e))?.len();
+            if len != entry.size {
+                return Err(VerifyError::Mismatch {
+                    first: format!(
+                        "{}: {len} bytes, the manifest says {}; run `rh-verify check` first",
+                        p.display(),
+                        entry.size
+                    ),
+                    more: 0,
+                });
+            }
+            let mut reader = HashingReader {
+                inner: file.take(entry.size),
+                h: ChunkHasher::new(entry.size, m.chunk_size),
+                entry,
+                err: None,
+                pb: &pb,
+                label: dir.display().to_string(),
+            };
+            let r = tar.append_data(&mut header(entry.size), &entry.path, &mut reader);
+            if let Some(e) = reader.err.take() {
+                return Err(e);
+            }
+            r.map_err(|e| VerifyError::io(&p, e))?;
+            if reader.h.pos != entry.size {
+                return Err(VerifyError::Changed {
+                    path: p,
+                    reason: "changed size while it was packed".into(),
+                });
+            }
+        }
+        let enc = tar.into_inner().map_err(|e| VerifyError::io(&tmp, e))?;
+        let w = enc.finish().map_err(|e| VerifyError::io(&tmp, e))?;
+        let f = w
+            .into_inner()
+            .map_err(|e| VerifyError::io(&tmp, e.into_error()))?;
+        f.sync_all().map_err(|e| VerifyError::io(&tmp, e))?;
+        Ok(())
+    })();
+    pb.finish_and_clear();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fsutil::commit_temp(&tmp, out)?;
+    let bundle_bytes = std::fs::metadata(out)
+        .map_err(|e| VerifyError::io(out, e))?
+        .len();
+    Ok(PackSummary {
+        bundle: out.to_path_buf(),
+        dir: dir.to_path_buf(),
+        files: m.files.len(),
+        bytes: m.total_bytes(),
+        bundle_bytes,
+        kept: 0,
+        seconds: t.elapsed().as_secs_f64(),
+        manifest_blake3: mhash.to_hex().to_string(),
+    })
+}
+
+/// A reader that checks each chunk against the manifest as it passes.
+struct HashingReader<'a, R> {
+    inner: R,
+    h: ChunkHasher,
+    entry: &'a super::FileEntry,
+    err: Option<VerifyError>,
+    pb: &'a indicatif::ProgressBar,
+    label: String,
+}
+
+impl<R: Read> Read for HashingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let done = self.h.update(&buf[..n]);
+        self.pb.inc(n as u64);
+        if let Err(e) = check_chunks(&self.h, &done, self.entry, &self.label) {
+            let msg = e.to_string();
+            self.err = Some(e);
+            return Err(io::Error::other(msg));
+        }
+        Ok(n)
+    }
+}
+
+fn bad_bundle(path: &Path, reason: impl Into<String>) -> VerifyError {
+    VerifyError::BadBundle {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Unpacks a bundle into `out`, verifying every chunk against the bundled
+/// manifest (and the manifest against `expect`, when given).
+pub fn unpack(
+    bundle: &Path,
+    out: &Path,
+    expect: Option<&str>,
+    quiet: bool,
+) -> Result<PackSummary, VerifyError> {
+    let t = Instant::now();
+    let f = File::open(bundle).map_err(|e| VerifyError::io(bundle, e))?;
+    let bundle_bytes = f.metadata().map_err(|e| VerifyError::io(bundle, e))?.len();
+    let dec = zstd::stream::Decoder::with_buffer(BufReader::with_capacity(1 << 20, f))
+        .map_err(|e| VerifyError::io(bundle, e))?;
+    let mut ar = tar::Archive::new(dec);
+    let mut entries = ar
+        .entries()
+        .map_err(|e| bad_bundle(bundle, format!("not a tar.zst bundle: {e}")))?;
+    let corrupt = |e: io::Error| bad_bundle(bundle, format!("truncated or corrupt: {e}"));
+
+    // The manifest comes first.
+    let mut first = entries
+        .next()
+        .ok_or_else(|| bad_bundle(bundle, "empty bundle"))?
+        .map_err(corrupt)?;
+    let name = String::from_utf8_lossy(&first.path_bytes()).into_owned();
+    if name != MANIFEST_NAME {
+        return Err(bad_bundle(
+            bundle,
+            format!("first entry is `{name}`, not {MANIFEST_NAME}: not a roundhouse bundle"),
+        ));
+    }
+    if first.size() > 256 << 20 {
+        return Err(bad_bundle(bundle, "manifest entry is implausibly large"));
+    }
+    let mut mbytes = Vec::new();
+    first.read_to_end(&mut mbytes).map_err(corrupt)?;
+    drop(first);
+    let m = Manifest::parse(&mbytes, &bundle.join(MANIFEST_NAME))?;
+    let mhex = blake3::hash(&mbytes).to_hex().to_string();
+    if let Some(exp) = expect {
+        if !exp.trim().eq_ignore_ascii_case(&mhex) {
+            return Err(VerifyError::Expect {
+                path: bundle.to_path_buf(),
+                found: mhex,
+                expected: exp.trim().to_string(),
+            });
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| VerifyError::io(out, e))?;
+    let mut pending: BTreeMap<&str, &super::FileEntry> =
+        m.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let pb = cli::bytes_bar(m.total_bytes(), "unpacking", quiet);
+    let mut kept = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    for e in entries {
+        let mut e = e.map_err(corrupt)?;
+        let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+        let Some(entry) = pending.remove(name.as_str()) else {
+            return Err(bad_bundle(
+                bundle,
+                format!("entry `{name}` is not in the bundled manifest (or is listed twice); refusing it"),
+            ));
+        };
+        if e.header().entry_type() != tar::EntryType::Regular || e.size() != entry.size {
+            return Err(bad_bundle(
+                bundle,
+                format!(
+                    "entry `{name}` is {:?} of {} bytes; the manifest says a file of {}",
+                    e.header().entry_type(),
+                    e.size(),
+                    entry.size
+                ),
+            ));
+        }
+        let target = out.join(&entry.path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| VerifyError::io(parent, e))?;
+        }
+        // Resume: a file already in place with the right hash is kept.
+        let in_place = std::fs::metadata(&target)
+            .is_ok_and(|md| md.is_file() && md.len() == entry.size)
+            && fsutil::blake3_file(&target)
+                .map(|h| h.to_hex().as_str() == entry.blake3)
+                .unwrap_or(false);
+        let mut h = ChunkHasher::new(entry.size, m.chunk_size);
+        if in_place {
+            io::copy(&mut e, &mut io::sink()).map_err(corrupt)?;
+            pb.inc(entry.size);
+            kept += 1;
+            continue;
+        }
+        let tmp = fsutil::temp_path(&target);
+        let res = (|| -> Result<(), VerifyError> {
+            let mut w = BufWriter::with_capacity(
+                1 << 20,
+                File::create(&tmp).map_err(|e| VerifyError::io(&tmp, e))?,
+            );
+            loop {
+                let n = e.read(&mut buf).map_err(corrupt)?;
+                if n == 0 {
+                    break;
+                }
+                let done = h.update(&buf[..n]);
+                check_chunks(&h, &done, entry, &bundle.display().to_string())?;
+                w.write_all(&buf[..n])
+                    .map_err(|e| VerifyError::io(&tmp, e))?;
+                pb.inc(n as u64);
+            }
+            if h.pos != entry.size {
+                return Err(bad_bundle(bundle, format!("entry `{name}` ends early")));
+            }
+            if file_root(&h.cvs, entry.size, m.chunk_size)
+                .to_hex()
+                .as_str()
+                != entry.blake3
+                || h.cvs.len() as u64 != chunk_count(entry.size, m.chunk_size)
+            {
+                return Err(VerifyError::Mismatch {
+                    first: format!(
+                        "{}: `{name}` file hash does not match the manifest",
+                        bundle.display()
+                    ),
+                    more: 0,
+                });
+            }
+            let f = w
+                .into_inner()
+                .map_err(|e| VerifyError::io(&tmp, e.into_error()))?;
+            f.sync_all().map_err(|e| VerifyError::io(&tmp, e))?;
+            Ok(())
+        })();
+        if let Err(err) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err);
+        }
+        fsutil::commit_temp(&tmp, &target)?;
+    }
+    pb.finish_and_clear();
+    if let Some((first, _)) = pending.iter().next() {
+        return Err(bad_bundle(
+            bundle,
+            format!(
+                "truncated: {} file(s) of the manifest are not in the bundle (first: `{first}`)",
+                pending.len()
+            ),
+        ));
+    }
+    fsutil::write_atomic(&out.join(MANIFEST_NAME), &mbytes)?;
+    Ok(PackSummary {
+        bundle: bundle.to_path_buf(),
+        dir: out.to_path_buf(),
+        files: m.files.len(),
+        bytes: m.total_bytes(),
+        bundle_bytes,
+        kept,
+        seconds: t.elapsed().as_secs_f64(),
+        manifest_blake3: mhex,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_hasher_matches_plain_blake3() {
+        let data: Vec<u8> = (0..9000u32).map(|i| (i * 31) as u8).collect();
+        for (size, chunk) in [
+            (9000usize, 1024u64),
+            (1000, 1024),
+            (1024, 1024),
+            (2048, 1024),
+            (0, 1024),
+        ] {
+            let mut h = ChunkHasher::new(size as u64, chunk);
+            for piece in data[..size].chunks(700) {
+                h.update(piece);
+            }
+            assert_eq!(h.cvs.len() as u64, chunk_count(size as u64, chunk));
+            assert_eq!(
+                file_root(&h.cvs, size as u64, chunk),
+                blake3::hash(&data[..size])
+            );
+        }
+    }
+}
