@@ -96,7 +96,8 @@ fn model_dir(args: &Args, p: &Pipeline) -> PathBuf {
     }
 }
 
-/// Opens a model directory. The one place that knows how.
+/// Opens a model directory (cache or checkpoint) through the library's
+/// opener, so serve opens whatever bench and verify open.
 fn open(dir: &Path) -> Result<Arc<dyn WeightSource>, CliError> {
     if !dir.exists() {
         return Err(CliError::failure(format!(
@@ -104,7 +105,7 @@ fn open(dir: &Path) -> Result<Arc<dyn WeightSource>, CliError> {
             dir.display()
         )));
     }
-    Ok(Arc::new(roundhouse::checkpoint::Checkpoint::open(dir)?))
+    Ok(roundhouse::evaluate::open_weights(dir)?)
 }
 
 fn options(args: &Args, p: &Pipeline, chat: &ChatModel) -> GenOptions {

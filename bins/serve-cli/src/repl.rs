@@ -10,7 +10,7 @@ use roundhouse::chat::{ChatError, Conversation, Event, StopReason, TurnStats};
 use roundhouse::cli::CliError;
 use rustyline::error::ReadlineError;
 
-const HELP: &str = "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset; /system alone clears it), /thinking on|off (show the reasoning), /stats (last answer's figures), /exit; end a line with \\ to continue it; Ctrl-C stops an answer, Ctrl-D quits";
+const HELP: &str = "commands: /help, /reset (forget the conversation), /system TEXT (set the system prompt and reset; /system alone clears it), /thinking on|off (show the reasoning), /stats (last answer's figures), /exit; end a line with \\ to continue it; Ctrl-C stops an answer, Ctrl-D quits";
 
 /// `s` dimmed when `tty`.
 pub fn dim(s: &str, tty: bool) -> String {

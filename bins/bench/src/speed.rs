@@ -1,0 +1,196 @@
+//! `rh-bench`'s default mode: prompt processing (pp, one forward over `-p`
+//! tokens) and token generation (tg, `-n` single-token forwards) in
+//! llama-bench's table, then load time, peak RSS, weight bytes per token,
+//! the effective bandwidth of decode and its ratio to the machine's read
+//! bandwidth (from inspect's strategy file, else probed now and said so).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use roundhouse::chat::StrategyHints;
+use roundhouse::cli::CliError;
+use roundhouse::pipeline::Pipeline;
+use roundhouse::speedbench::{self, SpeedReport, TestResult};
+
+/// Flags of the speed mode (the default `rh-bench` run).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SpeedArgs {
+    /// Model directory. Default: `[bench] model`, else repack's cache.
+    #[arg(value_name = "MODEL")]
+    pub model: Option<PathBuf>,
+    /// Prompt tokens of the pp test (0 skips it). Default `[bench] prompt_tokens`, else 512.
+    #[arg(short = 'p', long = "n-prompt", value_name = "N")]
+    pub prompt_tokens: Option<usize>,
+    /// Generated tokens of the tg test (0 skips it). Default `[bench] gen_tokens`, else 128.
+    #[arg(short = 'n', long = "n-gen", value_name = "N")]
+    pub gen_tokens: Option<usize>,
+    /// Repetitions of each test (mean ± sd). Default `[bench] repetitions`, else 3.
+    #[arg(short = 'r', long, value_name = "N")]
+    pub repetitions: Option<usize>,
+    /// Worker threads. Default `[bench] threads`, else the strategy's, else all cores.
+    #[arg(short = 't', long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+    /// Print the report as CSV.
+    #[arg(long)]
+    pub csv: bool,
+}
+
+/// Prompt ids for the pp test: ordinary (non-special) tokens, spread over
+/// the vocabulary, deterministic.
+fn bench_ids(n: usize, vocab: usize) -> Vec<u32> {
+    let ordinary = vocab.clamp(2, 151_643) as u64;
+    (0..n as u64)
+        .map(|i| ((i * 7919 + 104_729) % (ordinary - 1) + 1) as u32)
+        .collect()
+}
+
+fn backend() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "CPU (avx2)".into();
+        }
+        "CPU (x86_64)".into()
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "CPU (neon)".into()
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "CPU".into()
+    }
+}
+
+/// Runs the speed benchmark and prints the report (table, `--json` or `--csv`).
+pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
+    let b = &pipeline.bench;
+    let p = args.prompt_tokens.or(b.prompt_tokens).unwrap_or(512);
+    let n = args.gen_tokens.or(b.gen_tokens).unwrap_or(128);
+    let reps = args.repetitions.or(b.repetitions).unwrap_or(3);
+    if reps == 0 {
+        return Err(CliError::usage("-r/--repetitions must be at least 1"));
+    }
+    if p == 0 && n == 0 {
+        return Err(CliError::usage("nothing to measure: -p and -n are both 0"));
+    }
+    let hints = StrategyHints::read(&pipeline.strategy_path());
+    if let Some(t) = args
+        .threads
+        .or(b.threads)
+        .or(hints.as_ref().and_then(|h| h.threads))
+    {
+        if t == 0 {
+            return Err(CliError::usage("-t/--threads must be at least 1"));
+        }
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global();
+    }
+    let dir = match (&args.model, &b.model) {
+        (Some(m), _) => m.clone(),
+        (None, Some(m)) => pipeline.path(m),
+        (None, None) => pipeline.cache_dir(),
+    };
+    if !dir.exists() {
+        return Err(CliError::failure(format!(
+            "{}: model directory not found (pass MODEL, set [bench] model, or run rh-repack)",
+            dir.display()
+        )));
+    }
+
+    let t0 = Instant::now();
+    let model = roundhouse::model::Model::load(roundhouse::evaluate::open_weights(&dir)?)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let cfg = model.config();
+    let ctx = cfg.max_position_embeddings;
+    if p.max(n) >= ctx {
+        return Err(CliError::usage(format!(
+            "-p/-n must be below the model's {ctx}-token context"
+        )));
+    }
+    let ids = bench_ids(p.max(n).max(1), cfg.vocab_size);
+    // Warm-up: one token through every layer touches the weights' pages
+    // (and the first-call costs) outside the timed runs, as llama-bench does.
+    let mut st = model.new_state();
+    std::hint::black_box(model.forward(&mut st, &ids[..1]));
+
+    let mut tests = Vec::new();
+    if p > 0 {
+        let mut secs = Vec::with_capacity(reps);
+        for r in 0..reps {
+            let mut st = model.new_state();
+            let t = Instant::now();
+            std::hint::black_box(model.forward(&mut st, &ids[..p]));
+            secs.push(t.elapsed().as_secs_f64());
+            tracing::info!("pp{p} run {}: {:.3} s", r + 1, secs[r]);
+        }
+        tests.push(TestResult::from_times(format!("pp{p}"), p, &secs));
+    }
+    if n > 0 {
+        let mut secs = Vec::with_capacity(reps);
+        for r in 0..reps {
+            let mut st = model.new_state();
+            let t = Instant::now();
+            for &id in &ids[..n] {
+                std::hint::black_box(model.forward(&mut st, &[id]));
+            }
+            secs.push(t.elapsed().as_secs_f64());
+            tracing::info!("tg{n} run {}: {:.3} s", r + 1, secs[r]);
+        }
+        tests.push(TestResult::from_times(format!("tg{n}"), n, &secs));
+    }
+
+    // Before the bandwidth probe, whose buffer would count otherwise.
+    let peak_rss = speedbench::peak_rss_bytes();
+    let per_token = model.weight_bytes_per_token();
+    let tg_tps = tests
+        .iter()
+        .find(|t| t.test.starts_with("tg"))
+        .map(|t| t.mean_tps);
+    let effective = tg_tps.map(|tps| per_token as f64 * tps / 1e9);
+    let (bandwidth, source) = match hints.and_then(|h| h.bandwidth_gbs) {
+        Some(g) => (g, format!("from {}", pipeline.strategy_path().display())),
+        None => {
+            let bw = roundhouse::membw::measure(256 << 20, 1.0);
+            (
+                bw.all_threads_gbs,
+                "no strategy file: probed now with membw, 256 MiB, all threads".to_string(),
+            )
+        }
+    };
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|d| d.file_name().map(|f| f.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.display().to_string());
+    let report = SpeedReport {
+        model: format!("{name} ({}L)", cfg.num_hidden_layers),
+        size_bytes: model.weight_bytes(),
+        params: model.params(),
+        backend: backend(),
+        threads: rayon::current_num_threads(),
+        tests,
+        load_s,
+        peak_rss_bytes: peak_rss,
+        weight_bytes_per_token: per_token,
+        effective_gbs: effective,
+        bandwidth_gbs: Some(bandwidth),
+        bandwidth_ratio: effective.map(|e| e / bandwidth),
+        bandwidth_source: Some(source),
+    };
+    if args.json {
+        let s = serde_json::to_string_pretty(&report)
+            .map_err(|e| CliError::failure(format!("json: {e}")))?;
+        println!("{s}");
+    } else if args.csv {
+        print!("{}", report.csv());
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
