@@ -1,14 +1,20 @@
 //! `rh-bench`: measuring modes over a model directory.
 //!
+//! * `rh-bench [MODEL] [-p N] [-n N] [-r N]` (no mode): speed, pp/tg in
+//!   llama-bench's table ([`speed`]).
+//! * `rh-bench kernels`: kernel GB/s and GFLOP/s on the real model's shapes
+//!   ([`kernels`]).
 //! * `rh-bench logits MODEL --ids 1,2,3 --out FILE.safetensors [--step]`:
 //!   logits at every position (tensor `logits`, F32 `[T, vocab]`).
 //! * `rh-bench perplexity MODEL --text FILE [--ctx N]`: perplexity like
 //!   llama-perplexity.
 //!
-//! Each mode is one variant of [`Mode`] with its own argument struct and a
-//! `run_*` function; further modes (a default speed mode, `kernels`) live in
-//! their own files and plug in the same way. The logic is in
-//! `roundhouse::evaluate`.
+//! Each mode is one variant of [`Mode`] with its own argument struct; the
+//! logic is in the library (`roundhouse::evaluate`, `speedbench`,
+//! `kernels::bench`).
+
+mod kernels;
+mod speed;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,7 +26,7 @@ use roundhouse::pipeline::Pipeline;
 
 /// Benchmarks and measurements of the Roundhouse engine.
 #[derive(Parser, Debug)]
-#[command(name = "rh-bench", version, about)]
+#[command(name = "rh-bench", version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// Pipeline manifest (default ./pipeline.toml when present).
     #[arg(long, global = true, value_name = "FILE")]
@@ -31,14 +37,19 @@ struct Cli {
     /// Only errors.
     #[arg(short, long, global = true)]
     quiet: bool,
-    /// The measuring mode.
+    /// The measuring mode; without one, the speed benchmark runs.
     #[command(subcommand)]
     mode: Option<Mode>,
+    /// Flags of the default speed benchmark.
+    #[command(flatten)]
+    speed: speed::SpeedArgs,
 }
 
 /// Measuring modes.
 #[derive(Subcommand, Debug)]
 enum Mode {
+    /// Kernel throughput on the real model's shapes vs the memory bandwidth.
+    Kernels(kernels::KernelArgs),
     /// Logits at every position of the given ids, written as safetensors.
     Logits(LogitsArgs),
     /// Perplexity over a text file (llama-perplexity style).
@@ -146,9 +157,8 @@ fn main() -> ExitCode {
         match &cli.mode {
             Some(Mode::Logits(a)) => run_logits(a, &p),
             Some(Mode::Perplexity(a)) => run_perplexity(a, &p, &v),
-            None => Err(CliError::usage(
-                "no mode given (use `rh-bench logits` or `rh-bench perplexity`; see --help)",
-            )),
+            Some(Mode::Kernels(a)) => kernels::run(a),
+            None => speed::run(&cli.speed, &p),
         }
     })
 }
