@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::checkpoint::Checkpoint;
 use crate::cli::{Classify, Exit};
 use crate::fsutil::{write_atomic, FsError};
 use crate::model::{Model, ModelError};
@@ -83,7 +82,7 @@ impl Classify for EvalError {
 
 /// Opens a model directory as a weight source.
 pub fn open_weights(dir: &Path) -> Result<Arc<dyn WeightSource>, EvalError> {
-    Ok(Arc::new(Checkpoint::open(dir)?))
+    Ok(crate::weights::open_weights(dir)?)
 }
 
 /// Opens and loads a model directory.
