@@ -16,6 +16,7 @@ WORK     ?= work
 BIN      := target/release
 RH        = --pipeline $(PIPELINE)
 PROMPT   ?= Write a haiku about trains.
+SERVE_FLAGS ?=
 
 .PHONY: build fetch inspect repack verify chat ask bench test demo clean-work
 
@@ -45,14 +46,14 @@ chat: $(WORK)/stages/inspect.json $(WORK)/stages/verify.json
 
 # One-shot answer to $(PROMPT).
 ask: $(WORK)/stages/inspect.json $(WORK)/stages/verify.json
-	$(BIN)/rh-serve $(RH) --prompt "$(PROMPT)"
+	$(BIN)/rh-serve $(RH) --prompt "$(PROMPT)" $(SERVE_FLAGS)
 
 bench: $(WORK)/stages/inspect.json $(WORK)/stages/repack.json
 	$(BIN)/rh-bench $(RH)
 
 # The built-in demo, end to end, ending with a generated reply.
 demo:
-	$(MAKE) ask PIPELINE=pipeline.demo.toml WORK=demo-work PROMPT="Hello! Who are you?"
+	$(MAKE) ask PIPELINE=pipeline.demo.toml WORK=demo-work PROMPT="Hello! Who are you?" SERVE_FLAGS=--thinking
 
 # The test suite. Dependencies are optimised in the test profile
 # (Cargo.toml), so numeric tests run at speed in a debug build.
