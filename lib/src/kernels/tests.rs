@@ -348,7 +348,7 @@ fn group_size_not_a_multiple_of_32_is_refused() {
     let mut rng = StdRng::seed_from_u64(2);
     let mut m = rand_quant(&mut rng, 4, 64, 4, 32, false);
     m.group_size = 48;
-    m.scales = Bytes::copy_from(&vec![0u8; 4 * 2 * 2]);
+    m.scales = Bytes::copy_from(&[0u8; 4 * 2 * 2]);
     let mut y = vec![0f32; 4];
     matvec(&Matrix::Quant(m), &[0.0; 64], &mut y);
 }
