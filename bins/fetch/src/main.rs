@@ -94,7 +94,7 @@ fn body(a: Args) -> Result<(), CliError> {
         (None, Some(o)) if !manifest_work && p.file.is_none() => o.join(".rh"),
         _ => p.work_dir(),
     };
-    if !(a.read_timeout > 0.0) {
+    if a.read_timeout.is_nan() || a.read_timeout <= 0.0 {
         return Err(CliError::usage("--read-timeout must be positive"));
     }
     let hf_cache = match (&a.hf_home, a.hf_cache) {
@@ -102,9 +102,18 @@ fn body(a: Args) -> Result<(), CliError> {
         (None, true) => Some(hf_cache::default_hub_cache()),
         _ => None,
     };
+    let source = a.source.clone().unwrap_or_else(|| p.source());
+    // --revision, else `@REV` in the source, else `[model] revision`.
+    let revision = a.revision.clone().or_else(|| {
+        if source.contains('@') {
+            None
+        } else {
+            p.model.revision.clone()
+        }
+    });
     let opts = FetchOptions {
-        source: a.source.clone().unwrap_or_else(|| p.source()),
-        revision: a.revision.clone().or_else(|| p.model.revision.clone()),
+        source,
+        revision,
         work_dir,
         out,
         include: if a.include.is_empty() {

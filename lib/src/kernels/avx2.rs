@@ -15,6 +15,10 @@
 //! Payloads from a mapped file may sit at any address: only unaligned loads
 //! (`loadu`, `loadl`) are used.
 
+// `%` rather than `is_multiple_of`, which is newer than the workspace's
+// minimum Rust (1.85).
+#![allow(unknown_lints, clippy::manual_is_multiple_of)]
+
 use std::arch::x86_64::*;
 
 use crate::tensor::{DenseMatrix, FloatType, QuantMatrix, Zeros, QBLOCK};

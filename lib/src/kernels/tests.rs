@@ -348,7 +348,7 @@ fn group_size_not_a_multiple_of_32_is_refused() {
     let mut rng = StdRng::seed_from_u64(2);
     let mut m = rand_quant(&mut rng, 4, 64, 4, 32, false);
     m.group_size = 48;
-    m.scales = Bytes::copy_from(&vec![0u8; 4 * 2 * 2]);
+    m.scales = Bytes::copy_from(&[0u8; 4 * 2 * 2]);
     let mut y = vec![0f32; 4];
     matvec(&Matrix::Quant(m), &[0.0; 64], &mut y);
 }
@@ -364,4 +364,24 @@ fn simd_is_detected_on_x86_64_with_avx2() {
         assert!(have_simd(), "AVX2 present but the SIMD path is off");
     }
     let _ = have_simd();
+}
+
+#[test]
+fn non_finite_activations_stay_visible() {
+    let mut rng = StdRng::seed_from_u64(17);
+    for bits in [4u8, 8] {
+        let w = Matrix::Quant(rand_quant(&mut rng, 8, 128, bits, 64, false));
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut x = rand_x(&mut rng, 128);
+            x[70] = bad;
+            for path in [Path::Scalar, Path::SimdF32, Path::SimdInt8] {
+                let mut y = vec![0f32; 8];
+                matvec_path(&w, &x, &mut y, path);
+                assert!(
+                    y.iter().all(|v| !v.is_finite()),
+                    "{bits}-bit {path:?} with {bad}: {y:?}"
+                );
+            }
+        }
+    }
 }
