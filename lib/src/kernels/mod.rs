@@ -110,15 +110,17 @@ pub fn isa() -> &'static str {
     }
 }
 
-/// The path [`matvec`] uses: `RH_ACTIVATIONS=f32` or `int8` when set,
-/// otherwise int8 activations (the fastest; their error is measured by the
-/// kernel tests and benchmarks).
+/// The path [`matvec`] uses: `RH_ACTIVATIONS=int8` or `scalar` when set,
+/// otherwise f32 activations. Int8 activations are faster (int4 matvec at
+/// ~95% of the read bandwidth vs ~50%) but their error, compounded over
+/// the layers, breaks the engine's quantized reference bound (7e-2 x logit
+/// range on the gs32 fixture against 2e-2 allowed), so they are opt-in.
 pub fn default_path() -> Path {
     static PATH: OnceLock<Path> = OnceLock::new();
     *PATH.get_or_init(|| match std::env::var("RH_ACTIVATIONS").as_deref() {
-        Ok("f32") => Path::SimdF32,
+        Ok("int8") => Path::SimdInt8,
         Ok("scalar") => Path::Scalar,
-        _ => Path::SimdInt8,
+        _ => Path::SimdF32,
     })
 }
 
