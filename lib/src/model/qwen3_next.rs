@@ -99,11 +99,7 @@ impl Layer {
         t += b(self.moe.router());
         let experts = self.moe.experts();
         if !experts.is_empty() {
-            let all: u64 = experts
-                .iter()
-                .flat_map(|e| e.matrices())
-                .map(|m| b(m))
-                .sum();
+            let all: u64 = experts.iter().flat_map(|e| e.matrices()).map(b).sum();
             t += all * top_k as u64 / experts.len() as u64;
         }
         if let Some((e, g)) = self.moe.shared() {
