@@ -454,8 +454,25 @@ fn fingerprint(
     Ok(fp.finish())
 }
 
+/// Payload bytes: read from the checkpoint, or converted (no extra copy).
+enum Buf {
+    /// Read as-is.
+    Read(Vec<u8>),
+    /// Produced by the conversion.
+    Converted(crate::tensor::Bytes),
+}
+
+impl Buf {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Buf::Read(v) => v,
+            Buf::Converted(b) => b.as_slice(),
+        }
+    }
+}
+
 /// A converted tensor: its payloads, each with its planned span.
-type Produced = Vec<(Span, Vec<u8>)>;
+type Produced = Vec<(Span, Buf)>;
 
 fn produce(
     source: &Source,
@@ -499,15 +516,15 @@ fn produce(
             .to_kernel_layout()
             .map_err(|e| input_err(format!("{}: {e}", ck.dir.display())))?;
             let mut out = vec![
-                (*qs, m.qdata.as_slice().to_vec()),
-                (*ss, m.scales.as_slice().to_vec()),
+                (*qs, Buf::Converted(m.qdata.clone())),
+                (*ss, Buf::Converted(m.scales.clone())),
             ];
             match (zs, &m.zeros) {
                 (None, Zeros::Symmetric) => {}
-                (Some(z), Zeros::PerGroup(b)) => out.push((*z, b.as_slice().to_vec())),
+                (Some(z), Zeros::PerGroup(b)) => out.push((*z, Buf::Converted(b.clone()))),
                 (Some(z), Zeros::Symmetric) => {
                     let v = QuantMatrix::symmetric_zero(*bits).to_le_bytes();
-                    out.push((*z, v.repeat(z.len as usize / 2)));
+                    out.push((*z, Buf::Read(v.repeat(z.len as usize / 2))));
                 }
                 (None, Zeros::PerGroup(_)) => {
                     return Err(input_err(format!(
@@ -519,7 +536,7 @@ fn produce(
             Ok(out)
         }
         (Source::Copy(e), Payload::Dense { data, .. } | Payload::Raw { data, .. }) => {
-            Ok(vec![(*data, read(e)?)])
+            Ok(vec![(*data, Buf::Read(read(e)?))])
         }
         _ => unreachable!("plan pairs sources with payloads of the same kind"),
     }
@@ -707,7 +724,7 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
                 match msg? {
                     Msg::Write(offset, bytes) => {
                         let before = w.pos;
-                        w.write_at(offset, &bytes)?;
+                        w.write_at(offset, bytes.as_slice())?;
                         bar.inc(w.pos - before);
                     }
                     Msg::GroupEnd(gi) => {
@@ -830,7 +847,7 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
 /// What the converting thread hands the writing thread.
 enum Msg {
     /// Bytes to write at a file offset (zero padding before it).
-    Write(u64, Vec<u8>),
+    Write(u64, Buf),
     /// The group with this position in the file's list is complete.
     GroupEnd(usize),
 }
@@ -859,7 +876,7 @@ fn produce_groups(
                     while done < e.len {
                         let n = (e.len - done).min(CHUNK as usize);
                         let buf = read_at(&handles[e.file], &ck.files[e.file], e.offset + done, n)?;
-                        send(Msg::Write(span.offset + done as u64, buf))?;
+                        send(Msg::Write(span.offset + done as u64, Buf::Read(buf)))?;
                         done += n;
                     }
                     i += 1;
@@ -883,10 +900,10 @@ fn produce_groups(
                 })?;
                 for p in produced {
                     for (span, b) in p {
-                        if b.len() as u64 != span.len {
+                        if b.as_slice().len() as u64 != span.len {
                             return Err(input_err(format!(
                                 "internal error: payload of {} bytes for a {}-byte span",
-                                b.len(),
+                                b.as_slice().len(),
                                 span.len
                             )));
                         }
