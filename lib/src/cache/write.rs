@@ -454,8 +454,25 @@ fn fingerprint(
     Ok(fp.finish())
 }
 
+/// Payload bytes: read from the checkpoint, or converted (no extra copy).
+enum Buf {
+    /// Read as-is.
+    Read(Vec<u8>),
+    /// Produced by the conversion.
+    Converted(crate::tensor::Bytes),
+}
+
+impl Buf {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Buf::Read(v) => v,
+            Buf::Converted(b) => b.as_slice(),
+        }
+    }
+}
+
 /// A converted tensor: its payloads, each with its planned span.
-type Produced = Vec<(Span, Vec<u8>)>;
+type Produced = Vec<(Span, Buf)>;
 
 fn produce(
     source: &Source,
@@ -499,15 +516,15 @@ fn produce(
             .to_kernel_layout()
             .map_err(|e| input_err(format!("{}: {e}", ck.dir.display())))?;
             let mut out = vec![
-                (*qs, m.qdata.as_slice().to_vec()),
-                (*ss, m.scales.as_slice().to_vec()),
+                (*qs, Buf::Converted(m.qdata.clone())),
+                (*ss, Buf::Converted(m.scales.clone())),
             ];
             match (zs, &m.zeros) {
                 (None, Zeros::Symmetric) => {}
-                (Some(z), Zeros::PerGroup(b)) => out.push((*z, b.as_slice().to_vec())),
+                (Some(z), Zeros::PerGroup(b)) => out.push((*z, Buf::Converted(b.clone()))),
                 (Some(z), Zeros::Symmetric) => {
                     let v = QuantMatrix::symmetric_zero(*bits).to_le_bytes();
-                    out.push((*z, v.repeat(z.len as usize / 2)));
+                    out.push((*z, Buf::Read(v.repeat(z.len as usize / 2))));
                 }
                 (None, Zeros::PerGroup(_)) => {
                     return Err(input_err(format!(
@@ -519,7 +536,7 @@ fn produce(
             Ok(out)
         }
         (Source::Copy(e), Payload::Dense { data, .. } | Payload::Raw { data, .. }) => {
-            Ok(vec![(*data, read(e)?)])
+            Ok(vec![(*data, Buf::Read(read(e)?))])
         }
         _ => unreachable!("plan pairs sources with payloads of the same kind"),
     }
@@ -533,16 +550,16 @@ struct PayloadWriter {
 }
 
 impl PayloadWriter {
-    fn write(&mut self, span: Span, bytes: &[u8]) -> Result<(), CacheError> {
-        if span.offset < self.pos {
+    fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<(), CacheError> {
+        if offset < self.pos {
             return Err(input_err(format!(
                 "{}: internal error: payload at {} but already at {}",
                 self.path.display(),
-                span.offset,
+                offset,
                 self.pos
             )));
         }
-        self.pad_to(span.offset)?;
+        self.pad_to(offset)?;
         self.w
             .write_all(bytes)
             .map_err(|e| FsError::io(&self.path, e))?;
@@ -550,10 +567,14 @@ impl PayloadWriter {
         Ok(())
     }
     fn pad_to(&mut self, offset: u64) -> Result<(), CacheError> {
-        let pad = (offset - self.pos) as usize;
-        self.w
-            .write_all(&[0u8; ALIGN as usize][..pad.min(ALIGN as usize)])
-            .map_err(|e| FsError::io(&self.path, e))?;
+        let mut pad = (offset - self.pos) as usize;
+        while pad > 0 {
+            let n = pad.min(ALIGN as usize);
+            self.w
+                .write_all(&[0u8; ALIGN as usize][..n])
+                .map_err(|e| FsError::io(&self.path, e))?;
+            pad -= n;
+        }
         self.pos = offset;
         Ok(())
     }
@@ -693,24 +714,50 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
             pos,
             path: tmp.clone(),
         };
-        for g in &groups[done..] {
-            write_group(&layout, g, &ck, &handles, &pool, &mut w, &bar)?;
-            w.sync()?;
-            let unit = format!("{}:{}", df.name, g.name);
-            run.unit_done(
-                &unit,
-                Output {
-                    path: tmp.file_name().expect("file").to_string_lossy().into(),
-                    size: g.end,
-                    blake3: None,
-                },
-            )?;
-            units_this_run += 1;
-            if opts.stop_after_units == Some(units_this_run) {
-                bar.abandon();
-                return Err(CacheError::Stopped(units_this_run));
+        let todo = &groups[done..];
+        std::thread::scope(|scope| -> Result<(), CacheError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel(4);
+            let (layout, ck, handles, pool) = (&layout, &ck, &handles, &pool);
+            scope.spawn(move || produce_groups(layout, todo, ck, handles, pool, tx));
+            // Dropping `rx` on any early return stops the producer.
+            for msg in rx {
+                match msg? {
+                    Msg::Write(offset, bytes) => {
+                        let before = w.pos;
+                        w.write_at(offset, bytes.as_slice())?;
+                        bar.inc(w.pos - before);
+                    }
+                    Msg::GroupEnd(gi) => {
+                        let g = todo[gi];
+                        if w.pos != g.end {
+                            return Err(input_err(format!(
+                                "{}: internal error: group `{}` ends at {}, planned {}",
+                                tmp.display(),
+                                g.name,
+                                w.pos,
+                                g.end
+                            )));
+                        }
+                        w.sync()?;
+                        let unit = format!("{}:{}", df.name, g.name);
+                        run.unit_done(
+                            &unit,
+                            Output {
+                                path: tmp.file_name().expect("file").to_string_lossy().into(),
+                                size: g.end,
+                                blake3: None,
+                            },
+                        )?;
+                        units_this_run += 1;
+                        if opts.stop_after_units == Some(units_this_run) {
+                            bar.abandon();
+                            return Err(CacheError::Stopped(units_this_run));
+                        }
+                    }
+                }
             }
-        }
+            Ok(())
+        })?;
         if w.pos != df.size {
             return Err(input_err(format!(
                 "{}: internal error: wrote {} bytes, planned {}",
@@ -797,69 +844,80 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
     Ok(outcome)
 }
 
-/// Converts and writes one tensor group: small tensors in parallel batches,
-/// big dense ones streamed in chunks.
-fn write_group(
+/// What the converting thread hands the writing thread.
+enum Msg {
+    /// Bytes to write at a file offset (zero padding before it).
+    Write(u64, Buf),
+    /// The group with this position in the file's list is complete.
+    GroupEnd(usize),
+}
+
+/// Converts the tensor groups `groups` in order, sending their payloads to
+/// the writer: small tensors in parallel batches, big dense ones in chunks.
+/// Runs on its own thread so conversion overlaps writing and fsync; stops
+/// when the writer hangs up.
+fn produce_groups(
     layout: &Layout,
-    g: &Group,
+    groups: &[&Group],
     ck: &Checkpoint,
     handles: &[File],
     pool: &rayon::ThreadPool,
-    w: &mut PayloadWriter,
-    bar: &indicatif::ProgressBar,
-) -> Result<(), CacheError> {
-    let mut i = g.items.start;
-    while i < g.items.end {
-        let src = &layout.sources[i];
-        if let (Source::Copy(e), true) = (src, src.input_bytes() > CHUNK) {
-            let span = layout.index.tensors[i].spans()[0];
-            let before = w.pos;
-            w.pad_to(span.offset)?;
-            let mut done = 0usize;
-            while done < e.len {
-                let n = (e.len - done).min(CHUNK as usize);
-                let buf = read_at(&handles[e.file], &ck.files[e.file], e.offset + done, n)?;
-                w.w.write_all(&buf)
-                    .map_err(|err| FsError::io(&w.path, err))?;
-                done += n;
-            }
-            w.pos += e.len as u64;
-            bar.inc(w.pos - before);
-            i += 1;
-            continue;
-        }
-        // A batch of consecutive small tensors, converted in parallel.
-        let mut end = i;
-        let mut bytes = 0;
-        while end < g.items.end
-            && (end == i || bytes < BATCH_BYTES)
-            && !matches!(&layout.sources[end], s @ Source::Copy(_) if s.input_bytes() > CHUNK)
-        {
-            bytes += layout.sources[end].input_bytes();
-            end += 1;
-        }
-        let produced: Vec<Produced> = pool.install(|| {
-            (i..end)
-                .into_par_iter()
-                .map(|j| produce(&layout.sources[j], &layout.index.tensors[j], ck, handles))
-                .collect::<Result<_, CacheError>>()
-        })?;
-        for p in produced {
-            let before = w.pos;
-            for (span, b) in p {
-                if b.len() as u64 != span.len {
-                    return Err(input_err(format!(
-                        "{}: internal error: payload of {} bytes for a {}-byte span",
-                        w.path.display(),
-                        b.len(),
-                        span.len
-                    )));
+    tx: std::sync::mpsc::SyncSender<Result<Msg, CacheError>>,
+) {
+    let run = || -> Result<(), CacheError> {
+        let send = |m: Msg| tx.send(Ok(m)).map_err(|_| CacheError::Stopped(0));
+        for (gi, g) in groups.iter().enumerate() {
+            let mut i = g.items.start;
+            while i < g.items.end {
+                let src = &layout.sources[i];
+                if let (Source::Copy(e), true) = (src, src.input_bytes() > CHUNK) {
+                    let span = layout.index.tensors[i].spans()[0];
+                    let mut done = 0usize;
+                    while done < e.len {
+                        let n = (e.len - done).min(CHUNK as usize);
+                        let buf = read_at(&handles[e.file], &ck.files[e.file], e.offset + done, n)?;
+                        send(Msg::Write(span.offset + done as u64, Buf::Read(buf)))?;
+                        done += n;
+                    }
+                    i += 1;
+                    continue;
                 }
-                w.write(span, &b)?;
+                // A batch of consecutive small tensors, converted in parallel.
+                let mut end = i;
+                let mut bytes = 0;
+                while end < g.items.end
+                    && (end == i || bytes < BATCH_BYTES)
+                    && !matches!(&layout.sources[end], s @ Source::Copy(_) if s.input_bytes() > CHUNK)
+                {
+                    bytes += layout.sources[end].input_bytes();
+                    end += 1;
+                }
+                let produced: Vec<Produced> = pool.install(|| {
+                    (i..end)
+                        .into_par_iter()
+                        .map(|j| produce(&layout.sources[j], &layout.index.tensors[j], ck, handles))
+                        .collect::<Result<_, CacheError>>()
+                })?;
+                for p in produced {
+                    for (span, b) in p {
+                        if b.as_slice().len() as u64 != span.len {
+                            return Err(input_err(format!(
+                                "internal error: payload of {} bytes for a {}-byte span",
+                                b.as_slice().len(),
+                                span.len
+                            )));
+                        }
+                        send(Msg::Write(span.offset, b))?;
+                    }
+                }
+                i = end;
             }
-            bar.inc(w.pos - before);
+            send(Msg::GroupEnd(gi))?;
         }
-        i = end;
+        Ok(())
+    };
+    if let Err(e) = run() {
+        // The writer may have hung up already; then nobody needs the error.
+        let _ = tx.send(Err(e));
     }
-    Ok(())
 }
