@@ -162,11 +162,8 @@ impl ModelSizes {
         if tied && !has_lm_head {
             per_token += embed; // lm_head reads the whole shared matrix
         }
-        if experts > 0 {
-            per_token += expert * per_tok / experts;
-        } else {
-            per_token += expert;
-        }
+        // Only num_experts_per_tok of num_experts routed experts are read.
+        per_token += (expert * per_tok).checked_div(experts).unwrap_or(expert);
         Ok(ModelSizes {
             source: SizeSource::Checkpoint,
             path: Some(dir.to_path_buf()),

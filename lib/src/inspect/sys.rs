@@ -26,6 +26,7 @@ pub fn memlock_limit() -> Option<u64> {
     if rc != 0 || r.rlim_cur == libc::RLIM_INFINITY {
         None
     } else {
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
         Some(r.rlim_cur as u64)
     }
 }
