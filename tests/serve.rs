@@ -35,7 +35,7 @@ fn tiny() -> &'static Path {
             write_shard(&mut f, &tensors, 7).unwrap();
         }
         std::fs::write(tmp.path().join("done"), b"").unwrap();
-        let tmp = tmp.into_path();
+        let tmp = tmp.keep();
         if std::fs::rename(&tmp, &dir).is_err() {
             // Another process got there first.
             let _ = std::fs::remove_dir_all(&tmp);
