@@ -168,3 +168,173 @@ fn gs32_matches_transformers() {
 fn gs128_matches_transformers() {
     check_case("gs128");
 }
+
+/// Reads tensor `logits` of an `rh-bench logits` output.
+fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let t = read_tensors(path);
+    assert_eq!(t.len(), 1, "one tensor");
+    let (name, shape, vals) = &t[0];
+    assert_eq!(name, "logits");
+    (shape.clone(), vals.iter().map(|&v| v as f32).collect())
+}
+
+#[test]
+fn bench_logits_matches_golden_in_both_modes() {
+    let g = golden("gs128");
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<String> = g.ids.iter().map(u32::to_string).collect();
+    let ids = ids.join(",");
+    for (kind, want, quant) in [("float", &g.float, false), ("quant", &g.quant, true)] {
+        for step in [false, true] {
+            let out = dir.path().join(format!("{kind}-{step}.safetensors"));
+            let mut cmd = rh("rh-bench");
+            cmd.arg("logits")
+                .arg(case_dir("gs128").join(kind))
+                .args(["--ids", &ids, "--out"])
+                .arg(&out)
+                .current_dir(dir.path());
+            if step {
+                cmd.arg("--step");
+            }
+            let o = run(&mut cmd);
+            assert!(o.status.success(), "{}", text(&o));
+            let (shape, got) = read_logits(&out);
+            assert_eq!(shape, vec![g.ids.len(), g.vocab]);
+            check(
+                &format!("rh-bench {kind} step={step}"),
+                &got,
+                want,
+                g.vocab,
+                quant,
+            );
+        }
+    }
+    // An id outside the vocabulary: usage error naming it, no output file.
+    let out = dir.path().join("bad.safetensors");
+    let o = run(rh("rh-bench")
+        .arg("logits")
+        .arg(case_dir("gs128").join("float"))
+        .args(["--ids", "1,2,512", "--out"])
+        .arg(&out)
+        .current_dir(dir.path()));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("512") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+/// A one-layer synthetic tiny checkpoint (real Qwen3 tokenizer, real vocab).
+fn synthetic_tiny(dir: &Path) {
+    use roundhouse::synthetic::{write_shard, Spec};
+    let spec = Spec::preset("tiny", Some(1), 0).unwrap();
+    for (name, bytes) in spec.metadata_files() {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    for (file, tensors) in spec.shards() {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join(file)).unwrap());
+        write_shard(&mut f, &tensors, 0).unwrap();
+    }
+}
+
+#[test]
+fn bench_perplexity_on_a_synthetic_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    std::fs::create_dir(&model).unwrap();
+    synthetic_tiny(&model);
+    let txt = dir.path().join("text.txt");
+    std::fs::write(
+        &txt,
+        "The quick brown fox jumps over the lazy dog. ".repeat(8),
+    )
+    .unwrap();
+    let o = run(rh("rh-bench")
+        .arg("perplexity")
+        .arg(&model)
+        .arg("--text")
+        .arg(&txt)
+        .args(["--ctx", "16", "--chunks", "2", "--json"])
+        .current_dir(dir.path()));
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ppl = v["ppl"].as_f64().unwrap();
+    assert!(ppl.is_finite() && ppl > 1.0, "{v}");
+    assert_eq!(v["tokens_scored"].as_u64(), Some(2 * 7), "{v}");
+    assert_eq!(v["per_chunk"].as_array().unwrap().len(), 2);
+
+    // Text output like llama-perplexity.
+    let o = run(rh("rh-bench")
+        .arg("perplexity")
+        .arg(&model)
+        .arg("--text")
+        .arg(&txt)
+        .args(["--ctx", "16", "--chunks", "1"])
+        .current_dir(dir.path()));
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("[1]") && out.contains("Final estimate: PPL = "),
+        "{out}"
+    );
+
+    // Too little text for the context: one-line error naming the file.
+    let o = run(rh("rh-bench")
+        .arg("perplexity")
+        .arg(&model)
+        .arg("--text")
+        .arg(&txt)
+        .args(["--ctx", "100000"])
+        .current_dir(dir.path()));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("text.txt") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
+fn misshapen_checkpoint_is_a_one_line_error_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("model");
+    std::fs::create_dir(&m).unwrap();
+    let src = case_dir("gs32").join("quant");
+    for f in ["model.safetensors", "quantization_config.json"] {
+        std::fs::copy(src.join(f), m.join(f)).unwrap();
+    }
+    // A config whose expert size disagrees with the stored tensors.
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    cfg["moe_intermediate_size"] = 96.into();
+    std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
+    let o = run(rh("rh-bench")
+        .arg("logits")
+        .arg(&m)
+        .args(["--ids", "1,2", "--out"])
+        .arg(dir.path().join("l.safetensors"))
+        .current_dir(dir.path()));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("model.layers.0.mlp.experts.0.") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    // A model type this engine does not run.
+    cfg["model_type"] = "llama".into();
+    std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
+    let o = run(rh("rh-bench")
+        .arg("logits")
+        .arg(&m)
+        .args(["--ids", "1", "--out"])
+        .arg(dir.path().join("l.safetensors"))
+        .current_dir(dir.path()));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("llama") && err.contains("config.json"),
+        "{err}"
+    );
+}

@@ -100,6 +100,10 @@ pub(crate) fn load_vector(
     Ok(v)
 }
 
+/// Most tokens one pass of the layer stack takes; longer inputs run in
+/// chunks of this many (bounds activation memory during prefill).
+pub const PREFILL_CHUNK: usize = 512;
+
 /// A loaded Qwen3-Next model.
 pub struct Model {
     config: ModelConfig,
@@ -224,7 +228,20 @@ impl Model {
         if let Err(e) = self.check_ids(ids) {
             panic!("Model::forward: {e}");
         }
-        qwen3_next::forward(self, state, ids, all)
+        // Long prompts run in chunks so activations stay bounded; the
+        // result is the same as one call (states carry across chunks).
+        let chunks: Vec<&[u32]> = ids.chunks(PREFILL_CHUNK).collect();
+        let mut out = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let want = match (all, last) {
+                (true, _) => qwen3_next::Logits::All,
+                (false, true) => qwen3_next::Logits::Last,
+                (false, false) => qwen3_next::Logits::None,
+            };
+            out.extend(qwen3_next::forward(self, state, c, want));
+        }
+        out
     }
 
     /// Bytes of weights read to decode one token: one embedding row, every
@@ -383,5 +400,33 @@ mod tests {
         let mut c = m.new_state();
         m.forward(&mut c, &[5, 6, 9]);
         assert_ne!(m.forward(&mut c, &[8]), la);
+    }
+
+    #[test]
+    fn long_prefill_in_chunks_equals_decode() {
+        let m = Model::load(checkpoint("gs32", "quant")).unwrap();
+        let n = PREFILL_CHUNK + 40;
+        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 131 + 7) % 512).collect();
+        let mut a = m.new_state();
+        let all = m.forward_all(&mut a, &ids);
+        assert_eq!(all.len(), n * 512);
+        let mut b = m.new_state();
+        let last = m.forward(&mut b, &ids);
+        assert_eq!(&all[(n - 1) * 512..], &last[..]);
+        let mut c = m.new_state();
+        let mut step = Vec::new();
+        for &id in &ids {
+            step = m.forward(&mut c, &[id]);
+        }
+        let range = last.iter().fold(0f32, |r, v| r.max(v.abs()));
+        let err = last
+            .iter()
+            .zip(&step)
+            .fold(0f32, |e, (x, y)| e.max((x - y).abs()));
+        assert!(
+            err <= 1e-4 * range,
+            "chunked prefill vs decode: {err} (range {range})"
+        );
+        assert_eq!(a.position(), n);
     }
 }

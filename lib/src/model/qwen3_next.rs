@@ -133,9 +133,20 @@ impl Layer {
     }
 }
 
-/// Runs `ids` through the model after `state`; logits of every position when
-/// `all`, else of the last. Ids are already checked.
-pub(super) fn forward(model: &Model, state: &mut State, ids: &[u32], all: bool) -> Vec<f32> {
+/// Which logits a forward call computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Logits {
+    /// None (an inner chunk of a long prefill).
+    None,
+    /// The last position's.
+    Last,
+    /// Every position's.
+    All,
+}
+
+/// Runs `ids` through the model after `state`, returning the logits `want`
+/// asks for. Ids are already checked.
+pub(super) fn forward(model: &Model, state: &mut State, ids: &[u32], want: Logits) -> Vec<f32> {
     let (embed, layers, norm, lm_head) = model.parts();
     let c = model.config();
     let (h, vocab) = (c.hidden_size, c.vocab_size);
@@ -153,7 +164,11 @@ pub(super) fn forward(model: &Model, state: &mut State, ids: &[u32], all: bool) 
         layer.forward(&mut x, n, state.pos, st);
     }
     state.pos += n;
-    let first = if all { 0 } else { n - 1 };
+    let first = match want {
+        Logits::None => return Vec::new(),
+        Logits::Last => n - 1,
+        Logits::All => 0,
+    };
     let m = n - first;
     let mut last = x[first * h..].to_vec();
     rms_norm_zc(&mut last, norm, c.rms_norm_eps as f32);
