@@ -35,7 +35,7 @@ fn tiny() -> &'static Path {
             write_shard(&mut f, &tensors, 7).unwrap();
         }
         std::fs::write(tmp.path().join("done"), b"").unwrap();
-        let tmp = tmp.into_path();
+        let tmp = tmp.keep();
         if std::fs::rename(&tmp, &dir).is_err() {
             // Another process got there first.
             let _ = std::fs::remove_dir_all(&tmp);
@@ -162,6 +162,35 @@ fn second_turn_feeds_only_its_new_tokens() {
         r2.stats
     );
     assert_eq!(conv.messages().len(), 4);
+
+    // The state is exactly the conversation as transformers would render it
+    // with the reasoning kept: the ids it consumed decode to turn 1's prompt,
+    // the whole first reply, the end of that turn and turn 2's prompt.
+    let fed = conv.history_ids().to_vec();
+    assert_eq!(fed.len(), conv.context_used());
+    let seen = chat.tokenizer.decode(&fed).unwrap();
+    let turn2 =
+        "<|im_end|>\n<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n<think>\n";
+    assert!(
+        seen.starts_with("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n<think>\n"),
+        "{seen:?}"
+    );
+    assert!(seen.contains(turn2), "{seen:?}");
+    // ...and turn 2's incremental prefill left the same state as one
+    // prefill of all of it: the next logits agree.
+    let model = &chat.model;
+    let mut incremental = conv.state().clone();
+    let a = model.forward(&mut incremental, &[1000]);
+    let mut all = fed.clone();
+    all.push(1000);
+    let mut fresh = model.new_state();
+    let b = model.forward(&mut fresh, &all);
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    let err = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(err <= 1e-3 * scale, "max |diff| {err} vs scale {scale}");
     assert!(r2.stats.ttft_ms > 0.0 && r2.stats.prefill_tps > 0.0);
 
     // Greedy is deterministic: a fresh conversation says the same.

@@ -247,7 +247,6 @@ fn one_shot(
         }
     };
     let r = conv.send(text, &never, &mut on_event)?;
-    drop(on_event);
     if json {
         let v = serde_json::json!({
             "reasoning": r.reasoning,

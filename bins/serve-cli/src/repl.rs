@@ -160,7 +160,6 @@ pub fn run(conv: &mut Conversation<'_>, mut show_thinking: bool) -> Result<(), C
             _ => {}
         };
         let r = conv.send(line, &cancel, &mut on_event);
-        drop(on_event);
         if thinking_shown {
             let _ = writeln!(out);
         }

@@ -188,6 +188,8 @@ pub struct Conversation<'a> {
     pending: Vec<u32>,
     /// Recent ids for the repetition penalty.
     recent: Vec<u32>,
+    /// Every id the state has consumed, in order.
+    fed: Vec<u32>,
     last: Option<TurnStats>,
 }
 
@@ -203,6 +205,7 @@ impl<'a> Conversation<'a> {
             messages: Vec::new(),
             pending: Vec::new(),
             recent: Vec::new(),
+            fed: Vec::new(),
             last: None,
         }
     }
@@ -213,6 +216,7 @@ impl<'a> Conversation<'a> {
         self.messages.clear();
         self.pending.clear();
         self.recent.clear();
+        self.fed.clear();
         self.sampler = Sampler::new(self.opts.sampling.clone());
     }
 
@@ -251,6 +255,17 @@ impl<'a> Conversation<'a> {
     /// Tokens the model state holds.
     pub fn context_used(&self) -> usize {
         self.state.position()
+    }
+
+    /// Every token id the model state has consumed, in order (the
+    /// conversation as the model saw it).
+    pub fn history_ids(&self) -> &[u32] {
+        &self.fed
+    }
+
+    /// The model state (clone it to look ahead without changing the chat).
+    pub fn state(&self) -> &State {
+        &self.state
     }
 
     /// Figures of the last turn.
@@ -313,6 +328,7 @@ impl<'a> Conversation<'a> {
         if fresh {
             self.state = self.chat.model.new_state();
             self.recent.clear();
+            self.fed.clear();
         }
         self.pending.clear();
         let model = &self.chat.model;
@@ -320,6 +336,7 @@ impl<'a> Conversation<'a> {
         let mut logits = model.forward(&mut self.state, &ids);
         let prefill_s = start.elapsed().as_secs_f64();
         self.push_recent(&ids);
+        self.fed.extend_from_slice(&ids);
 
         let mut in_reasoning = prompt_text.trim_end().ends_with("<think>");
         let mut reasoning = String::new();
@@ -375,6 +392,7 @@ impl<'a> Conversation<'a> {
                 break;
             }
             logits = model.forward(&mut self.state, &[id]);
+            self.fed.push(id);
         }
         if let Some(s) = detok.flush(tok)? {
             emit(&s, in_reasoning, &mut reasoning, &mut answer, on_event);
