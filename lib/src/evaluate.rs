@@ -25,6 +25,9 @@ pub enum EvalError {
     /// Writing the output failed.
     #[error(transparent)]
     Fs(#[from] FsError),
+    /// The cache fails the quick check against its manifest.
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
     /// A `--ids` list that does not parse.
     #[error("--ids: `{0}` is not a token id (expected comma-separated integers)")]
     BadId(String),
@@ -74,14 +77,28 @@ impl Classify for EvalError {
     fn exit(&self) -> Exit {
         match self {
             EvalError::Model(e) => e.exit(),
+            EvalError::Verify(e) => e.exit(),
             EvalError::BadId(_) | EvalError::BadCtx(_) => Exit::Usage,
             _ => Exit::Failure,
         }
     }
 }
 
-/// Opens a model directory as a weight source.
+/// Opens a model directory as a weight source. When `rh-verify` has left
+/// a manifest there, the quick check (sizes, first and last chunk of every
+/// file) runs first, so a truncated or swapped cache is refused before it
+/// is mapped; a directory without a manifest is opened as is.
 pub fn open_weights(dir: &Path) -> Result<Arc<dyn WeightSource>, EvalError> {
+    if dir.join(crate::verify::MANIFEST_NAME).is_file() {
+        crate::verify::check(
+            dir,
+            &crate::verify::CheckOptions {
+                quick: true,
+                expect: None,
+                quiet: true,
+            },
+        )?;
+    }
     Ok(crate::weights::open_weights(dir)?)
 }
 

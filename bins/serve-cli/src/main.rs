@@ -105,20 +105,8 @@ fn open(dir: &Path) -> Result<Arc<dyn WeightSource>, CliError> {
             dir.display()
         )));
     }
-    // The quick check (sizes, first and last chunk of every file against
-    // rh-verify's manifest) catches a truncated or swapped cache before it
-    // is mapped; a cache without a manifest (not verified yet) is served
-    // as is.
-    if dir.join(roundhouse::verify::MANIFEST_NAME).is_file() {
-        roundhouse::verify::check(
-            dir,
-            &roundhouse::verify::CheckOptions {
-                quick: true,
-                expect: None,
-                quiet: true,
-            },
-        )?;
-    }
+    // evaluate::open_weights runs the quick check against rh-verify's
+    // manifest when there is one.
     Ok(roundhouse::evaluate::open_weights(dir)?)
 }
 
