@@ -6,7 +6,7 @@
 #   make demo                      # whole pipeline on the built-in demo model
 #   make test                      # the test suite (what CI runs)
 #   make chat                      # real model: fetch, inspect, repack, verify, chat
-#   make bench PIPELINE=pipeline.bench.toml WORK=bench-work
+#   make bench                     # rh-bench on synthetic:qwen3-next-80b, 8 layers
 #
 # WORK must match [model] work_dir of the manifest in PIPELINE.
 
@@ -18,7 +18,7 @@ RH        = --pipeline $(PIPELINE)
 PROMPT   ?= Write a haiku about trains.
 SERVE_FLAGS ?=
 
-.PHONY: build fetch inspect repack verify chat ask bench test demo clean-work
+.PHONY: build fetch inspect repack verify chat ask bench bench-run test demo clean-work
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -48,7 +48,15 @@ chat: $(WORK)/stages/inspect.json $(WORK)/stages/verify.json
 ask: $(WORK)/stages/inspect.json $(WORK)/stages/verify.json
 	$(BIN)/rh-serve $(RH) --prompt "$(PROMPT)" $(SERVE_FLAGS)
 
-bench: $(WORK)/stages/inspect.json $(WORK)/stages/repack.json
+# The speed table on the benchmark model (real shapes, 8 of 48 layers,
+# generated locally), so anyone can reproduce the README's numbers.
+BENCH_PIPELINE ?= pipeline.bench.toml
+BENCH_WORK     ?= bench-work
+bench:
+	$(MAKE) bench-run PIPELINE=$(BENCH_PIPELINE) WORK=$(BENCH_WORK)
+
+# rh-bench on whatever PIPELINE/WORK name (after inspect and repack).
+bench-run: $(WORK)/stages/inspect.json $(WORK)/stages/repack.json
 	$(BIN)/rh-bench $(RH)
 
 # The built-in demo, end to end, ending with a generated reply.
