@@ -195,6 +195,71 @@ impl Q8Act {
     }
 }
 
+/// Activations quantized to int16 per 32-element block:
+/// `x[k] ≈ d[k / 32] * xq[k]` with `d = max|x| / 32767` (relative step about
+/// 3e-5, so the products are as accurate as with f32 activations while the
+/// weights meet them in 16-bit integer multiply-adds).
+pub(crate) struct Q16Act {
+    xq: Vec<i16>,
+    d: Vec<f32>,
+    /// Per weight group: the sum of the dequantized activations,
+    /// `Σ_{b in g} d[b] * Σ xq[b]`, for the zero-point correction.
+    gsum: Vec<f32>,
+    group_size: usize,
+}
+
+impl Q16Act {
+    /// Quantizes `x` (length a multiple of 32) for weights with `group_size`.
+    pub(crate) fn new(x: &[f32], group_size: usize) -> Q16Act {
+        assert!(x.len() % QBLOCK == 0 && group_size % QBLOCK == 0 && group_size > 0);
+        let nb = x.len() / QBLOCK;
+        let bpg = group_size / QBLOCK;
+        let mut xq = vec![0i16; x.len()];
+        let mut d = vec![0f32; nb];
+        let mut bsum = vec![0f32; nb];
+        for (b, (xs, qs)) in x
+            .chunks_exact(QBLOCK)
+            .zip(xq.chunks_exact_mut(QBLOCK))
+            .enumerate()
+        {
+            // NaN propagates (a plain `max` would drop it).
+            let amax = xs.iter().fold(0f32, |m, v| {
+                if m.is_nan() || v.is_nan() {
+                    f32::NAN
+                } else {
+                    m.max(v.abs())
+                }
+            });
+            if amax == 0.0 {
+                continue;
+            }
+            if !amax.is_finite() {
+                // Non-finite input: keep it visible in the output as NaN.
+                d[b] = f32::NAN;
+                bsum[b] = f32::NAN;
+                continue;
+            }
+            let db = amax / 32767.0;
+            let inv = 32767.0 / amax;
+            let mut s = 0i32;
+            for (q, v) in qs.iter_mut().zip(xs) {
+                let r = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
+                *q = r;
+                s += r as i32;
+            }
+            d[b] = db;
+            bsum[b] = db * s as f32;
+        }
+        let gsum = bsum.chunks(bpg).map(|c| c.iter().sum()).collect();
+        Q16Act {
+            xq,
+            d,
+            gsum,
+            group_size,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Safe entry points.
 
@@ -212,6 +277,24 @@ impl Avx2 {
             // shape.
             *o = unsafe {
                 dot_q8_row(v, r0 + i, a) + correction(v, r0 + i, &a.gsum, offset(v.bits))
+            };
+        }
+    }
+
+    /// `out[i] = row (r0 + i) · x` with `x` quantized to int16.
+    pub(crate) fn quant_rows_q16(self, v: &QuantView, r0: usize, a: &Q16Act, out: &mut [f32]) {
+        assert!(r0 + out.len() <= v.rows, "rows out of range");
+        assert!(a.xq.len() == v.cols && a.gsum.len() == v.n_groups);
+        assert!(a.d.len() == v.cols / QBLOCK && a.group_size == v.group_size);
+        for (i, o) in out.iter_mut().enumerate() {
+            // SAFETY: as in `quant_rows_q8`.
+            *o = unsafe {
+                let dot = if v.bits == 4 {
+                    dot_q16_row_bits::<4>(v, r0 + i, a)
+                } else {
+                    dot_q16_row_bits::<8>(v, r0 + i, a)
+                };
+                dot + correction(v, r0 + i, &a.gsum, 0.0)
             };
         }
     }
@@ -592,6 +675,70 @@ unsafe fn dot_q8_row_bits<const BITS: usize>(v: &QuantView, r: usize, a: &Q8Act)
         }
         if b < b1 {
             let p0 = _mm256_cvtepi32_ps(block_q8::<BITS>(qrow.add(b * bb), xq.add(b * QBLOCK)));
+            acc0 = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(&*d.add(b)), acc0);
+        }
+        let s = _mm256_set1_ps(f16_at(srow, g));
+        tot0 = _mm256_fmadd_ps(s, acc0, tot0);
+        tot1 = _mm256_fmadd_ps(s, acc1, tot1);
+    }
+    hsum(_mm256_add_ps(tot0, tot1))
+}
+
+/// Eight i32 lanes summing to `Σ q[k] * xq[k]` over one block of int16
+/// activations at `xp`, with the unsigned weights at `qp` widened to i16.
+/// Products are at most 255 * 32767, so the four per lane fit an i32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_q16<const BITS: usize>(qp: *const u8, xp: *const i16) -> __m256i {
+    let x0 = _mm256_loadu_si256(xp as *const __m256i);
+    let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
+    if BITS == 4 {
+        // Each byte widened to an i16: the low nibble is element i, the
+        // high one element i + 16, and a 16-bit shift leaves it alone.
+        let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(qp as *const __m128i));
+        let lo = _mm256_and_si256(w, _mm256_set1_epi16(0x0F));
+        let hi = _mm256_srli_epi16(w, 4);
+        _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1))
+    } else {
+        let w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(qp as *const __m128i));
+        let w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(qp.add(16) as *const __m128i));
+        _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1))
+    }
+}
+
+/// Row `r` of `v` times int16-quantized activations, without the zero-point
+/// term: `Σ_g s_g Σ_b d_b Σ_k q_k xq_k`, exact in i32 within a block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q16_row_bits<const BITS: usize>(v: &QuantView, r: usize, a: &Q16Act) -> f32 {
+    let bb = QBLOCK * BITS / 8;
+    let nb = v.cols / QBLOCK;
+    let bpg = v.group_size / QBLOCK;
+    let qrow = v.q.as_ptr().add(r * v.row_bytes);
+    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let xq = a.xq.as_ptr();
+    let d = a.d.as_ptr();
+    let pfb = pf_bytes();
+    let mut tot0 = _mm256_setzero_ps();
+    let mut tot1 = _mm256_setzero_ps();
+    for g in 0..v.n_groups {
+        let mut b = g * bpg;
+        let b1 = (b + bpg).min(nb);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        while b + 1 < b1 {
+            prefetch(qrow.wrapping_add(b * bb + pfb));
+            let p0 = _mm256_cvtepi32_ps(block_q16::<BITS>(qrow.add(b * bb), xq.add(b * QBLOCK)));
+            let p1 = _mm256_cvtepi32_ps(block_q16::<BITS>(
+                qrow.add((b + 1) * bb),
+                xq.add((b + 1) * QBLOCK),
+            ));
+            acc0 = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(&*d.add(b)), acc0);
+            acc1 = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(&*d.add(b + 1)), acc1);
+            b += 2;
+        }
+        if b < b1 {
+            let p0 = _mm256_cvtepi32_ps(block_q16::<BITS>(qrow.add(b * bb), xq.add(b * QBLOCK)));
             acc0 = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(&*d.add(b)), acc0);
         }
         let s = _mm256_set1_ps(f16_at(srow, g));
