@@ -226,7 +226,7 @@ fn avx2_matvec(a: avx2::Avx2, w: &Matrix, x: &[f32], y: &mut [f32], path: Path) 
                 let act = avx2::Q8Act::new(x, q.bits, q.group_size);
                 for_row_chunks(y, rpt, |r0, ys| a.quant_rows_q8(&v, r0, &act, ys));
             } else if path == Path::SimdInt16 {
-                let act = avx2::Q16Act::new(x, q.group_size);
+                let act = a.q16_act(x, q.bits, q.group_size);
                 for_row_chunks(y, rpt, |r0, ys| a.quant_rows_q16(&v, r0, &act, ys));
             } else {
                 let gsum: Vec<f32> = x.chunks(q.group_size).map(|c| c.iter().sum()).collect();
