@@ -220,7 +220,7 @@ pub(crate) struct Q16Act {
     group_size: usize,
 }
 
-/// Where element `e` of the second-or-first block of an interleaved pair
+/// Where element `e` of one block of an interleaved pair
 /// goes (see [`Q16Act`]): `h` is 0 for block `b`, 1 for block `b + 1`.
 fn q16_pair_slot(h: usize, e: usize) -> usize {
     let v = match (e >= 16, e % 2 == 1) {
