@@ -195,6 +195,140 @@ impl Q8Act {
     }
 }
 
+/// Activations quantized to int16 per 32-element block:
+/// `x[k] ≈ d[k / 32] * xq'[k]` with `d = max|x| / 32767` (relative step about
+/// 3e-5, so the products are as accurate as with f32 activations while the
+/// weights meet them in 16-bit integer multiply-adds).
+///
+/// For int4 weights whose groups hold an even number of blocks, blocks
+/// `b, b + 1` (`b` even) are stored permuted to match a 32-byte load of the
+/// two weight blocks read as sixteen 16-bit lanes, whose nibbles come out
+/// with shifts and masks alone: for `v` in 0..4 and lane `j` in 0..16 the
+/// value at `b * 32 + 16 v + j` is element `2 (j % 8) + [0, 16, 1, 17][v]`
+/// of block `b + j / 8`. A last odd block, and every block otherwise, is
+/// stored plainly.
+pub(crate) struct Q16Act {
+    xq: Vec<i16>,
+    d: Vec<f32>,
+    /// `d[b]` repeated four times per block, so two blocks' scales load as
+    /// one vector.
+    d4: Vec<f32>,
+    /// Per weight group: the sum of the dequantized activations,
+    /// `Σ_{b in g} d[b] * Σ xq[b]`, for the zero-point correction.
+    gsum: Vec<f32>,
+    paired: bool,
+    group_size: usize,
+}
+
+/// Where element `e` of one block of an interleaved pair
+/// goes (see [`Q16Act`]): `h` is 0 for block `b`, 1 for block `b + 1`.
+fn q16_pair_slot(h: usize, e: usize) -> usize {
+    let v = match (e >= 16, e % 2 == 1) {
+        (false, false) => 0,
+        (true, false) => 1,
+        (false, true) => 2,
+        (true, true) => 3,
+    };
+    16 * v + 8 * h + (e % 16) / 2
+}
+
+/// Quantizes one block of 32 floats to int16: returns the step and the
+/// integer sum; the step is 0 for an all-zero block and NaN for a block
+/// with a non-finite value.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_block_i16(xp: *const f32, out: &mut [i16; QBLOCK]) -> (f32, i32) {
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_setzero_ps();
+    let mut bad = _mm256_setzero_ps();
+    let mut v = [_mm256_setzero_ps(); 4];
+    for (j, vj) in v.iter_mut().enumerate() {
+        *vj = _mm256_loadu_ps(xp.add(8 * j));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vj));
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_UNORD_Q>(*vj, *vj));
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+    if _mm256_movemask_ps(bad) != 0 || !amax.is_finite() {
+        *out = [0; QBLOCK];
+        return (f32::NAN, 0);
+    }
+    if amax == 0.0 {
+        *out = [0; QBLOCK];
+        return (0.0, 0);
+    }
+    let inv = _mm256_set1_ps(32767.0 / amax);
+    let lim = _mm256_set1_ps(32767.0);
+    let mut sum = _mm256_setzero_si256();
+    for h in 0..2 {
+        // Round to nearest; |x * inv| <= 32767 up to rounding, clamped.
+        let a = _mm256_cvtps_epi32(_mm256_min_ps(
+            lim,
+            _mm256_max_ps(
+                _mm256_sub_ps(_mm256_setzero_ps(), lim),
+                _mm256_mul_ps(v[2 * h], inv),
+            ),
+        ));
+        let b = _mm256_cvtps_epi32(_mm256_min_ps(
+            lim,
+            _mm256_max_ps(
+                _mm256_sub_ps(_mm256_setzero_ps(), lim),
+                _mm256_mul_ps(v[2 * h + 1], inv),
+            ),
+        ));
+        sum = _mm256_add_epi32(sum, _mm256_add_epi32(a, b));
+        let p = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(a, b));
+        _mm256_storeu_si256(out.as_mut_ptr().add(16 * h) as *mut __m256i, p);
+    }
+    let s4 = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256(sum, 1),
+    );
+    let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+    let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2));
+    (amax / 32767.0, _mm_cvtsi128_si32(s1))
+}
+
+impl Avx2 {
+    /// Quantizes `x` (length a multiple of 32) for `bits`-bit weights with
+    /// `group_size`.
+    pub(crate) fn q16_act(self, x: &[f32], bits: u8, group_size: usize) -> Q16Act {
+        assert!(x.len() % QBLOCK == 0 && group_size % QBLOCK == 0 && group_size > 0);
+        let nb = x.len() / QBLOCK;
+        let bpg = group_size / QBLOCK;
+        let paired = bits == 4 && bpg % 2 == 0;
+        let mut xq = vec![0i16; x.len()];
+        let mut d = vec![0f32; nb];
+        let mut bsum = vec![0f32; nb];
+        let mut qs = [0i16; QBLOCK];
+        for b in 0..nb {
+            // SAFETY: block `b` lies inside `x`; features proven by `self`.
+            let (db, s) = unsafe { quantize_block_i16(x.as_ptr().add(b * QBLOCK), &mut qs) };
+            d[b] = db;
+            bsum[b] = db * s as f32;
+            if paired && (b % 2 == 1 || b + 1 < nb) {
+                let base = b / 2 * 2 * QBLOCK;
+                for (e, q) in qs.iter().enumerate() {
+                    xq[base + q16_pair_slot(b % 2, e)] = *q;
+                }
+            } else {
+                xq[b * QBLOCK..(b + 1) * QBLOCK].copy_from_slice(&qs);
+            }
+        }
+        let d4 = d.iter().flat_map(|v| [*v; 4]).collect();
+        let gsum = bsum.chunks(bpg).map(|c| c.iter().sum()).collect();
+        Q16Act {
+            xq,
+            d,
+            d4,
+            gsum,
+            paired,
+            group_size,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Safe entry points.
 
@@ -212,6 +346,29 @@ impl Avx2 {
             // shape.
             *o = unsafe {
                 dot_q8_row(v, r0 + i, a) + correction(v, r0 + i, &a.gsum, offset(v.bits))
+            };
+        }
+    }
+
+    /// `out[i] = row (r0 + i) · x` with `x` quantized to int16.
+    pub(crate) fn quant_rows_q16(self, v: &QuantView, r0: usize, a: &Q16Act, out: &mut [f32]) {
+        assert!(r0 + out.len() <= v.rows, "rows out of range");
+        assert!(a.xq.len() == v.cols && a.gsum.len() == v.n_groups);
+        assert!(a.d.len() == v.cols / QBLOCK && a.d4.len() == 4 * a.d.len());
+        assert!(
+            a.group_size == v.group_size && a.paired == (v.bits == 4 && v.group_size % 64 == 0)
+        );
+        for (i, o) in out.iter_mut().enumerate() {
+            // SAFETY: as in `quant_rows_q8`.
+            *o = unsafe {
+                let dot = if v.bits == 4 && a.paired {
+                    dot_q16_i4_paired(v, r0 + i, a)
+                } else if v.bits == 4 {
+                    dot_q16_row_bits::<4>(v, r0 + i, a)
+                } else {
+                    dot_q16_row_bits::<8>(v, r0 + i, a)
+                };
+                dot + correction(v, r0 + i, &a.gsum, 0.0)
             };
         }
     }
@@ -592,6 +749,127 @@ unsafe fn dot_q8_row_bits<const BITS: usize>(v: &QuantView, r: usize, a: &Q8Act)
         }
         if b < b1 {
             let p0 = _mm256_cvtepi32_ps(block_q8::<BITS>(qrow.add(b * bb), xq.add(b * QBLOCK)));
+            acc0 = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(&*d.add(b)), acc0);
+        }
+        let s = _mm256_set1_ps(f16_at(srow, g));
+        tot0 = _mm256_fmadd_ps(s, acc0, tot0);
+        tot1 = _mm256_fmadd_ps(s, acc1, tot1);
+    }
+    hsum(_mm256_add_ps(tot0, tot1))
+}
+
+/// Eight i32 lanes summing to `Σ q[k] * xq[k]` over one block of int16
+/// activations at `xp`, with the unsigned weights at `qp` widened to i16.
+/// Products are at most 255 * 32767, so the four per lane fit an i32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_q16<const BITS: usize>(qp: *const u8, xp: *const i16) -> __m256i {
+    let x0 = _mm256_loadu_si256(xp as *const __m256i);
+    let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
+    if BITS == 4 {
+        // Each byte widened to an i16: the low nibble is element i, the
+        // high one element i + 16, and a 16-bit shift leaves it alone.
+        let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(qp as *const __m128i));
+        let lo = _mm256_and_si256(w, _mm256_set1_epi16(0x0F));
+        let hi = _mm256_srli_epi16(w, 4);
+        _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1))
+    } else {
+        let w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(qp as *const __m128i));
+        let w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(qp.add(16) as *const __m128i));
+        _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1))
+    }
+}
+
+/// The int4 kernel on pair-interleaved int16 activations: one 32-byte load
+/// covers two blocks; read as sixteen 16-bit lanes, each lane's four nibbles
+/// come out with shifts and masks (no cross-lane shuffles) and meet the
+/// activations laid out to match.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q16_i4_paired(v: &QuantView, r: usize, a: &Q16Act) -> f32 {
+    let nb = v.cols / QBLOCK;
+    let bpg = v.group_size / QBLOCK;
+    let qrow = v.q.as_ptr().add(r * v.row_bytes);
+    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let xq = a.xq.as_ptr();
+    let d4 = a.d4.as_ptr();
+    let m = _mm256_set1_epi16(0x0F);
+    let pfb = pf_bytes();
+    let mut tot0 = _mm256_setzero_ps();
+    let mut tot1 = _mm256_setzero_ps();
+    for g in 0..v.n_groups {
+        let b0 = g * bpg;
+        let b1 = (b0 + bpg).min(nb);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut b = b0;
+        while b + 1 < b1 {
+            prefetch(qrow.wrapping_add(b * 16 + pfb));
+            let w = _mm256_loadu_si256(qrow.add(b * 16) as *const __m256i);
+            let xp = xq.add(b * QBLOCK);
+            let w0 = _mm256_and_si256(w, m);
+            let w1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);
+            let w2 = _mm256_and_si256(_mm256_srli_epi16(w, 8), m);
+            let w3 = _mm256_srli_epi16(w, 12);
+            // Each i32 lane sums 8 products of at most 15 * 32767.
+            let p01 = _mm256_add_epi32(
+                _mm256_madd_epi16(w0, _mm256_loadu_si256(xp as *const __m256i)),
+                _mm256_madd_epi16(w1, _mm256_loadu_si256(xp.add(16) as *const __m256i)),
+            );
+            let p23 = _mm256_add_epi32(
+                _mm256_madd_epi16(w2, _mm256_loadu_si256(xp.add(32) as *const __m256i)),
+                _mm256_madd_epi16(w3, _mm256_loadu_si256(xp.add(48) as *const __m256i)),
+            );
+            let i = _mm256_cvtepi32_ps(_mm256_add_epi32(p01, p23));
+            acc0 = _mm256_fmadd_ps(i, _mm256_loadu_ps(d4.add(b * 4)), acc0);
+            std::mem::swap(&mut acc0, &mut acc1);
+            b += 2;
+        }
+        if b < b1 {
+            // The row's last block when the row has an odd number of blocks.
+            let i = _mm256_cvtepi32_ps(block_q16::<4>(qrow.add(b * 16), xq.add(b * QBLOCK)));
+            acc0 = _mm256_fmadd_ps(i, _mm256_set1_ps(*a.d.as_ptr().add(b)), acc0);
+        }
+        let s = _mm256_set1_ps(f16_at(srow, g));
+        tot0 = _mm256_fmadd_ps(s, acc0, tot0);
+        tot1 = _mm256_fmadd_ps(s, acc1, tot1);
+    }
+    hsum(_mm256_add_ps(tot0, tot1))
+}
+
+/// Row `r` of `v` times int16-quantized activations, without the zero-point
+/// term: `Σ_g s_g Σ_b d_b Σ_k q_k xq_k`, exact in i32 within a block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q16_row_bits<const BITS: usize>(v: &QuantView, r: usize, a: &Q16Act) -> f32 {
+    let bb = QBLOCK * BITS / 8;
+    let nb = v.cols / QBLOCK;
+    let bpg = v.group_size / QBLOCK;
+    let qrow = v.q.as_ptr().add(r * v.row_bytes);
+    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let xq = a.xq.as_ptr();
+    let d = a.d.as_ptr();
+    let pfb = pf_bytes();
+    let mut tot0 = _mm256_setzero_ps();
+    let mut tot1 = _mm256_setzero_ps();
+    for g in 0..v.n_groups {
+        let mut b = g * bpg;
+        let b1 = (b + bpg).min(nb);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        while b + 1 < b1 {
+            prefetch(qrow.wrapping_add(b * bb + pfb));
+            let p0 = _mm256_cvtepi32_ps(block_q16::<BITS>(qrow.add(b * bb), xq.add(b * QBLOCK)));
+            let p1 = _mm256_cvtepi32_ps(block_q16::<BITS>(
+                qrow.add((b + 1) * bb),
+                xq.add((b + 1) * QBLOCK),
+            ));
+            acc0 = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(&*d.add(b)), acc0);
+            acc1 = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(&*d.add(b + 1)), acc1);
+            b += 2;
+        }
+        if b < b1 {
+            let p0 = _mm256_cvtepi32_ps(block_q16::<BITS>(qrow.add(b * bb), xq.add(b * QBLOCK)));
             acc0 = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(&*d.add(b)), acc0);
         }
         let s = _mm256_set1_ps(f16_at(srow, g));

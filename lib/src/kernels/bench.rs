@@ -161,14 +161,17 @@ pub struct KernelRow {
     pub calls: usize,
 }
 
-/// Error of int8-quantized activations against the f32 reference.
+/// Error of a matvec path with quantized activations against the scalar
+/// f32 reference.
 #[derive(Clone, Debug, Serialize)]
-pub struct Int8Error {
+pub struct ActivationError {
     /// Shape name.
     pub shape: String,
-    /// `‖y_int8 − y_ref‖₂ / ‖y_ref‖₂`.
+    /// The path measured ([`Path::name`]).
+    pub path: &'static str,
+    /// `‖y − y_ref‖₂ / ‖y_ref‖₂`.
     pub rel_l2: f64,
-    /// `max |y_int8 − y_ref| / (max y_ref − min y_ref)`: the measure the
+    /// `max |y − y_ref| / (max y_ref − min y_ref)`: the measure the
     /// engine bounds logits with.
     pub max_over_range: f64,
 }
@@ -188,8 +191,8 @@ pub struct KernelReport {
     pub fma_peak_gflops: f64,
     /// Per kernel and shape.
     pub rows: Vec<KernelRow>,
-    /// Int8-activation error per quantized shape.
-    pub int8_error: Vec<Int8Error>,
+    /// Int16- and int8-activation error per quantized shape.
+    pub activation_error: Vec<ActivationError>,
 }
 
 /// Runs the benchmarks.
@@ -218,7 +221,7 @@ fn run_here(opts: &KernelOpts) -> KernelReport {
         fma_peak_1t_gflops: fma1,
         fma_peak_gflops: fma_all,
         rows: Vec::new(),
-        int8_error: Vec::new(),
+        activation_error: Vec::new(),
     };
     for shape in SHAPES {
         if !opts.shapes.is_empty() && !opts.shapes.iter().any(|s| shape.name.contains(s.as_str())) {
@@ -394,7 +397,7 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
     let paths: &[Path] = if shape.kind == WeightKind::Bf16 {
         &[Path::SimdF32]
     } else {
-        &[Path::SimdInt8, Path::SimdF32]
+        &[Path::SimdInt8, Path::SimdInt16, Path::SimdF32]
     };
     let row = |op, path: Path, tokens: usize, secs: f64, calls: usize| {
         let gbs = bytes as f64 / secs / 1e9;
@@ -429,28 +432,31 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
     mats.truncate(1);
     let w = &mats[0];
     if shape.kind != WeightKind::Bf16 && rows * cols <= 1 << 26 {
-        let mut y8 = vec![0f32; rows];
+        let mut yq = vec![0f32; rows];
         let mut yr = vec![0f32; rows];
-        matvec_path(w, &x, &mut y8, Path::SimdInt8);
         matvec_path(w, &x, &mut yr, Path::Scalar);
-        let num: f64 = y8
-            .iter()
-            .zip(&yr)
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum();
         let den: f64 = yr.iter().map(|b| (*b as f64).powi(2)).sum();
-        let maxd = y8
-            .iter()
-            .zip(&yr)
-            .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
         let (lo, hi) = yr.iter().fold((f64::MAX, f64::MIN), |(l, h), v| {
             (l.min(*v as f64), h.max(*v as f64))
         });
-        rep.int8_error.push(Int8Error {
-            shape: shape.name.to_string(),
-            rel_l2: (num / den.max(f64::MIN_POSITIVE)).sqrt(),
-            max_over_range: maxd / (hi - lo).max(f64::MIN_POSITIVE),
-        });
+        for path in [Path::SimdInt16, Path::SimdInt8] {
+            matvec_path(w, &x, &mut yq, path);
+            let num: f64 = yq
+                .iter()
+                .zip(&yr)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let maxd = yq
+                .iter()
+                .zip(&yr)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+            rep.activation_error.push(ActivationError {
+                shape: shape.name.to_string(),
+                path: path.name(),
+                rel_l2: (num / den.max(f64::MIN_POSITIVE)).sqrt(),
+                max_over_range: maxd / (hi - lo).max(f64::MIN_POSITIVE),
+            });
+        }
     }
     if opts.matmul && shape.matmul && opts.tokens > 1 {
         let n = opts.tokens;
@@ -487,7 +493,7 @@ impl KernelReport {
         );
         let _ = writeln!(
             s,
-            "{:<15} {:>13} {:<6} {:<9} {:>6} {:>10} {:>8} {:>6} {:>9} {:>6}",
+            "{:<15} {:>13} {:<6} {:<10} {:>6} {:>10} {:>8} {:>6} {:>9} {:>6}",
             "shape",
             "rows x cols",
             "op",
@@ -502,7 +508,7 @@ impl KernelReport {
         for r in &self.rows {
             let _ = writeln!(
                 s,
-                "{:<15} {:>13} {:<6} {:<9} {:>6} {:>10.3} {:>8.2} {:>5.0}% {:>9.1} {:>5.1}%",
+                "{:<15} {:>13} {:<6} {:<10} {:>6} {:>10.3} {:>8.2} {:>5.0}% {:>9.1} {:>5.1}%",
                 format!("{} {:?}", r.shape, r.kind)
                     .chars()
                     .take(15)
@@ -518,13 +524,13 @@ impl KernelReport {
                 r.of_fma_peak * 100.0
             );
         }
-        if !self.int8_error.is_empty() {
-            let _ = writeln!(s, "int8 activations vs scalar f32 reference:");
-            for e in &self.int8_error {
+        if !self.activation_error.is_empty() {
+            let _ = writeln!(s, "quantized activations vs scalar f32 reference:");
+            for e in &self.activation_error {
                 let _ = writeln!(
                     s,
-                    "  {:<15} relative L2 error {:.2e}, max error / output range {:.2e}",
-                    e.shape, e.rel_l2, e.max_over_range
+                    "  {:<15} {:<10} relative L2 error {:.2e}, max error / output range {:.2e}",
+                    e.shape, e.path, e.rel_l2, e.max_over_range
                 );
             }
         }
@@ -554,13 +560,16 @@ mod tests {
             ops,
             vec![
                 ("matvec", "simd-int8"),
+                ("matvec", "simd-int16"),
                 ("matvec", "simd-f32"),
                 ("matmul", "simd-f32")
             ]
         );
         assert!(rep.rows.iter().all(|r| r.gbs > 0.0 && r.seconds > 0.0));
-        assert_eq!(rep.int8_error.len(), 1);
-        assert!(rep.int8_error[0].max_over_range < 2e-2);
+        assert_eq!(rep.activation_error.len(), 2);
+        assert_eq!(rep.activation_error[0].path, "simd-int16");
+        assert!(rep.activation_error[0].max_over_range < 1e-4);
+        assert!(rep.activation_error[1].max_over_range < 2e-2);
         assert!(rep.table().contains("expert-gate-up"));
     }
 }

@@ -7,10 +7,11 @@
 //! which every faster kernel is tested against. NEON kernels are not written
 //! yet: ARM CPUs run the scalar path.
 //!
-//! Quantized matrix-vector products have two SIMD paths ([`Path`]): f32
-//! activations, or activations quantized to int8 per 32-element block and
-//! multiplied with integer instructions (as llama.cpp's Q8 dot products do).
-//! [`default_path`] picks one; `RH_ACTIVATIONS=f32|int8` overrides it and
+//! Quantized matrix-vector products have three SIMD paths ([`Path`]): f32
+//! activations, or activations quantized per 32-element block to int16
+//! (f32-grade accuracy) or int8 (as llama.cpp's Q8 dot products do) and
+//! multiplied with integer instructions.
+//! [`default_path`] picks one; `RH_ACTIVATIONS=f32|int16|int8|scalar` overrides it and
 //! `RH_KERNELS=scalar` forces the reference loops; `RH_PREFETCH=<bytes>`
 //! sets the software-prefetch distance of the matvec kernels. Matrix-matrix products
 //! always use f32 activations: they are bound by arithmetic, not memory, and
@@ -66,6 +67,9 @@ pub enum Path {
     /// SIMD with the activations quantized to int8 per 32-element block for
     /// quantized weights (dense weights and matmul use f32 activations).
     SimdInt8,
+    /// SIMD with the activations quantized to int16 per 32-element block
+    /// for quantized weights (dense weights and matmul use f32 activations).
+    SimdInt16,
 }
 
 impl Path {
@@ -75,6 +79,7 @@ impl Path {
             Path::Scalar => "scalar",
             Path::SimdF32 => "simd-f32",
             Path::SimdInt8 => "simd-int8",
+            Path::SimdInt16 => "simd-int16",
         }
     }
 }
@@ -110,17 +115,23 @@ pub fn isa() -> &'static str {
     }
 }
 
-/// The path [`matvec`] uses: `RH_ACTIVATIONS=int8` or `scalar` when set,
-/// otherwise f32 activations. Int8 activations are faster (int4 matvec at
-/// ~95% of the read bandwidth vs ~50%) but their error, compounded over
-/// the layers, breaks the engine's quantized reference bound (7e-2 x logit
+/// The path [`matvec`] uses: `RH_ACTIVATIONS=f32`, `int16`, `int8` or
+/// `scalar` when set, otherwise int16 activations.
+///
+/// Int16 activations (step `max|x| / 32767` per 32-element block, relative
+/// error ~3e-5) are as accurate as f32 ones but let the weights meet them in
+/// integer multiply-adds, skipping the per-element int-to-float conversion
+/// that holds the f32 path's int4 matvec to about half the read bandwidth.
+/// Int8 activations are faster still, but their error, compounded over the
+/// layers, breaks the engine's quantized reference bound (7e-2 x logit
 /// range on the gs32 fixture against 2e-2 allowed), so they are opt-in.
 pub fn default_path() -> Path {
     static PATH: OnceLock<Path> = OnceLock::new();
     *PATH.get_or_init(|| match std::env::var("RH_ACTIVATIONS").as_deref() {
         Ok("int8") => Path::SimdInt8,
+        Ok("f32") => Path::SimdF32,
         Ok("scalar") => Path::Scalar,
-        _ => Path::SimdF32,
+        _ => Path::SimdInt16,
     })
 }
 
@@ -165,8 +176,8 @@ pub fn matvec_path(w: &Matrix, x: &[f32], y: &mut [f32], path: Path) {
     validate(w);
     match (simd(), path) {
         #[cfg(target_arch = "x86_64")]
-        (Simd::Avx2(a), Path::SimdF32 | Path::SimdInt8) => {
-            avx2_matvec(a, w, x, y, path == Path::SimdInt8)
+        (Simd::Avx2(a), Path::SimdF32 | Path::SimdInt8 | Path::SimdInt16) => {
+            avx2_matvec(a, w, x, y, path)
         }
         _ => scalar_matvec(w, x, y),
     }
@@ -206,14 +217,17 @@ fn for_row_chunks(y: &mut [f32], rpt: usize, f: impl Fn(usize, &mut [f32]) + Syn
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx2_matvec(a: avx2::Avx2, w: &Matrix, x: &[f32], y: &mut [f32], int8: bool) {
+fn avx2_matvec(a: avx2::Avx2, w: &Matrix, x: &[f32], y: &mut [f32], path: Path) {
     match w {
         Matrix::Quant(q) => {
             let v = avx2::QuantView::new(q).expect("validated");
             let rpt = rows_per_task(q.rows, q.row_bytes());
-            if int8 {
+            if path == Path::SimdInt8 {
                 let act = avx2::Q8Act::new(x, q.bits, q.group_size);
                 for_row_chunks(y, rpt, |r0, ys| a.quant_rows_q8(&v, r0, &act, ys));
+            } else if path == Path::SimdInt16 {
+                let act = a.q16_act(x, q.bits, q.group_size);
+                for_row_chunks(y, rpt, |r0, ys| a.quant_rows_q16(&v, r0, &act, ys));
             } else {
                 let gsum: Vec<f32> = x.chunks(q.group_size).map(|c| c.iter().sum()).collect();
                 for_row_chunks(y, rpt, |r0, ys| a.quant_rows_f32(&v, r0, x, &gsum, ys));
@@ -232,7 +246,7 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
     matmul_path(w, x, n, y, default_path())
 }
 
-/// [`matmul`] on a chosen path. Both SIMD paths compute with f32
+/// [`matmul`] on a chosen path. All SIMD paths compute with f32
 /// activations; one token goes through [`matvec_path`].
 pub fn matmul_path(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path) {
     let (rows, cols) = (w.rows(), w.cols());
@@ -247,7 +261,9 @@ pub fn matmul_path(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path) {
     validate(w);
     match (simd(), path) {
         #[cfg(target_arch = "x86_64")]
-        (Simd::Avx2(a), Path::SimdF32 | Path::SimdInt8) => avx2_matmul(a, w, x, n, y),
+        (Simd::Avx2(a), Path::SimdF32 | Path::SimdInt8 | Path::SimdInt16) => {
+            avx2_matmul(a, w, x, n, y)
+        }
         _ => scalar_matmul(w, x, n, y),
     }
 }

@@ -149,6 +149,23 @@ fn quant_matvec_matches_scalar_on_random_shapes() {
             })
             .collect();
         assert_close(&format!("{label} int8"), &y, &want, &bound);
+
+        // Int16 activations: half a step is amax_b / 65534 per element, so
+        // the bound is the f32 path's plus Σ |W| amax_b / 65534.
+        matvec_path(&w, &x, &mut y, Path::SimdInt16);
+        let bound16: Vec<f64> = wf
+            .chunks_exact(cols)
+            .zip(&mags)
+            .map(|(row, m)| {
+                let q: f64 = row
+                    .iter()
+                    .enumerate()
+                    .map(|(k, w)| (w.abs() * steps[k / QBLOCK] * (254.0 / 65534.0)) as f64)
+                    .sum();
+                q * 1.001 + 1e-5 * m + 1e-6
+            })
+            .collect();
+        assert_close(&format!("{label} int16"), &y, &want, &bound16);
     }
 }
 
@@ -172,6 +189,27 @@ fn int8_activation_error_is_small_relative_to_the_dot_magnitude() {
 }
 
 #[test]
+fn int16_activation_error_is_f32_grade() {
+    let mut rng = StdRng::seed_from_u64(19);
+    let mut worst = 0f64;
+    for bits in [4u8, 8] {
+        for per_group in [false, true] {
+            let w = Matrix::Quant(rand_quant(&mut rng, 200, 512, bits, 128, per_group));
+            let x = rand_x(&mut rng, 512);
+            let want = scalar_y(&w, &x);
+            let mags = magnitudes(&dense_f32(&w), 512, &x);
+            let mut y = vec![0f32; 200];
+            matvec_path(&w, &x, &mut y, Path::SimdInt16);
+            for ((g, w), m) in y.iter().zip(&want).zip(&mags) {
+                worst = worst.max((*g as f64 - *w as f64).abs() / m);
+            }
+        }
+    }
+    // Half a step is 1/65534 of the block maximum; summed errors cancel.
+    assert!(worst < 2e-5, "worst relative error {worst:e}");
+}
+
+#[test]
 fn dense_matvec_and_rows_match_scalar() {
     let mut rng = StdRng::seed_from_u64(3);
     for case in 0..30 {
@@ -183,7 +221,7 @@ fn dense_matvec_and_rows_match_scalar() {
         let want = scalar_y(&w, &x);
         let mags = magnitudes(&dense_f32(&w), cols, &x);
         let tight: Vec<f64> = mags.iter().map(|m| 1e-5 * m + 1e-6).collect();
-        for path in [Path::SimdF32, Path::SimdInt8] {
+        for path in [Path::SimdF32, Path::SimdInt8, Path::SimdInt16] {
             let mut y = vec![0f32; rows];
             matvec_path(&w, &x, &mut y, path);
             assert_close(
@@ -246,7 +284,7 @@ fn matmul_matches_scalar_on_random_shapes() {
         let mut want = vec![0f32; n * rows];
         scalar_matmul(&w, &x, n, &mut want);
         let wf = dense_f32(&w);
-        for path in [Path::SimdF32, Path::SimdInt8] {
+        for path in [Path::SimdF32, Path::SimdInt8, Path::SimdInt16] {
             let mut y = vec![f32::NAN; n * rows];
             matmul_path(&w, &x, n, &mut y, path);
             for t in 0..n {
@@ -301,7 +339,7 @@ fn misaligned_mapped_payloads_give_the_same_numbers() {
         assert!(mapped.qdata.as_slice().as_ptr() as usize % 2 == 1);
         let (w0, w1) = (Matrix::Quant(m), Matrix::Quant(mapped));
         let x = rand_x(&mut rng, 256);
-        for path in [Path::SimdF32, Path::SimdInt8] {
+        for path in [Path::SimdF32, Path::SimdInt8, Path::SimdInt16] {
             let (mut a, mut b) = (vec![0f32; 37], vec![0f32; 37]);
             matvec_path(&w0, &x, &mut a, path);
             matvec_path(&w1, &x, &mut b, path);
@@ -374,7 +412,7 @@ fn non_finite_activations_stay_visible() {
         for bad in [f32::NAN, f32::INFINITY] {
             let mut x = rand_x(&mut rng, 128);
             x[70] = bad;
-            for path in [Path::Scalar, Path::SimdF32, Path::SimdInt8] {
+            for path in [Path::Scalar, Path::SimdF32, Path::SimdInt8, Path::SimdInt16] {
                 let mut y = vec![0f32; 8];
                 matvec_path(&w, &x, &mut y, path);
                 assert!(
