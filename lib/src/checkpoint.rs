@@ -263,18 +263,19 @@ impl Checkpoint {
                     "`{module}.qweight` present but config.json has no quantization_config"
                 ),
             })?;
-        let (bits, group_size) =
-            match self.config.precision(module) {
-                Precision::Int {
-                    bits, group_size, ..
-                } => (bits, group_size),
-                Precision::Float => return Err(WeightError::Quant {
+        let (bits, group_size) = match self.config.precision(module) {
+            Precision::Int {
+                bits, group_size, ..
+            } => (bits, group_size),
+            Precision::Float => {
+                return Err(WeightError::Quant {
                     source_path: self.dir.display().to_string(),
                     reason: format!(
                         "`{module}` is quantized on disk but quantization_config says it is 16-bit"
                     ),
-                }),
-            };
+                })
+            }
+        };
         let get = |suffix: &str| {
             let n = format!("{module}.{suffix}");
             self.bytes(&n).ok_or_else(|| self.missing(&n))

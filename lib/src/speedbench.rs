@@ -22,9 +22,18 @@ pub struct TestResult {
 impl TestResult {
     /// Summarises per-repetition times (seconds) of `tokens` tokens each.
     pub fn from_times(test: String, tokens: usize, seconds: &[f64]) -> TestResult {
-        let samples: Vec<f64> = seconds.iter().map(|s| tokens as f64 / s.max(1e-12)).collect();
+        let samples: Vec<f64> = seconds
+            .iter()
+            .map(|s| tokens as f64 / s.max(1e-12))
+            .collect();
         let (mean, sd) = mean_sd(&samples);
-        TestResult { test, tokens, samples_tps: samples, mean_tps: mean, sd_tps: sd }
+        TestResult {
+            test,
+            tokens,
+            samples_tps: samples,
+            mean_tps: mean,
+            sd_tps: sd,
+        }
     }
 }
 
@@ -106,7 +115,10 @@ impl SpeedReport {
         }
         s.push('\n');
         s.push_str(&format!("load time:               {:.3} s\n", self.load_s));
-        s.push_str(&format!("peak RSS:                {}\n", crate::cli::human_bytes(self.peak_rss_bytes)));
+        s.push_str(&format!(
+            "peak RSS:                {}\n",
+            crate::cli::human_bytes(self.peak_rss_bytes)
+        ));
         s.push_str(&format!(
             "weights read per token:  {}\n",
             crate::cli::human_bytes(self.weight_bytes_per_token)
@@ -201,7 +213,10 @@ mod tests {
             bandwidth_source: Some("probe".into()),
         };
         let table = r.table();
-        assert!(table.contains("| tiny | 1.00 GiB | 2.00 M | CPU (avx2) | 2 | tg4 | 3.00 ± 1.41 |"), "{table}");
+        assert!(
+            table.contains("| tiny | 1.00 GiB | 2.00 M | CPU (avx2) | 2 | tg4 | 3.00 ± 1.41 |"),
+            "{table}"
+        );
         assert_eq!(r.csv().lines().count(), 2);
         assert!(peak_rss_bytes() > 0);
     }

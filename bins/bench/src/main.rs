@@ -26,7 +26,12 @@ use roundhouse::pipeline::Pipeline;
 
 /// Benchmarks and measurements of the Roundhouse engine.
 #[derive(Parser, Debug)]
-#[command(name = "rh-bench", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "rh-bench",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     /// Pipeline manifest (default ./pipeline.toml when present).
     #[arg(long, global = true, value_name = "FILE")]
