@@ -412,7 +412,16 @@ mod tests {
         assert_eq!(all.len(), n * 512);
         let mut b = m.new_state();
         let last = m.forward(&mut b, &ids);
-        assert_eq!(&all[(n - 1) * 512..], &last[..]);
+        // The last row of a full prefill and a last-only prefill run the
+        // same layers but lm_head as a matmul or a matvec, which sum in a
+        // different order: equal to rounding, not bit for bit.
+        let tail = &all[(n - 1) * 512..];
+        let scale = last.iter().fold(0f32, |r, v| r.max(v.abs()));
+        let diff = tail
+            .iter()
+            .zip(&last)
+            .fold(0f32, |e, (x, y)| e.max((x - y).abs()));
+        assert!(diff <= 1e-5 * scale, "forward_all vs forward: {diff} (range {scale})");
         let mut c = m.new_state();
         let mut step = Vec::new();
         for &id in &ids {
@@ -423,8 +432,13 @@ mod tests {
             .iter()
             .zip(&step)
             .fold(0f32, |e, (x, y)| e.max((x - y).abs()));
+        // Decode's matvecs quantize activations to int16 per 32-block
+        // (kernels::default_path) while prefill's matmuls stay f32; over 552
+        // recurrent steps that drifts by ~4e-3 x range here, inside the
+        // issue's quantized-path bound of 2e-2 that prefill and decode must
+        // both meet.
         assert!(
-            err <= 1e-4 * range,
+            err <= 2e-2 * range,
             "chunked prefill vs decode: {err} (range {range})"
         );
         assert_eq!(a.position(), n);
