@@ -90,6 +90,15 @@ pub trait WeightSource: Send + Sync {
     /// `generation_config.json`, `chat_template.jinja`): read from the
     /// checkpoint directory, or from the cache index. `None` when absent.
     fn aux_file(&self, name: &str) -> Option<Vec<u8>>;
+
+    /// Applies inspect's memory decision to mapped weights: `populate`
+    /// asks the kernel to read them ahead (madvise WILLNEED), `lock` pins
+    /// them in RAM (mlock). Sources that own their bytes do nothing.
+    /// Returns a message when locking was refused (e.g. RLIMIT_MEMLOCK).
+    fn residency(&self, populate: bool, lock: bool) -> Result<(), String> {
+        let _ = (populate, lock);
+        Ok(())
+    }
 }
 
 /// The non-weight files a model directory may carry, in the order a

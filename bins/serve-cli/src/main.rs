@@ -191,6 +191,13 @@ fn run() -> Result<(), CliError> {
     let dir = model_dir(&args, &p);
     let t0 = Instant::now();
     let weights = open(&dir)?;
+    // inspect's memory decision: read ahead when the model fits, pin it
+    // when RAM and RLIMIT_MEMLOCK allow; a refused lock is a warning.
+    if let Ok(Some(st)) = roundhouse::inspect::Strategy::load_if_present(&strategy) {
+        if let Err(msg) = weights.residency(st.populate, st.mlock) {
+            eprintln!("rh-serve: warning: {msg}; serving without mlock");
+        }
+    }
     let chat = ChatModel::load(weights)?;
     if !args.quiet {
         eprintln!(

@@ -192,6 +192,21 @@ impl Cache {
 }
 
 impl WeightSource for Cache {
+    fn residency(&self, populate: bool, lock: bool) -> Result<(), String> {
+        for m in &self.maps {
+            if populate {
+                m.advise_willneed();
+            }
+            if lock {
+                if let Some(raw) = m.raw() {
+                    raw.lock()
+                        .map_err(|e| format!("{}: mlock refused: {e}", self.dir.display()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn config(&self) -> &ModelConfig {
         &self.config
     }

@@ -421,7 +421,10 @@ mod tests {
             .iter()
             .zip(&last)
             .fold(0f32, |e, (x, y)| e.max((x - y).abs()));
-        assert!(diff <= 1e-5 * scale, "forward_all vs forward: {diff} (range {scale})");
+        assert!(
+            diff <= 1e-5 * scale,
+            "forward_all vs forward: {diff} (range {scale})"
+        );
         let mut c = m.new_state();
         let mut step = Vec::new();
         for &id in &ids {
