@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use roundhouse::chat::StrategyHints;
 use roundhouse::cli::CliError;
+use roundhouse::inspect::Strategy;
 use roundhouse::pipeline::Pipeline;
 use roundhouse::speedbench::{self, SpeedReport, TestResult};
 
@@ -78,11 +78,11 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     if p == 0 && n == 0 {
         return Err(CliError::usage("nothing to measure: -p and -n are both 0"));
     }
-    let hints = StrategyHints::read(&pipeline.strategy_path());
+    let strategy = Strategy::load_for_use(&pipeline.strategy_path());
     if let Some(t) = args
         .threads
         .or(b.threads)
-        .or(hints.as_ref().and_then(|h| h.threads))
+        .or(strategy.as_ref().map(|s| s.threads).filter(|&t| t > 0))
     {
         if t == 0 {
             return Err(CliError::usage("-t/--threads must be at least 1"));
@@ -153,7 +153,7 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         .find(|t| t.test.starts_with("tg"))
         .map(|t| t.mean_tps);
     let effective = tg_tps.map(|tps| per_token as f64 * tps / 1e9);
-    let (bandwidth, source) = match hints.and_then(|h| h.bandwidth_gbs) {
+    let (bandwidth, source) = match strategy.and_then(|s| s.bandwidth_gbs).filter(|&g| g > 0.0) {
         Some(g) => (g, format!("from {}", pipeline.strategy_path().display())),
         None => {
             let bw = roundhouse::membw::measure(256 << 20, 1.0);

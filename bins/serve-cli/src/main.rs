@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use roundhouse::chat::{ChatModel, Conversation, Event, GenOptions, StrategyHints};
+use roundhouse::chat::{ChatModel, Conversation, Event, GenOptions};
 use roundhouse::cli::{self, CliError, Verbosity};
 use roundhouse::pipeline::Pipeline;
 use roundhouse::weights::WeightSource;
@@ -158,8 +158,9 @@ fn run() -> Result<(), CliError> {
         .as_ref()
         .map(|s| p.path(s))
         .unwrap_or_else(|| p.strategy_path());
-    let hints = StrategyHints::read(&strategy).unwrap_or_default();
-    if let Some(n) = args.threads.or(p.serve.threads).or(hints.threads) {
+    let strategy = roundhouse::inspect::Strategy::load_for_use(&strategy);
+    let strategy_threads = strategy.as_ref().map(|s| s.threads).filter(|&t| t > 0);
+    if let Some(n) = args.threads.or(p.serve.threads).or(strategy_threads) {
         if n == 0 {
             return Err(CliError::usage("--threads must be at least 1"));
         }
@@ -193,7 +194,7 @@ fn run() -> Result<(), CliError> {
     let weights = open(&dir)?;
     // inspect's memory decision: read ahead when the model fits, pin it
     // when RAM and RLIMIT_MEMLOCK allow; a refused lock is a warning.
-    if let Ok(Some(st)) = roundhouse::inspect::Strategy::load_if_present(&strategy) {
+    if let Some(st) = &strategy {
         if let Err(msg) = weights.residency(st.populate, st.mlock) {
             eprintln!("rh-serve: warning: {msg}; serving without mlock");
         }

@@ -3,12 +3,10 @@
 //! transformers does ([`template`]), sampling defaults from
 //! `generation_config.json` ([`genconfig`]), and a multi-turn
 //! [`session::Conversation`] that keeps the model state between turns so a
-//! second turn never re-reads the history; [`strategy`] reads the threads
-//! and bandwidth of inspect's `strategy.toml` for serve and bench.
+//! second turn never re-reads the history.
 
 pub mod genconfig;
 pub mod session;
-pub mod strategy;
 pub mod template;
 pub mod tokenizer;
 
@@ -16,7 +14,6 @@ use crate::cli::{Classify, Exit};
 
 pub use genconfig::GenerationConfig;
 pub use session::{ChatModel, Conversation, Event, GenOptions, StopReason, TurnResult, TurnStats};
-pub use strategy::StrategyHints;
 pub use template::{ChatTemplate, Message};
 pub use tokenizer::{ChatTokenizer, Detokenizer};
 

@@ -174,6 +174,19 @@ impl Strategy {
         }
     }
 
+    /// What serve and bench use: the strategy when it exists and reads;
+    /// an unreadable one is a warning (they fall back to their defaults
+    /// rather than refusing to run), a missing one is `None`.
+    pub fn load_for_use(path: &Path) -> Option<Strategy> {
+        match Strategy::load_if_present(path) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("ignoring the strategy: {e}");
+                None
+            }
+        }
+    }
+
     /// The file's text (TOML with a comment saying where it came from).
     pub fn to_toml(&self) -> String {
         let body = toml::to_string_pretty(self).expect("strategy serializes to TOML");
