@@ -132,6 +132,7 @@ pub fn init_logging(v: &Verbosity) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(stderr_is_tty())
         .without_time()
         .try_init();
 }
