@@ -46,15 +46,15 @@ impl Avx2 {
 
 /// A validated borrow of a [`QuantMatrix`].
 pub(crate) struct QuantView<'a> {
-    q: &'a [u8],
-    scales: &'a [u8],
+    pub(super) q: &'a [u8],
+    pub(super) scales: &'a [u8],
     zeros: Option<&'a [u8]>,
-    rows: usize,
-    cols: usize,
-    bits: u8,
-    group_size: usize,
-    n_groups: usize,
-    row_bytes: usize,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) bits: u8,
+    pub(super) group_size: usize,
+    pub(super) n_groups: usize,
+    pub(super) row_bytes: usize,
 }
 
 impl<'a> QuantView<'a> {
@@ -373,6 +373,16 @@ impl Avx2 {
         }
     }
 
+    /// The zero-point term of row `r` for kernels that multiply the stored
+    /// unsigned integers as they are: `−Σ_g s_g z_g gsum_g`, with `gsum[g]`
+    /// the sum of the activations over group `g`.
+    pub(crate) fn zero_correction(self, v: &QuantView, r: usize, gsum: &[f32]) -> f32 {
+        assert!(r < v.rows && gsum.len() == v.n_groups);
+        // SAFETY: row in range, `gsum` has one value per group, features
+        // proven by `self`.
+        unsafe { correction(v, r, gsum, 0.0) }
+    }
+
     /// `out[i] = row (r0 + i) · x` with f32 activations; `gsum[g]` is the sum
     /// of `x` over group `g`.
     pub(crate) fn quant_rows_f32(
@@ -507,7 +517,7 @@ const DT_BF16: u8 = 2;
 /// overrides it for tuning on other machines).
 static PREFETCH_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4096);
 
-fn pf_bytes() -> usize {
+pub(super) fn pf_bytes() -> usize {
     PREFETCH_BYTES.load(std::sync::atomic::Ordering::Relaxed)
 }
 

@@ -13,7 +13,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{isa, matmul_path, matvec_path, Path};
+use super::{isa, isas, matmul_path, matvec_isa, matvec_path, Isa, Path};
 use crate::membw::{self, Bandwidth};
 use crate::tensor::{AlignedBuf, Bytes, DenseMatrix, FloatType, Matrix, QuantMatrix, Zeros};
 
@@ -145,6 +145,8 @@ pub struct KernelRow {
     pub op: &'static str,
     /// Kernel path.
     pub path: &'static str,
+    /// Instruction set that ran it ([`Isa::name`]).
+    pub isa: &'static str,
     /// Tokens per call.
     pub tokens: usize,
     /// Best seconds per call.
@@ -169,6 +171,8 @@ pub struct ActivationError {
     pub shape: String,
     /// The path measured ([`Path::name`]).
     pub path: &'static str,
+    /// Instruction set that ran it ([`Isa::name`]).
+    pub isa: &'static str,
     /// `‖y − y_ref‖₂ / ‖y_ref‖₂`.
     pub rel_l2: f64,
     /// `max |y − y_ref| / (max y_ref − min y_ref)`: the measure the
@@ -261,15 +265,17 @@ pub fn fma_peak(seconds: f64) -> (f64, f64) {
 
 /// Seconds of one FMA-loop call on this thread; `None` without SIMD.
 fn fma_call(iters: u64) -> Option<f64> {
+    let t = Instant::now();
     match super::simd() {
         #[cfg(target_arch = "x86_64")]
-        super::Simd::Avx2(a) => {
-            let t = Instant::now();
-            std::hint::black_box(a.fma_loop(std::hint::black_box(iters)));
-            Some(t.elapsed().as_secs_f64())
-        }
-        _ => None,
-    }
+        super::Simd::Avx2(a) => std::hint::black_box(a.fma_loop(std::hint::black_box(iters))),
+        // Twice the lanes per instruction: half the iterations for the
+        // same FLOPs.
+        #[cfg(target_arch = "x86_64")]
+        super::Simd::Avx512(a) => std::hint::black_box(a.fma_loop(std::hint::black_box(iters / 2))),
+        super::Simd::None => return None,
+    };
+    Some(t.elapsed().as_secs_f64())
 }
 
 /// Fills `buf` with pseudo-random bytes (splitmix64), in parallel.
@@ -394,12 +400,31 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
     let mut y = vec![0f32; rows];
     let bw = rep.bandwidth.all_threads_gbs;
     let peak = rep.fma_peak_gflops;
-    let paths: &[Path] = if shape.kind == WeightKind::Bf16 {
-        &[Path::SimdF32]
+    // Int16 activations at every SIMD level (AVX-512 VNNI has its own
+    // kernel); int8 and f32 activations and dense weights run the AVX2
+    // kernels at either level.
+    let levels: Vec<Isa> = isas();
+    let best = *levels.last().expect("scalar is always there");
+    let avx2 = if best == Isa::Avx512Vnni {
+        Isa::Avx2
     } else {
-        &[Path::SimdInt8, Path::SimdInt16, Path::SimdF32]
+        best
     };
-    let row = |op, path: Path, tokens: usize, secs: f64, calls: usize| {
+    let mut paths: Vec<(Isa, Path)> = Vec::new();
+    if shape.kind == WeightKind::Bf16 {
+        paths.push((avx2, Path::SimdF32));
+    } else {
+        // Groups of 128 (see `random_matrix`): every AVX-512 kernel takes them.
+        if best == Isa::Avx512Vnni {
+            paths.push((Isa::Avx512Vnni, Path::SimdInt16));
+        }
+        paths.extend([
+            (avx2, Path::SimdInt16),
+            (avx2, Path::SimdInt8),
+            (avx2, Path::SimdF32),
+        ]);
+    }
+    let row = |op, isa: Isa, path: Path, tokens: usize, secs: f64, calls: usize| {
         let gbs = bytes as f64 / secs / 1e9;
         let gflops = 2.0 * (rows * cols * tokens) as f64 / secs / 1e9;
         KernelRow {
@@ -409,6 +434,7 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
             cols,
             op,
             path: path.name(),
+            isa: isa.name(),
             tokens,
             seconds: secs,
             gbs,
@@ -418,16 +444,16 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
             calls,
         }
     };
-    for &path in paths {
+    for &(isa, path) in &paths {
         // One pass = one matvec on every copy.
         let (secs, passes) = time_best(opts.seconds, || {
             for m in &mats {
-                matvec_path(m, &x, &mut y, path);
+                matvec_isa(isa, m, &x, &mut y, path);
             }
         });
         let per_call = secs / mats.len() as f64;
         rep.rows
-            .push(row("matvec", path, 1, per_call, passes * mats.len()));
+            .push(row("matvec", isa, path, 1, per_call, passes * mats.len()));
     }
     mats.truncate(1);
     let w = &mats[0];
@@ -439,8 +465,12 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
         let (lo, hi) = yr.iter().fold((f64::MAX, f64::MIN), |(l, h), v| {
             (l.min(*v as f64), h.max(*v as f64))
         });
-        for path in [Path::SimdInt16, Path::SimdInt8] {
-            matvec_path(w, &x, &mut yq, path);
+        let mut checks = vec![(avx2, Path::SimdInt16), (avx2, Path::SimdInt8)];
+        if best == Isa::Avx512Vnni {
+            checks.insert(0, (best, Path::SimdInt16));
+        }
+        for (isa, path) in checks {
+            matvec_isa(isa, w, &x, &mut yq, path);
             let num: f64 = yq
                 .iter()
                 .zip(&yr)
@@ -453,6 +483,7 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
             rep.activation_error.push(ActivationError {
                 shape: shape.name.to_string(),
                 path: path.name(),
+                isa: isa.name(),
                 rel_l2: (num / den.max(f64::MIN_POSITIVE)).sqrt(),
                 max_over_range: maxd / (hi - lo).max(f64::MIN_POSITIVE),
             });
@@ -465,7 +496,8 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
         let (secs, calls) = time_best(opts.seconds, || {
             matmul_path(w, &xs, n, &mut ys, Path::SimdF32)
         });
-        rep.rows.push(row("matmul", Path::SimdF32, n, secs, calls));
+        rep.rows
+            .push(row("matmul", avx2, Path::SimdF32, n, secs, calls));
     }
 }
 
@@ -493,10 +525,11 @@ impl KernelReport {
         );
         let _ = writeln!(
             s,
-            "{:<15} {:>13} {:<6} {:<10} {:>6} {:>10} {:>8} {:>6} {:>9} {:>6}",
+            "{:<15} {:>13} {:<6} {:<11} {:<10} {:>6} {:>10} {:>8} {:>6} {:>9} {:>6}",
             "shape",
             "rows x cols",
             "op",
+            "isa",
             "path",
             "tokens",
             "ms/call",
@@ -508,13 +541,14 @@ impl KernelReport {
         for r in &self.rows {
             let _ = writeln!(
                 s,
-                "{:<15} {:>13} {:<6} {:<10} {:>6} {:>10.3} {:>8.2} {:>5.0}% {:>9.1} {:>5.1}%",
+                "{:<15} {:>13} {:<6} {:<11} {:<10} {:>6} {:>10.3} {:>8.2} {:>5.0}% {:>9.1} {:>5.1}%",
                 format!("{} {:?}", r.shape, r.kind)
                     .chars()
                     .take(15)
                     .collect::<String>(),
                 format!("{}x{}", r.rows, r.cols),
                 r.op,
+                r.isa,
                 r.path,
                 r.tokens,
                 r.seconds * 1e3,
@@ -529,8 +563,8 @@ impl KernelReport {
             for e in &self.activation_error {
                 let _ = writeln!(
                     s,
-                    "  {:<15} {:<10} relative L2 error {:.2e}, max error / output range {:.2e}",
-                    e.shape, e.path, e.rel_l2, e.max_over_range
+                    "  {:<15} {:<11} {:<10} relative L2 error {:.2e}, max error / output range {:.2e}",
+                    e.shape, e.isa, e.path, e.rel_l2, e.max_over_range
                 );
             }
         }
@@ -541,6 +575,10 @@ impl KernelReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn have_simd() -> bool {
+        isas().len() > 1
+    }
 
     #[test]
     fn tiny_run_reports_every_selected_shape() {
@@ -555,21 +593,31 @@ mod tests {
         };
         let rep = run(&opts);
         assert_eq!(rep.threads, 2);
-        let ops: Vec<_> = rep.rows.iter().map(|r| (r.op, r.path)).collect();
-        assert_eq!(
-            ops,
-            vec![
-                ("matvec", "simd-int8"),
-                ("matvec", "simd-int16"),
-                ("matvec", "simd-f32"),
-                ("matmul", "simd-f32")
-            ]
-        );
+        let ops: Vec<_> = rep.rows.iter().map(|r| (r.op, r.isa, r.path)).collect();
+        if !have_simd() {
+            return;
+        }
+        let avx2 = Isa::Avx2.name();
+        let mut want = vec![
+            ("matvec", avx2, "simd-int16"),
+            ("matvec", avx2, "simd-int8"),
+            ("matvec", avx2, "simd-f32"),
+            ("matmul", avx2, "simd-f32"),
+        ];
+        if isas().contains(&Isa::Avx512Vnni) {
+            want.insert(0, ("matvec", Isa::Avx512Vnni.name(), "simd-int16"));
+        }
+        assert_eq!(ops, want);
         assert!(rep.rows.iter().all(|r| r.gbs > 0.0 && r.seconds > 0.0));
-        assert_eq!(rep.activation_error.len(), 2);
-        assert_eq!(rep.activation_error[0].path, "simd-int16");
-        assert!(rep.activation_error[0].max_over_range < 1e-4);
-        assert!(rep.activation_error[1].max_over_range < 2e-2);
+        // Int16 at each level, then int8.
+        let errs = &rep.activation_error;
+        assert_eq!(errs.len(), want.len() - 2);
+        for e in &errs[..errs.len() - 1] {
+            assert_eq!(e.path, "simd-int16");
+            assert!(e.max_over_range < 1e-4, "{e:?}");
+        }
+        assert_eq!(errs[errs.len() - 1].path, "simd-int8");
+        assert!(errs[errs.len() - 1].max_over_range < 2e-2);
         assert!(rep.table().contains("expert-gate-up"));
     }
 }

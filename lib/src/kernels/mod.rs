@@ -1,18 +1,21 @@
 //! Matrix-vector (decode) and matrix-matrix (prefill) products over
 //! [`Matrix`] weights, read in place.
 //!
-//! The public functions choose an implementation at run time: on x86_64
-//! CPUs with AVX2, FMA and F16C the SIMD kernels of the private `avx2` module
-//! (detected once and cached), elsewhere the portable [`scalar`] reference,
-//! which every faster kernel is tested against. NEON kernels are not written
-//! yet: ARM CPUs run the scalar path.
+//! The public functions choose an implementation at run time ([`Isa`],
+//! detected once and cached): on x86_64 CPUs with AVX-512 F/BW and VNNI the
+//! int16-activation matvec of the private `avx512` module, with AVX2, FMA
+//! and F16C the kernels of the private `avx2` module (which the AVX-512
+//! level also uses for everything else), elsewhere the portable [`scalar`]
+//! reference, which every faster kernel is tested against. NEON kernels are
+//! not written yet: ARM CPUs run the scalar path.
 //!
 //! Quantized matrix-vector products have three SIMD paths ([`Path`]): f32
 //! activations, or activations quantized per 32-element block to int16
 //! (f32-grade accuracy) or int8 (as llama.cpp's Q8 dot products do) and
 //! multiplied with integer instructions.
 //! [`default_path`] picks one; `RH_ACTIVATIONS=f32|int16|int8|scalar` overrides it and
-//! `RH_KERNELS=scalar` forces the reference loops; `RH_PREFETCH=<bytes>`
+//! `RH_KERNELS=scalar|avx2` caps the instruction set (`scalar` forces the
+//! reference loops); `RH_PREFETCH=<bytes>`
 //! sets the software-prefetch distance of the matvec kernels. Matrix-matrix products
 //! always use f32 activations: they are bound by arithmetic, not memory, and
 //! convert each block of weight rows to f32 once per block of tokens.
@@ -26,6 +29,8 @@ pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(test)]
 mod tests;
@@ -84,35 +89,105 @@ impl Path {
     }
 }
 
+/// An instruction-set level the kernels run at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Isa {
+    /// The portable reference loops.
+    Scalar,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// AVX-512 F/BW and VNNI for int16-activation quantized matvec; AVX2
+    /// for everything else.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// A short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2+fma",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Simd {
     None,
     #[cfg(target_arch = "x86_64")]
     Avx2(avx2::Avx2),
+    #[cfg(target_arch = "x86_64")]
+    Avx512(avx512::Avx512),
 }
 
-fn simd() -> Simd {
-    static SIMD: OnceLock<Simd> = OnceLock::new();
-    *SIMD.get_or_init(|| {
-        if std::env::var("RH_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
-            return Simd::None;
+impl Simd {
+    fn isa(self) -> Isa {
+        match self {
+            Simd::None => Isa::Scalar,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2(_) => Isa::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512(_) => Isa::Avx512Vnni,
         }
+    }
+
+    /// The AVX2 kernels, at either SIMD level.
+    #[cfg(target_arch = "x86_64")]
+    fn avx2(self) -> Option<avx2::Avx2> {
+        match self {
+            Simd::None => None,
+            Simd::Avx2(a) => Some(a),
+            Simd::Avx512(a) => Some(a.avx2),
+        }
+    }
+}
+
+/// Every level this CPU runs, lowest first (whatever `RH_KERNELS` says).
+fn levels() -> &'static [Simd] {
+    static LEVELS: OnceLock<Vec<Simd>> = OnceLock::new();
+    LEVELS.get_or_init(|| {
+        #[allow(unused_mut)]
+        let mut v = vec![Simd::None];
         #[cfg(target_arch = "x86_64")]
         if let Some(a) = avx2::Avx2::detect() {
-            return Simd::Avx2(a);
+            v.push(Simd::Avx2(a));
+            if let Some(b) = avx512::Avx512::detect(a) {
+                v.push(Simd::Avx512(b));
+            }
         }
-        Simd::None
+        v
     })
 }
 
-/// The instruction set the SIMD paths use on this CPU (`"avx2+fma"`), or
-/// `"scalar"` when they fall back to the reference loops.
+/// The level the public functions use: the highest this CPU runs, capped
+/// by `RH_KERNELS=scalar|avx2|avx512`.
+fn simd() -> Simd {
+    static SIMD: OnceLock<Simd> = OnceLock::new();
+    *SIMD.get_or_init(|| {
+        let cap = match std::env::var("RH_KERNELS").map(|v| v.to_ascii_lowercase()) {
+            Ok(v) if v == "scalar" => Isa::Scalar,
+            Ok(v) if v == "avx2" => Isa::Avx2,
+            _ => Isa::Avx512Vnni,
+        };
+        let all = levels();
+        *all.iter()
+            .rev()
+            .find(|s| s.isa() as u8 <= cap as u8)
+            .unwrap_or(&all[0])
+    })
+}
+
+/// The instruction sets this CPU runs, lowest first, whatever
+/// `RH_KERNELS` says (benchmarks and tests compare them).
+pub fn isas() -> Vec<Isa> {
+    levels().iter().map(|s| s.isa()).collect()
+}
+
+/// The instruction set the public functions use
+/// (`"avx512-vnni"`, `"avx2+fma"` or `"scalar"`).
 pub fn isa() -> &'static str {
-    match simd() {
-        Simd::None => "scalar",
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2(_) => "avx2+fma",
-    }
+    simd().isa().name()
 }
 
 /// The path [`matvec`] uses: `RH_ACTIVATIONS=f32`, `int16`, `int8` or
@@ -171,15 +246,37 @@ pub fn matvec(w: &Matrix, x: &[f32], y: &mut [f32]) {
 /// [`matvec`] on a chosen path (the scalar one when the CPU lacks the SIMD
 /// instructions).
 pub fn matvec_path(w: &Matrix, x: &[f32], y: &mut [f32], path: Path) {
+    matvec_on(simd(), w, x, y, path)
+}
+
+/// [`matvec_path`] at a chosen instruction-set level, one of [`isas`]
+/// (for benchmarks and tests that compare levels).
+pub fn matvec_isa(isa: Isa, w: &Matrix, x: &[f32], y: &mut [f32], path: Path) {
+    let s = *levels()
+        .iter()
+        .find(|s| s.isa() == isa)
+        .unwrap_or_else(|| panic!("kernels: {} is not available on this CPU", isa.name()));
+    matvec_on(s, w, x, y, path)
+}
+
+fn matvec_on(s: Simd, w: &Matrix, x: &[f32], y: &mut [f32], path: Path) {
     assert_eq!(x.len(), w.cols(), "matvec: input length");
     assert_eq!(y.len(), w.rows(), "matvec: output length");
     validate(w);
-    match (simd(), path) {
+    match (s, path) {
+        (_, Path::Scalar) | (Simd::None, _) => scalar_matvec(w, x, y),
         #[cfg(target_arch = "x86_64")]
-        (Simd::Avx2(a), Path::SimdF32 | Path::SimdInt8 | Path::SimdInt16) => {
-            avx2_matvec(a, w, x, y, path)
-        }
-        _ => scalar_matvec(w, x, y),
+        (Simd::Avx512(a), Path::SimdInt16) => match w {
+            Matrix::Quant(q) if avx512::Avx512::supports(q.bits, q.group_size) => {
+                let v = avx2::QuantView::new(q).expect("validated");
+                let act = a.group_act(x, q.bits, q.group_size);
+                let rpt = rows_per_task(q.rows, q.row_bytes());
+                for_row_chunks(y, rpt, |r0, ys| a.quant_rows(&v, r0, &act, ys));
+            }
+            _ => avx2_matvec(a.avx2, w, x, y, path),
+        },
+        #[cfg(target_arch = "x86_64")]
+        (s, _) => avx2_matvec(s.avx2().expect("a SIMD level"), w, x, y, path),
     }
 }
 
@@ -260,11 +357,9 @@ pub fn matmul_path(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path) {
     }
     validate(w);
     match (simd(), path) {
+        (_, Path::Scalar) | (Simd::None, _) => scalar_matmul(w, x, n, y),
         #[cfg(target_arch = "x86_64")]
-        (Simd::Avx2(a), Path::SimdF32 | Path::SimdInt8 | Path::SimdInt16) => {
-            avx2_matmul(a, w, x, n, y)
-        }
-        _ => scalar_matmul(w, x, n, y),
+        (s, _) => avx2_matmul(s.avx2().expect("a SIMD level"), w, x, n, y),
     }
 }
 
@@ -383,9 +478,13 @@ pub fn row(w: &Matrix, r: usize, out: &mut [f32]) {
     assert!(r < w.rows(), "row: index {r} out of {} rows", w.rows());
     assert_eq!(out.len(), w.cols(), "row: output length");
     validate(w);
-    match simd() {
+    #[cfg(target_arch = "x86_64")]
+    let simd = simd().avx2();
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd: Option<()> = None;
+    match simd {
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2(a) => match w {
+        Some(a) => match w {
             Matrix::Quant(q) => {
                 a.quant_row_f32(&avx2::QuantView::new(q).expect("validated"), r, out)
             }

@@ -108,6 +108,11 @@ fn have_simd() -> bool {
     !matches!(simd(), Simd::None)
 }
 
+/// The SIMD levels this CPU runs, whatever `RH_KERNELS` says.
+fn simd_isas() -> Vec<Isa> {
+    isas().into_iter().filter(|i| *i != Isa::Scalar).collect()
+}
+
 #[test]
 fn quant_matvec_matches_scalar_on_random_shapes() {
     let mut rng = StdRng::seed_from_u64(7);
@@ -150,9 +155,13 @@ fn quant_matvec_matches_scalar_on_random_shapes() {
             .collect();
         assert_close(&format!("{label} int8"), &y, &want, &bound);
 
-        // Int16 activations: half a step is amax_b / 65534 per element, so
-        // the bound is the f32 path's plus Σ |W| amax_b / 65534.
-        matvec_path(&w, &x, &mut y, Path::SimdInt16);
+        // Int16 activations: half a step is amax / 65534 per element, with
+        // amax taken per 32-block (AVX2) or per weight group (AVX-512, never
+        // smaller), so the bound is the f32 path's plus Σ |W| amax_g / 65534.
+        let gsteps: Vec<f32> = x
+            .chunks(group)
+            .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())) / 65534.0)
+            .collect();
         let bound16: Vec<f64> = wf
             .chunks_exact(cols)
             .zip(&mags)
@@ -160,12 +169,15 @@ fn quant_matvec_matches_scalar_on_random_shapes() {
                 let q: f64 = row
                     .iter()
                     .enumerate()
-                    .map(|(k, w)| (w.abs() * steps[k / QBLOCK] * (254.0 / 65534.0)) as f64)
+                    .map(|(k, w)| (w.abs() * gsteps[k / group]) as f64)
                     .sum();
                 q * 1.001 + 1e-5 * m + 1e-6
             })
             .collect();
-        assert_close(&format!("{label} int16"), &y, &want, &bound16);
+        for isa in simd_isas() {
+            matvec_isa(isa, &w, &x, &mut y, Path::SimdInt16);
+            assert_close(&format!("{label} int16 {isa:?}"), &y, &want, &bound16);
+        }
     }
 }
 
@@ -198,10 +210,12 @@ fn int16_activation_error_is_f32_grade() {
             let x = rand_x(&mut rng, 512);
             let want = scalar_y(&w, &x);
             let mags = magnitudes(&dense_f32(&w), 512, &x);
-            let mut y = vec![0f32; 200];
-            matvec_path(&w, &x, &mut y, Path::SimdInt16);
-            for ((g, w), m) in y.iter().zip(&want).zip(&mags) {
-                worst = worst.max((*g as f64 - *w as f64).abs() / m);
+            for isa in simd_isas() {
+                let mut y = vec![0f32; 200];
+                matvec_isa(isa, &w, &x, &mut y, Path::SimdInt16);
+                for ((g, w), m) in y.iter().zip(&want).zip(&mags) {
+                    worst = worst.max((*g as f64 - *w as f64).abs() / m);
+                }
             }
         }
     }
@@ -340,10 +354,12 @@ fn misaligned_mapped_payloads_give_the_same_numbers() {
         let (w0, w1) = (Matrix::Quant(m), Matrix::Quant(mapped));
         let x = rand_x(&mut rng, 256);
         for path in [Path::SimdF32, Path::SimdInt8, Path::SimdInt16] {
-            let (mut a, mut b) = (vec![0f32; 37], vec![0f32; 37]);
-            matvec_path(&w0, &x, &mut a, path);
-            matvec_path(&w1, &x, &mut b, path);
-            assert_eq!(a, b, "{bits}-bit per_group={per_group} {path:?}");
+            for isa in simd_isas() {
+                let (mut a, mut b) = (vec![0f32; 37], vec![0f32; 37]);
+                matvec_isa(isa, &w0, &x, &mut a, path);
+                matvec_isa(isa, &w1, &x, &mut b, path);
+                assert_eq!(a, b, "{bits}-bit per_group={per_group} {path:?} {isa:?}");
+            }
         }
         let x2 = rand_x(&mut rng, 256 * 4);
         let (mut a, mut b) = (vec![0f32; 37 * 4], vec![0f32; 37 * 4]);
@@ -405,6 +421,58 @@ fn simd_is_detected_on_x86_64_with_avx2() {
 }
 
 #[test]
+fn avx512_vnni_is_detected_when_the_cpu_has_it() {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        assert_eq!(isas().last(), Some(&Isa::Avx512Vnni));
+    }
+    assert_eq!(isas()[0], Isa::Scalar);
+}
+
+/// Long rows, groups of every size the cache allows, partial last groups
+/// and large activations: the AVX-512 path against the AVX2 one and the
+/// scalar reference.
+#[test]
+fn int16_levels_agree_on_model_shapes() {
+    let mut rng = StdRng::seed_from_u64(23);
+    for (case, (bits, group, cols)) in [
+        (4u8, 128usize, 2048usize),
+        (8, 128, 2048),
+        (4, 32, 512),
+        (8, 32, 544),
+        (4, 96, 416),
+        (4, 256, 2080),
+        (8, 4096, 4096),
+        (8, 8192, 8192),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let w = Matrix::Quant(rand_quant(&mut rng, 33, cols, bits, group, case % 2 == 0));
+        let x: Vec<f32> = rand_x(&mut rng, cols).iter().map(|v| v * 300.0).collect();
+        let want = scalar_y(&w, &x);
+        let mags = magnitudes(&dense_f32(&w), cols, &x);
+        for isa in simd_isas() {
+            let mut y = vec![0f32; 33];
+            matvec_isa(isa, &w, &x, &mut y, Path::SimdInt16);
+            for (r, ((g, w), m)) in y.iter().zip(&want).zip(&mags).enumerate() {
+                let rel = (*g as f64 - *w as f64).abs() / m;
+                assert!(
+                    rel < 3e-5,
+                    "{bits}-bit g{group} [{cols}] {isa:?} row {r}: {g} vs {w} ({rel:e})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn non_finite_activations_stay_visible() {
     let mut rng = StdRng::seed_from_u64(17);
     for bits in [4u8, 8] {
@@ -413,12 +481,14 @@ fn non_finite_activations_stay_visible() {
             let mut x = rand_x(&mut rng, 128);
             x[70] = bad;
             for path in [Path::Scalar, Path::SimdF32, Path::SimdInt8, Path::SimdInt16] {
-                let mut y = vec![0f32; 8];
-                matvec_path(&w, &x, &mut y, path);
-                assert!(
-                    y.iter().all(|v| !v.is_finite()),
-                    "{bits}-bit {path:?} with {bad}: {y:?}"
-                );
+                for isa in isas() {
+                    let mut y = vec![0f32; 8];
+                    matvec_isa(isa, &w, &x, &mut y, path);
+                    assert!(
+                        y.iter().all(|v| !v.is_finite()),
+                        "{bits}-bit {path:?} {isa:?} with {bad}: {y:?}"
+                    );
+                }
             }
         }
     }

@@ -1,0 +1,342 @@
+//! x86_64 matvec kernels for CPUs with AVX-512 F/BW and AVX-512 VNNI
+//! (Ice Lake, Sapphire Rapids, Zen 4 and later), chosen at run time.
+//!
+//! Quantized weights meet int16 activations in `vpdpwssd`, which multiplies
+//! 32 pairs of 16-bit integers and adds them into 16 i32 lanes in one
+//! instruction. Against the AVX2 int16 path this drops the per-block float
+//! work: activations are scaled per weight group, so a group's integer
+//! products add up exactly in i32 and meet the two scales once. That leaves
+//! about six instructions per 64 int4 weights, few enough for two cores to
+//! keep up with the memory bus.
+//!
+//! Safety: as in the `avx2` module. An [`Avx512`] exists only after
+//! [`Avx512::detect`] saw the features on the running CPU; the views were
+//! checked against their shapes, and the safe wrappers check row indices and
+//! activation lengths before any pointer is formed. Only unaligned loads are
+//! used, so payloads mapped at any address are fine.
+
+#![allow(unknown_lints, clippy::manual_is_multiple_of)]
+
+use std::arch::x86_64::*;
+
+use super::avx2::{Avx2, QuantView};
+use crate::tensor::QBLOCK;
+
+/// Proof that the running CPU has AVX-512 F, BW and VNNI besides what
+/// [`Avx2`] proves; only [`Avx512::detect`] makes one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx512 {
+    /// The AVX2 kernels, for everything these do not cover.
+    pub(crate) avx2: Avx2,
+}
+
+impl Avx512 {
+    /// `Some` when the CPU supports the instructions these kernels use.
+    pub(crate) fn detect(avx2: Avx2) -> Option<Avx512> {
+        (is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni"))
+        .then_some(Avx512 { avx2 })
+    }
+
+    /// Whether [`Avx512::quant_rows`] takes `bits`-bit weights with
+    /// `group_size`: an i32 lane adds `group_size / 16` products of at most
+    /// `(2^bits - 1) * 32767`, which must stay below 2^31.
+    pub(crate) fn supports(bits: u8, group_size: usize) -> bool {
+        match bits {
+            4 => group_size <= 1 << 16,
+            8 => group_size <= 1 << 12,
+            _ => false,
+        }
+    }
+}
+
+/// Activations quantized to int16 per weight group: `x[k] ≈ d[g] * xq[k]`
+/// with `d[g] = max|x| / 32767` over group `g` (half a step is 1.5e-5 of the
+/// group's largest value).
+///
+/// For int4 weights the blocks of a group pair up, `(b, b + 1)` for even
+/// offsets from the group's first block, to match 32 weight bytes widened to
+/// 32 16-bit lanes: the pair's 64 values are stored `x_b[0..16]`,
+/// `x_{b+1}[0..16]` (meeting the low nibbles), `x_b[16..32]`,
+/// `x_{b+1}[16..32]` (the high nibbles). A group's last block when its count
+/// is odd, and every int8 block, is stored plainly.
+pub(crate) struct GroupAct {
+    xq: Vec<i16>,
+    d: Vec<f32>,
+    /// Per group: `d[g] * Σ xq` over the group, the sum of the dequantized
+    /// activations, for the zero-point correction.
+    gsum: Vec<f32>,
+    bits: u8,
+    group_size: usize,
+}
+
+impl Avx512 {
+    /// Quantizes `x` (length a multiple of 32) for `bits`-bit weights with
+    /// `group_size` (a multiple of 32); the last group may be short.
+    pub(crate) fn group_act(self, x: &[f32], bits: u8, group_size: usize) -> GroupAct {
+        assert!(x.len() % QBLOCK == 0 && group_size % QBLOCK == 0 && group_size > 0);
+        let ng = x.len().div_ceil(group_size);
+        let mut act = GroupAct {
+            xq: vec![0; x.len()],
+            d: vec![0.0; ng],
+            gsum: vec![0.0; ng],
+            bits,
+            group_size,
+        };
+        for g in 0..ng {
+            let k0 = g * group_size;
+            let k1 = (k0 + group_size).min(x.len());
+            // SAFETY: `k0..k1` lies inside `x` and `act.xq` (same length),
+            // is a whole number of 16-element chunks, and the destination
+            // slots of `slot` stay inside the group; features proven by
+            // `self`.
+            let (d, s) = unsafe {
+                quantize_group(
+                    x.as_ptr().add(k0),
+                    k1 - k0,
+                    act.xq.as_mut_ptr().add(k0),
+                    bits,
+                )
+            };
+            act.d[g] = d;
+            act.gsum[g] = d * s as f32;
+        }
+        act
+    }
+
+    /// `out[i] = row (r0 + i) · x` with `x` quantized by
+    /// [`Avx512::group_act`].
+    pub(crate) fn quant_rows(self, v: &QuantView, r0: usize, a: &GroupAct, out: &mut [f32]) {
+        assert!(r0 + out.len() <= v.rows, "rows out of range");
+        assert!(Self::supports(v.bits, v.group_size));
+        assert!(a.bits == v.bits && a.group_size == v.group_size);
+        assert!(a.xq.len() == v.cols && a.d.len() == v.n_groups && a.gsum.len() == v.n_groups);
+        for (i, o) in out.iter_mut().enumerate() {
+            let r = r0 + i;
+            // SAFETY: `self` proves the features; the row index is in
+            // range and the activations match the view's checked shape.
+            let dot = unsafe {
+                if v.bits == 4 {
+                    dot_i4(v, r, a)
+                } else {
+                    dot_i8(v, r, a)
+                }
+            };
+            *o = dot + self.avx2.zero_correction(v, r, &a.gsum);
+        }
+    }
+}
+
+impl Avx512 {
+    /// The 16-wide counterpart of the AVX2 FMA loop: `iters` iterations of
+    /// 10 independent 16-wide FMAs (the same FLOPs as the AVX2 loop run
+    /// for `2 * iters`). Returns a value to keep the work alive.
+    pub(crate) fn fma_loop(self, iters: u64) -> f32 {
+        // SAFETY: features proven by `self`; no memory is touched.
+        unsafe { fma_loop(iters) }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn fma_loop(iters: u64) -> f32 {
+    let mut a = [_mm512_set1_ps(1.0); 10];
+    let m = _mm512_set1_ps(0.999_999);
+    let c = _mm512_set1_ps(1e-7);
+    for _ in 0..iters {
+        for ai in a.iter_mut() {
+            *ai = _mm512_fmadd_ps(*ai, m, c);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for ai in a {
+        s = _mm512_add_ps(s, ai);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
+/// Where element `e` (0..32) of block `j` of a group goes, relative to the
+/// group's start, for `bits`-bit weights and a group of `nb` blocks (see
+/// [`GroupAct`]).
+fn slot(bits: u8, nb: usize, j: usize, e: usize) -> usize {
+    if bits != 4 || (j == nb - 1 && nb % 2 == 1) {
+        return j * QBLOCK + e;
+    }
+    let pair = j / 2;
+    pair * 2 * QBLOCK + (e / 16) * 32 + (j % 2) * 16 + e % 16
+}
+
+/// Quantizes the `n` floats at `xp` (one group) into `out` in the layout of
+/// [`GroupAct`]; returns the step and the integer sum. The step is 0 for an
+/// all-zero group and NaN for a group holding a non-finite value (whose
+/// integers are then 0, so the NaN reaches the output through the step).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn quantize_group(xp: *const f32, n: usize, out: *mut i16, bits: u8) -> (f32, i32) {
+    let mut amax = _mm512_setzero_ps();
+    let mut bad: __mmask16 = 0;
+    let mut c = 0;
+    while c < n {
+        let v = _mm512_loadu_ps(xp.add(c));
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        c += 16;
+    }
+    let amax = _mm512_reduce_max_ps(amax);
+    if bad != 0 || !amax.is_finite() {
+        // Every slot of the group is written below only on the good path.
+        std::ptr::write_bytes(out, 0, n);
+        return (f32::NAN, 0);
+    }
+    if amax == 0.0 {
+        std::ptr::write_bytes(out, 0, n);
+        return (0.0, 0);
+    }
+    let inv = _mm512_set1_ps(32767.0 / amax);
+    let nb = n / QBLOCK;
+    let mut sum = _mm512_setzero_si512();
+    let mut c = 0;
+    while c < n {
+        // Round to nearest; |x * inv| <= 32767 up to rounding, and the
+        // narrowing saturates.
+        let q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xp.add(c)), inv));
+        sum = _mm512_add_epi32(sum, q);
+        let dst = out.add(slot(bits, nb, c / QBLOCK, c % QBLOCK));
+        _mm256_storeu_si256(dst as *mut __m256i, _mm512_cvtsepi32_epi16(q));
+        c += 16;
+    }
+    (amax / 32767.0, _mm512_reduce_add_epi32(sum))
+}
+
+/// The f16 at index `i` of `p` as f32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn f16_at(p: *const u8, i: usize) -> f32 {
+    let h = u16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
+/// Hints the cache line at `p` into L1. Prefetches never fault, so `p` may
+/// point past the end of the weights (formed with `wrapping_add`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn prefetch(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+}
+
+/// Row `r` of an int4 matrix times group-quantized activations, without the
+/// zero-point term: `Σ_g s_g d_g Σ_k q_k xq_k`, exact in i32 within a group.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_i4(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
+    let gs = v.group_size;
+    let qrow = v.q.as_ptr().add(r * v.row_bytes);
+    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let xq = a.xq.as_ptr();
+    let m = _mm512_set1_epi16(0x0F);
+    let pfb = super::avx2::pf_bytes();
+    let mut tot0 = _mm512_setzero_ps();
+    let mut tot1 = _mm512_setzero_ps();
+    for g in 0..v.n_groups {
+        let k0 = g * gs;
+        let nb = (gs.min(v.cols - k0)) / QBLOCK;
+        let qg = qrow.add(k0 / 2);
+        let xg = xq.add(k0);
+        let mut acc0 = _mm512_setzero_si512();
+        let mut acc1 = _mm512_setzero_si512();
+        for p in 0..nb / 2 {
+            prefetch(qg.wrapping_add(p * 32 + pfb));
+            // 32 bytes (two blocks) widened to 16-bit lanes: the low nibble
+            // of lane j is element j % 16 of block j / 16, the high nibble
+            // element 16 + j % 16; a 16-bit shift by 4 leaves the high one.
+            let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg.add(p * 32) as *const __m256i));
+            let lo = _mm512_and_si512(w, m);
+            let hi = _mm512_srli_epi16::<4>(w);
+            let x = xg.add(p * 64);
+            acc0 = _mm512_dpwssd_epi32(acc0, lo, _mm512_loadu_si512(x as *const _));
+            acc1 = _mm512_dpwssd_epi32(acc1, hi, _mm512_loadu_si512(x.add(32) as *const _));
+        }
+        if nb % 2 == 1 {
+            // A lone block, activations stored plainly: lanes 0..16 take the
+            // low nibbles (elements 0..16), lanes 16..32 the high ones.
+            let b = nb - 1;
+            let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(qg.add(b * 16) as *const __m128i));
+            let lo = _mm256_and_si256(w, _mm256_set1_epi16(0x0F));
+            let hi = _mm256_srli_epi16::<4>(w);
+            let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            let x = _mm512_loadu_si512(xg.add(b * QBLOCK) as *const _);
+            acc0 = _mm512_dpwssd_epi32(acc0, w, x);
+        }
+        let sd = _mm512_set1_ps(f16_at(srow, g) * *a.d.as_ptr().add(g));
+        let i = _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1));
+        tot0 = _mm512_fmadd_ps(i, sd, tot0);
+        std::mem::swap(&mut tot0, &mut tot1);
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(tot0, tot1))
+}
+
+/// Row `r` of an int8 matrix times group-quantized activations, without the
+/// zero-point term (the unsigned bytes meet the activations as they are;
+/// the correction subtracts the zero point).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_i8(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
+    let gs = v.group_size;
+    let qrow = v.q.as_ptr().add(r * v.row_bytes);
+    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let xq = a.xq.as_ptr();
+    let pfb = super::avx2::pf_bytes();
+    let mut tot0 = _mm512_setzero_ps();
+    let mut tot1 = _mm512_setzero_ps();
+    for g in 0..v.n_groups {
+        let k0 = g * gs;
+        let nb = (gs.min(v.cols - k0)) / QBLOCK;
+        let qg = qrow.add(k0);
+        let xg = xq.add(k0);
+        let mut acc0 = _mm512_setzero_si512();
+        let mut acc1 = _mm512_setzero_si512();
+        let mut b = 0;
+        while b + 1 < nb {
+            prefetch(qg.wrapping_add(b * QBLOCK + pfb));
+            let w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg.add(b * QBLOCK) as *const __m256i));
+            let w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
+                qg.add((b + 1) * QBLOCK) as *const __m256i
+            ));
+            let x = xg.add(b * QBLOCK);
+            acc0 = _mm512_dpwssd_epi32(acc0, w0, _mm512_loadu_si512(x as *const _));
+            acc1 = _mm512_dpwssd_epi32(acc1, w1, _mm512_loadu_si512(x.add(32) as *const _));
+            b += 2;
+        }
+        if b < nb {
+            let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg.add(b * QBLOCK) as *const __m256i));
+            let x = _mm512_loadu_si512(xg.add(b * QBLOCK) as *const _);
+            acc0 = _mm512_dpwssd_epi32(acc0, w, x);
+        }
+        let sd = _mm512_set1_ps(f16_at(srow, g) * *a.d.as_ptr().add(g));
+        let i = _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1));
+        tot0 = _mm512_fmadd_ps(i, sd, tot0);
+        std::mem::swap(&mut tot0, &mut tot1);
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(tot0, tot1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot;
+
+    #[test]
+    fn int4_slots_are_a_permutation_of_the_group() {
+        for nb in 1..=6 {
+            let mut seen = vec![false; nb * 32];
+            for j in 0..nb {
+                for e in 0..32 {
+                    let s = slot(4, nb, j, e);
+                    assert!(!seen[s], "slot {s} twice (nb {nb})");
+                    seen[s] = true;
+                }
+            }
+        }
+        // Elements 0..16 of a pair's two blocks meet the low nibbles.
+        assert_eq!(slot(4, 4, 1, 3), 16 + 3);
+        assert_eq!(slot(4, 4, 0, 20), 32 + 4);
+        assert_eq!(slot(4, 3, 2, 20), 2 * 32 + 20);
+        assert_eq!(slot(8, 4, 1, 20), 32 + 20);
+    }
+}
