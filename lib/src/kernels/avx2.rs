@@ -48,7 +48,7 @@ impl Avx2 {
 pub(crate) struct QuantView<'a> {
     pub(super) q: &'a [u8],
     pub(super) scales: &'a [u8],
-    zeros: Option<&'a [u8]>,
+    pub(super) zeros: Option<&'a [u8]>,
     pub(super) rows: usize,
     pub(super) cols: usize,
     pub(super) bits: u8,

@@ -128,7 +128,80 @@ impl Avx512 {
     }
 }
 
+/// Tokens one multi-token pass takes: each holds an accumulator and a
+/// running total in registers while a weight row streams by once.
+pub(crate) const MULTI_TOKENS: usize = 8;
+
 impl Avx512 {
+    /// Prefill's product for rows `r0..r0 + nr` and up to
+    /// [`MULTI_TOKENS`] tokens: `out[i * ldo + t0 + t] = row (r0 + i) ·
+    /// x_t`, with `acts[t]` the tokens' activations quantized by
+    /// [`Avx512::group_act`]. Each weight row is unpacked once for all the
+    /// tokens, with no conversion to f32.
+    pub(crate) fn quant_rows_multi(
+        self,
+        v: &QuantView,
+        r0: usize,
+        nr: usize,
+        acts: &[GroupAct],
+        out: &mut [f32],
+        ldo: usize,
+        t0: usize,
+    ) {
+        let nt = acts.len();
+        assert!((1..=MULTI_TOKENS).contains(&nt) && t0 + nt <= ldo);
+        assert!(
+            r0 + nr <= v.rows && out.len() >= nr * ldo,
+            "rows out of range"
+        );
+        assert!(Self::supports(v.bits, v.group_size));
+        for a in acts {
+            assert!(a.bits == v.bits && a.group_size == v.group_size);
+            assert!(a.xq.len() == v.cols && a.d.len() == v.n_groups);
+        }
+        let mut xs = [std::ptr::null::<i16>(); MULTI_TOKENS];
+        let mut ds = [std::ptr::null::<f32>(); MULTI_TOKENS];
+        // The tokens' activation sums group-major, eight per group, so the
+        // zero-point term of a group is one 8-wide FMA for all tokens.
+        let mut gsum = vec![0f32; v.n_groups * MULTI_TOKENS];
+        for (t, a) in acts.iter().enumerate() {
+            xs[t] = a.xq.as_ptr();
+            ds[t] = a.d.as_ptr();
+            for (g, s) in a.gsum.iter().enumerate() {
+                gsum[g * MULTI_TOKENS + t] = *s;
+            }
+        }
+        let mut dots = [0f32; MULTI_TOKENS];
+        for i in 0..nr {
+            let r = r0 + i;
+            // SAFETY: `self` proves the features; the row is in range and
+            // the first `nt` pointers of `xs`/`ds` come from activations
+            // whose lengths match the view's checked shape.
+            unsafe {
+                let gs = gsum.as_ptr();
+                match (v.bits, nt) {
+                    (4, 8) => dot_multi::<4, 8>(v, r, &xs, &ds, gs, &mut dots),
+                    (4, 7) => dot_multi::<4, 7>(v, r, &xs, &ds, gs, &mut dots),
+                    (4, 6) => dot_multi::<4, 6>(v, r, &xs, &ds, gs, &mut dots),
+                    (4, 5) => dot_multi::<4, 5>(v, r, &xs, &ds, gs, &mut dots),
+                    (4, 4) => dot_multi::<4, 4>(v, r, &xs, &ds, gs, &mut dots),
+                    (4, 3) => dot_multi::<4, 3>(v, r, &xs, &ds, gs, &mut dots),
+                    (4, 2) => dot_multi::<4, 2>(v, r, &xs, &ds, gs, &mut dots),
+                    (4, _) => dot_multi::<4, 1>(v, r, &xs, &ds, gs, &mut dots),
+                    (_, 8) => dot_multi::<8, 8>(v, r, &xs, &ds, gs, &mut dots),
+                    (_, 7) => dot_multi::<8, 7>(v, r, &xs, &ds, gs, &mut dots),
+                    (_, 6) => dot_multi::<8, 6>(v, r, &xs, &ds, gs, &mut dots),
+                    (_, 5) => dot_multi::<8, 5>(v, r, &xs, &ds, gs, &mut dots),
+                    (_, 4) => dot_multi::<8, 4>(v, r, &xs, &ds, gs, &mut dots),
+                    (_, 3) => dot_multi::<8, 3>(v, r, &xs, &ds, gs, &mut dots),
+                    (_, 2) => dot_multi::<8, 2>(v, r, &xs, &ds, gs, &mut dots),
+                    (_, _) => dot_multi::<8, 1>(v, r, &xs, &ds, gs, &mut dots),
+                }
+            }
+            out[i * ldo + t0..i * ldo + t0 + nt].copy_from_slice(&dots[..nt]);
+        }
+    }
+
     /// The 16-wide counterpart of the AVX2 FMA loop: `iters` iterations of
     /// 10 independent 16-wide FMAs (the same FLOPs as the AVX2 loop run
     /// for `2 * iters`). Returns a value to keep the work alive.
@@ -315,6 +388,85 @@ unsafe fn dot_i8(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
         std::mem::swap(&mut tot0, &mut tot1);
     }
     _mm512_reduce_add_ps(_mm512_add_ps(tot0, tot1))
+}
+
+/// Row `r` times `T` tokens' group-quantized activations (`xs[t]`,
+/// steps `ds[t]`, activation sums `gsum[g * 8 + t]`) into `dots[..T]`: the
+/// multi-token form of [`dot_i4`] and [`dot_i8`], zero-point term
+/// included. The weights of each pair of blocks are unpacked once and meet
+/// every token.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_multi<const BITS: usize, const T: usize>(
+    v: &QuantView,
+    r: usize,
+    xs: &[*const i16; MULTI_TOKENS],
+    ds: &[*const f32; MULTI_TOKENS],
+    gsum: *const f32,
+    dots: &mut [f32; MULTI_TOKENS],
+) {
+    let zrow = v.zeros.map(|z| z.as_ptr().add(r * v.n_groups * 2));
+    let sym = (1u32 << (BITS - 1)) as f32;
+    let mut corr = _mm256_setzero_ps();
+    let gs = v.group_size;
+    let qrow = v.q.as_ptr().add(r * v.row_bytes);
+    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let m = _mm512_set1_epi16(0x0F);
+    let mut tot = [_mm512_setzero_ps(); T];
+    for g in 0..v.n_groups {
+        let k0 = g * gs;
+        let nb = (gs.min(v.cols - k0)) / QBLOCK;
+        let qg = qrow.add(k0 * BITS / 8);
+        let mut acc = [_mm512_setzero_si512(); T];
+        for p in 0..nb / 2 {
+            // The two weight vectors of blocks `2p, 2p + 1` and the offsets
+            // of the activations they meet (see `GroupAct`).
+            let (w0, w1) = if BITS == 4 {
+                let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg.add(p * 32) as *const __m256i));
+                (_mm512_and_si512(w, m), _mm512_srli_epi16::<4>(w))
+            } else {
+                (
+                    _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg.add(p * 64) as *const __m256i)),
+                    _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg.add(p * 64 + 32) as *const __m256i)),
+                )
+            };
+            for t in 0..T {
+                let x = xs[t].add(k0 + p * 64);
+                acc[t] = _mm512_dpwssd_epi32(acc[t], w0, _mm512_loadu_si512(x as *const _));
+                acc[t] = _mm512_dpwssd_epi32(acc[t], w1, _mm512_loadu_si512(x.add(32) as *const _));
+            }
+        }
+        if nb % 2 == 1 {
+            let b = nb - 1;
+            let w = if BITS == 4 {
+                let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(qg.add(b * 16) as *const __m128i));
+                let lo = _mm256_and_si256(w, _mm256_set1_epi16(0x0F));
+                let hi = _mm256_srli_epi16::<4>(w);
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+            } else {
+                _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg.add(b * 32) as *const __m256i))
+            };
+            for t in 0..T {
+                let x = _mm512_loadu_si512(xs[t].add(k0 + b * QBLOCK) as *const _);
+                acc[t] = _mm512_dpwssd_epi32(acc[t], w, x);
+            }
+        }
+        let s = f16_at(srow, g);
+        for t in 0..T {
+            let sd = _mm512_set1_ps(s * *ds[t].add(g));
+            tot[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), sd, tot[t]);
+        }
+        let z = match zrow {
+            Some(zp) => u16::from_le_bytes([*zp.add(2 * g), *zp.add(2 * g + 1)]) as f32,
+            None => sym,
+        };
+        let sz = _mm256_set1_ps(s * z);
+        corr = _mm256_fmadd_ps(sz, _mm256_loadu_ps(gsum.add(g * MULTI_TOKENS)), corr);
+    }
+    let mut c = [0f32; 8];
+    _mm256_storeu_ps(c.as_mut_ptr(), corr);
+    for t in 0..T {
+        dots[t] = _mm512_reduce_add_ps(tot[t]) - c[t];
+    }
 }
 
 #[cfg(test)]

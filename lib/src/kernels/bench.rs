@@ -493,6 +493,19 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
         let n = opts.tokens;
         let xs = activations(n * cols, 9);
         let mut ys = vec![0f32; n * rows];
+        if shape.kind != WeightKind::Bf16 && super::simd().isa() == Isa::Avx512Vnni {
+            let (secs, calls) = time_best(opts.seconds, || {
+                matmul_path(w, &xs, n, &mut ys, Path::SimdInt16)
+            });
+            rep.rows.push(row(
+                "matmul",
+                Isa::Avx512Vnni,
+                Path::SimdInt16,
+                n,
+                secs,
+                calls,
+            ));
+        }
         let (secs, calls) = time_best(opts.seconds, || {
             matmul_path(w, &xs, n, &mut ys, Path::SimdF32)
         });
@@ -606,12 +619,16 @@ mod tests {
         ];
         if isas().contains(&Isa::Avx512Vnni) {
             want.insert(0, ("matvec", Isa::Avx512Vnni.name(), "simd-int16"));
+            want.insert(4, ("matmul", Isa::Avx512Vnni.name(), "simd-int16"));
         }
         assert_eq!(ops, want);
         assert!(rep.rows.iter().all(|r| r.gbs > 0.0 && r.seconds > 0.0));
         // Int16 at each level, then int8.
         let errs = &rep.activation_error;
-        assert_eq!(errs.len(), want.len() - 2);
+        assert_eq!(
+            errs.len(),
+            want.iter().filter(|w| w.0 == "matvec").count() - 1
+        );
         for e in &errs[..errs.len() - 1] {
             assert_eq!(e.path, "simd-int16");
             assert!(e.max_over_range < 1e-4, "{e:?}");

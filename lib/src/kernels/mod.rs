@@ -16,9 +16,11 @@
 //! [`default_path`] picks one; `RH_ACTIVATIONS=f32|int16|int8|scalar` overrides it and
 //! `RH_KERNELS=scalar|avx2` caps the instruction set (`scalar` forces the
 //! reference loops); `RH_PREFETCH=<bytes>`
-//! sets the software-prefetch distance of the matvec kernels. Matrix-matrix products
-//! always use f32 activations: they are bound by arithmetic, not memory, and
-//! convert each block of weight rows to f32 once per block of tokens.
+//! sets the software-prefetch distance of the matvec kernels. Matrix-matrix
+//! products (prefill) with int16 activations on AVX-512 VNNI unpack each
+//! quantized weight row once for eight tokens at a time and multiply in
+//! integers; otherwise they use f32 activations and convert each block of
+//! weight rows to f32 once per block of tokens.
 //!
 //! Invalid matrices (byte lengths that disagree with the shape, input or
 //! group sizes that are not multiples of 32) are refused with a panic naming
@@ -343,8 +345,11 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
     matmul_path(w, x, n, y, default_path())
 }
 
-/// [`matmul`] on a chosen path. All SIMD paths compute with f32
-/// activations; one token goes through [`matvec_path`].
+/// [`matmul`] on a chosen path. One token goes through [`matvec_path`].
+/// Int16 activations on the AVX-512 VNNI level take quantized weights
+/// through integer multi-token kernels; everything else computes with f32
+/// activations against weight rows converted to f32 once per block of
+/// tokens.
 pub fn matmul_path(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path) {
     let (rows, cols) = (w.rows(), w.cols());
     assert_eq!(x.len(), n * cols, "matmul: input length");
@@ -358,6 +363,13 @@ pub fn matmul_path(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path) {
     validate(w);
     match (simd(), path) {
         (_, Path::Scalar) | (Simd::None, _) => scalar_matmul(w, x, n, y),
+        #[cfg(target_arch = "x86_64")]
+        (Simd::Avx512(a), Path::SimdInt16) => match w {
+            Matrix::Quant(q) if avx512::Avx512::supports(q.bits, q.group_size) => {
+                avx512_matmul(a, q, x, n, y)
+            }
+            _ => avx2_matmul(a.avx2, w, x, n, y),
+        },
         #[cfg(target_arch = "x86_64")]
         (s, _) => avx2_matmul(s.avx2().expect("a SIMD level"), w, x, n, y),
     }
@@ -471,6 +483,49 @@ fn avx2_matmul(a: avx2::Avx2, w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
         .collect();
     scatter(&blocks, n, rows, y);
 }
+
+/// Prefill on the AVX-512 VNNI level: every token's activations quantized
+/// to int16 per group, then each task takes a block of weight rows small
+/// enough to stay in the core's L2 and streams it past the tokens,
+/// [`avx512::MULTI_TOKENS`] at a time.
+#[cfg(target_arch = "x86_64")]
+fn avx512_matmul(
+    a: avx512::Avx512,
+    q: &crate::tensor::QuantMatrix,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+) {
+    let (rows, cols) = (q.rows, q.cols);
+    let v = avx2::QuantView::new(q).expect("validated");
+    let acts: Vec<avx512::GroupAct> = x
+        .par_chunks(cols)
+        .map(|xt| a.group_act(xt, q.bits, q.group_size))
+        .collect();
+    let threads = rayon::current_num_threads().max(1);
+    let l2_rows = (MATMUL_BLOCK_BYTES / q.row_bytes().max(1)).max(1);
+    let rpt = rows.div_ceil(threads * TASKS_PER_THREAD).clamp(1, l2_rows);
+    let blocks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(rpt))
+        .into_par_iter()
+        .map(|bi| {
+            let r0 = bi * rpt;
+            let nr = rpt.min(rows - r0);
+            let mut out = vec![0f32; nr * n];
+            for t0 in (0..n).step_by(avx512::MULTI_TOKENS) {
+                let t1 = (t0 + avx512::MULTI_TOKENS).min(n);
+                a.quant_rows_multi(&v, r0, nr, &acts[t0..t1], &mut out, n, t0);
+            }
+            (r0, out)
+        })
+        .collect();
+    scatter(&blocks, n, rows, y);
+}
+
+/// The most weight bytes one AVX-512 prefill task walks for every block of
+/// tokens: half of a 2 MiB L2, so the rows come from L2 after the first
+/// block.
+#[cfg(target_arch = "x86_64")]
+const MATMUL_BLOCK_BYTES: usize = 1 << 20;
 
 /// Row `r` of `W` as f32 (embedding lookup), converted in place from the
 /// mapped bytes.
