@@ -80,6 +80,13 @@ pub struct SpeedReport {
     pub bandwidth_ratio: Option<f64>,
     /// Where the bandwidth figure came from (`strategy.toml` or `probe`).
     pub bandwidth_source: Option<String>,
+    /// Multiply-adds of the layers' matrices per prompt token.
+    pub prefill_macs_per_token: u64,
+    /// `2 x prefill_macs_per_token x` pp tokens/s, in GFLOP/s.
+    pub prefill_gflops: Option<f64>,
+    /// FMA peak of this machine on the same threads (GFLOP/s, measured in
+    /// the same run), which prefill is compared with.
+    pub fma_peak_gflops: Option<f64>,
 }
 
 fn gib(b: u64) -> String {
@@ -132,6 +139,19 @@ impl SpeedReport {
                 self.bandwidth_source.as_deref().unwrap_or("measured"),
                 r * 100.0
             ));
+        }
+        if let Some(g) = self.prefill_gflops {
+            s.push_str(&format!(
+                "prefill compute:         {g:.1} GFLOP/s (2 x {:.1} M multiply-adds per prompt token in the layers' matrices)",
+                self.prefill_macs_per_token as f64 / 1e6
+            ));
+            match self.fma_peak_gflops {
+                Some(p) if p > 0.0 => s.push_str(&format!(
+                    "; {:.0}% of the {p:.1} GFLOP/s FMA peak measured now\n",
+                    g / p * 100.0
+                )),
+                _ => s.push('\n'),
+            }
         }
         s
     }
@@ -211,8 +231,15 @@ mod tests {
             bandwidth_gbs: Some(10.0),
             bandwidth_ratio: Some(0.1),
             bandwidth_source: Some("probe".into()),
+            prefill_macs_per_token: 3_000_000,
+            prefill_gflops: Some(6.0),
+            fma_peak_gflops: Some(60.0),
         };
         let table = r.table();
+        assert!(
+            table.contains("prefill compute:         6.0 GFLOP/s (2 x 3.0 M multiply-adds per prompt token in the layers' matrices); 10% of the 60.0 GFLOP/s FMA peak"),
+            "{table}"
+        );
         assert!(
             table.contains("| tiny | 1.00 GiB | 2.00 M | CPU (avx2) | 2 | tg4 | 3.00 ± 1.41 |"),
             "{table}"

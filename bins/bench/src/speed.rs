@@ -47,23 +47,9 @@ fn bench_ids(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
+/// The kernels' instruction set, as llama-bench names its backend.
 fn backend() -> String {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return "CPU (avx2)".into();
-        }
-        "CPU (x86_64)".into()
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        "CPU (neon)".into()
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    {
-        "CPU".into()
-    }
+    format!("CPU ({})", roundhouse::kernels::isa())
 }
 
 /// Runs the speed benchmark and prints the report (table, `--json` or `--csv`).
@@ -163,6 +149,17 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
             )
         }
     };
+    // Prefill is compared with the machine's FMA peak on the same threads,
+    // measured now (half a second) rather than assumed.
+    let macs = model.prefill_macs_per_token();
+    let pp_tps = tests
+        .iter()
+        .find(|t| t.test.starts_with("pp"))
+        .map(|t| t.mean_tps);
+    let prefill_gflops = pp_tps.map(|tps| 2.0 * macs as f64 * tps / 1e9);
+    let fma_peak = pp_tps
+        .map(|_| roundhouse::kernels::bench::fma_peak(0.5).1)
+        .filter(|&p| p > 0.0);
     let name = dir
         .canonicalize()
         .ok()
@@ -182,6 +179,9 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         bandwidth_gbs: Some(bandwidth),
         bandwidth_ratio: effective.map(|e| e / bandwidth),
         bandwidth_source: Some(source),
+        prefill_macs_per_token: macs,
+        prefill_gflops,
+        fma_peak_gflops: fma_peak,
     };
     if args.json {
         let s = serde_json::to_string_pretty(&report)

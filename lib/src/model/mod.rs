@@ -256,6 +256,16 @@ impl Model {
         total
     }
 
+    /// Multiply-adds of the layers' matrices per prompt token: what
+    /// prefill computes for each token besides attention and the recurrence
+    /// (lm_head runs for the last token only, so it is left out).
+    pub fn prefill_macs_per_token(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| l.macs_per_token(self.config.num_experts_per_tok))
+            .sum()
+    }
+
     /// Total bytes of all weights (matrices as stored, small tensors at 4
     /// bytes per element as held).
     pub fn weight_bytes(&self) -> u64 {

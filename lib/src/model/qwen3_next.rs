@@ -91,19 +91,30 @@ impl Layer {
 
     /// Weight bytes one decoded token reads in this layer.
     pub fn bytes_per_token(&self, top_k: usize) -> u64 {
-        let b = |m: &Matrix| m.bytes_read() as u64;
+        self.per_token(top_k, |m| m.bytes_read() as u64)
+    }
+
+    /// Multiply-adds of the layer's matrices for one token: the same
+    /// matrices as [`Layer::bytes_per_token`] counts.
+    pub fn macs_per_token(&self, top_k: usize) -> u64 {
+        self.per_token(top_k, |m| (m.rows() * m.cols()) as u64)
+    }
+
+    /// `f` summed over the matrices one token goes through (routed experts
+    /// at the layer's average expert).
+    fn per_token(&self, top_k: usize, f: impl Fn(&Matrix) -> u64) -> u64 {
         let mut t: u64 = match &self.mixer {
-            Mixer::Linear(d) => d.matrices().iter().map(|m| b(m)).sum(),
-            Mixer::Full(a) => a.matrices().iter().map(|m| b(m)).sum(),
+            Mixer::Linear(d) => d.matrices().iter().map(|m| f(m)).sum(),
+            Mixer::Full(a) => a.matrices().iter().map(|m| f(m)).sum(),
         };
-        t += b(self.moe.router());
+        t += f(self.moe.router());
         let experts = self.moe.experts();
         if !experts.is_empty() {
-            let all: u64 = experts.iter().flat_map(|e| e.matrices()).map(b).sum();
+            let all: u64 = experts.iter().flat_map(|e| e.matrices()).map(&f).sum();
             t += all * top_k as u64 / experts.len() as u64;
         }
         if let Some((e, g)) = self.moe.shared() {
-            t += e.matrices().iter().map(|m| b(m)).sum::<u64>() + b(g);
+            t += e.matrices().iter().map(|m| f(m)).sum::<u64>() + f(g);
         }
         t
     }
