@@ -420,8 +420,20 @@ fn plan_layout(ck: &Checkpoint, handles: &[File], file_size: u64) -> Result<Layo
     })
 }
 
-/// The input fingerprint: format, settings, and every checkpoint file's
-/// name, size and modification time (cheap; contents are not hashed).
+/// Files up to this size are hashed whole in the fingerprint when no
+/// fetch record vouches for them; larger ones by their first MiB.
+const FP_WHOLE: u64 = 64 << 20;
+
+/// The input fingerprint: format, settings, the cache directory, and every
+/// checkpoint file's identity by content, cheaply:
+/// * with a complete fetch record for this directory, its recorded blake3
+///   and size of each file (the current size is checked too);
+/// * otherwise the size of each file and the blake3 of a safetensors
+///   file's header (tensor names, dtypes, shapes, offsets), or of the
+///   whole content of other files up to 64 MiB.
+///
+/// Neither modification times nor the tensor data are read, so an
+/// up-to-date check costs a few header reads.
 fn fingerprint(
     opts: &RepackOptions,
     fetch: Option<&stage::StageRecord>,
@@ -429,31 +441,63 @@ fn fingerprint(
     let mut fp = Fingerprint::new();
     fp.add("format", FORMAT_VERSION.to_le_bytes());
     fp.add("file_size", opts.file_size.to_le_bytes());
+    fp.add("cache", opts.cache.as_os_str().as_encoded_bytes());
+    let fetch = fetch.filter(|r| {
+        r.status == stage::Status::Complete && Path::new(&r.output_dir) == opts.checkpoint
+    });
+    let recorded: BTreeMap<&str, &Output> = fetch
+        .map(|r| {
+            r.outputs
+                .iter()
+                .chain(r.units_done.values())
+                .filter(|o| o.blake3.is_some())
+                .map(|o| (o.path.as_str(), o))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut entries: Vec<_> = std::fs::read_dir(&opts.checkpoint)
         .map_err(|e| FsError::io(&opts.checkpoint, e))?
         .flatten()
         .collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
-        let m = e.metadata().map_err(|err| FsError::io(e.path(), err))?;
+        let path = e.path();
+        let m = e.metadata().map_err(|err| FsError::io(&path, err))?;
         if !m.is_file() {
             continue;
         }
-        let mtime = m
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        fp.add(
-            &e.file_name().to_string_lossy(),
-            format!("{}:{mtime}", m.len()),
-        );
+        let name = e.file_name().to_string_lossy().into_owned();
+        let id = match recorded.get(name.as_str()) {
+            Some(o) if o.size == m.len() => format!("fetch:{}", o.blake3.as_deref().unwrap_or("")),
+            _ => content_id(&path, m.len())?,
+        };
+        fp.add(&name, format!("{}:{id}", m.len()));
     }
     if let Some(r) = fetch {
         fp.add_record(r);
     }
     Ok(fp.finish())
+}
+
+/// blake3 of a safetensors file's header, or of a small file's content.
+fn content_id(path: &Path, len: u64) -> Result<String, CacheError> {
+    let f = File::open(path).map_err(|e| FsError::io(path, e))?;
+    let is_st = path.extension().is_some_and(|x| x == "safetensors");
+    let n = if is_st && len >= 8 {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, 0)
+            .map_err(|e| FsError::io(path, e))?;
+        // A bogus length is left to the checkpoint reader to report.
+        (8 + u64::from_le_bytes(b)).min(len).min(256 << 20)
+    } else if len <= FP_WHOLE {
+        len
+    } else {
+        1 << 20
+    };
+    let mut h = blake3::Hasher::new();
+    h.update_reader((&f).take(n))
+        .map_err(|e| FsError::io(path, e))?;
+    Ok(h.finalize().to_hex().to_string())
 }
 
 /// The most extra disk space the data files still need at any moment:
