@@ -218,3 +218,140 @@ fn bad_input_is_a_one_line_error() {
     assert!(err.contains("truncated"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// `cmd` with the file-size limit lowered to `limit` bytes and SIGXFSZ
+/// ignored, so a write past it fails with EFBIG like a full disk would.
+fn with_file_size_limit(cmd: &mut std::process::Command, limit: u64) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls setrlimit and signal, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn write_failure_is_one_line_and_keeps_the_previous_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path());
+    let ck = dir.path().join("ck");
+    tiny(&ck, 2);
+    let repack = |cache: &Path, limit: Option<u64>, force: bool| {
+        let mut c = rh("rh-repack");
+        c.arg(&ck)
+            .arg(cache)
+            .args(["--file-size-mib", "16", "-q"])
+            .arg("--pipeline")
+            .arg(&m)
+            .current_dir(dir.path());
+        if force {
+            c.arg("--force");
+        }
+        if let Some(l) = limit {
+            with_file_size_limit(&mut c, l);
+        }
+        run(&mut c)
+    };
+    let cache = dir.path().join("cache");
+    let o = repack(&cache, None, false);
+    assert!(o.status.success(), "{}", text(&o));
+    let good = files(&cache);
+    let data_len = std::fs::metadata(cache.join("data-00001.rhd"))
+        .unwrap()
+        .len();
+    assert!(
+        data_len > 1 << 20,
+        "data file of {data_len} bytes too small for this test"
+    );
+    let limit = data_len / 2;
+
+    // A forced rerun that cannot write its data: one line naming the file,
+    // exit 1, and the complete cache from before is still all there.
+    let o = repack(&cache, Some(limit), true);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("data-00001.rhd.tmp") && err.contains("too large"),
+        "{err}"
+    );
+    assert_eq!(
+        files(&cache),
+        good,
+        "previous cache changed or temp file left"
+    );
+    roundhouse::weights::open_weights(&cache).expect("previous cache still opens");
+
+    // A fresh directory: nothing that looks finished, no temp files; the
+    // rerun without the limit completes to the same bytes.
+    let fresh = dir.path().join("fresh");
+    let o = repack(&fresh, Some(limit), false);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("data-00001.rhd.tmp"), "{err}");
+    let left: Vec<String> = files(&fresh).into_iter().map(|(n, _)| n).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let o = repack(&fresh, None, false);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(files(&fresh), good);
+}
+
+#[test]
+fn up_to_date_check_follows_content_not_mtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path());
+    let ck = dir.path().join("ck");
+    tiny(&ck, 1);
+    let cache = dir.path().join("cache");
+    let repack = || {
+        run(rh("rh-repack")
+            .arg(&ck)
+            .arg(&cache)
+            .args(["--file-size-mib", "16"])
+            .arg("--pipeline")
+            .arg(&m)
+            .current_dir(dir.path()))
+    };
+    let o = repack();
+    assert!(o.status.success(), "{}", text(&o));
+    let shard = std::fs::read_dir(&ck)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap();
+
+    // A new modification time, same bytes: still up to date.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
+        .unwrap();
+    drop(f);
+    let o = repack();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("up to date"), "{}", text(&o));
+
+    // One header byte changed (a BF16 tensor declared F16, same length):
+    // the input changed, so the cache is rebuilt.
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let hlen = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + hlen].to_vec()).unwrap();
+    let at = header.find("\"dtype\":\"BF16\"").expect("a BF16 tensor");
+    bytes[8 + at..8 + at + 14].copy_from_slice(b"\"dtype\": \"F16\"");
+    std::fs::write(&shard, &bytes).unwrap();
+    let o = repack();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("wrote"), "{}", text(&o));
+}

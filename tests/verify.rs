@@ -323,3 +323,96 @@ fn pipeline_stage_writes_then_checks() {
     assert_eq!(v["summary"]["resumed_files"], 2);
     assert_eq!(record(t.path())["status"], "complete");
 }
+
+/// `cmd` with the file-size limit lowered to `limit` bytes and SIGXFSZ
+/// ignored, so a write past it fails (EFBIG) the way a full disk would.
+fn with_file_size_limit(cmd: &mut std::process::Command, limit: u64) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls setrlimit and signal, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn interrupted_pack_and_unpack_leave_nothing_half_written_and_resume() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("data");
+    std::fs::create_dir_all(&d).unwrap();
+    // Incompressible bytes (xorshift), so the bundle is as big as the data.
+    let noise = |n: usize, seed: u64| -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect()
+    };
+    std::fs::write(d.join("a.json"), br#"{"a": 1}"#).unwrap();
+    std::fs::write(d.join("b.bin"), noise(MIB / 8, 1)).unwrap();
+    std::fs::write(d.join("c.bin"), noise(3 * MIB, 2)).unwrap();
+    write(&d);
+    let limited = |args: &[&str], limit: Option<u64>| {
+        let mut c = rh("rh-verify");
+        c.args(args).current_dir(&d);
+        if let Some(l) = limit {
+            with_file_size_limit(&mut c, l);
+        }
+        run(&mut c)
+    };
+
+    // Pack cut off by a failing write: one line naming the temporary file,
+    // and the bundle already at the final name is untouched.
+    let bundle = t.path().join("b.tar.zst");
+    std::fs::write(&bundle, b"an older bundle").unwrap();
+    let o = limited(&["pack", s(&d), "--out", s(&bundle)], Some(MIB as u64));
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("b.tar.zst.tmp"), "{err}");
+    assert_eq!(std::fs::read(&bundle).unwrap(), b"an older bundle");
+    assert!(!t.path().join("b.tar.zst.tmp").exists());
+    let o = limited(&["pack", s(&d), "--out", s(&bundle)], None);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // Unpack cut off at the big file: the files before it are complete and
+    // verified, the big one is not visible (not even as a temporary), and
+    // there is no manifest, so the directory does not pass as complete.
+    let out = t.path().join("out");
+    let o = limited(&["unpack", s(&bundle), "--out", s(&out)], Some(MIB as u64));
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("c.bin"), "{err}");
+    assert!(out.join("a.json").exists() && out.join("b.bin").exists());
+    assert!(!out.join("c.bin").exists() && !out.join("c.bin.tmp").exists());
+    assert!(!out.join("manifest.blake3.json").exists());
+    // The rerun keeps the two verified files and finishes.
+    let o = limited(&["unpack", s(&bundle), "--out", s(&out), "--json"], None);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["kept"], 2, "{}", text(&o));
+    for f in ["a.json", "b.bin", "c.bin", "manifest.blake3.json"] {
+        assert_eq!(
+            std::fs::read(d.join(f)).unwrap(),
+            std::fs::read(out.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let o = verify(&["check", s(&out)], &d);
+    assert!(o.status.success(), "{}", text(&o));
+}

@@ -166,25 +166,7 @@ impl AutoRoundTensors<'_> {
         let groups = inp.div_ceil(gs);
         let row_bytes = QuantMatrix::packed_row_bytes(inp, bits);
         let mut qdata = AlignedBuf::zeroed(out * row_bytes);
-        {
-            let q = qdata.as_mut_slice();
-            let pf = 32 / bits as usize;
-            let mask = (1u32 << bits) - 1;
-            // Walk qweight in storage order (row i of packed inputs, all
-            // outputs) so reads are sequential; writes scatter over rows.
-            for i in 0..inp / pf {
-                let base = i * out;
-                for n in 0..out {
-                    let w = word(self.qweight, base + n);
-                    let row = &mut q[n * row_bytes..(n + 1) * row_bytes];
-                    for j in 0..pf {
-                        let k = i * pf + j;
-                        let v = ((w >> (bits as usize * j)) & mask) as u8;
-                        put(row, bits, k, v);
-                    }
-                }
-            }
-        }
+        repack_qweight(self.qweight, qdata.as_mut_slice(), out, inp, bits);
         let mut scales = AlignedBuf::zeroed(out * groups * 2);
         {
             let s = scales.as_mut_slice();
@@ -201,9 +183,16 @@ impl AutoRoundTensors<'_> {
         let mut zeros = AlignedBuf::zeroed(out * groups * 2);
         {
             let z = zeros.as_mut_slice();
+            let b = bits as usize;
+            let pf = 32 / b;
+            let mask = (1u32 << b) - 1;
+            let words_per_row = (out * b).div_ceil(32);
+            let add = self.zeros_minus_one as u32;
             for g in 0..groups {
+                let zrow = &self.qzeros[g * words_per_row * 4..(g + 1) * words_per_row * 4];
                 for n in 0..out {
-                    let v = self.zero(g, n);
+                    let w = word(zrow, n / pf);
+                    let v = ((w >> (b * (n % pf))) & mask) + add;
                     all_sym &= v == sym;
                     let dst = (n * groups + g) * 2;
                     z[dst..dst + 2].copy_from_slice(&(v as u16).to_le_bytes());
@@ -226,7 +215,65 @@ impl AutoRoundTensors<'_> {
     }
 }
 
+/// Spreads the 8 nibbles of `x` into the low nibbles of 8 bytes
+/// (nibble `j` to byte `j`).
+#[inline(always)]
+fn spread_nibbles(x: u32) -> u64 {
+    let mut v = x as u64;
+    v = (v | (v << 16)) & 0x0000_FFFF_0000_FFFF;
+    v = (v | (v << 8)) & 0x00FF_00FF_00FF_00FF;
+    (v | (v << 4)) & 0x0F0F_0F0F_0F0F_0F0F
+}
+
+/// Re-lays AutoRound `qweight` (`[in * bits / 32, out]` words) into kernel
+/// rows (`[out, packed_row_bytes]`), a whole word at a time. Produces the
+/// same bytes as setting every element with [`put`].
+///
+/// int8: word `(i, n)` holds inputs `4i..4i+4` of output `n` in byte
+/// order, which is exactly the kernel row's byte order, so this is a
+/// transpose of 32-bit words. int4: a kernel block of 32 inputs is 16
+/// bytes, byte `j` holding input `j` (low nibble) and `j + 16` (high
+/// nibble); its four source words hold inputs 0-7, 8-15, 16-23, 24-31.
+fn repack_qweight(qweight: &[u8], q: &mut [u8], out: usize, inp: usize, bits: u8) {
+    let row_bytes = QuantMatrix::packed_row_bytes(inp, bits);
+    let word_rows = inp * bits as usize / 32;
+    debug_assert_eq!(qweight.len(), word_rows * out * 4);
+    debug_assert_eq!(q.len(), out * row_bytes);
+    // Tiles of outputs keep the source rows' cache lines in use.
+    const TILE: usize = 64;
+    if bits == 8 {
+        for n0 in (0..out).step_by(TILE) {
+            let n1 = (n0 + TILE).min(out);
+            for i in 0..word_rows {
+                let src = &qweight[(i * out + n0) * 4..(i * out + n1) * 4];
+                for (t, w) in src.chunks_exact(4).enumerate() {
+                    let dst = (n0 + t) * row_bytes + i * 4;
+                    q[dst..dst + 4].copy_from_slice(w);
+                }
+            }
+        }
+        return;
+    }
+    for n0 in (0..out).step_by(TILE) {
+        let n1 = (n0 + TILE).min(out);
+        for blk in 0..word_rows / 4 {
+            let r =
+                |t: usize| &qweight[((blk * 4 + t) * out + n0) * 4..((blk * 4 + t) * out + n1) * 4];
+            let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+            for t in 0..n1 - n0 {
+                let w = |row: &[u8]| word(row, t);
+                let lo = spread_nibbles(w(r0)) | (spread_nibbles(w(r2)) << 4);
+                let hi = spread_nibbles(w(r1)) | (spread_nibbles(w(r3)) << 4);
+                let dst = (n0 + t) * row_bytes + blk * 16;
+                q[dst..dst + 8].copy_from_slice(&lo.to_le_bytes());
+                q[dst + 8..dst + 16].copy_from_slice(&hi.to_le_bytes());
+            }
+        }
+    }
+}
+
 /// Writes element `k` of a packed row.
+#[cfg(test)]
 fn put(row: &mut [u8], bits: u8, k: usize, v: u8) {
     if bits == 8 {
         row[k] = v;
@@ -405,6 +452,40 @@ mod tests {
             let negative = (0..rows * cols.div_ceil(gs))
                 .any(|i| half::f16::from_le_bytes([sc[i * 2], sc[i * 2 + 1]]).to_f32() < 0.0);
             assert!(negative);
+        }
+    }
+
+    /// The word-at-a-time re-layout gives exactly the bytes of setting
+    /// every element one by one (the original definition).
+    #[test]
+    fn word_relayout_matches_elementwise() {
+        let mut seed = 11u64;
+        for (bits, out, inp) in [
+            (4u8, 3, 64),
+            (4, 70, 96),
+            (8, 5, 32),
+            (8, 130, 64),
+            (4, 1, 32),
+        ] {
+            let pf = 32 / bits as usize;
+            let qw: Vec<u8> = (0..inp / pf * out * 4)
+                .map(|_| (lcg(&mut seed).to_bits() >> 7) as u8)
+                .collect();
+            let rb = QuantMatrix::packed_row_bytes(inp, bits);
+            let mut want = vec![0u8; out * rb];
+            let mask = (1u32 << bits) - 1;
+            for i in 0..inp / pf {
+                for n in 0..out {
+                    let w = word(&qw, i * out + n);
+                    for j in 0..pf {
+                        let v = ((w >> (bits as usize * j)) & mask) as u8;
+                        put(&mut want[n * rb..(n + 1) * rb], bits, i * pf + j, v);
+                    }
+                }
+            }
+            let mut got = vec![0u8; out * rb];
+            repack_qweight(&qw, &mut got, out, inp, bits);
+            assert_eq!(got, want, "bits {bits} out {out} in {inp}");
         }
     }
 

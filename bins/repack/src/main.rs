@@ -35,6 +35,10 @@ struct Args {
     /// Redo the repack even when the cache is up to date.
     #[arg(long)]
     force: bool,
+    /// Skip the free-space check made before writing (the estimate is
+    /// exact for the data files; a filesystem that compresses may need less).
+    #[arg(long)]
+    no_space_check: bool,
     /// Print the outcome as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -80,6 +84,7 @@ fn run(args: Args) -> Result<(), CliError> {
         require_fetch: !explicit_input,
         quiet: args.quiet,
         stop_after_units,
+        skip_space_check: args.no_space_check,
     };
     let out = match repack(&opts) {
         Err(CacheError::Stopped(_)) => std::process::abort(),

@@ -54,6 +54,16 @@ pub enum CacheError {
     /// A stage-record problem (including a predecessor not finished).
     #[error(transparent)]
     Stage(#[from] StageError),
+    /// Not enough free disk space for the cache (checked before writing).
+    #[error("{dir}: repack needs {need} more but only {free} is free; free some space, choose another cache directory, or pass --no-space-check")]
+    Disk {
+        /// The cache directory.
+        dir: PathBuf,
+        /// Bytes still to write (human readable).
+        need: String,
+        /// Bytes free (human readable).
+        free: String,
+    },
     /// The run was stopped by the test hook.
     #[error("stopped after {0} tensor groups (RH_REPACK_ABORT_AFTER_UNITS)")]
     Stopped(usize),

@@ -29,6 +29,7 @@ fn tiny(dir: &Path, layers: usize) {
 
 fn opts(ck: &Path, work: &Path, file_size: u64) -> RepackOptions {
     RepackOptions {
+        skip_space_check: false,
         checkpoint: ck.to_path_buf(),
         cache: work.join("cache"),
         work_dir: work.to_path_buf(),

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -62,6 +62,8 @@ pub struct RepackOptions {
     pub require_fetch: bool,
     /// Hide the progress bar.
     pub quiet: bool,
+    /// Do not refuse to start when the free space looks too small.
+    pub skip_space_check: bool,
     /// Test hook: stop (as if killed) after this many groups of this run.
     pub stop_after_units: Option<usize>,
 }
@@ -418,8 +420,20 @@ fn plan_layout(ck: &Checkpoint, handles: &[File], file_size: u64) -> Result<Layo
     })
 }
 
-/// The input fingerprint: format, settings, and every checkpoint file's
-/// name, size and modification time (cheap; contents are not hashed).
+/// Files up to this size are hashed whole in the fingerprint when no
+/// fetch record vouches for them; larger ones by their first MiB.
+const FP_WHOLE: u64 = 64 << 20;
+
+/// The input fingerprint: format, settings, the cache directory, and every
+/// checkpoint file's identity by content, cheaply:
+/// * with a complete fetch record for this directory, its recorded blake3
+///   and size of each file (the current size is checked too);
+/// * otherwise the size of each file and the blake3 of a safetensors
+///   file's header (tensor names, dtypes, shapes, offsets), or of the
+///   whole content of other files up to 64 MiB.
+///
+/// Neither modification times nor the tensor data are read, so an
+/// up-to-date check costs a few header reads.
 fn fingerprint(
     opts: &RepackOptions,
     fetch: Option<&stage::StageRecord>,
@@ -427,31 +441,91 @@ fn fingerprint(
     let mut fp = Fingerprint::new();
     fp.add("format", FORMAT_VERSION.to_le_bytes());
     fp.add("file_size", opts.file_size.to_le_bytes());
+    fp.add("cache", opts.cache.as_os_str().as_encoded_bytes());
+    let fetch = fetch.filter(|r| {
+        r.status == stage::Status::Complete && Path::new(&r.output_dir) == opts.checkpoint
+    });
+    let recorded: BTreeMap<&str, &Output> = fetch
+        .map(|r| {
+            r.outputs
+                .iter()
+                .chain(r.units_done.values())
+                .filter(|o| o.blake3.is_some())
+                .map(|o| (o.path.as_str(), o))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut entries: Vec<_> = std::fs::read_dir(&opts.checkpoint)
         .map_err(|e| FsError::io(&opts.checkpoint, e))?
         .flatten()
         .collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
-        let m = e.metadata().map_err(|err| FsError::io(e.path(), err))?;
+        let path = e.path();
+        let m = e.metadata().map_err(|err| FsError::io(&path, err))?;
         if !m.is_file() {
             continue;
         }
-        let mtime = m
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        fp.add(
-            &e.file_name().to_string_lossy(),
-            format!("{}:{mtime}", m.len()),
-        );
+        let name = e.file_name().to_string_lossy().into_owned();
+        let id = match recorded.get(name.as_str()) {
+            Some(o) if o.size == m.len() => format!("fetch:{}", o.blake3.as_deref().unwrap_or("")),
+            _ => content_id(&path, m.len())?,
+        };
+        fp.add(&name, format!("{}:{id}", m.len()));
     }
     if let Some(r) = fetch {
         fp.add_record(r);
     }
     Ok(fp.finish())
+}
+
+/// blake3 of a safetensors file's header, or of a small file's content.
+fn content_id(path: &Path, len: u64) -> Result<String, CacheError> {
+    let f = File::open(path).map_err(|e| FsError::io(path, e))?;
+    let is_st = path.extension().is_some_and(|x| x == "safetensors");
+    let n = if is_st && len >= 8 {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, 0)
+            .map_err(|e| FsError::io(path, e))?;
+        // A bogus length is left to the checkpoint reader to report.
+        (8 + u64::from_le_bytes(b)).min(len).min(256 << 20)
+    } else if len <= FP_WHOLE {
+        len
+    } else {
+        1 << 20
+    };
+    let mut h = blake3::Hasher::new();
+    h.update_reader((&f).take(n))
+        .map_err(|e| FsError::io(path, e))?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// The most extra disk space the data files still need at any moment:
+/// files are written in order as temporaries, each replacing the file of
+/// the same name (if any) only once complete, so while file `i` is written
+/// the old files `i..` still exist. Partial temporaries of a killed run
+/// count as already written.
+fn space_needed(layout: &Layout, cache: &Path, run: &stage::StageRun) -> u64 {
+    let mut extra: i128 = 0;
+    let mut peak: i128 = 0;
+    for df in &layout.index.files {
+        let final_path = cache.join(&df.name);
+        let tmp = fsutil::temp_path(&final_path);
+        let on_disk = std::fs::metadata(&final_path).map(|m| m.len()).ok();
+        if run
+            .unit(&format!("file:{}", df.name))
+            .is_some_and(|o| o.size == df.size)
+            && on_disk == Some(df.size)
+        {
+            continue;
+        }
+        let partial = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
+        extra += df.size.saturating_sub(partial) as i128;
+        peak = peak.max(extra);
+        // The rename frees the old file of that name.
+        extra -= on_disk.unwrap_or(0) as i128;
+    }
+    peak.max(0) as u64
 }
 
 /// Payload bytes: read from the checkpoint, or converted (no extra copy).
@@ -578,12 +652,35 @@ impl PayloadWriter {
         self.pos = offset;
         Ok(())
     }
-    fn sync(&mut self) -> Result<(), CacheError> {
+    /// Copies `len` bytes of `src` at `src_offset` to `offset`; std's
+    /// `io::copy` between files uses `copy_file_range`.
+    fn copy_at(
+        &mut self,
+        offset: u64,
+        src: &Path,
+        src_offset: u64,
+        len: u64,
+    ) -> Result<(), CacheError> {
+        self.pad_to(offset)?;
         self.w.flush().map_err(|e| FsError::io(&self.path, e))?;
-        self.w
-            .get_ref()
-            .sync_data()
-            .map_err(|e| FsError::io(&self.path, e))?;
+        let mut f = File::open(src).map_err(|e| FsError::io(src, e))?;
+        f.seek(SeekFrom::Start(src_offset))
+            .map_err(|e| FsError::io(src, e))?;
+        let n = std::io::copy(&mut f.take(len), self.w.get_mut()).map_err(|e| {
+            // A read error names the source, a write error the output.
+            FsError::io(&self.path, e)
+        })?;
+        if n != len {
+            return Err(input_err(format!(
+                "{}: truncated: {len} bytes expected at offset {src_offset}, got {n}",
+                src.display()
+            )));
+        }
+        self.pos += len;
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), CacheError> {
+        self.w.flush().map_err(|e| FsError::io(&self.path, e))?;
         Ok(())
     }
 }
@@ -651,15 +748,37 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
         index_bytes.len()
     );
 
-    // The directory stops claiming to be a cache until the new index lands.
+    // The directory stops claiming to be a cache once the first new data
+    // file replaces an old one, until the new index lands. Until then (a
+    // failure writing the first file: disk full, ...) an earlier complete
+    // cache stays untouched and usable.
     let index_path = opts.cache.join(INDEX_FILE);
-    match std::fs::remove_file(&index_path) {
-        Ok(()) => fsutil::sync_dir(&opts.cache)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(FsError::io(&index_path, e).into()),
-    }
+    let mut index_removed = false;
+    let mut retire_index = || -> Result<(), CacheError> {
+        if !index_removed {
+            match std::fs::remove_file(&index_path) {
+                Ok(()) => fsutil::sync_dir(&opts.cache)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(FsError::io(&index_path, e).into()),
+            }
+            index_removed = true;
+        }
+        Ok(())
+    };
 
     let total: u64 = layout.index.files.iter().map(|f| f.size).sum();
+    if !opts.skip_space_check {
+        let need = space_needed(&layout, &opts.cache, &run) + index_bytes.len() as u64;
+        if let Some(free) = crate::fetch::free_bytes(&opts.cache) {
+            if need > free {
+                return Err(CacheError::Disk {
+                    dir: opts.cache.clone(),
+                    need: crate::cli::human_bytes(need),
+                    free: crate::cli::human_bytes(free),
+                });
+            }
+        }
+    }
     let bar = crate::cli::bytes_bar(total, "repack", opts.quiet);
     let n_files = layout.index.files.len();
     let mut units_this_run = 0usize;
@@ -710,21 +829,71 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
         };
         bar.inc(pos);
         let mut w = PayloadWriter {
-            w: BufWriter::with_capacity(1 << 20, file),
+            // Payloads of at least this size bypass the buffer (no copy).
+            w: BufWriter::with_capacity(64 << 10, file),
             pos,
             path: tmp.clone(),
         };
         let todo = &groups[done..];
-        std::thread::scope(|scope| -> Result<(), CacheError> {
+        // fsync runs on its own thread so writing the next group overlaps
+        // flushing the last one; a group is recorded once it is durable.
+        let sync_file =
+            w.w.get_ref()
+                .try_clone()
+                .map_err(|e| FsError::io(&tmp, e))?;
+        let written = std::thread::scope(|scope| -> Result<(), CacheError> {
             let (tx, rx) = std::sync::mpsc::sync_channel(4);
             let (layout, ck, handles, pool) = (&layout, &ck, &handles, &pool);
             scope.spawn(move || produce_groups(layout, todo, ck, handles, pool, tx));
+            let (sync_tx, sync_rx) = std::sync::mpsc::channel::<usize>();
+            let (synced_tx, synced_rx) = std::sync::mpsc::channel::<Result<usize, CacheError>>();
+            let tmp_ref = &tmp;
+            scope.spawn(move || {
+                for gi in sync_rx {
+                    let r = sync_file
+                        .sync_data()
+                        .map(|()| gi)
+                        .map_err(|e| FsError::io(tmp_ref, e).into());
+                    let failed = r.is_err();
+                    if synced_tx.send(r).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            let mut record = |r: Result<usize, CacheError>| -> Result<(), CacheError> {
+                let g = todo[r?];
+                let unit = format!("{}:{}", df.name, g.name);
+                run.unit_done(
+                    &unit,
+                    Output {
+                        path: tmp.file_name().expect("file").to_string_lossy().into(),
+                        size: g.end,
+                        blake3: None,
+                    },
+                )?;
+                units_this_run += 1;
+                if opts.stop_after_units == Some(units_this_run) {
+                    bar.abandon();
+                    return Err(CacheError::Stopped(units_this_run));
+                }
+                Ok(())
+            };
             // Dropping `rx` on any early return stops the producer.
             for msg in rx {
                 match msg? {
                     Msg::Write(offset, bytes) => {
                         let before = w.pos;
                         w.write_at(offset, bytes.as_slice())?;
+                        bar.inc(w.pos - before);
+                    }
+                    Msg::Copy {
+                        file,
+                        src_offset,
+                        len,
+                        dst,
+                    } => {
+                        let before = w.pos;
+                        w.copy_at(dst, &ck.files[file], src_offset, len)?;
                         bar.inc(w.pos - before);
                     }
                     Msg::GroupEnd(gi) => {
@@ -738,26 +907,29 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
                                 g.end
                             )));
                         }
-                        w.sync()?;
-                        let unit = format!("{}:{}", df.name, g.name);
-                        run.unit_done(
-                            &unit,
-                            Output {
-                                path: tmp.file_name().expect("file").to_string_lossy().into(),
-                                size: g.end,
-                                blake3: None,
-                            },
-                        )?;
-                        units_this_run += 1;
-                        if opts.stop_after_units == Some(units_this_run) {
-                            bar.abandon();
-                            return Err(CacheError::Stopped(units_this_run));
-                        }
+                        w.flush()?;
+                        let _ = sync_tx.send(gi);
                     }
                 }
+                while let Ok(r) = synced_rx.try_recv() {
+                    record(r)?;
+                }
+            }
+            drop(sync_tx);
+            for r in synced_rx {
+                record(r)?;
             }
             Ok(())
-        })?;
+        });
+        if let Err(e) = written {
+            // A failed write (disk full, ...) leaves no partial file behind;
+            // a stop (kill) keeps it so the next run resumes.
+            if !matches!(e, CacheError::Stopped(_)) {
+                drop(w);
+                let _ = std::fs::remove_file(&tmp);
+            }
+            return Err(e);
+        }
         if w.pos != df.size {
             return Err(input_err(format!(
                 "{}: internal error: wrote {} bytes, planned {}",
@@ -771,6 +943,7 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
                 .map_err(|e| FsError::io(&tmp, e.into_error()))?;
         f.sync_all().map_err(|e| FsError::io(&tmp, e))?;
         drop(f);
+        retire_index()?;
         fsutil::commit_temp(&tmp, &final_path)?;
         run.unit_done(
             &file_unit,
@@ -784,6 +957,7 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
     bar.finish_and_clear();
 
     // Stale data files of an earlier, larger cache.
+    retire_index()?;
     let keep: std::collections::HashSet<&str> =
         layout.index.files.iter().map(|f| f.name.as_str()).collect();
     for e in std::fs::read_dir(&opts.cache)
@@ -848,6 +1022,14 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
 enum Msg {
     /// Bytes to write at a file offset (zero padding before it).
     Write(u64, Buf),
+    /// Copy `len` bytes at `src_offset` of checkpoint file `file` to the
+    /// output offset `dst` in the kernel (`copy_file_range`), no user copy.
+    Copy {
+        file: usize,
+        src_offset: u64,
+        len: u64,
+        dst: u64,
+    },
     /// The group with this position in the file's list is complete.
     GroupEnd(usize),
 }
@@ -875,8 +1057,12 @@ fn produce_groups(
                     let mut done = 0usize;
                     while done < e.len {
                         let n = (e.len - done).min(CHUNK as usize);
-                        let buf = read_at(&handles[e.file], &ck.files[e.file], e.offset + done, n)?;
-                        send(Msg::Write(span.offset + done as u64, Buf::Read(buf)))?;
+                        send(Msg::Copy {
+                            file: e.file,
+                            src_offset: (e.offset + done) as u64,
+                            len: n as u64,
+                            dst: span.offset + done as u64,
+                        })?;
                         done += n;
                     }
                     i += 1;

@@ -184,12 +184,14 @@ pub fn pack(dir: &Path, out: &Path, level: i32, quiet: bool) -> Result<PackSumma
                 err: None,
                 pb: &pb,
                 label: dir.display().to_string(),
+                path: p.clone(),
             };
             let r = tar.append_data(&mut header(entry.size), &entry.path, &mut reader);
             if let Some(e) = reader.err.take() {
                 return Err(e);
             }
-            r.map_err(|e| VerifyError::io(&p, e))?;
+            // Read errors were taken above; what is left failed writing.
+            r.map_err(|e| VerifyError::io(&tmp, e))?;
             if reader.h.pos != entry.size {
                 return Err(VerifyError::Changed {
                     path: p,
@@ -234,11 +236,23 @@ struct HashingReader<'a, R> {
     err: Option<VerifyError>,
     pb: &'a indicatif::ProgressBar,
     label: String,
+    /// The file being read, for read errors.
+    path: PathBuf,
 }
 
 impl<R: Read> Read for HashingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let n = match self.inner.read(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                // Remembered so the error names the input, not the bundle.
+                self.err = Some(VerifyError::io(
+                    &self.path,
+                    io::Error::new(e.kind(), e.to_string()),
+                ));
+                return Err(e);
+            }
+        };
         let done = self.h.update(&buf[..n]);
         self.pb.inc(n as u64);
         if let Err(e) = check_chunks(&self.h, &done, self.entry, &self.label) {
