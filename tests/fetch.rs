@@ -87,14 +87,18 @@ impl Env {
         self.fetch_at(&server.url, source, out)
     }
     fn fetch_at(&self, endpoint: &str, source: &str, out: &str) -> Command {
+        let mut c = self.fetch_no_endpoint(source, out);
+        c.arg("--endpoint").arg(endpoint);
+        c
+    }
+    /// Like [`Env::fetch`] without `--endpoint` (HF_ENDPOINT or the default).
+    fn fetch_no_endpoint(&self, source: &str, out: &str) -> Command {
         let mut c = rh("rh-fetch");
         c.arg(source)
             .arg("--out")
             .arg(self.path(out))
             .arg("--work-dir")
             .arg(self.path(&format!("{out}-work")))
-            .arg("--endpoint")
-            .arg(endpoint)
             .current_dir(self.dir.path())
             .env_remove("HF_TOKEN")
             .env_remove("HF_TOKEN_PATH")
@@ -589,6 +593,53 @@ fn hf_cache_layout_is_written_reused_and_read_offline() {
         .args(["--offline", "--hf-cache"]));
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(assert_one_line_err(&o).contains("--offline"));
+}
+
+#[test]
+fn hf_hub_cache_and_hf_endpoint_from_the_environment() {
+    let hub = hub();
+    let env = Env::new();
+    let blob = |cache: &Path| {
+        cache
+            .join("models--acme--tiny-model/blobs")
+            .join(files()[3].sha256())
+    };
+    let env_cache = env.path("env-cache");
+    let flag_cache = env.path("flag-cache");
+    let home_cache = env.hf_home().join("hub");
+    // No --endpoint: HF_ENDPOINT names the hub. HF_HUB_CACHE beats HF_HOME.
+    let plain = |out: &str| {
+        let mut c = env.fetch_no_endpoint(REPO, out);
+        c.env("HF_ENDPOINT", &hub.url)
+            .env("HF_HUB_CACHE", &env_cache)
+            .args(["--include", SHARD1]);
+        c
+    };
+    let o = run(plain("ck").arg("--hf-cache"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(blob(&env_cache).exists(), "stored under HF_HUB_CACHE");
+    assert!(!blob(&home_cache).exists(), "not under HF_HOME/hub");
+    assert_eq!(hub.replies(SHARD1).len(), 1);
+
+    // --hf-cache=DIR beats HF_HUB_CACHE.
+    let o = run(plain("ck2").arg(format!("--hf-cache={}", flag_cache.display())));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(blob(&flag_cache).exists());
+
+    // --offline reads HF_HUB_CACHE too.
+    let o = run(plain("ck3")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .args(["--offline"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(env.path(&format!("ck3/{SHARD1}"))).unwrap() == data(SHARD1));
+    // Without HF_HUB_CACHE, HF_HOME/hub is used: nothing cached there.
+    let o = run(plain("ck4")
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .args(["--offline"]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = assert_one_line_err(&o);
+    assert!(err.contains(&home_cache.display().to_string()), "{err}");
 }
 
 #[test]
