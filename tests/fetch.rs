@@ -799,3 +799,59 @@ fn sigkill_mid_file_then_rerun_resumes() {
         hub.bytes_served(SHARD2)
     );
 }
+
+/// Figures for the report, not run by default (1 GiB in memory and on
+/// disk): `cargo test -p rh-tests --test fetch -- --ignored --nocapture
+/// one_gib`.
+#[test]
+#[ignore]
+fn one_gib_fetch_and_repair_figures() {
+    use std::time::Instant;
+    let name = "model.safetensors";
+    let big = safetensors_bytes((1 << 30) - 128, 7);
+    let len = big.len() as u64;
+    let hub = HubServer::start(vec![Repo {
+        name: "acme/big".into(),
+        commit: COMMIT.into(),
+        revisions: vec!["main".into()],
+        files: vec![HubFile {
+            path: name.into(),
+            data: big,
+            lfs: true,
+        }],
+        token: None,
+    }]);
+    let env = Env::new();
+    // Let the hub hash its file (for the listing) before timing.
+    let _ = run(env
+        .fetch(&hub, "acme/big", "warm")
+        .args(["--include", "none"]));
+    let t = Instant::now();
+    let o = run(&mut env.fetch(&hub, "acme/big", "ck"));
+    let full = t.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", text(&o));
+    println!(
+        "fetch of {len} bytes from the local hub: {full:.2} s ({:.0} MiB/s)",
+        len as f64 / full / (1 << 20) as f64
+    );
+
+    hub.faults(|f| {
+        f.corrupt_replies.insert(name.into(), 1);
+    });
+    let o = run(&mut env.fetch(&hub, "acme/big", "ck2"));
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let served = hub.bytes_served(name);
+    let t = Instant::now();
+    let o = run(&mut env.fetch(&hub, "acme/big", "ck2"));
+    let repair = t.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", text(&o));
+    let log = String::from_utf8_lossy(&o.stderr);
+    let line = log
+        .lines()
+        .find(|l| l.contains("repair rewrote"))
+        .unwrap_or("");
+    println!(
+        "repair after one flipped byte: {repair:.2} s, {} bytes re-downloaded to compare; {line}",
+        hub.bytes_served(name) - served
+    );
+}

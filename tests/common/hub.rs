@@ -38,17 +38,58 @@ impl HubFile {
     /// The git blob id the tree API gives: of the content for regular
     /// files, of the LFS pointer for LFS files.
     pub fn git_oid(&self) -> String {
-        if self.lfs {
+        Digests::of(self).oid
+    }
+}
+
+/// A file's hashes, as the hub states them.
+#[derive(Clone, Debug)]
+struct Digests {
+    sha256: String,
+    /// The tree API's `oid`: git blob id of the content, or of the LFS
+    /// pointer for LFS files.
+    oid: String,
+    /// The `ETag` of the bytes: sha256 for LFS files, else the git blob id.
+    etag: String,
+}
+
+impl Digests {
+    fn of(f: &HubFile) -> Digests {
+        Digests::of_data(&f.data, f.lfs)
+    }
+    fn of_data(data: &[u8], lfs: bool) -> Digests {
+        let sha256 = sha256_hex(data);
+        if lfs {
             let pointer = format!(
-                "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize {}\n",
-                self.sha256(),
-                self.data.len()
+                "version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {}\n",
+                data.len()
             );
-            git_blob_id(pointer.as_bytes())
+            Digests {
+                oid: git_blob_id(pointer.as_bytes()),
+                etag: sha256.clone(),
+                sha256,
+            }
         } else {
-            git_blob_id(&self.data)
+            let oid = git_blob_id(data);
+            Digests {
+                etag: oid.clone(),
+                oid,
+                sha256,
+            }
         }
     }
+}
+
+/// The digests of `repo`'s file `f`, computed once per server (its files
+/// never change).
+fn digests(st: &Arc<Mutex<State>>, repo: &str, f: &HubFile) -> Digests {
+    let key = (repo.to_string(), f.path.clone());
+    if let Some(d) = st.lock().unwrap().memo.get(&key) {
+        return d.clone();
+    }
+    let d = Digests::of(f);
+    st.lock().unwrap().memo.insert(key, d.clone());
+    d
 }
 
 /// sha256 hex.
@@ -134,11 +175,12 @@ pub struct Seen {
 
 #[derive(Default)]
 struct State {
-    repos: Vec<Repo>,
+    repos: Arc<Vec<Repo>>,
     faults: Faults,
     seen: Vec<Seen>,
     served: HashMap<String, u64>,
     replies: Vec<Reply>,
+    memo: HashMap<(String, String), Digests>,
 }
 
 /// The running server.
@@ -173,7 +215,7 @@ impl HubServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let state = Arc::new(Mutex::new(State {
-            repos,
+            repos: Arc::new(repos),
             ..Default::default()
         }));
         let st = state.clone();
@@ -217,18 +259,6 @@ impl HubServer {
             .filter(|r| r.path == path)
             .cloned()
             .collect()
-    }
-
-    /// Replaces a file's content (a new upload under the same commit, as a
-    /// storage migration would look to a client).
-    pub fn set_file(&self, repo: &str, path: &str, data: Vec<u8>) {
-        let mut s = self.state.lock().unwrap();
-        let r = s.repos.iter_mut().find(|r| r.name == repo).expect("repo");
-        r.files
-            .iter_mut()
-            .find(|f| f.path == path)
-            .expect("file")
-            .data = data;
     }
 
     /// Body bytes sent for a file so far.
@@ -364,10 +394,10 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
                     .iter()
                     .map(|f| {
                         let mut e = serde_json::json!({
-                            "type": "file", "oid": f.git_oid(), "size": f.data.len(), "path": f.path,
+                            "type": "file", "oid": digests(st, &repo.name, f).oid, "size": f.data.len(), "path": f.path,
                         });
                         if f.lfs {
-                            e["lfs"] = serde_json::json!({"oid": f.sha256(), "size": f.data.len(), "pointerSize": 134});
+                            e["lfs"] = serde_json::json!({"oid": digests(st, &repo.name, f).sha256, "size": f.data.len(), "pointerSize": 134});
                         }
                         e
                     })
@@ -386,7 +416,15 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
         let Some(f) = find_repo(&name).and_then(|r| r.files.iter().find(|f| f.path == file)) else {
             return respond(&mut conn, 404, "Not Found", &[], b"");
         };
-        return serve_bytes(&mut conn, st, f, range.as_deref(), if_range.as_deref(), &[]);
+        return serve_bytes(
+            &mut conn,
+            st,
+            &name,
+            f,
+            range.as_deref(),
+            if_range.as_deref(),
+            &[],
+        );
     }
 
     // /OWNER/NAME/resolve/REV/PATH
@@ -424,8 +462,9 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
         ];
         if f.lfs {
             let mut h = common.to_vec();
-            h.push(("X-Linked-Etag", format!("\"{}\"", f.sha256())));
-            h.push(("ETag", format!("\"{}\"", f.git_oid())));
+            let d = digests(st, &repo.name, f);
+            h.push(("X-Linked-Etag", format!("\"{}\"", d.sha256)));
+            h.push(("ETag", format!("\"{}\"", d.oid)));
             h.push((
                 "Location",
                 format!("/cdn/{}/{}?signature=abc", repo.name, f.path),
@@ -435,6 +474,7 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
         return serve_bytes(
             &mut conn,
             st,
+            &repo.name,
             f,
             range.as_deref(),
             if_range.as_deref(),
@@ -447,6 +487,7 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
 fn serve_bytes(
     conn: &mut TcpStream,
     st: &Arc<Mutex<State>>,
+    repo: &str,
     f: &HubFile,
     range: Option<&str>,
     if_range: Option<&str>,
@@ -515,17 +556,22 @@ fn serve_bytes(
     if fail {
         return respond(conn, 500, "Internal Server Error", extra, b"try again");
     }
-    let mut data = stale.unwrap_or_else(|| f.data.clone());
     // The validator names the content; a corrupted byte is a transmission
     // fault and does not change it.
-    let etag = if f.lfs {
-        format!("\"{}\"", sha256_hex(&data))
-    } else {
-        format!("\"{}\"", git_blob_id(&data))
+    let (mut data, etag) = match stale {
+        Some(d) => {
+            let e = Digests::of_data(&d, f.lfs).etag;
+            (std::borrow::Cow::Owned(d), e)
+        }
+        None => (
+            std::borrow::Cow::Borrowed(&f.data),
+            digests(st, repo, f).etag,
+        ),
     };
+    let etag = format!("\"{etag}\"");
     if corrupt {
         let mid = data.len() / 2;
-        data[mid] ^= 0x5a;
+        data.to_mut()[mid] ^= 0x5a;
     }
     let len = data.len() as u64;
     // Range applies only when If-Range (if any) matches the current ETag.
