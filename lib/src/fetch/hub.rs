@@ -48,6 +48,13 @@ use super::{
 };
 use crate::fsutil::{self, FsError};
 
+/// A warning drawn above the progress bars instead of through them.
+macro_rules! bar_warn {
+    ($multi:expr, $($arg:tt)*) => {
+        $multi.suspend(|| tracing::warn!($($arg)*))
+    };
+}
+
 /// One file of a hub repo.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteFile {
@@ -490,14 +497,8 @@ impl Ctx<'_> {
             return ProgressBar::hidden();
         }
         let b = self.multi.insert_before(&self.bar, ProgressBar::new(len));
-        b.set_style(
-            ProgressStyle::with_template(
-                "{msg:28!} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
-        b.set_message(short_name(path, 28));
+        b.set_style(bar_style());
+        b.set_message(short_name(path, NAME_WIDTH));
         b
     }
 
@@ -506,11 +507,30 @@ impl Ctx<'_> {
     }
 }
 
-/// The end of `path`, at most `n` characters (bars have a fixed width).
+/// Width of the name column of the bars.
+const NAME_WIDTH: usize = 32;
+
+/// The style of the file bars and of the overall bar under them (the same
+/// columns as [`crate::cli::bytes_bar`], with a wider name).
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{msg:32!} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+    )
+    .expect("static template")
+    .progress_chars("=> ")
+}
+
+/// `path` in at most `n` characters: without `.safetensors` when that is
+/// enough, else its end (shard numbers are what tells bars apart).
 fn short_name(path: &str, n: usize) -> String {
     let count = path.chars().count();
     if count <= n {
         return path.to_string();
+    }
+    if let Some(stem) = path.strip_suffix(".safetensors") {
+        if stem.chars().count() <= n {
+            return stem.to_string();
+        }
     }
     let tail: String = path.chars().skip(count - (n - 1)).collect();
     format!("…{tail}")
@@ -587,6 +607,7 @@ pub(crate) fn fetch(
         repo.rsplit('/').next().unwrap_or(repo),
         opts.quiet,
     ));
+    bar.set_style(bar_style());
     let ctx = Ctx {
         client: &client,
         opts,
@@ -828,7 +849,10 @@ impl Dl<'_, '_> {
                 .map_err(|e| FsError::io(&self.part, e))?
                 .len();
             if self.expected_size.is_some_and(|s| have > s) {
-                tracing::warn!("{label}: partial file is longer than the file; restarting it");
+                bar_warn!(
+                    self.ctx.multi,
+                    "{label}: partial file is longer than the file; restarting it"
+                );
                 drop(file);
                 self.cut(0)?;
                 state = None;
@@ -892,7 +916,8 @@ impl Dl<'_, '_> {
                 }
                 Err(Fail::Status(416, _, _)) => {
                     // Our partial file does not fit the remote one: start over.
-                    tracing::warn!(
+                    bar_warn!(
+                        self.ctx.multi,
                         "{label}: the server refused the resume range; restarting the file"
                     );
                     drop(file);
@@ -906,7 +931,7 @@ impl Dl<'_, '_> {
                     attempt += 1;
                 }
                 Err(Fail::Changed(why)) => {
-                    tracing::warn!("{label}: {why}; starting the file over");
+                    bar_warn!(self.ctx.multi, "{label}: {why}; starting the file over");
                     drop(file);
                     self.cut(0)?;
                     pending.clear();
@@ -926,7 +951,7 @@ impl Dl<'_, '_> {
                         back = 0;
                     }
                     overlap_failed_at = Some(back);
-                    tracing::warn!(
+                    bar_warn!(self.ctx.multi,
                         "{label}: bytes {start}-{} of the partial file differ from the server's (a damaged end, e.g. after a crash); keeping the {back} bytes before the last chunk boundary that agrees",
                         at - 1
                     );
@@ -950,7 +975,11 @@ impl Dl<'_, '_> {
                             Fail::Status(_, _, Some(d)) => *d,
                             _ => backoff(attempt),
                         };
-                        tracing::warn!("{label}: {}; resuming in {wait:?}", fail.describe());
+                        bar_warn!(
+                            self.ctx.multi,
+                            "{label}: {}; resuming in {wait:?}",
+                            fail.describe()
+                        );
                         std::thread::sleep(wait);
                         attempt += 1;
                         continue;
@@ -1027,10 +1056,10 @@ impl Dl<'_, '_> {
             200 => {
                 if have > 0 {
                     match (&if_range, &etag) {
-                        (Some(old), Some(new)) if old != new => tracing::warn!(
+                        (Some(old), Some(new)) if old != new => bar_warn!(self.ctx.multi,
                             "{label}: the file changed on the server (ETag {old} -> {new}), so it sent the whole file (If-Range); starting over"
                         ),
-                        _ => tracing::warn!(
+                        _ => bar_warn!(self.ctx.multi,
                             "{label}: the server ignored the Range request; restarting the file"
                         ),
                     }
@@ -1141,13 +1170,14 @@ impl Dl<'_, '_> {
         let n = size.div_ceil(cs);
         let mut r = self.meta.repair.clone().unwrap_or_default();
         if r.cursor == 0 && r.downloaded == 0 {
-            tracing::warn!(
+            bar_warn!(self.ctx.multi,
                 "{label}: repairing {}: comparing it with the hub's bytes in {} chunks, rewriting the ones that differ",
                 self.part.display(),
                 n
             );
         } else {
-            tracing::warn!(
+            bar_warn!(
+                self.ctx.multi,
                 "{label}: continuing the repair at chunk {}/{n} (byte {})",
                 r.cursor,
                 r.cursor * cs
@@ -1159,7 +1189,7 @@ impl Dl<'_, '_> {
             .open(&self.part)
             .map_err(|e| FsError::io(&self.part, e))?;
         self.bar
-            .set_message(short_name(&format!("repair {label}"), 28));
+            .set_message(short_name(&format!("repair {label}"), NAME_WIDTH));
         self.bar.set_length(size);
         self.bar.set_position((r.cursor * cs).min(size));
         let mut attempt = 0u32;
@@ -1179,7 +1209,8 @@ impl Dl<'_, '_> {
                     attempt = 0;
                 }
                 Err(Fail::Changed(why)) => {
-                    tracing::warn!(
+                    bar_warn!(
+                        self.ctx.multi,
                         "{label}: {why}; the repair cannot use it: starting the file over"
                     );
                     drop(file);
@@ -1200,7 +1231,8 @@ impl Dl<'_, '_> {
                             Fail::Status(_, _, Some(d)) => *d,
                             _ => backoff(attempt),
                         };
-                        tracing::warn!(
+                        bar_warn!(
+                            self.ctx.multi,
                             "{label}: repair: {}; retrying chunk {} in {wait:?}",
                             fail.describe(),
                             r.cursor
@@ -1229,12 +1261,12 @@ impl Dl<'_, '_> {
         let s = part::scan(&self.part, &mut self.meta, &ProgressBar::hidden())?;
         self.meta.chunks = s.pending;
         if r.differed.is_empty() {
-            tracing::warn!(
+            bar_warn!(self.ctx.multi,
                 "{label}: repair compared all {n} chunks ({} downloaded) and found no byte that differs",
                 crate::cli::human_bytes(r.downloaded)
             );
         } else {
-            tracing::warn!(
+            bar_warn!(self.ctx.multi,
                 "{label}: repair rewrote {} in {} that differed from the hub's ({} downloaded to compare)",
                 crate::cli::human_bytes(r.differing_bytes()),
                 r.describe(),
@@ -1564,5 +1596,14 @@ mod tests {
             Some("https://h/api/x?cursor=abc")
         );
         assert_eq!(clean_etag("W/\"abc\""), "abc");
+        assert_eq!(
+            short_name("model-00001-of-00041.safetensors", 32),
+            "model-00001-of-00041.safetensors"
+        );
+        assert_eq!(
+            short_name("model_extra_tensors_mtp.safetensors", 32),
+            "model_extra_tensors_mtp"
+        );
+        assert_eq!(short_name("abcdefghij", 5), "…ghij");
     }
 }
