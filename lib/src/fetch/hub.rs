@@ -708,6 +708,9 @@ fn download(ctx: &Ctx, f: &RemoteFile) -> Result<FileResult, FetchError> {
         let _ = fs::remove_file(&part);
         PartMeta::remove(&part);
     } else if let Some(done) = reuse_existing(ctx, f, &final_path)? {
+        // A verified copy is in place: an old partial one is of no use.
+        let _ = fs::remove_file(&part);
+        PartMeta::remove(&part);
         return Ok(done);
     }
     let fresh = || PartMeta::new(f.sha256.clone(), f.oid.clone(), f.size, ctx.opts.chunk_size);
@@ -730,6 +733,10 @@ fn download(ctx: &Ctx, f: &RemoteFile) -> Result<FileResult, FetchError> {
         }
         None => fresh(),
     };
+    // What an earlier run learned from the reply headers when the listing
+    // had no hashes or sizes.
+    let expected_sha = f.sha256.clone().or_else(|| meta.sha256.clone());
+    let expected_size = f.size.or(meta.size);
     let mut dl = Dl {
         ctx,
         f,
@@ -738,9 +745,9 @@ fn download(ctx: &Ctx, f: &RemoteFile) -> Result<FileResult, FetchError> {
         part,
         final_path,
         meta,
-        bar: ctx.file_bar(&f.path, f.size.unwrap_or(0)),
-        expected_sha: f.sha256.clone(),
-        expected_size: f.size,
+        bar: ctx.file_bar(&f.path, expected_size.unwrap_or(0)),
+        expected_sha,
+        expected_size,
         transferred: 0,
         counted: 0,
         repaired: None,
@@ -788,6 +795,9 @@ impl Dl<'_, '_> {
             bar.set_position(bar.position().saturating_sub(self.counted - len));
         }
         self.counted = len;
+        if let Some(s) = self.expected_size {
+            self.bar.set_length(s);
+        }
         self.bar.set_position(len);
     }
 
