@@ -375,6 +375,33 @@ fn file_changed_on_the_server_mid_download_restarts_through_if_range() {
 }
 
 #[test]
+fn server_ignoring_if_range_with_a_new_etag_is_not_spliced() {
+    let hub = hub();
+    let env = Env::new();
+    hub.faults(|f| {
+        f.stale
+            .insert(SHARD1.into(), (safetensors_bytes(1_000_000, 99), 1));
+        f.drop_after.insert(SHARD1.into(), (300_000, 1));
+        f.ignore_if_range.push(SHARD1.into());
+    });
+    let o = run(env.fetch(&hub, REPO, "ck").args(["--include", SHARD1]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(env.path(&format!("ck/{SHARD1}"))).unwrap() == data(SHARD1));
+    let r = hub.replies(SHARD1);
+    assert_eq!(r.len(), 3, "{r:?}");
+    // The resume got a 206 under another ETag: dropped, and the file
+    // started over from byte 0.
+    assert_eq!(r[1].status, 206);
+    assert_ne!(r[1].etag, r[0].etag);
+    assert_eq!(r[2].range, None);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("changed on the server"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
 fn damaged_tail_after_a_crash_drops_back_to_the_last_good_chunk() {
     let hub = hub();
     let env = Env::new();

@@ -140,6 +140,8 @@ pub struct Faults {
     pub fail_500: HashMap<String, usize>,
     /// Reply 200 with the whole file to Range requests.
     pub ignore_range: Vec<String>,
+    /// Honour Range even when If-Range does not match (a broken server).
+    pub ignore_if_range: Vec<String>,
     /// After this many body bytes, stall for this many milliseconds (then
     /// close), for this many replies.
     pub stall_after: HashMap<String, (u64, u64, usize)>,
@@ -493,7 +495,7 @@ fn serve_bytes(
     if_range: Option<&str>,
     extra: &[(&str, String)],
 ) -> std::io::Result<()> {
-    let (fail, drop_at, corrupt, ignore_range, stall, stale, hang) = {
+    let (fail, drop_at, corrupt, ignore_range, stall, stale, hang, ignore_if_range) = {
         let mut s = st.lock().unwrap();
         let fail = match s.faults.fail_500.get_mut(&f.path) {
             Some(n) if *n > 0 => {
@@ -551,6 +553,7 @@ fn serve_bytes(
             stall,
             stale,
             hang,
+            s.faults.ignore_if_range.contains(&f.path),
         )
     };
     if fail {
@@ -577,7 +580,7 @@ fn serve_bytes(
     // Range applies only when If-Range (if any) matches the current ETag.
     let parsed = range
         .filter(|_| !ignore_range)
-        .filter(|_| if_range.is_none_or(|v| v == etag))
+        .filter(|_| ignore_if_range || if_range.is_none_or(|v| v == etag))
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.split_once('-'))
         .and_then(|(a, b)| {

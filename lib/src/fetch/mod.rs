@@ -9,9 +9,10 @@
 //!   in the Hugging Face cache), hardlinked or copied after its safetensors
 //!   headers are validated ([`local`]);
 //! * `hf:OWNER/NAME[@REV]` or plain `OWNER/NAME`: the Hugging Face hub (or a
-//!   mirror at `--endpoint`), over our own HTTP client with Range resume,
-//!   retries and sha256 checks ([`hub`]), optionally sharing the standard HF
-//!   cache layout ([`hf_cache`]).
+//!   mirror at `--endpoint`), over our own HTTP client with Range and
+//!   If-Range resume, retries, sha256 (LFS) and git blob id checks, and a
+//!   chunk-by-chunk repair of a file that fails them ([`hub`], [`part`]),
+//!   optionally sharing the standard HF cache layout ([`hf_cache`]).
 //!
 //! Each file is a unit of the `fetch` stage record ([`crate::stage`]): a
 //! killed run resumes where it stopped, a finished one is "up to date".
