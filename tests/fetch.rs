@@ -87,14 +87,18 @@ impl Env {
         self.fetch_at(&server.url, source, out)
     }
     fn fetch_at(&self, endpoint: &str, source: &str, out: &str) -> Command {
+        let mut c = self.fetch_no_endpoint(source, out);
+        c.arg("--endpoint").arg(endpoint);
+        c
+    }
+    /// Like [`Env::fetch`] without `--endpoint` (HF_ENDPOINT or the default).
+    fn fetch_no_endpoint(&self, source: &str, out: &str) -> Command {
         let mut c = rh("rh-fetch");
         c.arg(source)
             .arg("--out")
             .arg(self.path(out))
             .arg("--work-dir")
             .arg(self.path(&format!("{out}-work")))
-            .arg("--endpoint")
-            .arg(endpoint)
             .current_dir(self.dir.path())
             .env_remove("HF_TOKEN")
             .env_remove("HF_TOKEN_PATH")
@@ -108,6 +112,12 @@ impl Env {
         let p = self.path(&format!("{out}-work/stages/fetch.json"));
         serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
     }
+}
+
+/// The Range header of a resume at `at`: rh-fetch asks again for up to
+/// 64 KiB before the resume point and compares them with its `.part`.
+fn resume(at: u64) -> String {
+    format!("bytes={}-", at - at.min(64 << 10))
 }
 
 fn data(path: &str) -> Vec<u8> {
@@ -191,7 +201,7 @@ fn dropped_connection_then_rerun_resumes_with_range() {
     assert!(o.status.success(), "{}", text(&o));
     assert_all_files(&env.path("ck"));
     assert!(
-        hub.ranges(SHARD1).iter().any(|r| r == "bytes=300000-"),
+        hub.ranges(SHARD1).iter().any(|r| *r == resume(300_000)),
         "{:?}",
         hub.ranges(SHARD1)
     );
@@ -217,8 +227,9 @@ fn drop_and_500_within_one_run_are_retried_and_resumed() {
     assert!(o.status.success(), "{}", text(&o));
     assert_all_files(&env.path("ck"));
     let r = hub.ranges(SHARD2);
-    assert!(r.iter().any(|r| r == "bytes=200000-"), "{r:?}");
-    assert!(r.iter().any(|r| r == "bytes=400000-"), "{r:?}");
+    assert!(r.iter().any(|r| *r == resume(200_000)), "{r:?}");
+    // The second reply (from 134464) drops after 200000 more bytes.
+    assert!(r.iter().any(|r| *r == resume(334_464)), "{r:?}");
     assert!(hub.bytes_served(SHARD2) < 2 * len);
 }
 
@@ -235,22 +246,253 @@ fn server_ignoring_range_restarts_the_file() {
     assert_all_files(&env.path("ck"));
 }
 
+/// Chunk size the repair tests use (the default is 16 MiB).
+const CHUNK: u64 = 256 << 10;
+
+fn meta_of(part: &Path) -> Option<serde_json::Value> {
+    let p = PathBuf::from(format!("{}.meta", part.display()));
+    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+}
+
+fn snapshot(env: &Env, file: &str) -> PathBuf {
+    env.hf_home()
+        .join("hub/models--acme--tiny-model/snapshots")
+        .join(COMMIT)
+        .join(file)
+}
+
 #[test]
-fn corrupted_bytes_fail_with_one_line_and_no_file() {
+fn corrupted_byte_keeps_the_part_and_rerun_repairs_only_that_chunk() {
     let hub = hub();
     let env = Env::new();
-    hub.faults(|f| f.corrupt.push(SHARD2.into()));
-    let o = run(&mut env.fetch(&hub, REPO, "ck"));
+    let good = data(SHARD2);
+    let len = good.len() as u64;
+    let chunk = CHUNK.to_string();
+    let args = ["--include", SHARD2, "--chunk-size", &chunk, "--hf-cache"];
+    // One reply carries a flipped byte in the middle of the file.
+    hub.faults(|f| {
+        f.corrupt_replies.insert(SHARD2.into(), 1);
+    });
+    let o = run(env.fetch(&hub, REPO, "ck").args(args));
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     let err = assert_one_line_err(&o);
-    assert!(err.contains(SHARD2) && err.contains("sha256"), "{err}");
+    assert!(
+        err.contains(SHARD2) && err.contains("sha256") && err.contains("repair"),
+        "{err}"
+    );
+    // The bytes are kept, marked for repair; nothing is visible.
+    let part = env.path(&format!("ck/{SHARD2}.part"));
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), len);
+    let meta = meta_of(&part).expect("record beside the .part");
+    assert_eq!(meta["repair"]["cursor"], 0, "{meta}");
     assert!(!env.path(&format!("ck/{SHARD2}")).exists());
-    assert!(!env.path(&format!("ck/{SHARD2}.part")).exists());
-    // Once the hub serves good bytes, a rerun completes.
-    hub.faults(|f| f.corrupt.clear());
-    let o = run(&mut env.fetch(&hub, REPO, "ck"));
+    assert!(!snapshot(&env, SHARD2).exists());
+
+    let served = hub.bytes_served(SHARD2);
+    let replies = hub.replies(SHARD2).len();
+    let o = run(env.fetch(&hub, REPO, "ck").args(args).arg("--json"));
     assert!(o.status.success(), "{}", text(&o));
-    assert_all_files(&env.path("ck"));
+    assert!(std::fs::read(env.path(&format!("ck/{SHARD2}"))).unwrap() == good);
+    assert!(std::fs::read(snapshot(&env, SHARD2)).unwrap() == good);
+    assert!(!part.exists() && meta_of(&part).is_none());
+    // The repair fetched the file once, chunk by chunk, to compare it...
+    let rerun = hub.bytes_served(SHARD2) - served;
+    assert_eq!(rerun, len, "bytes served on the repair run");
+    let ranges: Vec<String> = hub.replies(SHARD2)[replies..]
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 206);
+            r.range.clone().unwrap()
+        })
+        .collect();
+    let want: Vec<String> = (0..len.div_ceil(CHUNK))
+        .map(|i| format!("bytes={}-{}", i * CHUNK, ((i + 1) * CHUNK).min(len) - 1))
+        .collect();
+    assert_eq!(ranges, want);
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["transferred"], len);
+    // ...and rewrote only the byte that differed, saying which.
+    let mid = len / 2;
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        log.contains(&format!("bytes {mid}-{mid}")) && log.contains("repair rewrote 1 B"),
+        "{log}"
+    );
+}
+
+#[test]
+fn wrong_small_file_fails_its_git_blob_id_then_rerun_repairs_it() {
+    let hub = hub();
+    let env = Env::new();
+    hub.faults(|f| {
+        f.corrupt_replies.insert("config.json".into(), 1);
+    });
+    let o = run(env.fetch(&hub, REPO, "ck").args(["--include", "*.json"]));
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let err = assert_one_line_err(&o);
+    assert!(
+        err.contains("config.json") && err.contains("git blob id"),
+        "{err}"
+    );
+    assert!(!env.path("ck/config.json").exists());
+    let o = run(env.fetch(&hub, REPO, "ck").args(["--include", "*.json"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(env.path("ck/config.json")).unwrap(),
+        data("config.json")
+    );
+}
+
+#[test]
+fn file_changed_on_the_server_mid_download_restarts_through_if_range() {
+    let hub = hub();
+    let env = Env::new();
+    // The first reply serves other bytes (an old object under another ETag)
+    // and drops; by the resume the server has the right file.
+    hub.faults(|f| {
+        f.stale
+            .insert(SHARD1.into(), (safetensors_bytes(1_000_000, 99), 1));
+        f.drop_after.insert(SHARD1.into(), (300_000, 1));
+    });
+    let o = run(env.fetch(&hub, REPO, "ck").args(["--include", SHARD1]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(env.path(&format!("ck/{SHARD1}"))).unwrap() == data(SHARD1));
+    let r = hub.replies(SHARD1);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(r[0].sent, 300_000);
+    assert_eq!(r[1].range.as_deref(), Some(resume(300_000).as_str()));
+    assert_eq!(r[1].if_range.as_deref(), Some(r[0].etag.as_str()));
+    assert_ne!(r[0].etag, r[1].etag);
+    assert_eq!(
+        r[1].status, 200,
+        "If-Range with an old ETag gets the whole file"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("changed on the server"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn server_ignoring_if_range_with_a_new_etag_is_not_spliced() {
+    let hub = hub();
+    let env = Env::new();
+    hub.faults(|f| {
+        f.stale
+            .insert(SHARD1.into(), (safetensors_bytes(1_000_000, 99), 1));
+        f.drop_after.insert(SHARD1.into(), (300_000, 1));
+        f.ignore_if_range.push(SHARD1.into());
+    });
+    let o = run(env.fetch(&hub, REPO, "ck").args(["--include", SHARD1]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(env.path(&format!("ck/{SHARD1}"))).unwrap() == data(SHARD1));
+    let r = hub.replies(SHARD1);
+    assert_eq!(r.len(), 3, "{r:?}");
+    // The resume got a 206 under another ETag: dropped, and the file
+    // started over from byte 0.
+    assert_eq!(r[1].status, 206);
+    assert_ne!(r[1].etag, r[0].etag);
+    assert_eq!(r[2].range, None);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("changed on the server"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn damaged_tail_after_a_crash_drops_back_to_the_last_good_chunk() {
+    let hub = hub();
+    let env = Env::new();
+    let chunk = CHUNK.to_string();
+    hub.faults(|f| {
+        f.drop_after.insert(SHARD2.into(), (700_000, 1));
+    });
+    let args = ["--include", SHARD2, "--chunk-size", &chunk];
+    let o = run(env
+        .fetch(&hub, REPO, "ck")
+        .args(args)
+        .args(["--retries", "0"]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let part = env.path(&format!("ck/{SHARD2}.part"));
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), 700_000);
+    let meta = meta_of(&part).unwrap();
+    assert_eq!(meta["chunks"].as_array().unwrap().len(), 2, "{meta}");
+    // A crash left zeros at the end (as a filesystem may after power loss).
+    let mut bytes = std::fs::read(&part).unwrap();
+    bytes[690_000..].fill(0);
+    std::fs::write(&part, &bytes).unwrap();
+
+    let before = hub.replies(SHARD2).len();
+    let o = run(env.fetch(&hub, REPO, "ck").args(args));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(env.path(&format!("ck/{SHARD2}"))).unwrap() == data(SHARD2));
+    let ranges: Vec<Option<String>> = hub.replies(SHARD2)[before..]
+        .iter()
+        .map(|r| r.range.clone())
+        .collect();
+    // The overlap before 700000 disagrees: back to chunk 2 (524288), not 0.
+    assert_eq!(
+        ranges,
+        vec![Some(resume(700_000)), Some(resume(2 * CHUNK))],
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn kill_during_repair_then_rerun_continues_at_the_cursor() {
+    let hub = hub();
+    let env = Env::new();
+    let len = data(SHARD2).len() as u64;
+    let chunk = CHUNK.to_string();
+    let args = ["--include", SHARD2, "--chunk-size", &chunk];
+    hub.faults(|f| {
+        f.corrupt_replies.insert(SHARD2.into(), 1);
+    });
+    let o = run(env.fetch(&hub, REPO, "ck").args(args));
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    // The repair's third range request hangs; the process is killed there.
+    hub.faults(|f| {
+        f.stall_nth.insert(SHARD2.into(), (3, 60_000));
+    });
+    let mut child = env
+        .fetch(&hub, REPO, "ck")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let part = env.path(&format!("ck/{SHARD2}.part"));
+    let mut cursor = 0;
+    for _ in 0..6000 {
+        cursor = meta_of(&part)
+            .and_then(|m| m["repair"]["cursor"].as_u64())
+            .unwrap_or(0);
+        if cursor >= 2 && hub.replies(SHARD2).len() >= 4 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(cursor, 2, "repair cursor before the kill");
+    assert!(!env.path(&format!("ck/{SHARD2}")).exists());
+
+    let before = hub.replies(SHARD2).len();
+    let o = run(env.fetch(&hub, REPO, "ck").args(args));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(env.path(&format!("ck/{SHARD2}"))).unwrap() == data(SHARD2));
+    let ranges: Vec<String> = hub.replies(SHARD2)[before..]
+        .iter()
+        .map(|r| r.range.clone().unwrap())
+        .collect();
+    let want: Vec<String> = (2..len.div_ceil(CHUNK))
+        .map(|i| format!("bytes={}-{}", i * CHUNK, ((i + 1) * CHUNK).min(len) - 1))
+        .collect();
+    assert_eq!(ranges, want, "the rerun starts at the cursor");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("continuing the repair at chunk 2"));
 }
 
 #[test]
@@ -381,6 +623,53 @@ fn hf_cache_layout_is_written_reused_and_read_offline() {
 }
 
 #[test]
+fn hf_hub_cache_and_hf_endpoint_from_the_environment() {
+    let hub = hub();
+    let env = Env::new();
+    let blob = |cache: &Path| {
+        cache
+            .join("models--acme--tiny-model/blobs")
+            .join(files()[3].sha256())
+    };
+    let env_cache = env.path("env-cache");
+    let flag_cache = env.path("flag-cache");
+    let home_cache = env.hf_home().join("hub");
+    // No --endpoint: HF_ENDPOINT names the hub. HF_HUB_CACHE beats HF_HOME.
+    let plain = |out: &str| {
+        let mut c = env.fetch_no_endpoint(REPO, out);
+        c.env("HF_ENDPOINT", &hub.url)
+            .env("HF_HUB_CACHE", &env_cache)
+            .args(["--include", SHARD1]);
+        c
+    };
+    let o = run(plain("ck").arg("--hf-cache"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(blob(&env_cache).exists(), "stored under HF_HUB_CACHE");
+    assert!(!blob(&home_cache).exists(), "not under HF_HOME/hub");
+    assert_eq!(hub.replies(SHARD1).len(), 1);
+
+    // --hf-cache=DIR beats HF_HUB_CACHE.
+    let o = run(plain("ck2").arg(format!("--hf-cache={}", flag_cache.display())));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(blob(&flag_cache).exists());
+
+    // --offline reads HF_HUB_CACHE too.
+    let o = run(plain("ck3")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .args(["--offline"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(env.path(&format!("ck3/{SHARD1}"))).unwrap() == data(SHARD1));
+    // Without HF_HUB_CACHE, HF_HOME/hub is used: nothing cached there.
+    let o = run(plain("ck4")
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .args(["--offline"]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = assert_one_line_err(&o);
+    assert!(err.contains(&home_cache.display().to_string()), "{err}");
+}
+
+#[test]
 fn synthetic_tiny_opens_and_local_dir_is_validated() {
     let env = Env::new();
     let out = env.path("syn");
@@ -481,7 +770,7 @@ fn stalled_body_times_out_and_resumes() {
     assert!(o.status.success(), "{}", text(&o));
     assert_all_files(&env.path("ck"));
     assert!(
-        hub.ranges(SHARD1).iter().any(|r| r == "bytes=250000-"),
+        hub.ranges(SHARD1).iter().any(|r| *r == resume(250_000)),
         "{:?}",
         hub.ranges(SHARD1)
     );
@@ -527,7 +816,7 @@ fn sigkill_mid_file_then_rerun_resumes() {
         data(SHARD2)
     );
     assert!(
-        hub.ranges(SHARD2).iter().any(|r| r == "bytes=400000-"),
+        hub.ranges(SHARD2).iter().any(|r| *r == resume(400_000)),
         "{:?}",
         hub.ranges(SHARD2)
     );
@@ -535,5 +824,61 @@ fn sigkill_mid_file_then_rerun_resumes() {
         hub.bytes_served(SHARD2) < 2 * len,
         "{}",
         hub.bytes_served(SHARD2)
+    );
+}
+
+/// Figures for the report, not run by default (1 GiB in memory and on
+/// disk): `cargo test -p rh-tests --test fetch -- --ignored --nocapture
+/// one_gib`.
+#[test]
+#[ignore]
+fn one_gib_fetch_and_repair_figures() {
+    use std::time::Instant;
+    let name = "model.safetensors";
+    let big = safetensors_bytes((1 << 30) - 128, 7);
+    let len = big.len() as u64;
+    let hub = HubServer::start(vec![Repo {
+        name: "acme/big".into(),
+        commit: COMMIT.into(),
+        revisions: vec!["main".into()],
+        files: vec![HubFile {
+            path: name.into(),
+            data: big,
+            lfs: true,
+        }],
+        token: None,
+    }]);
+    let env = Env::new();
+    // Let the hub hash its file (for the listing) before timing.
+    let _ = run(env
+        .fetch(&hub, "acme/big", "warm")
+        .args(["--include", "none"]));
+    let t = Instant::now();
+    let o = run(&mut env.fetch(&hub, "acme/big", "ck"));
+    let full = t.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", text(&o));
+    println!(
+        "fetch of {len} bytes from the local hub: {full:.2} s ({:.0} MiB/s)",
+        len as f64 / full / (1 << 20) as f64
+    );
+
+    hub.faults(|f| {
+        f.corrupt_replies.insert(name.into(), 1);
+    });
+    let o = run(&mut env.fetch(&hub, "acme/big", "ck2"));
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let served = hub.bytes_served(name);
+    let t = Instant::now();
+    let o = run(&mut env.fetch(&hub, "acme/big", "ck2"));
+    let repair = t.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", text(&o));
+    let log = String::from_utf8_lossy(&o.stderr);
+    let line = log
+        .lines()
+        .find(|l| l.contains("repair rewrote"))
+        .unwrap_or("");
+    println!(
+        "repair after one flipped byte: {repair:.2} s, {} bytes re-downloaded to compare; {line}",
+        hub.bytes_served(name) - served
     );
 }

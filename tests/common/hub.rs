@@ -2,9 +2,13 @@
 //! Hugging Face API JSON (`/api/models/{repo}/revision/{rev}`,
 //! `/api/models/{repo}/tree/{rev}`), `/{repo}/resolve/{rev}/{path}` (LFS
 //! files redirect to a `/cdn/` URL with `X-Linked-Etag`, `X-Repo-Commit`,
-//! `X-Linked-Size`, as huggingface.co does), HTTP Range, and injects faults:
-//! a connection dropped after N bytes, a corrupted byte, 500s, a server that
-//! ignores Range, 401 for a gated repo, 404 for a missing revision or file.
+//! `X-Linked-Size`, as huggingface.co does), HTTP Range (`bytes=A-` and
+//! `bytes=A-B`) with `ETag` and `If-Range` (a validator that does not match
+//! gets the whole file with `200`, as RFC 9110 says), and injects faults: a
+//! connection dropped after N bytes, a corrupted byte (always or for N
+//! replies), 500s, a server that ignores Range, a stall, stale content under
+//! another ETag for N replies, 401 for a gated repo, 404 for a missing
+//! revision or file.
 //!
 //! Plain `std::net` and one thread per connection; every reply closes its
 //! connection.
@@ -28,9 +32,79 @@ pub struct HubFile {
 impl HubFile {
     /// sha256 hex of the content.
     pub fn sha256(&self) -> String {
-        use sha2::{Digest, Sha256};
-        format!("{:x}", Sha256::digest(&self.data))
+        sha256_hex(&self.data)
     }
+
+    /// The git blob id the tree API gives: of the content for regular
+    /// files, of the LFS pointer for LFS files.
+    pub fn git_oid(&self) -> String {
+        Digests::of(self).oid
+    }
+}
+
+/// A file's hashes, as the hub states them.
+#[derive(Clone, Debug)]
+struct Digests {
+    sha256: String,
+    /// The tree API's `oid`: git blob id of the content, or of the LFS
+    /// pointer for LFS files.
+    oid: String,
+    /// The `ETag` of the bytes: sha256 for LFS files, else the git blob id.
+    etag: String,
+}
+
+impl Digests {
+    fn of(f: &HubFile) -> Digests {
+        Digests::of_data(&f.data, f.lfs)
+    }
+    fn of_data(data: &[u8], lfs: bool) -> Digests {
+        let sha256 = sha256_hex(data);
+        if lfs {
+            let pointer = format!(
+                "version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {}\n",
+                data.len()
+            );
+            Digests {
+                oid: git_blob_id(pointer.as_bytes()),
+                etag: sha256.clone(),
+                sha256,
+            }
+        } else {
+            let oid = git_blob_id(data);
+            Digests {
+                etag: oid.clone(),
+                oid,
+                sha256,
+            }
+        }
+    }
+}
+
+/// The digests of `repo`'s file `f`, computed once per server (its files
+/// never change).
+fn digests(st: &Arc<Mutex<State>>, repo: &str, f: &HubFile) -> Digests {
+    let key = (repo.to_string(), f.path.clone());
+    if let Some(d) = st.lock().unwrap().memo.get(&key) {
+        return d.clone();
+    }
+    let d = Digests::of(f);
+    st.lock().unwrap().memo.insert(key, d.clone());
+    d
+}
+
+/// sha256 hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(data))
+}
+
+/// Git's blob id: sha1 of `blob <len>\0<content>`.
+pub fn git_blob_id(data: &[u8]) -> String {
+    use sha1::{Digest, Sha1};
+    let mut h = Sha1::new();
+    h.update(format!("blob {}\0", data.len()).as_bytes());
+    h.update(data);
+    format!("{:x}", h.finalize())
 }
 
 /// A fixture repo.
@@ -55,13 +129,39 @@ pub struct Faults {
     pub drop_after: HashMap<String, (u64, usize)>,
     /// Flip one byte in the middle of the file in every reply.
     pub corrupt: Vec<String>,
+    /// Flip the byte in the middle of the file in this many replies.
+    pub corrupt_replies: HashMap<String, usize>,
+    /// Serve this other content (under its own ETag) for this many replies.
+    pub stale: HashMap<String, (Vec<u8>, usize)>,
+    /// The Nth reply from now (1 = the next) sends its headers, then hangs
+    /// for this many milliseconds and closes.
+    pub stall_nth: HashMap<String, (usize, u64)>,
     /// Reply 500 to this many requests for the file's bytes first.
     pub fail_500: HashMap<String, usize>,
     /// Reply 200 with the whole file to Range requests.
     pub ignore_range: Vec<String>,
+    /// Honour Range even when If-Range does not match (a broken server).
+    pub ignore_if_range: Vec<String>,
     /// After this many body bytes, stall for this many milliseconds (then
     /// close), for this many replies.
     pub stall_after: HashMap<String, (u64, u64, usize)>,
+}
+
+/// One reply with file bytes.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    /// The file.
+    pub path: String,
+    /// The request's Range header.
+    pub range: Option<String>,
+    /// The request's If-Range header.
+    pub if_range: Option<String>,
+    /// The status sent.
+    pub status: u16,
+    /// The ETag sent.
+    pub etag: String,
+    /// Body bytes sent.
+    pub sent: u64,
 }
 
 /// One request the server saw.
@@ -77,10 +177,12 @@ pub struct Seen {
 
 #[derive(Default)]
 struct State {
-    repos: Vec<Repo>,
+    repos: Arc<Vec<Repo>>,
     faults: Faults,
     seen: Vec<Seen>,
     served: HashMap<String, u64>,
+    replies: Vec<Reply>,
+    memo: HashMap<(String, String), Digests>,
 }
 
 /// The running server.
@@ -115,7 +217,7 @@ impl HubServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let state = Arc::new(Mutex::new(State {
-            repos,
+            repos: Arc::new(repos),
             ..Default::default()
         }));
         let st = state.clone();
@@ -148,6 +250,16 @@ impl HubServer {
             .filter(|s| s.path.contains("/cdn/") || s.path.contains("/resolve/"))
             .filter(|s| s.path.split('?').next().unwrap_or("").ends_with(path))
             .filter_map(|s| s.range)
+            .collect()
+    }
+
+    /// Replies with bytes of a file so far.
+    pub fn replies(&self, path: &str) -> Vec<Reply> {
+        let s = self.state.lock().unwrap();
+        s.replies
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
             .collect()
     }
 
@@ -195,10 +307,6 @@ fn json_reply(s: &mut TcpStream, status: u16, v: serde_json::Value) -> std::io::
     )
 }
 
-fn fake_oid(f: &HubFile) -> String {
-    f.sha256()[..40].to_string()
-}
-
 fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
@@ -206,6 +314,7 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let mut range = None;
+    let mut if_range = None;
     let mut auth = None;
     loop {
         let mut h = String::new();
@@ -215,6 +324,7 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
         if let Some((k, v)) = h.split_once(':') {
             match k.trim().to_ascii_lowercase().as_str() {
                 "range" => range = Some(v.trim().to_string()),
+                "if-range" => if_range = Some(v.trim().to_string()),
                 "authorization" => auth = Some(v.trim().to_string()),
                 _ => {}
             }
@@ -286,10 +396,10 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
                     .iter()
                     .map(|f| {
                         let mut e = serde_json::json!({
-                            "type": "file", "oid": fake_oid(f), "size": f.data.len(), "path": f.path,
+                            "type": "file", "oid": digests(st, &repo.name, f).oid, "size": f.data.len(), "path": f.path,
                         });
                         if f.lfs {
-                            e["lfs"] = serde_json::json!({"oid": f.sha256(), "size": f.data.len(), "pointerSize": 134});
+                            e["lfs"] = serde_json::json!({"oid": digests(st, &repo.name, f).sha256, "size": f.data.len(), "pointerSize": 134});
                         }
                         e
                     })
@@ -308,7 +418,15 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
         let Some(f) = find_repo(&name).and_then(|r| r.files.iter().find(|f| f.path == file)) else {
             return respond(&mut conn, 404, "Not Found", &[], b"");
         };
-        return serve_bytes(&mut conn, st, f, range.as_deref(), &[]);
+        return serve_bytes(
+            &mut conn,
+            st,
+            &name,
+            f,
+            range.as_deref(),
+            if_range.as_deref(),
+            &[],
+        );
     }
 
     // /OWNER/NAME/resolve/REV/PATH
@@ -346,17 +464,24 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
         ];
         if f.lfs {
             let mut h = common.to_vec();
-            h.push(("X-Linked-Etag", format!("\"{}\"", f.sha256())));
-            h.push(("ETag", format!("\"{}\"", fake_oid(f))));
+            let d = digests(st, &repo.name, f);
+            h.push(("X-Linked-Etag", format!("\"{}\"", d.sha256)));
+            h.push(("ETag", format!("\"{}\"", d.oid)));
             h.push((
                 "Location",
                 format!("/cdn/{}/{}?signature=abc", repo.name, f.path),
             ));
             return respond(&mut conn, 302, "Found", &h, b"");
         }
-        let mut h = common.to_vec();
-        h.push(("ETag", format!("\"{}\"", fake_oid(f))));
-        return serve_bytes(&mut conn, st, f, range.as_deref(), &h);
+        return serve_bytes(
+            &mut conn,
+            st,
+            &repo.name,
+            f,
+            range.as_deref(),
+            if_range.as_deref(),
+            &common,
+        );
     }
     respond(&mut conn, 404, "Not Found", &[], b"")
 }
@@ -364,11 +489,13 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
 fn serve_bytes(
     conn: &mut TcpStream,
     st: &Arc<Mutex<State>>,
+    repo: &str,
     f: &HubFile,
     range: Option<&str>,
+    if_range: Option<&str>,
     extra: &[(&str, String)],
 ) -> std::io::Result<()> {
-    let (fail, drop_at, corrupt, ignore_range, stall) = {
+    let (fail, drop_at, corrupt, ignore_range, stall, stale, hang, ignore_if_range) = {
         let mut s = st.lock().unwrap();
         let fail = match s.faults.fail_500.get_mut(&f.path) {
             Some(n) if *n > 0 => {
@@ -391,37 +518,91 @@ fn serve_bytes(
             }
             _ => None,
         };
+        let mut corrupt = s.faults.corrupt.contains(&f.path);
+        if let Some(n) = s.faults.corrupt_replies.get_mut(&f.path) {
+            if *n > 0 && !fail {
+                *n -= 1;
+                corrupt = true;
+            }
+        }
+        let stale = match s.faults.stale.get_mut(&f.path) {
+            Some((data, n)) if *n > 0 && !fail => {
+                *n -= 1;
+                Some(data.clone())
+            }
+            _ => None,
+        };
+        let hang = match s.faults.stall_nth.get_mut(&f.path) {
+            Some((k, ms)) if !fail => {
+                *k -= 1;
+                let ms = *ms;
+                if *k == 0 {
+                    s.faults.stall_nth.remove(&f.path);
+                    Some(ms)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
         (
             fail,
             drop_at,
-            s.faults.corrupt.contains(&f.path),
+            corrupt,
             s.faults.ignore_range.contains(&f.path),
             stall,
+            stale,
+            hang,
+            s.faults.ignore_if_range.contains(&f.path),
         )
     };
     if fail {
         return respond(conn, 500, "Internal Server Error", extra, b"try again");
     }
-    let mut data = f.data.clone();
+    // The validator names the content; a corrupted byte is a transmission
+    // fault and does not change it.
+    let (mut data, etag) = match stale {
+        Some(d) => {
+            let e = Digests::of_data(&d, f.lfs).etag;
+            (std::borrow::Cow::Owned(d), e)
+        }
+        None => (
+            std::borrow::Cow::Borrowed(&f.data),
+            digests(st, repo, f).etag,
+        ),
+    };
+    let etag = format!("\"{etag}\"");
     if corrupt {
         let mid = data.len() / 2;
-        data[mid] ^= 0x5a;
+        data.to_mut()[mid] ^= 0x5a;
     }
     let len = data.len() as u64;
-    let start = range
+    // Range applies only when If-Range (if any) matches the current ETag.
+    let parsed = range
         .filter(|_| !ignore_range)
+        .filter(|_| ignore_if_range || if_range.is_none_or(|v| v == etag))
         .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.strip_suffix('-'))
-        .and_then(|n| n.parse::<u64>().ok());
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| {
+            let a = a.parse::<u64>().ok()?;
+            let b = if b.is_empty() {
+                None
+            } else {
+                Some(b.parse::<u64>().ok()?)
+            };
+            Some((a, b))
+        });
     let mut headers: Vec<(&str, String)> = extra.to_vec();
-    let (status, reason, body) = match start {
-        Some(s) if s >= len => {
+    headers.push(("ETag", etag.clone()));
+    let (status, reason, body) = match parsed {
+        Some((s, _)) if s >= len => {
             headers.push(("Content-Range", format!("bytes */{len}")));
             return respond(conn, 416, "Range Not Satisfiable", &headers, b"");
         }
-        Some(s) => {
-            headers.push(("Content-Range", format!("bytes {s}-{}/{len}", len - 1)));
-            (206, "Partial Content", &data[s as usize..])
+        Some((s, e)) => {
+            let e = e.unwrap_or(len - 1).min(len - 1);
+            headers.push(("Content-Range", format!("bytes {s}-{e}/{len}")));
+            (206, "Partial Content", &data[s as usize..=e as usize])
         }
         None => (200, "OK", &data[..]),
     };
@@ -435,8 +616,9 @@ fn serve_bytes(
         body.len()
     ));
     conn.write_all(head.as_bytes())?;
-    let n = match (drop_at, stall) {
-        (Some(at), _) | (None, Some((at, _))) => (at as usize).min(body.len()),
+    let n = match (hang, drop_at, stall) {
+        (Some(_), _, _) => 0,
+        (None, Some(at), _) | (None, None, Some((at, _))) => (at as usize).min(body.len()),
         _ => body.len(),
     };
     let mut sent = 0;
@@ -446,12 +628,23 @@ fn serve_bytes(
         }
         sent += chunk.len();
     }
-    *st.lock().unwrap().served.entry(f.path.clone()).or_insert(0) += sent as u64;
+    {
+        let mut s = st.lock().unwrap();
+        *s.served.entry(f.path.clone()).or_insert(0) += sent as u64;
+        s.replies.push(Reply {
+            path: f.path.clone(),
+            range: range.map(str::to_string),
+            if_range: if_range.map(str::to_string),
+            status,
+            etag,
+            sent: sent as u64,
+        });
+    }
     conn.flush()?;
-    if let Some((_, ms)) = stall {
+    if let Some(ms) = hang.or(stall.map(|(_, ms)| ms)) {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
-    if drop_at.is_some() || stall.is_some() {
+    if drop_at.is_some() || stall.is_some() || hang.is_some() {
         let _ = conn.shutdown(Shutdown::Both);
     }
     Ok(())

@@ -53,11 +53,12 @@ struct Args {
     /// Hub base URL.
     #[arg(long, env = "HF_ENDPOINT", default_value = fetch::DEFAULT_ENDPOINT)]
     endpoint: String,
-    /// Reuse and fill the standard HF cache (HF_HUB_CACHE, else HF_HOME/hub,
-    /// else ~/.cache/huggingface/hub).
-    #[arg(long)]
-    hf_cache: bool,
-    /// Use the HF cache under this HF_HOME (implies --hf-cache).
+    /// Reuse and fill the standard HF cache: `--hf-cache=DIR`, else
+    /// HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, require_equals = true)]
+    hf_cache: Option<Option<PathBuf>>,
+    /// Use the HF cache (and token file) under this HF_HOME (implies
+    /// --hf-cache; `--hf-cache=DIR` still names the cache).
     #[arg(long)]
     hf_home: Option<PathBuf>,
     /// Redo the stage even when it is up to date.
@@ -69,6 +70,10 @@ struct Args {
     /// Seconds a stalled read waits before the connection counts as dropped.
     #[arg(long, default_value_t = 60.0)]
     read_timeout: f64,
+    /// Bytes per chunk of the received-bytes record and of repairs (tests
+    /// use small ones).
+    #[arg(long, hide = true, default_value_t = fetch::part::DEFAULT_CHUNK)]
+    chunk_size: u64,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -97,10 +102,12 @@ fn body(a: Args) -> Result<(), CliError> {
     if a.read_timeout.is_nan() || a.read_timeout <= 0.0 {
         return Err(CliError::usage("--read-timeout must be positive"));
     }
-    let hf_cache = match (&a.hf_home, a.hf_cache) {
-        (Some(h), _) => Some(h.join("hub")),
-        (None, true) => Some(hf_cache::default_hub_cache()),
-        _ => None,
+    // --hf-cache=DIR > --hf-home > HF_HUB_CACHE > HF_HOME/hub > ~/.cache.
+    let hf_cache = match (&a.hf_cache, &a.hf_home) {
+        (Some(Some(dir)), _) => Some(dir.clone()),
+        (_, Some(h)) => Some(h.join("hub")),
+        (Some(None), None) => Some(hf_cache::default_hub_cache()),
+        (None, None) => None,
     };
     let source = a.source.clone().unwrap_or_else(|| p.source());
     // --revision, else `@REV` in the source, else `[model] revision`.
@@ -137,6 +144,7 @@ fn body(a: Args) -> Result<(), CliError> {
         quiet: a.quiet,
         retries: a.retries,
         read_timeout: Duration::from_secs_f64(a.read_timeout),
+        chunk_size: a.chunk_size,
     };
     let summary = fetch::run(&opts)?;
     if a.json {

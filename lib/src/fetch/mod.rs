@@ -9,9 +9,10 @@
 //!   in the Hugging Face cache), hardlinked or copied after its safetensors
 //!   headers are validated ([`local`]);
 //! * `hf:OWNER/NAME[@REV]` or plain `OWNER/NAME`: the Hugging Face hub (or a
-//!   mirror at `--endpoint`), over our own HTTP client with Range resume,
-//!   retries and sha256 checks ([`hub`]), optionally sharing the standard HF
-//!   cache layout ([`hf_cache`]).
+//!   mirror at `--endpoint`), over our own HTTP client with Range and
+//!   If-Range resume, retries, sha256 (LFS) and git blob id checks, and a
+//!   chunk-by-chunk repair of a file that fails them ([`hub`], [`part`]),
+//!   optionally sharing the standard HF cache layout ([`hf_cache`]).
 //!
 //! Each file is a unit of the `fetch` stage record ([`crate::stage`]): a
 //! killed run resumes where it stopped, a finished one is "up to date".
@@ -19,6 +20,7 @@
 pub mod hf_cache;
 pub mod hub;
 pub mod local;
+pub mod part;
 pub mod synthetic;
 
 use std::collections::BTreeMap;
@@ -87,8 +89,9 @@ pub enum FetchError {
         /// Why it failed.
         reason: String,
     },
-    /// Downloaded bytes do not match the hub's hash or size.
-    #[error("{file}: {reason}; the partial download was deleted, rerun to fetch it again")]
+    /// Downloaded or cached bytes do not match the hub's hash or size
+    /// (`reason` says what was kept and what a rerun does).
+    #[error("{file}: {reason}")]
     Checksum {
         /// The file.
         file: String,
@@ -235,6 +238,9 @@ pub struct FetchOptions {
     pub retries: u32,
     /// A read that stalls this long counts as a dropped connection.
     pub read_timeout: Duration,
+    /// Chunk size of the received-bytes record and of repairs (default
+    /// [`part::DEFAULT_CHUNK`]; a `.part` keeps the size it was started with).
+    pub chunk_size: u64,
 }
 
 impl Default for FetchOptions {
@@ -257,6 +263,7 @@ impl Default for FetchOptions {
             quiet: false,
             retries: 6,
             read_timeout: Duration::from_secs(60),
+            chunk_size: part::DEFAULT_CHUNK,
         }
     }
 }
@@ -357,6 +364,7 @@ pub fn safe_relative(name: &str) -> bool {
         && !name.contains('\\')
         && !name.contains('\0')
         && !name.ends_with(".part")
+        && !name.ends_with(".part.meta")
         && !name.ends_with(".tmp")
         && Path::new(name)
             .components()
@@ -567,6 +575,12 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
     if opts.concurrency == 0 {
         return Err(FetchError::Usage("--concurrency must be at least 1".into()));
     }
+    if opts.chunk_size < part::OVERLAP {
+        return Err(FetchError::Usage(format!(
+            "--chunk-size must be at least {} bytes",
+            part::OVERLAP
+        )));
+    }
     if let Source::Synthetic(p) = &src {
         // Validate the preset before touching the disk.
         crate::synthetic::Spec::preset(p, opts.layers, opts.seed)?;
@@ -715,6 +729,7 @@ mod tests {
             "a\\b",
             "./a",
             "x.part",
+            "x.part.meta",
         ] {
             assert!(!safe_relative(bad), "{bad}");
         }
