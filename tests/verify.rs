@@ -346,7 +346,7 @@ fn with_file_size_limit(cmd: &mut std::process::Command, limit: u64) -> &mut std
 }
 
 #[test]
-fn interrupted_pack_and_unpack_leave_nothing_half_written_and_resume() {
+fn interrupted_pack_and_unpack_resume_and_leave_nothing_half_written() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path().join("data");
     std::fs::create_dir_all(&d).unwrap();
@@ -385,9 +385,25 @@ fn interrupted_pack_and_unpack_leave_nothing_half_written_and_resume() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("b.tar.zst.tmp"), "{err}");
     assert_eq!(std::fs::read(&bundle).unwrap(), b"an older bundle");
-    assert!(!t.path().join("b.tar.zst.tmp").exists());
+    // What it did is kept beside the temporary bundle: the manifest, a.json
+    // and b.bin are complete members; c.bin was cut off.
+    let progress: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("b.tar.zst.tmp.progress")).unwrap())
+            .unwrap();
+    assert_eq!(progress["members"], 3, "{progress}");
+    // The rerun continues from there and gives the same bytes as a pack
+    // that was never interrupted.
     let o = limited(&["pack", s(&d), "--out", s(&bundle)], None);
     assert!(o.status.success(), "{}", text(&o));
+    assert!(!t.path().join("b.tar.zst.tmp").exists());
+    assert!(!t.path().join("b.tar.zst.tmp.progress").exists());
+    let whole = t.path().join("whole.tar.zst");
+    let o = limited(&["pack", s(&d), "--out", s(&whole)], None);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(&bundle).unwrap(),
+        std::fs::read(&whole).unwrap()
+    );
 
     // Unpack cut off at the big file: the files before it are complete and
     // verified, the big one is not visible (not even as a temporary), and

@@ -1,4 +1,5 @@
-//! Portable bundles: `tar` inside `zstd`, streamed, manifest first.
+//! Portable bundles: `tar` inside `zstd`, streamed, manifest first, one
+//! zstd frame per tar member so an interrupted pack resumes per file.
 //!
 //! `pack` re-hashes every file as it streams it in and refuses to finish a
 //! bundle of data that no longer matches the manifest. `unpack` reads the
@@ -10,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -133,8 +134,54 @@ fn check_chunks(
     Ok(())
 }
 
+/// Where a pack stopped: written beside the temporary bundle after every
+/// member, so a rerun with the same manifest and level continues there.
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct PackProgress {
+    /// blake3 of the manifest being packed.
+    manifest_blake3: String,
+    /// zstd level.
+    level: i32,
+    /// Members complete (the manifest is member 0).
+    members: usize,
+    /// Bytes of the temporary bundle holding exactly those members.
+    offset: u64,
+}
+
+fn progress_path(tmp: &Path) -> PathBuf {
+    let mut name = tmp
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".progress");
+    tmp.with_file_name(name)
+}
+
+/// The tar header blocks (with a GNU long-name entry when the path needs
+/// one) of a regular file of `size` bytes: what `tar::Builder` writes
+/// before the data.
+fn tar_header(path: &str, size: u64) -> io::Result<Vec<u8>> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    let mut b = tar::Builder::new(Vec::new());
+    // The builder writes the header, then copies the (empty) data and pads
+    // nothing: its buffer holds the header blocks alone.
+    b.append_data(&mut h, path, io::empty())?;
+    Ok(b.get_ref().clone())
+}
+
 /// Packs `dir` (which must have a manifest) into a `tar.zst` bundle at
 /// `out`, written to a temporary name and renamed when complete.
+///
+/// Each tar member is its own zstd frame (concatenated frames decode as one
+/// stream, so the bundle is a plain `tar.zst`), and after each the bundle
+/// is synced and its length recorded beside it: a pack that was killed or
+/// failed continues from the last complete member when run again with the
+/// same manifest and level, and gives the same bytes as an uninterrupted
+/// run.
 pub fn pack(dir: &Path, out: &Path, level: i32, quiet: bool) -> Result<PackSummary, VerifyError> {
     let t = Instant::now();
     let (m, mhash) = Manifest::load(dir)?;
@@ -142,77 +189,132 @@ pub fn pack(dir: &Path, out: &Path, level: i32, quiet: bool) -> Result<PackSumma
         .map_err(|e| VerifyError::io(dir.join(MANIFEST_NAME), e))?;
     let pb = cli::bytes_bar(m.total_bytes(), "packing", quiet);
     let tmp = fsutil::temp_path(out);
-    let result = (|| -> Result<(), VerifyError> {
-        let f = File::create(&tmp).map_err(|e| VerifyError::io(&tmp, e))?;
-        let mut enc = zstd::stream::Encoder::new(BufWriter::with_capacity(1 << 20, f), level)
-            .map_err(|e| VerifyError::io(&tmp, e))?;
-        enc.include_checksum(true)
-            .map_err(|e| VerifyError::io(&tmp, e))?;
-        let mut tar = tar::Builder::new(enc);
-        let header = |size: u64| {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(size);
-            h.set_mode(0o644);
-            h.set_mtime(0);
-            h.set_entry_type(tar::EntryType::Regular);
-            h
-        };
-        tar.append_data(
-            &mut header(manifest_bytes.len() as u64),
-            MANIFEST_NAME,
-            &manifest_bytes[..],
-        )
-        .map_err(|e| VerifyError::io(&tmp, e))?;
-        for entry in &m.files {
-            let p = dir.join(&entry.path);
-            let file = File::open(&p).map_err(|e| VerifyError::io(&p, e))?;
-            let len = file.metadata().map_err(|e| VerifyError::io(&p, e))?.len();
-            if len != entry.size {
-                return Err(VerifyError::Mismatch {
-                    first: format!(
-                        "{}: {len} bytes, the manifest says {}; run `rh-verify check` first",
-                        p.display(),
-                        entry.size
-                    ),
-                    more: 0,
-                });
-            }
-            let mut reader = HashingReader {
-                inner: file.take(entry.size),
-                h: ChunkHasher::new(entry.size, m.chunk_size),
-                entry,
-                err: None,
-                pb: &pb,
-                label: dir.display().to_string(),
-                path: p.clone(),
-            };
-            let r = tar.append_data(&mut header(entry.size), &entry.path, &mut reader);
-            if let Some(e) = reader.err.take() {
-                return Err(e);
-            }
-            // Read errors were taken above; what is left failed writing.
-            r.map_err(|e| VerifyError::io(&tmp, e))?;
-            if reader.h.pos != entry.size {
-                return Err(VerifyError::Changed {
-                    path: p,
-                    reason: "changed size while it was packed".into(),
-                });
-            }
+    let prog_path = progress_path(&tmp);
+    let mut done = PackProgress {
+        manifest_blake3: mhash.to_hex().to_string(),
+        level,
+        members: 0,
+        offset: 0,
+    };
+    // A previous run's progress counts only for the same manifest and
+    // level, and only while the temporary bundle still holds its bytes.
+    if let Some(p) = std::fs::read(&prog_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<PackProgress>(&b).ok())
+    {
+        let have = std::fs::metadata(&tmp).map(|md| md.len()).unwrap_or(0);
+        if p.manifest_blake3 == done.manifest_blake3 && p.level == level && have >= p.offset {
+            done = p;
         }
-        let enc = tar.into_inner().map_err(|e| VerifyError::io(&tmp, e))?;
-        let w = enc.finish().map_err(|e| VerifyError::io(&tmp, e))?;
-        let f = w
-            .into_inner()
-            .map_err(|e| VerifyError::io(&tmp, e.into_error()))?;
-        f.sync_all().map_err(|e| VerifyError::io(&tmp, e))?;
+    }
+    let resumed = done.members;
+    if resumed > 0 {
+        tracing::info!(
+            "{}: continuing a pack after {} of {} members ({})",
+            tmp.display(),
+            resumed,
+            m.files.len() + 1,
+            human_bytes(done.offset)
+        );
+        let skipped: u64 = m.files.iter().take(resumed - 1).map(|e| e.size).sum();
+        pb.inc(skipped);
+    }
+    let result = (|| -> Result<(), VerifyError> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&tmp)
+            .map_err(|e| VerifyError::io(&tmp, e))?;
+        f.set_len(done.offset)
+            .map_err(|e| VerifyError::io(&tmp, e))?;
+        let mut w = BufWriter::with_capacity(1 << 20, f);
+        w.seek(io::SeekFrom::Start(done.offset))
+            .map_err(|e| VerifyError::io(&tmp, e))?;
+        let total = m.files.len() + 1;
+        for i in done.members..total {
+            let mut enc =
+                zstd::stream::Encoder::new(&mut w, level).map_err(|e| VerifyError::io(&tmp, e))?;
+            enc.include_checksum(true)
+                .map_err(|e| VerifyError::io(&tmp, e))?;
+            let size = if i == 0 {
+                let head = tar_header(MANIFEST_NAME, manifest_bytes.len() as u64)
+                    .map_err(|e| VerifyError::io(&tmp, e))?;
+                enc.write_all(&head)
+                    .and_then(|_| enc.write_all(&manifest_bytes))
+                    .map_err(|e| VerifyError::io(&tmp, e))?;
+                manifest_bytes.len() as u64
+            } else {
+                let entry = &m.files[i - 1];
+                let p = dir.join(&entry.path);
+                let file = File::open(&p).map_err(|e| VerifyError::io(&p, e))?;
+                let len = file.metadata().map_err(|e| VerifyError::io(&p, e))?.len();
+                if len != entry.size {
+                    return Err(VerifyError::Mismatch {
+                        first: format!(
+                            "{}: {len} bytes, the manifest says {}; run `rh-verify check` first",
+                            p.display(),
+                            entry.size
+                        ),
+                        more: 0,
+                    });
+                }
+                let head = tar_header(&entry.path, entry.size).map_err(|e| {
+                    VerifyError::io(&p, io::Error::new(io::ErrorKind::InvalidInput, e))
+                })?;
+                enc.write_all(&head).map_err(|e| VerifyError::io(&tmp, e))?;
+                let mut reader = HashingReader {
+                    inner: file.take(entry.size),
+                    h: ChunkHasher::new(entry.size, m.chunk_size),
+                    entry,
+                    err: None,
+                    pb: &pb,
+                    label: dir.display().to_string(),
+                    path: p.clone(),
+                };
+                let r = io::copy(&mut reader, &mut enc);
+                if let Some(e) = reader.err.take() {
+                    return Err(e);
+                }
+                // Read errors were taken above; what is left failed writing.
+                r.map_err(|e| VerifyError::io(&tmp, e))?;
+                if reader.h.pos != entry.size {
+                    return Err(VerifyError::Changed {
+                        path: p,
+                        reason: "changed size while it was packed".into(),
+                    });
+                }
+                entry.size
+            };
+            // Pad the data to a whole block; the last member also carries
+            // the two zero blocks that end a tar archive.
+            let mut pad = ((512 - size % 512) % 512) as usize;
+            if i + 1 == total {
+                pad += 1024;
+            }
+            enc.write_all(&vec![0u8; pad])
+                .map_err(|e| VerifyError::io(&tmp, e))?;
+            enc.finish().map_err(|e| VerifyError::io(&tmp, e))?;
+            w.flush().map_err(|e| VerifyError::io(&tmp, e))?;
+            w.get_ref()
+                .sync_data()
+                .map_err(|e| VerifyError::io(&tmp, e))?;
+            done.members = i + 1;
+            done.offset = w.stream_position().map_err(|e| VerifyError::io(&tmp, e))?;
+            let bytes = serde_json::to_vec(&done).expect("progress serializes");
+            fsutil::write_atomic(&prog_path, &bytes).map_err(VerifyError::from)?;
+        }
+        w.get_ref()
+            .sync_all()
+            .map_err(|e| VerifyError::io(&tmp, e))?;
         Ok(())
     })();
     pb.finish_and_clear();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    // A failed pack keeps its temporary bundle and progress (never at the
+    // final name) for the rerun to continue from.
+    result?;
     fsutil::commit_temp(&tmp, out)?;
+    let _ = std::fs::remove_file(&prog_path);
     let bundle_bytes = std::fs::metadata(out)
         .map_err(|e| VerifyError::io(out, e))?
         .len();
