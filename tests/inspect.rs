@@ -68,7 +68,7 @@ fn json_report_is_sane_and_strategy_is_written() {
     let s = &v["strategy"];
     let threads = s["threads"].as_u64().unwrap();
     assert!(threads >= 1 && threads <= logical, "{s}");
-    assert!(["avx2", "neon", "scalar"].contains(&s["kernel"].as_str().unwrap()));
+    assert!(["avx2", "avx512_vnni", "neon", "scalar"].contains(&s["kernel"].as_str().unwrap()));
     assert_eq!(s["gpu"], "cpu_only");
     assert_eq!(s["sizes_source"], "preset");
     assert_eq!(v["model"]["total_bytes"], 43_243_415_040u64);

@@ -68,6 +68,8 @@ impl Classify for InspectError {
 pub enum Kernel {
     /// x86 AVX2 + FMA + F16C.
     Avx2,
+    /// x86 AVX-512 F/BW + VNNI for quantized products, AVX2 for the rest.
+    Avx512Vnni,
     /// aarch64 NEON.
     Neon,
     /// Portable Rust.

@@ -26,8 +26,11 @@ pub struct CpuFeatures {
     pub f16c: bool,
     /// AVX-512 foundation (x86).
     pub avx512f: bool,
-    /// AVX-512 VNNI int8 dot products (x86).
+    /// AVX-512 VNNI int8/int16 dot products (x86).
     pub avx512vnni: bool,
+    /// AVX-512 byte and word instructions (x86).
+    #[serde(default)]
+    pub avx512bw: bool,
     /// AVX-VNNI (VEX-encoded VNNI, x86).
     pub avx_vnni: bool,
     /// AMX tiles (x86, from `/proc/cpuinfo` flags).
@@ -54,6 +57,7 @@ impl CpuFeatures {
             f.f16c = std::is_x86_feature_detected!("f16c");
             f.avx512f = std::is_x86_feature_detected!("avx512f");
             f.avx512vnni = std::is_x86_feature_detected!("avx512vnni");
+            f.avx512bw = std::is_x86_feature_detected!("avx512bw");
         }
         #[cfg(target_arch = "aarch64")]
         {
@@ -71,6 +75,7 @@ impl CpuFeatures {
             (self.f16c, "f16c"),
             (self.avx512f, "avx512f"),
             (self.avx512vnni, "avx512vnni"),
+            (self.avx512bw, "avx512bw"),
             (self.avx_vnni, "avx-vnni"),
             (self.amx, "amx"),
             (self.neon, "neon"),

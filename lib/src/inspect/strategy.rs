@@ -54,29 +54,37 @@ pub fn decide(p: &Probe, m: &ModelSizes, o: &Overrides) -> Strategy {
 
     // Kernel.
     let f = &p.features;
-    let (kernel, kernel_reason) = if f.avx2 && f.fma && f.f16c {
-        let extra = if f.avx512f {
-            "; AVX-512 is present but decode is bandwidth-bound, so avx2 is used"
+    let (kernel, kernel_reason) =
+        if f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vnni {
+            (
+                Kernel::Avx512Vnni,
+                "avx512-vnni: the CPU has AVX-512 F/BW and VNNI: quantized decode and prefill \
+             multiply int16 activations with vpdpwssd, the rest runs AVX2"
+                    .to_string(),
+            )
+        } else if f.avx2 && f.fma && f.f16c {
+            let extra = if f.avx512f {
+                "; AVX-512 is present without VNNI/BW, which the integer kernels need"
+            } else {
+                ""
+            };
+            (
+                Kernel::Avx2,
+                format!("avx2: the CPU has AVX2, FMA and F16C{extra}"),
+            )
+        } else if f.neon {
+            (Kernel::Neon, "neon: the CPU has NEON (aarch64)".to_string())
         } else {
-            ""
+            let why = if p.arch == "x86_64" {
+                "no AVX2+FMA+F16C on this x86 CPU"
+            } else {
+                "no SIMD kernel for this CPU"
+            };
+            warnings.push(format!(
+                "{why}: the portable scalar kernel is several times slower"
+            ));
+            (Kernel::Scalar, format!("scalar: {why}"))
         };
-        (
-            Kernel::Avx2,
-            format!("avx2: the CPU has AVX2, FMA and F16C{extra}"),
-        )
-    } else if f.neon {
-        (Kernel::Neon, "neon: the CPU has NEON (aarch64)".to_string())
-    } else {
-        let why = if p.arch == "x86_64" {
-            "no AVX2+FMA+F16C on this x86 CPU"
-        } else {
-            "no SIMD kernel for this CPU"
-        };
-        warnings.push(format!(
-            "{why}: the portable scalar kernel is several times slower"
-        ));
-        (Kernel::Scalar, format!("scalar: {why}"))
-    };
 
     // Memory.
     let usable = p.usable_memory();
@@ -302,6 +310,22 @@ mod tests {
         let tps = s.expected_tokens_per_s.unwrap();
         assert!(tps < ram_bound / 2.0, "paging must cost: {tps}");
         assert!(s.warnings.iter().any(|w| w.contains("does not fit")));
+    }
+
+    #[test]
+    fn avx512_vnni_cpu_gets_the_integer_kernels() {
+        let mut m = machine(64, 8, None, true, 70.0);
+        m.features.avx512f = true;
+        m.features.avx512vnni = true;
+        assert_eq!(decide_preset(&m).kernel, Kernel::Avx2, "no AVX-512 BW");
+        m.features.avx512bw = true;
+        let s = decide_preset(&m);
+        assert_eq!(s.kernel, Kernel::Avx512Vnni);
+        assert!(
+            s.reasons.kernel.starts_with("avx512-vnni"),
+            "{}",
+            s.reasons.kernel
+        );
     }
 
     #[test]
