@@ -2,7 +2,7 @@
 //! resumes to byte-identical output, an up-to-date rerun, and the cache it
 //! writes opening as a weight source.
 
-use rh_tests::{rh, run, text};
+use rh_tests::{rh, run, text, with_file_size_limit};
 use std::path::{Path, PathBuf};
 
 use roundhouse::stage::{self, Output, Plan};
@@ -217,27 +217,6 @@ fn bad_input_is_a_one_line_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("truncated"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-}
-
-/// `cmd` with the file-size limit lowered to `limit` bytes and SIGXFSZ
-/// ignored, so a write past it fails with EFBIG like a full disk would.
-fn with_file_size_limit(cmd: &mut std::process::Command, limit: u64) -> &mut std::process::Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the child between fork and exec and only
-    // calls setrlimit and signal, which are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = libc::rlimit {
-                rlim_cur: limit as libc::rlim_t,
-                rlim_max: libc::RLIM_INFINITY,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            Ok(())
-        })
-    }
 }
 
 #[test]

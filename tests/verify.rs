@@ -1,7 +1,7 @@
 //! `rh-verify` as a process: manifest write and check, damage located to
 //! a file and chunk (exit 3), quick checks, bundles, and the pipeline stage.
 
-use rh_tests::{rh, run, text};
+use rh_tests::{rh, run, text, with_file_size_limit};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -322,27 +322,6 @@ fn pipeline_stage_writes_then_checks() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["summary"]["resumed_files"], 2);
     assert_eq!(record(t.path())["status"], "complete");
-}
-
-/// `cmd` with the file-size limit lowered to `limit` bytes and SIGXFSZ
-/// ignored, so a write past it fails (EFBIG) the way a full disk would.
-fn with_file_size_limit(cmd: &mut std::process::Command, limit: u64) -> &mut std::process::Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the child between fork and exec and only
-    // calls setrlimit and signal, which are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = libc::rlimit {
-                rlim_cur: limit as libc::rlim_t,
-                rlim_max: libc::RLIM_INFINITY,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            Ok(())
-        })
-    }
 }
 
 #[test]

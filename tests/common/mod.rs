@@ -59,3 +59,27 @@ pub fn text(o: &Output) -> String {
 }
 
 pub mod hub;
+
+/// `cmd` with the file-size limit lowered to `limit` bytes and SIGXFSZ
+/// ignored, so a write past it fails with EFBIG like a full disk would.
+pub fn with_file_size_limit(
+    cmd: &mut std::process::Command,
+    limit: u64,
+) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls setrlimit and signal, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        })
+    }
+}
