@@ -94,6 +94,27 @@ fn magnitudes(wf: &[f32], cols: usize, x: &[f32]) -> Vec<f64> {
         .collect()
 }
 
+/// Per-row error bound for activations quantized per `span` elements with
+/// half a step of `amax / half_steps`: the f32 path's slack plus
+/// `Σ_k |W[r, k]|` times the half step of `k`'s span.
+fn activation_bound(wf: &[f32], cols: usize, x: &[f32], span: usize, half_steps: f32) -> Vec<f64> {
+    let steps: Vec<f32> = x
+        .chunks(span)
+        .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())) / half_steps)
+        .collect();
+    wf.chunks_exact(cols)
+        .zip(magnitudes(wf, cols, x))
+        .map(|(row, m)| {
+            let q: f64 = row
+                .iter()
+                .enumerate()
+                .map(|(k, w)| (w.abs() * steps[k / span]) as f64)
+                .sum();
+            q * 1.001 + 1e-5 * m + 1e-6
+        })
+        .collect()
+}
+
 fn assert_close(what: &str, got: &[f32], want: &[f32], bound: &[f64]) {
     for (r, ((g, w), b)) in got.iter().zip(want).zip(bound).enumerate() {
         let err = (*g as f64 - *w as f64).abs();
@@ -137,43 +158,13 @@ fn quant_matvec_matches_scalar_on_random_shapes() {
         // Int8 activations: each element moves by at most half a step
         // d_b / 2 = amax_b / 254, so the error is bounded by Σ |W| d_b / 2.
         matvec_path(&w, &x, &mut y, Path::SimdInt8);
-        let steps: Vec<f32> = x
-            .chunks(QBLOCK)
-            .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())) / 254.0)
-            .collect();
-        let bound: Vec<f64> = wf
-            .chunks_exact(cols)
-            .zip(&mags)
-            .map(|(row, m)| {
-                let q: f64 = row
-                    .iter()
-                    .enumerate()
-                    .map(|(k, w)| (w.abs() * steps[k / QBLOCK]) as f64)
-                    .sum();
-                q * 1.001 + 1e-5 * m + 1e-6
-            })
-            .collect();
+        let bound = activation_bound(&wf, cols, &x, QBLOCK, 254.0);
         assert_close(&format!("{label} int8"), &y, &want, &bound);
 
         // Int16 activations: half a step is amax / 65534 per element, with
         // amax taken per 32-block (AVX2) or per weight group (AVX-512, never
         // smaller), so the bound is the f32 path's plus Σ |W| amax_g / 65534.
-        let gsteps: Vec<f32> = x
-            .chunks(group)
-            .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())) / 65534.0)
-            .collect();
-        let bound16: Vec<f64> = wf
-            .chunks_exact(cols)
-            .zip(&mags)
-            .map(|(row, m)| {
-                let q: f64 = row
-                    .iter()
-                    .enumerate()
-                    .map(|(k, w)| (w.abs() * gsteps[k / group]) as f64)
-                    .sum();
-                q * 1.001 + 1e-5 * m + 1e-6
-            })
-            .collect();
+        let bound16 = activation_bound(&wf, cols, &x, group, 65534.0);
         for isa in simd_isas() {
             matvec_isa(isa, &w, &x, &mut y, Path::SimdInt16);
             assert_close(&format!("{label} int16 {isa:?}"), &y, &want, &bound16);
@@ -310,28 +301,14 @@ fn matmul_matches_scalar_on_random_shapes() {
                     Matrix::Quant(q) if path == Path::SimdInt16 => q.group_size,
                     _ => 0,
                 };
-                let gsteps: Vec<f32> = if group > 0 {
-                    xt.chunks(group)
-                        .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())) / 65534.0)
-                        .collect()
+                let tight: Vec<f64> = if group > 0 {
+                    activation_bound(&wf, cols, xt, group, 65534.0)
                 } else {
-                    Vec::new()
+                    magnitudes(&wf, cols, xt)
+                        .iter()
+                        .map(|m| 1e-5 * m + 1e-6)
+                        .collect()
                 };
-                let tight: Vec<f64> = magnitudes(&wf, cols, xt)
-                    .iter()
-                    .zip(wf.chunks_exact(cols))
-                    .map(|(m, row)| {
-                        let q: f64 = if group > 0 {
-                            row.iter()
-                                .enumerate()
-                                .map(|(k, w)| (w.abs() * gsteps[k / group]) as f64)
-                                .sum()
-                        } else {
-                            0.0
-                        };
-                        q * 1.001 + 1e-5 * m + 1e-6
-                    })
-                    .collect();
                 assert_close(
                     &format!("case {case} n={n} token {t}"),
                     &y[t * rows..(t + 1) * rows],
