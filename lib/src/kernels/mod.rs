@@ -28,11 +28,14 @@
 
 pub mod bench;
 pub mod scalar;
+pub mod vector;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_prefill;
 
 #[cfg(test)]
 mod tests;
@@ -365,9 +368,7 @@ pub fn matmul_path(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path) {
         (_, Path::Scalar) | (Simd::None, _) => scalar_matmul(w, x, n, y),
         #[cfg(target_arch = "x86_64")]
         (Simd::Avx512(a), Path::SimdInt16) => match w {
-            Matrix::Quant(q) if avx512::Avx512::supports(q.bits, q.group_size) => {
-                avx512_matmul(a, q, x, n, y)
-            }
+            Matrix::Quant(q) => avx512_matmul(a, q, x, n, y),
             _ => avx2_matmul(a.avx2, w, x, n, y),
         },
         #[cfg(target_arch = "x86_64")]
@@ -485,9 +486,9 @@ fn avx2_matmul(a: avx2::Avx2, w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
 }
 
 /// Prefill on the AVX-512 VNNI level: every token's activations quantized
-/// to int16 per group, then each task takes a block of weight rows small
-/// enough to stay in the core's L2 and streams it past the tokens,
-/// [`avx512::MULTI_TOKENS`] at a time.
+/// to int16 per group, then each task transposes its blocks of 16 weight
+/// rows into tiles, one at a time, and multiplies each tile with every
+/// token while it sits in L2.
 #[cfg(target_arch = "x86_64")]
 fn avx512_matmul(
     a: avx512::Avx512,
@@ -496,36 +497,37 @@ fn avx512_matmul(
     n: usize,
     y: &mut [f32],
 ) {
+    use avx512_prefill::{Tile, TILE_ROWS};
     let (rows, cols) = (q.rows, q.cols);
     let v = avx2::QuantView::new(q).expect("validated");
-    let acts: Vec<avx512::GroupAct> = x
-        .par_chunks(cols)
-        .map(|xt| a.group_act(xt, q.bits, q.group_size))
-        .collect();
+    let acts = a.pair_acts(x, n, cols, q.bits, q.group_size);
     let threads = rayon::current_num_threads().max(1);
-    let l2_rows = (MATMUL_BLOCK_BYTES / q.row_bytes().max(1)).max(1);
-    let rpt = rows.div_ceil(threads * TASKS_PER_THREAD).clamp(1, l2_rows);
+    let tiles = rows.div_ceil(TILE_ROWS);
+    let tpt = tiles.div_ceil(threads * TASKS_PER_THREAD).max(1);
+    let rpt = tpt * TILE_ROWS;
     let blocks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(rpt))
         .into_par_iter()
         .map(|bi| {
             let r0 = bi * rpt;
             let nr = rpt.min(rows - r0);
-            let mut out = vec![0f32; nr * n];
-            for t0 in (0..n).step_by(avx512::MULTI_TOKENS) {
-                let t1 = (t0 + avx512::MULTI_TOKENS).min(n);
-                a.quant_rows_multi(&v, r0, nr, &acts[t0..t1], &mut out, n, t0);
+            // Token-major: each tile's outputs for a token are 16 adjacent
+            // floats.
+            let mut out = vec![0f32; n * nr];
+            let mut tile = Tile::new(&v);
+            for i0 in (0..nr).step_by(TILE_ROWS) {
+                a.tile_load(&v, r0 + i0, TILE_ROWS.min(nr - i0), &mut tile);
+                a.tile_multiply(&tile, &acts, &mut out[i0..], nr);
             }
             (r0, out)
         })
         .collect();
-    scatter(&blocks, n, rows, y);
+    for (r0, out) in &blocks {
+        let nr = out.len() / n;
+        for t in 0..n {
+            y[t * rows + r0..t * rows + r0 + nr].copy_from_slice(&out[t * nr..(t + 1) * nr]);
+        }
+    }
 }
-
-/// The most weight bytes one AVX-512 prefill task walks for every block of
-/// tokens: half of a 2 MiB L2, so the rows come from L2 after the first
-/// block.
-#[cfg(target_arch = "x86_64")]
-const MATMUL_BLOCK_BYTES: usize = 1 << 20;
 
 /// Row `r` of `W` as f32 (embedding lookup), converted in place from the
 /// mapped bytes.

@@ -495,3 +495,56 @@ fn non_finite_activations_stay_visible() {
         }
     }
 }
+
+/// Prefill products on the shapes and group sizes the cache allows: every
+/// group size (partial last groups, groups longer than an i32 lane may add
+/// unscaled), row counts around the 16-row tile, token counts around the
+/// tokens of one pass, large activations, and a token holding NaN, whose
+/// outputs must show it while the other tokens' stay right.
+#[test]
+fn int16_matmul_matches_scalar_on_model_shapes() {
+    let mut rng = StdRng::seed_from_u64(29);
+    for (case, (bits, group, cols)) in [
+        (4u8, 128usize, 2048usize),
+        (8, 128, 2048),
+        (4, 32, 512),
+        (8, 32, 544),
+        (4, 96, 416),
+        (4, 256, 2080),
+        (8, 512, 1056),
+        (8, 4096, 4096),
+        (4, 8192, 8192),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let rows = [1, 15, 16, 17, 33, 50, 9, 40, 3][case];
+        let n = [2, 9, 10, 17, 8, 3, 16, 25, 7][case];
+        let w = Matrix::Quant(rand_quant(&mut rng, rows, cols, bits, group, case % 2 == 0));
+        let mut x: Vec<f32> = rand_x(&mut rng, n * cols)
+            .iter()
+            .map(|v| v * 300.0)
+            .collect();
+        let bad = 1;
+        x[bad * cols + cols / 2] = f32::NAN;
+        let mut want = vec![0f32; n * rows];
+        scalar_matmul(&w, &x, n, &mut want);
+        let mut y = vec![0f32; n * rows];
+        matmul_path(&w, &x, n, &mut y, Path::SimdInt16);
+        let wf = dense_f32(&w);
+        for t in 0..n {
+            let got = &y[t * rows..(t + 1) * rows];
+            if t == bad {
+                assert!(got.iter().all(|v| !v.is_finite()), "case {case}: {got:?}");
+                continue;
+            }
+            let xt = &x[t * cols..(t + 1) * cols];
+            assert_close(
+                &format!("case {case}: {bits}-bit g{group} [{rows}x{cols}] n={n} token {t}"),
+                got,
+                &want[t * rows..(t + 1) * rows],
+                &activation_bound(&wf, cols, xt, group, 65534.0),
+            );
+        }
+    }
+}

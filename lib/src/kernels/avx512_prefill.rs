@@ -1,0 +1,476 @@
+//! Prefill (matrix-matrix) kernels for AVX-512 VNNI: quantized weights
+//! times many tokens' int16 activations, with one weight row per vector
+//! lane.
+//!
+//! A matvec lane holds part of one row's dot product, so every weight group
+//! ends with a convert and a scale per (row, token); with 128-element groups
+//! that is one extra instruction per two multiply-adds. Here a block of 16
+//! rows is first transposed into a tile where each 64-byte vector holds the
+//! same two columns of all 16 rows as int16 pairs. A token's activation pair
+//! is broadcast to every lane, `vpdpwssd` adds 32 products into the 16 rows'
+//! sums, and a group's scales are applied to 16 rows at once: four
+//! instructions per group and token against 64 multiply-adds. The tile is
+//! built once and then meets every token, up to [`TOKENS`] per pass with
+//! all sums in registers.
+//!
+//! The order of columns inside a tile follows the packed bytes (an int4
+//! byte holds elements `j` and `j + 16` of its block); [`PairActs`] stores
+//! each token's activations in the same order, which a dot product does not
+//! notice.
+//!
+//! Safety: as in the `avx512` module. An [`Avx512`] proves the CPU features;
+//! the public functions check shapes, row ranges and activation lengths
+//! before any pointer is formed; payload loads are unaligned and masked to
+//! the bytes that exist.
+
+#![allow(unknown_lints, clippy::manual_is_multiple_of)]
+
+use std::arch::x86_64::*;
+
+use super::avx2::QuantView;
+use super::avx512::Avx512;
+use crate::tensor::QBLOCK;
+
+/// Weight rows in one tile: one per 32-bit lane of a 512-bit vector.
+pub(crate) const TILE_ROWS: usize = 16;
+
+/// Tokens one pass over a tile takes, each with an i32 and an f32 vector in
+/// registers (16 of the 32).
+pub(crate) const TOKENS: usize = 8;
+
+/// Activations of `n` tokens quantized to int16 per weight group, for
+/// `bits`-bit weights: `x[k] ≈ d[g] * xq[k]` with `d[g] = max|x| / 32767`
+/// over group `g`, stored in tile column order (see [`pair_slot`]).
+pub(crate) struct PairActs {
+    xq: Vec<i16>,
+    d: Vec<f32>,
+    /// Per token and group: `d[g] * Σ xq`, for the zero-point term.
+    gsum: Vec<f32>,
+    n: usize,
+    cols: usize,
+    n_groups: usize,
+    bits: u8,
+    group_size: usize,
+}
+
+/// The position of element `e` (0..32) inside its block's 32 tile columns:
+/// int4 pair `4c + m` of a block holds elements `4c + 2m`, `4c + 2m + 1` for
+/// `m` 0 and 1 (low nibbles of bytes `4c..4c + 4`) and `16 + 4c + 2(m - 2)`,
+/// `+1` for `m` 2 and 3 (their high nibbles); int8 keeps the plain order.
+fn pair_slot(bits: u8, e: usize) -> usize {
+    if bits != 4 {
+        return e;
+    }
+    let (hi, j) = (e / 16, e % 16);
+    let c = j / 4;
+    let m = (j % 4) / 2 + 2 * hi;
+    2 * (4 * c + m) + j % 2
+}
+
+/// The most columns whose products one i32 lane may add before it is
+/// scaled: `(2^bits - 1) * 32767 * cols` stays below 2^31.
+fn flush_cols(bits: u8) -> usize {
+    if bits == 4 {
+        4096
+    } else {
+        256
+    }
+}
+
+/// A block of up to [`TILE_ROWS`] weight rows transposed for [`Avx512::tile_multiply`],
+/// with their scales per group. Reused from tile to tile.
+pub(crate) struct Tile {
+    /// `cols / 2` vectors of 16 lanes, each an int16 pair of one row.
+    w: Vec<i16>,
+    /// Per group, 16 rows' scales.
+    scale: Vec<f32>,
+    /// Per group, 16 rows' `scale * zero`.
+    scale_zero: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    n_groups: usize,
+}
+
+impl Tile {
+    /// An empty tile for matrices of `v`'s shape.
+    pub(crate) fn new(v: &QuantView) -> Tile {
+        Tile {
+            w: vec![0; v.cols * TILE_ROWS],
+            scale: vec![0.0; v.n_groups * TILE_ROWS],
+            scale_zero: vec![0.0; v.n_groups * TILE_ROWS],
+            rows: 0,
+            cols: v.cols,
+            n_groups: v.n_groups,
+        }
+    }
+}
+
+impl Avx512 {
+    /// Quantizes `n` tokens `x` (`[n, cols]`) for `bits`-bit weights with
+    /// `group_size` (both multiples of 32; the last group may be short). A
+    /// group holding NaN or infinity gets a NaN step, so the token's outputs
+    /// show it.
+    pub(crate) fn pair_acts(
+        self,
+        x: &[f32],
+        n: usize,
+        cols: usize,
+        bits: u8,
+        group_size: usize,
+    ) -> PairActs {
+        assert!(cols % QBLOCK == 0 && group_size % QBLOCK == 0 && group_size > 0);
+        assert_eq!(x.len(), n * cols, "pair_acts: input length");
+        let ng = cols.div_ceil(group_size);
+        let mut a = PairActs {
+            xq: vec![0; n * cols],
+            d: vec![0.0; n * ng],
+            gsum: vec![0.0; n * ng],
+            n,
+            cols,
+            n_groups: ng,
+            bits,
+            group_size,
+        };
+        for t in 0..n {
+            for g in 0..ng {
+                let k0 = g * group_size;
+                let k1 = (k0 + group_size).min(cols);
+                let src = &x[t * cols + k0..t * cols + k1];
+                let dst = &mut a.xq[t * cols + k0..t * cols + k1];
+                // SAFETY: features proven by `self`; `src` and `dst` have
+                // the same length, a multiple of 32.
+                let (d, s) = unsafe { quantize_group(src, dst, bits) };
+                a.d[t * ng + g] = d;
+                a.gsum[t * ng + g] = d * s as f32;
+            }
+        }
+        a
+    }
+
+    /// Transposes rows `r0..r0 + nr` (`nr` at most [`TILE_ROWS`]) of `v`
+    /// into `tile`.
+    pub(crate) fn tile_load(self, v: &QuantView, r0: usize, nr: usize, tile: &mut Tile) {
+        assert!(
+            (1..=TILE_ROWS).contains(&nr) && r0 + nr <= v.rows,
+            "rows out of range"
+        );
+        assert!(tile.cols == v.cols && tile.n_groups == v.n_groups);
+        assert!(v.bits == 4 || v.bits == 8);
+        tile.rows = nr;
+        for g in 0..v.n_groups {
+            for i in 0..TILE_ROWS {
+                let (s, z) = if i < nr {
+                    let at = (r0 + i) * v.n_groups + g;
+                    let s = half::f16::from_le_bytes([v.scales[2 * at], v.scales[2 * at + 1]]);
+                    let z = match v.zeros {
+                        Some(z) => u16::from_le_bytes([z[2 * at], z[2 * at + 1]]) as f32,
+                        None => (1u32 << (v.bits - 1)) as f32,
+                    };
+                    (s.to_f32(), z)
+                } else {
+                    (0.0, 0.0)
+                };
+                tile.scale[g * TILE_ROWS + i] = s;
+                tile.scale_zero[g * TILE_ROWS + i] = s * z;
+            }
+        }
+        // SAFETY: features proven by `self`; rows `r0..r0 + nr` exist, each
+        // `row_bytes` long, and `tile.w` holds `cols * 16` int16s.
+        unsafe { transpose_rows(v, r0, nr, tile.w.as_mut_ptr()) }
+    }
+
+    /// `out[t * ldo + i] = row i of tile · token t` for every token of
+    /// `acts` and the tile's rows.
+    pub(crate) fn tile_multiply(self, tile: &Tile, acts: &PairActs, out: &mut [f32], ldo: usize) {
+        let n = acts.n;
+        assert!(acts.cols == tile.cols && acts.n_groups == tile.n_groups);
+        assert!(tile.rows <= ldo && (n == 0 || out.len() >= (n - 1) * ldo + tile.rows));
+        let mut t0 = 0;
+        while t0 < n {
+            let nt = TOKENS.min(n - t0);
+            // SAFETY: features proven by `self`; tokens `t0..t0 + nt` exist
+            // in `acts` (whose shape matches the tile) and their output rows
+            // were checked above.
+            unsafe {
+                let o = out.as_mut_ptr().add(t0 * ldo);
+                match nt {
+                    8 => tile_tokens::<8>(tile, acts, t0, o, ldo),
+                    7 => tile_tokens::<7>(tile, acts, t0, o, ldo),
+                    6 => tile_tokens::<6>(tile, acts, t0, o, ldo),
+                    5 => tile_tokens::<5>(tile, acts, t0, o, ldo),
+                    4 => tile_tokens::<4>(tile, acts, t0, o, ldo),
+                    3 => tile_tokens::<3>(tile, acts, t0, o, ldo),
+                    2 => tile_tokens::<2>(tile, acts, t0, o, ldo),
+                    _ => tile_tokens::<1>(tile, acts, t0, o, ldo),
+                }
+            }
+            t0 += nt;
+        }
+    }
+}
+
+/// Quantizes one group `src` into `dst` in tile column order; returns the
+/// step and the integer sum (step 0 for an all-zero group, NaN with zero
+/// integers for a group holding a non-finite value).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn quantize_group(src: &[f32], dst: &mut [i16], bits: u8) -> (f32, i32) {
+    let n = src.len();
+    let xp = src.as_ptr();
+    let mut amax = _mm512_setzero_ps();
+    let mut bad: __mmask16 = 0;
+    let mut c = 0;
+    while c < n {
+        let v = _mm512_loadu_ps(xp.add(c));
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        c += 16;
+    }
+    let amax = _mm512_reduce_max_ps(amax);
+    if bad != 0 || !amax.is_finite() {
+        dst.fill(0);
+        return (f32::NAN, 0);
+    }
+    if amax == 0.0 {
+        dst.fill(0);
+        return (0.0, 0);
+    }
+    let inv = _mm512_set1_ps(32767.0 / amax);
+    let mut sum = _mm512_setzero_si512();
+    let mut block = [0i16; QBLOCK];
+    for b in 0..n / QBLOCK {
+        for h in 0..2 {
+            // Round to nearest; |x * inv| <= 32767 up to rounding, and the
+            // narrowing saturates.
+            let q = _mm512_cvtps_epi32(_mm512_mul_ps(
+                _mm512_loadu_ps(xp.add(b * QBLOCK + 16 * h)),
+                inv,
+            ));
+            sum = _mm512_add_epi32(sum, q);
+            _mm256_storeu_si256(
+                block.as_mut_ptr().add(16 * h) as *mut __m256i,
+                _mm512_cvtsepi32_epi16(q),
+            );
+        }
+        let out = &mut dst[b * QBLOCK..(b + 1) * QBLOCK];
+        for (e, v) in block.iter().enumerate() {
+            out[pair_slot(bits, e)] = *v;
+        }
+    }
+    (amax / 32767.0, _mm512_reduce_add_epi32(sum))
+}
+
+/// Transposes 16 vectors of 16 dwords: on return `r[j]` holds dword `j` of
+/// every input, input `i` in lane `i`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn transpose16(r: &mut [__m512i; 16]) {
+    let mut a = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // b[4i + m], 128-bit lane L: dword 4L + m of inputs 4i..4i + 4.
+    let mut b = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    for m in 0..4 {
+        let c0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(b[m], b[4 + m]);
+        let c1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(b[m], b[4 + m]);
+        let d0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(b[8 + m], b[12 + m]);
+        let d1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(b[8 + m], b[12 + m]);
+        r[m] = _mm512_shuffle_i32x4::<0b10_00_10_00>(c0, d0);
+        r[8 + m] = _mm512_shuffle_i32x4::<0b11_01_11_01>(c0, d0);
+        r[4 + m] = _mm512_shuffle_i32x4::<0b10_00_10_00>(c1, d1);
+        r[12 + m] = _mm512_shuffle_i32x4::<0b11_01_11_01>(c1, d1);
+    }
+}
+
+/// Writes rows `r0..r0 + nr` of `v` to `dst` as `cols / 2` vectors, each
+/// the int16 pair of tile columns `2p, 2p + 1` for 16 rows (missing rows
+/// zero). Works 64 packed bytes of each row at a time: one 16x16 dword
+/// transpose, then each dword of 4 bytes widens to two (int8) or four
+/// (int4: low nibbles, then high) pair vectors.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut i16) {
+    let bits = v.bits as usize;
+    let row_bytes = v.row_bytes;
+    let base = v.q.as_ptr().add(r0 * row_bytes);
+    // Bytes 0, 1 (`lo_pair`) and 2, 3 (`hi_pair`) of each dword widened to
+    // 16-bit lanes (a mask byte with its top bit set writes zero).
+    let (mut lo, mut hi) = ([0u32; 16], [0u32; 16]);
+    for i in 0..16 {
+        let b = 4 * (i as u32 % 4);
+        lo[i] = 0x8000_8000 | (b + 1) << 16 | b;
+        hi[i] = 0x8000_8000 | (b + 3) << 16 | (b + 2);
+    }
+    let lo_pair = _mm512_loadu_si512(lo.as_ptr() as *const _);
+    let hi_pair = _mm512_loadu_si512(hi.as_ptr() as *const _);
+    let nib = _mm512_set1_epi8(0x0F);
+    let mut out = dst as *mut __m512i;
+    // The weights come from memory (a routed expert is read once per
+    // prompt chunk), sixteen rows at a time, a pattern the hardware
+    // prefetchers follow poorly. Prefetch each row `PREFETCH_CHUNKS` chunks
+    // ahead, running on into the next tile's rows (the next 16 rows, just
+    // after these in the matrix); prefetches never fault, so addresses past
+    // the matrix are fine.
+    let chunks = row_bytes.div_ceil(64);
+    let ahead = |c: usize, i: usize| -> *const u8 {
+        if c < chunks {
+            base.wrapping_add(i * row_bytes + c * 64)
+        } else {
+            base.wrapping_add((TILE_ROWS + i) * row_bytes + (c - chunks) * 64)
+        }
+    };
+    for c in 0..PREFETCH_CHUNKS {
+        for i in 0..nr {
+            _mm_prefetch::<_MM_HINT_T0>(ahead(c, i) as *const i8);
+        }
+    }
+    let mut off = 0;
+    while off < row_bytes {
+        for i in 0..TILE_ROWS {
+            _mm_prefetch::<_MM_HINT_T0>(ahead(off / 64 + PREFETCH_CHUNKS, i) as *const i8);
+        }
+        let len = 64.min(row_bytes - off);
+        let mask: __mmask64 = if len == 64 { !0 } else { (1u64 << len) - 1 };
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (i, ri) in r.iter_mut().enumerate().take(nr) {
+            *ri = _mm512_maskz_loadu_epi8(mask, base.add(i * row_bytes + off) as *const i8);
+        }
+        transpose16(&mut r);
+        // `len` is a multiple of 16 (one block of int4, half of int8).
+        for d in r.iter().take(len / 4) {
+            if bits == 4 {
+                let lo = _mm512_and_si512(*d, nib);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(*d), nib);
+                for p in [lo, hi] {
+                    _mm512_storeu_si512(out as *mut _, _mm512_shuffle_epi8(p, lo_pair));
+                    _mm512_storeu_si512(out.add(1) as *mut _, _mm512_shuffle_epi8(p, hi_pair));
+                    out = out.add(2);
+                }
+            } else {
+                _mm512_storeu_si512(out as *mut _, _mm512_shuffle_epi8(*d, lo_pair));
+                _mm512_storeu_si512(out.add(1) as *mut _, _mm512_shuffle_epi8(*d, hi_pair));
+                out = out.add(2);
+            }
+        }
+        off += len;
+    }
+}
+
+/// How far ahead, in 64-byte chunks of each row, [`transpose_rows`]
+/// prefetches.
+const PREFETCH_CHUNKS: usize = 4;
+
+/// The tile's rows times tokens `t0..t0 + T` of `acts`, written to
+/// `out[t * ldo + i]` for `t` in `0..T` and the tile's rows `i`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_tokens<const T: usize>(
+    tile: &Tile,
+    acts: &PairActs,
+    t0: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let cols = tile.cols;
+    let ng = tile.n_groups;
+    let gs = acts.group_size;
+    let flush = flush_cols(acts.bits);
+    let w = tile.w.as_ptr() as *const __m512i;
+    let mut xs = [std::ptr::null::<i32>(); T];
+    for (t, x) in xs.iter_mut().enumerate() {
+        *x = acts.xq.as_ptr().add((t0 + t) * cols) as *const i32;
+    }
+    let d = acts.d.as_ptr().add(t0 * ng);
+    let gsum = acts.gsum.as_ptr().add(t0 * ng);
+    let mut tot = [_mm512_setzero_ps(); T];
+    for g in 0..ng {
+        let k0 = g * gs;
+        let k1 = (k0 + gs).min(cols);
+        let sv = _mm512_loadu_ps(tile.scale.as_ptr().add(g * TILE_ROWS));
+        let mut c0 = k0;
+        while c0 < k1 {
+            let c1 = (c0 + flush).min(k1);
+            let mut acc = [_mm512_setzero_si512(); T];
+            for p in c0 / 2..c1 / 2 {
+                let wv = _mm512_loadu_si512(w.add(p) as *const _);
+                for t in 0..T {
+                    let xv = _mm512_set1_epi32(*xs[t].add(p));
+                    acc[t] = _mm512_dpwssd_epi32(acc[t], wv, xv);
+                }
+            }
+            for t in 0..T {
+                let sd = _mm512_mul_ps(sv, _mm512_set1_ps(*d.add(t * ng + g)));
+                tot[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), sd, tot[t]);
+            }
+            c0 = c1;
+        }
+        let szv = _mm512_loadu_ps(tile.scale_zero.as_ptr().add(g * TILE_ROWS));
+        for t in 0..T {
+            tot[t] = _mm512_fnmadd_ps(szv, _mm512_set1_ps(*gsum.add(t * ng + g)), tot[t]);
+        }
+    }
+    let keep: __mmask16 = ((1u32 << tile.rows) - 1) as __mmask16;
+    for (t, v) in tot.iter().enumerate() {
+        _mm512_mask_storeu_ps(out.add(t * ldo), keep, *v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose16_puts_input_i_in_lane_i() {
+        if Avx512::detect(match super::super::avx2::Avx2::detect() {
+            Some(a) => a,
+            None => return,
+        })
+        .is_none()
+        {
+            return;
+        }
+        let input: Vec<u32> = (0..256).collect();
+        let mut got = [0u32; 256];
+        // SAFETY: the features were detected just above; the buffers hold
+        // 16 vectors each.
+        unsafe {
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (i, ri) in r.iter_mut().enumerate() {
+                *ri = _mm512_loadu_si512(input.as_ptr().add(16 * i) as *const _);
+            }
+            transpose16(&mut r);
+            for (j, rj) in r.iter().enumerate() {
+                _mm512_storeu_si512(got.as_mut_ptr().add(16 * j) as *mut _, *rj);
+            }
+        }
+        for j in 0..16 {
+            for i in 0..16 {
+                assert_eq!(got[16 * j + i], input[16 * i + j], "dword {j} of input {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn pair_slots_are_a_permutation_of_the_block() {
+        for bits in [4u8, 8] {
+            let mut seen = [false; 32];
+            for e in 0..32 {
+                let s = pair_slot(bits, e);
+                assert!(!seen[s], "{bits}-bit slot {s} twice");
+                seen[s] = true;
+            }
+        }
+        // Bytes 0..4 of a block: low nibbles are elements 0..4, high 16..20.
+        assert_eq!(pair_slot(4, 1), 1);
+        assert_eq!(pair_slot(4, 3), 3);
+        assert_eq!(pair_slot(4, 16), 4);
+        assert_eq!(pair_slot(4, 19), 7);
+        assert_eq!(pair_slot(4, 4), 8);
+        assert_eq!(pair_slot(8, 20), 20);
+    }
+}
