@@ -4,6 +4,8 @@
 //! experts run; in prefill the tokens are grouped by expert so each expert's
 //! weights are read once per call.
 
+use rayon::prelude::*;
+
 use super::norm::{sigmoid, silu, softmax};
 use super::{load_matrix, ModelError};
 use crate::config::ModelConfig;
@@ -143,22 +145,30 @@ impl Moe {
                 by_expert[e].push((t, wgt));
             }
         }
-        let mut out = vec![0f32; n * h];
-        for (e, toks) in by_expert.iter().enumerate() {
-            if toks.is_empty() {
-                continue;
+        let active: Vec<usize> = (0..ne).filter(|&e| !by_expert[e].is_empty()).collect();
+        let run = |e: usize| -> Vec<f32> {
+            let toks = &by_expert[e];
+            if toks.len() == n {
+                return self.experts[e].forward(x, n);
             }
-            let m = toks.len();
-            let y = if m == n {
-                self.experts[e].forward(x, n)
-            } else {
-                let mut xs = Vec::with_capacity(m * h);
-                for &(t, _) in toks {
-                    xs.extend_from_slice(&x[t * h..(t + 1) * h]);
-                }
-                self.experts[e].forward(&xs, m)
-            };
-            for (i, &(t, wgt)) in toks.iter().enumerate() {
+            let mut xs = Vec::with_capacity(toks.len() * h);
+            for &(t, _) in toks {
+                xs.extend_from_slice(&x[t * h..(t + 1) * h]);
+            }
+            self.experts[e].forward(&xs, toks.len())
+        };
+        // One token's experts each split their rows over the threads; many
+        // tokens' experts run side by side instead, each a few tokens' work,
+        // so the threads do not meet after every small product.
+        let ys: Vec<Vec<f32>> = if n > 1 {
+            active.par_iter().map(|&e| run(e)).collect()
+        } else {
+            active.iter().map(|&e| run(e)).collect()
+        };
+        // Summed in expert order, as a serial loop would.
+        let mut out = vec![0f32; n * h];
+        for (&e, y) in active.iter().zip(&ys) {
+            for (i, &(t, wgt)) in by_expert[e].iter().enumerate() {
                 for (o, yi) in out[t * h..(t + 1) * h]
                     .iter_mut()
                     .zip(&y[i * h..(i + 1) * h])
