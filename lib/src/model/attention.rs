@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::norm::{rms_norm_zc, sigmoid};
 use super::{load_matrix, load_vector, ModelError};
 use crate::config::ModelConfig;
-use crate::kernels::matmul;
+use crate::kernels::{matmul, vector};
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
 
@@ -131,15 +131,13 @@ impl Attention {
             let mut scores: Vec<f32> = (0..len)
                 .map(|s| {
                     let ks = &ck[s * kvw + kvh * hd..s * kvw + (kvh + 1) * hd];
-                    qh.iter().zip(ks).map(|(a, b)| a * b).sum::<f32>() * scale
+                    vector::dot(qh, ks) * scale
                 })
                 .collect();
             super::norm::softmax(&mut scores);
             for (s, p) in scores.iter().enumerate() {
                 let vs = &cv[s * kvw + kvh * hd..s * kvw + (kvh + 1) * hd];
-                for (oj, vj) in oh.iter_mut().zip(vs) {
-                    *oj += p * vj;
-                }
+                vector::axpy(*p, vs, oh);
             }
         });
         for (oj, gj) in o.iter_mut().zip(&gate) {

@@ -1,0 +1,98 @@
+//! f32 vector helpers for the model's own loops (attention scores and the
+//! weighted sum of values): a dot product and `y += a * x`, on AVX2+FMA
+//! when the CPU has it. A plain `iter().sum()` stays scalar, because the
+//! compiler may not reorder float additions.
+
+/// `Σ a[i] * b[i]` over the shorter length.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::simd().avx2().is_some() {
+        // SAFETY: `avx2()` is `Some` only when the CPU has AVX2 and FMA;
+        // both slices hold at least `n` elements.
+        return unsafe { x86::dot(a.as_ptr(), b.as_ptr(), n) };
+    }
+    a[..n].iter().zip(&b[..n]).map(|(x, y)| x * y).sum()
+}
+
+/// `y[i] += alpha * x[i]` over the shorter length.
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::simd().avx2().is_some() {
+        // SAFETY: as in `dot`; `y` is borrowed mutably and holds `n`.
+        return unsafe { x86::axpy(alpha, x.as_ptr(), y.as_mut_ptr(), n) };
+    }
+    for (yi, xi) in y[..n].iter_mut().zip(&x[..n]) {
+        *yi += alpha * xi;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, s) in acc.iter_mut().enumerate() {
+                let k = i + 8 * j;
+                *s = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(k)), _mm256_loadu_ps(b.add(k)), *s);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc[0]);
+            i += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let mut r = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        while i < n {
+            r += *a.add(i) * *b.add(i);
+            i += 1;
+        }
+        r
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy(alpha: f32, x: *const f32, y: *mut f32, n: usize) {
+        let va = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_fmadd_ps(va, _mm256_loadu_ps(x.add(i)), _mm256_loadu_ps(y.add(i)));
+            _mm256_storeu_ps(y.add(i), v);
+            i += 8;
+        }
+        while i < n {
+            *y.add(i) += alpha * *x.add(i);
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_and_axpy_match_plain_loops_on_every_length() {
+        for n in [0usize, 1, 7, 8, 9, 31, 32, 33, 100, 256] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "dot n={n}");
+            let mut y = b.clone();
+            axpy(0.5, &a, &mut y);
+            for i in 0..n {
+                assert!(
+                    (y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6,
+                    "axpy n={n} i={i}"
+                );
+            }
+        }
+    }
+}
