@@ -30,6 +30,9 @@ pub struct SpeedArgs {
     /// Worker threads. Default `[bench] threads`, else the strategy's, else all cores.
     #[arg(short = 't', long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Skip the untimed warm-up run (a full pp test, or one token).
+    #[arg(long)]
+    pub no_warmup: bool,
     /// Print the report as JSON.
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,
@@ -100,10 +103,19 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         )));
     }
     let ids = bench_ids(p.max(n).max(1), cfg.vocab_size);
-    // Warm-up: one token through every layer touches the weights' pages
-    // (and the first-call costs) outside the timed runs, as llama-bench does.
-    let mut st = model.new_state();
-    std::hint::black_box(model.forward(&mut st, &ids[..1]));
+    // Warm-up, as llama-bench does: an untimed pp run (else one token)
+    // touches the pages of the weights the timed runs read, and pays the
+    // first-call costs. One token alone would map only its few experts.
+    if !args.no_warmup {
+        let mut st = model.new_state();
+        let t = Instant::now();
+        std::hint::black_box(model.forward(&mut st, &ids[..p.max(1)]));
+        tracing::info!(
+            "warm-up, {} tokens: {:.3} s",
+            p.max(1),
+            t.elapsed().as_secs_f64()
+        );
+    }
 
     let mut tests = Vec::new();
     if p > 0 {
