@@ -34,8 +34,8 @@ use crate::tensor::QBLOCK;
 /// Weight rows in one tile: one per 32-bit lane of a 512-bit vector.
 pub(crate) const TILE_ROWS: usize = 16;
 
-/// Tokens one pass over a tile takes, each with an i32 and an f32 vector in
-/// registers (16 of the 32).
+/// The most tokens one pass over a tile takes, each with an i32 and an f32
+/// vector in registers (24 of the 32).
 pub(crate) const TOKENS: usize = 8;
 
 /// Activations of `n` tokens quantized to int16 per weight group, for
@@ -185,15 +185,23 @@ impl Avx512 {
         let n = acts.n;
         assert!(acts.cols == tile.cols && acts.n_groups == tile.n_groups);
         assert!(tile.rows <= ldo && (n == 0 || out.len() >= (n - 1) * ldo + tile.rows));
+        // Passes of equal size: ten tokens go as one pass of ten, not
+        // eight and two.
+        let passes = n.div_ceil(TOKENS).max(1);
+        let per_pass = n.div_ceil(passes);
         let mut t0 = 0;
         while t0 < n {
-            let nt = TOKENS.min(n - t0);
+            let nt = per_pass.min(n - t0);
             // SAFETY: features proven by `self`; tokens `t0..t0 + nt` exist
             // in `acts` (whose shape matches the tile) and their output rows
             // were checked above.
             unsafe {
                 let o = out.as_mut_ptr().add(t0 * ldo);
                 match nt {
+                    12 => tile_tokens::<12>(tile, acts, t0, o, ldo),
+                    11 => tile_tokens::<11>(tile, acts, t0, o, ldo),
+                    10 => tile_tokens::<10>(tile, acts, t0, o, ldo),
+                    9 => tile_tokens::<9>(tile, acts, t0, o, ldo),
                     8 => tile_tokens::<8>(tile, acts, t0, o, ldo),
                     7 => tile_tokens::<7>(tile, acts, t0, o, ldo),
                     6 => tile_tokens::<6>(tile, acts, t0, o, ldo),
@@ -312,28 +320,29 @@ unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut i16) {
     let nib = _mm512_set1_epi8(0x0F);
     let mut out = dst as *mut __m512i;
     // The weights come from memory (a routed expert is read once per
-    // prompt chunk), sixteen rows at a time, a pattern the hardware
-    // prefetchers follow poorly. Prefetch each row `PREFETCH_CHUNKS` chunks
-    // ahead, running on into the next tile's rows (the next 16 rows, just
-    // after these in the matrix); prefetches never fault, so addresses past
-    // the matrix are fine.
+    // prompt chunk) sixteen short rows at a time, a pattern the hardware
+    // prefetchers barely follow. So each step prefetches 16 lines of the
+    // next tile (the 16 rows after these, contiguous in the matrix) in
+    // address order, a whole tile ahead; the first chunks of this tile are
+    // asked for up front in case no earlier tile did. Prefetches never
+    // fault; the next tile is cut at the end of the matrix.
     let chunks = row_bytes.div_ceil(64);
-    let ahead = |c: usize, i: usize| -> *const u8 {
-        if c < chunks {
-            base.wrapping_add(i * row_bytes + c * 64)
-        } else {
-            base.wrapping_add((TILE_ROWS + i) * row_bytes + (c - chunks) * 64)
-        }
-    };
-    for c in 0..PREFETCH_CHUNKS {
+    let next = base.wrapping_add(TILE_ROWS * row_bytes);
+    let next_lines =
+        v.q.len()
+            .saturating_sub((r0 + TILE_ROWS) * row_bytes)
+            .min(TILE_ROWS * row_bytes)
+            / 64;
+    for c in 0..PREFETCH_CHUNKS.min(chunks) {
         for i in 0..nr {
-            _mm_prefetch::<_MM_HINT_T0>(ahead(c, i) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(base.add(i * row_bytes + c * 64) as *const i8);
         }
     }
     let mut off = 0;
     while off < row_bytes {
-        for i in 0..TILE_ROWS {
-            _mm_prefetch::<_MM_HINT_T0>(ahead(off / 64 + PREFETCH_CHUNKS, i) as *const i8);
+        let l0 = off / 64 * TILE_ROWS;
+        for l in l0..(l0 + TILE_ROWS).min(next_lines) {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(l * 64) as *const i8);
         }
         let len = 64.min(row_bytes - off);
         let mask: __mmask64 = if len == 64 { !0 } else { (1u64 << len) - 1 };
@@ -362,8 +371,8 @@ unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut i16) {
     }
 }
 
-/// How far ahead, in 64-byte chunks of each row, [`transpose_rows`]
-/// prefetches.
+/// The 64-byte chunks of each row [`transpose_rows`] prefetches before it
+/// starts a tile.
 const PREFETCH_CHUNKS: usize = 4;
 
 /// The tile's rows times tokens `t0..t0 + T` of `acts`, written to
