@@ -6,7 +6,9 @@
 //! Matrix-vector figures are "cold": each timed pass walks over enough
 //! separate copies of the matrix (at least [`KernelOpts::cold_bytes`]) that
 //! the weights come from memory, as they do in decode, where every layer and
-//! expert is read once per token. Matrix-matrix figures use one copy.
+//! expert is read once per token. Matrix-matrix figures for up to 64 tokens
+//! walk the copies too (a routed expert meets about ten tokens of a prompt
+//! and is read from memory); for more tokens they use one cached copy.
 
 use std::time::Instant;
 

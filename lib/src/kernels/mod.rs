@@ -17,10 +17,11 @@
 //! `RH_KERNELS=scalar|avx2` caps the instruction set (`scalar` forces the
 //! reference loops); `RH_PREFETCH=<bytes>`
 //! sets the software-prefetch distance of the matvec kernels. Matrix-matrix
-//! products (prefill) with int16 activations on AVX-512 VNNI unpack each
-//! quantized weight row once for eight tokens at a time and multiply in
-//! integers; otherwise they use f32 activations and convert each block of
-//! weight rows to f32 once per block of tokens.
+//! products (prefill) with int16 activations on AVX-512 VNNI transpose
+//! each block of 16 quantized weight rows into a tile with one row per
+//! vector lane and multiply it with every token in integers (the private
+//! `avx512_prefill` module); otherwise they use f32 activations and convert
+//! each block of weight rows to f32 once per block of tokens.
 //!
 //! Invalid matrices (byte lengths that disagree with the shape, input or
 //! group sizes that are not multiples of 32) are refused with a panic naming
@@ -101,8 +102,8 @@ pub enum Isa {
     Scalar,
     /// AVX2, FMA and F16C.
     Avx2,
-    /// AVX-512 F/BW and VNNI for int16-activation quantized matvec; AVX2
-    /// for everything else.
+    /// AVX-512 F/BW and VNNI for int16-activation quantized matvec and
+    /// matmul; AVX2 for everything else.
     Avx512Vnni,
 }
 
@@ -350,7 +351,7 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
 
 /// [`matmul`] on a chosen path. One token goes through [`matvec_path`].
 /// Int16 activations on the AVX-512 VNNI level take quantized weights
-/// through integer multi-token kernels; everything else computes with f32
+/// through the integer tile kernels; everything else computes with f32
 /// activations against weight rows converted to f32 once per block of
 /// tokens.
 pub fn matmul_path(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path) {
