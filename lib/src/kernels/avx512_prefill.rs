@@ -29,7 +29,7 @@ use std::arch::x86_64::*;
 
 use super::avx2::QuantView;
 use super::avx512::Avx512;
-use crate::tensor::QBLOCK;
+use crate::tensor::{QuantMatrix, QBLOCK};
 
 /// Weight rows in one tile: one per 32-bit lane of a 512-bit vector.
 pub(crate) const TILE_ROWS: usize = 16;
@@ -157,20 +157,22 @@ impl Avx512 {
         assert!(tile.cols == v.cols && tile.n_groups == v.n_groups);
         assert!(v.bits == 4 || v.bits == 8);
         tile.rows = nr;
-        for g in 0..v.n_groups {
-            for i in 0..TILE_ROWS {
-                let (s, z) = if i < nr {
-                    let at = (r0 + i) * v.n_groups + g;
-                    let s = half::f16::from_le_bytes([v.scales[2 * at], v.scales[2 * at + 1]]);
-                    let z = match v.zeros {
-                        Some(z) => u16::from_le_bytes([z[2 * at], z[2 * at + 1]]) as f32,
-                        None => (1u32 << (v.bits - 1)) as f32,
-                    };
-                    (s.to_f32(), z)
-                } else {
-                    (0.0, 0.0)
+        let ng = v.n_groups;
+        let sym = QuantMatrix::symmetric_zero(v.bits) as f32;
+        tile.scale.fill(0.0);
+        tile.scale_zero.fill(0.0);
+        let mut row = vec![0f32; ng];
+        for i in 0..nr {
+            let at = (r0 + i) * ng;
+            // SAFETY: features proven by `self`; the view's scales hold
+            // `rows * n_groups` f16 values and row `r0 + i` exists.
+            unsafe { f16_to_f32(v.scales.as_ptr().add(2 * at), &mut row) };
+            for (g, s) in row.iter().enumerate() {
+                let z = match v.zeros {
+                    Some(z) => u16::from_le_bytes([z[2 * (at + g)], z[2 * (at + g) + 1]]) as f32,
+                    None => sym,
                 };
-                tile.scale[g * TILE_ROWS + i] = s;
+                tile.scale[g * TILE_ROWS + i] = *s;
                 tile.scale_zero[g * TILE_ROWS + i] = s * z;
             }
         }
@@ -214,6 +216,23 @@ impl Avx512 {
             }
             t0 += nt;
         }
+    }
+}
+
+/// Converts `out.len()` little-endian f16 values at `p` to f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn f16_to_f32(p: *const u8, out: &mut [f32]) {
+    let n = out.len();
+    let mut i = 0;
+    while i + 16 <= n {
+        let h = _mm256_loadu_si256(p.add(2 * i) as *const __m256i);
+        _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+        i += 16;
+    }
+    while i < n {
+        let h = u16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]);
+        out[i] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)));
+        i += 1;
     }
 }
 

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::norm::{sigmoid, silu, softmax};
 use super::{load_matrix, ModelError};
 use crate::config::ModelConfig;
-use crate::kernels::matmul;
+use crate::kernels::{matmul, vector};
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
 
@@ -169,12 +169,7 @@ impl Moe {
         let mut out = vec![0f32; n * h];
         for (&e, y) in active.iter().zip(&ys) {
             for (i, &(t, wgt)) in by_expert[e].iter().enumerate() {
-                for (o, yi) in out[t * h..(t + 1) * h]
-                    .iter_mut()
-                    .zip(&y[i * h..(i + 1) * h])
-                {
-                    *o += wgt * yi;
-                }
+                vector::axpy(wgt, &y[i * h..(i + 1) * h], &mut out[t * h..(t + 1) * h]);
             }
         }
         if let Some((expert, gate)) = &self.shared {
