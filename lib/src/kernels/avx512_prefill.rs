@@ -35,7 +35,7 @@ use crate::tensor::{QuantMatrix, QBLOCK};
 pub(crate) const TILE_ROWS: usize = 16;
 
 /// The most tokens one pass over a tile takes, each with an i32 and an f32
-/// vector in registers (24 of the 32).
+/// vector in registers (16 of the 32; 12 tokens spilled and ran slower).
 pub(crate) const TOKENS: usize = 8;
 
 /// Activations of `n` tokens quantized to int16 per weight group, for
