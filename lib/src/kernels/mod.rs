@@ -502,9 +502,17 @@ fn avx512_matmul(
     let (rows, cols) = (q.rows, q.cols);
     let v = avx2::QuantView::new(q).expect("validated");
     let acts = a.pair_acts(x, n, cols, q.bits, q.group_size);
-    let threads = rayon::current_num_threads().max(1);
     let tiles = rows.div_ceil(TILE_ROWS);
-    let tpt = tiles.div_ceil(threads * TASKS_PER_THREAD).max(1);
+    // Called from a rayon worker, the caller already keeps the threads busy
+    // (MoE prefill runs experts side by side): one task walks the tiles in
+    // order, so each tile's prefetch of the next one is never wasted on a
+    // tile another task starts cold.
+    let tasks = if rayon::current_thread_index().is_some() {
+        1
+    } else {
+        rayon::current_num_threads().max(1) * TASKS_PER_THREAD
+    };
+    let tpt = tiles.div_ceil(tasks).max(1);
     let rpt = tpt * TILE_ROWS;
     let blocks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(rpt))
         .into_par_iter()
