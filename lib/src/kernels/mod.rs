@@ -355,6 +355,18 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
 /// activations against weight rows converted to f32 once per block of
 /// tokens.
 pub fn matmul_path(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path) {
+    matmul_split(w, x, n, y, path, true)
+}
+
+/// [`matmul`] for callers that already keep every thread busy with
+/// products of their own (MoE prefill runs its experts side by side): the
+/// AVX-512 tile kernels then walk the rows as one task, so each tile's
+/// prefetch of the next runs ahead of the same thread.
+pub fn matmul_one_task(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
+    matmul_split(w, x, n, y, default_path(), false)
+}
+
+fn matmul_split(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path, split: bool) {
     let (rows, cols) = (w.rows(), w.cols());
     assert_eq!(x.len(), n * cols, "matmul: input length");
     assert_eq!(y.len(), n * rows, "matmul: output length");
@@ -369,7 +381,7 @@ pub fn matmul_path(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path) {
         (_, Path::Scalar) | (Simd::None, _) => scalar_matmul(w, x, n, y),
         #[cfg(target_arch = "x86_64")]
         (Simd::Avx512(a), Path::SimdInt16) => match w {
-            Matrix::Quant(q) => avx512_matmul(a, q, x, n, y),
+            Matrix::Quant(q) => avx512_matmul(a, q, x, n, y, split),
             _ => avx2_matmul(a.avx2, w, x, n, y),
         },
         #[cfg(target_arch = "x86_64")]
@@ -487,9 +499,9 @@ fn avx2_matmul(a: avx2::Avx2, w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
 }
 
 /// Prefill on the AVX-512 VNNI level: every token's activations quantized
-/// to int16 per group, then each task transposes its blocks of 16 weight
-/// rows into tiles, one at a time, and multiplies each tile with every
-/// token while it sits in L2.
+/// to int16 per group, then each task (one unless `split`) transposes its
+/// blocks of 16 weight rows into tiles, one at a time, and multiplies each
+/// tile with every token while it sits in L2.
 #[cfg(target_arch = "x86_64")]
 fn avx512_matmul(
     a: avx512::Avx512,
@@ -497,20 +509,17 @@ fn avx512_matmul(
     x: &[f32],
     n: usize,
     y: &mut [f32],
+    split: bool,
 ) {
     use avx512_prefill::{Tile, TILE_ROWS};
     let (rows, cols) = (q.rows, q.cols);
     let v = avx2::QuantView::new(q).expect("validated");
     let acts = a.pair_acts(x, n, cols, q.bits, q.group_size);
     let tiles = rows.div_ceil(TILE_ROWS);
-    // Called from a rayon worker, the caller already keeps the threads busy
-    // (MoE prefill runs experts side by side): one task walks the tiles in
-    // order, so each tile's prefetch of the next one is never wasted on a
-    // tile another task starts cold.
-    let tasks = if rayon::current_thread_index().is_some() {
-        1
-    } else {
+    let tasks = if split {
         rayon::current_num_threads().max(1) * TASKS_PER_THREAD
+    } else {
+        1
     };
     let tpt = tiles.div_ceil(tasks).max(1);
     let rpt = tpt * TILE_ROWS;

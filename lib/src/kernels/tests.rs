@@ -548,3 +548,18 @@ fn int16_matmul_matches_scalar_on_model_shapes() {
         }
     }
 }
+
+/// One task or many, a product gives the same numbers.
+#[test]
+fn one_task_matmul_equals_the_split_one() {
+    let mut rng = StdRng::seed_from_u64(31);
+    for (bits, group) in [(4u8, 128usize), (8, 32)] {
+        let w = Matrix::Quant(rand_quant(&mut rng, 100, 512, bits, group, bits == 8));
+        let x = rand_x(&mut rng, 11 * 512);
+        let mut a = vec![0f32; 11 * 100];
+        let mut b = vec![1f32; 11 * 100];
+        matmul(&w, &x, 11, &mut a);
+        matmul_one_task(&w, &x, 11, &mut b);
+        assert_eq!(a, b, "{bits}-bit");
+    }
+}

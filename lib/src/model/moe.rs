@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::norm::{sigmoid, silu, softmax};
 use super::{load_matrix, ModelError};
 use crate::config::ModelConfig;
-use crate::kernels::{matmul, vector};
+use crate::kernels::{matmul, matmul_one_task, vector};
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
 
@@ -37,8 +37,24 @@ impl Expert {
         })
     }
 
-    /// Runs `m` tokens `x` `[m, hidden]`; returns `[m, hidden]`.
+    /// Runs `m` tokens `x` `[m, hidden]`; returns `[m, hidden]`. Each
+    /// product spreads over the threads.
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.forward_with(x, m, matmul)
+    }
+
+    /// [`Expert::forward`] with each product as one task, for callers that
+    /// run experts side by side.
+    pub fn forward_one_task(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.forward_with(x, m, matmul_one_task)
+    }
+
+    fn forward_with(
+        &self,
+        x: &[f32],
+        m: usize,
+        matmul: fn(&Matrix, &[f32], usize, &mut [f32]),
+    ) -> Vec<f32> {
         let inter = self.gate.rows();
         let mut g = vec![0f32; m * inter];
         let mut u = vec![0f32; m * inter];
@@ -146,21 +162,30 @@ impl Moe {
             }
         }
         let active: Vec<usize> = (0..ne).filter(|&e| !by_expert[e].is_empty()).collect();
+        // One token's experts each split their rows over the threads; many
+        // tokens' experts run side by side instead, each a few tokens' work
+        // as one task, so the threads do not meet after every small product.
+        let side_by_side = n > 1;
         let run = |e: usize| -> Vec<f32> {
             let toks = &by_expert[e];
+            let expert = &self.experts[e];
+            let forward = |xs: &[f32], m: usize| {
+                if side_by_side {
+                    expert.forward_one_task(xs, m)
+                } else {
+                    expert.forward(xs, m)
+                }
+            };
             if toks.len() == n {
-                return self.experts[e].forward(x, n);
+                return forward(x, n);
             }
             let mut xs = Vec::with_capacity(toks.len() * h);
             for &(t, _) in toks {
                 xs.extend_from_slice(&x[t * h..(t + 1) * h]);
             }
-            self.experts[e].forward(&xs, toks.len())
+            forward(&xs, toks.len())
         };
-        // One token's experts each split their rows over the threads; many
-        // tokens' experts run side by side instead, each a few tokens' work,
-        // so the threads do not meet after every small product.
-        let ys: Vec<Vec<f32>> = if n > 1 {
+        let ys: Vec<Vec<f32>> = if side_by_side {
             active.par_iter().map(|&e| run(e)).collect()
         } else {
             active.iter().map(|&e| run(e)).collect()
