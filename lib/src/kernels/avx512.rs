@@ -172,21 +172,11 @@ fn slot(bits: u8, nb: usize, j: usize, e: usize) -> usize {
 /// integers are then 0, so the NaN reaches the output through the step).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn quantize_group(xp: *const f32, n: usize, out: *mut i16, bits: u8) -> (f32, i32) {
-    let mut amax = _mm512_setzero_ps();
-    let mut bad: __mmask16 = 0;
-    let mut c = 0;
-    while c < n {
-        let v = _mm512_loadu_ps(xp.add(c));
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-        bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        c += 16;
-    }
-    let amax = _mm512_reduce_max_ps(amax);
-    if bad != 0 || !amax.is_finite() {
+    let Some(amax) = group_amax(xp, n) else {
         // Every slot of the group is written below only on the good path.
         std::ptr::write_bytes(out, 0, n);
         return (f32::NAN, 0);
-    }
+    };
     if amax == 0.0 {
         std::ptr::write_bytes(out, 0, n);
         return (0.0, 0);
@@ -205,6 +195,24 @@ unsafe fn quantize_group(xp: *const f32, n: usize, out: *mut i16, bits: u8) -> (
         c += 16;
     }
     (amax / 32767.0, _mm512_reduce_add_epi32(sum))
+}
+
+/// The largest `|x|` over the `n` floats at `xp` (a multiple of 16), or
+/// `None` when one of them is NaN or infinite.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn group_amax(xp: *const f32, n: usize) -> Option<f32> {
+    let mut amax = _mm512_setzero_ps();
+    let mut bad: __mmask16 = 0;
+    let mut c = 0;
+    while c < n {
+        let v = _mm512_loadu_ps(xp.add(c));
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        c += 16;
+    }
+    let amax = _mm512_reduce_max_ps(amax);
+    (bad == 0 && amax.is_finite()).then_some(amax)
 }
 
 /// The f16 at index `i` of `p` as f32.

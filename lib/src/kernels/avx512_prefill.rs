@@ -28,7 +28,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::QuantView;
-use super::avx512::Avx512;
+use super::avx512::{group_amax, Avx512};
 use crate::tensor::{QuantMatrix, QBLOCK};
 
 /// Weight rows in one tile: one per 32-bit lane of a 512-bit vector.
@@ -243,20 +243,10 @@ unsafe fn f16_to_f32(p: *const u8, out: &mut [f32]) {
 unsafe fn quantize_group(src: &[f32], dst: &mut [i16], bits: u8) -> (f32, i32) {
     let n = src.len();
     let xp = src.as_ptr();
-    let mut amax = _mm512_setzero_ps();
-    let mut bad: __mmask16 = 0;
-    let mut c = 0;
-    while c < n {
-        let v = _mm512_loadu_ps(xp.add(c));
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-        bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        c += 16;
-    }
-    let amax = _mm512_reduce_max_ps(amax);
-    if bad != 0 || !amax.is_finite() {
+    let Some(amax) = group_amax(xp, n) else {
         dst.fill(0);
         return (f32::NAN, 0);
-    }
+    };
     if amax == 0.0 {
         dst.fill(0);
         return (0.0, 0);
