@@ -88,6 +88,14 @@ enum Fail {
 }
 
 impl Fail {
+    /// How long to wait before retry number `attempt`: the server's
+    /// Retry-After when it sent one, else exponential backoff.
+    fn wait(&self, attempt: u32) -> Duration {
+        match self {
+            Fail::Status(_, _, Some(d)) => *d,
+            _ => backoff(attempt),
+        }
+    }
     fn retryable(&self) -> bool {
         match self {
             Fail::Status(s, _, _) => *s >= 500 || *s == 429 || *s == 408,
@@ -267,10 +275,7 @@ impl HubClient {
             match self.get(url, None, None) {
                 Ok(r) => return Ok(r),
                 Err(f) if f.retryable() && attempt < self.retries => {
-                    let wait = match &f {
-                        Fail::Status(_, _, Some(d)) => *d,
-                        _ => backoff(attempt),
-                    };
+                    let wait = f.wait(attempt);
                     tracing::warn!("{what}: {}; retrying in {wait:?}", f.describe());
                     std::thread::sleep(wait);
                     attempt += 1;
@@ -981,10 +986,7 @@ impl Dl<'_, '_> {
                         return Err(FetchError::Aborted);
                     }
                     if fail.retryable() && attempt < ctx.client.retries {
-                        let wait = match &fail {
-                            Fail::Status(_, _, Some(d)) => *d,
-                            _ => backoff(attempt),
-                        };
+                        let wait = fail.wait(attempt);
                         bar_warn!(
                             self.ctx.multi,
                             "{label}: {}; resuming in {wait:?}",
@@ -1237,10 +1239,7 @@ impl Dl<'_, '_> {
                         return Err(FetchError::Aborted);
                     }
                     if fail.retryable() && attempt < ctx.client.retries {
-                        let wait = match &fail {
-                            Fail::Status(_, _, Some(d)) => *d,
-                            _ => backoff(attempt),
-                        };
+                        let wait = fail.wait(attempt);
                         bar_warn!(
                             self.ctx.multi,
                             "{label}: repair: {}; retrying chunk {} in {wait:?}",
