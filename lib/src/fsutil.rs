@@ -103,6 +103,21 @@ pub fn ensure_writable_dir(dir: &Path) -> Result<(), FsError> {
     Ok(())
 }
 
+/// Feeds a file's contents to `f`, 1 MiB at a time (files of any size).
+pub fn read_chunks(path: &Path, mut f: impl FnMut(&[u8])) -> Result<(), FsError> {
+    use std::io::Read;
+    let mut file = File::open(path).map_err(|e| FsError::io(path, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => f(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FsError::io(path, e)),
+        }
+    }
+}
+
 /// blake3 of a file's contents, read through a buffer (files of any size).
 pub fn blake3_file(path: &Path) -> Result<blake3::Hash, FsError> {
     let mut hasher = blake3::Hasher::new();

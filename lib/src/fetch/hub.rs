@@ -458,16 +458,10 @@ impl Hashes {
     /// Hashes an existing file from the start.
     fn of_file(path: &Path, bar: &indicatif::ProgressBar) -> Result<Hashes, FsError> {
         let mut h = Hashes::new();
-        let mut f = File::open(path).map_err(|e| FsError::io(path, e))?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).map_err(|e| FsError::io(path, e))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            bar.inc(n as u64);
-        }
+        crate::fsutil::read_chunks(path, |b| {
+            h.update(b);
+            bar.inc(b.len() as u64);
+        })?;
         Ok(h)
     }
 }

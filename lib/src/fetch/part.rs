@@ -337,18 +337,12 @@ pub fn scan(
 /// hub's tree API gives it for files not stored in LFS.
 pub fn git_blob_sha1(path: &Path) -> Result<String, FsError> {
     use sha1::Sha1;
-    let mut f = File::open(path).map_err(|e| FsError::io(path, e))?;
-    let len = f.metadata().map_err(|e| FsError::io(path, e))?.len();
+    let len = std::fs::metadata(path)
+        .map_err(|e| FsError::io(path, e))?
+        .len();
     let mut h = Sha1::new();
     h.update(format!("blob {len}\0").as_bytes());
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| FsError::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
+    crate::fsutil::read_chunks(path, |b| h.update(b))?;
     Ok(format!("{:x}", h.finalize()))
 }
 
