@@ -28,6 +28,7 @@
 //! the problem, never computed.
 
 pub mod bench;
+pub mod delta_rule;
 pub mod scalar;
 pub mod vector;
 

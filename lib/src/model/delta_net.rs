@@ -14,13 +14,15 @@
 //!
 //! then a gated RMSNorm with `z` and `out_proj`. Prefill runs the same
 //! recurrence token by token after batched projections, so prefill and
-//! decode give the same numbers.
+//! decode give the same numbers (the recurrence itself is
+//! `kernels::delta_rule`, one pass over the state per token).
 
 use rayon::prelude::*;
 
 use super::norm::{l2_norm, rms_norm_gated, sigmoid, silu, softplus};
 use super::{load_matrix, load_vector, ModelError};
 use crate::config::ModelConfig;
+use crate::kernels::delta_rule::{delta_rule, DeltaToken};
 use crate::kernels::matmul;
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
@@ -216,25 +218,14 @@ impl DeltaNet {
             .map(|(h, s)| {
                 let kh = h / r;
                 let mut out = vec![0f32; n * d.dv];
-                let mut kvs = vec![0f32; d.dv];
-                for t in 0..n {
-                    let qt = &q[t * kd + kh * d.dk..t * kd + (kh + 1) * d.dk];
-                    let kt = &k[t * kd + kh * d.dk..t * kd + (kh + 1) * d.dk];
-                    let vt = &conv[t * cd + 2 * kd + h * d.dv..t * cd + 2 * kd + (h + 1) * d.dv];
-                    let beta = sigmoid(b[t * d.nv + h]);
-                    let g = self.a_neg[h] * softplus(a[t * d.nv + h] + self.dt_bias[h]);
-                    let decay = g.exp();
-                    delta_step(
-                        s,
-                        qt,
-                        kt,
-                        vt,
-                        beta,
-                        decay,
-                        &mut kvs,
-                        &mut out[t * d.dv..(t + 1) * d.dv],
-                    );
-                }
+                let token = |t: usize| DeltaToken {
+                    q: &q[t * kd + kh * d.dk..t * kd + (kh + 1) * d.dk],
+                    k: &k[t * kd + kh * d.dk..t * kd + (kh + 1) * d.dk],
+                    v: &conv[t * cd + 2 * kd + h * d.dv..t * cd + 2 * kd + (h + 1) * d.dv],
+                    beta: sigmoid(b[t * d.nv + h]),
+                    decay: (self.a_neg[h] * softplus(a[t * d.nv + h] + self.dt_bias[h])).exp(),
+                };
+                delta_rule(s, d.dk, d.dv, n, token, &mut out);
                 out
             })
             .collect();
@@ -288,76 +279,5 @@ impl DeltaNet {
         }
         st.conv = next;
         out
-    }
-}
-
-/// One delta-rule step on a `[dk, dv]` state `s`: decay, read `Sᵀk`, write
-/// `k ⊗ beta (v - Sᵀk)`, output `Sᵀq` into `out`.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn delta_step(
-    s: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    beta: f32,
-    decay: f32,
-    kvs: &mut [f32],
-    out: &mut [f32],
-) {
-    let dv = v.len();
-    kvs.fill(0.0);
-    for (i, ki) in k.iter().enumerate() {
-        let row = &mut s[i * dv..(i + 1) * dv];
-        for (sj, kv) in row.iter_mut().zip(kvs.iter_mut()) {
-            *sj *= decay;
-            *kv += *sj * ki;
-        }
-    }
-    for (kv, vj) in kvs.iter_mut().zip(v) {
-        *kv = beta * (vj - *kv);
-    }
-    out.fill(0.0);
-    for (i, (ki, qi)) in k.iter().zip(q).enumerate() {
-        let row = &mut s[i * dv..(i + 1) * dv];
-        for ((sj, dj), oj) in row.iter_mut().zip(kvs.iter()).zip(out.iter_mut()) {
-            *sj += ki * dj;
-            *oj += *sj * qi;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The fused step equals the textbook rule written out with matrices.
-    #[test]
-    fn delta_step_matches_definition() {
-        let (dk, dv) = (3, 2);
-        let mut s: Vec<f32> = (0..dk * dv).map(|i| i as f32 * 0.1 - 0.2).collect();
-        let s0 = s.clone();
-        let (q, k, v) = ([0.3, -0.1, 0.5], [0.2, 0.4, -0.6], [1.0, -2.0]);
-        let (beta, decay) = (0.7, 0.9);
-        let mut kvs = vec![0.0; dv];
-        let mut out = vec![0.0; dv];
-        delta_step(&mut s, &q, &k, &v, beta, decay, &mut kvs, &mut out);
-        // reference
-        let sd: Vec<f32> = s0.iter().map(|x| x * decay).collect();
-        let mut want_s = sd.clone();
-        for j in 0..dv {
-            let kv: f32 = (0..dk).map(|i| sd[i * dv + j] * k[i]).sum();
-            let dj = beta * (v[j] - kv);
-            for i in 0..dk {
-                want_s[i * dv + j] += k[i] * dj;
-            }
-        }
-        for j in 0..dv {
-            let o: f32 = (0..dk).map(|i| want_s[i * dv + j] * q[i]).sum();
-            assert!((o - out[j]).abs() < 1e-6);
-        }
-        for (a, b) in s.iter().zip(&want_s) {
-            assert!((a - b).abs() < 1e-6);
-        }
     }
 }
