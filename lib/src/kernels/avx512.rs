@@ -51,9 +51,14 @@ impl Avx512 {
     }
 }
 
+/// The largest int16 activation, `256 * 127 + 127`: the prefill kernels
+/// split each value into two signed bytes (`x = 256 hi + lo`), and decode
+/// uses the same steps so a prompt gives the same numbers either way.
+pub(crate) const ACT_MAX: f32 = 32639.0;
+
 /// Activations quantized to int16 per weight group: `x[k] ≈ d[g] * xq[k]`
-/// with `d[g] = max|x| / 32767` over group `g` (half a step is 1.5e-5 of the
-/// group's largest value).
+/// with `d[g] = max|x| / 32639` ([`ACT_MAX`]) over group `g` (half a step is
+/// 1.5e-5 of the group's largest value).
 ///
 /// For int4 weights the blocks of a group pair up, `(b, b + 1)` for even
 /// offsets from the group's first block, to match 32 weight bytes widened to
@@ -181,20 +186,20 @@ unsafe fn quantize_group(xp: *const f32, n: usize, out: *mut i16, bits: u8) -> (
         std::ptr::write_bytes(out, 0, n);
         return (0.0, 0);
     }
-    let inv = _mm512_set1_ps(32767.0 / amax);
+    let inv = _mm512_set1_ps(ACT_MAX / amax);
     let nb = n / QBLOCK;
     let mut sum = _mm512_setzero_si512();
     let mut c = 0;
     while c < n {
-        // Round to nearest; |x * inv| <= 32767 up to rounding, and the
-        // narrowing saturates.
+        // Round to nearest; |x * inv| <= ACT_MAX up to rounding, which
+        // rounds back to ACT_MAX.
         let q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xp.add(c)), inv));
         sum = _mm512_add_epi32(sum, q);
         let dst = out.add(slot(bits, nb, c / QBLOCK, c % QBLOCK));
         _mm256_storeu_si256(dst as *mut __m256i, _mm512_cvtsepi32_epi16(q));
         c += 16;
     }
-    (amax / 32767.0, _mm512_reduce_add_epi32(sum))
+    (amax / ACT_MAX, _mm512_reduce_add_epi32(sum))
 }
 
 /// The largest `|x|` over the `n` floats at `xp` (a multiple of 16), or

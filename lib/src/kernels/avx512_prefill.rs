@@ -6,15 +6,22 @@
 //! ends with a convert and a scale per (row, token); with 128-element groups
 //! that is one extra instruction per two multiply-adds. Here a block of 16
 //! rows is first transposed into a tile where each 64-byte vector holds the
-//! same two columns of all 16 rows as int16 pairs. A token's activation pair
-//! is broadcast to every lane, `vpdpwssd` adds 32 products into the 16 rows'
-//! sums, and a group's scales are applied to 16 rows at once: four
-//! instructions per group and token against 64 multiply-adds. The tile is
-//! built once and then meets every token, up to [`TOKENS`] per pass with
-//! all sums in registers.
+//! same four columns of all 16 rows as unsigned bytes (int4 nibbles split
+//! into bytes, int8 as stored). A token's activations are int16, split
+//! exactly into a high and a low signed byte (`x = 256 hi + lo`); each
+//! byte's four columns are broadcast to every lane and `vpdpbusd` adds 64
+//! products into the 16 rows' sums, one sum for the high bytes and one for
+//! the low. A group's two sums are joined and scaled for 16 rows at once.
+//! The tile is built once and then meets every token, up to [`TOKENS`] per
+//! pass with all sums in registers.
+//!
+//! Bytes instead of int16 pairs halve the tile (32 KiB for 2048 columns,
+//! inside L1) and its stores, and drop the byte shuffles that widened the
+//! weights: building tiles is most of the cost for a routed expert that
+//! meets only a few tokens.
 //!
 //! The order of columns inside a tile follows the packed bytes (an int4
-//! byte holds elements `j` and `j + 16` of its block); [`PairActs`] stores
+//! byte holds elements `j` and `j + 16` of its block); [`SplitActs`] stores
 //! each token's activations in the same order, which a dot product does not
 //! notice.
 //!
@@ -28,21 +35,23 @@
 use std::arch::x86_64::*;
 
 use super::avx2::QuantView;
-use super::avx512::{group_amax, Avx512};
+use super::avx512::{group_amax, Avx512, ACT_MAX};
 use crate::tensor::{QuantMatrix, QBLOCK};
 
 /// Weight rows in one tile: one per 32-bit lane of a 512-bit vector.
 pub(crate) const TILE_ROWS: usize = 16;
 
-/// The most tokens one pass over a tile takes, each with an i32 and an f32
-/// vector in registers (16 of the 32; 12 tokens spilled and ran slower).
+/// The most tokens one pass over a tile takes, each with two i32 sums and
+/// an f32 total in registers (24 of the 32).
 pub(crate) const TOKENS: usize = 8;
 
 /// Activations of `n` tokens quantized to int16 per weight group, for
-/// `bits`-bit weights: `x[k] ≈ d[g] * xq[k]` with `d[g] = max|x| / 32767`
-/// over group `g`, stored in tile column order (see [`pair_slot`]).
-pub(crate) struct PairActs {
-    xq: Vec<i16>,
+/// `bits`-bit weights: `x[k] ≈ d[g] * xq[k]` with `d[g] = max|x| / 32639`
+/// over group `g`, kept as the signed bytes of `xq = 256 hi + lo`, in tile
+/// column order (see [`slot`]).
+pub(crate) struct SplitActs {
+    hi: Vec<i8>,
+    lo: Vec<i8>,
     d: Vec<f32>,
     /// Per token and group: `d[g] * Σ xq`, for the zero-point term.
     gsum: Vec<f32>,
@@ -54,21 +63,20 @@ pub(crate) struct PairActs {
 }
 
 /// The position of element `e` (0..32) inside its block's 32 tile columns:
-/// int4 pair `4c + m` of a block holds elements `4c + 2m`, `4c + 2m + 1` for
-/// `m` 0 and 1 (low nibbles of bytes `4c..4c + 4`) and `16 + 4c + 2(m - 2)`,
-/// `+1` for `m` 2 and 3 (their high nibbles); int8 keeps the plain order.
-fn pair_slot(bits: u8, e: usize) -> usize {
+/// int4 byte `4c + m` of a block holds elements `4c + m` (low nibble) and
+/// `16 + 4c + m` (high nibble), and a tile vector takes the low nibbles of
+/// bytes `4c..4c + 4`, then the next their high nibbles; int8 keeps the
+/// plain order.
+fn slot(bits: u8, e: usize) -> usize {
     if bits != 4 {
         return e;
     }
     let (hi, j) = (e / 16, e % 16);
-    let c = j / 4;
-    let m = (j % 4) / 2 + 2 * hi;
-    2 * (4 * c + m) + j % 2
+    4 * (2 * (j / 4) + hi) + j % 4
 }
 
 /// The most columns whose products one i32 lane may add before it is
-/// scaled: `(2^bits - 1) * 32767 * cols` stays below 2^31.
+/// scaled: `(2^bits - 1) * 32639 * cols` stays below 2^31.
 fn flush_cols(bits: u8) -> usize {
     if bits == 4 {
         4096
@@ -80,8 +88,8 @@ fn flush_cols(bits: u8) -> usize {
 /// A block of up to [`TILE_ROWS`] weight rows transposed for [`Avx512::tile_multiply`],
 /// with their scales per group. Reused from tile to tile.
 pub(crate) struct Tile {
-    /// `cols / 2` vectors of 16 lanes, each an int16 pair of one row.
-    w: Vec<i16>,
+    /// `cols / 4` vectors of 16 lanes, each four unsigned weights of one row.
+    w: Vec<u8>,
     /// Per group, 16 rows' scales.
     scale: Vec<f32>,
     /// Per group, 16 rows' `scale * zero`.
@@ -110,19 +118,20 @@ impl Avx512 {
     /// `group_size` (both multiples of 32; the last group may be short). A
     /// group holding NaN or infinity gets a NaN step, so the token's outputs
     /// show it.
-    pub(crate) fn pair_acts(
+    pub(crate) fn split_acts(
         self,
         x: &[f32],
         n: usize,
         cols: usize,
         bits: u8,
         group_size: usize,
-    ) -> PairActs {
+    ) -> SplitActs {
         assert!(cols % QBLOCK == 0 && group_size % QBLOCK == 0 && group_size > 0);
-        assert_eq!(x.len(), n * cols, "pair_acts: input length");
+        assert_eq!(x.len(), n * cols, "split_acts: input length");
         let ng = cols.div_ceil(group_size);
-        let mut a = PairActs {
-            xq: vec![0; n * cols],
+        let mut a = SplitActs {
+            hi: vec![0; n * cols],
+            lo: vec![0; n * cols],
             d: vec![0.0; n * ng],
             gsum: vec![0.0; n * ng],
             n,
@@ -133,13 +142,13 @@ impl Avx512 {
         };
         for t in 0..n {
             for g in 0..ng {
-                let k0 = g * group_size;
-                let k1 = (k0 + group_size).min(cols);
-                let src = &x[t * cols + k0..t * cols + k1];
-                let dst = &mut a.xq[t * cols + k0..t * cols + k1];
-                // SAFETY: features proven by `self`; `src` and `dst` have
+                let k0 = t * cols + g * group_size;
+                let k1 = t * cols + ((g + 1) * group_size).min(cols);
+                // SAFETY: features proven by `self`; the three slices have
                 // the same length, a multiple of 32.
-                let (d, s) = unsafe { quantize_group(src, dst, bits) };
+                let (d, s) = unsafe {
+                    quantize_group(&x[k0..k1], &mut a.hi[k0..k1], &mut a.lo[k0..k1], bits)
+                };
                 a.d[t * ng + g] = d;
                 a.gsum[t * ng + g] = d * s as f32;
             }
@@ -177,13 +186,13 @@ impl Avx512 {
             }
         }
         // SAFETY: features proven by `self`; rows `r0..r0 + nr` exist, each
-        // `row_bytes` long, and `tile.w` holds `cols * 16` int16s.
+        // `row_bytes` long, and `tile.w` holds `cols * 16` bytes.
         unsafe { transpose_rows(v, r0, nr, tile.w.as_mut_ptr()) }
     }
 
     /// `out[t * ldo + i] = row i of tile · token t` for every token of
     /// `acts` and the tile's rows.
-    pub(crate) fn tile_multiply(self, tile: &Tile, acts: &PairActs, out: &mut [f32], ldo: usize) {
+    pub(crate) fn tile_multiply(self, tile: &Tile, acts: &SplitActs, out: &mut [f32], ldo: usize) {
         let n = acts.n;
         assert!(acts.cols == tile.cols && acts.n_groups == tile.n_groups);
         assert!(tile.rows <= ldo && (n == 0 || out.len() >= (n - 1) * ldo + tile.rows));
@@ -236,44 +245,63 @@ unsafe fn f16_to_f32(p: *const u8, out: &mut [f32]) {
     }
 }
 
-/// Quantizes one group `src` into `dst` in tile column order; returns the
-/// step and the integer sum (step 0 for an all-zero group, NaN with zero
-/// integers for a group holding a non-finite value).
+/// Quantizes one group `src` to int16 and writes its bytes to `hi` and
+/// `lo` in tile column order; returns the step and the integer sum (step 0
+/// for an all-zero group, NaN with zero integers for a group holding a
+/// non-finite value).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn quantize_group(src: &[f32], dst: &mut [i16], bits: u8) -> (f32, i32) {
+unsafe fn quantize_group(src: &[f32], hi: &mut [i8], lo: &mut [i8], bits: u8) -> (f32, i32) {
     let n = src.len();
     let xp = src.as_ptr();
     let Some(amax) = group_amax(xp, n) else {
-        dst.fill(0);
+        hi.fill(0);
+        lo.fill(0);
         return (f32::NAN, 0);
     };
     if amax == 0.0 {
-        dst.fill(0);
+        hi.fill(0);
+        lo.fill(0);
         return (0.0, 0);
     }
-    let inv = _mm512_set1_ps(32767.0 / amax);
+    let inv = _mm512_set1_ps(ACT_MAX / amax);
+    let (qmin, qmax) = (
+        _mm512_set1_epi32(-(ACT_MAX as i32)),
+        _mm512_set1_epi32(ACT_MAX as i32),
+    );
     let mut sum = _mm512_setzero_si512();
-    let mut block = [0i16; QBLOCK];
+    let (mut bh, mut bl) = ([0i8; QBLOCK], [0i8; QBLOCK]);
     for b in 0..n / QBLOCK {
         for h in 0..2 {
-            // Round to nearest; |x * inv| <= 32767 up to rounding, and the
-            // narrowing saturates.
+            // Round to nearest; the clamp only catches rounding at the edge.
             let q = _mm512_cvtps_epi32(_mm512_mul_ps(
                 _mm512_loadu_ps(xp.add(b * QBLOCK + 16 * h)),
                 inv,
             ));
+            let q = _mm512_min_epi32(_mm512_max_epi32(q, qmin), qmax);
             sum = _mm512_add_epi32(sum, q);
-            _mm256_storeu_si256(
-                block.as_mut_ptr().add(16 * h) as *mut __m256i,
-                _mm512_cvtsepi32_epi16(q),
+            // hi = round(q / 256) and lo = q - 256 hi, both in -127..=127.
+            let qh = _mm512_srai_epi32::<8>(_mm512_add_epi32(q, _mm512_set1_epi32(128)));
+            let ql = _mm512_sub_epi32(q, _mm512_slli_epi32::<8>(qh));
+            _mm_storeu_si128(
+                bh.as_mut_ptr().add(16 * h) as *mut __m128i,
+                _mm512_cvtepi32_epi8(qh),
+            );
+            _mm_storeu_si128(
+                bl.as_mut_ptr().add(16 * h) as *mut __m128i,
+                _mm512_cvtepi32_epi8(ql),
             );
         }
-        let out = &mut dst[b * QBLOCK..(b + 1) * QBLOCK];
-        for (e, v) in block.iter().enumerate() {
-            out[pair_slot(bits, e)] = *v;
+        let (oh, ol) = (
+            &mut hi[b * QBLOCK..(b + 1) * QBLOCK],
+            &mut lo[b * QBLOCK..(b + 1) * QBLOCK],
+        );
+        for e in 0..QBLOCK {
+            let s = slot(bits, e);
+            oh[s] = bh[e];
+            ol[s] = bl[e];
         }
     }
-    (amax / 32767.0, _mm512_reduce_add_epi32(sum))
+    (amax / ACT_MAX, _mm512_reduce_add_epi32(sum))
 }
 
 /// Transposes 16 vectors of 16 dwords: on return `r[j]` holds dword `j` of
@@ -306,26 +334,16 @@ unsafe fn transpose16(r: &mut [__m512i; 16]) {
     }
 }
 
-/// Writes rows `r0..r0 + nr` of `v` to `dst` as `cols / 2` vectors, each
-/// the int16 pair of tile columns `2p, 2p + 1` for 16 rows (missing rows
-/// zero). Works 64 packed bytes of each row at a time: one 16x16 dword
-/// transpose, then each dword of 4 bytes widens to two (int8) or four
-/// (int4: low nibbles, then high) pair vectors.
+/// Writes rows `r0..r0 + nr` of `v` to `dst` as `cols / 4` vectors, each
+/// four unsigned weights (tile columns `4p..4p + 4`) of 16 rows (missing
+/// rows zero). Works 64 packed bytes of each row at a time: one 16x16
+/// dword transpose, then each dword of 4 bytes is one vector (int8) or
+/// splits into its low and its high nibbles (int4).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut i16) {
+unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut u8) {
     let bits = v.bits as usize;
     let row_bytes = v.row_bytes;
     let base = v.q.as_ptr().add(r0 * row_bytes);
-    // Bytes 0, 1 (`lo_pair`) and 2, 3 (`hi_pair`) of each dword widened to
-    // 16-bit lanes (a mask byte with its top bit set writes zero).
-    let (mut lo, mut hi) = ([0u32; 16], [0u32; 16]);
-    for i in 0..16 {
-        let b = 4 * (i as u32 % 4);
-        lo[i] = 0x8000_8000 | (b + 1) << 16 | b;
-        hi[i] = 0x8000_8000 | (b + 3) << 16 | (b + 2);
-    }
-    let lo_pair = _mm512_loadu_si512(lo.as_ptr() as *const _);
-    let hi_pair = _mm512_loadu_si512(hi.as_ptr() as *const _);
     let nib = _mm512_set1_epi8(0x0F);
     let mut out = dst as *mut __m512i;
     // The weights come from memory (a routed expert is read once per
@@ -363,17 +381,15 @@ unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut i16) {
         // `len` is a multiple of 16 (one block of int4, half of int8).
         for d in r.iter().take(len / 4) {
             if bits == 4 {
-                let lo = _mm512_and_si512(*d, nib);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(*d), nib);
-                for p in [lo, hi] {
-                    _mm512_storeu_si512(out as *mut _, _mm512_shuffle_epi8(p, lo_pair));
-                    _mm512_storeu_si512(out.add(1) as *mut _, _mm512_shuffle_epi8(p, hi_pair));
-                    out = out.add(2);
-                }
-            } else {
-                _mm512_storeu_si512(out as *mut _, _mm512_shuffle_epi8(*d, lo_pair));
-                _mm512_storeu_si512(out.add(1) as *mut _, _mm512_shuffle_epi8(*d, hi_pair));
+                _mm512_storeu_si512(out as *mut _, _mm512_and_si512(*d, nib));
+                _mm512_storeu_si512(
+                    out.add(1) as *mut _,
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(*d), nib),
+                );
                 out = out.add(2);
+            } else {
+                _mm512_storeu_si512(out as *mut _, *d);
+                out = out.add(1);
             }
         }
         off += len;
@@ -389,7 +405,7 @@ const PREFETCH_CHUNKS: usize = 4;
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_tokens<const T: usize>(
     tile: &Tile,
-    acts: &PairActs,
+    acts: &SplitActs,
     t0: usize,
     out: *mut f32,
     ldo: usize,
@@ -399,9 +415,10 @@ unsafe fn tile_tokens<const T: usize>(
     let gs = acts.group_size;
     let flush = flush_cols(acts.bits);
     let w = tile.w.as_ptr() as *const __m512i;
-    let mut xs = [std::ptr::null::<i32>(); T];
-    for (t, x) in xs.iter_mut().enumerate() {
-        *x = acts.xq.as_ptr().add((t0 + t) * cols) as *const i32;
+    let (mut xh, mut xl) = ([std::ptr::null::<i32>(); T], [std::ptr::null::<i32>(); T]);
+    for t in 0..T {
+        xh[t] = acts.hi.as_ptr().add((t0 + t) * cols) as *const i32;
+        xl[t] = acts.lo.as_ptr().add((t0 + t) * cols) as *const i32;
     }
     let d = acts.d.as_ptr().add(t0 * ng);
     let gsum = acts.gsum.as_ptr().add(t0 * ng);
@@ -413,17 +430,19 @@ unsafe fn tile_tokens<const T: usize>(
         let mut c0 = k0;
         while c0 < k1 {
             let c1 = (c0 + flush).min(k1);
-            let mut acc = [_mm512_setzero_si512(); T];
-            for p in c0 / 2..c1 / 2 {
+            let (mut ah, mut al) = ([_mm512_setzero_si512(); T], [_mm512_setzero_si512(); T]);
+            for p in c0 / 4..c1 / 4 {
                 let wv = _mm512_loadu_si512(w.add(p) as *const _);
                 for t in 0..T {
-                    let xv = _mm512_set1_epi32(*xs[t].add(p));
-                    acc[t] = _mm512_dpwssd_epi32(acc[t], wv, xv);
+                    ah[t] = _mm512_dpbusd_epi32(ah[t], wv, _mm512_set1_epi32(*xh[t].add(p)));
+                    al[t] = _mm512_dpbusd_epi32(al[t], wv, _mm512_set1_epi32(*xl[t].add(p)));
                 }
             }
             for t in 0..T {
+                // Exact: 256 Σ w hi + Σ w lo = Σ w xq, inside i32 (`flush_cols`).
+                let acc = _mm512_add_epi32(_mm512_slli_epi32::<8>(ah[t]), al[t]);
                 let sd = _mm512_mul_ps(sv, _mm512_set1_ps(*d.add(t * ng + g)));
-                tot[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), sd, tot[t]);
+                tot[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sd, tot[t]);
             }
             c0 = c1;
         }
@@ -474,21 +493,23 @@ mod tests {
     }
 
     #[test]
-    fn pair_slots_are_a_permutation_of_the_block() {
+    fn slots_are_a_permutation_of_the_block() {
         for bits in [4u8, 8] {
             let mut seen = [false; 32];
             for e in 0..32 {
-                let s = pair_slot(bits, e);
+                let s = slot(bits, e);
                 assert!(!seen[s], "{bits}-bit slot {s} twice");
                 seen[s] = true;
             }
         }
-        // Bytes 0..4 of a block: low nibbles are elements 0..4, high 16..20.
-        assert_eq!(pair_slot(4, 1), 1);
-        assert_eq!(pair_slot(4, 3), 3);
-        assert_eq!(pair_slot(4, 16), 4);
-        assert_eq!(pair_slot(4, 19), 7);
-        assert_eq!(pair_slot(4, 4), 8);
-        assert_eq!(pair_slot(8, 20), 20);
+        // Bytes 0..4 of a block: low nibbles are elements 0..4 (slots
+        // 0..4), high nibbles 16..20 (slots 4..8); bytes 4..8 follow.
+        assert_eq!(slot(4, 1), 1);
+        assert_eq!(slot(4, 3), 3);
+        assert_eq!(slot(4, 16), 4);
+        assert_eq!(slot(4, 19), 7);
+        assert_eq!(slot(4, 4), 8);
+        assert_eq!(slot(4, 20), 12);
+        assert_eq!(slot(8, 20), 20);
     }
 }

@@ -353,7 +353,7 @@ mod tests {
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
-            .map(|i| ((i as f32 * 0.618 + seed as f32 * 1.7).sin() * 0.5))
+            .map(|i| (i as f32 * 0.618 + seed as f32 * 1.7).sin() * 0.5)
             .collect()
     }
 

@@ -515,7 +515,7 @@ fn avx512_matmul(
     use avx512_prefill::{Tile, TILE_ROWS};
     let (rows, cols) = (q.rows, q.cols);
     let v = avx2::QuantView::new(q).expect("validated");
-    let acts = a.pair_acts(x, n, cols, q.bits, q.group_size);
+    let acts = a.split_acts(x, n, cols, q.bits, q.group_size);
     let tiles = rows.div_ceil(TILE_ROWS);
     let tasks = if split {
         rayon::current_num_threads().max(1) * TASKS_PER_THREAD
