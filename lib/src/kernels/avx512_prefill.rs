@@ -416,9 +416,9 @@ unsafe fn tile_tokens<const T: usize>(
     let flush = flush_cols(acts.bits);
     let w = tile.w.as_ptr() as *const __m512i;
     let (mut xh, mut xl) = ([std::ptr::null::<i32>(); T], [std::ptr::null::<i32>(); T]);
-    for t in 0..T {
-        xh[t] = acts.hi.as_ptr().add((t0 + t) * cols) as *const i32;
-        xl[t] = acts.lo.as_ptr().add((t0 + t) * cols) as *const i32;
+    for (t, (h, l)) in xh.iter_mut().zip(xl.iter_mut()).enumerate() {
+        *h = acts.hi.as_ptr().add((t0 + t) * cols) as *const i32;
+        *l = acts.lo.as_ptr().add((t0 + t) * cols) as *const i32;
     }
     let d = acts.d.as_ptr().add(t0 * ng);
     let gsum = acts.gsum.as_ptr().add(t0 * ng);
@@ -447,8 +447,8 @@ unsafe fn tile_tokens<const T: usize>(
             c0 = c1;
         }
         let szv = _mm512_loadu_ps(tile.scale_zero.as_ptr().add(g * TILE_ROWS));
-        for t in 0..T {
-            tot[t] = _mm512_fnmadd_ps(szv, _mm512_set1_ps(*gsum.add(t * ng + g)), tot[t]);
+        for (t, tv) in tot.iter_mut().enumerate() {
+            *tv = _mm512_fnmadd_ps(szv, _mm512_set1_ps(*gsum.add(t * ng + g)), *tv);
         }
     }
     let keep: __mmask16 = ((1u32 << tile.rows) - 1) as __mmask16;
