@@ -28,6 +28,17 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `y[i] = alpha * x[i]` over the shorter length: the first term of a sum
+/// that [`axpy`] continues. Writing a fresh buffer before reading it matters:
+/// a zeroed allocation read first maps the shared zero page, and the write
+/// that follows then costs a second fault and a TLB shootdown to every
+/// other core running the process.
+pub fn scale(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = alpha * xi;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -87,6 +98,9 @@ mod tests {
             assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "dot n={n}");
             let mut y = b.clone();
             axpy(0.5, &a, &mut y);
+            let mut z = vec![f32::NAN; n];
+            scale(0.5, &a, &mut z);
+            assert!(z.iter().zip(&a).all(|(z, a)| *z == 0.5 * a), "scale n={n}");
             for i in 0..n {
                 assert!(
                     (y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6,

@@ -137,12 +137,16 @@ impl Attention {
             super::norm::softmax(&mut scores);
             for (s, p) in scores.iter().enumerate() {
                 let vs = &cv[s * kvw + kvh * hd..s * kvw + (kvh + 1) * hd];
-                vector::axpy(*p, vs, oh);
+                if s == 0 {
+                    vector::scale(*p, vs, oh);
+                } else {
+                    vector::axpy(*p, vs, oh);
+                }
+            }
+            for (oj, gj) in oh.iter_mut().zip(&gate[i * hd..(i + 1) * hd]) {
+                *oj *= sigmoid(*gj);
             }
         });
-        for (oj, gj) in o.iter_mut().zip(&gate) {
-            *oj *= sigmoid(*gj);
-        }
         let mut y = vec![0f32; n * self.hidden];
         matmul(&self.o_proj, &o, n, &mut y);
         y

@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::norm::{l2_norm, rms_norm_gated, sigmoid, silu, softplus};
+use super::norm::{for_each_row, l2_norm, rms_norm_gated, sigmoid, silu, softplus};
 use super::{load_matrix, load_vector, ModelError};
 use crate::config::ModelConfig;
 use crate::kernels::delta_rule::{delta_rule, DeltaToken};
@@ -97,7 +97,8 @@ pub struct DeltaNet {
     in_proj_qkvz: Matrix,
     in_proj_ba: Matrix,
     out_proj: Matrix,
-    /// `[conv_dim, K]`.
+    /// `[K, conv_dim]`: tap `j` of every channel together, so a token's
+    /// conv is K vector multiply-adds over its channels.
     conv_w: Vec<f32>,
     dt_bias: Vec<f32>,
     /// `-exp(A_log)`.
@@ -121,11 +122,15 @@ impl DeltaNet {
             )?,
             in_proj_ba: load_matrix(w, &format!("{prefix}.in_proj_ba"), 2 * d.nv, d.hidden)?,
             out_proj: load_matrix(w, &format!("{prefix}.out_proj"), d.hidden, d.value_dim())?,
-            conv_w: load_vector(
-                w,
-                &format!("{prefix}.conv1d.weight"),
-                &[d.conv_dim(), 1, d.kernel],
-            )?,
+            conv_w: transpose(
+                &load_vector(
+                    w,
+                    &format!("{prefix}.conv1d.weight"),
+                    &[d.conv_dim(), 1, d.kernel],
+                )?,
+                d.conv_dim(),
+                d.kernel,
+            ),
             dt_bias: load_vector(w, &format!("{prefix}.dt_bias"), &[d.nv])?,
             a_neg: a_log.iter().map(|v| -v.exp()).collect(),
             norm_w: load_vector(w, &format!("{prefix}.norm.weight"), &[d.dv])?,
@@ -195,20 +200,21 @@ impl DeltaNet {
         let scale = 1.0 / (d.dk as f32).sqrt();
         let mut q = vec![0f32; n * kd];
         let mut k = vec![0f32; n * kd];
-        for t in 0..n {
-            let c = &conv[t * cd..(t + 1) * cd];
-            q[t * kd..(t + 1) * kd].copy_from_slice(&c[..kd]);
-            k[t * kd..(t + 1) * kd].copy_from_slice(&c[kd..2 * kd]);
-        }
-        for h in q.chunks_exact_mut(d.dk) {
-            l2_norm(h, L2_EPS);
-            for v in h.iter_mut() {
-                *v *= scale;
+        for_each_row(&mut q, kd, |t, qt| {
+            qt.copy_from_slice(&conv[t * cd..t * cd + kd]);
+            for h in qt.chunks_exact_mut(d.dk) {
+                l2_norm(h, L2_EPS);
+                for v in h.iter_mut() {
+                    *v *= scale;
+                }
             }
-        }
-        for h in k.chunks_exact_mut(d.dk) {
-            l2_norm(h, L2_EPS);
-        }
+        });
+        for_each_row(&mut k, kd, |t, kt| {
+            kt.copy_from_slice(&conv[t * cd + kd..t * cd + 2 * kd]);
+            for h in kt.chunks_exact_mut(d.dk) {
+                l2_norm(h, L2_EPS);
+            }
+        });
 
         // Delta rule per value head (heads are independent).
         let heads: Vec<Vec<f32>> = st
@@ -232,14 +238,14 @@ impl DeltaNet {
 
         // Gated RMSNorm per head, then out_proj.
         let mut o = vec![0f32; n * vd];
-        for (h, ho) in heads.iter().enumerate() {
-            for t in 0..n {
-                let dst = &mut o[t * vd + h * d.dv..t * vd + (h + 1) * d.dv];
+        for_each_row(&mut o, vd, |t, ot| {
+            for (h, ho) in heads.iter().enumerate() {
+                let dst = &mut ot[h * d.dv..(h + 1) * d.dv];
                 dst.copy_from_slice(&ho[t * d.dv..(t + 1) * d.dv]);
                 let zt = &z[t * vd + h * d.dv..t * vd + (h + 1) * d.dv];
                 rms_norm_gated(dst, zt, &self.norm_w, self.eps);
             }
-        }
+        });
         let mut y = vec![0f32; n * d.hidden];
         matmul(&self.out_proj, &o, n, &mut y);
         y
@@ -250,34 +256,54 @@ impl DeltaNet {
         let d = self.dims;
         let (cd, kk) = (d.conv_dim(), d.kernel);
         let hist = kk - 1;
-        let mut out = vec![0f32; n * cd];
-        // input(s) for s in -(K-1)..n: state row K-1+s when negative.
-        let input = |s: isize, c: usize| -> f32 {
+        // Input row s for s in -(K-1)..n: state row K-1+s when negative.
+        let conv_state = &st.conv;
+        let input = |s: isize| -> &[f32] {
             if s < 0 {
-                st.conv[(hist as isize + s) as usize * cd + c]
+                let r = (hist as isize + s) as usize;
+                &conv_state[r * cd..(r + 1) * cd]
             } else {
-                mixed[s as usize * cd + c]
+                &mixed[s as usize * cd..(s as usize + 1) * cd]
             }
         };
-        for t in 0..n {
-            for c in 0..cd {
-                let w = &self.conv_w[c * kk..(c + 1) * kk];
-                let mut acc = 0f32;
-                for (j, wj) in w.iter().enumerate() {
-                    acc += wj * input(t as isize - hist as isize + j as isize, c);
+        let mut out = vec![0f32; n * cd];
+        for_each_row(&mut out, cd, |t, o| {
+            for j in 0..kk {
+                let src = input(t as isize - hist as isize + j as isize);
+                let w = &self.conv_w[j * cd..(j + 1) * cd];
+                // The first tap writes (see `vector::scale` on why).
+                if j == 0 {
+                    for ((oc, wc), xc) in o.iter_mut().zip(w).zip(src) {
+                        *oc = wc * xc;
+                    }
+                } else {
+                    for ((oc, wc), xc) in o.iter_mut().zip(w).zip(src) {
+                        *oc += wc * xc;
+                    }
                 }
-                out[t * cd + c] = silu(acc);
             }
-        }
+            for v in o.iter_mut() {
+                *v = silu(*v);
+            }
+        });
         // New state: the last K-1 of (old state ++ mixed).
         let mut next = vec![0f32; hist * cd];
         for i in 0..hist {
-            let s = n as isize - hist as isize + i as isize;
-            for c in 0..cd {
-                next[i * cd + c] = input(s, c);
-            }
+            next[i * cd..(i + 1) * cd]
+                .copy_from_slice(input(n as isize - hist as isize + i as isize));
         }
         st.conv = next;
         out
     }
+}
+
+/// `[rows, cols]` to `[cols, rows]`.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
 }

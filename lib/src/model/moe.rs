@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::norm::{sigmoid, silu, softmax};
+use super::norm::{for_each_row, sigmoid, silu, softmax};
 use super::{load_matrix, ModelError};
 use crate::config::ModelConfig;
 use crate::kernels::{matmul, matmul_one_task, vector};
@@ -139,9 +139,17 @@ impl Moe {
         let mut p = logits.to_vec();
         softmax(&mut p);
         let mut idx: Vec<usize> = (0..p.len()).collect();
-        // Highest probability first; ties to the lower index.
-        idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-        idx.truncate(self.top_k);
+        // Highest probability first; ties to the lower index. Only the top
+        // k need sorting (k = 10 of 512 experts).
+        let order = |a: &usize, b: &usize| p[*b].total_cmp(&p[*a]).then(a.cmp(b));
+        if self.top_k == 0 {
+            return Vec::new();
+        }
+        if self.top_k < idx.len() {
+            idx.select_nth_unstable_by(self.top_k - 1, order);
+            idx.truncate(self.top_k);
+        }
+        idx.sort_by(order);
         let sum: f32 = idx.iter().map(|&e| p[e]).sum();
         idx.into_iter()
             .map(|e| (e, if self.norm_topk { p[e] / sum } else { p[e] }))
@@ -155,9 +163,15 @@ impl Moe {
         let mut logits = vec![0f32; n * ne];
         matmul(&self.router, x, n, &mut logits);
         // Tokens per expert, in token order.
+        let route = |t: usize| self.route(&logits[t * ne..(t + 1) * ne]);
+        let routes: Vec<Vec<(usize, f32)>> = if n > 1 {
+            (0..n).into_par_iter().map(route).collect()
+        } else {
+            (0..n).map(route).collect()
+        };
         let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
-        for t in 0..n {
-            for (e, wgt) in self.route(&logits[t * ne..(t + 1) * ne]) {
+        for (t, r) in routes.into_iter().enumerate() {
+            for (e, wgt) in r {
                 by_expert[e].push((t, wgt));
             }
         }
@@ -190,27 +204,39 @@ impl Moe {
         } else {
             active.iter().map(|&e| run(e)).collect()
         };
-        // Summed in expert order, as a serial loop would.
-        let mut out = vec![0f32; n * h];
-        for (&e, y) in active.iter().zip(&ys) {
+        // Each token's outputs summed in expert order (the same numbers
+        // however the tokens are split over threads), then the shared
+        // expert's.
+        let mut by_token: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); n];
+        for (ai, &e) in active.iter().enumerate() {
             for (i, &(t, wgt)) in by_expert[e].iter().enumerate() {
-                vector::axpy(wgt, &y[i * h..(i + 1) * h], &mut out[t * h..(t + 1) * h]);
+                by_token[t].push((ai, i, wgt));
             }
         }
-        if let Some((expert, gate)) = &self.shared {
-            let y = expert.forward(x, n);
+        let shared = self.shared.as_ref().map(|(expert, gate)| {
             let mut g = vec![0f32; n];
             matmul(gate, x, n, &mut g);
-            for t in 0..n {
-                let s = sigmoid(g[t]);
-                for (o, yi) in out[t * h..(t + 1) * h]
-                    .iter_mut()
-                    .zip(&y[t * h..(t + 1) * h])
-                {
-                    *o += s * yi;
+            (expert.forward(x, n), g)
+        });
+        let mut out = vec![0f32; n * h];
+        for_each_row(&mut out, h, |t, o| {
+            // The first term writes (see `vector::scale` on why).
+            let mut first = true;
+            let mut add = |wgt: f32, y: &[f32]| {
+                if first {
+                    vector::scale(wgt, y, o);
+                    first = false;
+                } else {
+                    vector::axpy(wgt, y, o);
                 }
+            };
+            for &(ai, i, wgt) in &by_token[t] {
+                add(wgt, &ys[ai][i * h..(i + 1) * h]);
             }
-        }
+            if let Some((y, g)) = &shared {
+                add(sigmoid(g[t]), &y[t * h..(t + 1) * h]);
+            }
+        });
         out
     }
 }

@@ -1,17 +1,41 @@
 //! Normalisations and small element-wise helpers shared by the layers.
 
+use rayon::prelude::*;
+
+/// Rows one task of [`for_each_row`] takes: a few microseconds of work, so
+/// the pool's scheduling does not show.
+const ROWS_PER_TASK: usize = 8;
+
+/// Runs `f(row index, row)` over the rows of width `width` of `x`, on the
+/// pool's threads when there are several (a prompt's tokens), inline for
+/// one (decode). Each row's numbers do not depend on the split.
+pub fn for_each_row(x: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    debug_assert_eq!(x.len() % width.max(1), 0);
+    if x.len() <= width * ROWS_PER_TASK {
+        x.chunks_exact_mut(width)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        x.par_chunks_mut(width * ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, rows)| {
+                for (i, r) in rows.chunks_exact_mut(width).enumerate() {
+                    f(c * ROWS_PER_TASK + i, r);
+                }
+            });
+    }
+}
+
 /// Zero-centred RMSNorm (Gemma style, used for every Qwen3-Next norm except
 /// the DeltaNet output norm): `y = x / rms(x) * (1 + w)`, in place, over rows
 /// of `w.len()` elements.
 pub fn rms_norm_zc(x: &mut [f32], w: &[f32], eps: f32) {
-    let d = w.len();
-    debug_assert_eq!(x.len() % d, 0);
-    for row in x.chunks_exact_mut(d) {
+    for_each_row(x, w.len(), |_, row| {
         let inv = inv_rms(row, eps);
         for (v, wi) in row.iter_mut().zip(w) {
             *v = *v * inv * (1.0 + wi);
         }
-    }
+    });
 }
 
 /// Zero-centred RMSNorm from `x` into `out` (same shapes).
