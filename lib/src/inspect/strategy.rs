@@ -58,8 +58,9 @@ pub fn decide(p: &Probe, m: &ModelSizes, o: &Overrides) -> Strategy {
         if f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vnni {
             (
                 Kernel::Avx512Vnni,
-                "avx512-vnni: the CPU has AVX-512 F/BW and VNNI: quantized decode and prefill \
-             multiply int16 activations with vpdpwssd, the rest runs AVX2"
+                "avx512-vnni: the CPU has AVX-512 F/BW and VNNI: quantized decode multiplies \
+             int16 activations with vpdpwssd, prefill splits them into bytes for vpdpbusd, \
+             the rest runs AVX2"
                     .to_string(),
             )
         } else if f.avx2 && f.fma && f.f16c {
