@@ -71,20 +71,25 @@ pub fn delta_rule<'a>(
         if let Some(nx) = &next {
             check(nx);
         }
-        pass.update(
-            s,
-            dv,
-            cur.decay,
-            cur.k,
-            &u,
-            next.as_ref().map(|nx| (nx.k, nx.q)),
-            &mut a,
-            &mut b,
-        );
+        let write = Write {
+            decay: cur.decay,
+            k: cur.k,
+            u: &u,
+        };
+        let next_kq = next.as_ref().map(|nx| (nx.k, nx.q));
+        pass.update(s, dv, write, next_kq, &mut a, &mut b);
         if let Some(nx) = next {
             cur = nx;
         }
     }
+}
+
+/// One token's write to the state: `S = decay S + k ⊗ u`.
+#[derive(Clone, Copy)]
+struct Write<'a> {
+    decay: f32,
+    k: &'a [f32],
+    u: &'a [f32],
 }
 
 /// The state passes, on AVX2+FMA when the CPU has it.
@@ -115,26 +120,23 @@ impl Pass {
         }
     }
 
-    /// `S = decay S + k ⊗ u`; then, when `next` gives `(k', q')`,
+    /// Applies `w` to the state; then, when `next` gives `(k', q')`,
     /// `a = Sᵀk'`, `b = Sᵀq'` of the new state.
-    #[allow(clippy::too_many_arguments)]
     fn update(
         self,
         s: &mut [f32],
         dv: usize,
-        decay: f32,
-        k: &[f32],
-        u: &[f32],
+        w: Write,
         next: Option<(&[f32], &[f32])>,
         a: &mut [f32],
         b: &mut [f32],
     ) {
         match self {
-            Pass::Scalar => scalar_update(s, dv, decay, k, u, next, a, b),
+            Pass::Scalar => scalar_update(s, dv, w, next, a, b),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as in `read`; `u` holds `dv` and `next`'s slices
-            // `k.len()` (checked by the caller).
-            Pass::Avx2 => unsafe { x86::update(s, dv, decay, k, u, next, a, b) },
+            // SAFETY: as in `read`; `w.u` holds `dv` and `next`'s slices
+            // `w.k.len()` (checked by the caller).
+            Pass::Avx2 => unsafe { x86::update(s, dv, w, next, a, b) },
         }
     }
 }
@@ -150,17 +152,15 @@ fn scalar_read(s: &[f32], dv: usize, k: &[f32], q: &[f32], a: &mut [f32], b: &mu
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn scalar_update(
     s: &mut [f32],
     dv: usize,
-    decay: f32,
-    k: &[f32],
-    u: &[f32],
+    w: Write,
     next: Option<(&[f32], &[f32])>,
     a: &mut [f32],
     b: &mut [f32],
 ) {
+    let Write { decay, k, u } = w;
     a.fill(0.0);
     b.fill(0.0);
     for (i, row) in s.chunks_exact_mut(dv).enumerate() {
@@ -248,18 +248,16 @@ mod x86 {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn update(
         s: &mut [f32],
         dv: usize,
-        decay: f32,
-        k: &[f32],
-        u: &[f32],
+        w: super::Write,
         next: Option<(&[f32], &[f32])>,
         a: &mut [f32],
         b: &mut [f32],
     ) {
+        let super::Write { decay, k, u } = w;
         let tail = blocks(dv, |j, w| match (w, next) {
             (4, Some((nk, nq))) => update_block::<4, true>(s, dv, j, decay, k, u, nk, nq, a, b),
             (2, Some((nk, nq))) => update_block::<2, true>(s, dv, j, decay, k, u, nk, nq, a, b),
@@ -409,7 +407,12 @@ mod tests {
         let run = |p: Pass| {
             let mut s = s0.clone();
             let (mut a, mut b) = (vec![0f32; dv], vec![0f32; dv]);
-            p.update(&mut s, dv, 0.9, &k, &u, Some((&q, &k)), &mut a, &mut b);
+            let w = Write {
+                decay: 0.9,
+                k: &k,
+                u: &u,
+            };
+            p.update(&mut s, dv, w, Some((&q, &k)), &mut a, &mut b);
             let (mut c, mut d) = (vec![0f32; dv], vec![0f32; dv]);
             p.read(&s, dv, &k, &q, &mut c, &mut d);
             (s, a, b, c, d)
