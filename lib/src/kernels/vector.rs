@@ -39,9 +39,88 @@ pub fn scale(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `out[j] = Σ_s w[s] * x[s * stride + j]`: a weighted sum of rows `x`
+/// (row `s` at `s * stride`, `out.len()` long), added in row order, so it
+/// equals [`scale`] by `w[0]` followed by [`axpy`] for each later row. The
+/// sums stay in registers instead of going through `out` once per row.
+pub fn weighted_rows(w: &[f32], x: &[f32], stride: usize, out: &mut [f32]) {
+    let d = out.len();
+    if let Some(last) = w.len().checked_sub(1) {
+        assert!(
+            x.len() >= last * stride + d,
+            "weighted_rows: rows out of range"
+        );
+    } else {
+        out.fill(0.0);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::simd().avx2().is_some() {
+        // SAFETY: `avx2()` is `Some` only when the CPU has AVX2 and FMA;
+        // every row read lies inside `x` (checked above) and `out` holds `d`.
+        return unsafe { x86::weighted_rows(w, x.as_ptr(), stride, out.as_mut_ptr(), d) };
+    }
+    scale(w[0], &x[..d], out);
+    for (s, &ws) in w.iter().enumerate().skip(1) {
+        axpy(ws, &x[s * stride..s * stride + d], out);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// Columns in blocks of four vectors, each block's sums in registers
+    /// down all rows; the first row multiplies (as `scale`), the others
+    /// fuse (as `axpy`), so the numbers equal that sequence.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_rows(
+        w: &[f32],
+        x: *const f32,
+        stride: usize,
+        out: *mut f32,
+        d: usize,
+    ) {
+        let mut j = 0;
+        while j + 32 <= d {
+            let w0 = _mm256_set1_ps(w[0]);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_mul_ps(w0, _mm256_loadu_ps(x.add(j + 8 * v)));
+            }
+            for (s, &ws) in w.iter().enumerate().skip(1) {
+                let wv = _mm256_set1_ps(ws);
+                let row = x.add(s * stride + j);
+                for (v, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * v)), *a);
+                }
+            }
+            for (v, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(j + 8 * v), *a);
+            }
+            j += 32;
+        }
+        while j + 8 <= d {
+            let mut a = _mm256_mul_ps(_mm256_set1_ps(w[0]), _mm256_loadu_ps(x.add(j)));
+            for (s, &ws) in w.iter().enumerate().skip(1) {
+                a = _mm256_fmadd_ps(
+                    _mm256_set1_ps(ws),
+                    _mm256_loadu_ps(x.add(s * stride + j)),
+                    a,
+                );
+            }
+            _mm256_storeu_ps(out.add(j), a);
+            j += 8;
+        }
+        while j < d {
+            let mut a = w[0] * *x.add(j);
+            for (s, &ws) in w.iter().enumerate().skip(1) {
+                a += ws * *x.add(s * stride + j);
+            }
+            *out.add(j) = a;
+            j += 1;
+        }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
@@ -88,6 +167,29 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weighted_rows_equals_scale_then_axpy() {
+        for (rows, d, stride) in [
+            (1usize, 8usize, 8usize),
+            (5, 37, 40),
+            (9, 64, 96),
+            (3, 5, 7),
+        ] {
+            let x: Vec<f32> = (0..rows * stride)
+                .map(|i| (i as f32 * 0.31).sin())
+                .collect();
+            let w: Vec<f32> = (0..rows).map(|i| (i as f32 * 0.7).cos()).collect();
+            let mut want = vec![0f32; d];
+            scale(w[0], &x[..d], &mut want);
+            for s in 1..rows {
+                axpy(w[s], &x[s * stride..s * stride + d], &mut want);
+            }
+            let mut got = vec![f32::NAN; d];
+            weighted_rows(&w, &x, stride, &mut got);
+            assert_eq!(got, want, "rows {rows} d {d}");
+        }
+    }
 
     #[test]
     fn dot_and_axpy_match_plain_loops_on_every_length() {

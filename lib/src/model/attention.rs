@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::norm::{rms_norm_zc, sigmoid};
+use super::norm::{for_each_row, rms_norm_zc_row, sigmoid};
 use super::{load_matrix, load_vector, ModelError};
 use crate::config::ModelConfig;
 use crate::kernels::{matmul, vector};
@@ -94,27 +94,27 @@ impl Attention {
 
         let mut q = vec![0f32; n * nh * hd];
         let mut gate = vec![0f32; n * nh * hd];
-        for (i, pair) in qg.chunks_exact(2 * hd).enumerate() {
-            q[i * hd..(i + 1) * hd].copy_from_slice(&pair[..hd]);
-            gate[i * hd..(i + 1) * hd].copy_from_slice(&pair[hd..]);
-        }
-        rms_norm_zc(&mut q, &self.q_norm, self.eps);
-        rms_norm_zc(&mut k, &self.k_norm, self.eps);
-        for t in 0..n {
-            let p = pos0 + t;
-            rope(
-                &mut q[t * nh * hd..(t + 1) * nh * hd],
-                hd,
-                &self.inv_freq,
-                p,
-            );
-            rope(
-                &mut k[t * nkv * hd..(t + 1) * nkv * hd],
-                hd,
-                &self.inv_freq,
-                p,
-            );
-        }
+        // Per token: split [q | gate] per head, norm per head, rotate.
+        for_each_row(&mut q, nh * hd, |t, qt| {
+            for (h, qh) in qt.chunks_exact_mut(hd).enumerate() {
+                let i = t * nh + h;
+                qh.copy_from_slice(&qg[i * 2 * hd..i * 2 * hd + hd]);
+                rms_norm_zc_row(qh, &self.q_norm, self.eps);
+            }
+            rope(qt, hd, &self.inv_freq, pos0 + t);
+        });
+        for_each_row(&mut gate, nh * hd, |t, gt| {
+            for (h, gh) in gt.chunks_exact_mut(hd).enumerate() {
+                let i = t * nh + h;
+                gh.copy_from_slice(&qg[i * 2 * hd + hd..(i + 1) * 2 * hd]);
+            }
+        });
+        for_each_row(&mut k, nkv * hd, |t, kt| {
+            for kh in kt.chunks_exact_mut(hd) {
+                rms_norm_zc_row(kh, &self.k_norm, self.eps);
+            }
+            rope(kt, hd, &self.inv_freq, pos0 + t);
+        });
         cache.k.extend_from_slice(&k);
         cache.v.extend_from_slice(&v);
 
@@ -135,14 +135,7 @@ impl Attention {
                 })
                 .collect();
             super::norm::softmax(&mut scores);
-            for (s, p) in scores.iter().enumerate() {
-                let vs = &cv[s * kvw + kvh * hd..s * kvw + (kvh + 1) * hd];
-                if s == 0 {
-                    vector::scale(*p, vs, oh);
-                } else {
-                    vector::axpy(*p, vs, oh);
-                }
-            }
+            vector::weighted_rows(&scores, &cv[kvh * hd..], kvw, oh);
             for (oj, gj) in oh.iter_mut().zip(&gate[i * hd..(i + 1) * hd]) {
                 *oj *= sigmoid(*gj);
             }
@@ -158,9 +151,13 @@ impl Attention {
 /// the remaining dims pass through.
 pub fn rope(x: &mut [f32], hd: usize, inv_freq: &[f32], pos: usize) {
     let half = inv_freq.len();
+    // One angle per frequency, shared by every head of the token.
+    let angles: Vec<(f32, f32)> = inv_freq
+        .iter()
+        .map(|f| (f * pos as f32).sin_cos())
+        .collect();
     for head in x.chunks_exact_mut(hd) {
-        for (i, f) in inv_freq.iter().enumerate() {
-            let (sin, cos) = (f * pos as f32).sin_cos();
+        for (i, &(sin, cos)) in angles.iter().enumerate() {
             let (x1, x2) = (head[i], head[i + half]);
             head[i] = x1 * cos - x2 * sin;
             head[i + half] = x2 * cos + x1 * sin;

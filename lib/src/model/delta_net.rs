@@ -170,21 +170,28 @@ impl DeltaNet {
 
         // Split per key-head group into conv input [q | k | v], z, b, a.
         let blk = 2 * d.dk + 2 * r * d.dv;
+        let rv = r * d.dv;
         let mut mixed = vec![0f32; n * cd];
-        let mut z = vec![0f32; n * vd];
-        let mut b = vec![0f32; n * d.nv];
-        let mut a = vec![0f32; n * d.nv];
-        for t in 0..n {
-            let src = &qkvz[t * rows..(t + 1) * rows];
-            let m = &mut mixed[t * cd..(t + 1) * cd];
+        for_each_row(&mut mixed, cd, |t, m| {
             for g in 0..d.nk {
-                let s = &src[g * blk..(g + 1) * blk];
-                let rv = r * d.dv;
+                let s = &qkvz[t * rows + g * blk..t * rows + (g + 1) * blk];
                 m[g * d.dk..(g + 1) * d.dk].copy_from_slice(&s[..d.dk]);
                 m[kd + g * d.dk..kd + (g + 1) * d.dk].copy_from_slice(&s[d.dk..2 * d.dk]);
                 m[2 * kd + g * rv..2 * kd + (g + 1) * rv]
                     .copy_from_slice(&s[2 * d.dk..2 * d.dk + rv]);
-                z[t * vd + g * rv..t * vd + (g + 1) * rv].copy_from_slice(&s[2 * d.dk + rv..]);
+            }
+        });
+        let mut z = vec![0f32; n * vd];
+        for_each_row(&mut z, vd, |t, zt| {
+            for g in 0..d.nk {
+                let s = &qkvz[t * rows + g * blk..t * rows + (g + 1) * blk];
+                zt[g * rv..(g + 1) * rv].copy_from_slice(&s[2 * d.dk + rv..]);
+            }
+        });
+        let mut b = vec![0f32; n * d.nv];
+        let mut a = vec![0f32; n * d.nv];
+        for t in 0..n {
+            for g in 0..d.nk {
                 let bas = &ba[t * 2 * d.nv + g * 2 * r..t * 2 * d.nv + (g + 1) * 2 * r];
                 for j in 0..r {
                     b[t * d.nv + g * r + j] = bas[j];

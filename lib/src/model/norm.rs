@@ -30,12 +30,15 @@ pub fn for_each_row(x: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) +
 /// the DeltaNet output norm): `y = x / rms(x) * (1 + w)`, in place, over rows
 /// of `w.len()` elements.
 pub fn rms_norm_zc(x: &mut [f32], w: &[f32], eps: f32) {
-    for_each_row(x, w.len(), |_, row| {
-        let inv = inv_rms(row, eps);
-        for (v, wi) in row.iter_mut().zip(w) {
-            *v = *v * inv * (1.0 + wi);
-        }
-    });
+    for_each_row(x, w.len(), |_, row| rms_norm_zc_row(row, w, eps));
+}
+
+/// [`rms_norm_zc`] of one row (`w.len()` elements), on this thread.
+pub fn rms_norm_zc_row(row: &mut [f32], w: &[f32], eps: f32) {
+    let inv = inv_rms(row, eps);
+    for (v, wi) in row.iter_mut().zip(w) {
+        *v = *v * inv * (1.0 + wi);
+    }
 }
 
 /// Zero-centred RMSNorm from `x` into `out` (same shapes).
