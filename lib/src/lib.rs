@@ -2,16 +2,25 @@
 //! prompt on a CPU.
 //!
 //! The library holds everything; the `rh-*` binaries parse flags and call
-//! into it. Modules by concern:
+//! into it. ARCHITECTURE.md at the repository root is the reading path.
+//! Modules by concern, bottom up (dependencies point down this list):
 //!
-//! * pipeline plumbing: [`cli`] (exit codes, logs, progress), [`pipeline`]
+//! * compute: [`kernels`] (matvec/matmul per instruction set, with a scalar
+//!   reference), [`tensor`] (the weight layouts kernels read), [`membw`]
+//!   (memory-bandwidth probe);
+//! * model formats: [`config`] (`config.json`), [`quant`] (AutoRound
+//!   packing), [`checkpoint`] (safetensors), [`cache`] (the repacked,
+//!   mmap-ready cache), [`weights`] (the weight-source abstraction over both),
+//!   [`synthetic`] (generated demo and benchmark checkpoints), [`assets`]
+//!   (the bundled tokenizer and template);
+//! * engine: [`model`] (the Qwen3-Next forward pass), [`sample`] (token
+//!   choice), [`chat`] (tokenizer, template, multi-turn conversation),
+//!   [`evaluate`] (logits and perplexity), [`speedbench`] (pp/tg runs);
+//! * pipeline stages: [`fetch`], [`inspect`], [`verify`] (and
+//!   [`cache::write`] for repack);
+//! * plumbing: [`cli`] (exit codes, logs, progress), [`pipeline`]
 //!   (`pipeline.toml`), [`stage`] (resumable checkpoint records),
-//!   [`fsutil`] (crash-safe writes), [`mmap`] (the one unsafe mapping);
-//! * model formats: [`config`] (`config.json`), [`checkpoint`] (safetensors),
-//!   [`quant`] (AutoRound packing), [`tensor`] (kernel layouts),
-//!   [`weights`] (the weight-source abstraction), [`synthetic`] (generated
-//!   demo and benchmark checkpoints), [`assets`] (the bundled tokenizer);
-//! * compute: [`kernels`].
+//!   [`fsutil`] (crash-safe writes), [`mmap`] (the one unsafe mapping).
 
 pub mod assets;
 pub mod cache;
