@@ -3,7 +3,7 @@
 //!
 //! The library holds everything; the `rh-*` binaries parse flags and call
 //! into it. ARCHITECTURE.md at the repository root is the reading path.
-//! Modules by concern, bottom up (dependencies point down this list):
+//! Modules by concern, bottom up:
 //!
 //! * compute: [`kernels`] (matvec/matmul per instruction set, with a scalar
 //!   reference), [`tensor`] (the weight layouts kernels read), [`membw`]
