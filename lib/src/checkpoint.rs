@@ -75,8 +75,32 @@ pub fn read_header(
     let mut out = Vec::new();
     for (name, info) in meta.tensors() {
         let (s, e) = info.data_offsets;
-        let numel: usize = info.shape.iter().product();
-        let want = numel * info.dtype.size();
+        // No dimension can exceed the bytes present (an empty tensor may
+        // not carry an absurd one either: later stages multiply them).
+        if let Some(d) = info.shape.iter().find(|&&d| d > data_len.max(1)) {
+            return Err(fmt_err(
+                path,
+                format!(
+                    "tensor `{name}` has shape {:?}: dimension {d} exceeds the file's {data_len} data bytes",
+                    info.shape
+                ),
+            ));
+        }
+        // Checked: a crafted shape like [2^62, 4] must not wrap to a small
+        // size that matches the bytes present.
+        let want = info
+            .shape
+            .iter()
+            .try_fold(info.dtype.size(), |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| {
+                fmt_err(
+                    path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, whose size overflows",
+                        info.shape
+                    ),
+                )
+            })?;
         if e < s || e > data_len {
             return Err(fmt_err(
                 path,
@@ -118,10 +142,20 @@ impl Checkpoint {
             .map_err(|e| WeightError::Format(crate::cli::one_line(&e)))?;
         let files = Self::list_files(dir)?;
         let mut maps = Vec::new();
-        let mut tensors = BTreeMap::new();
+        let mut tensors: BTreeMap<String, TensorEntry> = BTreeMap::new();
         for (i, f) in files.iter().enumerate() {
             let map = MappedFile::open(f).map_err(|e| WeightError::Format(e.to_string()))?;
             for (name, dtype, shape, offset, len) in read_header(f, map.bytes())? {
+                if let Some(prev) = tensors.get(&name) {
+                    return Err(fmt_err(
+                        dir,
+                        format!(
+                            "tensor `{name}` is in both {} and {}; remove the stray file",
+                            files[prev.file].display(),
+                            f.display()
+                        ),
+                    ));
+                }
                 tensors.insert(
                     name,
                     TensorEntry {
@@ -135,6 +169,16 @@ impl Checkpoint {
             }
             maps.push(map);
         }
+        config
+            .check_shapes(
+                &|n: &str| {
+                    tensors
+                        .get(n)
+                        .map(|t| t.shape.iter().map(|&d| d as u64).collect())
+                },
+                &dir.join("config.json"),
+            )
+            .map_err(|e| WeightError::Format(crate::cli::one_line(&e)))?;
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
@@ -144,13 +188,16 @@ impl Checkpoint {
         })
     }
 
-    /// The safetensors files: from the index when there is one (checking
-    /// each listed file exists), else every `*.safetensors` in the dir.
+    /// The safetensors files: from the index when there is one (only the
+    /// files it names, as transformers reads them, each checked to exist;
+    /// a stray `*.safetensors` beside them is ignored), else every
+    /// `*.safetensors` in the dir.
     pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>, WeightError> {
         let index = dir.join("model.safetensors.index.json");
         let mut files: Vec<PathBuf> = Vec::new();
         if index.exists() {
-            let text = std::fs::read(&index).map_err(|e| fmt_err(&index, e))?;
+            let text = crate::fsutil::read_regular(&index)
+                .map_err(|e| WeightError::Format(e.to_string()))?;
             let v: serde_json::Value = serde_json::from_slice(&text)
                 .map_err(|e| fmt_err(&index, format!("invalid JSON: {e}")))?;
             let map = v
@@ -175,16 +222,6 @@ impl Checkpoint {
                     ));
                 }
                 files.push(p);
-            }
-            // Extra tensors (e.g. MTP) live in files the index does not list.
-            for e in std::fs::read_dir(dir)
-                .map_err(|e| fmt_err(dir, e))?
-                .flatten()
-            {
-                let p = e.path();
-                if p.extension().is_some_and(|x| x == "safetensors") && !files.contains(&p) {
-                    files.push(p);
-                }
             }
         } else {
             for e in std::fs::read_dir(dir)

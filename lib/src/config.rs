@@ -50,6 +50,9 @@ impl Classify for ConfigError {
     }
 }
 
+/// Largest value any single dimension of `config.json` may have.
+pub const MAX_DIM: usize = 1 << 24;
+
 /// The kind of token mixer a layer uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -272,9 +275,15 @@ fn silu() -> String {
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn load(path: &Path) -> Result<ModelConfig, ConfigError> {
-        let text = std::fs::read(path).map_err(|source| ConfigError::Read {
+        let text = crate::fsutil::read_regular(path).map_err(|e| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            source: match e {
+                crate::fsutil::FsError::Io { source, .. } => source,
+                crate::fsutil::FsError::NotRegular { kind, .. } => {
+                    std::io::Error::other(format!("{kind}, expected a regular file"))
+                }
+                other => std::io::Error::other(other.to_string()),
+            },
         })?;
         Self::from_json(&text, path)
     }
@@ -330,6 +339,18 @@ impl ModelConfig {
         for (k, v) in nonzero {
             if v == 0 {
                 return Err(bad(format!("`{k}` must be positive")));
+            }
+        }
+        // Bounds before any arithmetic: every size the engine allocates is
+        // a product of a few of these, which must not wrap.
+        let bounded = nonzero.iter().copied().chain([
+            ("shared_expert_intermediate_size", self.shared_expert_intermediate_size),
+            ("intermediate_size", self.intermediate_size.unwrap_or(0)),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ]);
+        for (k, v) in bounded {
+            if v > MAX_DIM {
+                return Err(bad(format!("`{k}` is {v}, more than {MAX_DIM}")));
             }
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
@@ -405,6 +426,113 @@ impl ModelConfig {
                     )));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Checks the dimensions against the shapes of the tensors a source
+    /// actually holds (`shape_of` gives a tensor's shape by full name), so
+    /// an absurd or wrong value is refused by the first stage that reads
+    /// the checkpoint, naming the field, before anything is allocated from
+    /// it. Tensors that are absent are left for the loader to report.
+    pub fn check_shapes(
+        &self,
+        shape_of: &dyn Fn(&str) -> Option<Vec<u64>>,
+        path: &Path,
+    ) -> Result<(), ConfigError> {
+        // Rows of a linear module: quantized entry (cache), `.weight`
+        // (dense), or AutoRound `.qweight` `[in*bits/32, out]`.
+        let rows = |m: &str| -> Option<(String, u64)> {
+            if let Some(s) = shape_of(m).filter(|s| s.len() == 2) {
+                return Some((m.to_string(), s[0]));
+            }
+            let w = format!("{m}.weight");
+            if let Some(s) = shape_of(&w).filter(|s| !s.is_empty()) {
+                return Some((w, s[0]));
+            }
+            let q = format!("{m}.qweight");
+            shape_of(&q)
+                .filter(|s| s.len() == 2)
+                .map(|s| (q, s[1]))
+        };
+        let mismatch = |field: &str, value: u64, tensor: &str, found: &dyn std::fmt::Debug| {
+            Err(ConfigError::Inconsistent {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "`{field}` gives {value} but tensor `{tensor}` has shape {found:?}"
+                ),
+            })
+        };
+        let dim = |field: &str, want: usize, tensor: String, got: u64| {
+            if want as u64 != got {
+                mismatch(field, want as u64, &tensor, &[got])
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(s) = shape_of("model.embed_tokens.weight").filter(|s| s.len() == 2) {
+            dim("vocab_size", self.vocab_size, "model.embed_tokens.weight".into(), s[0])?;
+            dim("hidden_size", self.hidden_size, "model.embed_tokens.weight".into(), s[1])?;
+        }
+        let vector = |field: &str, want: usize, name: String| match shape_of(&name) {
+            Some(s) if s != [want as u64] => mismatch(field, want as u64, &name, &s),
+            _ => Ok(()),
+        };
+        let last = self.num_hidden_layers - 1;
+        vector(
+            "hidden_size",
+            self.hidden_size,
+            format!("model.layers.{last}.input_layernorm.weight"),
+        )?;
+        if shape_of(&format!("model.layers.{}.input_layernorm.weight", last + 1)).is_some() {
+            return Err(ConfigError::Inconsistent {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "`num_hidden_layers` is {} but the weights have a layer {}",
+                    self.num_hidden_layers,
+                    last + 1
+                ),
+            });
+        }
+        let full = (0..self.num_hidden_layers).find(|&i| self.layer_type(i) == LayerType::FullAttention);
+        if let Some(i) = full {
+            let p = format!("model.layers.{i}.self_attn");
+            vector("head_dim", self.head_dim, format!("{p}.q_norm.weight"))?;
+            if let Some((t, r)) = rows(&format!("{p}.q_proj")) {
+                dim("num_attention_heads", self.num_attention_heads * self.head_dim * 2, t, r)?;
+            }
+            if let Some((t, r)) = rows(&format!("{p}.k_proj")) {
+                dim("num_key_value_heads", self.num_key_value_heads * self.head_dim, t, r)?;
+            }
+        }
+        let linear =
+            (0..self.num_hidden_layers).find(|&i| self.layer_type(i) == LayerType::LinearAttention);
+        if let Some(i) = linear {
+            let p = format!("model.layers.{i}.linear_attn");
+            vector("linear_num_value_heads", self.linear_num_value_heads, format!("{p}.A_log"))?;
+            vector("linear_value_head_dim", self.linear_value_head_dim, format!("{p}.norm.weight"))?;
+            let conv = format!("{p}.conv1d.weight");
+            if let Some(s) = shape_of(&conv) {
+                let want = [self.conv_dim() as u64, 1, self.linear_conv_kernel_dim as u64];
+                if s != want {
+                    return mismatch("linear_key_head_dim/linear_conv_kernel_dim", want[0], &conv, &s);
+                }
+            }
+        }
+        let p = "model.layers.0.mlp";
+        if let Some((t, r)) = rows(&format!("{p}.gate")) {
+            dim("num_experts", self.num_experts, t, r)?;
+        }
+        if let Some((t, r)) = rows(&format!("{p}.experts.0.gate_proj")) {
+            dim("moe_intermediate_size", self.moe_intermediate_size, t, r)?;
+        }
+        if let Some((t, r)) = rows(&format!("{p}.shared_expert.gate_proj")) {
+            dim(
+                "shared_expert_intermediate_size",
+                self.shared_expert_intermediate_size,
+                t,
+                r,
+            )?;
         }
         Ok(())
     }

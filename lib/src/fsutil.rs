@@ -19,7 +19,34 @@ pub enum FsError {
         /// The underlying error.
         source: io::Error,
     },
+    /// Another process holds the lock on a directory this stage needs.
+    #[error("{dir}: in use by {holder}; wait for it to finish or stop it, then run again")]
+    Locked {
+        /// The locked directory.
+        dir: PathBuf,
+        /// Who holds it (`rh-repack (pid 1234)`, or a reader).
+        holder: String,
+    },
+    /// A file this stage would replace was not written by it.
+    #[error("{path}: {what}; refusing to replace it (move it away, or pass --force to overwrite)")]
+    NotOurs {
+        /// The file in the way.
+        path: PathBuf,
+        /// Why it is not ours.
+        what: String,
+    },
+    /// A path that must be a regular file is something else (a FIFO, a
+    /// device, a directory), which reading could hang on or misread.
+    #[error("{path}: {kind}, expected a regular file")]
+    NotRegular {
+        /// The path.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
 }
+
+impl crate::cli::Classify for FsError {}
 
 impl FsError {
     /// Wraps an I/O error with the path it concerns.
@@ -126,6 +153,170 @@ pub fn blake3_file(path: &Path) -> Result<blake3::Hash, FsError> {
     Ok(hasher.finalize())
 }
 
+/// Opens `path` for reading only if it is a regular file (following
+/// symlinks). The open itself does not block on a FIFO (`O_NONBLOCK`, then
+/// `fstat` on the open descriptor, so nothing can be swapped in between),
+/// and a FIFO, socket, device or directory is refused naming the path.
+pub fn open_regular(path: &Path) -> Result<File, FsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| FsError::io(path, e))?;
+    let m = f.metadata().map_err(|e| FsError::io(path, e))?;
+    check_regular(path, &m)?;
+    // Regular files ignore O_NONBLOCK; clear it anyway so later reads are
+    // ordinary blocking reads whatever the filesystem.
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+    unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(f)
+}
+
+/// Refuses metadata that is not a regular file.
+pub fn check_regular(path: &Path, m: &fs::Metadata) -> Result<(), FsError> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    let kind = if t.is_file() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    Err(FsError::NotRegular {
+        path: path.to_path_buf(),
+        kind,
+    })
+}
+
+/// Reads a whole regular file ([`open_regular`]); `NotFound` keeps its kind
+/// so callers can tell a missing file apart.
+pub fn read_regular(path: &Path) -> Result<Vec<u8>, FsError> {
+    use std::io::Read;
+    let mut f = open_regular(path)?;
+    let mut v = Vec::new();
+    f.read_to_end(&mut v).map_err(|e| FsError::io(path, e))?;
+    Ok(v)
+}
+
+/// Whether an error is "file not found".
+pub fn is_not_found(e: &FsError) -> bool {
+    matches!(e, FsError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+}
+
+/// The lock file every stage locks in a directory it reads or writes.
+/// Hidden and prefixed `.roundhouse-`, which listings and manifests skip.
+pub const LOCK_FILE: &str = ".roundhouse-lock";
+
+/// An advisory `flock` on a directory's [`LOCK_FILE`]: exclusive for the
+/// stage writing the directory, shared for readers. The kernel drops it
+/// when the process dies (even by `kill -9`), so a lock is never stale.
+/// Released on drop.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: Option<File>,
+}
+
+fn flock(f: &File, op: libc::c_int) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let r = unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
+fn open_lock_file(dir: &Path, write: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = fs::OpenOptions::new();
+    o.read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    if write {
+        o.write(true).create(true).truncate(false).mode(0o644);
+    }
+    o.open(dir.join(LOCK_FILE))
+}
+
+/// Who holds a lock we could not take: the writer named in the file when a
+/// shared lock is refused too, else readers.
+fn holder(dir: &Path) -> String {
+    let Ok(f) = open_lock_file(dir, false) else {
+        return "another process".into();
+    };
+    if flock(&f, libc::LOCK_SH).unwrap_or(false) {
+        return "a reader (rh-serve, rh-bench or rh-verify check)".into();
+    }
+    let mut text = String::new();
+    {
+        use std::io::Read;
+        let _ = (&f).take(64).read_to_string(&mut text);
+    }
+    let mut it = text.split_whitespace();
+    match (it.next(), it.next()) {
+        (Some(pid), Some(who)) => format!("{who} (pid {pid})"),
+        _ => "another writer".into(),
+    }
+}
+
+impl DirLock {
+    /// Takes the exclusive lock of `dir` (created if missing) for `who`
+    /// (the binary's name), or fails at once naming the holder. The pid
+    /// and `who` are written into the lock file for that message.
+    pub fn exclusive(dir: &Path, who: &str) -> Result<DirLock, FsError> {
+        fs::create_dir_all(dir).map_err(|e| FsError::io(dir, e))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let f = open_lock_file(dir, true).map_err(|e| FsError::io(&lock_path, e))?;
+        if !flock(&f, libc::LOCK_EX).map_err(|e| FsError::io(&lock_path, e))? {
+            return Err(FsError::Locked {
+                dir: dir.to_path_buf(),
+                holder: holder(dir),
+            });
+        }
+        let note = format!("{} {who}\n", std::process::id());
+        let _ = f.set_len(0);
+        let _ = std::os::unix::fs::FileExt::write_all_at(&f, note.as_bytes(), 0);
+        Ok(DirLock { _file: Some(f) })
+    }
+
+    /// Takes a shared lock of `dir` for a reader, or fails at once naming
+    /// the writer holding it. Where the lock file cannot be created (a
+    /// read-only cache) there are no writers to exclude: no lock is taken.
+    pub fn shared(dir: &Path) -> Result<DirLock, FsError> {
+        let lock_path = dir.join(LOCK_FILE);
+        let f = match open_lock_file(dir, true).or_else(|_| open_lock_file(dir, false)) {
+            Ok(f) => f,
+            Err(_) => return Ok(DirLock { _file: None }),
+        };
+        if !flock(&f, libc::LOCK_SH).map_err(|e| FsError::io(&lock_path, e))? {
+            return Err(FsError::Locked {
+                dir: dir.to_path_buf(),
+                holder: holder(dir),
+            });
+        }
+        Ok(DirLock { _file: Some(f) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +333,31 @@ mod tests {
         assert!(err.is_err());
         assert_eq!(fs::read(&target).unwrap(), b"good");
         assert!(!temp_path(&target).exists());
+    }
+
+    #[test]
+    fn locks_exclude_writers_and_name_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = DirLock::exclusive(dir.path(), "rh-test").unwrap();
+        let e = DirLock::exclusive(dir.path(), "rh-other").unwrap_err().to_string();
+        assert!(e.contains(&format!("rh-test (pid {})", std::process::id())), "{e}");
+        assert!(DirLock::shared(dir.path()).is_err());
+        drop(w);
+        let r1 = DirLock::shared(dir.path()).unwrap();
+        let _r2 = DirLock::shared(dir.path()).unwrap();
+        let e = DirLock::exclusive(dir.path(), "rh-other").unwrap_err().to_string();
+        assert!(e.contains("a reader"), "{e}");
+        drop(r1);
+    }
+
+    #[test]
+    fn fifos_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fifo");
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let e = read_regular(&p).unwrap_err().to_string();
+        assert!(e.contains("FIFO"), "{e}");
     }
 }

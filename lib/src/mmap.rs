@@ -3,10 +3,12 @@
 //! Soundness: a file mapping is only sound while nobody truncates or rewrites
 //! the file. Roundhouse never modifies a file in place (every writer goes
 //! through [`crate::fsutil`]: temp file + rename, so a mapped inode is never
-//! changed), maps read-only, and callers check every length recorded in a
-//! header or index against the mapped length before slicing. A file changed
-//! behind our back by another program is outside what we can guard against;
-//! `rh-verify --quick` checks sizes before mapping to catch truncation early.
+//! changed), its writers hold an exclusive [`crate::fsutil::DirLock`] that
+//! readers' shared locks exclude, it maps read-only, and callers check every
+//! length recorded in a header or index against the mapped length before
+//! slicing. Another program may still truncate a mapped file; touching a
+//! page past the new end raises SIGBUS. [`sigbus`] turns that into one line
+//! naming the file and exit code 3 instead of a "Bus error" crash.
 
 use std::fs::File;
 use std::path::Path;
@@ -19,20 +21,29 @@ use crate::fsutil::FsError;
 #[derive(Debug)]
 pub struct MappedFile {
     map: Option<memmap2::Mmap>,
+    slot: Option<usize>,
 }
 
 impl MappedFile {
-    /// Maps `path` read-only.
+    /// Maps `path` read-only (a regular file only: a FIFO or device is
+    /// refused, never waited on).
     pub fn open(path: &Path) -> Result<Arc<MappedFile>, FsError> {
-        let f = File::open(path).map_err(|e| FsError::io(path, e))?;
+        let f: File = crate::fsutil::open_regular(path)?;
         let len = f.metadata().map_err(|e| FsError::io(path, e))?.len();
         if len == 0 {
-            return Ok(Arc::new(MappedFile { map: None }));
+            return Ok(Arc::new(MappedFile {
+                map: None,
+                slot: None,
+            }));
         }
         // SAFETY: read-only map of a file that roundhouse never modifies in
         // place (see module docs); lengths are validated before use.
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| FsError::io(path, e))?;
-        Ok(Arc::new(MappedFile { map: Some(map) }))
+        let slot = sigbus::register(map.as_ptr() as usize, map.len(), path);
+        Ok(Arc::new(MappedFile {
+            map: Some(map),
+            slot,
+        }))
     }
 
     /// The mapped bytes.
@@ -60,5 +71,123 @@ impl MappedFile {
     /// The underlying map (for madvise/mlock by the strategy).
     pub fn raw(&self) -> Option<&memmap2::Mmap> {
         self.map.as_ref()
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        // Unregistered before the fields drop, i.e. before the unmap.
+        if let Some(s) = self.slot {
+            sigbus::unregister(s);
+        }
+    }
+}
+
+/// SIGBUS on a mapped file: a table of mapped ranges and a handler that
+/// names the file whose range holds the faulting address.
+///
+/// Why the handler is sound: it only reads atomics of a static table,
+/// calls `write(2)` on bytes that are never freed (each name is leaked when
+/// registered), and `_exit(2)` or `sigaction(2)`, all async-signal-safe.
+/// A slot's name and length are stored before its start address is
+/// published (release/acquire), and a slot is cleared before its mapping is
+/// unmapped, so the handler never reads a half-written entry or reports a
+/// range that is no longer ours. A fault outside every range is not ours:
+/// the handler reinstates the previous disposition and returns, the access
+/// faults again and is handled exactly as it would have been without us.
+pub mod sigbus {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    const SLOTS: usize = 4096;
+
+    struct Slot {
+        start: AtomicUsize,
+        len: AtomicUsize,
+        msg: AtomicPtr<u8>,
+        msg_len: AtomicUsize,
+    }
+
+    #[allow(clippy::declare_interior_mutable_const)]
+    const EMPTY: Slot = Slot {
+        start: AtomicUsize::new(0),
+        len: AtomicUsize::new(0),
+        msg: AtomicPtr::new(std::ptr::null_mut()),
+        msg_len: AtomicUsize::new(0),
+    };
+    static TABLE: [Slot; SLOTS] = [EMPTY; SLOTS];
+    /// Serializes writers of the table (the handler only reads).
+    static CLAIM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    struct Prev(libc::sigaction);
+    // SAFETY: a plain C struct of integers and function pointers, written
+    // once before the handler is installed and only read afterwards.
+    unsafe impl Sync for Prev {}
+    unsafe impl Send for Prev {}
+    static PREV: OnceLock<Prev> = OnceLock::new();
+
+    extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+        let addr = unsafe { (*info).si_addr() } as usize;
+        for s in TABLE.iter() {
+            let start = s.start.load(Ordering::Acquire);
+            if start != 0 && addr >= start && addr - start < s.len.load(Ordering::Acquire) {
+                let p = s.msg.load(Ordering::Acquire);
+                let n = s.msg_len.load(Ordering::Acquire);
+                // SAFETY: `p..p+n` is a leaked, never-freed allocation;
+                // write and _exit are async-signal-safe.
+                unsafe {
+                    libc::write(2, p as *const libc::c_void, n);
+                    libc::_exit(3);
+                }
+            }
+        }
+        if let Some(prev) = PREV.get() {
+            // SAFETY: reinstating the disposition saved at install time.
+            unsafe { libc::sigaction(libc::SIGBUS, &prev.0, std::ptr::null_mut()) };
+        }
+    }
+
+    fn install() {
+        PREV.get_or_init(|| {
+            // SAFETY: sigaction with zeroed, then filled, structs we own.
+            unsafe {
+                let mut prev: libc::sigaction = std::mem::zeroed();
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction = on_sigbus as *const () as usize;
+                act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+                libc::sigemptyset(&mut act.sa_mask);
+                libc::sigaction(libc::SIGBUS, &act, &mut prev);
+                Prev(prev)
+            }
+        });
+    }
+
+    /// Records a mapped range; returns its slot (None when the table is
+    /// full: that mapping then faults as it would without us).
+    pub(super) fn register(start: usize, len: usize, path: &Path) -> Option<usize> {
+        install();
+        let msg = format!(
+            "error: {}: the file was truncated or changed while it was mapped (by another program); stopping\n",
+            path.display()
+        );
+        let _g = CLAIM.lock().unwrap_or_else(|e| e.into_inner());
+        let i = TABLE
+            .iter()
+            .position(|s| s.start.load(Ordering::Acquire) == 0)?;
+        let leaked: &'static mut [u8] = Box::leak(msg.into_bytes().into_boxed_slice());
+        let s = &TABLE[i];
+        s.msg_len.store(leaked.len(), Ordering::Release);
+        s.msg.store(leaked.as_mut_ptr(), Ordering::Release);
+        s.len.store(len, Ordering::Release);
+        s.start.store(start, Ordering::Release);
+        Some(i)
+    }
+
+    /// Clears a slot (before its range is unmapped).
+    pub(super) fn unregister(i: usize) {
+        let _g = CLAIM.lock().unwrap_or_else(|e| e.into_inner());
+        TABLE[i].start.store(0, Ordering::Release);
     }
 }

@@ -12,6 +12,19 @@ use crate::cli::{Classify, Exit};
 /// The default model source.
 pub const DEFAULT_SOURCE: &str = "hf:Intel/Qwen3-Next-80B-A3B-Thinking-int4-mixed-AutoRound";
 
+/// Most worker threads any stage accepts: far above any CPU this runs on,
+/// low enough that a typo (`100000`) is an error rather than a machine
+/// spending minutes creating threads.
+pub const MAX_THREADS: usize = 1024;
+
+/// Checks a thread count from a flag or the manifest (`what` names it).
+pub fn check_threads(what: &str, n: usize) -> Result<(), String> {
+    if n == 0 || n > MAX_THREADS {
+        return Err(format!("{what} {n}: must be 1 to {MAX_THREADS}"));
+    }
+    Ok(())
+}
+
 /// Errors reading the manifest.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -117,6 +130,9 @@ pub struct InspectTable {
     pub probe_seconds: Option<f64>,
     /// Force a thread count instead of the probed choice.
     pub threads: Option<usize>,
+    /// The model to size (a checkpoint or a cache directory). Default:
+    /// fetch's checkpoint, else repack's cache, else the preset figures.
+    pub model: Option<PathBuf>,
 }
 
 /// `[repack]`.
@@ -220,9 +236,16 @@ impl Pipeline {
 
     /// Reads and parses one manifest file.
     pub fn load(path: &Path) -> Result<Pipeline, PipelineError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read {
+        let bytes = crate::fsutil::read_regular(path).map_err(|e| PipelineError::Read {
             path: path.to_path_buf(),
-            source,
+            source: match e {
+                crate::fsutil::FsError::Io { source, .. } => source,
+                other => std::io::Error::other(crate::cli::one_line(&other)),
+            },
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| PipelineError::Parse {
+            path: path.to_path_buf(),
+            message: "not UTF-8".into(),
         })?;
         let mut p: Pipeline = toml::from_str(&text).map_err(|e| PipelineError::Parse {
             path: path.to_path_buf(),
@@ -234,6 +257,32 @@ impl Pipeline {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         p.file = Some(path.to_path_buf());
+        let sampling = crate::sample::SamplingParams {
+            temperature: p.serve.temperature.unwrap_or(0.0),
+            top_p: p.serve.top_p.unwrap_or(1.0),
+            min_p: p.serve.min_p.unwrap_or(0.0),
+            repeat_penalty: p.serve.repeat_penalty.unwrap_or(1.0),
+            ..Default::default()
+        };
+        sampling
+            .validate()
+            .map_err(|m| PipelineError::Parse {
+                path: path.to_path_buf(),
+                message: format!("[serve] {m}"),
+            })?;
+        for (key, n) in [
+            ("inspect.threads", p.inspect.threads),
+            ("repack.threads", p.repack.threads),
+            ("serve.threads", p.serve.threads),
+            ("bench.threads", p.bench.threads),
+        ] {
+            if let Some(n) = n {
+                check_threads(key, n).map_err(|message| PipelineError::Parse {
+                    path: path.to_path_buf(),
+                    message,
+                })?;
+            }
+        }
         Ok(p)
     }
 

@@ -51,6 +51,31 @@ impl SamplingParams {
             ..Default::default()
         }
     }
+
+    /// Refuses settings that make sampling meaningless: NaN or infinite
+    /// values, `top_p`/`min_p` outside 0..=1, a penalty that is not
+    /// positive. The message names the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let checks = [
+            ("temperature", self.temperature, f32::MIN, f32::MAX),
+            ("top_p", self.top_p, 0.0, 1.0),
+            ("min_p", self.min_p, 0.0, 1.0),
+            ("repeat_penalty", self.repeat_penalty, f32::MIN_POSITIVE, f32::MAX),
+        ];
+        for (name, v, lo, hi) in checks {
+            if !v.is_finite() || v < lo || v > hi {
+                let range = if hi == 1.0 {
+                    "a number from 0 to 1"
+                } else if lo > 0.0 {
+                    "a finite number above 0"
+                } else {
+                    "a finite number"
+                };
+                return Err(format!("{name} {v}: must be {range}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Draws tokens according to [`SamplingParams`].
@@ -103,7 +128,9 @@ impl Sampler {
                 }
             }
         }
-        if p.temperature <= 0.0 {
+        // NaN never reaches here through validated settings; should one
+        // slip through, it decodes greedily rather than from NaN weights.
+        if !(p.temperature > 0.0) || !p.temperature.is_finite() {
             return argmax(logits) as u32;
         }
         // Candidates, most likely first (top-k first when set: a partial sort).
@@ -124,7 +151,7 @@ impl Sampler {
         probs.iter_mut().for_each(|x| *x /= total);
         // Top-p: the shortest prefix reaching top_p.
         let mut keep = probs.len();
-        if p.top_p < 1.0 {
+        if p.top_p < 1.0 && p.top_p.is_finite() {
             let mut cum = 0.0;
             for (i, &q) in probs.iter().enumerate() {
                 cum += q;

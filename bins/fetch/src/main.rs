@@ -15,7 +15,15 @@ use roundhouse::pipeline::Pipeline;
 /// `synthetic:qwen3-next-80b` generated locally. Resumes interrupted runs;
 /// says "up to date" when there is nothing to do.
 #[derive(Parser, Debug)]
-#[command(name = "rh-fetch", version)]
+#[command(
+    name = "rh-fetch",
+    version,
+    after_help = "Examples:\n  \
+      rh-fetch                                  the pipeline's source (pipeline.toml) into its work dir\n  \
+      rh-fetch hf:Intel/Qwen3-Next-80B-A3B-Thinking-int4-mixed-AutoRound --out ckpt\n  \
+      rh-fetch dir:/models/qwen3-next --out ckpt   a checkpoint already on this machine\n  \
+      rh-fetch synthetic:tiny --out tiny        the built-in demo model"
+)]
 struct Args {
     /// Model source (default: `[model] source` of the manifest).
     source: Option<String>,

@@ -13,8 +13,18 @@ use roundhouse::pipeline::Pipeline;
 /// size the model and write `strategy.toml`: threads, kernel, mmap/mlock,
 /// GPU placement and the expected decode speed, each with its reason.
 #[derive(Parser, Debug)]
-#[command(name = "rh-inspect", version)]
+#[command(
+    name = "rh-inspect",
+    version,
+    after_help = "Examples:\n  \
+      rh-inspect                                probe this machine, size the pipeline's model, write the strategy\n  \
+      rh-inspect work/cache                     size this model (a cache or a checkpoint directory)\n  \
+      rh-inspect --dry-run                      print the strategy, write nothing"
+)]
 struct Args {
+    /// The model to size (a cache or checkpoint directory). Default: the
+    /// pipeline's checkpoint, else its cache.
+    model: Option<PathBuf>,
     /// Pipeline manifest (default: ./pipeline.toml when present).
     #[arg(long)]
     pipeline: Option<PathBuf>,
@@ -54,6 +64,9 @@ fn run(a: Args) -> Result<(), CliError> {
         // A flag path is relative to the current directory, not the manifest.
         p.inspect.out = Some(std::path::absolute(&out).unwrap_or(out));
     }
+    if let Some(m) = a.model {
+        p.inspect.model = Some(std::path::absolute(&m).unwrap_or(m));
+    }
     let mut o = InspectOptions::from_pipeline(&p);
     if let Some(s) = a.probe_seconds {
         if !(s >= 0.0 && s.is_finite()) {
@@ -64,9 +77,7 @@ fn run(a: Args) -> Result<(), CliError> {
         o.probe_seconds = s;
     }
     if let Some(t) = a.threads {
-        if t == 0 {
-            return Err(CliError::usage("--threads 0: must be at least 1"));
-        }
+        roundhouse::pipeline::check_threads("--threads", t).map_err(CliError::usage)?;
         o.threads = Some(t);
     }
     o.dry_run = a.dry_run;

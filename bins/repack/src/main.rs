@@ -16,7 +16,14 @@ use roundhouse::pipeline::Pipeline;
 
 /// Repack a checkpoint into a memory-mappable cache in the kernels' layout.
 #[derive(Parser, Debug)]
-#[command(name = "rh-repack", version)]
+#[command(
+    name = "rh-repack",
+    version,
+    after_help = "Examples:\n  \
+      rh-repack                                 the pipeline's checkpoint into its cache (pipeline.toml)\n  \
+      rh-repack ckpt cache                      checkpoint directory CKPT into cache directory CACHE\n  \
+      rh-repack ckpt cache --threads 8 -q       fixed thread count, no progress bar"
+)]
 struct Args {
     /// Input checkpoint directory [default: `[repack] checkpoint`, else
     /// fetch's output, which must be complete].
@@ -65,8 +72,8 @@ fn run(args: Args) -> Result<(), CliError> {
         return Err(CliError::usage("--file-size-mib must be at least 1"));
     }
     let threads = args.threads.or(p.repack.threads);
-    if threads == Some(0) {
-        return Err(CliError::usage("--threads must be at least 1"));
+    if let Some(t) = threads {
+        roundhouse::pipeline::check_threads("--threads", t).map_err(CliError::usage)?;
     }
     let stop_after_units = match std::env::var("RH_REPACK_ABORT_AFTER_UNITS") {
         Ok(v) => Some(v.parse::<usize>().map_err(|_| {

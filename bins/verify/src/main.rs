@@ -14,10 +14,23 @@ use roundhouse::verify::{self, pack, CheckOptions, StageOptions};
 /// Without a subcommand it runs the pipeline's verify stage: it writes the
 /// cache's manifest when there is none, else checks the cache against it.
 #[derive(Parser, Debug)]
-#[command(name = "rh-verify", version)]
+#[command(
+    name = "rh-verify",
+    version,
+    after_help = "Examples:\n  \
+      rh-verify work/cache                      check a cache against its manifest (write one if it has none)\n  \
+      rh-verify work/cache --expect HASH        check it is exactly the cache that was shared\n  \
+      rh-verify work/cache --quick              sizes and first/last chunks only\n  \
+      rh-verify                                 the pipeline's verify stage (pipeline.toml)\n  \
+      rh-verify pack work/cache --out c.tar.zst bundle a verified cache\n  \
+      rh-verify unpack c.tar.zst --out cache --expect HASH   unpack a bundle, verifying every chunk"
+)]
 struct Args {
     #[command(subcommand)]
     cmd: Option<Cmd>,
+    /// Directory to verify: checked against its manifest, or given one when
+    /// it has none (a cache must then open with full validation).
+    dir: Option<PathBuf>,
     /// Pipeline manifest (default: ./pipeline.toml when present).
     #[arg(long)]
     pipeline: Option<PathBuf>,
@@ -141,6 +154,33 @@ fn run(a: Args) -> Result<(), CliError> {
         }) => {
             let s = pack::unpack(&bundle, &out, expect.as_deref(), quiet)?;
             emit(json, quiet, &s, s.line("unpacked"));
+        }
+        None if a.dir.is_some() => {
+            let dir = a.dir.expect("checked");
+            if dir.join(verify::MANIFEST_NAME).exists() {
+                let s = verify::check(
+                    &dir,
+                    &CheckOptions {
+                        quick: a.quick,
+                        expect: a.expect,
+                        quiet,
+                    },
+                )?;
+                emit(json, quiet, &s, s.line());
+            } else {
+                let (_, s) = verify::write_manifest(&dir, verify::DEFAULT_CHUNK, quiet)?;
+                if let Some(exp) = &a.expect {
+                    if !exp.trim().eq_ignore_ascii_case(&s.manifest_blake3) {
+                        return Err(verify::VerifyError::Expect {
+                            path: dir.join(verify::MANIFEST_NAME),
+                            found: s.manifest_blake3,
+                            expected: exp.trim().to_string(),
+                        }
+                        .into());
+                    }
+                }
+                emit(json, quiet, &s, s.line());
+            }
         }
         None => {
             let p = Pipeline::discover(a.pipeline.as_deref())?;

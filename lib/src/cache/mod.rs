@@ -88,15 +88,21 @@ impl Classify for CacheError {
     }
 }
 
-/// Whether `dir` holds a cache: its index file exists and starts with the
-/// cache magic (cheap; [`Cache::open`] does the full validation).
+/// Whether `dir` claims to hold a cache: its index file exists (cheap;
+/// [`Cache::open`] does the full validation, so a damaged index, a wrong
+/// magic included, is reported as such rather than the directory being
+/// taken for a checkpoint).
 pub fn is_cache(dir: &Path) -> bool {
+    std::fs::symlink_metadata(dir.join(INDEX_FILE)).is_ok()
+}
+
+/// Whether the file at `path` starts with `magic` (a file roundhouse wrote).
+pub(crate) fn has_magic(path: &Path, magic: &[u8]) -> bool {
     use std::io::Read;
-    let mut magic = [0u8; 8];
-    std::fs::File::open(dir.join(INDEX_FILE))
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && magic == format::INDEX_MAGIC
+    let mut head = vec![0u8; magic.len()];
+    crate::fsutil::open_regular(path)
+        .ok()
+        .is_some_and(|mut f| f.read_exact(&mut head).is_ok() && head == magic)
 }
 
 #[cfg(test)]

@@ -25,18 +25,21 @@ pub struct Cache {
     config: ModelConfig,
     maps: Vec<Arc<MappedFile>>,
     by_name: HashMap<String, usize>,
+    /// Shared lock on the directory while the cache is open: excludes our
+    /// own writers (rh-repack, rh-verify unpack) from changing mapped files.
+    _lock: Option<crate::fsutil::DirLock>,
 }
 
 /// Reads and validates `index.rhc` of `dir` (header, hash, archive, every
 /// span against the recorded file sizes) without touching the data files.
 pub fn read_index(dir: &Path) -> Result<(IndexHeader, Index), CacheError> {
     let path = dir.join(INDEX_FILE);
-    let bytes = match std::fs::read(&path) {
+    let bytes = match crate::fsutil::read_regular(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(e) if crate::fsutil::is_not_found(&e) => {
             return Err(CacheError::NotACache(dir.to_path_buf()))
         }
-        Err(e) => return Err(crate::fsutil::FsError::io(&path, e).into()),
+        Err(e) => return Err(e.into()),
     };
     let (header, archive) = IndexHeader::decode(&bytes, &path)?;
     let index = Index::from_bytes(archive, &path)?;
@@ -45,10 +48,21 @@ pub fn read_index(dir: &Path) -> Result<(IndexHeader, Index), CacheError> {
 }
 
 impl Cache {
-    /// Opens and validates the cache in `dir`. Every data file's length is
-    /// checked against the index before it is mapped, so a truncated file
-    /// is an error here, never a SIGBUS later.
+    /// Opens and validates the cache in `dir`, holding a shared lock on it
+    /// while open (a writer at work is reported, naming it). Every data
+    /// file's length is checked against the index before it is mapped, so
+    /// a truncated file is an error here, never a SIGBUS later.
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
+        let lock = crate::fsutil::DirLock::shared(dir)?;
+        let mut c = Self::open_unlocked(dir)?;
+        c._lock = Some(lock);
+        Ok(c)
+    }
+
+    /// [`Cache::open`] without taking the lock, for a caller that already
+    /// holds the directory's lock (e.g. `rh-verify` before it writes a
+    /// manifest).
+    pub fn open_unlocked(dir: &Path) -> Result<Cache, CacheError> {
         let (header, index) = read_index(dir)?;
         let index_path = dir.join(INDEX_FILE);
         let config = ModelConfig::from_json(&index.config_json, &index_path).map_err(|e| {
@@ -57,6 +71,14 @@ impl Cache {
                 format!("config.json in the index: {}", crate::cli::one_line(&e)),
             )
         })?;
+        let shapes: HashMap<&str, &[u64]> = index
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice()))
+            .collect();
+        config
+            .check_shapes(&|n: &str| shapes.get(n).map(|s| s.to_vec()), &index_path)
+            .map_err(|e| CacheError::corrupt(&index_path, crate::cli::one_line(&e)))?;
         let mut maps = Vec::with_capacity(index.files.len());
         for (i, f) in index.files.iter().enumerate() {
             let path = dir.join(&f.name);
@@ -98,6 +120,7 @@ impl Cache {
             config,
             maps,
             by_name,
+            _lock: None,
         })
     }
 

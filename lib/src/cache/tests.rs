@@ -114,6 +114,10 @@ fn fixtures_round_trip_bit_for_bit() {
         let cache = Cache::open(&out.cache).unwrap();
         let ck = Checkpoint::open(&fixture(case)).unwrap();
         assert_same_weights(&ck, &cache);
+        // An open cache holds a shared lock that excludes writers.
+        let e = repack(&opts(&fixture(case), work.path(), 256 << 10)).unwrap_err();
+        assert!(e.to_string().contains("in use by a reader"), "{e}");
+        drop(cache);
         // Unchanged input: up to date, nothing rewritten.
         let again = repack(&opts(&fixture(case), work.path(), 256 << 10)).unwrap();
         assert!(again.up_to_date, "{case}");
@@ -209,7 +213,9 @@ fn damaged_caches_are_clear_errors() {
     std::fs::write(idx(&d), &b).unwrap();
     let e = error_of(&d);
     assert!(e.contains("index.rhc") && e.contains("magic"), "{e}");
-    assert!(!is_cache(&d));
+    // It still claims to be a cache, so opening it as a model reports the
+    // index, not a missing config.json.
+    assert!(is_cache(&d));
 
     // Another format version.
     let d = copy("version");

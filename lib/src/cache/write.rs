@@ -227,7 +227,11 @@ fn quant_source(ck: &Checkpoint, module: &str) -> Result<Source, CacheError> {
             qweight.shape, scales.shape
         )));
     }
-    if qzeros.len != groups * (rows * bits as usize).div_ceil(32) * 4 {
+    let qzeros_len = (rows * bits as usize)
+        .div_ceil(32)
+        .checked_mul(groups * 4)
+        .ok_or_else(|| input_err(format!("{dir}: `{module}`: sizes overflow")))?;
+    if qzeros.len != qzeros_len {
         return Err(input_err(format!(
             "{dir}: `{module}.qzeros` has shape {:?}, expected [{groups}, {}]",
             qzeros.shape,
@@ -420,24 +424,37 @@ fn plan_layout(ck: &Checkpoint, handles: &[File], file_size: u64) -> Result<Layo
     })
 }
 
-/// Files up to this size are hashed whole in the fingerprint when no
-/// fetch record vouches for them; larger ones by their first MiB.
-const FP_WHOLE: u64 = 64 << 20;
+/// The identity of a file as the filesystem sees it: device, inode, size,
+/// modification and change times (ns). Any replacement or rewrite changes
+/// at least one of them (a rename gives another inode, a write another
+/// mtime and ctime), so content recorded against an identity is trusted
+/// only while the identity is unchanged.
+pub fn file_identity(m: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    )
+}
 
 /// The input fingerprint: format, settings, the cache directory, and every
-/// checkpoint file's identity by content, cheaply:
-/// * with a complete fetch record for this directory, its recorded blake3
-///   and size of each file (the current size is checked too);
-/// * otherwise the size of each file and the blake3 of a safetensors
-///   file's header (tensor names, dtypes, shapes, offsets), or of the
-///   whole content of other files up to 64 MiB.
+/// checkpoint file's size and blake3 of its whole content. Hashing is
+/// skipped for a file whose [`file_identity`] is the one recorded beside a
+/// hash, by the fetch stage (when the checkpoint is fetch's output) or by
+/// the last repack; any other file is hashed whole, so a file replaced by
+/// another with the same headers (same shapes, other weights) is seen.
 ///
-/// Neither modification times nor the tensor data are read, so an
-/// up-to-date check costs a few header reads.
+/// Returns the fingerprint and the `name -> {id, blake3}` table to record.
 fn fingerprint(
     opts: &RepackOptions,
     fetch: Option<&stage::StageRecord>,
-) -> Result<String, CacheError> {
+) -> Result<(String, serde_json::Map<String, serde_json::Value>), CacheError> {
     let mut fp = Fingerprint::new();
     fp.add("format", FORMAT_VERSION.to_le_bytes());
     fp.add("file_size", opts.file_size.to_le_bytes());
@@ -445,59 +462,98 @@ fn fingerprint(
     let fetch = fetch.filter(|r| {
         r.status == stage::Status::Complete && Path::new(&r.output_dir) == opts.checkpoint
     });
-    let recorded: BTreeMap<&str, &Output> = fetch
-        .map(|r| {
-            r.outputs
-                .iter()
-                .chain(r.units_done.values())
-                .filter(|o| o.blake3.is_some())
-                .map(|o| (o.path.as_str(), o))
-                .collect()
-        })
-        .unwrap_or_default();
+    // name -> (identity, blake3) vouched for by an earlier stage.
+    let mut known: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let prior = stage::read_record(&opts.work_dir, "repack").ok().flatten();
+    if let Some(files) = prior
+        .as_ref()
+        .and_then(|r| r.details.get("input_files"))
+        .and_then(|v| v.as_object())
+    {
+        for (name, v) in files {
+            if let (Some(id), Some(h)) = (v["id"].as_str(), v["blake3"].as_str()) {
+                known.insert(name.clone(), (id.to_string(), h.to_string()));
+            }
+        }
+    }
+    if let Some(r) = fetch {
+        let ids = r.details.get("identity").and_then(|v| v.as_object());
+        for o in r.outputs.iter() {
+            if let (Some(h), Some(id)) = (
+                &o.blake3,
+                ids.and_then(|m| m.get(&o.path)).and_then(|v| v.as_str()),
+            ) {
+                known.insert(o.path.clone(), (id.to_string(), h.clone()));
+            }
+        }
+    }
     let mut entries: Vec<_> = std::fs::read_dir(&opts.checkpoint)
         .map_err(|e| FsError::io(&opts.checkpoint, e))?
         .flatten()
         .collect();
     entries.sort_by_key(|e| e.file_name());
+    let mut table = serde_json::Map::new();
     for e in entries {
         let path = e.path();
-        let m = e.metadata().map_err(|err| FsError::io(&path, err))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        // Our lock file and other tool state are not checkpoint content.
+        if name.starts_with(".roundhouse-") || name.starts_with(".rh") {
+            continue;
+        }
+        let m = std::fs::metadata(&path).map_err(|err| FsError::io(&path, err))?;
         if !m.is_file() {
             continue;
         }
-        let name = e.file_name().to_string_lossy().into_owned();
-        let id = match recorded.get(name.as_str()) {
-            Some(o) if o.size == m.len() => format!("fetch:{}", o.blake3.as_deref().unwrap_or("")),
-            _ => content_id(&path, m.len())?,
+        let id = file_identity(&m);
+        let hash = match known.get(&name) {
+            Some((rid, h)) if *rid == id => h.clone(),
+            _ => fsutil::blake3_file(&path)?.to_hex().to_string(),
         };
-        fp.add(&name, format!("{}:{id}", m.len()));
+        fp.add(&name, format!("{}:{hash}", m.len()));
+        table.insert(name, serde_json::json!({ "id": id, "blake3": hash }));
     }
-    if let Some(r) = fetch {
-        fp.add_record(r);
-    }
-    Ok(fp.finish())
+    Ok((fp.finish(), table))
 }
 
-/// blake3 of a safetensors file's header, or of a small file's content.
-fn content_id(path: &Path, len: u64) -> Result<String, CacheError> {
-    let f = File::open(path).map_err(|e| FsError::io(path, e))?;
-    let is_st = path.extension().is_some_and(|x| x == "safetensors");
-    let n = if is_st && len >= 8 {
-        let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, 0)
-            .map_err(|e| FsError::io(path, e))?;
-        // A bogus length is left to the checkpoint reader to report.
-        (8 + u64::from_le_bytes(b)).min(len).min(256 << 20)
-    } else if len <= FP_WHOLE {
-        len
-    } else {
-        1 << 20
+/// Refuses to touch a file in the cache directory that this tool did not
+/// write: `index.rhc` without the index magic, a `data-NNNNN.rhd` (or its
+/// `.tmp`) without the data magic, or anything of those names that is not
+/// a regular file (a symlink, a directory). `--force` skips the check.
+fn check_ours(cache: &Path) -> Result<(), CacheError> {
+    let rd = match std::fs::read_dir(cache) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(FsError::io(cache, e).into()),
     };
-    let mut h = blake3::Hasher::new();
-    h.update_reader((&f).take(n))
-        .map_err(|e| FsError::io(path, e))?;
-    Ok(h.finalize().to_hex().to_string())
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let magic: &[u8] = if name == INDEX_FILE || name == format!("{INDEX_FILE}.tmp") {
+            &super::format::INDEX_MAGIC
+        } else if is_data_file_name(&name) {
+            &super::format::DATA_MAGIC
+        } else {
+            continue;
+        };
+        let path = e.path();
+        let m = std::fs::symlink_metadata(&path).map_err(|err| FsError::io(&path, err))?;
+        let what = if !m.file_type().is_file() {
+            Some("not a regular file")
+        } else if m.len() == 0 && name.ends_with(".tmp") {
+            None // created by a run killed before its header was written
+        } else if !super::has_magic(&path, magic) {
+            Some("not written by rh-repack (no roundhouse header)")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Err(FsError::NotOurs {
+                path,
+                what: what.into(),
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// The most extra disk space the data files still need at any moment:
@@ -693,14 +749,21 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
     } else {
         None
     };
-    let ck = Checkpoint::open(&opts.checkpoint).map_err(|e| input_err(e.to_string()))?;
     if opts.cache == opts.checkpoint {
         return Err(input_err(format!(
             "{}: the cache directory must differ from the checkpoint directory",
             opts.cache.display()
         )));
     }
-    let fp = fingerprint(opts, fetch.as_ref())?;
+    // Locks first: a second writer of this cache stops here, and nobody
+    // rewrites the checkpoint while it is read.
+    let _ck_lock = fsutil::DirLock::shared(&opts.checkpoint)?;
+    let ck = Checkpoint::open(&opts.checkpoint).map_err(|e| input_err(e.to_string()))?;
+    let _cache_lock = fsutil::DirLock::exclusive(&opts.cache, "rh-repack")?;
+    if !opts.force {
+        check_ours(&opts.cache)?;
+    }
+    let (fp, input_files) = fingerprint(opts, fetch.as_ref())?;
     let inputs = BTreeMap::from([
         ("checkpoint".into(), opts.checkpoint.display().to_string()),
         ("cache".into(), opts.cache.display().to_string()),
@@ -965,7 +1028,10 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
         .flatten()
     {
         let name = e.file_name().to_string_lossy().into_owned();
-        if is_data_file_name(&name) && !keep.contains(name.as_str()) {
+        if is_data_file_name(&name)
+            && !keep.contains(name.as_str())
+            && (opts.force || super::has_magic(&e.path(), &super::format::DATA_MAGIC))
+        {
             std::fs::remove_file(e.path()).map_err(|err| FsError::io(e.path(), err))?;
         }
     }
@@ -1011,7 +1077,7 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
     run.finish(
         outputs,
         serde_json::json!({
-            "format_version": FORMAT_VERSION, "files": n_files,
+            "format_version": FORMAT_VERSION, "files": n_files, "input_files": input_files,
             "tensors": outcome.tensors, "bytes": total, "index_blake3": hex,
         }),
     )?;

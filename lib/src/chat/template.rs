@@ -32,6 +32,9 @@ impl Message {
 /// ChatML, the fallback when a model ships no template.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
+/// Most template steps (minijinja fuel) one render may take.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// A compiled chat template plus the special-token strings it may use.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -107,6 +110,11 @@ impl ChatTemplate {
         eos_token: String,
     ) -> Result<ChatTemplate, ChatError> {
         let mut env = Environment::new();
+        // A bound on the work of one render: real templates take well under
+        // a million steps even for long chats; a runaway one (nested
+        // `range(100000)` loops) stops with an error instead of running
+        // forever with memory climbing.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -159,7 +167,11 @@ impl ChatTemplate {
         })
         .map_err(|e| ChatError::TemplateRender {
             origin: self.origin.clone(),
-            reason: crate::cli::one_line(&e),
+            reason: if e.kind() == ErrorKind::OutOfFuel {
+                format!("the template ran more than {TEMPLATE_FUEL} steps (a runaway loop?); stopped")
+            } else {
+                crate::cli::one_line(&e)
+            },
         })
     }
 }

@@ -562,7 +562,7 @@ pub(crate) fn fetch(
             .collect(),
     };
     for f in &listing {
-        if !safe_relative(&f.path) {
+        if !safe_relative(&f.path) || super::reserved(opts, &f.path) {
             return Err(FetchError::UnsafeName {
                 repo: repo.into(),
                 name: f.path.clone(),
@@ -579,7 +579,15 @@ pub(crate) fn fetch(
         )));
     }
     let cache = opts.hf_cache.as_ref().map(|c| RepoCache::new(c, repo));
-    let total: u64 = files.iter().filter_map(|f| f.size).sum();
+    // Sizes come from the hub: a sum that overflows is refused, not wrapped.
+    let total: u64 = files
+        .iter()
+        .filter_map(|f| f.size)
+        .try_fold(0u64, |a, b| a.checked_add(b))
+        .ok_or_else(|| FetchError::Http {
+            what: format!("{repo}@{revision}"),
+            reason: "the listing's file sizes add up to more than 2^64 bytes; refusing it".into(),
+        })?;
     let todo: Vec<RemoteFile> = files
         .iter()
         .filter(|f| !units.is_done(&f.path) || opts.force)
@@ -593,7 +601,7 @@ pub(crate) fn fetch(
                 .unwrap_or(0);
             f.size.map(|s| s.saturating_sub(have))
         })
-        .sum();
+        .fold(0u64, u64::saturating_add);
     check_disk(&units.out, need)?;
     let hidden = opts.quiet || !crate::cli::stderr_is_tty();
     let multi = if hidden {
@@ -619,7 +627,7 @@ pub(crate) fn fetch(
         hidden,
     };
     ctx.bar
-        .inc(total.saturating_sub(todo.iter().filter_map(|f| f.size).sum()));
+        .inc(total.saturating_sub(todo.iter().filter_map(|f| f.size).fold(0, u64::saturating_add)));
     let transferred = AtomicU64::new(0);
     let reused = AtomicUsize::new(files.len() - todo.len());
     let hashes = std::sync::Mutex::new(std::collections::BTreeMap::new());
@@ -712,6 +720,7 @@ fn download(ctx: &Ctx, f: &RemoteFile) -> Result<FileResult, FetchError> {
         PartMeta::remove(&part);
         return Ok(done);
     }
+    ctx.units.claim(&f.path)?;
     let fresh = || PartMeta::new(f.sha256.clone(), f.oid.clone(), f.size, ctx.opts.chunk_size);
     let meta = match PartMeta::load(&part) {
         Some(_) if !part.exists() => fresh(),
@@ -1470,6 +1479,7 @@ fn reuse_existing(
             continue;
         }
         if cand != final_path {
+            ctx.units.claim(&f.path)?;
             super::local::link_or_copy(&cand, final_path, &ProgressBar::hidden())?;
             tracing::info!("{}: reused from the HF cache", f.path);
         }
@@ -1511,7 +1521,7 @@ fn offline(
     let files: Vec<(String, std::path::PathBuf)> = cache
         .snapshot_files(&commit)?
         .into_iter()
-        .filter(|(r, _)| safe_relative(r) && filter.wants(r))
+        .filter(|(r, _)| safe_relative(r) && !super::reserved(opts, r) && filter.wants(r))
         .collect();
     if files.is_empty() {
         return Err(FetchError::Offline(format!(
@@ -1555,6 +1565,7 @@ fn offline(
                 ),
             });
         }
+        units.claim(&rel)?;
         let (h, _) = super::local::link_or_copy(&canon, &target, &bar)?;
         let size = fs::metadata(&target)
             .map_err(|e| FsError::io(&target, e))?

@@ -15,14 +15,22 @@ use super::{
 };
 use crate::fsutil::{self, FsError};
 
-/// Lists the regular files under `dir` (following symlinks), relative and
-/// `/`-separated, skipping hidden entries and our temp files.
+/// Most entries a local checkpoint listing visits before giving up (a
+/// model has a few hundred files; this bounds a walk of a hostile tree).
+const MAX_ENTRIES: usize = 100_000;
+
+/// Lists the regular files under `dir`, relative and `/`-separated,
+/// skipping hidden entries and our temp files. Symlinks to files are
+/// followed (a Hugging Face snapshot is made of them); symlinks to
+/// directories are not, so a link loop (`L -> .`) cannot make the walk
+/// explode, and the walk is bounded in depth and in entries.
 pub fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, FetchError> {
     fn walk(
         root: &Path,
         dir: &Path,
         out: &mut Vec<(String, PathBuf)>,
         depth: usize,
+        seen: &mut usize,
     ) -> Result<(), FetchError> {
         if depth > 16 {
             return Ok(());
@@ -30,15 +38,34 @@ pub fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, FetchError> {
         let rd = fs::read_dir(dir).map_err(|e| FsError::io(dir, e))?;
         for e in rd {
             let e = e.map_err(|e| FsError::io(dir, e))?;
+            *seen += 1;
+            if *seen > MAX_ENTRIES {
+                return Err(FetchError::Invalid(format!(
+                    "{}: more than {MAX_ENTRIES} entries; not a checkpoint directory",
+                    root.display()
+                )));
+            }
             let name = e.file_name();
             let name = name.to_string_lossy();
             if name.starts_with('.') || name.ends_with(".part") || name.ends_with(".tmp") {
                 continue;
             }
             let p = e.path();
-            let meta = fs::metadata(&p).map_err(|e| FsError::io(&p, e))?;
+            let link = fs::symlink_metadata(&p).map_err(|e| FsError::io(&p, e))?;
+            let meta = if link.file_type().is_symlink() {
+                match fs::metadata(&p) {
+                    Ok(m) if m.is_dir() => {
+                        tracing::warn!("{}: a link to a directory; not followed", p.display());
+                        continue;
+                    }
+                    Ok(m) => m,
+                    Err(err) => return Err(FsError::io(&p, err).into()),
+                }
+            } else {
+                link
+            };
             if meta.is_dir() {
-                walk(root, &p, out, depth + 1)?;
+                walk(root, &p, out, depth + 1, seen)?;
             } else if meta.is_file() {
                 let rel = p
                     .strip_prefix(root)
@@ -51,7 +78,7 @@ pub fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, FetchError> {
         Ok(())
     }
     let mut out = Vec::new();
-    walk(dir, dir, &mut out, 0)?;
+    walk(dir, dir, &mut out, 0, &mut 0)?;
     out.sort();
     Ok(out)
 }
@@ -170,6 +197,7 @@ pub(crate) fn fetch(
             bar.inc(size);
             fsutil::blake3_file(&src)?.to_hex().to_string()
         } else {
+            units.claim(&rel)?;
             let (h, was_linked) = link_or_copy(&src, &target, &bar)?;
             if was_linked {
                 linked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

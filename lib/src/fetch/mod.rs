@@ -381,14 +381,38 @@ pub(crate) struct Units {
     pub out: PathBuf,
     /// Set when a worker failed, so others stop.
     pub abort: AtomicBool,
+    /// Files in `out` that earlier runs of this stage wrote (so may be
+    /// replaced); anything else in the way is refused unless `force`.
+    owned: std::collections::BTreeSet<String>,
+    force: bool,
 }
 
 impl Units {
-    fn new(run: StageRun, out: PathBuf) -> Self {
+    fn new(run: StageRun, out: PathBuf, owned: std::collections::BTreeSet<String>, force: bool) -> Self {
         Units {
             run: Mutex::new(run),
             out,
             abort: AtomicBool::new(false),
+            owned,
+            force,
+        }
+    }
+
+    /// Checks that `rel` may be written: nothing is there, or a file an
+    /// earlier run of this stage wrote, or `--force` was given. A user's
+    /// own file in the way is refused, naming it.
+    pub fn claim(&self, rel: &str) -> Result<(), FetchError> {
+        let target = self.out.join(rel);
+        if self.force || self.owned.contains(rel) {
+            return Ok(());
+        }
+        match std::fs::symlink_metadata(&target) {
+            Err(_) => Ok(()),
+            Ok(_) => Err(FsError::NotOurs {
+                path: target,
+                what: "already exists and was not written by rh-fetch".into(),
+            }
+            .into()),
         }
     }
 
@@ -592,6 +616,9 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
         inputs.insert("revision".into(), hub_revision(opts, revision));
         inputs.insert("endpoint".into(), opts.endpoint.clone());
     }
+    // A second writer of this directory stops here, naming the first.
+    let _lock = crate::fsutil::DirLock::exclusive(&opts.out, "rh-fetch")?;
+    let owned = owned_files(&opts.work_dir, &opts.out);
     let plan = stage::plan(&opts.work_dir, STAGE, &fp, &opts.out, inputs, opts.force)?;
     let run = match plan {
         Plan::UpToDate(rec) => {
@@ -619,7 +646,11 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
         );
     }
     crate::fsutil::ensure_writable_dir(&opts.out)?;
-    let units = Units::new(run, opts.out.clone());
+    let mut run = run;
+    // Carried in the running record, so an interrupted run of other
+    // settings does not forget what earlier runs wrote.
+    run.record.details = serde_json::json!({ "owned": owned });
+    let units = Units::new(run, opts.out.clone(), owned, opts.force);
     let fetched = match &src {
         Source::Synthetic(p) => synthetic::fetch(opts, p, &filter, &units)?,
         Source::Local(d) => local::fetch(opts, d, &filter, &units)?,
@@ -640,7 +671,20 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
         .collect::<Result<_, _>>()?;
     let bytes = outputs.iter().map(|o| o.size).sum();
     let files = outputs.len();
-    run.finish(outputs, fetched.details)?;
+    // Each file's identity as written, so repack can trust the recorded
+    // hash exactly as long as the file is not replaced or rewritten.
+    let mut details = fetched.details;
+    let identity: serde_json::Map<String, serde_json::Value> = outputs
+        .iter()
+        .filter_map(|o| {
+            let m = std::fs::metadata(opts.out.join(&o.path)).ok()?;
+            Some((o.path.clone(), crate::cache::write::file_identity(&m).into()))
+        })
+        .collect();
+    if let Some(obj) = details.as_object_mut() {
+        obj.insert("identity".into(), identity.into());
+    }
+    run.finish(outputs, details)?;
     Ok(FetchSummary {
         up_to_date: false,
         source: opts.source.clone(),
@@ -651,6 +695,36 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
         transferred: fetched.transferred,
         reused: fetched.reused,
     })
+}
+
+/// Files of `out` that the fetch stage's record says it wrote.
+fn owned_files(work_dir: &Path, out: &Path) -> std::collections::BTreeSet<String> {
+    let Ok(Some(rec)) = stage::read_record(work_dir, STAGE) else {
+        return Default::default();
+    };
+    if Path::new(&rec.output_dir) != out {
+        return Default::default();
+    }
+    let mut owned: std::collections::BTreeSet<String> = rec
+        .units_done
+        .values()
+        .chain(&rec.outputs)
+        .map(|o| o.path.clone())
+        .collect();
+    if let Some(v) = rec.details.get("owned").and_then(|v| v.as_array()) {
+        owned.extend(v.iter().filter_map(|s| s.as_str().map(str::to_string)));
+    }
+    owned
+}
+
+/// Whether a name from a listing would land in the tool's own state: the
+/// stage records under the work dir (`<out>/.rh` by default) or our lock
+/// and temporary files.
+pub(crate) fn reserved(opts: &FetchOptions, name: &str) -> bool {
+    let first = name.split('/').next().unwrap_or(name);
+    first == ".rh"
+        || name.split('/').any(|p| p.starts_with(".roundhouse-"))
+        || opts.out.join(name).starts_with(&opts.work_dir)
 }
 
 /// Creates the parent directories of `out/rel`.

@@ -63,6 +63,7 @@ pub(crate) fn fetch(
     let seed = spec.seed;
     parallel(todo, opts.concurrency, units, |job| {
         let target = units.out.join(job.name());
+        units.claim(job.name())?;
         let mut hash = None;
         let mut written = 0;
         fsutil::write_atomic_with(&target, |f| {

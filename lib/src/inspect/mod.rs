@@ -252,6 +252,15 @@ pub struct Report {
 /// one (`config.json` present), else the cache when repack has, else the
 /// preset figures.
 pub fn model_sizes(p: &Pipeline) -> Result<ModelSizes, InspectError> {
+    // A model named explicitly (`rh-inspect MODEL`, `[inspect] model`).
+    if let Some(m) = &p.inspect.model {
+        let m = p.path(m);
+        return Ok(if crate::cache::is_cache(&m) {
+            ModelSizes::from_cache(&m)?
+        } else {
+            ModelSizes::from_checkpoint(&m)?
+        });
+    }
     let ckpt = p.checkpoint_dir();
     if ckpt.join("config.json").is_file() {
         return Ok(ModelSizes::from_checkpoint(&ckpt)?);

@@ -95,6 +95,10 @@ pub enum VerifyError {
     /// Bad arguments to a library call (a chunk size that is not a power of two, ...).
     #[error("{0}")]
     Usage(String),
+    /// The directory holds a cache that does not open with full validation
+    /// (no manifest is written for it).
+    #[error("{0}; no manifest written (rerun rh-repack)")]
+    Cache(crate::cache::CacheError),
 }
 
 impl VerifyError {
@@ -115,6 +119,7 @@ impl Classify for VerifyError {
             }
             VerifyError::Stage(e) => e.exit(),
             VerifyError::Usage(_) => Exit::Usage,
+            VerifyError::Cache(e) => e.exit(),
             _ => Exit::VerifyFailed,
         }
     }
@@ -217,12 +222,12 @@ impl Manifest {
     /// Reads `DIR/manifest.blake3.json`, with its own hash.
     pub fn load(dir: &Path) -> Result<(Manifest, blake3::Hash), VerifyError> {
         let path = dir.join(MANIFEST_NAME);
-        let bytes = match std::fs::read(&path) {
+        let bytes = match fsutil::read_regular(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if fsutil::is_not_found(&e) => {
                 return Err(VerifyError::NoManifest(path, dir.to_path_buf()))
             }
-            Err(e) => return Err(VerifyError::io(&path, e)),
+            Err(e) => return Err(e.into()),
         };
         let m = Manifest::parse(&bytes, &path)?;
         Ok((m, blake3::hash(&bytes)))
@@ -242,41 +247,92 @@ impl Manifest {
     }
 }
 
-/// Every regular file under `dir` except the manifest and temporary files
-/// (`*.tmp`), as sorted `/`-separated relative paths with sizes.
+/// Most entries a listing visits (a cache has a handful of files).
+const MAX_ENTRIES: usize = 100_000;
+
+/// Every regular file under `dir` except the manifest, temporary files
+/// (`*.tmp`) and our lock, as sorted `/`-separated relative paths with
+/// sizes. Symlinks to files are followed; symlinks to directories are not
+/// (they would lead out of the tree, or round in a loop), and the walk is
+/// bounded in depth and entries.
 pub fn list_files(dir: &Path) -> Result<Vec<(String, u64)>, VerifyError> {
-    fn walk(root: &Path, rel: &str, out: &mut Vec<(String, u64)>) -> Result<(), VerifyError> {
+    fn walk(
+        root: &Path,
+        rel: &str,
+        out: &mut Vec<(String, u64)>,
+        depth: usize,
+        seen: &mut usize,
+    ) -> Result<(), VerifyError> {
         let d = if rel.is_empty() {
             root.to_path_buf()
         } else {
             root.join(rel)
         };
+        if depth > 16 {
+            return Err(VerifyError::Usage(format!(
+                "{}: directories nested more than 16 deep",
+                d.display()
+            )));
+        }
         let rd = std::fs::read_dir(&d).map_err(|e| VerifyError::io(&d, e))?;
         for e in rd {
             let e = e.map_err(|e| VerifyError::io(&d, e))?;
+            *seen += 1;
+            if *seen > MAX_ENTRIES {
+                return Err(VerifyError::Usage(format!(
+                    "{}: more than {MAX_ENTRIES} entries; not a cache directory",
+                    root.display()
+                )));
+            }
             let name = e.file_name().to_string_lossy().into_owned();
+            // Our lock file and unpack staging area are not content.
+            if name.starts_with(".roundhouse-") {
+                continue;
+            }
             let r = if rel.is_empty() {
                 name.clone()
             } else {
                 format!("{rel}/{name}")
             };
-            let meta = std::fs::metadata(e.path()).map_err(|err| VerifyError::io(e.path(), err))?;
-            if meta.is_dir() {
-                walk(root, &r, out)?;
-            } else if meta.is_file()
-                && r != MANIFEST_NAME
-                && !name.ends_with(".tmp")
-                && !name.starts_with(".roundhouse-")
-            {
+            let link =
+                std::fs::symlink_metadata(e.path()).map_err(|err| VerifyError::io(e.path(), err))?;
+            if link.is_dir() {
+                walk(root, &r, out, depth + 1, seen)?;
+                continue;
+            }
+            let meta = if link.file_type().is_symlink() {
+                match std::fs::metadata(e.path()) {
+                    Ok(m) if m.is_dir() => {
+                        tracing::warn!("{}: a link to a directory; not followed", e.path().display());
+                        continue;
+                    }
+                    Ok(m) => m,
+                    Err(err) => return Err(VerifyError::io(e.path(), err)),
+                }
+            } else {
+                link
+            };
+            if meta.is_file() && r != MANIFEST_NAME && !name.ends_with(".tmp") {
                 out.push((r, meta.len()));
             }
         }
         Ok(())
     }
     let mut out = Vec::new();
-    walk(dir, "", &mut out)?;
+    walk(dir, "", &mut out, 0, &mut 0)?;
     out.sort();
     Ok(out)
+}
+
+/// A manifest is only written for a directory that, when it holds a cache
+/// (`index.rhc`), opens with full validation: header, index, every data
+/// file's length and header against the index. Damage is reported (exit
+/// 3) rather than blessed with a manifest.
+fn require_valid_cache(dir: &Path) -> Result<(), VerifyError> {
+    if crate::cache::is_cache(dir) {
+        crate::cache::Cache::open_unlocked(dir).map_err(VerifyError::Cache)?;
+    }
+    Ok(())
 }
 
 /// Progress reporting for the hashing passes.
@@ -358,6 +414,14 @@ pub fn write_manifest(
     chunk_size: u64,
     quiet: bool,
 ) -> Result<(Manifest, Summary), VerifyError> {
+    if !dir.is_dir() {
+        return Err(VerifyError::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+        ));
+    }
+    let _lock = fsutil::DirLock::exclusive(dir, "rh-verify")?;
+    require_valid_cache(dir)?;
     write_manifest_resumable(dir, chunk_size, quiet, &Resume::none())
 }
 
@@ -465,6 +529,7 @@ pub struct CheckOptions {
 /// Checks `dir` against its manifest. Every problem is logged; the error
 /// names the first (file and chunk with its byte range) and counts the rest.
 pub fn check(dir: &Path, o: &CheckOptions) -> Result<Summary, VerifyError> {
+    let _lock = fsutil::DirLock::shared(dir)?;
     check_resumable(dir, o, &Resume::none())
 }
 
@@ -691,7 +756,21 @@ pub fn run_stage(p: &Pipeline, o: &StageOptions) -> Result<StageReport, VerifyEr
     let repack = stage::require_complete(&work, "repack")?;
     let dir = o.dir.clone().unwrap_or_else(|| p.cache_dir());
     let manifest_path = dir.join(MANIFEST_NAME);
-    let writing = !manifest_path.exists();
+    let writing = std::fs::symlink_metadata(&manifest_path).is_err();
+    // Writing the manifest excludes everyone; checking excludes writers.
+    let _lock = if writing {
+        if !dir.is_dir() {
+            return Err(VerifyError::io(
+                &dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+            ));
+        }
+        let l = fsutil::DirLock::exclusive(&dir, "rh-verify")?;
+        require_valid_cache(&dir)?;
+        l
+    } else {
+        fsutil::DirLock::shared(&dir)?
+    };
     let mut fp = Fingerprint::new();
     fp.add_record(&repack)
         .add("dir", dir.to_string_lossy().as_bytes())

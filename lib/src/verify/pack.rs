@@ -184,6 +184,7 @@ fn tar_header(path: &str, size: u64) -> io::Result<Vec<u8>> {
 /// run.
 pub fn pack(dir: &Path, out: &Path, level: i32, quiet: bool) -> Result<PackSummary, VerifyError> {
     let t = Instant::now();
+    let _lock = fsutil::DirLock::shared(dir)?;
     let (m, mhash) = Manifest::load(dir)?;
     let manifest_bytes = std::fs::read(dir.join(MANIFEST_NAME))
         .map_err(|e| VerifyError::io(dir.join(MANIFEST_NAME), e))?;
@@ -373,8 +374,57 @@ fn bad_bundle(path: &Path, reason: impl Into<String>) -> VerifyError {
     }
 }
 
+/// Where unpack stages verified files beside the target, under the same
+/// relative paths, until the whole bundle has verified.
+pub const STAGING_DIR: &str = ".roundhouse-unpack";
+
+/// Refuses to write `out/rel` through a symlink: any existing ancestor of
+/// it under `out` that is a link (to a directory elsewhere) is refused,
+/// naming it.
+fn no_links_on_the_way(out: &Path, rel: &str) -> Result<(), VerifyError> {
+    let mut p = out.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        p.push(part);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(fsutil::FsError::NotOurs {
+                    path: p,
+                    what: "is a symlink; unpack does not write through links".into(),
+                }
+                .into())
+            }
+            Ok(m) if !m.is_dir() => {
+                return Err(fsutil::FsError::NotOurs {
+                    path: p,
+                    what: "is in the way of a directory of the bundle".into(),
+                }
+                .into())
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether `path` is a regular file (not a link) with this size and hash.
+fn verified_at(path: &Path, entry: &super::FileEntry) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|md| md.is_file() && md.len() == entry.size)
+        && fsutil::blake3_file(path)
+            .map(|h| h.to_hex().as_str() == entry.blake3)
+            .unwrap_or(false)
+}
+
 /// Unpacks a bundle into `out`, verifying every chunk against the bundled
 /// manifest (and the manifest against `expect`, when given).
+///
+/// The bundle is committed as a whole: every file is written and verified
+/// in a staging directory beside the target (`out/.roundhouse-unpack`),
+/// and only when the whole bundle has verified are the files renamed into
+/// place, the index after the data files and the manifest last. Until
+/// then whatever `out` held (an older cache) is untouched and usable. A
+/// failed or killed unpack keeps the files it had verified in staging, so
+/// a rerun does not transfer them again.
 pub fn unpack(
     bundle: &Path,
     out: &Path,
@@ -382,7 +432,7 @@ pub fn unpack(
     quiet: bool,
 ) -> Result<PackSummary, VerifyError> {
     let t = Instant::now();
-    let f = File::open(bundle).map_err(|e| VerifyError::io(bundle, e))?;
+    let f = fsutil::open_regular(bundle)?;
     let bundle_bytes = f.metadata().map_err(|e| VerifyError::io(bundle, e))?.len();
     let dec = zstd::stream::Decoder::with_buffer(BufReader::with_capacity(1 << 20, f))
         .map_err(|e| VerifyError::io(bundle, e))?;
@@ -421,11 +471,27 @@ pub fn unpack(
             });
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| VerifyError::io(out, e))?;
+    let _lock = fsutil::DirLock::exclusive(out, "rh-verify unpack")?;
+    for f in &m.files {
+        no_links_on_the_way(out, &f.path)?;
+    }
+    let staging = out.join(STAGING_DIR);
+    match std::fs::symlink_metadata(&staging) {
+        Ok(md) if !md.is_dir() => {
+            return Err(fsutil::FsError::NotOurs {
+                path: staging,
+                what: "is not the staging directory unpack makes".into(),
+            }
+            .into())
+        }
+        _ => std::fs::create_dir_all(&staging).map_err(|e| VerifyError::io(&staging, e))?,
+    }
     let mut pending: BTreeMap<&str, &super::FileEntry> =
         m.files.iter().map(|f| (f.path.as_str(), f)).collect();
     let pb = cli::bytes_bar(m.total_bytes(), "unpacking", quiet);
     let mut kept = 0;
+    // Files to rename from staging into place once everything verified.
+    let mut staged: Vec<&str> = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
     for e in entries {
         let mut e = e.map_err(corrupt)?;
@@ -448,23 +514,25 @@ pub fn unpack(
             ));
         }
         let target = out.join(&entry.path);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| VerifyError::io(parent, e))?;
-        }
-        // Resume: a file already in place with the right hash is kept.
-        let in_place = std::fs::metadata(&target)
-            .is_ok_and(|md| md.is_file() && md.len() == entry.size)
-            && fsutil::blake3_file(&target)
-                .map(|h| h.to_hex().as_str() == entry.blake3)
-                .unwrap_or(false);
-        let mut h = ChunkHasher::new(entry.size, m.chunk_size);
-        if in_place {
+        let stage_path = staging.join(&entry.path);
+        // Resume: a file already in place, or staged by an earlier run,
+        // with the right hash is kept.
+        let in_place = verified_at(&target, entry);
+        let in_staging = !in_place && verified_at(&stage_path, entry);
+        if in_place || in_staging {
             io::copy(&mut e, &mut io::sink()).map_err(corrupt)?;
             pb.inc(entry.size);
             kept += 1;
+            if in_staging {
+                staged.push(entry.path.as_str());
+            }
             continue;
         }
-        let tmp = fsutil::temp_path(&target);
+        if let Some(parent) = stage_path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| VerifyError::io(parent, e))?;
+        }
+        let mut h = ChunkHasher::new(entry.size, m.chunk_size);
+        let tmp = fsutil::temp_path(&stage_path);
         let res = (|| -> Result<(), VerifyError> {
             let mut w = BufWriter::with_capacity(
                 1 << 20,
@@ -508,7 +576,8 @@ pub fn unpack(
             let _ = std::fs::remove_file(&tmp);
             return Err(err);
         }
-        fsutil::commit_temp(&tmp, &target)?;
+        fsutil::commit_temp(&tmp, &stage_path)?;
+        staged.push(entry.path.as_str());
     }
     pb.finish_and_clear();
     if let Some((first, _)) = pending.iter().next() {
@@ -520,7 +589,7 @@ pub fn unpack(
             ),
         ));
     }
-    fsutil::write_atomic(&out.join(MANIFEST_NAME), &mbytes)?;
+    commit_staged(out, &staging, &staged, &mbytes)?;
     Ok(PackSummary {
         bundle: bundle.to_path_buf(),
         dir: out.to_path_buf(),
@@ -531,6 +600,43 @@ pub fn unpack(
         seconds: t.elapsed().as_secs_f64(),
         manifest_blake3: mhex,
     })
+}
+
+/// Swaps the verified staged files into `out`: the old manifest and (when
+/// a new one is staged) the old index go first, so a crash in the middle
+/// never leaves an old index or manifest describing new data; then the
+/// data files, then the index, then the manifest.
+fn commit_staged(
+    out: &Path,
+    staging: &Path,
+    staged: &[&str],
+    manifest: &[u8],
+) -> Result<(), VerifyError> {
+    let index = crate::cache::INDEX_FILE;
+    let remove = |p: &Path| match std::fs::remove_file(p) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(VerifyError::io(p, e)),
+        _ => Ok(()),
+    };
+    remove(&out.join(MANIFEST_NAME))?;
+    if staged.contains(&index) {
+        remove(&out.join(index))?;
+    }
+    fsutil::sync_dir(out)?;
+    let mut order: Vec<&str> = staged.iter().copied().filter(|p| *p != index).collect();
+    if staged.contains(&index) {
+        order.push(index);
+    }
+    for rel in order {
+        let target = out.join(rel);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| VerifyError::io(parent, e))?;
+        }
+        std::fs::rename(staging.join(rel), &target).map_err(|e| VerifyError::io(&target, e))?;
+        fsutil::sync_dir(target.parent().unwrap_or(out))?;
+    }
+    fsutil::write_atomic(&out.join(MANIFEST_NAME), manifest)?;
+    let _ = std::fs::remove_dir_all(staging);
+    Ok(())
 }
 
 #[cfg(test)]
