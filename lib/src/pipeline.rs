@@ -116,6 +116,8 @@ pub struct FetchTable {
     pub offline: Option<bool>,
     /// Synthetic sources: number of layers (overrides the preset).
     pub layers: Option<usize>,
+    /// Synthetic sources: routed experts per layer (overrides the preset).
+    pub experts: Option<usize>,
     /// Synthetic sources: random seed. Default 0.
     pub seed: Option<u64>,
 }

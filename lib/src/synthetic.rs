@@ -26,6 +26,18 @@ pub enum SyntheticError {
     /// Unknown preset name.
     #[error("unknown synthetic model `{0}` (known: tiny, qwen3-next-80b)")]
     UnknownPreset(String),
+    /// Bad expert count.
+    #[error("synthetic:{preset}: --experts must be between {min} (experts per token) and {max}, got {got}")]
+    Experts {
+        /// Preset.
+        preset: String,
+        /// Smallest allowed (the preset's experts per token).
+        min: usize,
+        /// Largest allowed (the preset's expert count).
+        max: usize,
+        /// Given.
+        got: usize,
+    },
     /// Bad layer count.
     #[error("synthetic:{preset}: --layers must be between 1 and {max}, got {got}")]
     Layers {
@@ -176,6 +188,38 @@ impl Spec {
             shard_bytes,
             seed,
         })
+    }
+
+    /// Keeps `experts` routed experts per layer instead of the preset's
+    /// (the router shrinks with them; top-k and every expert's shape stay):
+    /// `qwen3-next-80b` with all 48 layers and 64 experts reads what the
+    /// real model reads per token while fitting in a desktop's RAM.
+    pub fn with_experts(mut self, experts: usize) -> Result<Spec, SyntheticError> {
+        let (min, max) = (self.dim("num_experts_per_tok"), self.dim("num_experts"));
+        if experts < min || experts > max {
+            return Err(SyntheticError::Experts {
+                preset: self.preset,
+                min,
+                max,
+                got: experts,
+            });
+        }
+        self.config["num_experts"] = experts.into();
+        Ok(self)
+    }
+
+    /// [`Spec::preset`], then [`Spec::with_experts`] when `experts` is given.
+    pub fn preset_with(
+        name: &str,
+        layers: Option<usize>,
+        experts: Option<usize>,
+        seed: u64,
+    ) -> Result<Spec, SyntheticError> {
+        let spec = Spec::preset(name, layers, seed)?;
+        match experts {
+            Some(e) => spec.with_experts(e),
+            None => Ok(spec),
+        }
     }
 
     fn dim(&self, k: &str) -> usize {
@@ -613,5 +657,40 @@ mod tests {
         write_shard(&mut a, &ts[..3], 0).unwrap();
         write_shard(&mut b, &ts[..3], 0).unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn fewer_experts_keep_every_shape_and_top_k() {
+        let full = Spec::preset("qwen3-next-80b", Some(48), 0).unwrap();
+        let spec = Spec::preset_with("qwen3-next-80b", Some(48), Some(64), 0).unwrap();
+        let c = spec.config_json();
+        assert_eq!(c["num_experts"], 64);
+        assert_eq!(c["num_experts_per_tok"], 10);
+        assert_eq!(c["num_hidden_layers"], 48);
+        let shapes = |s: &Spec| -> std::collections::BTreeMap<String, (usize, usize, u32)> {
+            s.linears()
+                .into_iter()
+                .map(|(n, r, k, b)| (n, (r, k, b)))
+                .collect()
+        };
+        let (a, b) = (shapes(&full), shapes(&spec));
+        // Every kept module has the real model's shape; the router has one
+        // row per kept expert; experts 64.. are gone.
+        for (name, shape) in &b {
+            if name.ends_with(".mlp.gate") {
+                assert_eq!(shape.0, 64, "{name}");
+            } else {
+                assert_eq!(a.get(name), Some(shape), "{name}");
+            }
+        }
+        assert!(b.contains_key("model.layers.47.mlp.experts.63.down_proj"));
+        assert!(!b.contains_key("model.layers.0.mlp.experts.64.up_proj"));
+        for bad in [9, 513] {
+            let e = Spec::preset_with("qwen3-next-80b", None, Some(bad), 0).unwrap_err();
+            assert!(
+                e.to_string().contains("--experts must be between 10"),
+                "{e}"
+            );
+        }
     }
 }

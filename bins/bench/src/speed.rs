@@ -154,10 +154,10 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     let (bandwidth, source) = match strategy.and_then(|s| s.bandwidth_gbs).filter(|&g| g > 0.0) {
         Some(g) => (g, format!("from {}", pipeline.strategy_path().display())),
         None => {
-            let bw = roundhouse::membw::measure(256 << 20, 1.0);
+            let bw = roundhouse::membw::measure(512 << 20, 1.0);
             (
                 bw.all_threads_gbs,
-                "no strategy file: probed now with membw, 256 MiB, all threads".to_string(),
+                "no strategy file: probed now with membw, 512 MiB, all threads".to_string(),
             )
         }
     };

@@ -55,6 +55,10 @@ struct Args {
     /// Synthetic sources: number of layers.
     #[arg(long)]
     layers: Option<usize>,
+    /// Synthetic sources: routed experts per layer (top-k and every shape
+    /// stay; e.g. 64 with all 48 layers for the real per-token reads).
+    #[arg(long)]
+    experts: Option<usize>,
     /// Synthetic sources: random seed (default 0).
     #[arg(long)]
     seed: Option<u64>,
@@ -144,6 +148,7 @@ fn body(a: Args) -> Result<(), CliError> {
         concurrency: a.concurrency.or(p.fetch.concurrency).unwrap_or(4),
         offline: a.offline || p.fetch.offline.unwrap_or(false),
         layers: a.layers.or(p.fetch.layers),
+        experts: a.experts.or(p.fetch.experts),
         seed: a.seed.or(p.fetch.seed).unwrap_or(0),
         endpoint: a.endpoint.clone(),
         token: hf_cache::token_with_home(a.hf_home.as_deref()),

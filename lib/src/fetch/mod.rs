@@ -221,6 +221,8 @@ pub struct FetchOptions {
     pub offline: bool,
     /// Synthetic: layer count.
     pub layers: Option<usize>,
+    /// Synthetic: routed experts per layer.
+    pub experts: Option<usize>,
     /// Synthetic: seed.
     pub seed: u64,
     /// The hub's base URL.
@@ -255,6 +257,7 @@ impl Default for FetchOptions {
             concurrency: 4,
             offline: false,
             layers: None,
+            experts: None,
             seed: 0,
             endpoint: DEFAULT_ENDPOINT.to_string(),
             token: None,
@@ -570,6 +573,10 @@ fn fingerprint(opts: &FetchOptions, src: &Source) -> String {
         Source::Synthetic(p) => {
             fp.add("synthetic", p);
             fp.add("layers", format!("{:?}", opts.layers));
+            if let Some(e) = opts.experts {
+                // Only when set, so existing checkpoints stay up to date.
+                fp.add("experts", e.to_string());
+            }
             fp.add("seed", opts.seed.to_string());
         }
         Source::Local(d) => {
@@ -607,7 +614,7 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
     }
     if let Source::Synthetic(p) = &src {
         // Validate the preset before touching the disk.
-        crate::synthetic::Spec::preset(p, opts.layers, opts.seed)?;
+        crate::synthetic::Spec::preset_with(p, opts.layers, opts.experts, opts.seed)?;
     }
     let fp = fingerprint(opts, &src);
     let mut inputs = BTreeMap::new();

@@ -37,7 +37,7 @@ pub(crate) fn fetch(
     filter: &Filter,
     units: &Units,
 ) -> Result<Fetched, FetchError> {
-    let spec = Spec::preset(preset, opts.layers, opts.seed)?;
+    let spec = Spec::preset_with(preset, opts.layers, opts.experts, opts.seed)?;
     let mut jobs: Vec<Job> = spec
         .metadata_files()
         .into_iter()

@@ -189,8 +189,11 @@ pub struct KernelReport {
     pub isa: &'static str,
     /// Threads used.
     pub threads: usize,
-    /// Memory read bandwidth on the same threads.
+    /// Memory read bandwidth on the same threads (the best read loop).
     pub bandwidth: Bandwidth,
+    /// Each read loop of the bandwidth probe: name, GB/s on one thread, on
+    /// all threads.
+    pub bandwidth_methods: Vec<(&'static str, f64, f64)>,
     /// FMA peak, GFLOP/s, one thread.
     pub fma_peak_1t_gflops: f64,
     /// FMA peak, GFLOP/s, all threads.
@@ -218,12 +221,17 @@ pub fn run(opts: &KernelOpts) -> KernelReport {
 fn run_here(opts: &KernelOpts) -> KernelReport {
     let threads = rayon::current_num_threads();
     tracing::info!("memory bandwidth probe ({} MiB)", opts.membw_bytes >> 20);
-    let bandwidth = membw::measure(opts.membw_bytes, (opts.seconds * 4.0).max(1.0));
+    let (bandwidth, methods) =
+        membw::measure_methods(opts.membw_bytes, (opts.seconds * 4.0).max(1.0));
     let (fma1, fma_all) = fma_peak(opts.seconds.max(0.2));
     let mut rep = KernelReport {
         isa: isa(),
         threads,
         bandwidth,
+        bandwidth_methods: methods
+            .iter()
+            .map(|m| (m.method.name(), m.single_thread_gbs, m.all_threads_gbs))
+            .collect(),
         fma_peak_1t_gflops: fma1,
         fma_peak_gflops: fma_all,
         rows: Vec::new(),
@@ -554,6 +562,17 @@ impl KernelReport {
             b.buffer_bytes >> 20,
             self.fma_peak_gflops,
             self.fma_peak_1t_gflops
+        );
+        let probe: Vec<String> = self
+            .bandwidth_methods
+            .iter()
+            .map(|(n, one, all)| format!("{n} {all:.2} ({one:.2})"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "bandwidth probe, GB/s on {} threads (1 thread) per read loop: {}",
+            self.threads,
+            probe.join(", ")
         );
         let _ = writeln!(
             s,

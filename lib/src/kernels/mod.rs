@@ -345,6 +345,187 @@ fn avx2_matvec(a: avx2::Avx2, w: &Matrix, x: &[f32], y: &mut [f32], path: Path) 
     }
 }
 
+/// One product of a [`matvec_batch`] (`y = w x`) or [`matmul_batch`]
+/// (`Y = X wᵀ`).
+pub struct Product<'a> {
+    /// The weights, `[rows, cols]`.
+    pub w: &'a Matrix,
+    /// The input, `[cols]` (`[n, cols]` for [`matmul_batch`]).
+    pub x: &'a [f32],
+    /// The output, `[rows]` (`[n, rows]` for [`matmul_batch`]).
+    pub y: &'a mut [f32],
+}
+
+impl<'a> Product<'a> {
+    /// `y = w x`.
+    pub fn new(w: &'a Matrix, x: &'a [f32], y: &'a mut [f32]) -> Self {
+        Product { w, x, y }
+    }
+}
+
+/// Several independent matrix-vector products in one parallel region:
+/// every job's rows are cut into tasks and all tasks share one fork-join,
+/// instead of one per product (decode runs ~40 small products per layer,
+/// and each fork-join wakes the pool and waits for its slowest thread).
+/// Jobs that share an input slice share its quantized activations. Each
+/// output row is computed exactly as [`matvec`] computes it.
+pub fn matvec_batch(jobs: &mut [Product]) {
+    matvec_batch_on(simd(), jobs, default_path())
+}
+
+/// [`matmul`] of each product over `n` tokens: one parallel region for
+/// all of them when `n` is 1 (decode, [`matvec_batch`]), one product after
+/// the other otherwise (each already spreads over the threads).
+pub fn matmul_batch(products: &mut [Product], n: usize) {
+    if n == 1 {
+        matvec_batch(products)
+    } else {
+        for p in products.iter_mut() {
+            matmul(p.w, p.x, n, p.y);
+        }
+    }
+}
+
+/// [`matvec_batch`] at a chosen level and path (tests compare them).
+pub fn matvec_batch_isa(isa: Isa, jobs: &mut [Product], path: Path) {
+    let s = *levels()
+        .iter()
+        .find(|s| s.isa() == isa)
+        .unwrap_or_else(|| panic!("kernels: {} is not available on this CPU", isa.name()));
+    matvec_batch_on(s, jobs, path)
+}
+
+fn matvec_batch_on(s: Simd, jobs: &mut [Product], path: Path) {
+    for j in jobs.iter() {
+        assert_eq!(j.x.len(), j.w.cols(), "matvec_batch: input length");
+        assert_eq!(j.y.len(), j.w.rows(), "matvec_batch: output length");
+        validate(j.w);
+    }
+    match (s, path) {
+        (_, Path::Scalar) | (Simd::None, _) => {
+            for j in jobs.iter_mut() {
+                scalar_matvec(j.w, j.x, j.y);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        _ => batch::run(s, jobs, path),
+    }
+}
+
+/// The SIMD body of [`matvec_batch`]: activations prepared once per input,
+/// then one `par_iter` over every job's row chunks.
+#[cfg(target_arch = "x86_64")]
+mod batch {
+    use rayon::prelude::*;
+
+    use super::{avx2, avx512, Path, Product, Simd, MIN_TASK_BYTES, TASKS_PER_THREAD};
+    use crate::tensor::Matrix;
+
+    /// A job's weights as the kernels read them.
+    enum View<'a> {
+        Q(avx2::QuantView<'a>),
+        D(avx2::DenseView<'a>),
+    }
+
+    /// A job's activations in the form its kernel takes.
+    enum Act {
+        Dense,
+        F32(Vec<f32>),
+        Q8(avx2::Q8Act),
+        Q16(avx2::Q16Act),
+        Group(avx512::GroupAct),
+    }
+
+    /// What decides an activation's form: the input and the weights' kind.
+    #[derive(PartialEq)]
+    struct Key {
+        x: *const f32,
+        len: usize,
+        quant: Option<(u8, usize)>,
+    }
+
+    fn prepare(s: Simd, w: &Matrix, x: &[f32], path: Path) -> Act {
+        let a = s.avx2().expect("a SIMD level");
+        match w {
+            Matrix::Dense(_) => Act::Dense,
+            Matrix::Quant(q) => match (s, path) {
+                (Simd::Avx512(b), Path::SimdInt16)
+                    if avx512::Avx512::supports(q.bits, q.group_size) =>
+                {
+                    Act::Group(b.group_act(x, q.bits, q.group_size))
+                }
+                (_, Path::SimdInt8) => Act::Q8(avx2::Q8Act::new(x, q.bits, q.group_size)),
+                (_, Path::SimdInt16) => Act::Q16(a.q16_act(x, q.bits, q.group_size)),
+                _ => Act::F32(x.chunks(q.group_size).map(|c| c.iter().sum()).collect()),
+            },
+        }
+    }
+
+    pub(super) fn run(s: Simd, jobs: &mut [Product], path: Path) {
+        let a = s.avx2().expect("a SIMD level");
+        let mut keys: Vec<Key> = Vec::new();
+        let mut acts: Vec<Act> = Vec::new();
+        let mut act_of: Vec<usize> = Vec::with_capacity(jobs.len());
+        let mut views: Vec<View> = Vec::with_capacity(jobs.len());
+        for j in jobs.iter() {
+            let key = Key {
+                x: j.x.as_ptr(),
+                len: j.x.len(),
+                quant: match j.w {
+                    Matrix::Quant(q) => Some((q.bits, q.group_size)),
+                    Matrix::Dense(_) => None,
+                },
+            };
+            let i = match keys.iter().position(|k| *k == key) {
+                Some(i) => i,
+                None => {
+                    keys.push(key);
+                    acts.push(prepare(s, j.w, j.x, path));
+                    acts.len() - 1
+                }
+            };
+            act_of.push(i);
+            views.push(match j.w {
+                Matrix::Quant(q) => View::Q(avx2::QuantView::new(q).expect("validated")),
+                Matrix::Dense(d) => View::D(avx2::DenseView::new(d).expect("validated")),
+            });
+        }
+        // Every job's rows in chunks, all in one list of tasks: about
+        // TASKS_PER_THREAD tasks per thread over all the bytes, none under
+        // MIN_TASK_BYTES, so small matrices go whole to one thread and read
+        // as one long stream.
+        let total: usize = jobs.iter().map(|j| j.w.bytes_read()).sum();
+        let threads = rayon::current_num_threads().max(1);
+        let task_bytes = (total / (threads * TASKS_PER_THREAD)).max(MIN_TASK_BYTES);
+        let xs: Vec<&[f32]> = jobs.iter().map(|j| j.x).collect();
+        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        for (ji, j) in jobs.iter_mut().enumerate() {
+            let row_bytes = (j.w.bytes_read() / j.w.rows().max(1)).max(1);
+            let rpt = (task_bytes / row_bytes).clamp(1, j.w.rows().max(1));
+            for (ci, ys) in j.y.chunks_mut(rpt).enumerate() {
+                tasks.push((ji, ci * rpt, ys));
+            }
+        }
+        let work = |(ji, r0, ys): (usize, usize, &mut [f32])| match (&views[ji], &acts[act_of[ji]])
+        {
+            (View::D(v), _) => a.dense_rows(v, r0, xs[ji], ys),
+            (View::Q(v), Act::Group(g)) => match s {
+                Simd::Avx512(b) => b.quant_rows(v, r0, g, ys),
+                _ => unreachable!("group activations only at the AVX-512 level"),
+            },
+            (View::Q(v), Act::Q8(q)) => a.quant_rows_q8(v, r0, q, ys),
+            (View::Q(v), Act::Q16(q)) => a.quant_rows_q16(v, r0, q, ys),
+            (View::Q(v), Act::F32(gsum)) => a.quant_rows_f32(v, r0, xs[ji], gsum, ys),
+            (View::Q(_), Act::Dense) => unreachable!("dense activations for dense weights"),
+        };
+        if tasks.len() == 1 {
+            tasks.into_iter().for_each(work);
+        } else {
+            tasks.into_par_iter().with_max_len(1).for_each(work);
+        }
+    }
+}
+
 /// `Y = X Wᵀ` for `n` tokens: `x` `[n, cols]`, `y` `[n, rows]`.
 pub fn matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
     matmul_path(w, x, n, y, default_path())

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::norm::{for_each_row, rms_norm_zc_row, sigmoid};
 use super::{load_matrix, load_vector, ModelError};
 use crate::config::ModelConfig;
-use crate::kernels::{matmul, vector};
+use crate::kernels::{matmul, matmul_batch, vector, Product};
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
 
@@ -86,11 +86,16 @@ impl Attention {
     pub fn forward(&self, x: &[f32], n: usize, pos0: usize, cache: &mut KvCache) -> Vec<f32> {
         let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
         let mut qg = vec![0f32; n * nh * 2 * hd];
-        matmul(&self.q_proj, x, n, &mut qg);
         let mut k = vec![0f32; n * nkv * hd];
-        matmul(&self.k_proj, x, n, &mut k);
         let mut v = vec![0f32; n * nkv * hd];
-        matmul(&self.v_proj, x, n, &mut v);
+        matmul_batch(
+            &mut [
+                Product::new(&self.q_proj, x, &mut qg),
+                Product::new(&self.k_proj, x, &mut k),
+                Product::new(&self.v_proj, x, &mut v),
+            ],
+            n,
+        );
 
         let mut q = vec![0f32; n * nh * hd];
         let mut gate = vec![0f32; n * nh * hd];

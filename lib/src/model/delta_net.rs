@@ -23,7 +23,7 @@ use super::norm::{for_each_row, l2_norm, rms_norm_gated, sigmoid, silu, softplus
 use super::{load_matrix, load_vector, ModelError};
 use crate::config::ModelConfig;
 use crate::kernels::delta_rule::{delta_rule, DeltaToken};
-use crate::kernels::matmul;
+use crate::kernels::{matmul, matmul_batch, Product};
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
 
@@ -164,9 +164,14 @@ impl DeltaNet {
         let r = d.ratio();
         let rows = d.qkvz_rows();
         let mut qkvz = vec![0f32; n * rows];
-        matmul(&self.in_proj_qkvz, x, n, &mut qkvz);
         let mut ba = vec![0f32; n * 2 * d.nv];
-        matmul(&self.in_proj_ba, x, n, &mut ba);
+        matmul_batch(
+            &mut [
+                Product::new(&self.in_proj_qkvz, x, &mut qkvz),
+                Product::new(&self.in_proj_ba, x, &mut ba),
+            ],
+            n,
+        );
 
         // Split per key-head group into conv input [q | k | v], z, b, a.
         let blk = 2 * d.dk + 2 * r * d.dv;

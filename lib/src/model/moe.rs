@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::norm::{for_each_row, sigmoid, silu, softmax};
 use super::{load_matrix, ModelError};
 use crate::config::ModelConfig;
-use crate::kernels::{matmul, matmul_one_task, vector};
+use crate::kernels::{matmul, matmul_one_task, matvec_batch, vector, Product};
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
 
@@ -85,6 +85,84 @@ pub struct Moe {
 }
 
 impl Moe {
+    /// Decode: one token's router, experts and shared expert in three
+    /// parallel regions (router with the shared expert's gate and up; the
+    /// routed experts' gates and ups with the shared down; the routed
+    /// downs) instead of one fork-join per product. Each product, and the
+    /// sum in expert order, is what [`Moe::forward`] computes for many
+    /// tokens one at a time.
+    fn forward_one(&self, x: &[f32]) -> Vec<f32> {
+        let h = self.hidden;
+        let ne = self.experts.len();
+        let mut logits = vec![0f32; ne];
+        let si = self.shared.as_ref().map_or(0, |(e, _)| e.gate.rows());
+        let (mut sg, mut sgu, mut sgate) = (vec![0f32; si], vec![0f32; si], [0f32; 1]);
+        {
+            let mut jobs = vec![Product::new(&self.router, x, &mut logits)];
+            if let Some((e, gate)) = &self.shared {
+                jobs.push(Product::new(gate, x, &mut sgate));
+                jobs.push(Product::new(&e.gate, x, &mut sg));
+                jobs.push(Product::new(&e.up, x, &mut sgu));
+            }
+            matvec_batch(&mut jobs);
+        }
+        let route = self.route(&logits);
+        let inter = self.experts.first().map_or(0, |e| e.gate.rows());
+        let mut gates = vec![vec![0f32; inter]; route.len()];
+        let mut ups = vec![vec![0f32; inter]; route.len()];
+        for (gi, ui) in sg.iter_mut().zip(&sgu) {
+            *gi = silu(*gi) * ui;
+        }
+        let mut shared_y = vec![0f32; if self.shared.is_some() { h } else { 0 }];
+        {
+            let mut jobs = Vec::with_capacity(2 * route.len() + 1);
+            for ((&(e, _), g), u) in route.iter().zip(&mut gates).zip(&mut ups) {
+                jobs.push(Product::new(&self.experts[e].gate, x, g));
+                jobs.push(Product::new(&self.experts[e].up, x, u));
+            }
+            if let Some((e, _)) = &self.shared {
+                jobs.push(Product::new(&e.down, &sg, &mut shared_y));
+            }
+            matvec_batch(&mut jobs);
+        }
+        for (g, u) in gates.iter_mut().zip(&ups) {
+            for (gi, ui) in g.iter_mut().zip(u) {
+                *gi = silu(*gi) * ui;
+            }
+        }
+        let mut ys = vec![vec![0f32; h]; route.len()];
+        {
+            let mut jobs: Vec<Product> = route
+                .iter()
+                .zip(&gates)
+                .zip(&mut ys)
+                .map(|((&(e, _), g), y)| Product::new(&self.experts[e].down, g, y))
+                .collect();
+            matvec_batch(&mut jobs);
+        }
+        // Routed experts in expert order (as `forward` sums them), then the
+        // shared expert; the first term writes (see `vector::scale`).
+        let mut order: Vec<usize> = (0..route.len()).collect();
+        order.sort_by_key(|&i| route[i].0);
+        let mut out = vec![0f32; h];
+        let mut first = true;
+        let mut add = |wgt: f32, y: &[f32]| {
+            if first {
+                vector::scale(wgt, y, &mut out);
+                first = false;
+            } else {
+                vector::axpy(wgt, y, &mut out);
+            }
+        };
+        for i in order {
+            add(route[i].1, &ys[i]);
+        }
+        if self.shared.is_some() {
+            add(sigmoid(sgate[0]), &shared_y);
+        }
+        out
+    }
+
     /// Loads `prefix` (`model.layers.L.mlp`).
     pub fn load(w: &dyn WeightSource, c: &ModelConfig, prefix: &str) -> Result<Self, ModelError> {
         let h = c.hidden_size;
@@ -158,6 +236,9 @@ impl Moe {
 
     /// Runs `n` normalised tokens `x` `[n, hidden]`; returns `[n, hidden]`.
     pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        if n == 1 {
+            return self.forward_one(x);
+        }
         let h = self.hidden;
         let ne = self.experts.len();
         let mut logits = vec![0f32; n * ne];
