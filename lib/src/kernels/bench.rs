@@ -15,7 +15,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{isa, isas, matmul_path, matvec_isa, matvec_path, Isa, Path};
+use super::{isa, isas, matmul_isa, matvec_isa, matvec_path, Isa, Path};
 use crate::membw::{self, Bandwidth};
 use crate::tensor::{AlignedBuf, Bytes, DenseMatrix, FloatType, Matrix, QuantMatrix, Zeros};
 
@@ -516,26 +516,27 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
         let xs = activations(n * cols, 9);
         let mut ys = vec![0f32; n * rows];
         let copies = matmul_mats.len();
-        let mut timed = |path: Path| {
+        let mut timed = |isa: Isa, path: Path| {
             let (secs, passes) = time_best(opts.seconds, || {
                 for m in &matmul_mats {
-                    matmul_path(m, &xs, n, &mut ys, path);
+                    matmul_isa(isa, m, &xs, n, &mut ys, path);
                 }
             });
             (secs / copies as f64, passes * copies)
         };
-        if shape.kind != WeightKind::Bf16 && super::simd().isa() == Isa::Avx512Vnni {
-            let (secs, calls) = timed(Path::SimdInt16);
-            rep.rows.push(row(
-                "matmul",
-                Isa::Avx512Vnni,
-                Path::SimdInt16,
-                n,
-                secs,
-                calls,
-            ));
+        // Quantized weights: the integer tiles of every SIMD level up to
+        // the one in use.
+        if shape.kind != WeightKind::Bf16 {
+            for &isa in levels.iter().rev().filter(|&&i| i != Isa::Scalar) {
+                if isa as u8 > super::simd().isa() as u8 {
+                    continue;
+                }
+                let (secs, calls) = timed(isa, Path::SimdInt16);
+                rep.rows
+                    .push(row("matmul", isa, Path::SimdInt16, n, secs, calls));
+            }
         }
-        let (secs, calls) = timed(Path::SimdF32);
+        let (secs, calls) = timed(avx2, Path::SimdF32);
         rep.rows
             .push(row("matmul", avx2, Path::SimdF32, n, secs, calls));
     }
@@ -653,6 +654,7 @@ mod tests {
             ("matvec", avx2, "simd-int16"),
             ("matvec", avx2, "simd-int8"),
             ("matvec", avx2, "simd-f32"),
+            ("matmul", avx2, "simd-int16"),
             ("matmul", avx2, "simd-f32"),
         ];
         if isas().contains(&Isa::Avx512Vnni) {

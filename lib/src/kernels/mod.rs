@@ -20,8 +20,10 @@
 //! products (prefill) with int16 activations on AVX-512 VNNI transpose
 //! each block of 16 quantized weight rows into a tile with one row per
 //! vector lane and multiply it with every token in integers (the private
-//! `avx512_prefill` module); otherwise they use f32 activations and convert
-//! each block of weight rows to f32 once per block of tokens.
+//! `avx512_prefill` module); on the AVX2 level they do the same with tiles
+//! of 8 rows of int16 weights and `vpmaddwd` (the private `avx2_prefill`
+//! module); otherwise (dense weights, other paths) they use f32 activations
+//! and convert each block of weight rows to f32 once per block of tokens.
 //!
 //! Invalid matrices (byte lengths that disagree with the shape, input or
 //! group sizes that are not multiples of 32) are refused with a panic naming
@@ -34,6 +36,8 @@ pub mod vector;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2_prefill;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
@@ -532,8 +536,8 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
 }
 
 /// [`matmul`] on a chosen path. One token goes through [`matvec_path`].
-/// Int16 activations on the AVX-512 VNNI level take quantized weights
-/// through the integer tile kernels; everything else computes with f32
+/// Int16 activations on the AVX-512 VNNI and AVX2 levels take quantized
+/// weights through the integer tile kernels; everything else computes with f32
 /// activations against weight rows converted to f32 once per block of
 /// tokens.
 pub fn matmul_path(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path) {
@@ -548,7 +552,21 @@ pub fn matmul_one_task(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
     matmul_split(w, x, n, y, default_path(), false)
 }
 
+/// [`matmul_path`] at a chosen instruction-set level, one of [`isas`]
+/// (for benchmarks and tests that compare levels).
+pub fn matmul_isa(isa: Isa, w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path) {
+    let s = *levels()
+        .iter()
+        .find(|s| s.isa() == isa)
+        .unwrap_or_else(|| panic!("kernels: {} is not available on this CPU", isa.name()));
+    matmul_on(s, w, x, n, y, path, true)
+}
+
 fn matmul_split(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path, split: bool) {
+    matmul_on(simd(), w, x, n, y, path, split)
+}
+
+fn matmul_on(s: Simd, w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path, split: bool) {
     let (rows, cols) = (w.rows(), w.cols());
     assert_eq!(x.len(), n * cols, "matmul: input length");
     assert_eq!(y.len(), n * rows, "matmul: output length");
@@ -556,15 +574,20 @@ fn matmul_split(w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path, spli
         return;
     }
     if n == 1 {
-        return matvec_path(w, x, y, path);
+        return matvec_on(s, w, x, y, path);
     }
     validate(w);
-    match (simd(), path) {
+    match (s, path) {
         (_, Path::Scalar) | (Simd::None, _) => scalar_matmul(w, x, n, y),
         #[cfg(target_arch = "x86_64")]
         (Simd::Avx512(a), Path::SimdInt16) => match w {
             Matrix::Quant(q) => avx512_matmul(a, q, x, n, y, split),
             _ => avx2_matmul(a.avx2, w, x, n, y),
+        },
+        #[cfg(target_arch = "x86_64")]
+        (Simd::Avx2(a), Path::SimdInt16) => match w {
+            Matrix::Quant(q) => avx2_tile_matmul(a, q, x, n, y, split),
+            _ => avx2_matmul(a, w, x, n, y),
         },
         #[cfg(target_arch = "x86_64")]
         (s, _) => avx2_matmul(s.avx2().expect("a SIMD level"), w, x, n, y),
@@ -680,6 +703,46 @@ fn avx2_matmul(a: avx2::Avx2, w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
     scatter(&blocks, n, rows, y);
 }
 
+/// Runs integer-tile prefill over `rows` output rows: the rows go to tasks
+/// of whole tiles (`tile_rows` each; one task unless `split`), each task
+/// `run(first_row, rows, out)` fills its token-major block `out`
+/// (`[n, rows]`), which is then copied into `y` (`[n, all rows]`).
+#[cfg(target_arch = "x86_64")]
+fn tile_tasks(
+    rows: usize,
+    n: usize,
+    y: &mut [f32],
+    tile_rows: usize,
+    split: bool,
+    run: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    let tiles = rows.div_ceil(tile_rows);
+    let tasks = if split {
+        rayon::current_num_threads().max(1) * TASKS_PER_THREAD
+    } else {
+        1
+    };
+    let tpt = tiles.div_ceil(tasks).max(1);
+    let rpt = tpt * tile_rows;
+    let blocks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(rpt))
+        .into_par_iter()
+        .map(|bi| {
+            let r0 = bi * rpt;
+            let nr = rpt.min(rows - r0);
+            // Token-major: each tile's outputs for a token are adjacent.
+            let mut out = vec![0f32; n * nr];
+            run(r0, nr, &mut out);
+            (r0, out)
+        })
+        .collect();
+    for (r0, out) in &blocks {
+        let nr = out.len() / n;
+        for t in 0..n {
+            y[t * rows + r0..t * rows + r0 + nr].copy_from_slice(&out[t * nr..(t + 1) * nr]);
+        }
+    }
+}
+
 /// Prefill on the AVX-512 VNNI level: every token's activations quantized
 /// to int16 per group, then each task (one unless `split`) transposes its
 /// blocks of 16 weight rows into tiles, one at a time, and multiplies each
@@ -694,39 +757,38 @@ fn avx512_matmul(
     split: bool,
 ) {
     use avx512_prefill::{Tile, TILE_ROWS};
-    let (rows, cols) = (q.rows, q.cols);
     let v = avx2::QuantView::new(q).expect("validated");
-    let acts = a.split_acts(x, n, cols, q.bits, q.group_size);
-    let tiles = rows.div_ceil(TILE_ROWS);
-    let tasks = if split {
-        rayon::current_num_threads().max(1) * TASKS_PER_THREAD
-    } else {
-        1
-    };
-    let tpt = tiles.div_ceil(tasks).max(1);
-    let rpt = tpt * TILE_ROWS;
-    let blocks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(rpt))
-        .into_par_iter()
-        .map(|bi| {
-            let r0 = bi * rpt;
-            let nr = rpt.min(rows - r0);
-            // Token-major: each tile's outputs for a token are 16 adjacent
-            // floats.
-            let mut out = vec![0f32; n * nr];
-            let mut tile = Tile::new(&v);
-            for i0 in (0..nr).step_by(TILE_ROWS) {
-                a.tile_load(&v, r0 + i0, TILE_ROWS.min(nr - i0), &mut tile);
-                a.tile_multiply(&tile, &acts, &mut out[i0..], nr);
-            }
-            (r0, out)
-        })
-        .collect();
-    for (r0, out) in &blocks {
-        let nr = out.len() / n;
-        for t in 0..n {
-            y[t * rows + r0..t * rows + r0 + nr].copy_from_slice(&out[t * nr..(t + 1) * nr]);
+    let acts = a.split_acts(x, n, q.cols, q.bits, q.group_size);
+    tile_tasks(q.rows, n, y, TILE_ROWS, split, |r0, nr, out| {
+        let mut tile = Tile::new(&v);
+        for i0 in (0..nr).step_by(TILE_ROWS) {
+            a.tile_load(&v, r0 + i0, TILE_ROWS.min(nr - i0), &mut tile);
+            a.tile_multiply(&tile, &acts, &mut out[i0..], nr);
         }
-    }
+    });
+}
+
+/// Prefill on the AVX2 level, as on AVX-512 with tiles of 8 rows of
+/// int16 weights multiplied in `vpmaddwd` (the `avx2_prefill` module).
+#[cfg(target_arch = "x86_64")]
+fn avx2_tile_matmul(
+    a: avx2::Avx2,
+    q: &crate::tensor::QuantMatrix,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    split: bool,
+) {
+    use avx2_prefill::{Tile, TILE_ROWS};
+    let v = avx2::QuantView::new(q).expect("validated");
+    let acts = a.pair_acts(x, n, q.cols, q.bits, q.group_size);
+    tile_tasks(q.rows, n, y, TILE_ROWS, split, |r0, nr, out| {
+        let mut tile = Tile::new(&v);
+        for i0 in (0..nr).step_by(TILE_ROWS) {
+            a.tile_load(&v, r0 + i0, TILE_ROWS.min(nr - i0), &mut tile);
+            a.tile_multiply(&tile, &acts, &mut out[i0..], nr);
+        }
+    });
 }
 
 /// Row `r` of `W` as f32 (embedding lookup), converted in place from the

@@ -290,12 +290,15 @@ fn matmul_matches_scalar_on_random_shapes() {
         let mut want = vec![0f32; n * rows];
         scalar_matmul(&w, &x, n, &mut want);
         let wf = dense_f32(&w);
-        for path in [Path::SimdF32, Path::SimdInt8, Path::SimdInt16] {
+        let levels = simd_isas().into_iter();
+        for (isa, path) in
+            levels.flat_map(|i| [Path::SimdF32, Path::SimdInt8, Path::SimdInt16].map(|p| (i, p)))
+        {
             let mut y = vec![f32::NAN; n * rows];
-            matmul_path(&w, &x, n, &mut y, path);
+            matmul_isa(isa, &w, &x, n, &mut y, path);
             for t in 0..n {
                 let xt = &x[t * cols..(t + 1) * cols];
-                // Int16 activations (AVX-512 prefill) add half a step per
+                // Int16 activations (integer-tile prefill) add half a step per
                 // element, amax_g / 65534 over the weight group.
                 let group = match &w {
                     Matrix::Quant(q) if path == Path::SimdInt16 => q.group_size,
@@ -310,7 +313,7 @@ fn matmul_matches_scalar_on_random_shapes() {
                         .collect()
                 };
                 assert_close(
-                    &format!("case {case} n={n} token {t}"),
+                    &format!("case {case} {isa:?} {path:?} n={n} token {t}"),
                     &y[t * rows..(t + 1) * rows],
                     &want[t * rows..(t + 1) * rows],
                     &tight,
@@ -502,9 +505,9 @@ fn non_finite_activations_stay_visible() {
 
 /// Prefill products on the shapes and group sizes the cache allows: every
 /// group size (partial last groups, groups longer than an i32 lane may add
-/// unscaled), row counts around the 16-row tile, token counts around the
+/// unscaled), row counts around the 16- and 8-row tiles, token counts around the
 /// tokens of one pass, large activations, and a token holding NaN, whose
-/// outputs must show it while the other tokens' stay right.
+/// outputs must show it while the other tokens' stay right; at every level.
 #[test]
 fn int16_matmul_matches_scalar_on_model_shapes() {
     let mut rng = StdRng::seed_from_u64(29);
@@ -520,22 +523,29 @@ fn int16_matmul_matches_scalar_on_model_shapes() {
         x[bad * cols + cols / 2] = f32::NAN;
         let mut want = vec![0f32; n * rows];
         scalar_matmul(&w, &x, n, &mut want);
-        let mut y = vec![0f32; n * rows];
-        matmul_path(&w, &x, n, &mut y, Path::SimdInt16);
         let wf = dense_f32(&w);
-        for t in 0..n {
-            let got = &y[t * rows..(t + 1) * rows];
-            if t == bad {
-                assert!(got.iter().all(|v| !v.is_finite()), "case {case}: {got:?}");
-                continue;
+        for isa in simd_isas() {
+            let mut y = vec![0f32; n * rows];
+            matmul_isa(isa, &w, &x, n, &mut y, Path::SimdInt16);
+            for t in 0..n {
+                let got = &y[t * rows..(t + 1) * rows];
+                if t == bad {
+                    assert!(
+                        got.iter().all(|v| !v.is_finite()),
+                        "case {case} {isa:?}: {got:?}"
+                    );
+                    continue;
+                }
+                let xt = &x[t * cols..(t + 1) * cols];
+                assert_close(
+                    &format!(
+                        "case {case} {isa:?}: {bits}-bit g{group} [{rows}x{cols}] n={n} token {t}"
+                    ),
+                    got,
+                    &want[t * rows..(t + 1) * rows],
+                    &activation_bound(&wf, cols, xt, group, 65534.0),
+                );
             }
-            let xt = &x[t * cols..(t + 1) * cols];
-            assert_close(
-                &format!("case {case}: {bits}-bit g{group} [{rows}x{cols}] n={n} token {t}"),
-                got,
-                &want[t * rows..(t + 1) * rows],
-                &activation_bound(&wf, cols, xt, group, 65534.0),
-            );
         }
     }
 }

@@ -15,6 +15,22 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a[..n].iter().zip(&b[..n]).map(|(x, y)| x * y).sum()
 }
 
+/// `out[j] = a · rows[j]` for four rows `b` (row `j` at `j * stride`,
+/// each `a.len()` long): one pass over `a` for four dot products, so each
+/// of `a`'s vectors is loaded once per four keys (attention scores).
+pub fn dot4(a: &[f32], b: &[f32], stride: usize) -> [f32; 4] {
+    let n = a.len();
+    assert!(b.len() >= 3 * stride + n, "dot4: rows out of range");
+    #[cfg(target_arch = "x86_64")]
+    if super::simd().avx2().is_some() {
+        // SAFETY: `avx2()` is `Some` only when the CPU has AVX2 and FMA;
+        // row `j < 4` spans `b[j * stride..j * stride + n]`, inside `b`
+        // (checked above).
+        return unsafe { x86::dot4(a.as_ptr(), b.as_ptr(), stride, n) };
+    }
+    std::array::from_fn(|j| dot(a, &b[j * stride..j * stride + n]))
+}
+
 /// `y[i] += alpha * x[i]` over the shorter length.
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     let n = x.len().min(y.len());
@@ -149,6 +165,34 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot4(a: *const f32, b: *const f32, stride: usize, n: usize) -> [f32; 4] {
+        // Two sums per row: eight independent FMA chains.
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            let (a0, a1) = (_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(a.add(i + 8)));
+            for (j, s) in acc.iter_mut().enumerate() {
+                let r = b.add(j * stride + i);
+                s[0] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(r), s[0]);
+                s[1] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(r.add(8)), s[1]);
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for (j, s) in acc.iter().enumerate() {
+            let v = _mm256_add_ps(s[0], s[1]);
+            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let mut r = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+            for k in i..n {
+                r += *a.add(k) * *b.add(j * stride + k);
+            }
+            out[j] = r;
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn axpy(alpha: f32, x: *const f32, y: *mut f32, n: usize) {
         let va = _mm256_set1_ps(alpha);
         let mut i = 0;
@@ -188,6 +232,20 @@ mod tests {
             let mut got = vec![f32::NAN; d];
             weighted_rows(&w, &x, stride, &mut got);
             assert_eq!(got, want, "rows {rows} d {d}");
+        }
+    }
+
+    #[test]
+    fn dot4_matches_four_dots_on_every_length() {
+        for n in [0usize, 1, 7, 8, 15, 16, 17, 33, 256] {
+            let stride = n + 3;
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..4 * stride).map(|i| (i as f32 * 0.11).cos()).collect();
+            let got = dot4(&a, &b, stride);
+            for (j, g) in got.iter().enumerate() {
+                let want: f64 = (0..n).map(|i| a[i] as f64 * b[j * stride + i] as f64).sum();
+                assert!((*g as f64 - want).abs() < 1e-4, "n={n} row {j}");
+            }
         }
     }
 

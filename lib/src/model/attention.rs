@@ -23,6 +23,13 @@ pub struct KvCache {
     pub v: Vec<f32>,
 }
 
+/// Prefill attention's tokens per task (their query rows share each block
+/// of the KV cache).
+const ATTN_TOKENS_PER_TASK: usize = 4;
+
+/// KV cache positions per block (64 keys of 256 dims: 64 KiB, in L2).
+const ATTN_KEYS_PER_BLOCK: usize = 64;
+
 /// One gated attention mixer.
 pub struct Attention {
     hidden: usize,
@@ -123,11 +130,34 @@ impl Attention {
         cache.k.extend_from_slice(&k);
         cache.v.extend_from_slice(&v);
 
+        let mut o = vec![0f32; n * nh * hd];
+        if n < ATTN_TOKENS_PER_TASK {
+            self.attend_per_head(&q, &gate, n, pos0, cache, &mut o);
+        } else {
+            self.attend_blocked(&q, &gate, pos0, cache, &mut o);
+        }
+        let mut y = vec![0f32; n * self.hidden];
+        matmul(&self.o_proj, &o, n, &mut y);
+        y
+    }
+
+    /// Attention for a few tokens (decode): one task per (token, head),
+    /// each reading its KV head's whole cache.
+    fn attend_per_head(
+        &self,
+        q: &[f32],
+        gate: &[f32],
+        n: usize,
+        pos0: usize,
+        cache: &KvCache,
+        o: &mut [f32],
+    ) {
+        let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
         let group = nh / nkv;
         let scale = 1.0 / (hd as f32).sqrt();
         let kvw = nkv * hd;
         let (ck, cv) = (&cache.k, &cache.v);
-        let mut o = vec![0f32; n * nh * hd];
+        debug_assert_eq!(o.len(), n * nh * hd);
         o.par_chunks_mut(hd).enumerate().for_each(|(i, oh)| {
             let (t, h) = (i / nh, i % nh);
             let kvh = h / group;
@@ -145,9 +175,91 @@ impl Attention {
                 *oj *= sigmoid(*gj);
             }
         });
-        let mut y = vec![0f32; n * self.hidden];
-        matmul(&self.o_proj, &o, n, &mut y);
-        y
+    }
+
+    /// Attention for many tokens (prefill): one task per block of
+    /// [`ATTN_TOKENS_PER_TASK`] tokens, which walks each KV head's cache in
+    /// blocks of [`ATTN_KEYS_PER_BLOCK`] positions and uses every block for
+    /// all its query rows (the block's tokens times the heads sharing the
+    /// KV head) while it sits in L2. One task per (token, head) read the
+    /// whole cache for each: with 4096 positions that is 8 MiB of keys and
+    /// values per row, from memory, and attention became most of pp4096.
+    /// The per-head path's arithmetic up to the order of additions: scores
+    /// four keys at a time, each row's weighted sum of values added block
+    /// by block.
+    fn attend_blocked(&self, q: &[f32], gate: &[f32], pos0: usize, cache: &KvCache, o: &mut [f32]) {
+        let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
+        let group = nh / nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let kvw = nkv * hd;
+        let (ck, cv) = (&cache.k, &cache.v);
+        let tb = ATTN_TOKENS_PER_TASK;
+        o.par_chunks_mut(tb * nh * hd)
+            .enumerate()
+            .for_each(|(bi, ob)| {
+                let t0 = bi * tb;
+                let nt = ob.len() / (nh * hd);
+                // Longest row of the block: its last token's.
+                let width = pos0 + t0 + nt;
+                let rows = nt * group;
+                let mut scores = vec![0f32; rows * width];
+                let mut part = vec![0f32; hd];
+                for kvh in 0..nkv {
+                    // Row r: token t0 + r / group, head kvh * group + r % group.
+                    let row = |r: usize| (r / group, kvh * group + r % group);
+                    let len = |r: usize| pos0 + t0 + r / group + 1;
+                    for s0 in (0..width).step_by(ATTN_KEYS_PER_BLOCK) {
+                        let s1 = (s0 + ATTN_KEYS_PER_BLOCK).min(width);
+                        for r in 0..rows {
+                            let (t, h) = row(r);
+                            let qh = &q[((t0 + t) * nh + h) * hd..][..hd];
+                            let sr = &mut scores[r * width..][..len(r)];
+                            let end = s1.min(len(r));
+                            let mut s = s0;
+                            // Four keys per pass over the query row.
+                            while s + 4 <= end {
+                                let d = vector::dot4(qh, &ck[s * kvw + kvh * hd..], kvw);
+                                for (j, dj) in d.iter().enumerate() {
+                                    sr[s + j] = dj * scale;
+                                }
+                                s += 4;
+                            }
+                            for s in s..end {
+                                let ks = &ck[s * kvw + kvh * hd..][..hd];
+                                sr[s] = vector::dot(qh, ks) * scale;
+                            }
+                        }
+                    }
+                    for r in 0..rows {
+                        super::norm::softmax(&mut scores[r * width..][..len(r)]);
+                    }
+                    for s0 in (0..width).step_by(ATTN_KEYS_PER_BLOCK) {
+                        let s1 = (s0 + ATTN_KEYS_PER_BLOCK).min(width);
+                        for r in 0..rows {
+                            let end = s1.min(len(r));
+                            if end <= s0 {
+                                continue;
+                            }
+                            let (t, h) = row(r);
+                            let oh = &mut ob[(t * nh + h) * hd..][..hd];
+                            let w = &scores[r * width + s0..r * width + end];
+                            let vs = &cv[s0 * kvw + kvh * hd..];
+                            if s0 == 0 {
+                                vector::weighted_rows(w, vs, kvw, oh);
+                            } else {
+                                vector::weighted_rows(w, vs, kvw, &mut part);
+                                vector::axpy(1.0, &part, oh);
+                            }
+                        }
+                    }
+                }
+                for (j, oh) in ob.chunks_exact_mut(hd).enumerate() {
+                    let g = &gate[(t0 * nh + j) * hd..][..hd];
+                    for (oj, gj) in oh.iter_mut().zip(g) {
+                        *oj *= sigmoid(*gj);
+                    }
+                }
+            });
     }
 }
 

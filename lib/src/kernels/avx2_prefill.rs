@@ -1,0 +1,531 @@
+//! Prefill (matrix-matrix) kernels for AVX2: quantized weights times many
+//! tokens' int16 activations in integer multiply-adds, with one weight row
+//! per 32-bit vector lane, for CPUs without AVX-512 (or AVX-VNNI).
+//!
+//! The AVX2 matmul without these converts every block of weight rows to f32
+//! and multiplies in FMAs: 8 products per instruction, and the conversion
+//! was a third of prefill. Here a block of 8 rows is first transposed into
+//! a tile where each 32-byte vector holds two columns of all 8 rows as
+//! int16 (int4 nibbles and int8 bytes widened while transposing). A token's
+//! activations are int16 per weight group (`x ≈ d * xq`, `|xq| <= 32767`);
+//! each pair of columns is broadcast to every lane and `vpmaddwd` adds 16
+//! exact products into the 8 rows' i32 sums. A group's sums are converted
+//! and scaled for 8 rows at once, so the per-element work is one multiply-
+//! add and one add for 16 products, against one FMA for 8.
+//!
+//! Why not unsigned weight bytes against activations split into two signed
+//! bytes, as the AVX-512 tiles do with `vpdpbusd`: without VNNI that takes
+//! `vpmaddubsw` per byte half plus `vpmaddwd` to widen, the same number of
+//! multiplies per product as `vpmaddwd` on int16 pairs, and `vpmaddubsw`
+//! saturates for int8 weights (`255 * 127 * 2 > 32767`). Int16 pairs are
+//! exact for both widths.
+//!
+//! The order of columns inside a tile follows the packed bytes (see
+//! [`slot`]); [`PairActs`] stores each token's activations in the same
+//! order, which a dot product does not notice.
+//!
+//! Safety: as in the `avx2` module. An [`Avx2`] proves the CPU features;
+//! the public functions check shapes, row ranges and activation lengths
+//! before any pointer is formed; weight loads are unaligned and never read
+//! past a row's bytes.
+
+#![allow(unknown_lints, clippy::manual_is_multiple_of)]
+
+use std::arch::x86_64::*;
+
+use super::avx2::{Avx2, QuantView};
+use crate::tensor::{QuantMatrix, QBLOCK};
+
+/// Weight rows in one tile: one per 32-bit lane of a 256-bit vector.
+pub(crate) const TILE_ROWS: usize = 8;
+
+/// The most tokens one pass over a tile takes, each with an i32 sum in a
+/// register while the tile's vectors stream through (plus an f32 total
+/// the compiler may keep in a register or spill once per group).
+pub(crate) const TOKENS: usize = 8;
+
+/// The largest int16 activation.
+const ACT_MAX: f32 = 32767.0;
+
+/// Activations of `n` tokens quantized to int16 per weight group, for
+/// `bits`-bit weights: `x[k] ≈ d[g] * xq[k]` with `d[g] = max|x| / 32767`
+/// over group `g`, in tile column order (see [`slot`]), two columns per
+/// `i32` (the low half the first).
+pub(crate) struct PairActs {
+    pairs: Vec<i32>,
+    d: Vec<f32>,
+    /// Per token and group: `d[g] * Σ xq`, for the zero-point term.
+    gsum: Vec<f32>,
+    n: usize,
+    cols: usize,
+    n_groups: usize,
+    bits: u8,
+    group_size: usize,
+}
+
+/// The position of element `e` (0..32) inside its block's 32 tile columns.
+///
+/// A tile vector comes from one dword (four packed bytes) of each row,
+/// masked and shifted into 16-bit halves: bytes 0 and 2 form one pair,
+/// bytes 1 and 3 another. An int4 byte `m` of a block holds element `m`
+/// (low nibble) and `m + 16` (high nibble), so dword `c` gives four vectors:
+/// low nibbles of bytes 0 and 2, their high nibbles, then the same for
+/// bytes 1 and 3. Int8 dword `c` gives two vectors: elements `4c, 4c + 2`,
+/// then `4c + 1, 4c + 3`.
+fn slot(bits: u8, e: usize) -> usize {
+    if bits == 4 {
+        let (hi, j) = (e / 16, e % 16);
+        let (c, k) = (j / 4, j % 4);
+        8 * c + 2 * (2 * (k % 2) + hi) + k / 2
+    } else {
+        let (c, k) = (e / 4, e % 4);
+        4 * c + 2 * (k % 2) + k / 2
+    }
+}
+
+/// The most columns whose products one i32 lane may add before it is
+/// scaled: `(2^bits - 1) * 32767 * cols` stays below 2^31.
+fn flush_cols(bits: u8) -> usize {
+    if bits == 4 {
+        4096
+    } else {
+        256
+    }
+}
+
+/// A block of up to [`TILE_ROWS`] weight rows transposed for
+/// [`Avx2::tile_multiply`], with their scales per group. Reused from tile
+/// to tile.
+pub(crate) struct Tile {
+    /// `cols / 2` vectors of 8 lanes, each two int16 weights of one row.
+    w: Vec<i16>,
+    /// Per group, 8 rows' scales.
+    scale: Vec<f32>,
+    /// Per group, 8 rows' `scale * zero`.
+    scale_zero: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    n_groups: usize,
+}
+
+impl Tile {
+    /// An empty tile for matrices of `v`'s shape.
+    pub(crate) fn new(v: &QuantView) -> Tile {
+        Tile {
+            w: vec![0; v.cols * TILE_ROWS],
+            scale: vec![0.0; v.n_groups * TILE_ROWS],
+            scale_zero: vec![0.0; v.n_groups * TILE_ROWS],
+            rows: 0,
+            cols: v.cols,
+            n_groups: v.n_groups,
+        }
+    }
+}
+
+impl Avx2 {
+    /// Quantizes `n` tokens `x` (`[n, cols]`) for `bits`-bit weights with
+    /// `group_size` (both multiples of 32; the last group may be short). A
+    /// group holding NaN or infinity gets a NaN step, so the token's outputs
+    /// show it.
+    pub(crate) fn pair_acts(
+        self,
+        x: &[f32],
+        n: usize,
+        cols: usize,
+        bits: u8,
+        group_size: usize,
+    ) -> PairActs {
+        assert!(cols % QBLOCK == 0 && group_size % QBLOCK == 0 && group_size > 0);
+        assert_eq!(x.len(), n * cols, "pair_acts: input length");
+        let ng = cols.div_ceil(group_size);
+        let mut a = PairActs {
+            pairs: vec![0; n * cols / 2],
+            d: vec![0.0; n * ng],
+            gsum: vec![0.0; n * ng],
+            n,
+            cols,
+            n_groups: ng,
+            bits,
+            group_size,
+        };
+        let mut q = vec![0i16; group_size.min(cols)];
+        for t in 0..n {
+            for g in 0..ng {
+                let k0 = g * group_size;
+                let k1 = ((g + 1) * group_size).min(cols);
+                let src = &x[t * cols + k0..t * cols + k1];
+                // SAFETY: features proven by `self`; `q` holds at least
+                // `src.len()` values, a multiple of 32.
+                let (d, s) = unsafe { quantize_group(src, &mut q[..k1 - k0], bits) };
+                a.d[t * ng + g] = d;
+                a.gsum[t * ng + g] = d * s as f32;
+                let dst = &mut a.pairs[(t * cols + k0) / 2..(t * cols + k1) / 2];
+                for (p, v) in dst.iter_mut().enumerate() {
+                    *v = (q[2 * p] as u16 as u32 | ((q[2 * p + 1] as u16 as u32) << 16)) as i32;
+                }
+            }
+        }
+        a
+    }
+
+    /// Transposes rows `r0..r0 + nr` (`nr` at most [`TILE_ROWS`]) of `v`
+    /// into `tile`.
+    pub(crate) fn tile_load(self, v: &QuantView, r0: usize, nr: usize, tile: &mut Tile) {
+        assert!(
+            (1..=TILE_ROWS).contains(&nr) && r0 + nr <= v.rows,
+            "rows out of range"
+        );
+        assert!(tile.cols == v.cols && tile.n_groups == v.n_groups);
+        assert!(v.bits == 4 || v.bits == 8);
+        assert!(v.scales.len() >= 2 * v.rows * v.n_groups);
+        tile.rows = nr;
+        let ng = v.n_groups;
+        let sym = QuantMatrix::symmetric_zero(v.bits) as f32;
+        tile.scale.fill(0.0);
+        tile.scale_zero.fill(0.0);
+        let mut row = vec![0f32; ng];
+        for i in 0..nr {
+            let at = (r0 + i) * ng;
+            // SAFETY: features proven by `self`; the view's scales hold
+            // `rows * n_groups` f16 values (checked above) and row `r0 + i`
+            // exists.
+            unsafe { f16_to_f32(v.scales.as_ptr().add(2 * at), &mut row) };
+            for (g, s) in row.iter().enumerate() {
+                let z = match v.zeros {
+                    Some(z) => u16::from_le_bytes([z[2 * (at + g)], z[2 * (at + g) + 1]]) as f32,
+                    None => sym,
+                };
+                tile.scale[g * TILE_ROWS + i] = *s;
+                tile.scale_zero[g * TILE_ROWS + i] = s * z;
+            }
+        }
+        assert!(v.q.len() >= (r0 + nr) * v.row_bytes);
+        // SAFETY: features proven by `self`; rows `r0..r0 + nr` exist, each
+        // `row_bytes` long (checked above), and `tile.w` holds `cols * 8`
+        // int16 values, what `cols` columns of 8 rows become.
+        unsafe { transpose_rows(v, r0, nr, tile.w.as_mut_ptr()) }
+    }
+
+    /// `out[t * ldo + i] = row i of tile · token t` for every token of
+    /// `acts` and the tile's rows.
+    pub(crate) fn tile_multiply(self, tile: &Tile, acts: &PairActs, out: &mut [f32], ldo: usize) {
+        let n = acts.n;
+        assert!(acts.cols == tile.cols && acts.n_groups == tile.n_groups);
+        assert!(acts.group_size * (tile.n_groups - 1) < tile.cols);
+        assert!(tile.rows <= ldo && (n == 0 || out.len() >= (n - 1) * ldo + tile.rows));
+        // Passes of equal size: ten tokens go as two passes of five, not
+        // eight and two.
+        let passes = n.div_ceil(TOKENS).max(1);
+        let per_pass = n.div_ceil(passes);
+        let mut t0 = 0;
+        while t0 < n {
+            let nt = per_pass.min(n - t0);
+            // SAFETY: features proven by `self`; tokens `t0..t0 + nt` exist
+            // in `acts` (whose shape matches the tile) and their output rows
+            // were checked above.
+            unsafe {
+                let o = out.as_mut_ptr().add(t0 * ldo);
+                match nt {
+                    8 => tile_tokens::<8>(tile, acts, t0, o, ldo),
+                    7 => tile_tokens::<7>(tile, acts, t0, o, ldo),
+                    6 => tile_tokens::<6>(tile, acts, t0, o, ldo),
+                    5 => tile_tokens::<5>(tile, acts, t0, o, ldo),
+                    4 => tile_tokens::<4>(tile, acts, t0, o, ldo),
+                    3 => tile_tokens::<3>(tile, acts, t0, o, ldo),
+                    2 => tile_tokens::<2>(tile, acts, t0, o, ldo),
+                    _ => tile_tokens::<1>(tile, acts, t0, o, ldo),
+                }
+            }
+            t0 += nt;
+        }
+    }
+}
+
+/// Converts `out.len()` little-endian f16 values at `p` to f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_to_f32(p: *const u8, out: &mut [f32]) {
+    let n = out.len();
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm_loadu_si128(p.add(2 * i) as *const __m128i);
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    while i < n {
+        let h = u16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]);
+        out[i] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)));
+        i += 1;
+    }
+}
+
+/// Quantizes one group `src` (a multiple of 32 long) to int16 in tile
+/// column order into `out` (as long); returns the step and the integer sum
+/// (step 0 for an all-zero group, NaN with zero integers for a group
+/// holding a non-finite value).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_group(src: &[f32], out: &mut [i16], bits: u8) -> (f32, i32) {
+    let n = src.len();
+    assert!(n % QBLOCK == 0 && out.len() == n);
+    let xp = src.as_ptr();
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_setzero_ps();
+    let mut bad = _mm256_setzero_ps();
+    let mut c = 0;
+    while c < n {
+        let v = _mm256_loadu_ps(xp.add(c));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        c += 8;
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+    let amax = lanes.iter().fold(0f32, |a, v| a.max(*v));
+    if _mm256_movemask_ps(bad) != 0 || !amax.is_finite() {
+        out.fill(0);
+        return (f32::NAN, 0);
+    }
+    if amax == 0.0 {
+        out.fill(0);
+        return (0.0, 0);
+    }
+    let inv = _mm256_set1_ps(ACT_MAX / amax);
+    let lim = _mm256_set1_ps(ACT_MAX);
+    let neg = _mm256_set1_ps(-ACT_MAX);
+    let mut sum = _mm256_setzero_si256();
+    let mut block = [0i32; QBLOCK];
+    for b in 0..n / QBLOCK {
+        for h in 0..4 {
+            // Round to nearest; the clamp only catches rounding at the edge.
+            let v = _mm256_mul_ps(_mm256_loadu_ps(xp.add(b * QBLOCK + 8 * h)), inv);
+            let q = _mm256_cvtps_epi32(_mm256_min_ps(lim, _mm256_max_ps(neg, v)));
+            sum = _mm256_add_epi32(sum, q);
+            _mm256_storeu_si256(block.as_mut_ptr().add(8 * h) as *mut __m256i, q);
+        }
+        let o = &mut out[b * QBLOCK..(b + 1) * QBLOCK];
+        for (e, q) in block.iter().enumerate() {
+            o[slot(bits, e)] = *q as i16;
+        }
+    }
+    let mut s = [0i32; 8];
+    _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, sum);
+    (amax / ACT_MAX, s.iter().sum())
+}
+
+/// Transposes 8 vectors of 8 dwords: on return `r[j]` holds dword `j` of
+/// every input, input `i` in lane `i`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn transpose8(r: &mut [__m256i; 8]) {
+    // t[2i], 128-bit half H: dwords 4H, 4H + 1 of inputs 2i, 2i + 1
+    // interleaved; t[2i + 1] the same for dwords 4H + 2, 4H + 3.
+    let mut t = [_mm256_setzero_si256(); 8];
+    for i in 0..4 {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4i + m], half H: dword 4H + m of inputs 4i..4i + 4.
+    let mut u = [_mm256_setzero_si256(); 8];
+    for i in 0..2 {
+        u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for m in 0..4 {
+        r[m] = _mm256_permute2x128_si256::<0x20>(u[m], u[4 + m]);
+        r[4 + m] = _mm256_permute2x128_si256::<0x31>(u[m], u[4 + m]);
+    }
+}
+
+/// Writes rows `r0..r0 + nr` of `v` to `dst` as `cols / 2` vectors, each
+/// two int16 weights (tile columns `2p, 2p + 1`) of 8 rows (missing rows
+/// zero). Works 32 packed bytes of each row at a time: one 8x8 dword
+/// transpose, then each dword of 4 bytes splits into two vectors (int8:
+/// bytes 0 and 2, bytes 1 and 3) or four (int4: those bytes' low nibbles,
+/// then their high nibbles).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut i16) {
+    let row_bytes = v.row_bytes;
+    let base = v.q.as_ptr().add(r0 * row_bytes);
+    let int4 = v.bits == 4;
+    let mask = _mm256_set1_epi32(if int4 { 0x000F_000F } else { 0x00FF_00FF });
+    let mut out = dst as *mut __m256i;
+    // As on AVX-512: the weights come from memory eight short rows at a
+    // time, so each step prefetches the next tile's lines (the 8 rows
+    // after these, contiguous in the matrix) in address order, a whole
+    // tile ahead: 8 rows x 32 bytes per step is 4 lines of the next tile.
+    // Prefetches never fault; the next tile is cut at the end of the
+    // matrix.
+    let next = base.wrapping_add(TILE_ROWS * row_bytes);
+    let next_lines =
+        v.q.len()
+            .saturating_sub((r0 + TILE_ROWS) * row_bytes)
+            .min(TILE_ROWS * row_bytes)
+            / 64;
+    let mut off = 0;
+    while off < row_bytes {
+        let l0 = off / 32 * 4;
+        for l in l0..(l0 + 4).min(next_lines) {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(l * 64) as *const i8);
+        }
+        // A row is a multiple of 16 bytes (one int4 block, half an int8
+        // one), so a step is 32 bytes or a last 16.
+        let len = 32.min(row_bytes - off);
+        let mut r = [_mm256_setzero_si256(); 8];
+        for (i, ri) in r.iter_mut().enumerate().take(nr) {
+            let p = base.add(i * row_bytes + off);
+            *ri = if len == 32 {
+                _mm256_loadu_si256(p as *const __m256i)
+            } else {
+                _mm256_inserti128_si256::<0>(
+                    _mm256_setzero_si256(),
+                    _mm_loadu_si128(p as *const __m128i),
+                )
+            };
+        }
+        transpose8(&mut r);
+        for d in r.iter().take(len / 4) {
+            if int4 {
+                _mm256_storeu_si256(out, _mm256_and_si256(*d, mask));
+                _mm256_storeu_si256(
+                    out.add(1),
+                    _mm256_and_si256(_mm256_srli_epi32::<4>(*d), mask),
+                );
+                _mm256_storeu_si256(
+                    out.add(2),
+                    _mm256_and_si256(_mm256_srli_epi32::<8>(*d), mask),
+                );
+                _mm256_storeu_si256(
+                    out.add(3),
+                    _mm256_and_si256(_mm256_srli_epi32::<12>(*d), mask),
+                );
+                out = out.add(4);
+            } else {
+                _mm256_storeu_si256(out, _mm256_and_si256(*d, mask));
+                _mm256_storeu_si256(
+                    out.add(1),
+                    _mm256_and_si256(_mm256_srli_epi32::<8>(*d), mask),
+                );
+                out = out.add(2);
+            }
+        }
+        off += len;
+    }
+}
+
+/// The tile's rows times tokens `t0..t0 + T` of `acts`, written to
+/// `out[t * ldo + i]` for `t` in `0..T` and the tile's rows `i`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_tokens<const T: usize>(
+    tile: &Tile,
+    acts: &PairActs,
+    t0: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let cols = tile.cols;
+    let ng = tile.n_groups;
+    let gs = acts.group_size;
+    let flush = flush_cols(acts.bits);
+    let w = tile.w.as_ptr() as *const __m256i;
+    let mut xs = [std::ptr::null::<i32>(); T];
+    for (t, x) in xs.iter_mut().enumerate() {
+        *x = acts.pairs.as_ptr().add((t0 + t) * cols / 2);
+    }
+    let d = acts.d.as_ptr().add(t0 * ng);
+    let gsum = acts.gsum.as_ptr().add(t0 * ng);
+    let mut tot = [_mm256_setzero_ps(); T];
+    for g in 0..ng {
+        let k0 = g * gs;
+        let k1 = (k0 + gs).min(cols);
+        let sv = _mm256_loadu_ps(tile.scale.as_ptr().add(g * TILE_ROWS));
+        let mut c0 = k0;
+        while c0 < k1 {
+            let c1 = (c0 + flush).min(k1);
+            let mut acc = [_mm256_setzero_si256(); T];
+            for p in c0 / 2..c1 / 2 {
+                let wv = _mm256_loadu_si256(w.add(p));
+                for t in 0..T {
+                    let xv = _mm256_set1_epi32(*xs[t].add(p));
+                    acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(wv, xv));
+                }
+            }
+            for t in 0..T {
+                let sd = _mm256_mul_ps(sv, _mm256_set1_ps(*d.add(t * ng + g)));
+                tot[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), sd, tot[t]);
+            }
+            c0 = c1;
+        }
+        let szv = _mm256_loadu_ps(tile.scale_zero.as_ptr().add(g * TILE_ROWS));
+        for (t, tv) in tot.iter_mut().enumerate() {
+            *tv = _mm256_fnmadd_ps(szv, _mm256_set1_ps(*gsum.add(t * ng + g)), *tv);
+        }
+    }
+    if tile.rows == TILE_ROWS {
+        for (t, v) in tot.iter().enumerate() {
+            _mm256_storeu_ps(out.add(t * ldo), *v);
+        }
+    } else {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(tile.rows as i32), lanes);
+        for (t, v) in tot.iter().enumerate() {
+            _mm256_maskstore_ps(out.add(t * ldo), keep, *v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose8_puts_input_i_in_lane_i() {
+        if Avx2::detect().is_none() {
+            return;
+        }
+        let input: Vec<u32> = (0..64).collect();
+        let mut got = [0u32; 64];
+        // SAFETY: the features were detected just above; the buffers hold
+        // 8 vectors each.
+        unsafe {
+            let mut r = [_mm256_setzero_si256(); 8];
+            for (i, ri) in r.iter_mut().enumerate() {
+                *ri = _mm256_loadu_si256(input.as_ptr().add(8 * i) as *const _);
+            }
+            transpose8(&mut r);
+            for (j, rj) in r.iter().enumerate() {
+                _mm256_storeu_si256(got.as_mut_ptr().add(8 * j) as *mut _, *rj);
+            }
+        }
+        for j in 0..8 {
+            for i in 0..8 {
+                assert_eq!(got[8 * j + i], input[8 * i + j], "dword {j} of input {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn slots_are_a_permutation_of_the_block() {
+        for bits in [4u8, 8] {
+            let mut seen = [false; 32];
+            for e in 0..32 {
+                let s = slot(bits, e);
+                assert!(!seen[s], "{bits}-bit slot {s} twice");
+                seen[s] = true;
+            }
+        }
+        // Int4 dword 0 (bytes 0..4): low nibbles of bytes 0 and 2
+        // (elements 0, 2), their high nibbles (16, 18), then bytes 1 and 3
+        // (1, 3, 17, 19); dword 1 follows.
+        let order: Vec<usize> = (0..8)
+            .map(|s| (0..32).find(|&e| slot(4, e) == s).unwrap())
+            .collect();
+        assert_eq!(order, [0, 2, 16, 18, 1, 3, 17, 19]);
+        assert_eq!(slot(4, 4), 8);
+        // Int8 dword 1: elements 4, 6, 5, 7.
+        let order: Vec<usize> = (4..8)
+            .map(|s| (0..32).find(|&e| slot(8, e) == s).unwrap())
+            .collect();
+        assert_eq!(order, [4, 6, 5, 7]);
+    }
+}
