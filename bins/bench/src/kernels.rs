@@ -34,6 +34,10 @@ pub struct KernelArgs {
     /// from memory as in decode (1 measures cache-resident speed).
     #[arg(long, default_value_t = 512)]
     pub cold_mib: usize,
+    /// Also draw each kernel's GB/s against the bandwidth line (and the
+    /// matrix-matrix GFLOP/s against the FMA peak), as an SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// Runs the kernel benchmarks and prints the table (or JSON).
@@ -56,6 +60,9 @@ pub fn run(args: &KernelArgs) -> Result<(), CliError> {
             )));
         }
     }
+    if let Some(path) = &args.plot {
+        crate::plot::check_target(path)?;
+    }
     let opts = KernelOpts {
         threads: args.threads,
         shapes: args.shapes.clone(),
@@ -70,6 +77,9 @@ pub fn run(args: &KernelArgs) -> Result<(), CliError> {
         println!("{}", report.to_json());
     } else {
         print!("{}", report.table());
+    }
+    if let Some(path) = &args.plot {
+        crate::plot::kernels(&report, path)?;
     }
     Ok(())
 }

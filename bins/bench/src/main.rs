@@ -1,7 +1,7 @@
 //! `rh-bench`: measuring modes over a model directory.
 //!
 //! * `rh-bench [MODEL] [-p N] [-n N] [-r N]` (no mode): speed, pp/tg in
-//!   llama-bench's table ([`speed`]).
+//!   llama-bench's table ([`speed`]); `--plot FILE.svg` draws it ([`plot`]).
 //! * `rh-bench kernels`: kernel GB/s and GFLOP/s on the real model's shapes
 //!   ([`kernels`]).
 //! * `rh-bench logits MODEL --ids 1,2,3 --out FILE.safetensors [--step]`:
@@ -14,6 +14,7 @@
 //! `kernels::bench`).
 
 mod kernels;
+mod plot;
 mod speed;
 
 use std::path::{Path, PathBuf};

@@ -39,6 +39,10 @@ pub struct SpeedArgs {
     /// Print the report as CSV.
     #[arg(long)]
     pub csv: bool,
+    /// Also draw pp and tg on the roofline of the read bandwidth and FMA
+    /// peak, as an SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 /// Prompt ids for the pp test: ordinary (non-special) tokens, spread over
@@ -66,6 +70,9 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     }
     if p == 0 && n == 0 {
         return Err(CliError::usage("nothing to measure: -p and -n are both 0"));
+    }
+    if let Some(path) = &args.plot {
+        crate::plot::check_target(path)?;
     }
     let strategy = Strategy::load_for_use(&pipeline.strategy_path());
     if let Some(t) = args
@@ -169,8 +176,8 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         .find(|t| t.test.starts_with("pp"))
         .map(|t| t.mean_tps);
     let prefill_gflops = pp_tps.map(|tps| 2.0 * macs as f64 * tps / 1e9);
-    let fma_peak = pp_tps
-        .map(|_| roundhouse::kernels::bench::fma_peak(0.5).1)
+    let fma_peak = (pp_tps.is_some() || args.plot.is_some())
+        .then(|| roundhouse::kernels::bench::fma_peak(0.5).1)
         .filter(|&p| p > 0.0);
     let name = dir
         .canonicalize()
@@ -203,6 +210,9 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         print!("{}", report.csv());
     } else {
         print!("{}", report.table());
+    }
+    if let Some(path) = &args.plot {
+        crate::plot::speed(&report, path)?;
     }
     Ok(())
 }
