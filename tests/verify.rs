@@ -384,23 +384,29 @@ fn interrupted_pack_and_unpack_resume_and_leave_nothing_half_written() {
         std::fs::read(&whole).unwrap()
     );
 
-    // Unpack cut off at the big file: the files before it are complete and
-    // verified, the big one is not visible (not even as a temporary), and
-    // there is no manifest, so the directory does not pass as complete.
+    // Unpack cut off at the big file: nothing is in place yet (the bundle
+    // is committed as a whole); the files before it are verified in the
+    // staging directory, the big one is not there (not even as a
+    // temporary), and there is no manifest.
     let out = t.path().join("out");
     let o = limited(&["unpack", s(&bundle), "--out", s(&out)], Some(MIB as u64));
     assert!(!o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("c.bin"), "{err}");
-    assert!(out.join("a.json").exists() && out.join("b.bin").exists());
+    let staging = out.join(roundhouse::verify::pack::STAGING_DIR);
+    assert!(!out.join("a.json").exists() && !out.join("b.bin").exists());
+    assert!(staging.join("a.json").exists() && staging.join("b.bin").exists());
     assert!(!out.join("c.bin").exists() && !out.join("c.bin.tmp").exists());
+    assert!(!staging.join("c.bin").exists() && !staging.join("c.bin.tmp").exists());
     assert!(!out.join("manifest.blake3.json").exists());
-    // The rerun keeps the two verified files and finishes.
+    // The rerun keeps the two verified files and finishes, leaving no
+    // staging directory behind.
     let o = limited(&["unpack", s(&bundle), "--out", s(&out), "--json"], None);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["kept"], 2, "{}", text(&o));
+    assert!(!staging.exists());
     for f in ["a.json", "b.bin", "c.bin", "manifest.blake3.json"] {
         assert_eq!(
             std::fs::read(d.join(f)).unwrap(),

@@ -78,6 +78,7 @@ impl Classify for EvalError {
         match self {
             EvalError::Model(e) => e.exit(),
             EvalError::Verify(e) => e.exit(),
+            EvalError::Weights(e) => e.exit(),
             EvalError::BadId(_) | EvalError::BadCtx(_) => Exit::Usage,
             _ => Exit::Failure,
         }

@@ -56,11 +56,18 @@ pub enum WeightError {
     /// The checkpoint or cache itself is unreadable.
     #[error("{0}")]
     Format(String),
+    /// A cache that fails its format checks (truncated, damaged, another
+    /// version): exit 3 like every verification failure.
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 impl Classify for WeightError {
     fn exit(&self) -> Exit {
-        Exit::Failure
+        match self {
+            WeightError::Corrupt(_) => Exit::VerifyFailed,
+            _ => Exit::Failure,
+        }
     }
 }
 
@@ -115,8 +122,13 @@ pub const AUX_FILES: [&str; 5] = [
 /// ([`crate::cache::is_cache`]), else the safetensors checkpoint.
 pub fn open_weights(dir: &Path) -> Result<Arc<dyn WeightSource>, WeightError> {
     if crate::cache::is_cache(dir) {
-        let c = crate::cache::Cache::open(dir)
-            .map_err(|e| WeightError::Format(crate::cli::one_line(&e)))?;
+        let c = crate::cache::Cache::open(dir).map_err(|e| {
+            let line = crate::cli::one_line(&e);
+            match e.exit() {
+                Exit::VerifyFailed => WeightError::Corrupt(line),
+                _ => WeightError::Format(line),
+            }
+        })?;
         Ok(Arc::new(c))
     } else {
         Ok(Arc::new(crate::checkpoint::Checkpoint::open(dir)?))
