@@ -338,3 +338,57 @@ fn misshapen_checkpoint_is_a_one_line_error_naming_the_tensor() {
         "{err}"
     );
 }
+
+/// `rh-repack --lm-head int8` (lossy, opt-in): the error the int8 lm_head
+/// adds, measured against the same model with its BF16 lm_head, and the
+/// whole model still within the quantized bound of transformers' logits.
+#[test]
+fn int8_lm_head_cache_stays_within_the_quantized_bound() {
+    use roundhouse::cache::{repack, Cache, RepackOptions};
+    for case in ["gs32", "gs128"] {
+        let g = golden(case);
+        let work = tempfile::tempdir().unwrap();
+        let cache = work.path().join("cache");
+        repack(&RepackOptions {
+            checkpoint: case_dir(case).join("quant"),
+            cache: cache.clone(),
+            work_dir: work.path().to_path_buf(),
+            file_size: 64 << 20,
+            threads: Some(2),
+            force: false,
+            require_fetch: false,
+            quiet: true,
+            skip_space_check: false,
+            stop_after_units: None,
+            lm_head_int8: true,
+        })
+        .unwrap();
+        let m = Model::load(Arc::new(Cache::open(&cache).unwrap())).unwrap();
+        let int8 = prefill(&m, &g.ids);
+        let bf16 = prefill(&load(case, "quant"), &g.ids);
+        let (added, agree) = compare(&int8, &bf16, g.vocab);
+        eprintln!(
+            "{case}/quant int8 lm_head vs BF16 lm_head: max|err|/range = {added:.2e}, top-1 agreement = {:.1}%",
+            agree * 100.0
+        );
+        assert!(
+            added <= 5e-3,
+            "{case}: int8 lm_head adds {added:.2e} x range"
+        );
+        check(
+            &format!("{case}/quant int8 lm_head prefill"),
+            &int8,
+            &g.quant,
+            g.vocab,
+            true,
+        );
+        let s = stepwise(&m, &g.ids);
+        check(
+            &format!("{case}/quant int8 lm_head decode"),
+            &s,
+            &g.quant,
+            g.vocab,
+            true,
+        );
+    }
+}

@@ -149,6 +149,9 @@ pub struct RepackTable {
     pub file_size_mib: Option<u64>,
     /// Worker threads. Default: all cores.
     pub threads: Option<usize>,
+    /// `"int8"` stores a float lm_head as int8 per group of 128 (lossy,
+    /// half the bytes); `"as-is"` (default) keeps the checkpoint's.
+    pub lm_head: Option<String>,
 }
 
 /// `[verify]`.

@@ -46,6 +46,11 @@ struct Args {
     /// exact for the data files; a filesystem that compresses may need less).
     #[arg(long)]
     no_space_check: bool,
+    /// How to store a float lm_head: `as-is` (default) or `int8` (per group
+    /// of 128, symmetric: half the bytes of BF16 on the biggest read of
+    /// every decoded token; lossy, opt-in).
+    #[arg(long, value_name = "as-is|int8")]
+    lm_head: Option<String>,
     /// Print the outcome as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -81,6 +86,15 @@ fn run(args: Args) -> Result<(), CliError> {
         })?),
         Err(_) => None,
     };
+    let lm_head_int8 = match args.lm_head.as_deref().or(p.repack.lm_head.as_deref()) {
+        None | Some("as-is") => false,
+        Some("int8") => true,
+        Some(other) => {
+            return Err(CliError::usage(format!(
+                "--lm-head (or [repack] lm_head): `{other}` is not one of as-is, int8"
+            )))
+        }
+    };
     let opts = RepackOptions {
         checkpoint: args.checkpoint.unwrap_or_else(|| p.repack_input()),
         cache: args.cache.unwrap_or_else(|| p.cache_dir()),
@@ -92,6 +106,7 @@ fn run(args: Args) -> Result<(), CliError> {
         quiet: args.quiet,
         stop_after_units,
         skip_space_check: args.no_space_check,
+        lm_head_int8,
     };
     let out = match repack(&opts) {
         Err(CacheError::Stopped(_)) => std::process::abort(),

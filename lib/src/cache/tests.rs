@@ -39,6 +39,7 @@ fn opts(ck: &Path, work: &Path, file_size: u64) -> RepackOptions {
         require_fetch: false,
         quiet: true,
         stop_after_units: None,
+        lm_head_int8: false,
     }
 }
 
@@ -123,6 +124,60 @@ fn fixtures_round_trip_bit_for_bit() {
         assert!(again.up_to_date, "{case}");
         assert_eq!(again.index_blake3, out.index_blake3);
     }
+}
+
+#[test]
+fn int8_lm_head_is_within_half_a_step_and_redone_when_asked() {
+    let work = tempfile::tempdir().unwrap();
+    let plain = repack(&opts(&fixture("gs32"), work.path(), 256 << 10)).unwrap();
+    let mut o = opts(&fixture("gs32"), work.path(), 256 << 10);
+    o.lm_head_int8 = true;
+    // A different setting: not up to date, rewritten.
+    let out = repack(&o).unwrap();
+    assert!(!out.up_to_date);
+    assert_ne!(out.index_blake3, plain.index_blake3);
+    let cache = Cache::open(&out.cache).unwrap();
+    let ck = Checkpoint::open(&fixture("gs32")).unwrap();
+    let (rows, cols) = (ck.config().vocab_size, ck.config().hidden_size);
+    let q = cache.matrix("lm_head", rows, cols).unwrap();
+    let d = ck.matrix("lm_head", rows, cols).unwrap();
+    let Matrix::Quant(qm) = &q else {
+        panic!("lm_head is not quantized")
+    };
+    assert_eq!((qm.bits, qm.group_size), (8, write::LM_HEAD_GROUP));
+    assert!(matches!(qm.zeros, Zeros::Symmetric));
+    let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+    for r in 0..rows {
+        crate::kernels::scalar::row(&q, r, &mut a);
+        crate::kernels::scalar::row(&d, r, &mut b);
+        for (g, (ag, bg)) in a
+            .chunks(write::LM_HEAD_GROUP)
+            .zip(b.chunks(write::LM_HEAD_GROUP))
+            .enumerate()
+        {
+            let amax = bg.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Half a step of the f16-rounded scale, plus that rounding.
+            let tol = amax / 127.0 * 0.51 + 1e-7;
+            for (x, y) in ag.iter().zip(bg) {
+                assert!((x - y).abs() <= tol, "row {r} group {g}: {x} vs {y}");
+            }
+        }
+    }
+    // Every other tensor is still the checkpoint's, bit for bit.
+    let e = cache
+        .index()
+        .tensors
+        .iter()
+        .find(|t| t.name == "lm_head")
+        .unwrap();
+    assert!(matches!(e.payload, Payload::Quant { bits: 8, .. }));
+    assert!(!cache
+        .index()
+        .tensors
+        .iter()
+        .any(|t| t.name == "lm_head.weight"));
+    let again = repack(&o).unwrap();
+    assert!(again.up_to_date);
 }
 
 fn dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {

@@ -66,7 +66,16 @@ pub struct RepackOptions {
     pub skip_space_check: bool,
     /// Test hook: stop (as if killed) after this many groups of this run.
     pub stop_after_units: Option<usize>,
+    /// Store a float `lm_head.weight` as int8 per group of
+    /// [`LM_HEAD_GROUP`] (symmetric, f16 scales): half the bytes of BF16 on
+    /// the biggest read of every decoded token, at a small logit error.
+    /// Opt-in and lossy (`rh-repack --lm-head int8`).
+    pub lm_head_int8: bool,
 }
+
+/// Group size of an int8 lm_head (`--lm-head int8`): the group size of the
+/// checkpoint's own int8 linears; scales add 1.6% to the int8 bytes.
+pub const LM_HEAD_GROUP: usize = 128;
 
 /// What a repack run did.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -106,6 +115,9 @@ enum Source {
     },
     /// A tensor copied as-is.
     Copy(CkEntry),
+    /// A float matrix quantized here to int8 per [`LM_HEAD_GROUP`]
+    /// (`--lm-head int8`).
+    Int8(CkEntry),
 }
 
 impl Source {
@@ -117,7 +129,7 @@ impl Source {
                 scales,
                 ..
             } => (qweight.len + qzeros.len + scales.len) as u64,
-            Source::Copy(e) => e.len as u64,
+            Source::Copy(e) | Source::Int8(e) => e.len as u64,
         }
     }
 }
@@ -252,7 +264,22 @@ fn quant_source(ck: &Checkpoint, module: &str) -> Result<Source, CacheError> {
 }
 
 /// Plans the whole cache.
-fn plan_layout(ck: &Checkpoint, handles: &[File], file_size: u64) -> Result<Layout, CacheError> {
+/// Whether `--lm-head int8` applies to checkpoint tensor `name`: a float
+/// `lm_head.weight` `[vocab, hidden]` with `hidden` a multiple of 32.
+fn lm_head_to_int8(name: &str, e: &CkEntry) -> bool {
+    name == "lm_head.weight"
+        && float_type(e.dtype).is_some()
+        && e.shape.len() == 2
+        && e.shape[1] % QBLOCK == 0
+        && e.shape[1] > 0
+}
+
+fn plan_layout(
+    ck: &Checkpoint,
+    handles: &[File],
+    file_size: u64,
+    lm_head_int8: bool,
+) -> Result<Layout, CacheError> {
     // Entries: quantized modules by module name, everything else as-is.
     let mut consumed = std::collections::HashSet::new();
     let mut named: Vec<(String, Source)> = Vec::new();
@@ -265,7 +292,10 @@ fn plan_layout(ck: &Checkpoint, handles: &[File], file_size: u64) -> Result<Layo
         }
     }
     for (name, e) in &ck.tensors {
-        if !consumed.contains(name) {
+        if lm_head_int8 && lm_head_to_int8(name, e) {
+            // Named after the module, as quantized entries are.
+            named.push(("lm_head".to_string(), Source::Int8(e.clone())));
+        } else if !consumed.contains(name) {
             named.push((name.clone(), Source::Copy(e.clone())));
         }
     }
@@ -298,7 +328,7 @@ fn plan_layout(ck: &Checkpoint, handles: &[File], file_size: u64) -> Result<Layo
                     *zeros_minus_one,
                 ))
             }
-            Source::Copy(_) => Ok(false),
+            Source::Copy(_) | Source::Int8(_) => Ok(false),
         })
         .collect::<Result<_, CacheError>>()?;
 
@@ -328,6 +358,12 @@ fn plan_layout(ck: &Checkpoint, handles: &[File], file_size: u64) -> Result<Layo
                 e.shape.iter().map(|&d| d as u64).collect(),
                 vec![e.len as u64],
             ),
+            Source::Int8(e) => {
+                let (rows, cols) = (e.shape[0], e.shape[1]);
+                let q = (rows * cols) as u64;
+                let s = (rows * cols.div_ceil(LM_HEAD_GROUP) * 2) as u64;
+                (vec![rows as u64, cols as u64], vec![q, s])
+            }
         };
         let size: u64 = lens.iter().map(|&l| align_up(l)).sum();
         if files.is_empty() || (pos > HEADER_LEN as u64 && align_up(pos) + size > file_size) {
@@ -358,6 +394,13 @@ fn plan_layout(ck: &Checkpoint, handles: &[File], file_size: u64) -> Result<Layo
                 qdata: spans[0],
                 scales: spans[1],
                 zeros: spans.get(2).copied(),
+            },
+            Source::Int8(_) => Payload::Quant {
+                bits: 8,
+                group_size: LM_HEAD_GROUP as u32,
+                qdata: spans[0],
+                scales: spans[1],
+                zeros: None,
             },
             Source::Copy(e) => match float_type(e.dtype) {
                 Some(t) => Payload::Dense {
@@ -458,6 +501,10 @@ fn fingerprint(
     let mut fp = Fingerprint::new();
     fp.add("format", FORMAT_VERSION.to_le_bytes());
     fp.add("file_size", opts.file_size.to_le_bytes());
+    if opts.lm_head_int8 {
+        // Only when set, so existing caches stay up to date.
+        fp.add("lm_head", "int8");
+    }
     fp.add("cache", opts.cache.as_os_str().as_encoded_bytes());
     let fetch = fetch.filter(|r| {
         r.status == stage::Status::Complete && Path::new(&r.output_dir) == opts.checkpoint
@@ -668,8 +715,56 @@ fn produce(
         (Source::Copy(e), Payload::Dense { data, .. } | Payload::Raw { data, .. }) => {
             Ok(vec![(*data, Buf::Read(read(e)?))])
         }
+        (Source::Int8(e), Payload::Quant { qdata, scales, .. }) => {
+            let t = float_type(e.dtype).expect("planned for float tensors only");
+            let (q, sc) = quantize_int8(&read(e)?, t, e.shape[0], e.shape[1]);
+            Ok(vec![(*qdata, Buf::Read(q)), (*scales, Buf::Read(sc))])
+        }
         _ => unreachable!("plan pairs sources with payloads of the same kind"),
     }
+}
+
+/// Quantizes a float matrix (`rows x cols` elements of `t`, row-major) to
+/// int8 per [`LM_HEAD_GROUP`] columns, symmetric (zero point 128): the
+/// step is the group's `max |w| / 127` rounded to f16, and each weight the
+/// nearest step. Returns the kernel layout's `qdata` and f16 `scales`.
+/// Rows run in parallel on the current pool.
+pub fn quantize_int8(
+    data: &[u8],
+    t: crate::tensor::FloatType,
+    rows: usize,
+    cols: usize,
+) -> (Vec<u8>, Vec<u8>) {
+    let es = t.size();
+    assert_eq!(data.len(), rows * cols * es, "quantize_int8: data length");
+    let ng = cols.div_ceil(LM_HEAD_GROUP);
+    let mut q = vec![0u8; rows * cols];
+    let mut sc = vec![0u8; rows * ng * 2];
+    q.par_chunks_mut(cols.max(1))
+        .zip(sc.par_chunks_mut(ng * 2))
+        .enumerate()
+        .for_each(|(r, (qr, sr))| {
+            let w = crate::checkpoint::to_f32(t, &data[r * cols * es..(r + 1) * cols * es]);
+            for (g, (wg, qg)) in w
+                .chunks(LM_HEAD_GROUP)
+                .zip(qr.chunks_mut(LM_HEAD_GROUP))
+                .enumerate()
+            {
+                let amax = wg.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let step = half::f16::from_f32(amax / 127.0);
+                let s = step.to_f32();
+                for (qi, wi) in qg.iter_mut().zip(wg) {
+                    let v = if s > 0.0 && s.is_finite() {
+                        (wi / s).round().clamp(-127.0, 127.0)
+                    } else {
+                        0.0
+                    };
+                    *qi = (v as i32 + 128) as u8;
+                }
+                sr[2 * g..2 * g + 2].copy_from_slice(&step.to_le_bytes());
+            }
+        });
+    (q, sc)
 }
 
 /// Writes planned payloads at their offsets (zero padding in between).
@@ -801,7 +896,7 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
         .iter()
         .map(|p| File::open(p).map_err(|e| FsError::io(p, e).into()))
         .collect::<Result<_, CacheError>>()?;
-    let layout = pool.install(|| plan_layout(&ck, &handles, opts.file_size))?;
+    let layout = pool.install(|| plan_layout(&ck, &handles, opts.file_size, opts.lm_head_int8))?;
     let index_bytes = layout.index.to_bytes();
     let index_hash = *blake3::hash(&index_bytes).as_bytes();
     tracing::info!(
