@@ -157,7 +157,8 @@ impl Server {
             assert_eq!(status, 503, "health while loading");
             assert!(
                 t0.elapsed() < Duration::from_secs(120),
-                "never became healthy"
+                "never became healthy: {}",
+                s.stderr.lock().unwrap()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
