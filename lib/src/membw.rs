@@ -7,8 +7,8 @@
 //! would appear to beat it. The probe therefore tries several read loops
 //! ([`Method`]) -- one or four interleaved streams per thread, with no
 //! software prefetch, prefetching into L1 ahead of the loads, or with the
-//! non-temporal hint -- each on one thread and on every thread (each thread
-//! reading its own contiguous part of a buffer it touched first), and
+//! non-temporal hint -- each on one thread and on every thread (the threads
+//! taking contiguous parts of a buffer they touched first), and
 //! reports the best pass of the best loop. No kernel reading weights once
 //! should beat that figure by more than noise.
 //!
@@ -76,6 +76,9 @@ impl Method {
     }
 }
 
+/// Contiguous parts of the buffer per thread in a parallel pass.
+const PARTS_PER_THREAD: usize = 4;
+
 /// Bytes ahead of the loads that the prefetching loops hint.
 pub const PREFETCH_AHEAD: usize = 2048;
 
@@ -117,7 +120,7 @@ fn pass(parts: &[&[u64]], method: Method, parallel: bool) -> (f64, u64) {
     let bytes: usize = parts.iter().map(|p| std::mem::size_of_val(*p)).sum();
     let t = Instant::now();
     let s = if parallel {
-        // One contiguous part per thread, as a matvec task reads its rows.
+        // Contiguous parts, as matvec tasks read their rows.
         parts
             .par_iter()
             .with_max_len(1)
@@ -141,14 +144,17 @@ pub fn measure(buffer_bytes: usize, seconds: f64) -> Bandwidth {
 /// [`measure`], also returning each method's best rates.
 pub fn measure_methods(buffer_bytes: usize, seconds: f64) -> (Bandwidth, Vec<MethodRate>) {
     let threads = rayon::current_num_threads().max(1);
-    // Whole 4 KiB pages per thread part, at least one.
+    // PARTS_PER_THREAD contiguous parts per thread, as a matvec splits its
+    // rows: a thread slowed by other work hands parts to the others
+    // instead of holding the whole pass back. Whole 4 KiB pages per part.
     let page_words = 512;
-    let n = (buffer_bytes / 8).max(page_words * threads * 4);
-    let per = n.div_ceil(threads).div_ceil(page_words) * page_words;
-    let n = per * threads;
-    // Each part is written by the thread that reads it (first touch puts
-    // its pages on that thread's node), with non-zero content so no shared
-    // zero page flatters the figure.
+    let nparts = threads * PARTS_PER_THREAD;
+    let n = (buffer_bytes / 8).max(page_words * nparts);
+    let per = n.div_ceil(nparts).div_ceil(page_words) * page_words;
+    let n = per * nparts;
+    // Each part is written on the pool that reads it (first touch puts its
+    // pages near the threads), with non-zero content so no shared zero page
+    // flatters the figure.
     let mut words = vec![0u64; n];
     words
         .par_chunks_mut(per)
@@ -160,9 +166,9 @@ pub fn measure_methods(buffer_bytes: usize, seconds: f64) -> (Bandwidth, Vec<Met
             }
         });
     let parts: Vec<&[u64]> = words.chunks(per).collect();
-    // The single-thread figure reads one part (a thread's share) several
-    // times over instead of the whole buffer once: same DRAM, less time.
-    let one: Vec<&[u64]> = vec![&words[..per.max(n / 4).min(n)]];
+    // The single-thread figure reads a quarter of the buffer (at least a
+    // thread's share) instead of all of it: same DRAM, less time.
+    let one: Vec<&[u64]> = vec![&words[..(per * PARTS_PER_THREAD).max(n / 4).min(n)]];
     let methods = Method::available();
     let budget = Duration::from_secs_f64(seconds.max(0.02));
     let start = Instant::now();

@@ -25,6 +25,11 @@
 //! module); otherwise (dense weights, other paths) they use f32 activations
 //! and convert each block of weight rows to f32 once per block of tokens.
 //!
+//! Decode runs many small independent products per layer; [`matvec_batch`]
+//! (and [`matmul_batch`] for code shared with prefill) runs a set of them in
+//! one parallel region, so the pool is woken and joined once per set rather
+//! than once per product.
+//!
 //! Invalid matrices (byte lengths that disagree with the shape, input or
 //! group sizes that are not multiples of 32) are refused with a panic naming
 //! the problem, never computed.
