@@ -18,7 +18,7 @@ RH        = --pipeline $(PIPELINE)
 PROMPT   ?= Write a haiku about trains.
 SERVE_FLAGS ?=
 
-.PHONY: build fetch inspect repack verify chat ask bench bench-run test demo clean-work
+.PHONY: build fetch inspect repack verify chat ask serve bench bench-run test demo clean-work
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -47,6 +47,11 @@ chat: $(WORK)/stages/inspect.json $(WORK)/stages/verify.json
 # One-shot answer to $(PROMPT).
 ask: $(WORK)/stages/inspect.json $(WORK)/stages/verify.json
 	$(BIN)/rh-serve $(RH) --prompt "$(PROMPT)" $(SERVE_FLAGS)
+
+# OpenAI-compatible HTTP API and web chat on $(LISTEN) (or `[serve] listen`).
+LISTEN ?= 127.0.0.1:8080
+serve: $(WORK)/stages/inspect.json $(WORK)/stages/verify.json
+	$(BIN)/rh-serve $(RH) --listen $(LISTEN) $(SERVE_FLAGS)
 
 # The speed table on the benchmark model (real shapes, 8 of 48 layers,
 # generated locally), so anyone can reproduce the README's numbers.

@@ -30,6 +30,7 @@ pub mod model;
 pub mod pipeline;
 pub mod quant;
 pub mod sample;
+pub mod serve;
 pub mod speedbench;
 pub mod stage;
 pub mod synthetic;

@@ -175,6 +175,12 @@ pub struct ServeTable {
     pub thinking: Option<bool>,
     /// Worker threads. Default: the strategy's.
     pub threads: Option<usize>,
+    /// Serve HTTP on this address (`rh-serve --listen`), e.g. `127.0.0.1:8080`.
+    pub listen: Option<String>,
+    /// Requests that may wait behind the running one (`--queue`). Default 16.
+    pub queue: Option<usize>,
+    /// RAM for kept prompt states, MiB (`--cache-ram`).
+    pub cache_ram: Option<usize>,
 }
 
 /// `[bench]`.

@@ -8,11 +8,14 @@
 //!   logits at every position (tensor `logits`, F32 `[T, vocab]`).
 //! * `rh-bench perplexity MODEL --text FILE [--ctx N]`: perplexity like
 //!   llama-perplexity.
+//! * `rh-bench http --url URL [--clients N]`: streaming clients against
+//!   `rh-serve --listen` ([`http`]).
 //!
 //! Each mode is one variant of [`Mode`] with its own argument struct; the
 //! logic is in the library (`roundhouse::evaluate`, `speedbench`,
 //! `kernels::bench`).
 
+mod http;
 mod kernels;
 mod plot;
 mod speed;
@@ -60,6 +63,8 @@ enum Mode {
     Logits(LogitsArgs),
     /// Perplexity over a text file (llama-perplexity style).
     Perplexity(PerplexityArgs),
+    /// Streaming clients against `rh-serve --listen` (TTFT, decode, load).
+    Http(http::HttpArgs),
 }
 
 /// `rh-bench logits`.
@@ -164,6 +169,7 @@ fn main() -> ExitCode {
             Some(Mode::Logits(a)) => run_logits(a, &p),
             Some(Mode::Perplexity(a)) => run_perplexity(a, &p, &v),
             Some(Mode::Kernels(a)) => kernels::run(a),
+            Some(Mode::Http(a)) => http::run(a),
             None => speed::run(&cli.speed, &p),
         }
     })

@@ -1,8 +1,11 @@
 //! `rh-serve`: chat with a model directory (a repacked cache or a
-//! checkpoint). One-shot with `--prompt` (or a prompt on stdin), else an
-//! interactive chat. Logic lives in `roundhouse::chat`; this file parses
-//! flags and prints.
+//! checkpoint). One-shot with `--prompt` (or a prompt on stdin), an
+//! OpenAI-compatible HTTP server with `--listen`, else an interactive chat.
+//! Logic lives in `roundhouse::chat` and `roundhouse::serve`; this file
+//! parses flags and prints, `http` maps HTTP onto the engine.
 
+mod api;
+mod http;
 mod repl;
 
 use std::io::{IsTerminal, Read, Write};
@@ -14,12 +17,21 @@ use std::time::Instant;
 use clap::Parser;
 use roundhouse::chat::{ChatModel, Conversation, Event, GenOptions};
 use roundhouse::cli::{self, CliError, Verbosity};
+use roundhouse::inspect::Strategy;
 use roundhouse::pipeline::Pipeline;
+use roundhouse::sample::SamplingParams;
 use roundhouse::weights::WeightSource;
 
-/// Chat with a Qwen3-Next model on the CPU.
+/// Chat with a Qwen3-Next model on the CPU, or serve it over HTTP.
 #[derive(Parser, Debug)]
-#[command(name = "rh-serve", version)]
+#[command(
+    name = "rh-serve",
+    version,
+    after_help = "Examples:\n  \
+  rh-serve MODEL_DIR                                  chat in the terminal\n  \
+  rh-serve MODEL_DIR --prompt 'Why is the sky blue?'  answer one prompt and exit\n  \
+  rh-serve MODEL_DIR --listen 127.0.0.1:8080          OpenAI-compatible API and web chat at http://127.0.0.1:8080/"
+)]
 struct Args {
     /// Model directory (cache or checkpoint). Default: `[serve] model`,
     /// else repack's cache, else fetch's checkpoint.
@@ -64,6 +76,24 @@ struct Args {
     /// Context size in tokens. Default 8192.
     #[arg(long)]
     ctx_size: Option<usize>,
+    /// Serve the OpenAI-compatible HTTP API and the web chat page on ADDR
+    /// (default 127.0.0.1:8080 when given without a value; `[serve] listen`).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
+    listen: Option<String>,
+    /// Require `Authorization: Bearer KEY` on the API (not on / and /health).
+    #[arg(long, env = "RH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Allow cross-origin requests from ORIGIN (`*` for any). Default: off.
+    #[arg(long, value_name = "ORIGIN")]
+    cors: Option<String>,
+    /// Requests that may wait behind the running one; past it, 503.
+    /// Default 16.
+    #[arg(long, value_name = "N")]
+    queue: Option<usize>,
+    /// RAM for kept prompt states (prompt reuse), MiB. Default: a quarter
+    /// of the available RAM, at most 8 GiB; 0 turns reuse off.
+    #[arg(long, value_name = "MIB")]
+    cache_ram: Option<usize>,
     /// Worker threads. Default: the strategy's, else all cores.
     #[arg(short = 't', long)]
     threads: Option<usize>,
@@ -110,9 +140,10 @@ fn open(dir: &Path) -> Result<Arc<dyn WeightSource>, CliError> {
     Ok(roundhouse::evaluate::open_weights(dir)?)
 }
 
-fn options(args: &Args, p: &Pipeline, chat: &ChatModel) -> GenOptions {
+/// The sampling settings: `base` (generation_config.json) overridden by
+/// `[serve]`, then by flags.
+fn sampling(args: &Args, p: &Pipeline, mut sp: SamplingParams) -> SamplingParams {
     let s = &p.serve;
-    let mut sp = chat.generation.sampling();
     sp.temperature = args.temperature.or(s.temperature).unwrap_or(sp.temperature);
     sp.top_k = args.top_k.or(s.top_k).unwrap_or(sp.top_k);
     sp.top_p = args.top_p.or(s.top_p).unwrap_or(sp.top_p);
@@ -127,6 +158,12 @@ fn options(args: &Args, p: &Pipeline, chat: &ChatModel) -> GenOptions {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
     });
+    sp
+}
+
+fn options(args: &Args, p: &Pipeline, chat: &ChatModel) -> GenOptions {
+    let s = &p.serve;
+    let sp = sampling(args, p, chat.generation.sampling());
     let max_pos = chat.model.config().max_position_embeddings;
     GenOptions {
         sampling: sp,
@@ -158,7 +195,7 @@ fn run() -> Result<(), CliError> {
         .as_ref()
         .map(|s| p.path(s))
         .unwrap_or_else(|| p.strategy_path());
-    let strategy = roundhouse::inspect::Strategy::load_for_use(&strategy);
+    let strategy = Strategy::load_for_use(&strategy);
     let strategy_threads = strategy.as_ref().map(|s| s.threads).filter(|&t| t > 0);
     if let Some(n) = args.threads.or(p.serve.threads).or(strategy_threads) {
         if n == 0 {
@@ -167,6 +204,11 @@ fn run() -> Result<(), CliError> {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();
+    }
+
+    let listen = args.listen.clone().or(p.serve.listen.clone());
+    if let (Some(addr), None) = (&listen, &args.prompt) {
+        return serve(&args, &p, addr, strategy);
     }
 
     // The prompt: --prompt, else stdin when it is not a terminal.
@@ -277,4 +319,137 @@ fn one_shot(
         }
     }
     Ok(())
+}
+
+/// `--listen`: binds first (so `/health` answers 503 while the model
+/// loads), prints the one line clients wait for, loads the model on the
+/// engine thread and serves until Ctrl-C or a failed load.
+fn serve(
+    args: &Args,
+    p: &Pipeline,
+    addr: &str,
+    strategy: Option<Strategy>,
+) -> Result<(), CliError> {
+    use roundhouse::serve::{Engine, EngineConfig};
+    let s = &p.serve;
+    let dir = model_dir(args, p);
+    let weights = open(&dir)?;
+    let api_key = args.api_key.clone().filter(|k| !k.is_empty());
+    let config = EngineConfig {
+        ctx_size: args.ctx_size.or(s.ctx_size).unwrap_or(8192),
+        cache_bytes: args
+            .cache_ram
+            .or(s.cache_ram)
+            .map(|mib| mib.saturating_mul(1 << 20))
+            .unwrap_or_else(roundhouse::serve::prefix_cache::default_budget_bytes),
+        queue: args.queue.or(s.queue).unwrap_or(16),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failure(format!("starting the HTTP runtime: {e}")))?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| CliError::usage(format!("--listen {addr}: cannot bind: {e}")))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| CliError::failure(format!("--listen {addr}: {e}")))?;
+        if !local.ip().is_loopback() && api_key.is_none() {
+            eprintln!(
+                "rh-serve: warning: listening on {local}, which is not a loopback address, without --api-key: anyone who can reach it can use the model"
+            );
+        }
+        let (loaded_tx, mut loaded_rx) = tokio::sync::mpsc::unbounded_channel();
+        let quiet = args.quiet;
+        let t0 = Instant::now();
+        let load_dir = dir.clone();
+        let engine = Engine::spawn(
+            move || {
+                if let Some(st) = &strategy {
+                    if let Err(msg) = weights.residency(st.populate, st.mlock) {
+                        eprintln!("rh-serve: warning: {msg}; serving without mlock");
+                    }
+                }
+                ChatModel::load(weights).map_err(|e| e.to_string())
+            },
+            config,
+            move |r| {
+                let _ = loaded_tx.send(r.clone());
+            },
+        );
+        let state = Arc::new(http::AppState {
+            engine,
+            model_id: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "roundhouse".into()),
+            api_key,
+            defaults: std::sync::Mutex::new(None),
+            by_status: Default::default(),
+            next_id: Default::default(),
+            started: http::unix_now(),
+        });
+        let app = http::router(state.clone(), args.cors.clone());
+        eprintln!("rh-serve: listening on http://{local}");
+        let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<String>();
+        let base = args.max_tokens.or(s.max_tokens);
+        let fixed_seed = args.seed.or(s.seed).is_some();
+        let overrides = |sp| sampling(args, p, sp);
+        let on_load = async {
+            match loaded_rx.recv().await {
+                Some(Ok(info)) => {
+                    http::set_defaults(
+                        &state,
+                        api::Defaults {
+                            sampling: overrides(info.sampling),
+                            max_tokens: base,
+                            random_seed: !fixed_seed,
+                        },
+                    );
+                    if !quiet {
+                        eprintln!(
+                            "rh-serve: loaded {} in {:.2} s ({} threads, context {} tokens)",
+                            load_dir.display(),
+                            t0.elapsed().as_secs_f64(),
+                            rayon::current_num_threads(),
+                            info.ctx_size
+                        );
+                    }
+                }
+                Some(Err(msg)) => {
+                    let _ = fail_tx.send(msg);
+                }
+                None => {
+                    let _ = fail_tx.send("the engine thread ended while loading".into());
+                }
+            }
+        };
+        let failed = Arc::new(std::sync::Mutex::new(None::<String>));
+        let failed2 = failed.clone();
+        let shutdown = async move {
+            // A dropped sender means the model loaded: then only Ctrl-C ends it.
+            let failed_load = async {
+                match fail_rx.await {
+                    Ok(msg) => msg,
+                    Err(_) => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                msg = failed_load => {
+                    *failed2.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+                }
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+        let (served, ()) = tokio::join!(std::future::IntoFuture::into_future(server), on_load);
+        served.map_err(|e| CliError::failure(format!("serving HTTP: {e}")))?;
+        let failed = failed.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match failed {
+            Some(msg) => Err(CliError::failure(msg)),
+            None => Ok(()),
+        }
+    })
 }

@@ -14,7 +14,7 @@ use crate::cli::{Classify, Exit};
 
 pub use genconfig::GenerationConfig;
 pub use session::{ChatModel, Conversation, Event, GenOptions, StopReason, TurnResult, TurnStats};
-pub use template::{ChatTemplate, Message};
+pub use template::{ChatTemplate, Message, RenderExtras};
 pub use tokenizer::{ChatTokenizer, Detokenizer};
 
 /// Errors of the chat layer; each names the model directory or file.

@@ -4,19 +4,34 @@
 //! pycompat, `raise_exception`, `strftime_now`), with ChatML as the fallback
 //! when a model ships none.
 
-use minijinja::{context, Environment, Error, ErrorKind};
+use minijinja::{Environment, Error, ErrorKind};
 use serde::Serialize;
 
 use super::ChatError;
 use crate::weights::WeightSource;
 
-/// One chat message.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// One chat message. The optional fields are the ones OpenAI clients send
+/// and tool-aware templates (Qwen3's) read; absent ones are left undefined
+/// for the template, as transformers leaves them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Message {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The text.
     pub content: String,
+    /// An assistant's calls: `[{"type": "function", "function": {"name",
+    /// "arguments"}, "id"}]`, arguments as an object.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool result's call id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A tool result's function name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// An assistant's reasoning, when the client sends it back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 impl Message {
@@ -25,8 +40,19 @@ impl Message {
         Message {
             role: role.to_string(),
             content: content.into(),
+            ..Message::default()
         }
     }
+}
+
+/// What a request adds to the messages when rendering: the tools offered
+/// and extra template variables (`chat_template_kwargs`).
+#[derive(Clone, Debug, Default)]
+pub struct RenderExtras {
+    /// OpenAI `tools` (`[{"type": "function", "function": {...}}]`).
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// Extra variables, e.g. `enable_thinking`; they override the defaults.
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// ChatML, the fallback when a model ships no template.
@@ -116,6 +142,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", |fmt: String| -> String {
             strftime_now(&fmt)
         });
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source)
             .map_err(|e| ChatError::TemplateSyntax {
                 origin: origin.clone(),
@@ -148,19 +175,95 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         enable_thinking: bool,
     ) -> Result<String, ChatError> {
+        let mut extras = RenderExtras::default();
+        extras
+            .kwargs
+            .insert("enable_thinking".into(), enable_thinking.into());
+        self.render_with(messages, add_generation_prompt, &extras)
+    }
+
+    /// Whether the template reads `tools` (a template that does not would
+    /// silently drop the tools a request offers).
+    pub fn supports_tools(&self) -> bool {
         let t = self.env.get_template("chat").expect("added in new()");
-        t.render(context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            enable_thinking => enable_thinking,
-            bos_token => self.bos_token.as_str(),
-            eos_token => self.eos_token.as_str(),
-            tools => (),
-        })
-        .map_err(|e| ChatError::TemplateRender {
+        t.undeclared_variables(false).contains("tools")
+    }
+
+    /// Renders like `apply_chat_template(messages, tools=...,
+    /// add_generation_prompt=..., **kwargs, tokenize=False)`;
+    /// `enable_thinking` defaults to true.
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extras: &RenderExtras,
+    ) -> Result<String, ChatError> {
+        let t = self.env.get_template("chat").expect("added in new()");
+        let tools = extras
+            .tools
+            .as_ref()
+            .filter(|t| !t.is_empty())
+            .map(minijinja::Value::from_serialize);
+        // The request's kwargs override the defaults (context! would let
+        // the named keys win).
+        let mut vars: std::collections::BTreeMap<String, minijinja::Value> = extras
+            .kwargs
+            .iter()
+            .map(|(k, v)| (k.clone(), minijinja::Value::from_serialize(v)))
+            .collect();
+        vars.entry("enable_thinking".into()).or_insert(true.into());
+        vars.insert(
+            "messages".into(),
+            minijinja::Value::from_serialize(messages),
+        );
+        vars.insert("add_generation_prompt".into(), add_generation_prompt.into());
+        vars.insert("bos_token".into(), self.bos_token.as_str().into());
+        vars.insert("eos_token".into(), self.eos_token.as_str().into());
+        vars.insert("tools".into(), tools.unwrap_or_default());
+        t.render(vars).map_err(|e| ChatError::TemplateRender {
             origin: self.origin.clone(),
             reason: crate::cli::one_line(&e),
         })
+    }
+}
+
+/// `tojson` as transformers defines it for templates: Python's
+/// `json.dumps(x, ensure_ascii=False)` (`", "` and `": "` separators, no
+/// HTML escaping, unlike minijinja's built-in). Keys come out sorted.
+fn tojson(value: minijinja::Value) -> Result<minijinja::Value, Error> {
+    let v = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    python_json(&v, &mut out);
+    Ok(minijinja::Value::from_safe_string(out))
+}
+
+fn python_json(v: &serde_json::Value, out: &mut String) {
+    use serde_json::Value as V;
+    match v {
+        V::Array(items) => {
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_json(x, out);
+            }
+            out.push(']');
+        }
+        V::Object(map) => {
+            out.push('{');
+            for (i, (k, x)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(&V::String(k.clone()).to_string());
+                out.push_str(": ");
+                python_json(x, out);
+            }
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
     }
 }
 
@@ -253,6 +356,43 @@ mod tests {
         assert_eq!(
             t.render(&msgs[..1], false, true).unwrap(),
             "<|im_start|>user\n2+2?<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn tools_kwargs_and_tool_messages_reach_the_template() {
+        let src = "{% if tools %}{% for t in tools %}{{ t | tojson }}\n{% endfor %}{% endif %}\
+{% for m in messages %}{{ m.role }}:{{ m.content }}\
+{% if m.tool_calls %}{% for c in m.tool_calls %}[{{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}{% endif %}\
+{% if m.tool_call_id %}({{ m.tool_call_id }}){% endif %}\n{% endfor %}\
+{% if enable_thinking is false %}no-think{% endif %}{{ custom }}";
+        let t = ChatTemplate::new(src.into(), "t".into(), String::new(), String::new()).unwrap();
+        assert!(t.supports_tools());
+        assert!(!ChatTemplate::qwen3_thinking().supports_tools());
+        let tool = serde_json::json!({"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "<city>"}}}}});
+        let mut call = Message::new("assistant", "");
+        call.tool_calls = Some(vec![serde_json::json!({"type": "function", "id": "c1",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}})]);
+        let mut result = Message::new("tool", "18C");
+        result.tool_call_id = Some("c1".into());
+        let mut extras = RenderExtras {
+            tools: Some(vec![tool]),
+            ..RenderExtras::default()
+        };
+        extras.kwargs.insert("enable_thinking".into(), false.into());
+        extras.kwargs.insert("custom".into(), "!".into());
+        let out = t
+            .render_with(
+                &[Message::new("user", "Weather?"), call, result],
+                false,
+                &extras,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "{\"function\": {\"name\": \"get_weather\", \"parameters\": {\"properties\": {\"city\": {\"description\": \"<city>\", \"type\": \"string\"}}, \"type\": \"object\"}}, \"type\": \"function\"}\n\
+             user:Weather?assistant:[get_weather {\"city\": \"Paris\"}]tool:18C(c1)no-think!"
         );
     }
 

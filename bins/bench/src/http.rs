@@ -1,0 +1,281 @@
+//! `rh-bench http`: an OpenAI streaming client for `rh-serve --listen`, to
+//! take the server's figures reproducibly: decode speed and time to first
+//! token as a client sees them, many concurrent clients (every request
+//! answered or refused with 503, p50/p99 time to first token, server RSS),
+//! and a second chat turn with prompt reuse against the same turn without.
+
+use std::io::{BufRead, BufReader};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use roundhouse::cli::CliError;
+use serde_json::{json, Value};
+
+/// `rh-bench http`.
+#[derive(Args, Debug)]
+pub struct HttpArgs {
+    /// Server address, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    url: String,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// Requests each client sends, one after another.
+    #[arg(long, default_value_t = 1)]
+    requests: usize,
+    /// Tokens to generate per request (the server is asked for exactly
+    /// this many: an end token may stop it earlier).
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Words of filler in each prompt (about 1.3 tokens each).
+    #[arg(long, default_value_t = 8)]
+    prompt_words: usize,
+    /// Instead: the prompt-reuse figure. A first turn of about this many
+    /// words, then its second turn timed with reuse and without
+    /// (alternating, `--requests` times each).
+    #[arg(long, value_name = "WORDS")]
+    reuse: Option<usize>,
+    /// Sample the RSS of this process (the server) during the run.
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+    /// Bearer key.
+    #[arg(long, env = "RH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+/// What one streamed request saw.
+#[derive(Clone, Debug, Default)]
+struct Seen {
+    status: u16,
+    ttft_s: f64,
+    /// Seconds from the first to the last generated token.
+    decode_s: f64,
+    /// Generated tokens (`usage.completion_tokens`).
+    tokens: u64,
+    cached: u64,
+    prompt: u64,
+}
+
+fn filler(words: usize, salt: usize) -> String {
+    const W: [&str; 16] = [
+        "river", "engine", "copper", "signal", "harbor", "lantern", "meadow", "orbit", "pepper",
+        "quartz", "saddle", "timber", "velvet", "walnut", "yonder", "zephyr",
+    ];
+    (0..words)
+        .map(|i| W[(i * 7 + salt * 13 + i / 16) % W.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Sends one streaming chat request; times the first and last chunks.
+fn stream_chat(a: &HttpArgs, messages: &Value, cache: bool) -> Result<(Seen, String), String> {
+    let body = json!({"messages": messages, "max_tokens": a.max_tokens, "temperature": 0,
+        "stream": true, "stream_options": {"include_usage": true}, "cache_prompt": cache});
+    let mut req = ureq::post(&format!(
+        "{}/v1/chat/completions",
+        a.url.trim_end_matches('/')
+    ))
+    .timeout(Duration::from_secs(3600))
+    .set("Content-Type", "application/json");
+    if let Some(k) = &a.api_key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let t0 = Instant::now();
+    let resp = match req.send_string(&body.to_string()) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(code, _)) => {
+            return Ok((
+                Seen {
+                    status: code,
+                    ..Seen::default()
+                },
+                String::new(),
+            ))
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut seen = Seen {
+        status: resp.status(),
+        ..Seen::default()
+    };
+    let mut first: Option<Instant> = None;
+    let mut last = t0;
+    let mut text = String::new();
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+        if let Some(u) = v.get("usage") {
+            seen.tokens = u["completion_tokens"].as_u64().unwrap_or(0);
+            seen.prompt = u["prompt_tokens"].as_u64().unwrap_or(0);
+            seen.cached = u["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0);
+        }
+        let d = &v["choices"][0]["delta"];
+        let piece = d["content"]
+            .as_str()
+            .or(d["reasoning_content"].as_str())
+            .unwrap_or("");
+        if !piece.is_empty() {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = now;
+            if d["content"].is_string() {
+                text.push_str(piece);
+            }
+        }
+    }
+    let first = first.unwrap_or(last);
+    seen.ttft_s = first.duration_since(t0).as_secs_f64();
+    seen.decode_s = last.duration_since(first).as_secs_f64();
+    Ok((seen, text))
+}
+
+fn rss_mib(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// Runs the figure the flags ask for and prints it.
+pub fn run(a: &HttpArgs) -> Result<(), CliError> {
+    if a.clients == 0 || a.requests == 0 || a.max_tokens == 0 {
+        return Err(CliError::usage(
+            "--clients, --requests and --max-tokens must be at least 1",
+        ));
+    }
+    match a.reuse {
+        Some(words) => reuse(a, words),
+        None => load(a),
+    }
+}
+
+fn load(a: &HttpArgs) -> Result<(), CliError> {
+    let results = Arc::new(Mutex::new(Vec::<Seen>::new()));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rss_max = Arc::new(Mutex::new((0.0f64, 0.0f64)));
+    let sampler = a.server_pid.map(|pid| {
+        let (done, rss_max) = (done.clone(), rss_max.clone());
+        std::thread::spawn(move || {
+            let start = rss_mib(pid).unwrap_or(0.0);
+            rss_max.lock().unwrap().0 = start;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(r) = rss_mib(pid) {
+                    let mut m = rss_max.lock().unwrap();
+                    m.1 = m.1.max(r);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    });
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for c in 0..a.clients {
+            let (results, errors) = (results.clone(), errors.clone());
+            s.spawn(move || {
+                for r in 0..a.requests {
+                    let msgs =
+                        json!([{"role": "user", "content": filler(a.prompt_words, c * 1000 + r)}]);
+                    match stream_chat(a, &msgs, true) {
+                        Ok((seen, _)) => results.lock().unwrap().push(seen),
+                        Err(e) => errors.lock().unwrap().push(e),
+                    }
+                }
+            });
+        }
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(h) = sampler {
+        let _ = h.join();
+    }
+    let results = results.lock().unwrap();
+    let errors = errors.lock().unwrap();
+    let ok: Vec<&Seen> = results.iter().filter(|s| s.status == 200).collect();
+    let refused = results.iter().filter(|s| s.status == 503).count();
+    let other = results.len() - ok.len() - refused + errors.len();
+    let mut ttft: Vec<f64> = ok.iter().map(|s| s.ttft_s * 1e3).collect();
+    ttft.sort_by(f64::total_cmp);
+    let tokens: u64 = ok.iter().map(|s| s.tokens).sum();
+    let decoded: u64 = ok.iter().map(|s| s.tokens.saturating_sub(1)).sum();
+    let decode_s: f64 = ok.iter().map(|s| s.decode_s).sum();
+    let (rss0, rss1) = *rss_max.lock().unwrap();
+    let out = json!({
+        "clients": a.clients, "requests": a.clients * a.requests,
+        "ok": ok.len(), "refused_503": refused, "other_errors": other,
+        "errors": errors.iter().take(5).collect::<Vec<_>>(),
+        "ttft_ms_p50": percentile(&ttft, 0.5), "ttft_ms_p99": percentile(&ttft, 0.99),
+        "generated_tokens": tokens,
+        "client_decode_tokens_per_s": if decode_s > 0.0 { decoded as f64 / decode_s } else { 0.0 },
+        "aggregate_tokens_per_s": tokens as f64 / wall,
+        "wall_s": wall,
+        "server_rss_mib_start": rss0, "server_rss_mib_max": rss1,
+    });
+    println!("{out:#}");
+    Ok(())
+}
+
+fn reuse(a: &HttpArgs, words: usize) -> Result<(), CliError> {
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    for r in 0..a.requests {
+        // A new conversation each round, so no earlier round is reused.
+        let first = json!([{"role": "user", "content": format!("{r}: {}", filler(words, r))}]);
+        let (s1, reply) = stream_chat(a, &first, true).map_err(CliError::failure)?;
+        if s1.status != 200 {
+            return Err(CliError::failure(format!("first turn: HTTP {}", s1.status)));
+        }
+        let mut second = first.as_array().cloned().unwrap_or_default();
+        second.push(json!({"role": "assistant", "content": reply}));
+        second.push(json!({"role": "user", "content": "Now summarise that in one line."}));
+        let second = Value::Array(second);
+        // Alternate the order so neither always runs second.
+        let order = if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for cache in order {
+            let (s, _) = stream_chat(a, &second, cache).map_err(CliError::failure)?;
+            let row = json!({"ttft_ms": s.ttft_s * 1e3, "prompt_tokens": s.prompt, "cached_tokens": s.cached});
+            if cache {
+                with.push(row);
+            } else {
+                without.push(row);
+            }
+        }
+    }
+    let mean = |v: &[Value]| {
+        v.iter()
+            .map(|r| r["ttft_ms"].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+            / v.len() as f64
+    };
+    let out = json!({"second_turn_with_reuse": with, "second_turn_without_reuse": without,
+        "ttft_ms_mean_with": mean(&with), "ttft_ms_mean_without": mean(&without),
+        "speedup": mean(&without) / mean(&with)});
+    println!("{out:#}");
+    Ok(())
+}
