@@ -60,7 +60,12 @@ impl SamplingParams {
             ("temperature", self.temperature, f32::MIN, f32::MAX),
             ("top_p", self.top_p, 0.0, 1.0),
             ("min_p", self.min_p, 0.0, 1.0),
-            ("repeat_penalty", self.repeat_penalty, f32::MIN_POSITIVE, f32::MAX),
+            (
+                "repeat_penalty",
+                self.repeat_penalty,
+                f32::MIN_POSITIVE,
+                f32::MAX,
+            ),
         ];
         for (name, v, lo, hi) in checks {
             if !v.is_finite() || v < lo || v > hi {
