@@ -135,7 +135,7 @@ impl Sampler {
         }
         // NaN never reaches here through validated settings; should one
         // slip through, it decodes greedily rather than from NaN weights.
-        if !(p.temperature > 0.0) || !p.temperature.is_finite() {
+        if p.temperature.is_nan() || p.temperature <= 0.0 || p.temperature.is_infinite() {
             return argmax(logits) as u32;
         }
         // Candidates, most likely first (top-k first when set: a partial sort).
