@@ -314,11 +314,14 @@ impl DirLock {
     }
 
     /// Takes a shared lock of `dir` for a reader, or fails at once naming
-    /// the writer holding it. Where the lock file cannot be created (a
-    /// read-only cache) there are no writers to exclude: no lock is taken.
+    /// the writer holding it. Where there is no lock file, no writer of
+    /// ours has used the directory: no lock is taken.
     pub fn shared(dir: &Path) -> Result<DirLock, FsError> {
         let lock_path = dir.join(LOCK_FILE);
-        let f = match open_lock_file(dir, true).or_else(|_| open_lock_file(dir, false)) {
+        // Never created by a reader: a directory no writer of ours has
+        // locked (a checkpoint in the HF cache, a read-only cache) is left
+        // as it is.
+        let f = match open_lock_file(dir, false) {
             Ok(f) => f,
             Err(_) => return Ok(DirLock { _file: None }),
         };
