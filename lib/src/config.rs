@@ -344,7 +344,10 @@ impl ModelConfig {
         // Bounds before any arithmetic: every size the engine allocates is
         // a product of a few of these, which must not wrap.
         let bounded = nonzero.iter().copied().chain([
-            ("shared_expert_intermediate_size", self.shared_expert_intermediate_size),
+            (
+                "shared_expert_intermediate_size",
+                self.shared_expert_intermediate_size,
+            ),
             ("intermediate_size", self.intermediate_size.unwrap_or(0)),
             ("max_position_embeddings", self.max_position_embeddings),
         ]);
@@ -451,9 +454,7 @@ impl ModelConfig {
                 return Some((w, s[0]));
             }
             let q = format!("{m}.qweight");
-            shape_of(&q)
-                .filter(|s| s.len() == 2)
-                .map(|s| (q, s[1]))
+            shape_of(&q).filter(|s| s.len() == 2).map(|s| (q, s[1]))
         };
         let mismatch = |field: &str, value: u64, tensor: &str, found: &dyn std::fmt::Debug| {
             Err(ConfigError::Inconsistent {
@@ -471,8 +472,18 @@ impl ModelConfig {
             }
         };
         if let Some(s) = shape_of("model.embed_tokens.weight").filter(|s| s.len() == 2) {
-            dim("vocab_size", self.vocab_size, "model.embed_tokens.weight".into(), s[0])?;
-            dim("hidden_size", self.hidden_size, "model.embed_tokens.weight".into(), s[1])?;
+            dim(
+                "vocab_size",
+                self.vocab_size,
+                "model.embed_tokens.weight".into(),
+                s[0],
+            )?;
+            dim(
+                "hidden_size",
+                self.hidden_size,
+                "model.embed_tokens.weight".into(),
+                s[1],
+            )?;
         }
         let vector = |field: &str, want: usize, name: String| match shape_of(&name) {
             Some(s) if s != [want as u64] => mismatch(field, want as u64, &name, &s),
@@ -494,28 +505,56 @@ impl ModelConfig {
                 ),
             });
         }
-        let full = (0..self.num_hidden_layers).find(|&i| self.layer_type(i) == LayerType::FullAttention);
+        let full =
+            (0..self.num_hidden_layers).find(|&i| self.layer_type(i) == LayerType::FullAttention);
         if let Some(i) = full {
             let p = format!("model.layers.{i}.self_attn");
             vector("head_dim", self.head_dim, format!("{p}.q_norm.weight"))?;
             if let Some((t, r)) = rows(&format!("{p}.q_proj")) {
-                dim("num_attention_heads", self.num_attention_heads * self.head_dim * 2, t, r)?;
+                dim(
+                    "num_attention_heads",
+                    self.num_attention_heads * self.head_dim * 2,
+                    t,
+                    r,
+                )?;
             }
             if let Some((t, r)) = rows(&format!("{p}.k_proj")) {
-                dim("num_key_value_heads", self.num_key_value_heads * self.head_dim, t, r)?;
+                dim(
+                    "num_key_value_heads",
+                    self.num_key_value_heads * self.head_dim,
+                    t,
+                    r,
+                )?;
             }
         }
         let linear =
             (0..self.num_hidden_layers).find(|&i| self.layer_type(i) == LayerType::LinearAttention);
         if let Some(i) = linear {
             let p = format!("model.layers.{i}.linear_attn");
-            vector("linear_num_value_heads", self.linear_num_value_heads, format!("{p}.A_log"))?;
-            vector("linear_value_head_dim", self.linear_value_head_dim, format!("{p}.norm.weight"))?;
+            vector(
+                "linear_num_value_heads",
+                self.linear_num_value_heads,
+                format!("{p}.A_log"),
+            )?;
+            vector(
+                "linear_value_head_dim",
+                self.linear_value_head_dim,
+                format!("{p}.norm.weight"),
+            )?;
             let conv = format!("{p}.conv1d.weight");
             if let Some(s) = shape_of(&conv) {
-                let want = [self.conv_dim() as u64, 1, self.linear_conv_kernel_dim as u64];
+                let want = [
+                    self.conv_dim() as u64,
+                    1,
+                    self.linear_conv_kernel_dim as u64,
+                ];
                 if s != want {
-                    return mismatch("linear_key_head_dim/linear_conv_kernel_dim", want[0], &conv, &s);
+                    return mismatch(
+                        "linear_key_head_dim/linear_conv_kernel_dim",
+                        want[0],
+                        &conv,
+                        &s,
+                    );
                 }
             }
         }

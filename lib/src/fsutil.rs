@@ -250,7 +250,8 @@ fn flock(f: &File, op: libc::c_int) -> io::Result<bool> {
 fn open_lock_file(dir: &Path, write: bool) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut o = fs::OpenOptions::new();
-    o.read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    o.read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
     if write {
         o.write(true).create(true).truncate(false).mode(0o644);
     }
@@ -258,7 +259,9 @@ fn open_lock_file(dir: &Path, write: bool) -> io::Result<File> {
 }
 
 /// Who holds a lock we could not take: the writer named in the file when a
-/// shared lock is refused too, else readers.
+/// shared lock is refused too, else readers. A writer writes its pid just
+/// after taking the lock, so an empty file or the pid of a process that is
+/// gone (a writer killed earlier) is read again for a moment.
 fn holder(dir: &Path) -> String {
     let Ok(f) = open_lock_file(dir, false) else {
         return "another process".into();
@@ -266,16 +269,28 @@ fn holder(dir: &Path) -> String {
     if flock(&f, libc::LOCK_SH).unwrap_or(false) {
         return "a reader (rh-serve, rh-bench or rh-verify check)".into();
     }
-    let mut text = String::new();
-    {
-        use std::io::Read;
-        let _ = (&f).take(64).read_to_string(&mut text);
+    let mut last = String::from("another writer");
+    for _ in 0..50 {
+        let mut text = String::new();
+        {
+            use std::io::{Read, Seek};
+            let _ = (&f).seek(io::SeekFrom::Start(0));
+            let _ = (&f).take(64).read_to_string(&mut text);
+        }
+        let mut it = text.split_whitespace();
+        if let (Some(pid), Some(who)) = (it.next(), it.next()) {
+            last = format!("{who} (pid {pid})");
+            // SAFETY: kill with signal 0 only checks that the pid exists.
+            let alive = pid
+                .parse::<libc::pid_t>()
+                .is_ok_and(|p| p > 0 && unsafe { libc::kill(p, 0) } == 0);
+            if alive {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let mut it = text.split_whitespace();
-    match (it.next(), it.next()) {
-        (Some(pid), Some(who)) => format!("{who} (pid {pid})"),
-        _ => "another writer".into(),
-    }
+    last
 }
 
 impl DirLock {
@@ -299,11 +314,14 @@ impl DirLock {
     }
 
     /// Takes a shared lock of `dir` for a reader, or fails at once naming
-    /// the writer holding it. Where the lock file cannot be created (a
-    /// read-only cache) there are no writers to exclude: no lock is taken.
+    /// the writer holding it. Where there is no lock file, no writer of
+    /// ours has used the directory: no lock is taken.
     pub fn shared(dir: &Path) -> Result<DirLock, FsError> {
         let lock_path = dir.join(LOCK_FILE);
-        let f = match open_lock_file(dir, true).or_else(|_| open_lock_file(dir, false)) {
+        // Never created by a reader: a directory no writer of ours has
+        // locked (a checkpoint in the HF cache, a read-only cache) is left
+        // as it is.
+        let f = match open_lock_file(dir, false) {
             Ok(f) => f,
             Err(_) => return Ok(DirLock { _file: None }),
         };
@@ -339,13 +357,20 @@ mod tests {
     fn locks_exclude_writers_and_name_the_holder() {
         let dir = tempfile::tempdir().unwrap();
         let w = DirLock::exclusive(dir.path(), "rh-test").unwrap();
-        let e = DirLock::exclusive(dir.path(), "rh-other").unwrap_err().to_string();
-        assert!(e.contains(&format!("rh-test (pid {})", std::process::id())), "{e}");
+        let e = DirLock::exclusive(dir.path(), "rh-other")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("rh-test (pid {})", std::process::id())),
+            "{e}"
+        );
         assert!(DirLock::shared(dir.path()).is_err());
         drop(w);
         let r1 = DirLock::shared(dir.path()).unwrap();
         let _r2 = DirLock::shared(dir.path()).unwrap();
-        let e = DirLock::exclusive(dir.path(), "rh-other").unwrap_err().to_string();
+        let e = DirLock::exclusive(dir.path(), "rh-other")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("a reader"), "{e}");
         drop(r1);
     }

@@ -275,12 +275,10 @@ impl Pipeline {
             repeat_penalty: p.serve.repeat_penalty.unwrap_or(1.0),
             ..Default::default()
         };
-        sampling
-            .validate()
-            .map_err(|m| PipelineError::Parse {
-                path: path.to_path_buf(),
-                message: format!("[serve] {m}"),
-            })?;
+        sampling.validate().map_err(|m| PipelineError::Parse {
+            path: path.to_path_buf(),
+            message: format!("[serve] {m}"),
+        })?;
         for (key, n) in [
             ("inspect.threads", p.inspect.threads),
             ("repack.threads", p.repack.threads),

@@ -60,7 +60,12 @@ impl SamplingParams {
             ("temperature", self.temperature, f32::MIN, f32::MAX),
             ("top_p", self.top_p, 0.0, 1.0),
             ("min_p", self.min_p, 0.0, 1.0),
-            ("repeat_penalty", self.repeat_penalty, f32::MIN_POSITIVE, f32::MAX),
+            (
+                "repeat_penalty",
+                self.repeat_penalty,
+                f32::MIN_POSITIVE,
+                f32::MAX,
+            ),
         ];
         for (name, v, lo, hi) in checks {
             if !v.is_finite() || v < lo || v > hi {
@@ -130,7 +135,7 @@ impl Sampler {
         }
         // NaN never reaches here through validated settings; should one
         // slip through, it decodes greedily rather than from NaN weights.
-        if !(p.temperature > 0.0) || !p.temperature.is_finite() {
+        if p.temperature.is_nan() || p.temperature <= 0.0 || p.temperature.is_infinite() {
             return argmax(logits) as u32;
         }
         // Candidates, most likely first (top-k first when set: a partial sort).

@@ -231,7 +231,9 @@ impl ChatTemplate {
         t.render(vars).map_err(|e| ChatError::TemplateRender {
             origin: self.origin.clone(),
             reason: if e.kind() == ErrorKind::OutOfFuel {
-                format!("the template ran more than {TEMPLATE_FUEL} steps (a runaway loop?); stopped")
+                format!(
+                    "the template ran more than {TEMPLATE_FUEL} steps (a runaway loop?); stopped"
+                )
             } else {
                 crate::cli::one_line(&e)
             },

@@ -626,8 +626,13 @@ pub(crate) fn fetch(
         bar,
         hidden,
     };
-    ctx.bar
-        .inc(total.saturating_sub(todo.iter().filter_map(|f| f.size).fold(0, u64::saturating_add)));
+    ctx.bar.inc(
+        total.saturating_sub(
+            todo.iter()
+                .filter_map(|f| f.size)
+                .fold(0, u64::saturating_add),
+        ),
+    );
     let transferred = AtomicU64::new(0);
     let reused = AtomicUsize::new(files.len() - todo.len());
     let hashes = std::sync::Mutex::new(std::collections::BTreeMap::new());

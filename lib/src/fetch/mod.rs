@@ -391,7 +391,12 @@ pub(crate) struct Units {
 }
 
 impl Units {
-    fn new(run: StageRun, out: PathBuf, owned: std::collections::BTreeSet<String>, force: bool) -> Self {
+    fn new(
+        run: StageRun,
+        out: PathBuf,
+        owned: std::collections::BTreeSet<String>,
+        force: bool,
+    ) -> Self {
         Units {
             run: Mutex::new(run),
             out,
@@ -685,7 +690,10 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
         .iter()
         .filter_map(|o| {
             let m = std::fs::metadata(opts.out.join(&o.path)).ok()?;
-            Some((o.path.clone(), crate::cache::write::file_identity(&m).into()))
+            Some((
+                o.path.clone(),
+                crate::cache::write::file_identity(&m).into(),
+            ))
         })
         .collect();
     if let Some(obj) = details.as_object_mut() {

@@ -294,8 +294,8 @@ pub fn list_files(dir: &Path) -> Result<Vec<(String, u64)>, VerifyError> {
             } else {
                 format!("{rel}/{name}")
             };
-            let link =
-                std::fs::symlink_metadata(e.path()).map_err(|err| VerifyError::io(e.path(), err))?;
+            let link = std::fs::symlink_metadata(e.path())
+                .map_err(|err| VerifyError::io(e.path(), err))?;
             if link.is_dir() {
                 walk(root, &r, out, depth + 1, seen)?;
                 continue;
@@ -303,7 +303,10 @@ pub fn list_files(dir: &Path) -> Result<Vec<(String, u64)>, VerifyError> {
             let meta = if link.file_type().is_symlink() {
                 match std::fs::metadata(e.path()) {
                     Ok(m) if m.is_dir() => {
-                        tracing::warn!("{}: a link to a directory; not followed", e.path().display());
+                        tracing::warn!(
+                            "{}: a link to a directory; not followed",
+                            e.path().display()
+                        );
                         continue;
                     }
                     Ok(m) => m,
