@@ -441,3 +441,21 @@ fn interactive_chat_through_a_pty() {
     let status = p.process().wait().unwrap();
     assert!(format!("{status:?}").contains(", 0)"), "{status:?}");
 }
+
+#[test]
+fn bad_sampling_and_thread_flags_are_usage_errors_before_loading() {
+    for (flags, needle) in [
+        (&["--temperature", "nan"][..], "temperature NaN"),
+        (&["--top-p", "inf"][..], "top_p"),
+        (&["--min-p=-0.5"][..], "min_p"),
+        (&["--threads", "100000"][..], "--threads 100000"),
+    ] {
+        let o = run(rh("rh-serve").arg(tiny()).args(["--prompt", "Hi"]).args(flags));
+        assert_eq!(o.status.code(), Some(2), "{flags:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{flags:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let o = run(rh("rh-bench").arg(tiny()).args(["-t", "0"]));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}

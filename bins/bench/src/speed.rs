@@ -80,9 +80,7 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         .or(b.threads)
         .or(strategy.as_ref().map(|s| s.threads).filter(|&t| t > 0))
     {
-        if t == 0 {
-            return Err(CliError::usage("-t/--threads must be at least 1"));
-        }
+        roundhouse::pipeline::check_threads("-t/--threads", t).map_err(CliError::usage)?;
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(t)
             .build_global();

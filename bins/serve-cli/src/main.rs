@@ -198,13 +198,17 @@ fn run() -> Result<(), CliError> {
     let strategy = Strategy::load_for_use(&strategy);
     let strategy_threads = strategy.as_ref().map(|s| s.threads).filter(|&t| t > 0);
     if let Some(n) = args.threads.or(p.serve.threads).or(strategy_threads) {
-        if n == 0 {
-            return Err(CliError::usage("--threads must be at least 1"));
-        }
+        roundhouse::pipeline::check_threads("--threads", n).map_err(CliError::usage)?;
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();
     }
+
+    // Flags and [serve] values are checked before the model loads (NaN,
+    // infinite or out-of-range sampling values are a usage error).
+    sampling(&args, &p, SamplingParams::default())
+        .validate()
+        .map_err(|e| CliError::usage(format!("sampling settings: {e}")))?;
 
     let listen = args.listen.clone().or(p.serve.listen.clone());
     if let (Some(addr), None) = (&listen, &args.prompt) {
