@@ -428,9 +428,25 @@ fn bad_input_is_a_400_in_openai_shape() {
     );
     assert_eq!(st, 400);
     assert!(error_message(st, &resp.to_string()).contains("does not render tools"));
-    // The body limit (8 MiB, a 413 in the same shape) is not driven here:
-    // the server answers before reading the body, so a client still writing
-    // it may see a broken pipe instead of the answer.
+    // The body limit: a declared length over 8 MiB is refused from the
+    // headers alone (a raw socket, so no client is left writing a body).
+    use std::io::{Read, Write};
+    let addr = s.url.trim_start_matches("http://").trim_end_matches('/');
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        sock,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{{",
+        9 << 20
+    )
+    .unwrap();
+    let mut head = [0u8; 4096];
+    let n = sock.read(&mut head).unwrap();
+    let reply = String::from_utf8_lossy(&head[..n]);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("over the 8388608-byte limit"), "{reply}");
+    assert!(reply.contains("invalid_request_error"), "{reply}");
 }
 
 #[test]

@@ -450,7 +450,10 @@ fn bad_sampling_and_thread_flags_are_usage_errors_before_loading() {
         (&["--min-p=-0.5"][..], "min_p"),
         (&["--threads", "100000"][..], "--threads 100000"),
     ] {
-        let o = run(rh("rh-serve").arg(tiny()).args(["--prompt", "Hi"]).args(flags));
+        let o = run(rh("rh-serve")
+            .arg(tiny())
+            .args(["--prompt", "Hi"])
+            .args(flags));
         assert_eq!(o.status.code(), Some(2), "{flags:?}: {}", text(&o));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(needle), "{flags:?}: {err}");

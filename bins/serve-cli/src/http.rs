@@ -62,6 +62,7 @@ pub fn router(state: Shared, cors: Option<String>) -> Router {
         .route("/v1/completions", post(completions))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn(declared_body_limit))
         .layer(middleware::from_fn_with_state(state.clone(), count_status))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state);
@@ -95,6 +96,24 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     };
     let body = json!({"error": {"message": message.into(), "type": kind, "code": status.as_u16()}});
     (status, Json(body)).into_response()
+}
+
+/// A body whose declared length is over the limit is refused before any of
+/// it is read, so the client gets the 413 instead of a reset connection
+/// mid-upload (bodies without a length are still cut at the limit while read).
+async fn declared_body_limit(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > MAX_BODY_BYTES as u64 => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body of {n} bytes is over the {MAX_BODY_BYTES}-byte limit"),
+        ),
+        _ => next.run(req).await,
+    }
 }
 
 async fn not_found(req: Request) -> Response {
