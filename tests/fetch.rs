@@ -882,3 +882,18 @@ fn one_gib_fetch_and_repair_figures() {
         hub.bytes_served(name) - served
     );
 }
+
+#[test]
+fn listed_sizes_that_overflow_are_refused_before_any_download() {
+    let hub = hub();
+    let env = Env::new();
+    hub.faults(|f| {
+        f.listed_size.insert(SHARD1.into(), u64::MAX / 2 + 1);
+        f.listed_size.insert(SHARD2.into(), u64::MAX / 2 + 1);
+    });
+    let o = run(&mut env.fetch(&hub, REPO, "ck"));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = assert_one_line_err(&o);
+    assert!(err.contains("2^64"), "{err}");
+    assert_eq!(hub.bytes_served(SHARD1) + hub.bytes_served(SHARD2), 0);
+}

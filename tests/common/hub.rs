@@ -145,6 +145,9 @@ pub struct Faults {
     /// After this many body bytes, stall for this many milliseconds (then
     /// close), for this many replies.
     pub stall_after: HashMap<String, (u64, u64, usize)>,
+    /// List the file in the tree with this size instead of its real one
+    /// (a hub that lies about sizes).
+    pub listed_size: HashMap<String, u64>,
 }
 
 /// One reply with file bytes.
@@ -391,15 +394,17 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
                 }),
             ),
             "tree" => {
+                let listed = st.lock().unwrap().faults.listed_size.clone();
                 let entries: Vec<serde_json::Value> = repo
                     .files
                     .iter()
                     .map(|f| {
+                        let size = listed.get(&f.path).copied().unwrap_or(f.data.len() as u64);
                         let mut e = serde_json::json!({
-                            "type": "file", "oid": digests(st, &repo.name, f).oid, "size": f.data.len(), "path": f.path,
+                            "type": "file", "oid": digests(st, &repo.name, f).oid, "size": size, "path": f.path,
                         });
                         if f.lfs {
-                            e["lfs"] = serde_json::json!({"oid": digests(st, &repo.name, f).sha256, "size": f.data.len(), "pointerSize": 134});
+                            e["lfs"] = serde_json::json!({"oid": digests(st, &repo.name, f).sha256, "size": size, "pointerSize": 134});
                         }
                         e
                     })

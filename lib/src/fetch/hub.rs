@@ -1,6 +1,6 @@
 //! The Hugging Face hub (or a mirror) over plain HTTP(S), with our own
 //! client (hf-hub 0.5 breaks on CDN-served large files and 1.0 dropped
-//! resume; see `docs/research/crates.md`).
+//! resume; see `../shared/docs/research/crates.md`, beside the repository).
 //!
 //! Protocol, as huggingface.co serves it:
 //!

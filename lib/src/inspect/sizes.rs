@@ -16,9 +16,9 @@ use crate::checkpoint::Checkpoint;
 use crate::cli::{Classify, Exit};
 
 /// Qwen3-Next-80B-A3B AutoRound int4-mixed: tensor bytes of the indexed
-/// shards (docs/research/qwen3-next-architecture.md).
+/// shards (../shared/docs/research/qwen3-next-architecture.md, beside the repository).
 pub const PRESET_TOTAL_BYTES: u64 = 43_243_415_040;
-/// Its weight bytes read per decoded token (docs/research/peers.md §4.1).
+/// Its weight bytes read per decoded token (../shared/docs/research/peers.md §4.1, beside the repository).
 pub const PRESET_PER_TOKEN_BYTES: u64 = 3_240_000_000;
 /// Its routed-expert bytes (512 experts x 48 layers; 10 read per token
 /// make 0.785 GB of the per-token figure).
