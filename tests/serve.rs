@@ -12,36 +12,13 @@ use rh_tests::{bin, rh, run, text};
 use roundhouse::chat::{ChatModel, ChatTemplate, Conversation, GenOptions, Message, StopReason};
 use roundhouse::checkpoint::Checkpoint;
 use roundhouse::sample::SamplingParams;
-use roundhouse::synthetic::{write_shard, Spec};
 
 /// The synthetic tiny checkpoint (4 layers: linear and full attention),
 /// written once per target dir; its content is deterministic, so reusing it
 /// across runs is safe.
 fn tiny() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-tiny-v1");
-        if dir.join("done").exists() {
-            return dir;
-        }
-        let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        let spec = Spec::preset("tiny", None, 7).unwrap();
-        for (name, bytes) in spec.metadata_files() {
-            std::fs::write(tmp.path().join(name), bytes).unwrap();
-        }
-        for (file, tensors) in spec.shards() {
-            let mut f =
-                std::io::BufWriter::new(std::fs::File::create(tmp.path().join(file)).unwrap());
-            write_shard(&mut f, &tensors, 7).unwrap();
-        }
-        std::fs::write(tmp.path().join("done"), b"").unwrap();
-        let tmp = tmp.keep();
-        if std::fs::rename(&tmp, &dir).is_err() {
-            // Another process got there first.
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        dir
-    })
+    DIR.get_or_init(|| rh_tests::tiny_checkpoint(Path::new(env!("CARGO_TARGET_TMPDIR"))))
 }
 
 fn chat_model() -> &'static ChatModel {

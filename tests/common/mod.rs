@@ -83,3 +83,32 @@ pub fn with_file_size_limit(
         })
     }
 }
+
+/// Writes the synthetic tiny checkpoint (4 layers: linear and full
+/// attention; random weights, the real Qwen3 tokenizer and template) once
+/// under `tmp_dir` (a test's `CARGO_TARGET_TMPDIR`) and returns its path.
+/// The content is deterministic, so test binaries that race to write it
+/// produce the same directory; the loser of the final rename drops its copy.
+pub fn tiny_checkpoint(tmp_dir: &Path) -> PathBuf {
+    use roundhouse::synthetic::{write_shard, Spec};
+    let dir = tmp_dir.join("serve-tiny-v1");
+    if dir.join("done").exists() {
+        return dir;
+    }
+    let tmp = tempfile::tempdir_in(tmp_dir).unwrap();
+    let spec = Spec::preset("tiny", None, 7).unwrap();
+    for (name, bytes) in spec.metadata_files() {
+        std::fs::write(tmp.path().join(name), bytes).unwrap();
+    }
+    for (file, tensors) in spec.shards() {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(tmp.path().join(file)).unwrap());
+        write_shard(&mut f, &tensors, 7).unwrap();
+    }
+    std::fs::write(tmp.path().join("done"), b"").unwrap();
+    let tmp = tmp.keep();
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // Another test binary got there first.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    dir
+}
