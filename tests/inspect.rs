@@ -68,7 +68,7 @@ fn json_report_is_sane_and_strategy_is_written() {
     let s = &v["strategy"];
     let threads = s["threads"].as_u64().unwrap();
     assert!(threads >= 1 && threads <= logical, "{s}");
-    assert!(["avx2", "avx512_vnni", "neon", "scalar"].contains(&s["kernel"].as_str().unwrap()));
+    assert!(["avx2", "avx512_vnni", "scalar"].contains(&s["kernel"].as_str().unwrap()));
     assert_eq!(s["gpu"], "cpu_only");
     assert_eq!(s["sizes_source"], "preset");
     assert_eq!(v["model"]["total_bytes"], 43_243_415_040u64);
@@ -282,4 +282,74 @@ fn bad_flags_are_usage_errors() {
             .current_dir(dir.path()));
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
     }
+}
+
+/// strategy.toml's `kernel` caps the kernels rh-bench (and rh-serve, through
+/// the same `Strategy::load_for_use`) run at; `RH_KERNELS` caps too and the
+/// lower cap wins.
+#[test]
+fn strategy_kernel_caps_the_kernels_bench_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &m,
+        "[model]\nsource = \"synthetic:tiny\"\nwork_dir = \"work\"\n\n[inspect]\nprobe_seconds = 0\n",
+    )
+    .unwrap();
+    let o = run(rh("rh-inspect")
+        .arg("--pipeline")
+        .arg(&m)
+        .env("PATH", no_gpu_path(dir.path()))
+        .current_dir(dir.path()));
+    assert!(o.status.success(), "{}", text(&o));
+    let strategy = dir.path().join("work/strategy.toml");
+    let written = std::fs::read_to_string(&strategy).unwrap();
+    let detected = roundhouse::inspect::Strategy::load(&strategy).unwrap().kernel;
+    let model = rh_tests::tiny_checkpoint(Path::new(env!("CARGO_TARGET_TMPDIR")));
+    let backend = |kernel: &str, env: Option<&str>| {
+        let line = format!("kernel = \"{kernel}\"");
+        let text_now = written
+            .lines()
+            .map(|l| if l.starts_with("kernel = ") { line.as_str() } else { l })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&strategy, text_now).unwrap();
+        let mut cmd = rh("rh-bench");
+        cmd.arg("--pipeline")
+            .arg(&m)
+            .arg(&model)
+            .args(["-p", "4", "-n", "2", "-r", "1", "--no-warmup", "--json"])
+            .env_remove("RH_KERNELS")
+            .current_dir(dir.path());
+        if let Some(v) = env {
+            cmd.env("RH_KERNELS", v);
+        }
+        let v = json_of(&run(&mut cmd));
+        let rows = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+        rows[0]["backend"].as_str().unwrap_or_default().to_string()
+    };
+    use roundhouse::kernels::Isa;
+    assert_eq!(backend("scalar", None), "CPU (scalar)");
+    assert_eq!(
+        backend(&written_kernel(detected), None),
+        format!("CPU ({})", detected.name()),
+        "the detected level itself is no cap"
+    );
+    if detected > Isa::Scalar {
+        assert_eq!(
+            backend(&written_kernel(detected), Some("scalar")),
+            "CPU (scalar)",
+            "RH_KERNELS below the strategy wins"
+        );
+    }
+}
+
+/// How strategy.toml spells a level.
+fn written_kernel(isa: roundhouse::kernels::Isa) -> String {
+    match isa {
+        roundhouse::kernels::Isa::Scalar => "scalar",
+        roundhouse::kernels::Isa::Avx2 => "avx2",
+        roundhouse::kernels::Isa::Avx512Vnni => "avx512_vnni",
+    }
+    .to_string()
 }

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cli::{human_bytes, Classify, Exit};
 use crate::fsutil::{self, FsError};
+use crate::kernels::{self, Isa};
 use crate::pipeline::Pipeline;
 use crate::stage::{self, Fingerprint, Output, Plan, StageError};
 
@@ -62,20 +63,6 @@ impl Classify for InspectError {
     }
 }
 
-/// The matmul kernel family to run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kernel {
-    /// x86 AVX2 + FMA + F16C.
-    Avx2,
-    /// x86 AVX-512 F/BW + VNNI for quantized products, AVX2 for the rest.
-    Avx512Vnni,
-    /// aarch64 NEON.
-    Neon,
-    /// Portable Rust.
-    Scalar,
-}
-
 /// Where the weights go when a GPU is present.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -111,8 +98,9 @@ pub struct Strategy {
     pub format: u32,
     /// Worker threads.
     pub threads: usize,
-    /// Kernel family.
-    pub kernel: Kernel,
+    /// The instruction-set level the kernels run at; serve and bench cap
+    /// the kernels to it ([`Strategy::load_for_use`]).
+    pub kernel: Isa,
     /// Map the weights (always true: weights are read in place).
     pub mmap: bool,
     /// Pre-fault the mapping at load (`MAP_POPULATE`).
@@ -176,17 +164,23 @@ impl Strategy {
         }
     }
 
-    /// What serve and bench use: the strategy when it exists and reads;
-    /// an unreadable one is a warning (they fall back to their defaults
-    /// rather than refusing to run), a missing one is `None`.
+    /// What serve and bench use: the strategy when it exists and reads,
+    /// with the kernels capped at its `kernel` ([`kernels::limit`]; the
+    /// `RH_KERNELS` variable caps too, and the lower cap wins). An
+    /// unreadable one is a warning (they fall back to their defaults rather
+    /// than refusing to run), a missing one is `None`.
     pub fn load_for_use(path: &Path) -> Option<Strategy> {
-        match Strategy::load_if_present(path) {
+        let strategy = match Strategy::load_if_present(path) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("ignoring the strategy: {e}");
                 None
             }
+        };
+        if let Some(s) = &strategy {
+            kernels::limit(s.kernel);
         }
+        strategy
     }
 
     /// The file's text (TOML with a comment saying where it came from).
@@ -397,142 +391,27 @@ fn yes(b: bool) -> &'static str {
 }
 
 impl Report {
-    /// The plain-text explanation for a person.
+    /// The plain-text explanation for a person: the machine, the model,
+    /// the strategy with its reasons, and what this run did.
     pub fn human(&self) -> String {
-        let p = &self.probe;
-        let m = &self.model;
-        let s = &self.strategy;
         let mut t = String::new();
         let _ = writeln!(t, "Machine");
-        let _ = writeln!(t, "  cpu        {} ({})", p.cpu_model, p.arch);
-        let _ = writeln!(
-            t,
-            "  cores      {} physical, {} logical, {} usable by this process",
-            p.physical_cores, p.logical_cpus, p.usable_cpus
-        );
-        let feats = p.features.names();
-        let _ = writeln!(
-            t,
-            "  simd       {}",
-            if feats.is_empty() {
-                "none detected".to_string()
-            } else {
-                feats.join(" ")
-            }
-        );
-        if !p.caches.is_empty() {
-            let c: Vec<String> = p
-                .caches
-                .iter()
-                .map(|c| {
-                    format!(
-                        "L{}{} {}",
-                        c.level,
-                        match c.kind.as_str() {
-                            "Data" => "d",
-                            "Instruction" => "i",
-                            _ => "",
-                        },
-                        human_bytes(c.size_bytes)
-                    )
-                })
-                .collect();
-            let _ = writeln!(t, "  caches     {}", c.join(", "));
-        }
-        let _ = writeln!(
-            t,
-            "  ram        {} total, {} available, {} usable{}",
-            human_bytes(p.mem_total),
-            human_bytes(p.mem_available),
-            human_bytes(p.usable_memory()),
-            match p.cgroup_limit {
-                Some(l) => format!(" (cgroup limit {})", human_bytes(l)),
-                None => String::new(),
-            }
-        );
-        let _ = writeln!(
-            t,
-            "  swap       {} total, {} free",
-            human_bytes(p.swap_total),
-            human_bytes(p.swap_free)
-        );
-        let _ = writeln!(
-            t,
-            "  hugepages  {} x {} reserved ({} free), THP {}",
-            p.huge_pages.total,
-            human_bytes(p.huge_pages.page_bytes),
-            p.huge_pages.free,
-            p.huge_pages.thp.as_deref().unwrap_or("unknown")
-        );
-        let _ = writeln!(
-            t,
-            "  memlock    {}",
-            p.memlock_limit
-                .map(human_bytes)
-                .unwrap_or_else(|| "unlimited".into())
-        );
-        if let Some(d) = &p.disk {
-            let _ = writeln!(
-                t,
-                "  disk       {} free of {} at {}",
-                human_bytes(d.free),
-                human_bytes(d.total),
-                d.path.display()
-            );
-        }
-        if p.gpus.is_empty() {
-            let _ = writeln!(t, "  gpu        none");
-        }
-        for g in &p.gpus {
-            let _ = writeln!(
-                t,
-                "  gpu {}      {}: {} total, {} free",
-                g.index,
-                g.name,
-                human_bytes(g.memory_total),
-                human_bytes(g.memory_free)
-            );
-        }
-        match &p.bandwidth {
-            Some(b) => {
-                let _ = writeln!(
-                    t,
-                    "  bandwidth  {:.1} GB/s one thread, {:.1} GB/s on {} threads ({} buffer)",
-                    b.single_thread_gbs,
-                    b.all_threads_gbs,
-                    b.threads,
-                    human_bytes(b.buffer_bytes as u64)
-                );
-            }
-            None => {
-                let _ = writeln!(t, "  bandwidth  not measured");
-            }
-        }
+        write_cpu(&mut t, &self.probe);
+        write_memory(&mut t, &self.probe);
+        write_devices(&mut t, &self.probe);
         let _ = writeln!(t, "\nModel");
-        let _ = writeln!(
-            t,
-            "  weights    {} ({} routed experts), {:.2} GB read per token",
-            human_bytes(m.total_bytes),
-            human_bytes(m.expert_bytes),
-            m.per_token_bytes as f64 / 1e9
-        );
-        let _ = writeln!(t, "  source     {}", m.note);
+        write_model(&mut t, &self.model);
         let _ = writeln!(t, "\nStrategy");
-        let _ = writeln!(t, "  threads    {}", s.reasons.threads);
-        let _ = writeln!(t, "  kernel     {}", s.reasons.kernel);
-        let _ = writeln!(
-            t,
-            "  memory     {} (fits in RAM: {})",
-            s.reasons.memory,
-            yes(s.fits_in_ram)
-        );
-        let _ = writeln!(t, "  gpu        {}", s.reasons.gpu);
-        let _ = writeln!(t, "  speed      {}", s.reasons.speed);
-        for w in p.warnings.iter().chain(&s.warnings) {
-            let _ = writeln!(t, "  warning    {w}");
-        }
+        write_strategy(&mut t, &self.strategy, &self.probe.warnings);
         let _ = writeln!(t);
-        let line = if self.up_to_date {
+        t.push_str(&self.outcome());
+        t.push('\n');
+        t
+    }
+
+    /// What this run did with the strategy file.
+    fn outcome(&self) -> String {
+        if self.up_to_date {
             format!(
                 "inspect: up to date: {} unchanged (use --force to probe again)",
                 self.strategy_path.display()
@@ -544,10 +423,151 @@ impl Report {
                 "inspect: dry run, {} not written",
                 self.strategy_path.display()
             )
-        };
-        t.push_str(&line);
-        t.push('\n');
-        t
+        }
+    }
+}
+
+/// CPU model, cores, SIMD features and caches.
+fn write_cpu(t: &mut String, p: &Probe) {
+    let _ = writeln!(t, "  cpu        {} ({})", p.cpu_model, p.arch);
+    let _ = writeln!(
+        t,
+        "  cores      {} physical, {} logical, {} usable by this process",
+        p.physical_cores, p.logical_cpus, p.usable_cpus
+    );
+    let feats = p.features.names();
+    let _ = writeln!(
+        t,
+        "  simd       {}",
+        if feats.is_empty() {
+            "none detected".to_string()
+        } else {
+            feats.join(" ")
+        }
+    );
+    if !p.caches.is_empty() {
+        let c: Vec<String> = p
+            .caches
+            .iter()
+            .map(|c| {
+                format!(
+                    "L{}{} {}",
+                    c.level,
+                    match c.kind.as_str() {
+                        "Data" => "d",
+                        "Instruction" => "i",
+                        _ => "",
+                    },
+                    human_bytes(c.size_bytes)
+                )
+            })
+            .collect();
+        let _ = writeln!(t, "  caches     {}", c.join(", "));
+    }
+}
+
+/// RAM, swap, huge pages, the memlock limit and the disk.
+fn write_memory(t: &mut String, p: &Probe) {
+    let _ = writeln!(
+        t,
+        "  ram        {} total, {} available, {} usable{}",
+        human_bytes(p.mem_total),
+        human_bytes(p.mem_available),
+        human_bytes(p.usable_memory()),
+        match p.cgroup_limit {
+            Some(l) => format!(" (cgroup limit {})", human_bytes(l)),
+            None => String::new(),
+        }
+    );
+    let _ = writeln!(
+        t,
+        "  swap       {} total, {} free",
+        human_bytes(p.swap_total),
+        human_bytes(p.swap_free)
+    );
+    let _ = writeln!(
+        t,
+        "  hugepages  {} x {} reserved ({} free), THP {}",
+        p.huge_pages.total,
+        human_bytes(p.huge_pages.page_bytes),
+        p.huge_pages.free,
+        p.huge_pages.thp.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(
+        t,
+        "  memlock    {}",
+        p.memlock_limit
+            .map(human_bytes)
+            .unwrap_or_else(|| "unlimited".into())
+    );
+    if let Some(d) = &p.disk {
+        let _ = writeln!(
+            t,
+            "  disk       {} free of {} at {}",
+            human_bytes(d.free),
+            human_bytes(d.total),
+            d.path.display()
+        );
+    }
+}
+
+/// GPUs and the measured bandwidth.
+fn write_devices(t: &mut String, p: &Probe) {
+    if p.gpus.is_empty() {
+        let _ = writeln!(t, "  gpu        none");
+    }
+    for g in &p.gpus {
+        let _ = writeln!(
+            t,
+            "  gpu {}      {}: {} total, {} free",
+            g.index,
+            g.name,
+            human_bytes(g.memory_total),
+            human_bytes(g.memory_free)
+        );
+    }
+    match &p.bandwidth {
+        Some(b) => {
+            let _ = writeln!(
+                t,
+                "  bandwidth  {:.1} GB/s one thread, {:.1} GB/s on {} threads ({} buffer)",
+                b.single_thread_gbs,
+                b.all_threads_gbs,
+                b.threads,
+                human_bytes(b.buffer_bytes as u64)
+            );
+        }
+        None => {
+            let _ = writeln!(t, "  bandwidth  not measured");
+        }
+    }
+}
+
+fn write_model(t: &mut String, m: &ModelSizes) {
+    let _ = writeln!(
+        t,
+        "  weights    {} ({} routed experts), {:.2} GB read per token",
+        human_bytes(m.total_bytes),
+        human_bytes(m.expert_bytes),
+        m.per_token_bytes as f64 / 1e9
+    );
+    let _ = writeln!(t, "  source     {}", m.note);
+}
+
+/// Each choice with its reason, then the warnings.
+fn write_strategy(t: &mut String, s: &Strategy, probe_warnings: &[String]) {
+    let _ = writeln!(t, "  threads    {}", s.reasons.threads);
+    let _ = writeln!(t, "  kernel     {}", s.reasons.kernel);
+    let _ = writeln!(
+        t,
+        "  memory     {} (fits in RAM: {})",
+        s.reasons.memory,
+        yes(s.fits_in_ram)
+    );
+    let _ = writeln!(t, "  gpu        {}", s.reasons.gpu);
+    let _ = writeln!(t, "  speed      {}", s.reasons.speed);
+    for w in probe_warnings.iter().chain(&s.warnings) {
+        let _ = writeln!(t, "  warning    {w}");
     }
 }
 

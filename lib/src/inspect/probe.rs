@@ -13,6 +13,7 @@ use std::process::Command;
 
 use super::sys;
 pub use super::sys::Disk;
+use crate::kernels::isa::cpu_has;
 use crate::membw::{self, Bandwidth};
 
 /// CPU SIMD features that matter to the kernels.
@@ -50,21 +51,34 @@ impl CpuFeatures {
             avx_vnni: cpuinfo_flags.contains("avx_vnni"),
             ..Default::default()
         };
-        #[cfg(target_arch = "x86_64")]
-        {
-            f.avx2 = std::is_x86_feature_detected!("avx2");
-            f.fma = std::is_x86_feature_detected!("fma");
-            f.f16c = std::is_x86_feature_detected!("f16c");
-            f.avx512f = std::is_x86_feature_detected!("avx512f");
-            f.avx512vnni = std::is_x86_feature_detected!("avx512vnni");
-            f.avx512bw = std::is_x86_feature_detected!("avx512bw");
-        }
+        // The kernels' features come from the kernels' own detection, so
+        // inspect and the kernels cannot disagree about this CPU.
+        f.avx2 = cpu_has("avx2");
+        f.fma = cpu_has("fma");
+        f.f16c = cpu_has("f16c");
+        f.avx512f = cpu_has("avx512f");
+        f.avx512vnni = cpu_has("avx512vnni");
+        f.avx512bw = cpu_has("avx512bw");
         #[cfg(target_arch = "aarch64")]
         {
             f.neon = std::arch::is_aarch64_feature_detected!("neon");
             f.dotprod = std::arch::is_aarch64_feature_detected!("dotprod");
         }
         f
+    }
+
+    /// Whether the feature spelled `name` (as in [`KERNEL_FEATURES`](crate::kernels::isa::KERNEL_FEATURES)) is
+    /// present; what [`Isa::highest`](crate::kernels::Isa::highest) asks.
+    pub fn has(&self, name: &str) -> bool {
+        match name {
+            "avx2" => self.avx2,
+            "fma" => self.fma,
+            "f16c" => self.f16c,
+            "avx512f" => self.avx512f,
+            "avx512bw" => self.avx512bw,
+            "avx512vnni" => self.avx512vnni,
+            _ => false,
+        }
     }
 
     /// The names of the features present, for reports.

@@ -3,8 +3,9 @@
 
 use super::probe::Probe;
 use super::sizes::ModelSizes;
-use super::{GpuPlacement, Kernel, Reasons, Strategy, STRATEGY_FORMAT};
+use super::{GpuPlacement, Reasons, Strategy, STRATEGY_FORMAT};
 use crate::cli::human_bytes;
+use crate::kernels::Isa;
 
 /// Memory the engine needs besides the weights (KV cache and DeltaNet
 /// state at a few thousand tokens, activations, the tokenizer).
@@ -25,13 +26,54 @@ fn gb(b: u64) -> String {
 }
 
 /// Chooses threads, kernel, memory policy, GPU placement and the expected
-/// decode speed.
+/// decode speed, one phase each; every phase returns its choice with the
+/// reason, and may add warnings.
 pub fn decide(p: &Probe, m: &ModelSizes, o: &Overrides) -> Strategy {
     let mut warnings = Vec::new();
+    let (threads, threads_reason) = choose_threads(p, o);
+    let (kernel, kernel_reason) = choose_kernel(p, &mut warnings);
+    let memory = choose_memory(p, m, &mut warnings);
+    let gpu = choose_gpu(p, m);
+    let bw = p.bandwidth.map(|b| b.all_threads_gbs);
+    let (expected, speed_reason) = expected_speed(bw, m, memory.usable, memory.fits);
+    if gpu.placement != GpuPlacement::CpuOnly {
+        warnings.push(
+            "GPU placement is advice for a GPU-capable runtime: rh-serve itself runs on the CPU"
+                .into(),
+        );
+    }
 
-    // Threads.
+    Strategy {
+        format: STRATEGY_FORMAT,
+        threads,
+        kernel,
+        mmap: true,
+        populate: memory.populate,
+        mlock: memory.mlock,
+        fits_in_ram: memory.fits,
+        gpu: gpu.placement,
+        gpu_index: gpu.index,
+        expected_tokens_per_s: expected,
+        bandwidth_gbs: bw,
+        bytes_per_token: m.per_token_bytes,
+        model_bytes: m.total_bytes,
+        usable_memory: memory.usable,
+        sizes_source: m.source,
+        warnings,
+        reasons: Reasons {
+            threads: threads_reason,
+            kernel: kernel_reason,
+            memory: memory.reason,
+            gpu: gpu.reason,
+            speed: speed_reason,
+        },
+    }
+}
+
+/// Threads: forced, else the physical cores this process may use.
+fn choose_threads(p: &Probe, o: &Overrides) -> (usize, String) {
     let cores = p.physical_cores.min(p.usable_cpus).max(1);
-    let (threads, threads_reason) = match o.threads {
+    match o.threads {
         Some(t) => (
             t.max(1),
             format!("{} forced by --threads / [inspect] threads (the machine has {} physical cores)", t.max(1), p.physical_cores),
@@ -50,52 +92,65 @@ pub fn decide(p: &Probe, m: &ModelSizes, o: &Overrides) -> Strategy {
                 p.logical_cpus
             ),
         ),
-    };
+    }
+}
 
-    // Kernel.
+/// Kernel: the highest [`Isa`] the probed features allow (the kernels'
+/// own rule, [`Isa::highest`]).
+fn choose_kernel(p: &Probe, warnings: &mut Vec<String>) -> (Isa, String) {
     let f = &p.features;
-    let (kernel, kernel_reason) =
-        if f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vnni {
-            (
-                Kernel::Avx512Vnni,
-                "avx512-vnni: the CPU has AVX-512 F/BW and VNNI: quantized decode multiplies \
+    let isa = Isa::highest(|name| f.has(name));
+    let reason = match isa {
+        Isa::Avx512Vnni => {
+            "avx512-vnni: the CPU has AVX-512 F/BW and VNNI: quantized decode multiplies \
              int16 activations with vpdpwssd, prefill splits them into bytes for vpdpbusd, \
              the rest runs AVX2"
-                    .to_string(),
-            )
-        } else if f.avx2 && f.fma && f.f16c {
+                .to_string()
+        }
+        Isa::Avx2 => {
             let extra = if f.avx512f {
                 "; AVX-512 is present without VNNI/BW, which the integer kernels need"
             } else {
                 ""
             };
-            (
-                Kernel::Avx2,
-                format!("avx2: the CPU has AVX2, FMA and F16C{extra}"),
-            )
-        } else if f.neon {
-            (Kernel::Neon, "neon: the CPU has NEON (aarch64)".to_string())
-        } else {
+            format!("avx2: the CPU has AVX2, FMA and F16C{extra}")
+        }
+        Isa::Scalar => {
             let why = if p.arch == "x86_64" {
                 "no AVX2+FMA+F16C on this x86 CPU"
+            } else if f.neon {
+                "the CPU has NEON, but NEON kernels are not written yet"
             } else {
                 "no SIMD kernel for this CPU"
             };
             warnings.push(format!(
                 "{why}: the portable scalar kernel is several times slower"
             ));
-            (Kernel::Scalar, format!("scalar: {why}"))
-        };
+            format!("scalar: {why}")
+        }
+    };
+    (isa, reason)
+}
 
-    // Memory.
+/// The memory policy and what it rests on.
+struct MemoryChoice {
+    usable: u64,
+    fits: bool,
+    populate: bool,
+    mlock: bool,
+    reason: String,
+}
+
+/// Memory: populate when the model fits, lock when it fits comfortably and
+/// `RLIMIT_MEMLOCK` allows.
+fn choose_memory(p: &Probe, m: &ModelSizes, warnings: &mut Vec<String>) -> MemoryChoice {
     let usable = p.usable_memory();
     let need = m.total_bytes + RUNTIME_OVERHEAD;
     let fits = usable >= need;
     let comfortable = usable as f64 >= need as f64 * 1.2 + (2u64 << 30) as f64;
     let memlock_ok = p.memlock_limit.is_none_or(|l| l >= m.total_bytes);
     let mlock = fits && comfortable && memlock_ok;
-    let populate = fits;
-    let memory_reason = if !fits {
+    let reason = if !fits {
         let w = format!(
             "the model ({}) plus runtime ({}) does not fit in the {} of RAM this process can use: \
              mmap pages weights in from disk on demand, which is far slower",
@@ -124,63 +179,84 @@ pub fn decide(p: &Probe, m: &ModelSizes, o: &Overrides) -> Strategy {
             gb(m.total_bytes)
         )
     };
+    MemoryChoice {
+        usable,
+        fits,
+        populate: fits,
+        mlock,
+        reason,
+    }
+}
 
-    // GPU.
-    let best = p.gpus.iter().max_by_key(|g| g.memory_free);
-    let (gpu, gpu_index, gpu_reason) = match best {
-        None => (
-            GpuPlacement::CpuOnly,
-            None,
-            "cpu only: no NVIDIA GPU found".to_string(),
-        ),
-        Some(g) => {
-            let all_need = m.total_bytes + RUNTIME_OVERHEAD;
-            let dense_need = m.dense_bytes() + RUNTIME_OVERHEAD;
-            if g.memory_free >= all_need {
-                (
-                    GpuPlacement::AllOnGpu,
-                    Some(g.index),
-                    format!(
-                        "all on GPU {} ({}): {} free holds the whole model ({}) and runtime",
-                        g.index,
-                        g.name,
-                        gb(g.memory_free),
-                        gb(m.total_bytes)
-                    ),
-                )
-            } else if g.memory_free >= dense_need {
-                (
-                    GpuPlacement::AttentionOnGpu,
-                    Some(g.index),
-                    format!(
-                        "attention on GPU {} ({}), experts on CPU: {} free holds the {} of dense weights but not the {} of experts",
-                        g.index,
-                        g.name,
-                        gb(g.memory_free),
-                        gb(m.dense_bytes()),
-                        gb(m.expert_bytes)
-                    ),
-                )
-            } else {
-                (
-                    GpuPlacement::CpuOnly,
-                    None,
-                    format!(
-                        "cpu only: GPU {} ({}) has {} free, less than the {} the dense weights and runtime need",
-                        g.index,
-                        g.name,
-                        gb(g.memory_free),
-                        gb(dense_need)
-                    ),
-                )
-            }
-        }
+/// The GPU suggestion.
+struct GpuChoice {
+    placement: GpuPlacement,
+    index: Option<usize>,
+    reason: String,
+}
+
+/// GPU: the one with the most free memory, holding everything, the dense
+/// weights, or nothing.
+fn choose_gpu(p: &Probe, m: &ModelSizes) -> GpuChoice {
+    let Some(g) = p.gpus.iter().max_by_key(|g| g.memory_free) else {
+        return GpuChoice {
+            placement: GpuPlacement::CpuOnly,
+            index: None,
+            reason: "cpu only: no NVIDIA GPU found".to_string(),
+        };
     };
+    let all_need = m.total_bytes + RUNTIME_OVERHEAD;
+    let dense_need = m.dense_bytes() + RUNTIME_OVERHEAD;
+    if g.memory_free >= all_need {
+        GpuChoice {
+            placement: GpuPlacement::AllOnGpu,
+            index: Some(g.index),
+            reason: format!(
+                "all on GPU {} ({}): {} free holds the whole model ({}) and runtime",
+                g.index,
+                g.name,
+                gb(g.memory_free),
+                gb(m.total_bytes)
+            ),
+        }
+    } else if g.memory_free >= dense_need {
+        GpuChoice {
+            placement: GpuPlacement::AttentionOnGpu,
+            index: Some(g.index),
+            reason: format!(
+                "attention on GPU {} ({}), experts on CPU: {} free holds the {} of dense weights but not the {} of experts",
+                g.index,
+                g.name,
+                gb(g.memory_free),
+                gb(m.dense_bytes()),
+                gb(m.expert_bytes)
+            ),
+        }
+    } else {
+        GpuChoice {
+            placement: GpuPlacement::CpuOnly,
+            index: None,
+            reason: format!(
+                "cpu only: GPU {} ({}) has {} free, less than the {} the dense weights and runtime need",
+                g.index,
+                g.name,
+                gb(g.memory_free),
+                gb(dense_need)
+            ),
+        }
+    }
+}
 
-    // Expected speed.
-    let bw = p.bandwidth.map(|b| b.all_threads_gbs);
+/// Expected decode speed: the measured bandwidth over the bytes a token
+/// reads, with the share left on disk read at [`ASSUMED_DISK_GBS`].
+fn expected_speed(
+    bw: Option<f64>,
+    m: &ModelSizes,
+    usable: u64,
+    fits: bool,
+) -> (Option<f64>, String) {
     let per_token = m.per_token_bytes.max(1) as f64;
-    let (expected, speed_reason) = match bw {
+    match bw {
         None => (
             None,
             "unknown: the bandwidth probe was skipped (probe_seconds = 0)".to_string(),
@@ -211,38 +287,6 @@ pub fn decide(p: &Probe, m: &ModelSizes, o: &Overrides) -> Strategy {
                 ),
             )
         }
-    };
-    if gpu != GpuPlacement::CpuOnly {
-        warnings.push(
-            "GPU placement is advice for a GPU-capable runtime: rh-serve itself runs on the CPU"
-                .into(),
-        );
-    }
-
-    Strategy {
-        format: STRATEGY_FORMAT,
-        threads,
-        kernel,
-        mmap: true,
-        populate,
-        mlock,
-        fits_in_ram: fits,
-        gpu,
-        gpu_index,
-        expected_tokens_per_s: expected,
-        bandwidth_gbs: bw,
-        bytes_per_token: m.per_token_bytes,
-        model_bytes: m.total_bytes,
-        usable_memory: usable,
-        sizes_source: m.source,
-        warnings,
-        reasons: Reasons {
-            threads: threads_reason,
-            kernel: kernel_reason,
-            memory: memory_reason,
-            gpu: gpu_reason,
-            speed: speed_reason,
-        },
     }
 }
 
@@ -318,10 +362,10 @@ mod tests {
         let mut m = machine(64, 8, None, true, 70.0);
         m.features.avx512f = true;
         m.features.avx512vnni = true;
-        assert_eq!(decide_preset(&m).kernel, Kernel::Avx2, "no AVX-512 BW");
+        assert_eq!(decide_preset(&m).kernel, Isa::Avx2, "no AVX-512 BW");
         m.features.avx512bw = true;
         let s = decide_preset(&m);
-        assert_eq!(s.kernel, Kernel::Avx512Vnni);
+        assert_eq!(s.kernel, Isa::Avx512Vnni);
         assert!(
             s.reasons.kernel.starts_with("avx512-vnni"),
             "{}",
@@ -335,7 +379,7 @@ mod tests {
         assert!(s.fits_in_ram && s.populate);
         assert_eq!(s.gpu, GpuPlacement::AttentionOnGpu);
         assert_eq!(s.gpu_index, Some(0));
-        assert_eq!(s.kernel, Kernel::Avx2);
+        assert_eq!(s.kernel, Isa::Avx2);
         let tps = s.expected_tokens_per_s.unwrap();
         assert!((tps - 70e9 / 3.24e9).abs() < 1e-6, "{tps}");
     }
@@ -366,7 +410,7 @@ mod tests {
     #[test]
     fn no_avx2_gets_scalar_with_a_warning() {
         let s = decide_preset(&machine(64, 4, None, false, 30.0));
-        assert_eq!(s.kernel, Kernel::Scalar);
+        assert_eq!(s.kernel, Isa::Scalar);
         assert!(s.reasons.kernel.contains("no AVX2"));
         assert!(!s.warnings.is_empty());
     }

@@ -37,10 +37,7 @@ impl Avx2 {
         {
             PREFETCH_BYTES.store(v, std::sync::atomic::Ordering::Relaxed);
         }
-        (is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c"))
-        .then_some(Avx2(()))
+        super::Isa::Avx2.supported().then_some(Avx2(()))
     }
 }
 
@@ -525,7 +522,7 @@ pub(super) fn pf_bytes() -> usize {
 /// point past the end of the weights (it is formed with `wrapping_add`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn prefetch(p: *const u8) {
+pub(super) unsafe fn prefetch(p: *const u8) {
     _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
 }
 
@@ -541,7 +538,7 @@ unsafe fn hsum(v: __m256) -> f32 {
 /// The f16 at index `i` of `p` as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_at(p: *const u8, i: usize) -> f32 {
+pub(super) unsafe fn f16_at(p: *const u8, i: usize) -> f32 {
     let h = u16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
 }

@@ -19,7 +19,9 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{Avx2, QuantView};
+// `f16_at` and `prefetch` are the AVX2 level's: their instructions are
+// the same at this level, and they inline into these kernels.
+use super::avx2::{f16_at, prefetch, Avx2, QuantView};
 use crate::tensor::QBLOCK;
 
 /// Proof that the running CPU has AVX-512 F, BW and VNNI besides what
@@ -33,10 +35,9 @@ pub(crate) struct Avx512 {
 impl Avx512 {
     /// `Some` when the CPU supports the instructions these kernels use.
     pub(crate) fn detect(avx2: Avx2) -> Option<Avx512> {
-        (is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni"))
-        .then_some(Avx512 { avx2 })
+        super::Isa::Avx512Vnni
+            .supported()
+            .then_some(Avx512 { avx2 })
     }
 
     /// Whether [`Avx512::quant_rows`] takes `bits`-bit weights with
@@ -218,22 +219,6 @@ pub(super) unsafe fn group_amax(xp: *const f32, n: usize) -> Option<f32> {
     }
     let amax = _mm512_reduce_max_ps(amax);
     (bad == 0 && amax.is_finite()).then_some(amax)
-}
-
-/// The f16 at index `i` of `p` as f32.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn f16_at(p: *const u8, i: usize) -> f32 {
-    let h = u16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
-}
-
-/// Hints the cache line at `p` into L1. Prefetches never fault, so `p` may
-/// point past the end of the weights (formed with `wrapping_add`).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn prefetch(p: *const u8) {
-    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
 }
 
 /// Row `r` of an int4 matrix times group-quantized activations, without the

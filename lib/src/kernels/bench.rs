@@ -528,7 +528,7 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
         // the one in use.
         if shape.kind != WeightKind::Bf16 {
             for &isa in levels.iter().rev().filter(|&&i| i != Isa::Scalar) {
-                if isa as u8 > super::simd().isa() as u8 {
+                if isa > super::simd().isa() {
                     continue;
                 }
                 let (secs, calls) = timed(isa, Path::SimdInt16);

@@ -114,7 +114,7 @@ impl Pass {
         match self {
             Pass::Scalar => scalar_read(s, dv, k, q, a, b),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx2` is chosen only when the CPU has AVX2 and FMA;
+            // SAFETY: `Avx2` is chosen only when the CPU has AVX2, FMA and F16C;
             // `s` holds `k.len()` rows of `dv`, and `a`, `b` hold `dv`.
             Pass::Avx2 => unsafe { x86::read(s, dv, k, q, a, b) },
         }
@@ -196,7 +196,7 @@ mod x86 {
         j
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn read(
         s: &[f32],
         dv: usize,
@@ -222,7 +222,7 @@ mod x86 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn read_block<const W: usize>(
         s: &[f32],
         dv: usize,
@@ -248,7 +248,7 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn update(
         s: &mut [f32],
         dv: usize,
@@ -283,7 +283,7 @@ mod x86 {
 
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn update_block<const W: usize, const NEXT: bool>(
         s: &mut [f32],
         dv: usize,

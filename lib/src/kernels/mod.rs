@@ -15,7 +15,8 @@
 //! multiplied with integer instructions.
 //! [`default_path`] picks one; `RH_ACTIVATIONS=f32|int16|int8|scalar` overrides it and
 //! `RH_KERNELS=scalar|avx2` caps the instruction set (`scalar` forces the
-//! reference loops); `RH_PREFETCH=<bytes>`
+//! reference loops), as does strategy.toml's `kernel` through [`limit`]
+//! (the lower cap wins); `RH_PREFETCH=<bytes>`
 //! sets the software-prefetch distance of the matvec kernels. Matrix-matrix
 //! products (prefill) with int16 activations on AVX-512 VNNI transpose
 //! each block of 16 quantized weight rows into a tile with one row per
@@ -36,6 +37,7 @@
 
 pub mod bench;
 pub mod delta_rule;
+pub mod isa;
 pub mod scalar;
 pub mod vector;
 
@@ -51,11 +53,14 @@ mod avx512_prefill;
 #[cfg(test)]
 mod tests;
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
 use crate::tensor::Matrix;
+
+pub use isa::Isa;
 
 /// Rows handed to one rayon task by the scalar path.
 const ROWS_PER_TASK: usize = 64;
@@ -101,29 +106,6 @@ impl Path {
             Path::SimdF32 => "simd-f32",
             Path::SimdInt8 => "simd-int8",
             Path::SimdInt16 => "simd-int16",
-        }
-    }
-}
-
-/// An instruction-set level the kernels run at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Isa {
-    /// The portable reference loops.
-    Scalar,
-    /// AVX2, FMA and F16C.
-    Avx2,
-    /// AVX-512 F/BW and VNNI for int16-activation quantized matvec and
-    /// matmul; AVX2 for everything else.
-    Avx512Vnni,
-}
-
-impl Isa {
-    /// A short name for reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Isa::Scalar => "scalar",
-            Isa::Avx2 => "avx2+fma",
-            Isa::Avx512Vnni => "avx512-vnni",
         }
     }
 }
@@ -176,22 +158,53 @@ fn levels() -> &'static [Simd] {
     })
 }
 
-/// The level the public functions use: the highest this CPU runs, capped
-/// by `RH_KERNELS=scalar|avx2|avx512`.
+/// The cap [`limit`] set (`u8::MAX`: none yet).
+static STRATEGY_CAP: AtomicU8 = AtomicU8::new(u8::MAX);
+
+/// The level the public functions use: the highest this CPU runs, capped by
+/// `RH_KERNELS` and by [`limit`] (strategy.toml's `kernel`), whichever is
+/// lower. Fixed at the first product.
 fn simd() -> Simd {
     static SIMD: OnceLock<Simd> = OnceLock::new();
     *SIMD.get_or_init(|| {
-        let cap = match std::env::var("RH_KERNELS").map(|v| v.to_ascii_lowercase()) {
-            Ok(v) if v == "scalar" => Isa::Scalar,
-            Ok(v) if v == "avx2" => Isa::Avx2,
-            _ => Isa::Avx512Vnni,
-        };
+        let cap = env_cap()
+            .unwrap_or(Isa::Avx512Vnni)
+            .min(strategy_cap().unwrap_or(Isa::Avx512Vnni));
         let all = levels();
-        *all.iter()
-            .rev()
-            .find(|s| s.isa() as u8 <= cap as u8)
-            .unwrap_or(&all[0])
+        *all.iter().rev().find(|s| s.isa() <= cap).unwrap_or(&all[0])
     })
+}
+
+/// `RH_KERNELS=scalar|avx2|avx512` (anything else: no cap).
+fn env_cap() -> Option<Isa> {
+    std::env::var("RH_KERNELS")
+        .ok()
+        .and_then(|v| Isa::parse(&v))
+}
+
+fn strategy_cap() -> Option<Isa> {
+    Isa::ALL
+        .get(STRATEGY_CAP.load(Ordering::Relaxed) as usize)
+        .copied()
+}
+
+/// Caps the level the kernels run at to `max` (serve and bench pass
+/// strategy.toml's `kernel`, so a strategy written for a smaller machine, or
+/// edited by hand, is obeyed). `RH_KERNELS` caps too; the lower cap wins.
+/// It must come before the first product, which fixes the level: returns
+/// the level in use once fixed, which is above `max` only when a product
+/// already ran.
+pub fn limit(max: Isa) -> Isa {
+    STRATEGY_CAP.fetch_min(max as u8, Ordering::Relaxed);
+    let now = simd().isa();
+    if now > max {
+        tracing::warn!(
+            "kernels: {} already in use; the cap {} comes too late",
+            now.name(),
+            max.name()
+        );
+    }
+    now
 }
 
 /// The instruction sets this CPU runs, lowest first, whatever

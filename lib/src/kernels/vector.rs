@@ -8,7 +8,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     #[cfg(target_arch = "x86_64")]
     if super::simd().avx2().is_some() {
-        // SAFETY: `avx2()` is `Some` only when the CPU has AVX2 and FMA;
+        // SAFETY: `avx2()` is `Some` only when the CPU has AVX2, FMA and F16C;
         // both slices hold at least `n` elements.
         return unsafe { x86::dot(a.as_ptr(), b.as_ptr(), n) };
     }
@@ -23,7 +23,7 @@ pub fn dot4(a: &[f32], b: &[f32], stride: usize) -> [f32; 4] {
     assert!(b.len() >= 3 * stride + n, "dot4: rows out of range");
     #[cfg(target_arch = "x86_64")]
     if super::simd().avx2().is_some() {
-        // SAFETY: `avx2()` is `Some` only when the CPU has AVX2 and FMA;
+        // SAFETY: `avx2()` is `Some` only when the CPU has AVX2, FMA and F16C;
         // row `j < 4` spans `b[j * stride..j * stride + n]`, inside `b`
         // (checked above).
         return unsafe { x86::dot4(a.as_ptr(), b.as_ptr(), stride, n) };
@@ -72,7 +72,7 @@ pub fn weighted_rows(w: &[f32], x: &[f32], stride: usize, out: &mut [f32]) {
     }
     #[cfg(target_arch = "x86_64")]
     if super::simd().avx2().is_some() {
-        // SAFETY: `avx2()` is `Some` only when the CPU has AVX2 and FMA;
+        // SAFETY: `avx2()` is `Some` only when the CPU has AVX2, FMA and F16C;
         // every row read lies inside `x` (checked above) and `out` holds `d`.
         return unsafe { x86::weighted_rows(w, x.as_ptr(), stride, out.as_mut_ptr(), d) };
     }
@@ -89,7 +89,7 @@ mod x86 {
     /// Columns in blocks of four vectors, each block's sums in registers
     /// down all rows; the first row multiplies (as `scale`), the others
     /// fuse (as `axpy`), so the numbers equal that sequence.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn weighted_rows(
         w: &[f32],
         x: *const f32,
@@ -138,7 +138,7 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
@@ -164,7 +164,7 @@ mod x86 {
         r
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot4(a: *const f32, b: *const f32, stride: usize, n: usize) -> [f32; 4] {
         // Two sums per row: eight independent FMA chains.
         let mut acc = [[_mm256_setzero_ps(); 2]; 4];
@@ -192,7 +192,7 @@ mod x86 {
         out
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn axpy(alpha: f32, x: *const f32, y: *mut f32, n: usize) {
         let va = _mm256_set1_ps(alpha);
         let mut i = 0;

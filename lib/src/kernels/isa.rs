@@ -1,0 +1,193 @@
+//! The instruction-set levels the kernels run at: what each needs of the
+//! CPU, and the one place those features are detected.
+//!
+//! `rh-inspect` reports the level (`strategy.toml`'s `kernel`), the kernels
+//! run at it, and every `#[target_feature]` list in `kernels/` is one of
+//! [`Isa::target_features`] (a unit test reads the sources and checks), so
+//! the features a kernel is compiled for are exactly the ones detected
+//! before it may run.
+
+use serde::{Deserialize, Serialize};
+
+/// An instruction-set level the kernels run at, lowest first (the order is
+/// the order of capability: a level runs everything the lower ones do).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isa {
+    /// The portable reference loops (also what aarch64 runs: NEON kernels
+    /// are not written yet, and strategy files that said `neon` read as
+    /// this).
+    #[serde(alias = "neon")]
+    Scalar,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// AVX-512 F/BW and VNNI for int16-activation quantized matvec and
+    /// matmul; AVX2 for everything else.
+    Avx512Vnni,
+}
+
+/// Every CPU feature some level needs, as `is_x86_feature_detected!` and
+/// `#[target_feature]` spell them.
+pub const KERNEL_FEATURES: [&str; 6] = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni"];
+
+impl Isa {
+    /// Every level, lowest first.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+
+    /// A short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2+fma",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// The features this level's kernels are compiled for, exactly as their
+    /// `#[target_feature(enable = "...")]` attributes list them.
+    pub const fn target_features(self) -> &'static str {
+        match self {
+            Isa::Scalar => "",
+            Isa::Avx2 => "avx2,fma,f16c",
+            Isa::Avx512Vnni => "avx512f,avx512bw,avx512vnni,avx2,fma,f16c",
+        }
+    }
+
+    /// The features this level needs, one by one.
+    pub fn required(self) -> impl Iterator<Item = &'static str> {
+        self.target_features().split(',').filter(|f| !f.is_empty())
+    }
+
+    /// The highest level whose features `has` reports (a pure function, so
+    /// inspect can decide for a recorded probe and tests can feed any CPU).
+    pub fn highest(has: impl Fn(&str) -> bool) -> Isa {
+        *Isa::ALL
+            .iter()
+            .rev()
+            .find(|isa| isa.required().all(&has))
+            .unwrap_or(&Isa::Scalar)
+    }
+
+    /// The highest level the running CPU supports.
+    pub fn detect() -> Isa {
+        Isa::highest(cpu_has)
+    }
+
+    /// Whether the running CPU has every feature this level needs.
+    pub fn supported(self) -> bool {
+        self.required().all(cpu_has)
+    }
+
+    /// Reads a level as `RH_KERNELS` and strategy files spell it
+    /// (`scalar`, `avx2`, `avx512`, `avx512_vnni`, `avx512-vnni`, any
+    /// case); `None` for anything else.
+    pub fn parse(s: &str) -> Option<Isa> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" | "neon" => Some(Isa::Scalar),
+            "avx2" | "avx2+fma" => Some(Isa::Avx2),
+            "avx512" | "avx512_vnni" | "avx512-vnni" => Some(Isa::Avx512Vnni),
+            _ => None,
+        }
+    }
+}
+
+/// Whether the running CPU has `feature`, one of [`KERNEL_FEATURES`]
+/// (anything else, and every feature off x86_64, is `false`). This is the
+/// one place the kernels' CPU features are detected; `rh-inspect`'s probe
+/// asks here too.
+pub fn cpu_has(feature: &str) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match feature {
+            "avx2" => std::is_x86_feature_detected!("avx2"),
+            "fma" => std::is_x86_feature_detected!("fma"),
+            "f16c" => std::is_x86_feature_detected!("f16c"),
+            "avx512f" => std::is_x86_feature_detected!("avx512f"),
+            "avx512bw" => std::is_x86_feature_detected!("avx512bw"),
+            "avx512vnni" => std::is_x86_feature_detected!("avx512vnni"),
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = feature;
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_highest_level_needs_all_its_features() {
+        let only = |list: &'static [&'static str]| move |f: &str| list.contains(&f);
+        assert_eq!(Isa::highest(only(&[])), Isa::Scalar);
+        assert_eq!(Isa::highest(only(&["avx2", "fma"])), Isa::Scalar, "no F16C");
+        assert_eq!(Isa::highest(only(&["avx2", "fma", "f16c"])), Isa::Avx2);
+        assert_eq!(
+            Isa::highest(only(&["avx2", "fma", "f16c", "avx512f", "avx512vnni"])),
+            Isa::Avx2,
+            "AVX-512 without BW"
+        );
+        assert_eq!(Isa::highest(only(&KERNEL_FEATURES)), Isa::Avx512Vnni);
+        for isa in Isa::ALL {
+            assert!(isa.required().all(|f| KERNEL_FEATURES.contains(&f)));
+        }
+    }
+
+    #[test]
+    fn levels_read_back_from_their_names() {
+        for isa in Isa::ALL {
+            assert_eq!(Isa::parse(isa.name()), Some(isa));
+            let toml = toml::to_string(
+                &[("k", isa)]
+                    .into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            )
+            .unwrap();
+            let back: std::collections::BTreeMap<String, Isa> = toml::from_str(&toml).unwrap();
+            assert_eq!(back["k"], isa);
+        }
+        assert_eq!(Isa::parse("AVX512"), Some(Isa::Avx512Vnni));
+        assert_eq!(Isa::parse("sse"), None);
+        // Strategy files written before the kinds were one type.
+        let old: std::collections::BTreeMap<String, Isa> =
+            toml::from_str("a = \"neon\"\nb = \"avx512_vnni\"\nc = \"avx2\"").unwrap();
+        assert_eq!(
+            (old["a"], old["b"], old["c"]),
+            (Isa::Scalar, Isa::Avx512Vnni, Isa::Avx2)
+        );
+    }
+
+    /// Every `#[target_feature]` list in the kernels is one level's list,
+    /// so a kernel never enables a feature its level does not detect.
+    #[test]
+    fn every_target_feature_list_is_a_levels_list() {
+        let sources = [
+            ("avx2.rs", include_str!("avx2.rs")),
+            ("avx2_prefill.rs", include_str!("avx2_prefill.rs")),
+            ("avx512.rs", include_str!("avx512.rs")),
+            ("avx512_prefill.rs", include_str!("avx512_prefill.rs")),
+            ("delta_rule.rs", include_str!("delta_rule.rs")),
+            ("vector.rs", include_str!("vector.rs")),
+        ];
+        let levels: Vec<&str> = Isa::ALL.iter().map(|i| i.target_features()).collect();
+        let mut seen = 0;
+        for (file, text) in sources {
+            for (n, line) in text.lines().enumerate() {
+                let Some(rest) = line.trim().strip_prefix("#[target_feature(enable = \"") else {
+                    continue;
+                };
+                let list = rest.split('"').next().unwrap_or("");
+                assert!(
+                    levels.contains(&list),
+                    "{file}:{}: target_feature \"{list}\" is not one of {levels:?}",
+                    n + 1
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen > 30, "found only {seen} target_feature lists");
+    }
+}
