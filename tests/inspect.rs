@@ -304,13 +304,21 @@ fn strategy_kernel_caps_the_kernels_bench_runs() {
     assert!(o.status.success(), "{}", text(&o));
     let strategy = dir.path().join("work/strategy.toml");
     let written = std::fs::read_to_string(&strategy).unwrap();
-    let detected = roundhouse::inspect::Strategy::load(&strategy).unwrap().kernel;
+    let detected = roundhouse::inspect::Strategy::load(&strategy)
+        .unwrap()
+        .kernel;
     let model = rh_tests::tiny_checkpoint(Path::new(env!("CARGO_TARGET_TMPDIR")));
     let backend = |kernel: &str, env: Option<&str>| {
         let line = format!("kernel = \"{kernel}\"");
         let text_now = written
             .lines()
-            .map(|l| if l.starts_with("kernel = ") { line.as_str() } else { l })
+            .map(|l| {
+                if l.starts_with("kernel = ") {
+                    line.as_str()
+                } else {
+                    l
+                }
+            })
             .collect::<Vec<_>>()
             .join("\n");
         std::fs::write(&strategy, text_now).unwrap();

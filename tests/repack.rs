@@ -134,7 +134,7 @@ fn killed_repack_resumes_to_identical_bytes_and_reruns_are_up_to_date() {
     );
 
     // The cache opens as the model's weight source.
-    let w = roundhouse::weights::open_weights(&work.join("cache")).unwrap();
+    let w = roundhouse::open::open_weights(&work.join("cache")).unwrap();
     assert!(w.path().ends_with("cache"));
     assert!(w.aux_file("tokenizer.json").is_some());
     let c = w.config().clone();
@@ -158,7 +158,7 @@ fn killed_repack_resumes_to_identical_bytes_and_reruns_are_up_to_date() {
         .unwrap()
         .set_len(len - 1)
         .unwrap();
-    let e = roundhouse::weights::open_weights(&work.join("cache"))
+    let e = roundhouse::open::open_weights(&work.join("cache"))
         .err()
         .expect("truncated cache refused")
         .to_string();
@@ -274,7 +274,7 @@ fn write_failure_is_one_line_and_keeps_the_previous_cache() {
         good,
         "previous cache changed or temp file left"
     );
-    roundhouse::weights::open_weights(&cache).expect("previous cache still opens");
+    roundhouse::open::open_weights(&cache).expect("previous cache still opens");
 
     // A fresh directory: nothing that looks finished, no temp files; the
     // rerun without the limit completes to the same bytes.

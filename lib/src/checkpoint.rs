@@ -382,23 +382,7 @@ pub fn float_type(d: Dtype) -> Option<FloatType> {
     }
 }
 
-/// Converts float bytes of any supported dtype to f32.
-pub fn to_f32(dtype: FloatType, bytes: &[u8]) -> Vec<f32> {
-    match dtype {
-        FloatType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        FloatType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        FloatType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-    }
-}
+pub use crate::tensor::to_f32;
 
 impl WeightSource for Checkpoint {
     fn config(&self) -> &ModelConfig {

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -17,6 +16,9 @@ use crate::weights::{WeightError, WeightSource};
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
     /// The model could not be opened.
+    #[error(transparent)]
+    Open(#[from] crate::open::OpenError),
+    /// The model's weights could not be read.
     #[error(transparent)]
     Weights(#[from] WeightError),
     /// The model could not be loaded or fed.
@@ -78,6 +80,7 @@ impl Classify for EvalError {
         match self {
             EvalError::Model(e) => e.exit(),
             EvalError::Verify(e) => e.exit(),
+            EvalError::Open(e) => e.exit(),
             EvalError::Weights(e) => e.exit(),
             EvalError::BadId(_) | EvalError::BadCtx(_) => Exit::Usage,
             _ => Exit::Failure,
@@ -85,23 +88,8 @@ impl Classify for EvalError {
     }
 }
 
-/// Opens a model directory as a weight source. When `rh-verify` has left
-/// a manifest there, the quick check (sizes, first and last chunk of every
-/// file) runs first, so a truncated or swapped cache is refused before it
-/// is mapped; a directory without a manifest is opened as is.
-pub fn open_weights(dir: &Path) -> Result<Arc<dyn WeightSource>, EvalError> {
-    if dir.join(crate::verify::MANIFEST_NAME).is_file() {
-        crate::verify::check(
-            dir,
-            &crate::verify::CheckOptions {
-                quick: true,
-                expect: None,
-                quiet: true,
-            },
-        )?;
-    }
-    Ok(crate::weights::open_weights(dir)?)
-}
+// The one opener, re-exported where serve and bench have always called it.
+pub use crate::open::open_weights;
 
 /// Opens and loads a model directory.
 pub fn open_model(dir: &Path) -> Result<Model, EvalError> {

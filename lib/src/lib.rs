@@ -36,6 +36,7 @@ pub mod kernels;
 pub mod membw;
 pub mod mmap;
 pub mod model;
+pub mod open;
 pub mod pipeline;
 pub mod quant;
 pub mod sample;

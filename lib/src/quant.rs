@@ -289,51 +289,10 @@ fn put(row: &mut [u8], bits: u8, k: usize, v: u8) {
     }
 }
 
-/// Reads element `k` of a packed row.
-#[inline]
-pub fn get(row: &[u8], bits: u8, k: usize) -> u8 {
-    if bits == 8 {
-        row[k]
-    } else {
-        let b = row[(k / QBLOCK) * 16 + (k % 16)];
-        if k % QBLOCK < 16 {
-            b & 0x0F
-        } else {
-            b >> 4
-        }
-    }
-}
-
-/// The zero point of group `g` in row `r`.
-#[inline]
-pub fn zero_of(m: &QuantMatrix, r: usize, g: usize) -> f32 {
-    match &m.zeros {
-        Zeros::Symmetric => QuantMatrix::symmetric_zero(m.bits) as f32,
-        Zeros::PerGroup(z) => {
-            let i = (r * m.n_groups() + g) * 2;
-            let s = z.as_slice();
-            u16::from_le_bytes([s[i], s[i + 1]]) as f32
-        }
-    }
-}
-
-/// The scale of group `g` in row `r`.
-#[inline]
-pub fn scale_of(m: &QuantMatrix, r: usize, g: usize) -> f32 {
-    let i = (r * m.n_groups() + g) * 2;
-    let s = m.scales.as_slice();
-    half::f16::from_le_bytes([s[i], s[i + 1]]).to_f32()
-}
-
-/// Dequantizes row `r` into `out` (length `cols`).
-pub fn dequantize_row(m: &QuantMatrix, r: usize, out: &mut [f32]) {
-    let rb = m.row_bytes();
-    let row = &m.qdata.as_slice()[r * rb..(r + 1) * rb];
-    for (k, o) in out.iter_mut().enumerate().take(m.cols) {
-        let g = k / m.group_size;
-        *o = scale_of(m, r, g) * (get(row, m.bits, k) as f32 - zero_of(m, r, g));
-    }
-}
+// The element readers (`get`, `zero_of`, `scale_of`, `dequantize_row`)
+// live with the layout in `tensor`, where the kernels read them; they are
+// re-exported here for the format code that has always called them here.
+pub use crate::tensor::{dequantize_row, get, scale_of, zero_of};
 
 /// Packs f32 weights `[rows, cols]` by round-to-nearest symmetric group
 /// quantization with AutoRound's signed-scale rule. Used by the synthetic

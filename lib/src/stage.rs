@@ -353,6 +353,25 @@ impl StageRun {
     }
 }
 
+/// The identity of a file as the filesystem sees it: device, inode, size,
+/// modification and change times (ns). Any replacement or rewrite changes
+/// at least one of them (a rename gives another inode, a write another
+/// mtime and ctime), so content recorded against an identity is trusted
+/// only while the identity is unchanged.
+pub fn file_identity(m: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -282,3 +282,71 @@ impl Matrix {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Reading the layout element by element (the scalar reference kernels and
+// the format code both read weights through these).
+
+/// Reads element `k` of a packed row.
+#[inline]
+pub fn get(row: &[u8], bits: u8, k: usize) -> u8 {
+    if bits == 8 {
+        row[k]
+    } else {
+        let b = row[(k / QBLOCK) * 16 + (k % 16)];
+        if k % QBLOCK < 16 {
+            b & 0x0F
+        } else {
+            b >> 4
+        }
+    }
+}
+
+/// The zero point of group `g` in row `r`.
+#[inline]
+pub fn zero_of(m: &QuantMatrix, r: usize, g: usize) -> f32 {
+    match &m.zeros {
+        Zeros::Symmetric => QuantMatrix::symmetric_zero(m.bits) as f32,
+        Zeros::PerGroup(z) => {
+            let i = (r * m.n_groups() + g) * 2;
+            let s = z.as_slice();
+            u16::from_le_bytes([s[i], s[i + 1]]) as f32
+        }
+    }
+}
+
+/// The scale of group `g` in row `r`.
+#[inline]
+pub fn scale_of(m: &QuantMatrix, r: usize, g: usize) -> f32 {
+    let i = (r * m.n_groups() + g) * 2;
+    let s = m.scales.as_slice();
+    half::f16::from_le_bytes([s[i], s[i + 1]]).to_f32()
+}
+
+/// Dequantizes row `r` into `out` (length `cols`).
+pub fn dequantize_row(m: &QuantMatrix, r: usize, out: &mut [f32]) {
+    let rb = m.row_bytes();
+    let row = &m.qdata.as_slice()[r * rb..(r + 1) * rb];
+    for (k, o) in out.iter_mut().enumerate().take(m.cols) {
+        let g = k / m.group_size;
+        *o = scale_of(m, r, g) * (get(row, m.bits, k) as f32 - zero_of(m, r, g));
+    }
+}
+
+/// Converts float bytes of any supported dtype to f32.
+pub fn to_f32(dtype: FloatType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        FloatType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        FloatType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        FloatType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
+}

@@ -2,9 +2,8 @@
 //! in the kernel layout and small tensors as f32, checking names, shapes and
 //! dtypes. The safetensors checkpoint ([`crate::checkpoint`]) and the
 //! repacked cache both implement it, so model code does not care which.
-
-use std::path::Path;
-use std::sync::Arc;
+//! This module is the interface only and imports neither; opening a
+//! directory as one or the other is [`crate::open::open_weights`].
 
 use crate::cli::{Classify, Exit};
 use crate::config::ModelConfig;
@@ -53,21 +52,15 @@ pub enum WeightError {
         /// The conversion's message (names the tensor).
         reason: String,
     },
-    /// The checkpoint or cache itself is unreadable.
+    /// The checkpoint itself is unreadable. (A cache that does not open is
+    /// [`crate::open::OpenError::Cache`], with the cache's own error.)
     #[error("{0}")]
     Format(String),
-    /// A cache that fails its format checks (truncated, damaged, another
-    /// version): exit 3 like every verification failure.
-    #[error("{0}")]
-    Corrupt(String),
 }
 
 impl Classify for WeightError {
     fn exit(&self) -> Exit {
-        match self {
-            WeightError::Corrupt(_) => Exit::VerifyFailed,
-            _ => Exit::Failure,
-        }
+        Exit::Failure
     }
 }
 
@@ -117,20 +110,3 @@ pub const AUX_FILES: [&str; 5] = [
     "chat_template.jinja",
     "special_tokens_map.json",
 ];
-
-/// Opens a model directory: the repacked cache when `dir` holds one
-/// ([`crate::cache::is_cache`]), else the safetensors checkpoint.
-pub fn open_weights(dir: &Path) -> Result<Arc<dyn WeightSource>, WeightError> {
-    if crate::cache::is_cache(dir) {
-        let c = crate::cache::Cache::open(dir).map_err(|e| {
-            let line = crate::cli::one_line(&e);
-            match e.exit() {
-                Exit::VerifyFailed => WeightError::Corrupt(line),
-                _ => WeightError::Format(line),
-            }
-        })?;
-        Ok(Arc::new(c))
-    } else {
-        Ok(Arc::new(crate::checkpoint::Checkpoint::open(dir)?))
-    }
-}

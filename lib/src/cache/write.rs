@@ -467,24 +467,9 @@ fn plan_layout(
     })
 }
 
-/// The identity of a file as the filesystem sees it: device, inode, size,
-/// modification and change times (ns). Any replacement or rewrite changes
-/// at least one of them (a rename gives another inode, a write another
-/// mtime and ctime), so content recorded against an identity is trusted
-/// only while the identity is unchanged.
-pub fn file_identity(m: &std::fs::Metadata) -> String {
-    use std::os::unix::fs::MetadataExt;
-    format!(
-        "{}:{}:{}:{}.{}:{}.{}",
-        m.dev(),
-        m.ino(),
-        m.len(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec()
-    )
-}
+// Recorded in stage records by fetch and repack alike, so it lives in
+// `stage`; re-exported for the callers that have used it from here.
+pub use crate::stage::file_identity;
 
 /// The input fingerprint: format, settings, the cache directory, and every
 /// checkpoint file's size and blake3 of its whole content. Hashing is

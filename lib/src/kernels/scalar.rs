@@ -1,8 +1,7 @@
 //! Portable reference kernels: plain loops, correct for every shape the
 //! layout allows. Faster kernels are checked against these.
 
-use crate::quant;
-use crate::tensor::{DenseMatrix, FloatType, Matrix, QuantMatrix, Zeros};
+use crate::tensor::{self, DenseMatrix, FloatType, Matrix, QuantMatrix, Zeros};
 
 /// Per-input precomputation shared by all rows of one product: the sum of
 /// the activations in each quantization group, so zero points cost one
@@ -64,14 +63,14 @@ fn dot_quant(q: &QuantMatrix, r: usize, x: &[f32], group_sums: &[f32]) -> f32 {
         let k1 = (k0 + q.group_size).min(q.cols);
         let mut s = 0f32;
         for (k, xk) in x.iter().enumerate().take(k1).skip(k0) {
-            s += quant::get(row, q.bits, k) as f32 * xk;
+            s += tensor::get(row, q.bits, k) as f32 * xk;
         }
         let z = if sym {
             QuantMatrix::symmetric_zero(q.bits) as f32
         } else {
-            quant::zero_of(q, r, g)
+            tensor::zero_of(q, r, g)
         };
-        acc += quant::scale_of(q, r, g) * (s - z * group_sums[g]);
+        acc += tensor::scale_of(q, r, g) * (s - z * group_sums[g]);
     }
     acc
 }
@@ -79,11 +78,11 @@ fn dot_quant(q: &QuantMatrix, r: usize, x: &[f32], group_sums: &[f32]) -> f32 {
 /// Row `r` of `w` as f32.
 pub fn row(w: &Matrix, r: usize, out: &mut [f32]) {
     match w {
-        Matrix::Quant(q) => quant::dequantize_row(q, r, out),
+        Matrix::Quant(q) => tensor::dequantize_row(q, r, out),
         Matrix::Dense(d) => {
             let es = d.dtype.size();
             let bytes = &d.data.as_slice()[r * d.cols * es..(r + 1) * d.cols * es];
-            let v = crate::checkpoint::to_f32(d.dtype, bytes);
+            let v = tensor::to_f32(d.dtype, bytes);
             out.copy_from_slice(&v);
         }
     }
