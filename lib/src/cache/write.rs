@@ -27,7 +27,7 @@ use crate::checkpoint::{float_type, Checkpoint, TensorEntry as CkEntry};
 use crate::config::Precision;
 use crate::fsutil::{self, FsError};
 use crate::quant::AutoRoundTensors;
-use crate::stage::{self, Fingerprint, Output, Plan};
+use crate::stage::{self, Fingerprint, Output, Plan, Stage};
 use crate::tensor::{QuantMatrix, Zeros, QBLOCK};
 use crate::weights::AUX_FILES;
 
@@ -274,13 +274,66 @@ fn lm_head_to_int8(name: &str, e: &CkEntry) -> bool {
         && e.shape[1] > 0
 }
 
+/// The layout: every entry with its spans in the data files, in natural
+/// name order, grouped per layer for resumable writing; then the metadata
+/// files the index carries.
 fn plan_layout(
     ck: &Checkpoint,
     handles: &[File],
     file_size: u64,
     lm_head_int8: bool,
 ) -> Result<Layout, CacheError> {
-    // Entries: quantized modules by module name, everything else as-is.
+    let named = sources_by_name(ck, lm_head_int8)?;
+    let zeros_needed = zero_points_needed(ck, handles, &named)?;
+    let mut placer = Placer::new(file_size);
+    let mut tensors = Vec::with_capacity(named.len());
+    let mut groups: Vec<Group> = Vec::new();
+    let mut sources = Vec::with_capacity(named.len());
+    for (i, ((name, source), needs_zeros)) in named.into_iter().zip(zeros_needed).enumerate() {
+        let (shape, lens) = shape_and_lens(&source, needs_zeros);
+        let (file, spans) = placer.place(&lens);
+        let payload = payload_of(&source, &spans);
+        let g = group_of(&name);
+        match groups.last_mut() {
+            Some(last) if last.file == file as usize && last.name == g => {
+                last.items.end = i + 1;
+                last.end = placer.pos;
+            }
+            _ => groups.push(Group {
+                file: file as usize,
+                name: g,
+                items: i..i + 1,
+                end: placer.pos,
+            }),
+        }
+        tensors.push(TensorEntry {
+            name,
+            shape,
+            payload,
+        });
+        sources.push(source);
+    }
+    let (config_json, aux) = metadata_files(ck)?;
+    Ok(Layout {
+        index: Index {
+            format: FORMAT_VERSION,
+            alignment: ALIGN as u32,
+            config_json,
+            aux,
+            files: placer.finish(),
+            tensors,
+        },
+        sources,
+        groups,
+    })
+}
+
+/// The entries to write, in natural name order: quantized modules by module
+/// name, everything else as-is (a float lm_head as int8 when asked).
+fn sources_by_name(
+    ck: &Checkpoint,
+    lm_head_int8: bool,
+) -> Result<Vec<(String, Source)>, CacheError> {
     let mut consumed = std::collections::HashSet::new();
     let mut named: Vec<(String, Source)> = Vec::new();
     for name in ck.tensors.keys() {
@@ -300,9 +353,17 @@ fn plan_layout(
         }
     }
     named.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+    Ok(named)
+}
 
-    // Symmetric or not: read every (small) qzeros, in parallel.
-    let zeros_needed: Vec<bool> = named
+/// Whether each quantized entry needs its zero points stored (they are not
+/// all the symmetric value): reads every (small) qzeros, in parallel.
+fn zero_points_needed(
+    ck: &Checkpoint,
+    handles: &[File],
+    named: &[(String, Source)],
+) -> Result<Vec<bool>, CacheError> {
+    named
         .par_iter()
         .map(|(_, s)| match s {
             Source::Quant {
@@ -330,113 +391,129 @@ fn plan_layout(
             }
             Source::Copy(_) | Source::Int8(_) => Ok(false),
         })
-        .collect::<Result<_, CacheError>>()?;
+        .collect()
+}
 
-    let mut files: Vec<DataFile> = Vec::new();
-    let mut tensors = Vec::with_capacity(named.len());
-    let mut groups: Vec<Group> = Vec::new();
-    let mut pos = HEADER_LEN as u64;
-    let mut sources = Vec::with_capacity(named.len());
-    for (i, ((name, source), needs_zeros)) in named.into_iter().zip(zeros_needed).enumerate() {
-        let (shape, lens): (Vec<u64>, Vec<u64>) = match &source {
-            Source::Quant {
-                rows,
-                cols,
-                bits,
-                group_size,
-                ..
-            } => {
-                let q = (*rows * QuantMatrix::packed_row_bytes(*cols, *bits)) as u64;
-                let s = (*rows * cols.div_ceil(*group_size) * 2) as u64;
-                let mut l = vec![q, s];
-                if needs_zeros {
-                    l.push(s);
-                }
-                (vec![*rows as u64, *cols as u64], l)
+/// An entry's shape and the byte length of each of its payloads (packed
+/// weights, scales, zero points when needed).
+fn shape_and_lens(source: &Source, needs_zeros: bool) -> (Vec<u64>, Vec<u64>) {
+    match source {
+        Source::Quant {
+            rows,
+            cols,
+            bits,
+            group_size,
+            ..
+        } => {
+            let q = (*rows * QuantMatrix::packed_row_bytes(*cols, *bits)) as u64;
+            let s = (*rows * cols.div_ceil(*group_size) * 2) as u64;
+            let mut l = vec![q, s];
+            if needs_zeros {
+                l.push(s);
             }
-            Source::Copy(e) => (
-                e.shape.iter().map(|&d| d as u64).collect(),
-                vec![e.len as u64],
-            ),
-            Source::Int8(e) => {
-                let (rows, cols) = (e.shape[0], e.shape[1]);
-                let q = (rows * cols) as u64;
-                let s = (rows * cols.div_ceil(LM_HEAD_GROUP) * 2) as u64;
-                (vec![rows as u64, cols as u64], vec![q, s])
-            }
-        };
+            (vec![*rows as u64, *cols as u64], l)
+        }
+        Source::Copy(e) => (
+            e.shape.iter().map(|&d| d as u64).collect(),
+            vec![e.len as u64],
+        ),
+        Source::Int8(e) => {
+            let (rows, cols) = (e.shape[0], e.shape[1]);
+            let q = (rows * cols) as u64;
+            let s = (rows * cols.div_ceil(LM_HEAD_GROUP) * 2) as u64;
+            (vec![rows as u64, cols as u64], vec![q, s])
+        }
+    }
+}
+
+/// The index's description of an entry's payloads at their spans.
+fn payload_of(source: &Source, spans: &[Span]) -> Payload {
+    match source {
+        Source::Quant {
+            bits, group_size, ..
+        } => Payload::Quant {
+            bits: *bits,
+            group_size: *group_size as u32,
+            qdata: spans[0],
+            scales: spans[1],
+            zeros: spans.get(2).copied(),
+        },
+        Source::Int8(_) => Payload::Quant {
+            bits: 8,
+            group_size: LM_HEAD_GROUP as u32,
+            qdata: spans[0],
+            scales: spans[1],
+            zeros: None,
+        },
+        Source::Copy(e) => match float_type(e.dtype) {
+            Some(t) => Payload::Dense {
+                dtype: FloatKind::from_float_type(t),
+                data: spans[0],
+            },
+            None => Payload::Raw {
+                dtype: format!("{:?}", e.dtype),
+                data: spans[0],
+            },
+        },
+    }
+}
+
+/// Places payloads one after another, aligned, in data files of at most
+/// `file_size` bytes (an entry bigger than that gets a file of its own).
+struct Placer {
+    file_size: u64,
+    files: Vec<DataFile>,
+    /// Offset after the last payload placed in the current file.
+    pos: u64,
+}
+
+impl Placer {
+    fn new(file_size: u64) -> Placer {
+        Placer {
+            file_size,
+            files: Vec::new(),
+            pos: HEADER_LEN as u64,
+        }
+    }
+
+    /// Places one entry's payloads together in one file; returns the file
+    /// and their spans.
+    fn place(&mut self, lens: &[u64]) -> (u32, Vec<Span>) {
         let size: u64 = lens.iter().map(|&l| align_up(l)).sum();
-        if files.is_empty() || (pos > HEADER_LEN as u64 && align_up(pos) + size > file_size) {
-            if let Some(last) = files.last_mut() {
-                last.size = pos;
+        let full = self.pos > HEADER_LEN as u64 && align_up(self.pos) + size > self.file_size;
+        if self.files.is_empty() || full {
+            if let Some(last) = self.files.last_mut() {
+                last.size = self.pos;
             }
-            files.push(DataFile {
-                name: data_file_name(files.len()),
+            self.files.push(DataFile {
+                name: data_file_name(self.files.len()),
                 size: 0,
             });
-            pos = HEADER_LEN as u64;
+            self.pos = HEADER_LEN as u64;
         }
-        let file = (files.len() - 1) as u32;
-        let spans: Vec<Span> = lens
+        let file = (self.files.len() - 1) as u32;
+        let spans = lens
             .iter()
             .map(|&len| {
-                let offset = align_up(pos);
-                pos = offset + len;
+                let offset = align_up(self.pos);
+                self.pos = offset + len;
                 Span { file, offset, len }
             })
             .collect();
-        let payload = match &source {
-            Source::Quant {
-                bits, group_size, ..
-            } => Payload::Quant {
-                bits: *bits,
-                group_size: *group_size as u32,
-                qdata: spans[0],
-                scales: spans[1],
-                zeros: spans.get(2).copied(),
-            },
-            Source::Int8(_) => Payload::Quant {
-                bits: 8,
-                group_size: LM_HEAD_GROUP as u32,
-                qdata: spans[0],
-                scales: spans[1],
-                zeros: None,
-            },
-            Source::Copy(e) => match float_type(e.dtype) {
-                Some(t) => Payload::Dense {
-                    dtype: FloatKind::from_float_type(t),
-                    data: spans[0],
-                },
-                None => Payload::Raw {
-                    dtype: format!("{:?}", e.dtype),
-                    data: spans[0],
-                },
-            },
-        };
-        let g = group_of(&name);
-        match groups.last_mut() {
-            Some(last) if last.file == file as usize && last.name == g => {
-                last.items.end = i + 1;
-                last.end = pos;
-            }
-            _ => groups.push(Group {
-                file: file as usize,
-                name: g,
-                items: i..i + 1,
-                end: pos,
-            }),
-        }
-        tensors.push(TensorEntry {
-            name,
-            shape,
-            payload,
-        });
-        sources.push(source);
-    }
-    if let Some(last) = files.last_mut() {
-        last.size = pos;
+        (file, spans)
     }
 
+    /// The data files with their final sizes.
+    fn finish(mut self) -> Vec<DataFile> {
+        if let Some(last) = self.files.last_mut() {
+            last.size = self.pos;
+        }
+        self.files
+    }
+}
+
+/// `config.json` and the non-weight files the index carries.
+fn metadata_files(ck: &Checkpoint) -> Result<(Vec<u8>, Vec<AuxFile>), CacheError> {
     let config_json = std::fs::read(ck.dir.join("config.json"))
         .map_err(|e| FsError::io(ck.dir.join("config.json"), e))?;
     let mut aux = Vec::new();
@@ -453,18 +530,7 @@ fn plan_layout(
             });
         }
     }
-    Ok(Layout {
-        index: Index {
-            format: FORMAT_VERSION,
-            alignment: ALIGN as u32,
-            config_json,
-            aux,
-            files,
-            tensors,
-        },
-        sources,
-        groups,
-    })
+    Ok((config_json, aux))
 }
 
 // Recorded in stage records by fetch and repack alike, so it lives in
@@ -482,7 +548,7 @@ pub use crate::stage::file_identity;
 fn fingerprint(
     opts: &RepackOptions,
     fetch: Option<&stage::StageRecord>,
-) -> Result<(String, serde_json::Map<String, serde_json::Value>), CacheError> {
+) -> Result<(String, BTreeMap<String, InputFile>), CacheError> {
     let mut fp = Fingerprint::new();
     fp.add("format", FORMAT_VERSION.to_le_bytes());
     fp.add("file_size", opts.file_size.to_le_bytes());
@@ -495,27 +561,24 @@ fn fingerprint(
         r.status == stage::Status::Complete && Path::new(&r.output_dir) == opts.checkpoint
     });
     // name -> (identity, blake3) vouched for by an earlier stage.
-    let mut known: BTreeMap<String, (String, String)> = BTreeMap::new();
-    let prior = stage::read_record(&opts.work_dir, "repack").ok().flatten();
-    if let Some(files) = prior
-        .as_ref()
-        .and_then(|r| r.details.get("input_files"))
-        .and_then(|v| v.as_object())
-    {
-        for (name, v) in files {
-            if let (Some(id), Some(h)) = (v["id"].as_str(), v["blake3"].as_str()) {
-                known.insert(name.clone(), (id.to_string(), h.to_string()));
-            }
-        }
+    let mut known: BTreeMap<String, InputFile> = BTreeMap::new();
+    let prior = stage::read_record(&opts.work_dir, Stage::Repack)
+        .ok()
+        .flatten();
+    if let Some(d) = prior.and_then(|r| r.details_as::<RepackDetails>(&opts.work_dir).ok()) {
+        known = d.input_files;
     }
     if let Some(r) = fetch {
-        let ids = r.details.get("identity").and_then(|v| v.as_object());
+        let ids: FetchIdentities = r.details_as(&opts.work_dir).unwrap_or_default();
         for o in r.outputs.iter() {
-            if let (Some(h), Some(id)) = (
-                &o.blake3,
-                ids.and_then(|m| m.get(&o.path)).and_then(|v| v.as_str()),
-            ) {
-                known.insert(o.path.clone(), (id.to_string(), h.clone()));
+            if let (Some(h), Some(id)) = (&o.blake3, ids.identity.get(&o.path)) {
+                known.insert(
+                    o.path.clone(),
+                    InputFile {
+                        id: id.clone(),
+                        blake3: h.clone(),
+                    },
+                );
             }
         }
     }
@@ -524,7 +587,7 @@ fn fingerprint(
         .flatten()
         .collect();
     entries.sort_by_key(|e| e.file_name());
-    let mut table = serde_json::Map::new();
+    let mut table = BTreeMap::new();
     for e in entries {
         let path = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
@@ -538,11 +601,11 @@ fn fingerprint(
         }
         let id = file_identity(&m);
         let hash = match known.get(&name) {
-            Some((rid, h)) if *rid == id => h.clone(),
+            Some(k) if k.id == id => k.blake3.clone(),
             _ => fsutil::blake3_file(&path)?.to_hex().to_string(),
         };
         fp.add(&name, format!("{}:{hash}", m.len()));
-        table.insert(name, serde_json::json!({ "id": id, "blake3": hash }));
+        table.insert(name, InputFile { id, blake3: hash });
     }
     Ok((fp.finish(), table))
 }
@@ -821,11 +884,65 @@ impl PayloadWriter {
     }
 }
 
-/// Runs the repack stage.
+/// What the repack record's `details` hold.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct RepackDetails {
+    /// [`FORMAT_VERSION`] of the cache written.
+    pub format_version: u32,
+    /// Data files.
+    pub files: usize,
+    /// Each checkpoint file's identity and blake3, so the next run hashes
+    /// only files that changed.
+    pub input_files: BTreeMap<String, InputFile>,
+    /// Entries in the tensor table.
+    pub tensors: usize,
+    /// Bytes of all data files.
+    pub bytes: u64,
+    /// blake3 of the index (hex).
+    pub index_blake3: String,
+}
+
+/// A checkpoint file as the last repack saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct InputFile {
+    /// [`file_identity`] when it was hashed.
+    pub id: String,
+    /// blake3 of its whole content (hex).
+    pub blake3: String,
+}
+
+/// What repack reads of the fetch record's `details`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct FetchIdentities {
+    /// File name -> [`file_identity`] at the time fetch hashed it.
+    identity: BTreeMap<String, String>,
+}
+
+impl RepackOutcome {
+    /// The outcome of a run that found the cache up to date.
+    fn recorded(opts: &RepackOptions, d: RepackDetails, t0: Instant) -> RepackOutcome {
+        RepackOutcome {
+            up_to_date: true,
+            resumed: false,
+            cache: opts.cache.clone(),
+            files: d.files,
+            tensors: d.tensors,
+            bytes: d.bytes,
+            index_blake3: d.index_blake3,
+            seconds: t0.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// Runs the repack stage: check and lock the inputs, plan the layout, write
+/// each data file (resuming a killed run), then the index and the record.
 pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
     let t0 = Instant::now();
     let fetch = if opts.require_fetch {
-        Some(stage::require_complete(&opts.work_dir, "fetch")?)
+        Some(stage::require_complete(&opts.work_dir, Stage::Fetch)?)
     } else {
         None
     };
@@ -851,27 +968,19 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
     fsutil::ensure_writable_dir(&opts.cache)?;
     let mut run = match stage::plan(
         &opts.work_dir,
-        "repack",
+        Stage::Repack,
         &fp,
         &opts.cache,
         inputs,
         opts.force,
     )? {
         Plan::UpToDate(rec) => {
-            let d = &rec.details;
-            return Ok(RepackOutcome {
-                up_to_date: true,
-                resumed: false,
-                cache: opts.cache.clone(),
-                files: d["files"].as_u64().unwrap_or(0) as usize,
-                tensors: d["tensors"].as_u64().unwrap_or(0) as usize,
-                bytes: d["bytes"].as_u64().unwrap_or(0),
-                index_blake3: d["index_blake3"].as_str().unwrap_or("").to_string(),
-                seconds: t0.elapsed().as_secs_f64(),
-            });
+            let details = rec.details_as(&opts.work_dir)?;
+            return Ok(RepackOutcome::recorded(opts, details, t0));
         }
         Plan::Run(run) => run,
     };
+
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
@@ -890,181 +999,152 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
         layout.index.files.len(),
         index_bytes.len()
     );
-
-    // The directory stops claiming to be a cache once the first new data
-    // file replaces an old one, until the new index lands. Until then (a
-    // failure writing the first file: disk full, ...) an earlier complete
-    // cache stays untouched and usable.
-    let index_path = opts.cache.join(INDEX_FILE);
-    let mut index_removed = false;
-    let mut retire_index = || -> Result<(), CacheError> {
-        if !index_removed {
-            match std::fs::remove_file(&index_path) {
-                Ok(()) => fsutil::sync_dir(&opts.cache)?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(FsError::io(&index_path, e).into()),
-            }
-            index_removed = true;
-        }
-        Ok(())
-    };
+    if !opts.skip_space_check {
+        check_space(opts, &layout, &run, index_bytes.len() as u64)?;
+    }
 
     let total: u64 = layout.index.files.iter().map(|f| f.size).sum();
-    if !opts.skip_space_check {
-        let need = space_needed(&layout, &opts.cache, &run) + index_bytes.len() as u64;
-        if let Some(free) = crate::fetch::free_bytes(&opts.cache) {
-            if need > free {
-                return Err(CacheError::Disk {
-                    dir: opts.cache.clone(),
-                    need: crate::cli::human_bytes(need),
-                    free: crate::cli::human_bytes(free),
-                });
-            }
+    let bar = crate::cli::bytes_bar(total, "repack", opts.quiet);
+    let mut index = OldIndex::new(&opts.cache);
+    let mut writer = DataFileWriter {
+        opts,
+        layout: &layout,
+        ck: &ck,
+        handles: &handles,
+        pool: &pool,
+        index_hash,
+        bar: &bar,
+        units_this_run: 0,
+    };
+    for (fi, df) in layout.index.files.iter().enumerate() {
+        writer.write_file(fi, df, &mut run, &mut index)?;
+    }
+    bar.finish_and_clear();
+    index.retire()?;
+    remove_stale_data_files(opts, &layout)?;
+    let outputs = write_index(opts, &layout, &index_bytes, index_hash)?;
+
+    let details = RepackDetails {
+        format_version: FORMAT_VERSION,
+        files: layout.index.files.len(),
+        input_files,
+        tensors: layout.index.tensors.len(),
+        bytes: total,
+        index_blake3: blake3::Hash::from(index_hash).to_hex().to_string(),
+    };
+    let outcome = RepackOutcome {
+        up_to_date: false,
+        resumed: run.resumed,
+        cache: opts.cache.clone(),
+        files: details.files,
+        tensors: details.tensors,
+        bytes: total,
+        index_blake3: details.index_blake3.clone(),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    run.finish(outputs, details)?;
+    Ok(outcome)
+}
+
+/// Refuses to start when the free space is below what the remaining data
+/// files and the index need.
+fn check_space(
+    opts: &RepackOptions,
+    layout: &Layout,
+    run: &stage::StageRun,
+    index_len: u64,
+) -> Result<(), CacheError> {
+    let need = space_needed(layout, &opts.cache, run) + index_len;
+    match crate::fetch::free_bytes(&opts.cache) {
+        Some(free) if need > free => Err(CacheError::Disk {
+            dir: opts.cache.clone(),
+            need: crate::cli::human_bytes(need),
+            free: crate::cli::human_bytes(free),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The index of the cache being replaced. The directory stops claiming to
+/// be a cache once the first new data file replaces an old one, until the
+/// new index lands; until then (a failure writing the first file: disk
+/// full, ...) an earlier complete cache stays untouched and usable.
+struct OldIndex {
+    path: PathBuf,
+    dir: PathBuf,
+    removed: bool,
+}
+
+impl OldIndex {
+    fn new(cache: &Path) -> OldIndex {
+        OldIndex {
+            path: cache.join(INDEX_FILE),
+            dir: cache.to_path_buf(),
+            removed: false,
         }
     }
-    let bar = crate::cli::bytes_bar(total, "repack", opts.quiet);
-    let n_files = layout.index.files.len();
-    let mut units_this_run = 0usize;
-    for (fi, df) in layout.index.files.iter().enumerate() {
-        let final_path = opts.cache.join(&df.name);
+
+    /// Removes the old index (once), durably.
+    fn retire(&mut self) -> Result<(), CacheError> {
+        if !self.removed {
+            match std::fs::remove_file(&self.path) {
+                Ok(()) => fsutil::sync_dir(&self.dir)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(FsError::io(&self.path, e).into()),
+            }
+            self.removed = true;
+        }
+        Ok(())
+    }
+}
+
+/// Everything writing one data file needs, shared by all files of a run.
+struct DataFileWriter<'a> {
+    opts: &'a RepackOptions,
+    layout: &'a Layout,
+    ck: &'a Checkpoint,
+    handles: &'a [File],
+    pool: &'a rayon::ThreadPool,
+    index_hash: [u8; 32],
+    bar: &'a indicatif::ProgressBar,
+    /// Groups recorded by this run (for [`RepackOptions::stop_after_units`]).
+    units_this_run: usize,
+}
+
+impl DataFileWriter<'_> {
+    /// Writes data file `fi` as a temporary, resuming after the groups a
+    /// killed run recorded, then renames it into place and records it.
+    fn write_file(
+        &mut self,
+        fi: usize,
+        df: &DataFile,
+        run: &mut stage::StageRun,
+        index: &mut OldIndex,
+    ) -> Result<(), CacheError> {
+        let final_path = self.opts.cache.join(&df.name);
         let tmp = fsutil::temp_path(&final_path);
         let file_unit = format!("file:{}", df.name);
         let on_disk = std::fs::metadata(&final_path).map(|m| m.len()).ok();
         if run.unit(&file_unit).is_some_and(|o| o.size == df.size) && on_disk == Some(df.size) {
-            bar.inc(df.size);
-            continue;
+            self.bar.inc(df.size);
+            return Ok(());
         }
-        let groups: Vec<&Group> = layout.groups.iter().filter(|g| g.file == fi).collect();
-        // Resume point: the recorded prefix of this file's groups.
-        let mut done = 0;
-        let mut resume_at = 0u64;
-        for g in &groups {
-            let unit = format!("{}:{}", df.name, g.name);
-            if run.unit(&unit).is_some_and(|o| o.size == g.end) {
-                done += 1;
-                resume_at = g.end;
-            } else {
-                break;
-            }
-        }
-        let tmp_len = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
-        let (file, pos) = if done > 0 && tmp_len >= resume_at {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .open(&tmp)
-                .map_err(|e| FsError::io(&tmp, e))?;
-            f.set_len(resume_at).map_err(|e| FsError::io(&tmp, e))?;
-            f.seek(SeekFrom::Start(resume_at))
-                .map_err(|e| FsError::io(&tmp, e))?;
+        let groups: Vec<&Group> = self.layout.groups.iter().filter(|g| g.file == fi).collect();
+        let (done, resume_at) = resume_point(run, df, &groups, &tmp);
+        let (file, pos) = if done > 0 {
             tracing::info!("{}: resuming after {done} tensor groups", tmp.display());
-            (f, resume_at)
+            (reopen_at(&tmp, resume_at)?, resume_at)
         } else {
-            done = 0;
-            let mut f = File::create(&tmp).map_err(|e| FsError::io(&tmp, e))?;
-            let h = DataHeader {
-                file_no: fi as u32,
-                n_files: n_files as u32,
-                size: df.size,
-                index_hash,
-            };
-            f.write_all(&h.encode()).map_err(|e| FsError::io(&tmp, e))?;
-            (f, HEADER_LEN as u64)
+            (self.create(&tmp, fi, df)?, HEADER_LEN as u64)
         };
-        bar.inc(pos);
+        self.bar.inc(pos);
         let mut w = PayloadWriter {
             // Payloads of at least this size bypass the buffer (no copy).
             w: BufWriter::with_capacity(64 << 10, file),
             pos,
             path: tmp.clone(),
         };
-        let todo = &groups[done..];
-        // fsync runs on its own thread so writing the next group overlaps
-        // flushing the last one; a group is recorded once it is durable.
-        let sync_file =
-            w.w.get_ref()
-                .try_clone()
-                .map_err(|e| FsError::io(&tmp, e))?;
-        let written = std::thread::scope(|scope| -> Result<(), CacheError> {
-            let (tx, rx) = std::sync::mpsc::sync_channel(4);
-            let (layout, ck, handles, pool) = (&layout, &ck, &handles, &pool);
-            scope.spawn(move || produce_groups(layout, todo, ck, handles, pool, tx));
-            let (sync_tx, sync_rx) = std::sync::mpsc::channel::<usize>();
-            let (synced_tx, synced_rx) = std::sync::mpsc::channel::<Result<usize, CacheError>>();
-            let tmp_ref = &tmp;
-            scope.spawn(move || {
-                for gi in sync_rx {
-                    let r = sync_file
-                        .sync_data()
-                        .map(|()| gi)
-                        .map_err(|e| FsError::io(tmp_ref, e).into());
-                    let failed = r.is_err();
-                    if synced_tx.send(r).is_err() || failed {
-                        break;
-                    }
-                }
-            });
-            let mut record = |r: Result<usize, CacheError>| -> Result<(), CacheError> {
-                let g = todo[r?];
-                let unit = format!("{}:{}", df.name, g.name);
-                run.unit_done(
-                    &unit,
-                    Output {
-                        path: tmp.file_name().expect("file").to_string_lossy().into(),
-                        size: g.end,
-                        blake3: None,
-                    },
-                )?;
-                units_this_run += 1;
-                if opts.stop_after_units == Some(units_this_run) {
-                    bar.abandon();
-                    return Err(CacheError::Stopped(units_this_run));
-                }
-                Ok(())
-            };
-            // Dropping `rx` on any early return stops the producer.
-            for msg in rx {
-                match msg? {
-                    Msg::Write(offset, bytes) => {
-                        let before = w.pos;
-                        w.write_at(offset, bytes.as_slice())?;
-                        bar.inc(w.pos - before);
-                    }
-                    Msg::Copy {
-                        file,
-                        src_offset,
-                        len,
-                        dst,
-                    } => {
-                        let before = w.pos;
-                        w.copy_at(dst, &ck.files[file], src_offset, len)?;
-                        bar.inc(w.pos - before);
-                    }
-                    Msg::GroupEnd(gi) => {
-                        let g = todo[gi];
-                        if w.pos != g.end {
-                            return Err(input_err(format!(
-                                "{}: internal error: group `{}` ends at {}, planned {}",
-                                tmp.display(),
-                                g.name,
-                                w.pos,
-                                g.end
-                            )));
-                        }
-                        w.flush()?;
-                        let _ = sync_tx.send(gi);
-                    }
-                }
-                while let Ok(r) = synced_rx.try_recv() {
-                    record(r)?;
-                }
-            }
-            drop(sync_tx);
-            for r in synced_rx {
-                record(r)?;
-            }
-            Ok(())
-        });
-        if let Err(e) = written {
+        if let Err(e) = self.write_groups(&mut w, &groups[done..], df, run) {
             // A failed write (disk full, ...) leaves no partial file behind;
             // a stop (kill) keeps it so the next run resumes.
             if !matches!(e, CacheError::Stopped(_)) {
@@ -1086,7 +1166,7 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
                 .map_err(|e| FsError::io(&tmp, e.into_error()))?;
         f.sync_all().map_err(|e| FsError::io(&tmp, e))?;
         drop(f);
-        retire_index()?;
+        index.retire()?;
         fsutil::commit_temp(&tmp, &final_path)?;
         run.unit_done(
             &file_unit,
@@ -1096,11 +1176,182 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
                 blake3: None,
             },
         )?;
+        Ok(())
     }
-    bar.finish_and_clear();
 
-    // Stale data files of an earlier, larger cache.
-    retire_index()?;
+    /// A new temporary holding the data header.
+    fn create(&self, tmp: &Path, fi: usize, df: &DataFile) -> Result<File, CacheError> {
+        let mut f = File::create(tmp).map_err(|e| FsError::io(tmp, e))?;
+        let h = DataHeader {
+            file_no: fi as u32,
+            n_files: self.layout.index.files.len() as u32,
+            size: df.size,
+            index_hash: self.index_hash,
+        };
+        f.write_all(&h.encode()).map_err(|e| FsError::io(tmp, e))?;
+        Ok(f)
+    }
+
+    /// Converts and writes `todo` (the file's groups not yet recorded), each
+    /// recorded once durable. The conversion runs on its own thread, and
+    /// fsync on another so writing the next group overlaps flushing the
+    /// last one.
+    fn write_groups(
+        &mut self,
+        w: &mut PayloadWriter,
+        todo: &[&Group],
+        df: &DataFile,
+        run: &mut stage::StageRun,
+    ) -> Result<(), CacheError> {
+        let sync_file =
+            w.w.get_ref()
+                .try_clone()
+                .map_err(|e| FsError::io(&w.path, e))?;
+        let tmp = w.path.clone();
+        std::thread::scope(|scope| -> Result<(), CacheError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel(4);
+            let (layout, ck, handles, pool) = (self.layout, self.ck, self.handles, self.pool);
+            scope.spawn(move || produce_groups(layout, todo, ck, handles, pool, tx));
+            let (sync_tx, sync_rx) = std::sync::mpsc::channel::<usize>();
+            let (synced_tx, synced_rx) = std::sync::mpsc::channel::<Result<usize, CacheError>>();
+            let tmp_ref = &tmp;
+            scope.spawn(move || {
+                for gi in sync_rx {
+                    let r = sync_file
+                        .sync_data()
+                        .map(|()| gi)
+                        .map_err(|e| FsError::io(tmp_ref, e).into());
+                    let failed = r.is_err();
+                    if synced_tx.send(r).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            // Dropping `rx` on any early return stops the producer.
+            for msg in rx {
+                if let Some(gi) = self.apply(w, msg?, todo)? {
+                    let _ = sync_tx.send(gi);
+                }
+                while let Ok(r) = synced_rx.try_recv() {
+                    self.record(r?, todo, df, &tmp, run)?;
+                }
+            }
+            drop(sync_tx);
+            for r in synced_rx {
+                self.record(r?, todo, df, &tmp, run)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Writes one message of the producer; a group's end (checked against
+    /// the plan and flushed) returns its position for fsync.
+    fn apply(
+        &self,
+        w: &mut PayloadWriter,
+        msg: Msg,
+        todo: &[&Group],
+    ) -> Result<Option<usize>, CacheError> {
+        let before = w.pos;
+        match msg {
+            Msg::Write(offset, bytes) => w.write_at(offset, bytes.as_slice())?,
+            Msg::Copy {
+                file,
+                src_offset,
+                len,
+                dst,
+            } => w.copy_at(dst, &self.ck.files[file], src_offset, len)?,
+            Msg::GroupEnd(gi) => {
+                let g = todo[gi];
+                if w.pos != g.end {
+                    return Err(input_err(format!(
+                        "{}: internal error: group `{}` ends at {}, planned {}",
+                        w.path.display(),
+                        g.name,
+                        w.pos,
+                        g.end
+                    )));
+                }
+                w.flush()?;
+                return Ok(Some(gi));
+            }
+        }
+        self.bar.inc(w.pos - before);
+        Ok(None)
+    }
+
+    /// Records a durable group; stops here when the test hook says so.
+    fn record(
+        &mut self,
+        gi: usize,
+        todo: &[&Group],
+        df: &DataFile,
+        tmp: &Path,
+        run: &mut stage::StageRun,
+    ) -> Result<(), CacheError> {
+        let g = todo[gi];
+        run.unit_done(
+            &format!("{}:{}", df.name, g.name),
+            Output {
+                path: tmp.file_name().expect("file").to_string_lossy().into(),
+                size: g.end,
+                blake3: None,
+            },
+        )?;
+        self.units_this_run += 1;
+        if self.opts.stop_after_units == Some(self.units_this_run) {
+            self.bar.abandon();
+            return Err(CacheError::Stopped(self.units_this_run));
+        }
+        Ok(())
+    }
+}
+
+/// The resume point of a data file: how many of its groups a killed run
+/// recorded (a prefix) and the offset after them, when the temporary still
+/// holds at least that much; `(0, 0)` to start over.
+fn resume_point(
+    run: &stage::StageRun,
+    df: &DataFile,
+    groups: &[&Group],
+    tmp: &Path,
+) -> (usize, u64) {
+    let mut done = 0;
+    let mut resume_at = 0u64;
+    for g in groups {
+        if run
+            .unit(&format!("{}:{}", df.name, g.name))
+            .is_some_and(|o| o.size == g.end)
+        {
+            done += 1;
+            resume_at = g.end;
+        } else {
+            break;
+        }
+    }
+    let tmp_len = std::fs::metadata(tmp).map(|m| m.len()).unwrap_or(0);
+    if done > 0 && tmp_len >= resume_at {
+        (done, resume_at)
+    } else {
+        (0, 0)
+    }
+}
+
+/// The temporary cut back to `resume_at` and positioned there.
+fn reopen_at(tmp: &Path, resume_at: u64) -> Result<File, CacheError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(tmp)
+        .map_err(|e| FsError::io(tmp, e))?;
+    f.set_len(resume_at).map_err(|e| FsError::io(tmp, e))?;
+    f.seek(SeekFrom::Start(resume_at))
+        .map_err(|e| FsError::io(tmp, e))?;
+    Ok(f)
+}
+
+/// Removes the data files of an earlier, larger cache (only ours, unless
+/// `--force`).
+fn remove_stale_data_files(opts: &RepackOptions, layout: &Layout) -> Result<(), CacheError> {
     let keep: std::collections::HashSet<&str> =
         layout.index.files.iter().map(|f| f.name.as_str()).collect();
     for e in std::fs::read_dir(&opts.cache)
@@ -1115,7 +1366,18 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
             std::fs::remove_file(e.path()).map_err(|err| FsError::io(e.path(), err))?;
         }
     }
+    Ok(())
+}
 
+/// Writes the index atomically (the last file: its presence says the cache
+/// is complete) and returns the stage's outputs.
+fn write_index(
+    opts: &RepackOptions,
+    layout: &Layout,
+    index_bytes: &[u8],
+    index_hash: [u8; 32],
+) -> Result<Vec<Output>, CacheError> {
+    let index_path = opts.cache.join(INDEX_FILE);
     let header = IndexHeader {
         version: FORMAT_VERSION,
         index_offset: HEADER_LEN as u64,
@@ -1124,7 +1386,7 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
     };
     fsutil::write_atomic_with(&index_path, |f| {
         f.write_all(&header.encode())?;
-        f.write_all(&index_bytes)
+        f.write_all(index_bytes)
     })?;
     let index_file_hash = fsutil::blake3_file(&index_path)?.to_hex().to_string();
     let mut outputs: Vec<Output> = layout
@@ -1142,26 +1404,7 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
         size: (HEADER_LEN + index_bytes.len()) as u64,
         blake3: Some(index_file_hash),
     });
-    let hex = blake3::Hash::from(index_hash).to_hex().to_string();
-    let resumed = run.resumed;
-    let outcome = RepackOutcome {
-        up_to_date: false,
-        resumed,
-        cache: opts.cache.clone(),
-        files: n_files,
-        tensors: layout.index.tensors.len(),
-        bytes: total,
-        index_blake3: hex.clone(),
-        seconds: t0.elapsed().as_secs_f64(),
-    };
-    run.finish(
-        outputs,
-        serde_json::json!({
-            "format_version": FORMAT_VERSION, "files": n_files, "input_files": input_files,
-            "tensors": outcome.tensors, "bytes": total, "index_blake3": hex,
-        }),
-    )?;
-    Ok(outcome)
+    Ok(outputs)
 }
 
 /// What the converting thread hands the writing thread.

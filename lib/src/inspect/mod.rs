@@ -23,7 +23,7 @@ use crate::cli::{human_bytes, Classify, Exit};
 use crate::fsutil::{self, FsError};
 use crate::kernels::{self, Isa};
 use crate::pipeline::Pipeline;
-use crate::stage::{self, Fingerprint, Output, Plan, StageError};
+use crate::stage::{self, Fingerprint, Output, Plan, Stage, StageError};
 
 pub use probe::Probe;
 pub use sizes::{ModelSizes, SizeSource};
@@ -242,6 +242,18 @@ pub struct Report {
     pub up_to_date: bool,
 }
 
+/// What the inspect record's `details` hold.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InspectDetails {
+    /// The machine as probed.
+    pub probe: Option<Probe>,
+    /// The model's sizes.
+    pub model: Option<ModelSizes>,
+    /// The expected decode speed.
+    pub expected_tokens_per_s: Option<f64>,
+}
+
 /// The model's sizes for a pipeline: the checkpoint when fetch has produced
 /// one (`config.json` present), else the cache when repack has, else the
 /// preset figures.
@@ -261,7 +273,7 @@ pub fn model_sizes(p: &Pipeline) -> Result<ModelSizes, InspectError> {
     }
     let cache = p.cache_dir();
     let repacked = matches!(
-        stage::read_record(&p.work_dir(), "repack"),
+        stage::read_record(&p.work_dir(), Stage::Repack),
         Ok(Some(r)) if r.status == stage::Status::Complete
     );
     if repacked && cache.is_dir() {
@@ -333,13 +345,14 @@ pub fn run(p: &Pipeline, o: &InspectOptions) -> Result<Report, InspectError> {
     let mut inputs = BTreeMap::new();
     inputs.insert("source".to_string(), p.source());
     inputs.insert("sizes".to_string(), model.note.clone());
-    match stage::plan(&work, "inspect", &fp, &out_dir, inputs, o.force)? {
+    match stage::plan(&work, Stage::Inspect, &fp, &out_dir, inputs, o.force)? {
         Plan::UpToDate(rec) => {
             let strategy = Strategy::load(&out)?;
-            let recorded: Option<Probe> = rec
-                .details
-                .get("probe")
-                .and_then(|v| serde_json::from_value(v.clone()).ok());
+            // An unreadable recorded probe falls back to the one just taken.
+            let recorded = rec
+                .details_as::<InspectDetails>(&work)
+                .ok()
+                .and_then(|d| d.probe);
             Ok(Report {
                 probe: recorded.unwrap_or(probe),
                 model,
@@ -357,11 +370,11 @@ pub fn run(p: &Pipeline, o: &InspectOptions) -> Result<Report, InspectError> {
                 .map_err(|e| FsError::io(&out, e))?
                 .len();
             let hash = fsutil::blake3_file(&out)?;
-            let details = serde_json::json!({
-                "probe": probe,
-                "model": model,
-                "expected_tokens_per_s": strategy.expected_tokens_per_s,
-            });
+            let details = InspectDetails {
+                probe: Some(probe.clone()),
+                model: Some(model.clone()),
+                expected_tokens_per_s: strategy.expected_tokens_per_s,
+            };
             run.finish(
                 vec![Output {
                     path: file_name,
