@@ -16,8 +16,9 @@ const PENDING: &[(&str, &str, &str)] = &[(
 )];
 
 /// What the kernels may import: the layouts they read, the mapping their
-/// tests use, and the bandwidth probe their benchmark compares against.
-const KERNEL_DEPS: &[&str] = &["membw", "mmap", "tensor"];
+/// tests use, the bandwidth probe their benchmark compares against, and
+/// the environment variables that tune them.
+const KERNEL_DEPS: &[&str] = &["env", "membw", "mmap", "tensor"];
 
 fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {

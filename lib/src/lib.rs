@@ -28,6 +28,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod env;
 pub mod evaluate;
 pub mod fetch;
 pub mod fsutil;

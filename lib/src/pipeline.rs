@@ -12,17 +12,133 @@ use crate::cli::{Classify, Exit};
 /// The default model source.
 pub const DEFAULT_SOURCE: &str = "hf:Intel/Qwen3-Next-80B-A3B-Thinking-int4-mixed-AutoRound";
 
+/// The documented defaults of the manifest's keys, one constant each, so a
+/// binary never carries its own `unwrap_or(2048)`. A test reads the tables
+/// of docs/pipeline.md and checks every default stated there against
+/// these. (rh-serve and rh-bench still write some of these numbers in
+/// their own `main.rs`, which other work is changing now; they are to use
+/// these constants.)
+pub mod defaults {
+    /// `[model] work_dir`.
+    pub const WORK_DIR: &str = "work";
+    /// `[model] revision`.
+    pub const REVISION: &str = "main";
+    /// `[fetch] concurrency`: files downloaded at once.
+    pub const FETCH_CONCURRENCY: usize = 4;
+    /// `[fetch] offline`.
+    pub const FETCH_OFFLINE: bool = false;
+    /// `[fetch] seed`: synthetic sources' random seed.
+    pub const FETCH_SEED: u64 = 0;
+    /// `[inspect] probe_seconds`: time on the memory-bandwidth probe.
+    pub const INSPECT_PROBE_SECONDS: f64 = 2.0;
+    /// `[repack] file_size_mib`: the largest cache data file (the unit of
+    /// resume).
+    pub const REPACK_FILE_SIZE_MIB: u64 = 2048;
+    /// `[repack] lm_head`: keep the checkpoint's lm_head.
+    pub const REPACK_LM_HEAD: &str = "as-is";
+    /// `[verify] quick`.
+    pub const VERIFY_QUICK: bool = false;
+    /// `[serve] min_p`.
+    pub const SERVE_MIN_P: f32 = 0.0;
+    /// `[serve] repeat_penalty` (off).
+    pub const SERVE_REPEAT_PENALTY: f32 = 1.0;
+    /// `[serve] max_tokens`: the longest answer.
+    pub const SERVE_MAX_TOKENS: usize = 512;
+    /// `[serve] ctx_size`: context size in tokens.
+    pub const SERVE_CTX_SIZE: usize = 8192;
+    /// `[serve] thinking`.
+    pub const SERVE_THINKING: bool = false;
+    /// `[serve] queue`: requests that may wait behind the running one.
+    pub const SERVE_QUEUE: usize = 16;
+    /// `[bench] prompt_tokens`: tokens of the pp test.
+    pub const BENCH_PROMPT_TOKENS: usize = 512;
+    /// `[bench] gen_tokens`: tokens of the tg test.
+    pub const BENCH_GEN_TOKENS: usize = 128;
+    /// `[bench] repetitions`.
+    pub const BENCH_REPETITIONS: usize = 3;
+}
+
+/// A setting from a flag or the manifest that cannot be used (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {value}: {reason}")]
+pub struct SettingError {
+    /// The flag and manifest key, e.g. `--threads (or [repack] threads)`.
+    pub what: String,
+    /// The value given.
+    pub value: String,
+    /// What it must be.
+    pub reason: String,
+}
+
+impl SettingError {
+    /// A setting `what` whose `value` is not `reason`.
+    pub fn new(what: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+        SettingError {
+            what: what.to_string(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Classify for SettingError {
+    fn exit(&self) -> Exit {
+        Exit::Usage
+    }
+}
+
+/// A stage's settings that cannot be used: a flag or manifest value, or an
+/// environment variable (exit 2 either way).
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A flag or manifest value.
+    #[error(transparent)]
+    Setting(#[from] SettingError),
+    /// An environment variable.
+    #[error(transparent)]
+    Env(#[from] crate::env::EnvError),
+}
+
+impl Classify for SettingsError {
+    fn exit(&self) -> Exit {
+        Exit::Usage
+    }
+}
+
+/// How a setting is named in a message: the flag when the flag gave it,
+/// else the manifest key.
+pub fn setting_name(from_flag: bool, flag: &str, key: &str) -> String {
+    if from_flag {
+        flag.to_string()
+    } else {
+        key.to_string()
+    }
+}
+
+/// A thread count from a flag or the manifest (`what` names it), checked.
+pub fn threads_setting(what: &str, n: usize) -> Result<usize, SettingError> {
+    if n == 0 || n > MAX_THREADS {
+        return Err(SettingError::new(
+            what,
+            n,
+            format!("must be 1 to {MAX_THREADS}"),
+        ));
+    }
+    Ok(n)
+}
+
 /// Most worker threads any stage accepts: far above any CPU this runs on,
 /// low enough that a typo (`100000`) is an error rather than a machine
 /// spending minutes creating threads.
 pub const MAX_THREADS: usize = 1024;
 
-/// Checks a thread count from a flag or the manifest (`what` names it).
+/// Checks a thread count from a flag or the manifest (`what` names it);
+/// the message form of [`threads_setting`], for callers that build their
+/// own usage error.
 pub fn check_threads(what: &str, n: usize) -> Result<(), String> {
-    if n == 0 || n > MAX_THREADS {
-        return Err(format!("{what} {n}: must be 1 to {MAX_THREADS}"));
-    }
-    Ok(())
+    threads_setting(what, n)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Errors reading the manifest.
@@ -362,6 +478,71 @@ fn toml_message(e: &toml::de::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// Every default docs/pipeline.md states for a key that has a named
+    /// constant is that constant.
+    #[test]
+    fn documented_defaults_are_the_constants() {
+        use super::defaults::*;
+        let doc = include_str!("../../docs/pipeline.md");
+        let mut table = String::new();
+        let mut stated = std::collections::BTreeMap::new();
+        for line in doc.lines() {
+            if let Some(rest) = line.strip_prefix("## `[") {
+                table = rest.split(']').next().unwrap_or("").to_string();
+                continue;
+            }
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            if cells.len() >= 4 && cells[1].starts_with('`') && !table.is_empty() {
+                let key = cells[1].trim_matches('`').to_string();
+                stated.insert((table.clone(), key), cells[2].to_string());
+            }
+        }
+        let want: Vec<(&str, &str, String)> = vec![
+            (
+                "model",
+                "source",
+                format!("`{}`", super::DEFAULT_SOURCE.trim_start_matches("hf:")),
+            ),
+            ("model", "revision", format!("`{REVISION}`")),
+            ("model", "work_dir", format!("`{WORK_DIR}`")),
+            ("fetch", "concurrency", format!("`{FETCH_CONCURRENCY}`")),
+            ("fetch", "offline", format!("`{FETCH_OFFLINE}`")),
+            ("fetch", "seed", format!("`{FETCH_SEED}`")),
+            (
+                "inspect",
+                "probe_seconds",
+                format!("`{INSPECT_PROBE_SECONDS:?}`"),
+            ),
+            (
+                "repack",
+                "file_size_mib",
+                format!("`{REPACK_FILE_SIZE_MIB}`"),
+            ),
+            ("repack", "lm_head", format!("`{REPACK_LM_HEAD}`")),
+            ("verify", "quick", format!("`{VERIFY_QUICK}`")),
+            ("serve", "min_p", format!("`{SERVE_MIN_P}`")),
+            (
+                "serve",
+                "repeat_penalty",
+                format!("`{SERVE_REPEAT_PENALTY:?}` (off)"),
+            ),
+            ("serve", "max_tokens", format!("`{SERVE_MAX_TOKENS}`")),
+            ("serve", "ctx_size", format!("`{SERVE_CTX_SIZE}`")),
+            ("serve", "thinking", format!("`{SERVE_THINKING}`")),
+            ("serve", "queue", format!("`{SERVE_QUEUE}`")),
+            ("bench", "prompt_tokens", format!("`{BENCH_PROMPT_TOKENS}`")),
+            ("bench", "gen_tokens", format!("`{BENCH_GEN_TOKENS}`")),
+            ("bench", "repetitions", format!("`{BENCH_REPETITIONS}`")),
+        ];
+        for (t, k, value) in want {
+            let doc_value = stated
+                .get(&(t.to_string(), k.to_string()))
+                .unwrap_or_else(|| panic!("docs/pipeline.md: no `{k}` row under [{t}]"));
+            let doc_value = doc_value.replace("`hf:", "`");
+            assert_eq!(doc_value, value, "docs/pipeline.md [{t}] {k}");
+        }
+    }
     use super::*;
 
     #[test]

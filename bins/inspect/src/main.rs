@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use roundhouse::cli::{self, CliError, Verbosity};
-use roundhouse::inspect::{self, InspectOptions};
+use roundhouse::inspect::{self, InspectFlags, InspectOptions};
 use roundhouse::pipeline::Pipeline;
 
 /// Probe the machine (cores, SIMD, RAM, disk, GPUs, memory bandwidth),
@@ -67,21 +67,15 @@ fn run(a: Args) -> Result<(), CliError> {
     if let Some(m) = a.model {
         p.inspect.model = Some(std::path::absolute(&m).unwrap_or(m));
     }
-    let mut o = InspectOptions::from_pipeline(&p);
-    if let Some(s) = a.probe_seconds {
-        if !(s >= 0.0 && s.is_finite()) {
-            return Err(CliError::usage(format!(
-                "--probe-seconds {s}: must be a number >= 0"
-            )));
-        }
-        o.probe_seconds = s;
-    }
-    if let Some(t) = a.threads {
-        roundhouse::pipeline::check_threads("--threads", t).map_err(CliError::usage)?;
-        o.threads = Some(t);
-    }
-    o.dry_run = a.dry_run;
-    o.force = a.force;
+    let o = InspectOptions::resolve(
+        &InspectFlags {
+            probe_seconds: a.probe_seconds,
+            threads: a.threads,
+            dry_run: a.dry_run,
+            force: a.force,
+        },
+        &p,
+    )?;
     let report = inspect::run(&p, &o)?;
     if a.json {
         println!(

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser};
-use roundhouse::cache::{repack, CacheError, RepackOptions};
+use roundhouse::cache::{repack, CacheError, RepackFlags, RepackOptions};
 use roundhouse::cli::{self, human_bytes, CliError, Verbosity};
 use roundhouse::pipeline::Pipeline;
 
@@ -68,46 +68,19 @@ fn run(args: Args) -> Result<(), CliError> {
         quiet: args.quiet,
     });
     let p = Pipeline::discover(args.pipeline.as_deref())?;
-    let explicit_input = args.checkpoint.is_some() || p.repack.checkpoint.is_some();
-    let file_size_mib = args
-        .file_size_mib
-        .or(p.repack.file_size_mib)
-        .unwrap_or(2048);
-    if file_size_mib == 0 {
-        return Err(CliError::usage("--file-size-mib must be at least 1"));
-    }
-    let threads = args.threads.or(p.repack.threads);
-    if let Some(t) = threads {
-        roundhouse::pipeline::check_threads("--threads", t).map_err(CliError::usage)?;
-    }
-    let stop_after_units = match std::env::var("RH_REPACK_ABORT_AFTER_UNITS") {
-        Ok(v) => Some(v.parse::<usize>().map_err(|_| {
-            CliError::usage(format!("RH_REPACK_ABORT_AFTER_UNITS={v} is not a number"))
-        })?),
-        Err(_) => None,
-    };
-    let lm_head_int8 = match args.lm_head.as_deref().or(p.repack.lm_head.as_deref()) {
-        None | Some("as-is") => false,
-        Some("int8") => true,
-        Some(other) => {
-            return Err(CliError::usage(format!(
-                "--lm-head (or [repack] lm_head): `{other}` is not one of as-is, int8"
-            )))
-        }
-    };
-    let opts = RepackOptions {
-        checkpoint: args.checkpoint.unwrap_or_else(|| p.repack_input()),
-        cache: args.cache.unwrap_or_else(|| p.cache_dir()),
-        work_dir: p.work_dir(),
-        file_size: file_size_mib << 20,
-        threads,
-        force: args.force,
-        require_fetch: !explicit_input,
-        quiet: args.quiet,
-        stop_after_units,
-        skip_space_check: args.no_space_check,
-        lm_head_int8,
-    };
+    let opts = RepackOptions::resolve(
+        &RepackFlags {
+            checkpoint: args.checkpoint,
+            cache: args.cache,
+            file_size_mib: args.file_size_mib,
+            threads: args.threads,
+            lm_head: args.lm_head,
+            force: args.force,
+            quiet: args.quiet,
+            no_space_check: args.no_space_check,
+        },
+        &p,
+    )?;
     let out = match repack(&opts) {
         Err(CacheError::Stopped(_)) => std::process::abort(),
         r => r?,

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use roundhouse::cli::{self, CliError, Verbosity};
 use roundhouse::pipeline::Pipeline;
-use roundhouse::verify::{self, pack, CheckOptions, StageOptions};
+use roundhouse::verify::{self, pack, CheckOptions, StageOptions, VerifyFlags};
 
 /// Check a directory (the repacked cache) against its BLAKE3 manifest,
 /// locating damage to a file and chunk; pack and unpack verified bundles.
@@ -184,16 +184,16 @@ fn run(a: Args) -> Result<(), CliError> {
         }
         None => {
             let p = Pipeline::discover(a.pipeline.as_deref())?;
-            let mut o = StageOptions::from_pipeline(&p);
-            if let Some(c) = a.cache {
-                o.dir = Some(c);
-            }
-            if a.expect.is_some() {
-                o.expect = a.expect;
-            }
-            o.quick |= a.quick;
-            o.force = a.force;
-            o.quiet = quiet;
+            let o = StageOptions::resolve(
+                &VerifyFlags {
+                    cache: a.cache,
+                    expect: a.expect,
+                    quick: a.quick,
+                    force: a.force,
+                    quiet,
+                },
+                &p,
+            );
             let r = verify::run_stage(&p, &o)?;
             let line = match &r.summary {
                 Some(s) => s.line(),

@@ -18,7 +18,7 @@ use crate::stage::StageError;
 
 pub use format::{Index, FORMAT_VERSION, INDEX_FILE};
 pub use read::Cache;
-pub use write::{repack, RepackOptions, RepackOutcome};
+pub use write::{repack, RepackFlags, RepackOptions, RepackOutcome};
 
 /// Errors reading or writing a cache; each names the file involved.
 #[derive(Debug, thiserror::Error)]

@@ -26,6 +26,9 @@ use safetensors::Dtype;
 use crate::checkpoint::{float_type, Checkpoint, TensorEntry as CkEntry};
 use crate::config::Precision;
 use crate::fsutil::{self, FsError};
+use crate::pipeline::{
+    defaults, setting_name, threads_setting, Pipeline, SettingError, SettingsError,
+};
 use crate::quant::AutoRoundTensors;
 use crate::stage::{self, Fingerprint, Output, Plan, Stage};
 use crate::tensor::{QuantMatrix, Zeros, QBLOCK};
@@ -71,6 +74,91 @@ pub struct RepackOptions {
     /// the biggest read of every decoded token, at a small logit error.
     /// Opt-in and lossy (`rh-repack --lm-head int8`).
     pub lm_head_int8: bool,
+}
+
+/// What rh-repack's flags say; `None` leaves the manifest's value.
+#[derive(Clone, Debug, Default)]
+pub struct RepackFlags {
+    /// The positional checkpoint directory.
+    pub checkpoint: Option<PathBuf>,
+    /// The positional cache directory.
+    pub cache: Option<PathBuf>,
+    /// `--file-size-mib`.
+    pub file_size_mib: Option<u64>,
+    /// `--threads`.
+    pub threads: Option<usize>,
+    /// `--lm-head as-is|int8`.
+    pub lm_head: Option<String>,
+    /// `--force`.
+    pub force: bool,
+    /// `-q`.
+    pub quiet: bool,
+    /// `--no-space-check`.
+    pub no_space_check: bool,
+}
+
+impl RepackOptions {
+    /// The settings of a run, resolved once: a flag wins over the manifest's
+    /// `[repack]` table, which wins over the defaults
+    /// ([`defaults::REPACK_FILE_SIZE_MIB`], [`defaults::REPACK_LM_HEAD`]);
+    /// values and `RH_REPACK_ABORT_AFTER_UNITS` are checked here.
+    pub fn resolve(flags: &RepackFlags, p: &Pipeline) -> Result<RepackOptions, SettingsError> {
+        let explicit_input = flags.checkpoint.is_some() || p.repack.checkpoint.is_some();
+        let file_size_mib = flags
+            .file_size_mib
+            .or(p.repack.file_size_mib)
+            .unwrap_or(defaults::REPACK_FILE_SIZE_MIB);
+        let mib_name = || {
+            setting_name(
+                flags.file_size_mib.is_some(),
+                "--file-size-mib",
+                "[repack] file_size_mib",
+            )
+        };
+        if file_size_mib == 0 {
+            return Err(SettingError::new(&mib_name(), 0, "must be at least 1").into());
+        }
+        let file_size = file_size_mib
+            .checked_mul(1 << 20)
+            .ok_or_else(|| SettingError::new(&mib_name(), file_size_mib, "is too large"))?;
+        let threads = match flags.threads.or(p.repack.threads) {
+            Some(t) => {
+                let what = setting_name(flags.threads.is_some(), "--threads", "[repack] threads");
+                Some(threads_setting(&what, t)?)
+            }
+            None => None,
+        };
+        let lm_head = flags
+            .lm_head
+            .as_deref()
+            .or(p.repack.lm_head.as_deref())
+            .unwrap_or(defaults::REPACK_LM_HEAD);
+        let lm_head_int8 = match lm_head {
+            "as-is" => false,
+            "int8" => true,
+            other => {
+                return Err(SettingError::new(
+                    "--lm-head (or [repack] lm_head)",
+                    format!("`{other}`"),
+                    "is not one of as-is, int8",
+                )
+                .into())
+            }
+        };
+        Ok(RepackOptions {
+            checkpoint: flags.checkpoint.clone().unwrap_or_else(|| p.repack_input()),
+            cache: flags.cache.clone().unwrap_or_else(|| p.cache_dir()),
+            work_dir: p.work_dir(),
+            file_size,
+            threads,
+            force: flags.force,
+            require_fetch: !explicit_input,
+            quiet: flags.quiet,
+            skip_space_check: flags.no_space_check,
+            stop_after_units: crate::env::repack_abort_after_units()?,
+            lm_head_int8,
+        })
+    }
 }
 
 /// Group size of an int8 lm_head (`--lm-head int8`): the group size of the

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use crate::cli::{human_bytes, Classify, Exit};
 use crate::fsutil::{self, FsError};
 use crate::kernels::{self, Isa};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{defaults, setting_name, threads_setting, Pipeline, SettingError};
 use crate::stage::{self, Fingerprint, Output, Plan, Stage, StageError};
 
 pub use probe::Probe;
@@ -213,15 +213,58 @@ pub struct InspectOptions {
     pub force: bool,
 }
 
+/// What rh-inspect's flags say; `None` leaves the manifest's value.
+#[derive(Clone, Debug, Default)]
+pub struct InspectFlags {
+    /// `--probe-seconds`.
+    pub probe_seconds: Option<f64>,
+    /// `--threads`.
+    pub threads: Option<usize>,
+    /// `--dry-run`.
+    pub dry_run: bool,
+    /// `--force`.
+    pub force: bool,
+}
+
 impl InspectOptions {
-    /// The manifest's `[inspect]` settings with defaults.
-    pub fn from_pipeline(p: &Pipeline) -> InspectOptions {
-        InspectOptions {
-            probe_seconds: p.inspect.probe_seconds.unwrap_or(2.0),
-            threads: p.inspect.threads,
-            dry_run: false,
-            force: false,
+    /// The settings of a run, resolved once: a flag wins over the manifest's
+    /// `[inspect]` table, which wins over the default
+    /// ([`defaults::INSPECT_PROBE_SECONDS`]); values are checked here.
+    pub fn resolve(flags: &InspectFlags, p: &Pipeline) -> Result<InspectOptions, SettingError> {
+        let probe_seconds = flags
+            .probe_seconds
+            .or(p.inspect.probe_seconds)
+            .unwrap_or(defaults::INSPECT_PROBE_SECONDS);
+        if !(probe_seconds >= 0.0 && probe_seconds.is_finite()) {
+            let what = setting_name(
+                flags.probe_seconds.is_some(),
+                "--probe-seconds",
+                "[inspect] probe_seconds",
+            );
+            return Err(SettingError::new(
+                &what,
+                probe_seconds,
+                "must be a number >= 0",
+            ));
         }
+        let threads = match flags.threads.or(p.inspect.threads) {
+            Some(t) => {
+                let what = setting_name(flags.threads.is_some(), "--threads", "[inspect] threads");
+                Some(threads_setting(&what, t)?)
+            }
+            None => None,
+        };
+        Ok(InspectOptions {
+            probe_seconds,
+            threads,
+            dry_run: flags.dry_run,
+            force: flags.force,
+        })
+    }
+
+    /// The manifest's `[inspect]` settings with defaults (no flags).
+    pub fn from_pipeline(p: &Pipeline) -> Result<InspectOptions, SettingError> {
+        InspectOptions::resolve(&InspectFlags::default(), p)
     }
 }
 

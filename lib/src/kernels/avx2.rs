@@ -31,10 +31,7 @@ pub(crate) struct Avx2(());
 impl Avx2 {
     /// `Some` when the CPU supports the instructions these kernels use.
     pub(crate) fn detect() -> Option<Avx2> {
-        if let Some(v) = std::env::var("RH_PREFETCH")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
+        if let Some(v) = crate::env::prefetch_bytes() {
             PREFETCH_BYTES.store(v, std::sync::atomic::Ordering::Relaxed);
         }
         super::Isa::Avx2.supported().then_some(Avx2(()))

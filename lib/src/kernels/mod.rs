@@ -177,9 +177,7 @@ fn simd() -> Simd {
 
 /// `RH_KERNELS=scalar|avx2|avx512` (anything else: no cap).
 fn env_cap() -> Option<Isa> {
-    std::env::var("RH_KERNELS")
-        .ok()
-        .and_then(|v| Isa::parse(&v))
+    crate::env::kernels_cap().and_then(|v| Isa::parse(&v))
 }
 
 fn strategy_cap() -> Option<Isa> {
@@ -231,10 +229,10 @@ pub fn isa() -> &'static str {
 /// range on the gs32 fixture against 2e-2 allowed), so they are opt-in.
 pub fn default_path() -> Path {
     static PATH: OnceLock<Path> = OnceLock::new();
-    *PATH.get_or_init(|| match std::env::var("RH_ACTIVATIONS").as_deref() {
-        Ok("int8") => Path::SimdInt8,
-        Ok("f32") => Path::SimdF32,
-        Ok("scalar") => Path::Scalar,
+    *PATH.get_or_init(|| match crate::env::activations().as_deref() {
+        Some("int8") => Path::SimdInt8,
+        Some("f32") => Path::SimdF32,
+        Some("scalar") => Path::Scalar,
         _ => Path::SimdInt16,
     })
 }

@@ -418,7 +418,7 @@ fn simd_is_detected_on_x86_64_with_avx2() {
     if is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
-        && std::env::var("RH_KERNELS").is_err()
+        && crate::env::kernels_cap().is_none()
     {
         assert!(have_simd(), "AVX2 present but the SIMD path is off");
     }

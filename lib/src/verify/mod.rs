@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use crate::cli::{self, human_bytes, Classify, Exit};
 use crate::fsutil::{self, FsError};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{defaults, Pipeline};
 use crate::stage::{self, Fingerprint, Output, Plan, StageError};
 
 use hash::{chunk_count, chunk_range, file_root, hash_jobs, hex, parse_hex, Job};
@@ -723,16 +723,43 @@ pub struct StageOptions {
     pub quiet: bool,
 }
 
+/// What rh-verify's flags say for the pipeline stage; `None` / `false`
+/// leaves the manifest's value.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyFlags {
+    /// `--cache`.
+    pub cache: Option<PathBuf>,
+    /// `--expect`.
+    pub expect: Option<String>,
+    /// `--quick` (can only turn it on).
+    pub quick: bool,
+    /// `--force`.
+    pub force: bool,
+    /// `-q`.
+    pub quiet: bool,
+}
+
 impl StageOptions {
-    /// The manifest's `[verify]` table.
-    pub fn from_pipeline(p: &Pipeline) -> StageOptions {
+    /// The stage's settings, resolved once: a flag wins over the manifest's
+    /// `[verify]` table, which wins over the defaults
+    /// ([`defaults::VERIFY_QUICK`]; the directory defaults to repack's
+    /// output when the stage runs).
+    pub fn resolve(flags: &VerifyFlags, p: &Pipeline) -> StageOptions {
         StageOptions {
-            dir: p.verify.cache.as_ref().map(|c| p.path(c)),
-            expect: p.verify.expect.clone(),
-            quick: p.verify.quick.unwrap_or(false),
-            force: false,
-            quiet: false,
+            dir: flags
+                .cache
+                .clone()
+                .or_else(|| p.verify.cache.as_ref().map(|c| p.path(c))),
+            expect: flags.expect.clone().or_else(|| p.verify.expect.clone()),
+            quick: flags.quick || p.verify.quick.unwrap_or(defaults::VERIFY_QUICK),
+            force: flags.force,
+            quiet: flags.quiet,
         }
+    }
+
+    /// The manifest's `[verify]` table (no flags).
+    pub fn from_pipeline(p: &Pipeline) -> StageOptions {
+        StageOptions::resolve(&VerifyFlags::default(), p)
     }
 }
 

@@ -1,0 +1,77 @@
+//! Every environment variable the library reads, named and parsed here and
+//! nowhere else, so one page lists what can change a run from outside its
+//! flags and manifest.
+//!
+//! | variable | read by | effect |
+//! |---|---|---|
+//! | `RH_KERNELS` | [`crate::kernels`] | caps the instruction set (`scalar`, `avx2`, `avx512`); strategy.toml's `kernel` caps too, the lower wins |
+//! | `RH_ACTIVATIONS` | [`crate::kernels`] | the matvec activation path (`f32`, `int16`, `int8`, `scalar`) |
+//! | `RH_PREFETCH` | [`crate::kernels`] | software-prefetch distance in bytes |
+//! | `RH_REPACK_ABORT_AFTER_UNITS` | `rh-repack` | test hook: stop as if killed after N tensor groups |
+//!
+//! Not here: the Hugging Face variables (`HF_HOME`, `HF_TOKEN`, ...), read by
+//! `fetch::hf_cache` with the hub's own precedence, `RH_API_KEY`, which
+//! rh-serve takes through its `--api-key` flag, and `RUST_LOG`, read by the
+//! log setup.
+
+use crate::cli::{Classify, Exit};
+
+/// The instruction-set cap.
+pub const RH_KERNELS: &str = "RH_KERNELS";
+/// The activation path.
+pub const RH_ACTIVATIONS: &str = "RH_ACTIVATIONS";
+/// The prefetch distance.
+pub const RH_PREFETCH: &str = "RH_PREFETCH";
+/// The repack test hook.
+pub const RH_REPACK_ABORT_AFTER_UNITS: &str = "RH_REPACK_ABORT_AFTER_UNITS";
+
+/// A variable set to something that cannot be used (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{name}={value} is not {expected}")]
+pub struct EnvError {
+    /// The variable.
+    pub name: &'static str,
+    /// Its value.
+    pub value: String,
+    /// What it must be.
+    pub expected: &'static str,
+}
+
+impl Classify for EnvError {
+    fn exit(&self) -> Exit {
+        Exit::Usage
+    }
+}
+
+fn text(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// `RH_KERNELS`, as set (the kernels parse it; unknown values mean no cap).
+pub fn kernels_cap() -> Option<String> {
+    text(RH_KERNELS)
+}
+
+/// `RH_ACTIVATIONS`, as set (unknown values mean the default path).
+pub fn activations() -> Option<String> {
+    text(RH_ACTIVATIONS)
+}
+
+/// `RH_PREFETCH` in bytes, when set to a number (anything else is ignored,
+/// as a tuning knob should be).
+pub fn prefetch_bytes() -> Option<usize> {
+    text(RH_PREFETCH).and_then(|v| v.parse().ok())
+}
+
+/// `RH_REPACK_ABORT_AFTER_UNITS`, when set; a value that is not a number is
+/// an error.
+pub fn repack_abort_after_units() -> Result<Option<usize>, EnvError> {
+    match text(RH_REPACK_ABORT_AFTER_UNITS) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| EnvError {
+            name: RH_REPACK_ABORT_AFTER_UNITS,
+            value: v,
+            expected: "a number",
+        }),
+    }
+}
