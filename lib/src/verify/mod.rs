@@ -19,9 +19,9 @@ use std::time::Instant;
 use crate::cli::{self, human_bytes, Classify, Exit};
 use crate::fsutil::{self, FsError};
 use crate::pipeline::{defaults, Pipeline};
-use crate::stage::{self, Fingerprint, Output, Plan, StageError};
+use crate::stage::{self, Fingerprint, Output, Plan, Stage, StageError};
 
-use hash::{chunk_count, chunk_range, file_root, hash_jobs, hex, parse_hex, Job};
+use hash::{chunk_count, chunk_range, file_root, hash_jobs, hex, parse_hex, Hashed, Job};
 
 /// File name of the manifest inside the checked directory.
 pub const MANIFEST_NAME: &str = "manifest.blake3.json";
@@ -537,7 +537,8 @@ pub fn check(dir: &Path, o: &CheckOptions) -> Result<Summary, VerifyError> {
 }
 
 /// [`check`] that skips files an interrupted run already verified (when
-/// their size still matches) and reports each verified file.
+/// their size still matches) and reports each verified file: the expected
+/// hash, then sizes, then the chunks, then files the manifest does not list.
 pub fn check_resumable(
     dir: &Path,
     o: &CheckOptions,
@@ -555,52 +556,102 @@ pub fn check_resumable(
             });
         }
     }
-    let chunk = m.chunk_size;
-    let mut problems: Vec<(usize, u64, String)> = Vec::new();
-    let mut jobs = Vec::new();
-    let mut job_entry = Vec::new();
-    let mut resumed = 0;
+    let plan = plan_checks(dir, &m, o.quick, resume)?;
+    let to_hash = plan.bytes_to_hash(m.chunk_size);
+    let mut problems = plan.problems;
+    problems.extend(hash_and_compare(
+        dir,
+        &m,
+        o,
+        resume,
+        &plan.jobs,
+        &plan.job_entry,
+        to_hash,
+    )?);
+    problems.sort_by_key(|p| (p.file, p.chunk));
+    for p in &problems {
+        tracing::info!("{}", p.message);
+    }
+    if let Some(first) = problems.first() {
+        return Err(VerifyError::Mismatch {
+            first: first.message.clone(),
+            more: problems.len() - 1,
+        });
+    }
+    let unlisted = unlisted_files(dir, &m)?;
+    let secs = t.elapsed().as_secs_f64();
+    Ok(Summary {
+        mode: if o.quick { "quick" } else { "check" }.into(),
+        dir: dir.to_path_buf(),
+        files: m.files.len(),
+        bytes: m.total_bytes(),
+        hashed_bytes: to_hash,
+        resumed_files: plan.resumed,
+        seconds: secs,
+        gbs: to_hash as f64 / secs.max(1e-9) / 1e9,
+        manifest_blake3: mhex,
+        unlisted,
+    })
+}
+
+/// One thing wrong with a listed file, ordered by file then chunk.
+struct Problem {
+    /// The file's position in the manifest.
+    file: usize,
+    /// The chunk (0 for the whole file, `u64::MAX` for the file hash).
+    chunk: u64,
+    message: String,
+}
+
+/// What a check will hash, and what the sizes already showed.
+struct CheckPlan {
+    jobs: Vec<Job>,
+    /// The manifest entry of each job.
+    job_entry: Vec<usize>,
+    /// Files an interrupted run verified.
+    resumed: usize,
+    problems: Vec<Problem>,
+}
+
+impl CheckPlan {
+    fn bytes_to_hash(&self, chunk: u64) -> u64 {
+        self.jobs
+            .iter()
+            .flat_map(|j| j.chunks.iter().map(move |&c| chunk_range(j.size, chunk, c)))
+            .map(|(s, e)| e - s)
+            .sum()
+    }
+}
+
+/// Checks each listed file's presence and size, and plans the chunks to
+/// hash (all of them, or the first and last with `quick`) for the others.
+fn plan_checks(
+    dir: &Path,
+    m: &Manifest,
+    quick: bool,
+    resume: &Resume,
+) -> Result<CheckPlan, VerifyError> {
+    let mut plan = CheckPlan {
+        jobs: Vec::new(),
+        job_entry: Vec::new(),
+        resumed: 0,
+        problems: Vec::new(),
+    };
     for (i, f) in m.files.iter().enumerate() {
-        let p = dir.join(&f.path);
-        let size = match std::fs::metadata(&p) {
-            Ok(meta) if meta.is_file() => meta.len(),
-            Ok(_) => {
-                problems.push((i, 0, format!("{}: not a regular file", p.display())));
-                continue;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                problems.push((
-                    i,
-                    0,
-                    format!("{}: missing (listed in the manifest)", p.display()),
-                ));
-                continue;
-            }
-            Err(e) => return Err(VerifyError::io(&p, e)),
-        };
-        if size != f.size {
-            let what = if size < f.size {
-                "truncated"
-            } else {
-                "too long"
-            };
-            problems.push((
-                i,
-                0,
-                format!(
-                    "{}: {what}: {size} bytes, the manifest says {}",
-                    p.display(),
-                    f.size
-                ),
-            ));
+        if let Some(message) = size_problem(&dir.join(&f.path), f.size)? {
+            plan.problems.push(Problem {
+                file: i,
+                chunk: 0,
+                message,
+            });
             continue;
         }
         if resume.done.get(&f.path).is_some_and(|d| d == f) {
-            resumed += 1;
+            plan.resumed += 1;
             continue;
         }
-        let n = chunk_count(f.size, chunk);
-        let chunks: Vec<u64> = if o.quick {
+        let n = chunk_count(f.size, m.chunk_size);
+        let chunks: Vec<u64> = if quick {
             let mut c = vec![0, n.saturating_sub(1)];
             c.dedup();
             c.retain(|&x| x < n);
@@ -608,61 +659,62 @@ pub fn check_resumable(
         } else {
             (0..n).collect()
         };
-        jobs.push(Job {
+        plan.jobs.push(Job {
             path: f.path.clone(),
             size: f.size,
             chunks,
         });
-        job_entry.push(i);
+        plan.job_entry.push(i);
     }
-    let to_hash: u64 = jobs
-        .iter()
-        .map(|j| {
-            j.chunks
-                .iter()
-                .map(|&c| {
-                    let (s, e) = chunk_range(j.size, chunk, c);
-                    e - s
-                })
-                .sum::<u64>()
-        })
-        .sum();
+    Ok(plan)
+}
+
+/// What is wrong with the file at `p` before any hashing (not there, not a
+/// file, another size than the manifest's), or `None`.
+fn size_problem(p: &Path, want: u64) -> Result<Option<String>, VerifyError> {
+    let size = match std::fs::metadata(p) {
+        Ok(meta) if meta.is_file() => meta.len(),
+        Ok(_) => return Ok(Some(format!("{}: not a regular file", p.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Some(format!(
+                "{}: missing (listed in the manifest)",
+                p.display()
+            )))
+        }
+        Err(e) => return Err(VerifyError::io(p, e)),
+    };
+    if size == want {
+        return Ok(None);
+    }
+    let what = if size < want { "truncated" } else { "too long" };
+    Ok(Some(format!(
+        "{}: {what}: {size} bytes, the manifest says {want}",
+        p.display()
+    )))
+}
+
+/// Hashes the planned chunks and compares them (and, on a full check, each
+/// file's root hash) with the manifest; a file found good is reported to
+/// `resume`.
+fn hash_and_compare(
+    dir: &Path,
+    m: &Manifest,
+    o: &CheckOptions,
+    resume: &Resume,
+    jobs: &[Job],
+    job_entry: &[usize],
+    to_hash: u64,
+) -> Result<Vec<Problem>, VerifyError> {
     let pb = bar(
         to_hash,
         if o.quick { "quick check" } else { "checking" },
         o.quiet,
     );
     let found = Mutex::new(Vec::new());
-    hash_jobs(dir, &jobs, chunk, &|n| pb.inc(n), &|h| {
+    hash_jobs(dir, jobs, m.chunk_size, &|n| pb.inc(n), &|h| {
         let i = job_entry[h.job];
         let f = &m.files[i];
-        let mut bad = Vec::new();
-        for (c, cv) in &h.cvs {
-            if hex(cv) != f.chunks[*c as usize] {
-                let (s, e) = chunk_range(f.size, chunk, *c);
-                bad.push((
-                    i,
-                    *c,
-                    format!(
-                        "{}: chunk {c} (bytes {s}..{e}) does not match the manifest",
-                        dir.join(&f.path).display()
-                    ),
-                ));
-            }
-        }
-        if bad.is_empty() && !o.quick {
-            let cvs: Vec<[u8; 32]> = h.cvs.iter().map(|c| c.1).collect();
-            if file_root(&cvs, f.size, chunk).to_hex().as_str() != f.blake3 {
-                bad.push((
-                    i,
-                    u64::MAX,
-                    format!(
-                        "{}: file hash does not match the manifest (manifest inconsistent)",
-                        dir.join(&f.path).display()
-                    ),
-                ));
-            }
-        }
+        let bad = compare_file(dir, i, f, &h, m.chunk_size, o.quick);
         if bad.is_empty() {
             if !o.quick {
                 (resume.on_file)(f)?;
@@ -673,17 +725,51 @@ pub fn check_resumable(
         Ok(())
     })?;
     pb.finish_and_clear();
-    problems.extend(found.into_inner().expect("not poisoned"));
-    problems.sort_by_key(|p| (p.0, p.1));
-    for p in &problems {
-        tracing::info!("{}", p.2);
+    Ok(found.into_inner().expect("not poisoned"))
+}
+
+/// The chunks of file `i` whose values differ from the manifest's, and on a
+/// full check a root hash that does not match.
+fn compare_file(
+    dir: &Path,
+    i: usize,
+    f: &FileEntry,
+    h: &Hashed,
+    chunk: u64,
+    quick: bool,
+) -> Vec<Problem> {
+    let mut bad = Vec::new();
+    for (c, cv) in &h.cvs {
+        if hex(cv) != f.chunks[*c as usize] {
+            let (s, e) = chunk_range(f.size, chunk, *c);
+            bad.push(Problem {
+                file: i,
+                chunk: *c,
+                message: format!(
+                    "{}: chunk {c} (bytes {s}..{e}) does not match the manifest",
+                    dir.join(&f.path).display()
+                ),
+            });
+        }
     }
-    if let Some(first) = problems.first() {
-        return Err(VerifyError::Mismatch {
-            first: first.2.clone(),
-            more: problems.len() - 1,
-        });
+    if bad.is_empty() && !quick {
+        let cvs: Vec<[u8; 32]> = h.cvs.iter().map(|c| c.1).collect();
+        if file_root(&cvs, f.size, chunk).to_hex().as_str() != f.blake3 {
+            bad.push(Problem {
+                file: i,
+                chunk: u64::MAX,
+                message: format!(
+                    "{}: file hash does not match the manifest (manifest inconsistent)",
+                    dir.join(&f.path).display()
+                ),
+            });
+        }
     }
+    bad
+}
+
+/// Files in `dir` the manifest does not list (a warning each, not an error).
+fn unlisted_files(dir: &Path, m: &Manifest) -> Result<Vec<String>, VerifyError> {
     let listed: BTreeSet<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
     let unlisted: Vec<String> = list_files(dir)?
         .into_iter()
@@ -693,19 +779,7 @@ pub fn check_resumable(
     for u in &unlisted {
         tracing::warn!("{}: not in the manifest (ignored)", dir.join(u).display());
     }
-    let secs = t.elapsed().as_secs_f64();
-    Ok(Summary {
-        mode: if o.quick { "quick" } else { "check" }.into(),
-        dir: dir.to_path_buf(),
-        files: m.files.len(),
-        bytes: m.total_bytes(),
-        hashed_bytes: to_hash,
-        resumed_files: resumed,
-        seconds: secs,
-        gbs: to_hash as f64 / secs.max(1e-9) / 1e9,
-        manifest_blake3: mhex,
-        unlisted,
-    })
+    Ok(unlisted)
 }
 
 /// Settings of the pipeline stage (manifest values with flags applied).
@@ -778,29 +852,36 @@ pub struct StageReport {
 
 const PARTIAL: &str = "verify.partial.json";
 
+/// What the verify record's `details` hold.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VerifyDetails {
+    /// The manifest's hash.
+    pub manifest_blake3: String,
+    /// `write`, `check` or `quick`.
+    pub mode: String,
+    /// Files listed.
+    pub files: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Bytes hashed by this run.
+    pub hashed_bytes: u64,
+    /// Seconds.
+    pub seconds: f64,
+    /// Hashing rate, GB/s.
+    pub gbs: f64,
+}
+
 /// The verify stage: requires repack complete, writes the manifest of the
 /// cache when it has none, else checks the cache against it. Units are
 /// files, so a killed run resumes where it stopped.
 pub fn run_stage(p: &Pipeline, o: &StageOptions) -> Result<StageReport, VerifyError> {
     let work = p.work_dir();
-    let repack = stage::require_complete(&work, "repack")?;
+    let repack = stage::require_complete(&work, Stage::Repack)?;
     let dir = o.dir.clone().unwrap_or_else(|| p.cache_dir());
     let manifest_path = dir.join(MANIFEST_NAME);
     let writing = std::fs::symlink_metadata(&manifest_path).is_err();
-    // Writing the manifest excludes everyone; checking excludes writers.
-    let _lock = if writing {
-        if !dir.is_dir() {
-            return Err(VerifyError::io(
-                &dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
-            ));
-        }
-        let l = fsutil::DirLock::exclusive(&dir, "rh-verify")?;
-        require_valid_cache(&dir)?;
-        l
-    } else {
-        fsutil::DirLock::shared(&dir)?
-    };
+    let _lock = lock_for(&dir, writing)?;
     let mut fp = Fingerprint::new();
     fp.add_record(&repack)
         .add("dir", dir.to_string_lossy().as_bytes())
@@ -808,50 +889,26 @@ pub fn run_stage(p: &Pipeline, o: &StageOptions) -> Result<StageReport, VerifyEr
         .add("expect", o.expect.clone().unwrap_or_default());
     let mut inputs = BTreeMap::new();
     inputs.insert("cache".to_string(), dir.display().to_string());
-    let run = match stage::plan(&work, "verify", &fp.finish(), &dir, inputs, o.force)? {
+    let run = match stage::plan(&work, Stage::Verify, &fp.finish(), &dir, inputs, o.force)? {
         Plan::UpToDate(rec) => {
-            let h = rec
-                .details
-                .get("manifest_blake3")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string();
+            let d: VerifyDetails = rec.details_as(&work)?;
             return Ok(StageReport {
                 up_to_date: true,
                 summary: None,
-                manifest_blake3: h,
+                manifest_blake3: d.manifest_blake3,
                 dir,
             });
         }
         Plan::Run(run) => run,
     };
     let partial_path = work.join("stages").join(PARTIAL);
-    // Entries finished by an interrupted run whose unit is still valid.
-    let mut done = BTreeMap::new();
-    if writing {
-        if let Ok(b) = std::fs::read(&partial_path) {
-            if let Ok(v) = serde_json::from_slice::<Vec<FileEntry>>(&b) {
-                for e in v {
-                    if run.is_done(&e.path) {
-                        done.insert(e.path.clone(), e);
-                    }
-                }
-            }
-        }
+    let done = if writing {
+        hashed_before(&run, &partial_path)
     } else if !o.quick {
-        // Check mode: units are verified files; the manifest entry itself
-        // is the reference, so rebuild entries from it.
-        if let Ok((m, _)) = Manifest::load(&dir) {
-            for f in m.files {
-                if run.unit(&f.path).is_some_and(|u| {
-                    u.size == f.size && u.blake3.as_deref() == Some(f.blake3.as_str())
-                }) && run.is_done(&f.path)
-                {
-                    done.insert(f.path.clone(), f);
-                }
-            }
-        }
-    }
+        verified_before(&run, &dir)
+    } else {
+        BTreeMap::new()
+    };
     let run = Mutex::new(run);
     let partial = Mutex::new(done.values().cloned().collect::<Vec<FileEntry>>());
     let on_file = |e: &FileEntry| -> Result<(), VerifyError> {
@@ -890,30 +947,94 @@ pub fn run_stage(p: &Pipeline, o: &StageOptions) -> Result<StageReport, VerifyEr
         }
         s
     } else {
-        check_resumable(
-            &dir,
-            &CheckOptions {
-                quick: o.quick,
-                expect: o.expect.clone(),
-                quiet: o.quiet,
-            },
-            &resume,
-        )?
+        let check = CheckOptions {
+            quick: o.quick,
+            expect: o.expect.clone(),
+            quiet: o.quiet,
+        };
+        check_resumable(&dir, &check, &resume)?
     };
     let _ = std::fs::remove_file(&partial_path);
-    let size = std::fs::metadata(&manifest_path)
-        .map_err(|e| VerifyError::io(&manifest_path, e))?
+    let run = run.into_inner().expect("not poisoned");
+    finish_record(run, &manifest_path, &summary)?;
+    Ok(StageReport {
+        up_to_date: false,
+        manifest_blake3: summary.manifest_blake3.clone(),
+        summary: Some(summary),
+        dir,
+    })
+}
+
+/// Writing the manifest excludes everyone (and needs a valid cache);
+/// checking excludes writers.
+fn lock_for(dir: &Path, writing: bool) -> Result<fsutil::DirLock, VerifyError> {
+    if !writing {
+        return Ok(fsutil::DirLock::shared(dir)?);
+    }
+    if !dir.is_dir() {
+        return Err(VerifyError::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+        ));
+    }
+    let l = fsutil::DirLock::exclusive(dir, "rh-verify")?;
+    require_valid_cache(dir)?;
+    Ok(l)
+}
+
+/// Writing: the entries an interrupted run hashed (kept beside the record)
+/// whose unit is still valid.
+fn hashed_before(run: &stage::StageRun, partial_path: &Path) -> BTreeMap<String, FileEntry> {
+    let mut done = BTreeMap::new();
+    if let Ok(b) = std::fs::read(partial_path) {
+        if let Ok(v) = serde_json::from_slice::<Vec<FileEntry>>(&b) {
+            for e in v {
+                if run.is_done(&e.path) {
+                    done.insert(e.path.clone(), e);
+                }
+            }
+        }
+    }
+    done
+}
+
+/// Checking: the files an interrupted run verified; the manifest entry
+/// itself is the reference, so entries are rebuilt from it.
+fn verified_before(run: &stage::StageRun, dir: &Path) -> BTreeMap<String, FileEntry> {
+    let mut done = BTreeMap::new();
+    if let Ok((m, _)) = Manifest::load(dir) {
+        for f in m.files {
+            if run
+                .unit(&f.path)
+                .is_some_and(|u| u.size == f.size && u.blake3.as_deref() == Some(f.blake3.as_str()))
+                && run.is_done(&f.path)
+            {
+                done.insert(f.path.clone(), f);
+            }
+        }
+    }
+    done
+}
+
+/// Completes the record: the manifest as output, the summary as details.
+fn finish_record(
+    run: stage::StageRun,
+    manifest_path: &Path,
+    summary: &Summary,
+) -> Result<(), VerifyError> {
+    let size = std::fs::metadata(manifest_path)
+        .map_err(|e| VerifyError::io(manifest_path, e))?
         .len();
-    let details = serde_json::json!({
-        "manifest_blake3": summary.manifest_blake3,
-        "mode": summary.mode,
-        "files": summary.files,
-        "bytes": summary.bytes,
-        "hashed_bytes": summary.hashed_bytes,
-        "seconds": summary.seconds,
-        "gbs": summary.gbs,
-    });
-    run.into_inner().expect("not poisoned").finish(
+    let details = VerifyDetails {
+        manifest_blake3: summary.manifest_blake3.clone(),
+        mode: summary.mode.clone(),
+        files: summary.files,
+        bytes: summary.bytes,
+        hashed_bytes: summary.hashed_bytes,
+        seconds: summary.seconds,
+        gbs: summary.gbs,
+    };
+    run.finish(
         vec![Output {
             path: MANIFEST_NAME.into(),
             size,
@@ -921,12 +1042,7 @@ pub fn run_stage(p: &Pipeline, o: &StageOptions) -> Result<StageReport, VerifyEr
         }],
         details,
     )?;
-    Ok(StageReport {
-        up_to_date: false,
-        manifest_blake3: summary.manifest_blake3.clone(),
-        summary: Some(summary),
-        dir,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

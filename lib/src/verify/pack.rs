@@ -191,125 +191,28 @@ pub fn pack(dir: &Path, out: &Path, level: i32, quiet: bool) -> Result<PackSumma
     let pb = cli::bytes_bar(m.total_bytes(), "packing", quiet);
     let tmp = fsutil::temp_path(out);
     let prog_path = progress_path(&tmp);
-    let mut done = PackProgress {
-        manifest_blake3: mhash.to_hex().to_string(),
-        level,
-        members: 0,
-        offset: 0,
-    };
-    // A previous run's progress counts only for the same manifest and
-    // level, and only while the temporary bundle still holds its bytes.
-    if let Some(p) = std::fs::read(&prog_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<PackProgress>(&b).ok())
-    {
-        let have = std::fs::metadata(&tmp).map(|md| md.len()).unwrap_or(0);
-        if p.manifest_blake3 == done.manifest_blake3 && p.level == level && have >= p.offset {
-            done = p;
-        }
-    }
-    let resumed = done.members;
-    if resumed > 0 {
+    let done = pack_resume_point(&prog_path, &tmp, mhash.to_hex().to_string(), level);
+    if done.members > 0 {
         tracing::info!(
             "{}: continuing a pack after {} of {} members ({})",
             tmp.display(),
-            resumed,
+            done.members,
             m.files.len() + 1,
             human_bytes(done.offset)
         );
-        let skipped: u64 = m.files.iter().take(resumed - 1).map(|e| e.size).sum();
+        let skipped: u64 = m.files.iter().take(done.members - 1).map(|e| e.size).sum();
         pb.inc(skipped);
     }
-    let result = (|| -> Result<(), VerifyError> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&tmp)
-            .map_err(|e| VerifyError::io(&tmp, e))?;
-        f.set_len(done.offset)
-            .map_err(|e| VerifyError::io(&tmp, e))?;
-        let mut w = BufWriter::with_capacity(1 << 20, f);
-        w.seek(io::SeekFrom::Start(done.offset))
-            .map_err(|e| VerifyError::io(&tmp, e))?;
-        let total = m.files.len() + 1;
-        for i in done.members..total {
-            let mut enc =
-                zstd::stream::Encoder::new(&mut w, level).map_err(|e| VerifyError::io(&tmp, e))?;
-            enc.include_checksum(true)
-                .map_err(|e| VerifyError::io(&tmp, e))?;
-            let size = if i == 0 {
-                let head = tar_header(MANIFEST_NAME, manifest_bytes.len() as u64)
-                    .map_err(|e| VerifyError::io(&tmp, e))?;
-                enc.write_all(&head)
-                    .and_then(|_| enc.write_all(&manifest_bytes))
-                    .map_err(|e| VerifyError::io(&tmp, e))?;
-                manifest_bytes.len() as u64
-            } else {
-                let entry = &m.files[i - 1];
-                let p = dir.join(&entry.path);
-                let file = File::open(&p).map_err(|e| VerifyError::io(&p, e))?;
-                let len = file.metadata().map_err(|e| VerifyError::io(&p, e))?.len();
-                if len != entry.size {
-                    return Err(VerifyError::Mismatch {
-                        first: format!(
-                            "{}: {len} bytes, the manifest says {}; run `rh-verify check` first",
-                            p.display(),
-                            entry.size
-                        ),
-                        more: 0,
-                    });
-                }
-                let head = tar_header(&entry.path, entry.size).map_err(|e| {
-                    VerifyError::io(&p, io::Error::new(io::ErrorKind::InvalidInput, e))
-                })?;
-                enc.write_all(&head).map_err(|e| VerifyError::io(&tmp, e))?;
-                let mut reader = HashingReader {
-                    inner: file.take(entry.size),
-                    h: ChunkHasher::new(entry.size, m.chunk_size),
-                    entry,
-                    err: None,
-                    pb: &pb,
-                    label: dir.display().to_string(),
-                    path: p.clone(),
-                };
-                let r = io::copy(&mut reader, &mut enc);
-                if let Some(e) = reader.err.take() {
-                    return Err(e);
-                }
-                // Read errors were taken above; what is left failed writing.
-                r.map_err(|e| VerifyError::io(&tmp, e))?;
-                if reader.h.pos != entry.size {
-                    return Err(VerifyError::Changed {
-                        path: p,
-                        reason: "changed size while it was packed".into(),
-                    });
-                }
-                entry.size
-            };
-            // Pad the data to a whole block; the last member also carries
-            // the two zero blocks that end a tar archive.
-            let mut pad = ((512 - size % 512) % 512) as usize;
-            if i + 1 == total {
-                pad += 1024;
-            }
-            enc.write_all(&vec![0u8; pad])
-                .map_err(|e| VerifyError::io(&tmp, e))?;
-            enc.finish().map_err(|e| VerifyError::io(&tmp, e))?;
-            w.flush().map_err(|e| VerifyError::io(&tmp, e))?;
-            w.get_ref()
-                .sync_data()
-                .map_err(|e| VerifyError::io(&tmp, e))?;
-            done.members = i + 1;
-            done.offset = w.stream_position().map_err(|e| VerifyError::io(&tmp, e))?;
-            let bytes = serde_json::to_vec(&done).expect("progress serializes");
-            fsutil::write_atomic(&prog_path, &bytes).map_err(VerifyError::from)?;
-        }
-        w.get_ref()
-            .sync_all()
-            .map_err(|e| VerifyError::io(&tmp, e))?;
-        Ok(())
-    })();
+    let bundle = Bundle {
+        dir,
+        m: &m,
+        manifest_bytes: &manifest_bytes,
+        tmp: &tmp,
+        prog_path: &prog_path,
+        level,
+        pb: &pb,
+    };
+    let result = bundle.write_members(done);
     pb.finish_and_clear();
     // A failed pack keeps its temporary bundle and progress (never at the
     // final name) for the rerun to continue from.
@@ -329,6 +232,154 @@ pub fn pack(dir: &Path, out: &Path, level: i32, quiet: bool) -> Result<PackSumma
         seconds: t.elapsed().as_secs_f64(),
         manifest_blake3: mhash.to_hex().to_string(),
     })
+}
+
+/// Where a pack resumes: a previous run's progress counts only for the same
+/// manifest and level, and only while the temporary bundle still holds its
+/// bytes; otherwise from the start.
+fn pack_resume_point(
+    prog_path: &Path,
+    tmp: &Path,
+    manifest_blake3: String,
+    level: i32,
+) -> PackProgress {
+    let fresh = PackProgress {
+        manifest_blake3,
+        level,
+        members: 0,
+        offset: 0,
+    };
+    match std::fs::read(prog_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<PackProgress>(&b).ok())
+    {
+        Some(p) => {
+            let have = std::fs::metadata(tmp).map(|md| md.len()).unwrap_or(0);
+            if p.manifest_blake3 == fresh.manifest_blake3 && p.level == level && have >= p.offset {
+                p
+            } else {
+                fresh
+            }
+        }
+        None => fresh,
+    }
+}
+
+/// A bundle being written: one zstd frame per tar member (the manifest
+/// first, then every listed file), each made durable and recorded in the
+/// progress file before the next.
+struct Bundle<'a> {
+    dir: &'a Path,
+    m: &'a Manifest,
+    manifest_bytes: &'a [u8],
+    tmp: &'a Path,
+    prog_path: &'a Path,
+    level: i32,
+    pb: &'a indicatif::ProgressBar,
+}
+
+impl Bundle<'_> {
+    /// Writes the members after `done`, recording each.
+    fn write_members(&self, mut done: PackProgress) -> Result<(), VerifyError> {
+        let tmp = self.tmp;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(tmp)
+            .map_err(|e| VerifyError::io(tmp, e))?;
+        f.set_len(done.offset)
+            .map_err(|e| VerifyError::io(tmp, e))?;
+        let mut w = BufWriter::with_capacity(1 << 20, f);
+        w.seek(io::SeekFrom::Start(done.offset))
+            .map_err(|e| VerifyError::io(tmp, e))?;
+        let total = self.m.files.len() + 1;
+        for i in done.members..total {
+            let mut enc = zstd::stream::Encoder::new(&mut w, self.level)
+                .map_err(|e| VerifyError::io(tmp, e))?;
+            enc.include_checksum(true)
+                .map_err(|e| VerifyError::io(tmp, e))?;
+            let size = if i == 0 {
+                let head = tar_header(MANIFEST_NAME, self.manifest_bytes.len() as u64)
+                    .map_err(|e| VerifyError::io(tmp, e))?;
+                enc.write_all(&head)
+                    .and_then(|_| enc.write_all(self.manifest_bytes))
+                    .map_err(|e| VerifyError::io(tmp, e))?;
+                self.manifest_bytes.len() as u64
+            } else {
+                self.write_file(&mut enc, &self.m.files[i - 1])?
+            };
+            // Pad the data to a whole block; the last member also carries
+            // the two zero blocks that end a tar archive.
+            let mut pad = ((512 - size % 512) % 512) as usize;
+            if i + 1 == total {
+                pad += 1024;
+            }
+            enc.write_all(&vec![0u8; pad])
+                .map_err(|e| VerifyError::io(tmp, e))?;
+            enc.finish().map_err(|e| VerifyError::io(tmp, e))?;
+            w.flush().map_err(|e| VerifyError::io(tmp, e))?;
+            w.get_ref()
+                .sync_data()
+                .map_err(|e| VerifyError::io(tmp, e))?;
+            done.members = i + 1;
+            done.offset = w.stream_position().map_err(|e| VerifyError::io(tmp, e))?;
+            let bytes = serde_json::to_vec(&done).expect("progress serializes");
+            fsutil::write_atomic(self.prog_path, &bytes).map_err(VerifyError::from)?;
+        }
+        w.get_ref()
+            .sync_all()
+            .map_err(|e| VerifyError::io(tmp, e))?;
+        Ok(())
+    }
+
+    /// Writes one listed file's tar header and bytes, checking them against
+    /// the manifest as they stream; returns its size.
+    fn write_file(
+        &self,
+        enc: &mut impl Write,
+        entry: &super::FileEntry,
+    ) -> Result<u64, VerifyError> {
+        let p = self.dir.join(&entry.path);
+        let file = File::open(&p).map_err(|e| VerifyError::io(&p, e))?;
+        let len = file.metadata().map_err(|e| VerifyError::io(&p, e))?.len();
+        if len != entry.size {
+            return Err(VerifyError::Mismatch {
+                first: format!(
+                    "{}: {len} bytes, the manifest says {}; run `rh-verify check` first",
+                    p.display(),
+                    entry.size
+                ),
+                more: 0,
+            });
+        }
+        let head = tar_header(&entry.path, entry.size)
+            .map_err(|e| VerifyError::io(&p, io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        enc.write_all(&head)
+            .map_err(|e| VerifyError::io(self.tmp, e))?;
+        let mut reader = HashingReader {
+            inner: file.take(entry.size),
+            h: ChunkHasher::new(entry.size, self.m.chunk_size),
+            entry,
+            err: None,
+            pb: self.pb,
+            label: self.dir.display().to_string(),
+            path: p.clone(),
+        };
+        let r = io::copy(&mut reader, enc);
+        if let Some(e) = reader.err.take() {
+            return Err(e);
+        }
+        // Read errors were taken above; what is left failed writing.
+        r.map_err(|e| VerifyError::io(self.tmp, e))?;
+        if reader.h.pos != entry.size {
+            return Err(VerifyError::Changed {
+                path: p,
+                reason: "changed size while it was packed".into(),
+            });
+        }
+        Ok(entry.size)
+    }
 }
 
 /// A reader that checks each chunk against the manifest as it passes.
@@ -443,49 +494,16 @@ pub fn unpack(
     let corrupt = |e: io::Error| bad_bundle(bundle, format!("truncated or corrupt: {e}"));
 
     // The manifest comes first.
-    let mut first = entries
+    let first = entries
         .next()
         .ok_or_else(|| bad_bundle(bundle, "empty bundle"))?
         .map_err(corrupt)?;
-    let name = String::from_utf8_lossy(&first.path_bytes()).into_owned();
-    if name != MANIFEST_NAME {
-        return Err(bad_bundle(
-            bundle,
-            format!("first entry is `{name}`, not {MANIFEST_NAME}: not a roundhouse bundle"),
-        ));
-    }
-    if first.size() > 256 << 20 {
-        return Err(bad_bundle(bundle, "manifest entry is implausibly large"));
-    }
-    let mut mbytes = Vec::new();
-    first.read_to_end(&mut mbytes).map_err(corrupt)?;
-    drop(first);
-    let m = Manifest::parse(&mbytes, &bundle.join(MANIFEST_NAME))?;
-    let mhex = blake3::hash(&mbytes).to_hex().to_string();
-    if let Some(exp) = expect {
-        if !exp.trim().eq_ignore_ascii_case(&mhex) {
-            return Err(VerifyError::Expect {
-                path: bundle.to_path_buf(),
-                found: mhex,
-                expected: exp.trim().to_string(),
-            });
-        }
-    }
+    let (mbytes, m, mhex) = read_bundled_manifest(bundle, first, expect)?;
     let _lock = fsutil::DirLock::exclusive(out, "rh-verify unpack")?;
     for f in &m.files {
         no_links_on_the_way(out, &f.path)?;
     }
-    let staging = out.join(STAGING_DIR);
-    match std::fs::symlink_metadata(&staging) {
-        Ok(md) if !md.is_dir() => {
-            return Err(fsutil::FsError::NotOurs {
-                path: staging,
-                what: "is not the staging directory unpack makes".into(),
-            }
-            .into())
-        }
-        _ => std::fs::create_dir_all(&staging).map_err(|e| VerifyError::io(&staging, e))?,
-    }
+    let staging = make_staging(out)?;
     let mut pending: BTreeMap<&str, &super::FileEntry> =
         m.files.iter().map(|f| (f.path.as_str(), f)).collect();
     let pb = cli::bytes_bar(m.total_bytes(), "unpacking", quiet);
@@ -528,55 +546,12 @@ pub fn unpack(
             }
             continue;
         }
-        if let Some(parent) = stage_path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| VerifyError::io(parent, e))?;
-        }
-        let mut h = ChunkHasher::new(entry.size, m.chunk_size);
-        let tmp = fsutil::temp_path(&stage_path);
-        let res = (|| -> Result<(), VerifyError> {
-            let mut w = BufWriter::with_capacity(
-                1 << 20,
-                File::create(&tmp).map_err(|e| VerifyError::io(&tmp, e))?,
-            );
-            loop {
-                let n = e.read(&mut buf).map_err(corrupt)?;
-                if n == 0 {
-                    break;
-                }
-                let done = h.update(&buf[..n]);
-                check_chunks(&h, &done, entry, &bundle.display().to_string())?;
-                w.write_all(&buf[..n])
-                    .map_err(|e| VerifyError::io(&tmp, e))?;
-                pb.inc(n as u64);
-            }
-            if h.pos != entry.size {
-                return Err(bad_bundle(bundle, format!("entry `{name}` ends early")));
-            }
-            if file_root(&h.cvs, entry.size, m.chunk_size)
-                .to_hex()
-                .as_str()
-                != entry.blake3
-                || h.cvs.len() as u64 != chunk_count(entry.size, m.chunk_size)
-            {
-                return Err(VerifyError::Mismatch {
-                    first: format!(
-                        "{}: `{name}` file hash does not match the manifest",
-                        bundle.display()
-                    ),
-                    more: 0,
-                });
-            }
-            let f = w
-                .into_inner()
-                .map_err(|e| VerifyError::io(&tmp, e.into_error()))?;
-            f.sync_all().map_err(|e| VerifyError::io(&tmp, e))?;
-            Ok(())
-        })();
-        if let Err(err) = res {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(err);
-        }
-        fsutil::commit_temp(&tmp, &stage_path)?;
+        let unpacking = Unpacking {
+            bundle,
+            chunk_size: m.chunk_size,
+            pb: &pb,
+        };
+        unpacking.stage_entry(&mut e, entry, &stage_path, &mut buf)?;
         staged.push(entry.path.as_str());
     }
     pb.finish_and_clear();
@@ -600,6 +575,140 @@ pub fn unpack(
         seconds: t.elapsed().as_secs_f64(),
         manifest_blake3: mhex,
     })
+}
+
+/// The bundle's first entry, which must be the manifest: its bytes, parsed,
+/// and its hash (checked against `expect`).
+fn read_bundled_manifest<R: Read>(
+    bundle: &Path,
+    mut first: tar::Entry<'_, R>,
+    expect: Option<&str>,
+) -> Result<(Vec<u8>, Manifest, String), VerifyError> {
+    let name = String::from_utf8_lossy(&first.path_bytes()).into_owned();
+    if name != MANIFEST_NAME {
+        return Err(bad_bundle(
+            bundle,
+            format!("first entry is `{name}`, not {MANIFEST_NAME}: not a roundhouse bundle"),
+        ));
+    }
+    if first.size() > 256 << 20 {
+        return Err(bad_bundle(bundle, "manifest entry is implausibly large"));
+    }
+    let mut mbytes = Vec::new();
+    first
+        .read_to_end(&mut mbytes)
+        .map_err(|e| bad_bundle(bundle, format!("truncated or corrupt: {e}")))?;
+    let m = Manifest::parse(&mbytes, &bundle.join(MANIFEST_NAME))?;
+    let mhex = blake3::hash(&mbytes).to_hex().to_string();
+    if let Some(exp) = expect {
+        if !exp.trim().eq_ignore_ascii_case(&mhex) {
+            return Err(VerifyError::Expect {
+                path: bundle.to_path_buf(),
+                found: mhex,
+                expected: exp.trim().to_string(),
+            });
+        }
+    }
+    Ok((mbytes, m, mhex))
+}
+
+/// The staging directory under `out` (created; refused when something else
+/// has its name).
+fn make_staging(out: &Path) -> Result<PathBuf, VerifyError> {
+    let staging = out.join(STAGING_DIR);
+    match std::fs::symlink_metadata(&staging) {
+        Ok(md) if !md.is_dir() => {
+            return Err(fsutil::FsError::NotOurs {
+                path: staging,
+                what: "is not the staging directory unpack makes".into(),
+            }
+            .into())
+        }
+        _ => std::fs::create_dir_all(&staging).map_err(|e| VerifyError::io(&staging, e))?,
+    }
+    Ok(staging)
+}
+
+/// What staging one entry needs of the unpack.
+struct Unpacking<'a> {
+    bundle: &'a Path,
+    chunk_size: u64,
+    pb: &'a indicatif::ProgressBar,
+}
+
+impl Unpacking<'_> {
+    /// Streams one entry into a temporary beside `stage_path`, checking
+    /// every chunk and the file hash against the manifest as it goes, then
+    /// renames it into staging; a failure leaves no temporary.
+    fn stage_entry<R: Read>(
+        &self,
+        e: &mut tar::Entry<'_, R>,
+        entry: &super::FileEntry,
+        stage_path: &Path,
+        buf: &mut [u8],
+    ) -> Result<(), VerifyError> {
+        if let Some(parent) = stage_path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| VerifyError::io(parent, e))?;
+        }
+        let tmp = fsutil::temp_path(stage_path);
+        if let Err(err) = self.write_checked(e, entry, &tmp, buf) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err);
+        }
+        fsutil::commit_temp(&tmp, stage_path)?;
+        Ok(())
+    }
+
+    fn write_checked<R: Read>(
+        &self,
+        e: &mut tar::Entry<'_, R>,
+        entry: &super::FileEntry,
+        tmp: &Path,
+        buf: &mut [u8],
+    ) -> Result<(), VerifyError> {
+        let bundle = self.bundle;
+        let name = &entry.path;
+        let mut h = ChunkHasher::new(entry.size, self.chunk_size);
+        let mut w = BufWriter::with_capacity(
+            1 << 20,
+            File::create(tmp).map_err(|e| VerifyError::io(tmp, e))?,
+        );
+        loop {
+            let n = e
+                .read(buf)
+                .map_err(|e| bad_bundle(bundle, format!("truncated or corrupt: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            let done = h.update(&buf[..n]);
+            check_chunks(&h, &done, entry, &bundle.display().to_string())?;
+            w.write_all(&buf[..n])
+                .map_err(|e| VerifyError::io(tmp, e))?;
+            self.pb.inc(n as u64);
+        }
+        if h.pos != entry.size {
+            return Err(bad_bundle(bundle, format!("entry `{name}` ends early")));
+        }
+        if file_root(&h.cvs, entry.size, self.chunk_size)
+            .to_hex()
+            .as_str()
+            != entry.blake3
+            || h.cvs.len() as u64 != chunk_count(entry.size, self.chunk_size)
+        {
+            return Err(VerifyError::Mismatch {
+                first: format!(
+                    "{}: `{name}` file hash does not match the manifest",
+                    bundle.display()
+                ),
+                more: 0,
+            });
+        }
+        let f = w
+            .into_inner()
+            .map_err(|e| VerifyError::io(tmp, e.into_error()))?;
+        f.sync_all().map_err(|e| VerifyError::io(tmp, e))?;
+        Ok(())
+    }
 }
 
 /// Swaps the verified staged files into `out`: the old manifest and (when
