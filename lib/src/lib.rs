@@ -6,20 +6,26 @@
 //! Modules by concern, bottom up:
 //!
 //! * compute: [`kernels`] (matvec/matmul per instruction set, with a scalar
-//!   reference), [`tensor`] (the weight layouts kernels read), [`membw`]
-//!   (memory-bandwidth probe);
+//!   reference; [`kernels::Isa`] is the one instruction-set type), [`tensor`]
+//!   (the weight layouts kernels read, and their element readers),
+//!   [`membw`] (memory-bandwidth probe);
 //! * model formats: [`config`] (`config.json`), [`quant`] (AutoRound
 //!   packing), [`checkpoint`] (safetensors), [`cache`] (the repacked,
-//!   mmap-ready cache), [`weights`] (the weight-source abstraction over both),
+//!   mmap-ready cache), [`weights`] (the weight-source interface both
+//!   implement), [`open`] (the one opener: cache or checkpoint, checked),
 //!   [`synthetic`] (generated demo and benchmark checkpoints), [`assets`]
 //!   (the bundled tokenizer and template);
 //! * engine: [`model`] (the Qwen3-Next forward pass), [`sample`] (token
 //!   choice), [`chat`] (tokenizer, template, multi-turn conversation),
-//!   [`evaluate`] (logits and perplexity), [`speedbench`] (pp/tg runs);
+//!   [`evaluate`] (logits and perplexity), [`speedbench`] (pp/tg runs),
+//!   [`serve`] (the engine thread, prompt reuse and answer shaping behind
+//!   `rh-serve --listen`);
 //! * pipeline stages: [`fetch`], [`inspect`], [`verify`] (and
 //!   [`cache::write`] for repack);
 //! * plumbing: [`cli`] (exit codes, logs, progress), [`pipeline`]
-//!   (`pipeline.toml`), [`stage`] (resumable checkpoint records),
+//!   (`pipeline.toml`, the documented defaults, setting errors), [`env`]
+//!   (every environment variable read), [`stage`] (resumable checkpoint
+//!   records, [`stage::Stage`]),
 //!   [`fsutil`] (crash-safe writes), [`mmap`] (the one unsafe mapping).
 
 pub mod assets;
