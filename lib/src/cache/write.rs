@@ -927,7 +927,7 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
     let total: u64 = layout.index.files.iter().map(|f| f.size).sum();
     if !opts.skip_space_check {
         let need = space_needed(&layout, &opts.cache, &run) + index_bytes.len() as u64;
-        if let Some(free) = crate::fetch::free_bytes(&opts.cache) {
+        if let Some(free) = crate::fsutil::free_bytes(&opts.cache) {
             if need > free {
                 return Err(CacheError::Disk {
                     dir: opts.cache.clone(),

@@ -17,14 +17,18 @@
 //! Each file is a unit of the `fetch` stage record ([`crate::stage`]): a
 //! killed run resumes where it stopped, a finished one is "up to date".
 
+pub mod api;
+pub mod client;
+pub mod download;
 pub mod hf_cache;
 pub mod hub;
 pub mod local;
+pub mod offline;
 pub mod part;
+mod progress;
 pub mod synthetic;
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -463,97 +467,26 @@ pub(crate) struct Fetched {
     pub reused: usize,
 }
 
-/// Runs `f` over `items` on up to `n` threads; the first error stops the
-/// others from starting new items and is returned.
+/// [`fsutil::parallel`] over the fetch workers: a failure sets
+/// `units.abort`, and a real error wins over another worker's `Aborted`.
 pub(crate) fn parallel<T: Send>(
     items: Vec<T>,
     n: usize,
     units: &Units,
     f: impl Fn(T) -> Result<(), FetchError> + Sync,
 ) -> Result<(), FetchError> {
-    let queue = Mutex::new(items.into_iter());
-    let first_err: Mutex<Option<FetchError>> = Mutex::new(None);
-    let n = n.max(1);
-    std::thread::scope(|s| {
-        for _ in 0..n {
-            s.spawn(|| loop {
-                if units.aborted() {
-                    return;
-                }
-                let Some(item) = queue.lock().expect("queue lock").next() else {
-                    return;
-                };
-                if let Err(e) = f(item) {
-                    units.abort.store(true, Ordering::Relaxed);
-                    let mut slot = first_err.lock().expect("error lock");
-                    let replace = match (&*slot, &e) {
-                        (None, _) => true,
-                        (Some(FetchError::Aborted), e) => !matches!(e, FetchError::Aborted),
-                        _ => false,
-                    };
-                    if replace {
-                        *slot = Some(e);
-                    }
-                    return;
-                }
-            });
-        }
-    });
-    match first_err.into_inner().expect("error lock") {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    crate::fsutil::parallel(
+        items,
+        n,
+        &units.abort,
+        |e| matches!(e, FetchError::Aborted),
+        f,
+    )
 }
 
-/// A writer that hashes (blake3, optionally sha256) what passes through and
-/// advances a progress bar.
-pub(crate) struct HashingWriter<'a, W: Write> {
-    /// The inner writer.
-    pub inner: W,
-    /// blake3 of everything written.
-    pub blake3: blake3::Hasher,
-    /// Bytes written.
-    pub written: u64,
-    bar: &'a indicatif::ProgressBar,
-}
-
-impl<'a, W: Write> HashingWriter<'a, W> {
-    pub(crate) fn new(inner: W, bar: &'a indicatif::ProgressBar) -> Self {
-        HashingWriter {
-            inner,
-            blake3: blake3::Hasher::new(),
-            written: 0,
-            bar,
-        }
-    }
-}
-
-impl<W: Write> Write for HashingWriter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.blake3.update(&buf[..n]);
-        self.written += n as u64;
-        self.bar.inc(n as u64);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Free bytes on the filesystem holding `dir` (None where unknown).
-pub fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid
-    // NUL-terminated path that outlives the call.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
+/// Moved to [`crate::fsutil::free_bytes`]; kept for callers not yet updated.
+pub use crate::fsutil::free_bytes;
+pub(crate) use crate::fsutil::HashingWriter;
 
 /// Fails early when `need` more bytes will not fit under `dir`.
 pub(crate) fn check_disk(dir: &Path, need: u64) -> Result<(), FetchError> {
