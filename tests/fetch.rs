@@ -897,3 +897,190 @@ fn listed_sizes_that_overflow_are_refused_before_any_download() {
     assert!(err.contains("2^64"), "{err}");
     assert_eq!(hub.bytes_served(SHARD1) + hub.bytes_served(SHARD2), 0);
 }
+
+/// The blob name huggingface_hub gives a file: the sha256 of LFS files, the
+/// ETag (the git blob id) of the others.
+fn blob_name(f: &HubFile) -> String {
+    if f.lfs {
+        f.sha256()
+    } else {
+        f.git_oid()
+    }
+}
+
+/// Lays out `files()` in `hub_cache` exactly as `huggingface-cli download`
+/// leaves it: `blobs/<hash>`, `refs/main` holding the commit (no newline),
+/// and `snapshots/<commit>/<path>` as relative links into `../../blobs/`.
+fn hf_cli_layout(hub_cache: &Path) -> PathBuf {
+    let root = hub_cache.join("models--acme--tiny-model");
+    std::fs::create_dir_all(root.join("blobs")).unwrap();
+    std::fs::create_dir_all(root.join("refs")).unwrap();
+    let snap = root.join("snapshots").join(COMMIT);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::write(root.join("refs/main"), COMMIT).unwrap();
+    for f in files() {
+        std::fs::write(root.join("blobs").join(blob_name(&f)), &f.data).unwrap();
+        std::os::unix::fs::symlink(
+            Path::new("../../blobs").join(blob_name(&f)),
+            snap.join(&f.path),
+        )
+        .unwrap();
+    }
+    root
+}
+
+/// Checks the layout huggingface_hub's reader expects of `root`
+/// (`models--acme--tiny-model`): every file of the commit as a blob named by
+/// its hash, a relative snapshot link to it, `refs/main`, and nothing half
+/// written left in `blobs/`.
+fn assert_hf_layout(root: &Path) {
+    assert_eq!(
+        std::fs::read_to_string(root.join("refs/main")).unwrap(),
+        COMMIT
+    );
+    let mut blobs: Vec<String> = std::fs::read_dir(root.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    blobs.sort();
+    let mut want: Vec<String> = files().iter().map(blob_name).collect();
+    want.sort();
+    assert_eq!(blobs, want, "blobs are named by hash, nothing else there");
+    for f in files() {
+        let blob = root.join("blobs").join(blob_name(&f));
+        assert!(std::fs::symlink_metadata(&blob).unwrap().is_file());
+        assert!(std::fs::read(&blob).unwrap() == f.data, "{}", f.path);
+        let link = root.join("snapshots").join(COMMIT).join(&f.path);
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("../../blobs").join(blob_name(&f)),
+            "{}",
+            f.path
+        );
+    }
+}
+
+/// The checkpoint's files are links to the snapshot entries, not copies.
+fn assert_points_into(ck: &Path, root: &Path) {
+    for f in files() {
+        let p = ck.join(&f.path);
+        assert!(
+            std::fs::symlink_metadata(&p)
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "{} is a link",
+            f.path
+        );
+        assert_eq!(
+            std::fs::read_link(&p).unwrap(),
+            root.join("snapshots").join(COMMIT).join(&f.path)
+        );
+    }
+    assert_all_files(ck);
+}
+
+#[test]
+fn a_model_downloaded_by_huggingface_cli_is_used_without_a_transfer() {
+    let hub = hub();
+    let env = Env::new();
+    let root = hf_cli_layout(&env.hf_home().join("hub"));
+    // The default cache (HF_HOME/hub): found, checked, linked; no file bytes move.
+    let o = run(&mut env.fetch(&hub, &format!("hf:{REPO}"), "ck"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(hub.file_requests(), 0, "no file was downloaded");
+    assert_points_into(&env.path("ck"), &root);
+    let rec = env.record("ck");
+    assert_eq!(rec["outputs"].as_array().unwrap().len(), files().len());
+    assert_hf_layout(&root);
+
+    // The hub unreachable: the cached snapshot of the revision is used.
+    let o = run(env
+        .fetch_at("http://127.0.0.1:9", &format!("hf:{REPO}"), "ck2")
+        .args(["--retries", "0"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("already in"), "{}", text(&o));
+    assert_points_into(&env.path("ck2"), &root);
+
+    // A damaged blob is never trusted: it is downloaded again.
+    let shard = root.join("blobs").join(files()[3].sha256());
+    let mut bad = data(SHARD1);
+    bad[10] ^= 1;
+    std::fs::write(&shard, &bad).unwrap();
+    let o = run(&mut env.fetch(&hub, &format!("hf:{REPO}"), "ck3"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(hub.replies(SHARD1).len(), 1, "only the damaged file");
+    assert_eq!(
+        hub.file_requests(),
+        2,
+        "the resolve redirect and the CDN reply of that one file"
+    );
+    assert!(std::fs::read(&shard).unwrap() == data(SHARD1));
+    assert_points_into(&env.path("ck3"), &root);
+
+    // --no-hf-cache: files of the checkpoint's own (today's behaviour).
+    let o = run(env
+        .fetch(&hub, &format!("hf:{REPO}"), "ck4")
+        .arg("--no-hf-cache"));
+    assert!(o.status.success(), "{}", text(&o));
+    for f in files() {
+        let m = std::fs::symlink_metadata(env.path("ck4").join(&f.path)).unwrap();
+        assert!(m.is_file(), "{} is a file of its own", f.path);
+    }
+    assert_all_files(&env.path("ck4"));
+    // --hf-cache and --no-hf-cache together: a usage error.
+    let o = run(env
+        .fetch(&hub, REPO, "ck5")
+        .args(["--hf-cache", "--no-hf-cache"]));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+#[test]
+fn our_download_is_laid_out_as_huggingface_hub_writes_it() {
+    let hub = hub();
+    let env = Env::new();
+    // Cut connections on the way: the layout is the same after resumes.
+    hub.faults(|f| {
+        f.drop_after.insert(SHARD2.into(), (700_000, 1));
+    });
+    let o = run(&mut env.fetch(&hub, &format!("hf:{REPO}"), "ck"));
+    assert!(o.status.success(), "{}", text(&o));
+    let root = env.hf_home().join("hub/models--acme--tiny-model");
+    assert_hf_layout(&root);
+    assert_points_into(&env.path("ck"), &root);
+    // One copy on disk: the checkpoint holds links only.
+    let own: u64 = std::fs::read_dir(env.path("ck"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.metadata().unwrap())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    assert_eq!(own, 0, "no file of the checkpoint is a copy");
+
+    // The checkpoint opens for the next stage through its links (rh-fetch
+    // dir: walks it, following the file links into the cache).
+    let o = run(&mut env.fetch(&hub, &format!("dir:{}", env.path("ck").display()), "ck2"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_all_files(&env.path("ck2"));
+
+    // When python's huggingface_hub is installed, its own reader agrees.
+    let py = format!(
+        "import sys\nfrom huggingface_hub import try_to_load_from_cache\n\
+         for p in sys.argv[1:]:\n    r = try_to_load_from_cache('{REPO}', p, cache_dir='{}')\n    assert isinstance(r, str), (p, r)\n    print(r)\n",
+        env.hf_home().join("hub").display()
+    );
+    let mut c = Command::new("python3");
+    c.arg("-c").arg(&py);
+    for f in files() {
+        c.arg(&f.path);
+    }
+    match c.output() {
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named") => {
+            eprintln!("python3 has no huggingface_hub: its reader is not run");
+        }
+        Ok(o) => assert!(o.status.success(), "huggingface_hub: {}", text(&o)),
+        Err(_) => eprintln!("no python3: huggingface_hub's reader is not run"),
+    }
+}

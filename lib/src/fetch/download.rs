@@ -776,12 +776,16 @@ impl Dl<'_, '_> {
         if label.ends_with(".safetensors") {
             super::local::validate_safetensors(&self.part)?;
         }
-        fsutil::commit_temp(&self.part, &self.final_path)?;
-        PartMeta::remove(&self.part);
+        // With the HF cache, the verified bytes become its blob and the
+        // checkpoint file a link to the snapshot entry: one copy on disk.
         let blob_id = self.expected_sha.clone().or_else(|| self.f.oid.clone());
-        if let (Some(c), Some(id)) = (&ctx.cache, blob_id) {
-            c.store(&self.final_path, &id, ctx.commit, &label)?;
+        match (&ctx.cache, blob_id) {
+            (Some(c), Some(id)) => {
+                c.adopt(&self.part, &id, ctx.commit, &label, &self.final_path)?
+            }
+            _ => fsutil::commit_temp(&self.part, &self.final_path)?,
         }
+        PartMeta::remove(&self.part);
         ctx.units.done(
             &label,
             prog.len,
@@ -833,13 +837,25 @@ fn reuse_existing(
             );
             continue;
         }
+        // A checkpoint file already holding the right bytes is replaced
+        // without a claim: whatever it was, its content stays the same.
         if cand != final_path {
             ctx.units.claim(&f.path)?;
-            super::local::link_or_copy(&cand, final_path, &ProgressBar::hidden())?;
             tracing::info!("{}: reused from the HF cache", f.path);
         }
-        if let Some(c) = &ctx.cache {
-            c.store(final_path, &key, ctx.commit, &f.path)?;
+        match &ctx.cache {
+            Some(c) => {
+                c.store(&cand, &key, ctx.commit, &f.path)?;
+                c.point(final_path, ctx.commit, &f.path)?;
+            }
+            None => {
+                // --no-hf-cache: a file of its own, not a link into the cache.
+                let is_link =
+                    fs::symlink_metadata(final_path).is_ok_and(|m| m.file_type().is_symlink());
+                if cand != final_path || is_link {
+                    super::local::link_or_copy(&cand, final_path, &ProgressBar::hidden())?;
+                }
+            }
         }
         ctx.bars.overall.inc(m.len());
         ctx.units

@@ -74,7 +74,26 @@ pub(crate) fn fetch(
         return super::offline::offline(opts, repo, revision, filter, units);
     }
     let client = HubClient::new(opts);
-    let (commit, siblings) = client.revision(repo, revision)?;
+    let (commit, siblings) = match client.revision(repo, revision) {
+        Ok(r) => r,
+        Err(e @ FetchError::Http { .. }) => {
+            // The hub cannot be reached: a revision already in the HF cache
+            // is used as it is, as huggingface_hub does.
+            let cached = opts
+                .hf_cache
+                .as_ref()
+                .map(|c| RepoCache::new(c, repo))
+                .filter(|c| c.read_ref(revision).is_some());
+            let Some(c) = cached else { return Err(e) };
+            tracing::warn!(
+                "{}; using the snapshot of {repo}@{revision} already in {}",
+                crate::cli::one_line(&e),
+                c.root.display()
+            );
+            return super::offline::offline(opts, repo, revision, filter, units);
+        }
+        Err(e) => return Err(e),
+    };
     tracing::info!("{repo}@{revision} is commit {commit}");
     let listing = match client.tree(repo, &commit)? {
         Some(l) => l,

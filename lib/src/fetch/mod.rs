@@ -11,8 +11,11 @@
 //! * `hf:OWNER/NAME[@REV]` or plain `OWNER/NAME`: the Hugging Face hub (or a
 //!   mirror at `--endpoint`), over our own HTTP client with Range and
 //!   If-Range resume, retries, sha256 (LFS) and git blob id checks, and a
-//!   chunk-by-chunk repair of a file that fails them ([`hub`], [`part`]),
-//!   optionally sharing the standard HF cache layout ([`hf_cache`]).
+//!   chunk-by-chunk repair of a file that fails them ([`hub`], [`part`]);
+//!   stored in the standard Hugging Face cache, which the checkpoint links
+//!   into, and taken from it without a transfer when already there
+//!   ([`hf_cache`]; `rh-fetch` makes it the default, `--no-hf-cache` keeps
+//!   plain files).
 //!
 //! Each file is a unit of the `fetch` stage record ([`crate::stage`]): a
 //! killed run resumes where it stopped, a finished one is "up to date".
@@ -233,8 +236,10 @@ pub struct FetchOptions {
     pub endpoint: String,
     /// Bearer token for the hub.
     pub token: Option<String>,
-    /// The HF hub cache directory (`.../huggingface/hub`) to reuse files
-    /// from and store files into, when the cache is wanted.
+    /// The HF hub cache directory (`.../huggingface/hub`) that hub sources
+    /// reuse files from, store downloads in and link the checkpoint into
+    /// (`None`: the checkpoint gets its own copies, and `--offline` reads
+    /// the default cache).
     pub hf_cache: Option<PathBuf>,
     /// Redo everything.
     pub force: bool,

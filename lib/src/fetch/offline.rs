@@ -77,7 +77,14 @@ pub(crate) fn offline(
             });
         }
         units.claim(&rel)?;
-        let (h, _) = super::local::link_or_copy(&canon, &target, &bar)?;
+        // With the cache in use the checkpoint links into the snapshot;
+        // with --no-hf-cache it gets files of its own (hardlinks or copies).
+        let h = if opts.hf_cache.is_some() {
+            cache.point(&target, &commit, &rel)?;
+            crate::fsutil::blake3_file(&canon)?.to_hex().to_string()
+        } else {
+            super::local::link_or_copy(&canon, &target, &bar)?.0
+        };
         let size = fs::metadata(&target)
             .map_err(|e| FsError::io(&target, e))?
             .len();
