@@ -11,8 +11,9 @@ use roundhouse::fetch::{self, hf_cache, FetchOptions};
 use roundhouse::pipeline::Pipeline;
 
 /// Fetch a checkpoint: `hf:OWNER/NAME[@REV]` (or `OWNER/NAME`) from the
-/// Hugging Face hub, `dir:PATH` from this machine, or `synthetic:tiny` /
-/// `synthetic:qwen3-next-80b` generated locally. Resumes interrupted runs;
+/// Hugging Face hub (through the HF cache), `dir:PATH` from this machine, or
+/// `synthetic:tiny` / `synthetic:qwen3-next-80b` generated locally; or a
+/// published verified cache (`--expect HASH`) from the hub or a URL. Resumes interrupted runs;
 /// says "up to date" when there is nothing to do.
 #[derive(Parser, Debug)]
 #[command(
@@ -23,7 +24,9 @@ use roundhouse::pipeline::Pipeline;
       rh-fetch hf:Intel/Qwen3-Next-80B-A3B-Thinking-int4-mixed-AutoRound --out ckpt\n  \
       rh-fetch hf:ORG/MODEL --no-hf-cache --out ckpt   files of its own instead of links into the HF cache\n  \
       rh-fetch dir:/models/qwen3-next --out ckpt   a checkpoint already on this machine\n  \
-      rh-fetch synthetic:tiny --out tiny        the built-in demo model"
+      rh-fetch synthetic:tiny --out tiny        the built-in demo model\n  \
+      rh-fetch hf:ORG/CACHE --expect HASH       a published verified cache, into the pipeline's cache dir\n  \
+      rh-fetch https://host/path/ --expect HASH --out cache   the same from any static HTTP server"
 )]
 struct Args {
     /// Model source (default: `[model] source` of the manifest).
@@ -80,6 +83,11 @@ struct Args {
     /// (`--hf-cache=DIR` still names the cache).
     #[arg(long)]
     hf_home: Option<PathBuf>,
+    /// A published verified cache: the BLAKE3 of its manifest, as its
+    /// publisher shared it (`rh-verify` prints it). Required for
+    /// https://HOST/PATH/ sources; turns hf:ORG/REPO into one.
+    #[arg(long, value_name = "HASH")]
+    expect: Option<String>,
     /// Redo the stage even when it is up to date.
     #[arg(long)]
     force: bool,
@@ -166,6 +174,13 @@ fn body(a: Args) -> Result<(), CliError> {
         retries: a.retries,
         read_timeout: Duration::from_secs_f64(a.read_timeout),
         chunk_size: a.chunk_size,
+        expect: a.expect.clone(),
+        // A published cache goes to --out, else to the pipeline's cache.
+        cache_out: if a.out.is_some() {
+            None
+        } else {
+            Some(p.cache_dir())
+        },
     };
     let summary = fetch::run(&opts)?;
     if a.json {

@@ -844,6 +844,12 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
     } else {
         None
     };
+    if let Some(f) = fetch
+        .as_ref()
+        .filter(|f| crate::fetch::published::is_published(f))
+    {
+        return crate::fetch::published::skip_repack(opts, f, t0);
+    }
     if opts.cache == opts.checkpoint {
         return Err(input_err(format!(
             "{}: the cache directory must differ from the checkpoint directory",

@@ -115,6 +115,16 @@ pub(crate) fn fetch(
             });
         }
     }
+    // A published cache is recognised by its manifest (beside an index):
+    // fetched as a cache only against the hash its publisher shared.
+    let has = |n: &str| listing.iter().any(|f| f.path == n);
+    if has(crate::verify::MANIFEST_NAME) && has(crate::cache::format::INDEX_FILE) {
+        return Err(FetchError::Usage(format!(
+            "{repo}@{revision} is a published roundhouse cache ({} and {}): fetch it with --expect HASH, the manifest hash its publisher shared",
+            crate::verify::MANIFEST_NAME,
+            crate::cache::format::INDEX_FILE
+        )));
+    }
     let files: Vec<RemoteFile> = listing
         .into_iter()
         .filter(|f| filter.wants(&f.path))
