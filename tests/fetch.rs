@@ -897,3 +897,482 @@ fn listed_sizes_that_overflow_are_refused_before_any_download() {
     assert!(err.contains("2^64"), "{err}");
     assert_eq!(hub.bytes_served(SHARD1) + hub.bytes_served(SHARD2), 0);
 }
+
+/// The blob name huggingface_hub gives a file: the sha256 of LFS files, the
+/// ETag (the git blob id) of the others.
+fn blob_name(f: &HubFile) -> String {
+    if f.lfs {
+        f.sha256()
+    } else {
+        f.git_oid()
+    }
+}
+
+/// Lays out `files()` in `hub_cache` exactly as `huggingface-cli download`
+/// leaves it: `blobs/<hash>`, `refs/main` holding the commit (no newline),
+/// and `snapshots/<commit>/<path>` as relative links into `../../blobs/`.
+fn hf_cli_layout(hub_cache: &Path) -> PathBuf {
+    let root = hub_cache.join("models--acme--tiny-model");
+    std::fs::create_dir_all(root.join("blobs")).unwrap();
+    std::fs::create_dir_all(root.join("refs")).unwrap();
+    let snap = root.join("snapshots").join(COMMIT);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::write(root.join("refs/main"), COMMIT).unwrap();
+    for f in files() {
+        std::fs::write(root.join("blobs").join(blob_name(&f)), &f.data).unwrap();
+        std::os::unix::fs::symlink(
+            Path::new("../../blobs").join(blob_name(&f)),
+            snap.join(&f.path),
+        )
+        .unwrap();
+    }
+    root
+}
+
+/// Checks the layout huggingface_hub's reader expects of `root`
+/// (`models--acme--tiny-model`): every file of the commit as a blob named by
+/// its hash, a relative snapshot link to it, `refs/main`, and nothing half
+/// written left in `blobs/`.
+fn assert_hf_layout(root: &Path) {
+    assert_eq!(
+        std::fs::read_to_string(root.join("refs/main")).unwrap(),
+        COMMIT
+    );
+    let mut blobs: Vec<String> = std::fs::read_dir(root.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    blobs.sort();
+    let mut want: Vec<String> = files().iter().map(blob_name).collect();
+    want.sort();
+    assert_eq!(blobs, want, "blobs are named by hash, nothing else there");
+    for f in files() {
+        let blob = root.join("blobs").join(blob_name(&f));
+        assert!(std::fs::symlink_metadata(&blob).unwrap().is_file());
+        assert!(std::fs::read(&blob).unwrap() == f.data, "{}", f.path);
+        let link = root.join("snapshots").join(COMMIT).join(&f.path);
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("../../blobs").join(blob_name(&f)),
+            "{}",
+            f.path
+        );
+    }
+}
+
+/// The checkpoint's files are links to the snapshot entries, not copies.
+fn assert_points_into(ck: &Path, root: &Path) {
+    for f in files() {
+        let p = ck.join(&f.path);
+        assert!(
+            std::fs::symlink_metadata(&p)
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "{} is a link",
+            f.path
+        );
+        assert_eq!(
+            std::fs::read_link(&p).unwrap(),
+            root.join("snapshots").join(COMMIT).join(&f.path)
+        );
+    }
+    assert_all_files(ck);
+}
+
+#[test]
+fn a_model_downloaded_by_huggingface_cli_is_used_without_a_transfer() {
+    let hub = hub();
+    let env = Env::new();
+    let root = hf_cli_layout(&env.hf_home().join("hub"));
+    // The default cache (HF_HOME/hub): found, checked, linked; no file bytes move.
+    let o = run(&mut env.fetch(&hub, &format!("hf:{REPO}"), "ck"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(hub.file_requests(), 0, "no file was downloaded");
+    assert_points_into(&env.path("ck"), &root);
+    let rec = env.record("ck");
+    assert_eq!(rec["outputs"].as_array().unwrap().len(), files().len());
+    assert_hf_layout(&root);
+
+    // The hub unreachable: the cached snapshot of the revision is used.
+    let o = run(env
+        .fetch_at("http://127.0.0.1:9", &format!("hf:{REPO}"), "ck2")
+        .args(["--retries", "0"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("already in"), "{}", text(&o));
+    assert_points_into(&env.path("ck2"), &root);
+
+    // A damaged blob is never trusted: it is downloaded again.
+    let shard = root.join("blobs").join(files()[3].sha256());
+    let mut bad = data(SHARD1);
+    bad[10] ^= 1;
+    std::fs::write(&shard, &bad).unwrap();
+    let o = run(&mut env.fetch(&hub, &format!("hf:{REPO}"), "ck3"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(hub.replies(SHARD1).len(), 1, "only the damaged file");
+    assert_eq!(
+        hub.file_requests(),
+        2,
+        "the resolve redirect and the CDN reply of that one file"
+    );
+    assert!(std::fs::read(&shard).unwrap() == data(SHARD1));
+    assert_points_into(&env.path("ck3"), &root);
+
+    // --no-hf-cache: files of the checkpoint's own (today's behaviour).
+    let o = run(env
+        .fetch(&hub, &format!("hf:{REPO}"), "ck4")
+        .arg("--no-hf-cache"));
+    assert!(o.status.success(), "{}", text(&o));
+    for f in files() {
+        let m = std::fs::symlink_metadata(env.path("ck4").join(&f.path)).unwrap();
+        assert!(m.is_file(), "{} is a file of its own", f.path);
+    }
+    assert_all_files(&env.path("ck4"));
+    // --hf-cache and --no-hf-cache together: a usage error.
+    let o = run(env
+        .fetch(&hub, REPO, "ck5")
+        .args(["--hf-cache", "--no-hf-cache"]));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+#[test]
+fn our_download_is_laid_out_as_huggingface_hub_writes_it() {
+    let hub = hub();
+    let env = Env::new();
+    // Cut connections on the way: the layout is the same after resumes.
+    hub.faults(|f| {
+        f.drop_after.insert(SHARD2.into(), (700_000, 1));
+    });
+    let o = run(&mut env.fetch(&hub, &format!("hf:{REPO}"), "ck"));
+    assert!(o.status.success(), "{}", text(&o));
+    let root = env.hf_home().join("hub/models--acme--tiny-model");
+    assert_hf_layout(&root);
+    assert_points_into(&env.path("ck"), &root);
+    // One copy on disk: the checkpoint holds links only.
+    let own: u64 = std::fs::read_dir(env.path("ck"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.metadata().unwrap())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    assert_eq!(own, 0, "no file of the checkpoint is a copy");
+
+    // The checkpoint opens for the next stage through its links (rh-fetch
+    // dir: walks it, following the file links into the cache).
+    let o = run(&mut env.fetch(&hub, &format!("dir:{}", env.path("ck").display()), "ck2"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_all_files(&env.path("ck2"));
+
+    // When python's huggingface_hub is installed, its own reader agrees.
+    let py = format!(
+        "import sys\nfrom huggingface_hub import try_to_load_from_cache\n\
+         for p in sys.argv[1:]:\n    r = try_to_load_from_cache('{REPO}', p, cache_dir='{}')\n    assert isinstance(r, str), (p, r)\n    print(r)\n",
+        env.hf_home().join("hub").display()
+    );
+    let mut c = Command::new("python3");
+    c.arg("-c").arg(&py);
+    for f in files() {
+        c.arg(&f.path);
+    }
+    match c.output() {
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named") => {
+            eprintln!("python3 has no huggingface_hub: its reader is not run");
+        }
+        Ok(o) => assert!(o.status.success(), "huggingface_hub: {}", text(&o)),
+        Err(_) => eprintln!("no python3: huggingface_hub's reader is not run"),
+    }
+}
+
+// ---- Published verified caches -------------------------------------------
+
+const CACHE_REPO: &str = "acme/tiny-cache";
+/// Chunk size of the published manifest: small, so a file has many chunks.
+const CACHE_CHUNK: u64 = 64 << 10;
+
+/// A real cache of the tiny model with its manifest (64 KiB chunks), made
+/// once per test binary as a publisher would: rh-repack, then the manifest
+/// rh-verify writes. Returns its files (the data file and index as LFS
+/// files) and the manifest hash.
+fn published() -> (Vec<HubFile>, String) {
+    static ONCE: std::sync::OnceLock<(Vec<HubFile>, String)> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let ck = rh_tests::tiny_checkpoint(tmp);
+        let dir = tempfile::tempdir_in(tmp).unwrap();
+        let cache = dir.path().join("cache");
+        let o = run(rh("rh-repack")
+            .arg(&ck)
+            .arg(&cache)
+            .arg("-q")
+            .current_dir(dir.path()));
+        assert!(o.status.success(), "{}", text(&o));
+        roundhouse::verify::write_manifest(&cache, CACHE_CHUNK, true).unwrap();
+        let mut files = Vec::new();
+        for e in std::fs::read_dir(&cache).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            files.push(HubFile {
+                lfs: name != "manifest.blake3.json",
+                data: std::fs::read(e.path()).unwrap(),
+                path: name,
+            });
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let m = blake3::hash(
+            &files
+                .iter()
+                .find(|f| f.path == "manifest.blake3.json")
+                .unwrap()
+                .data,
+        );
+        (files, m.to_hex().to_string())
+    })
+    .clone()
+}
+
+fn cache_hub(extra: Vec<Repo>) -> HubServer {
+    let mut repos = vec![Repo {
+        name: CACHE_REPO.into(),
+        commit: COMMIT.into(),
+        revisions: vec!["main".into()],
+        files: published().0,
+        token: None,
+    }];
+    repos.extend(extra);
+    HubServer::start(repos)
+}
+
+/// The data file of the published cache (the biggest file).
+fn data_file() -> HubFile {
+    published()
+        .0
+        .into_iter()
+        .filter(|f| f.path.ends_with(".rhd"))
+        .max_by_key(|f| f.data.len())
+        .unwrap()
+}
+
+fn assert_cache(dir: &Path) {
+    for f in published().0 {
+        let got = std::fs::read(dir.join(&f.path)).unwrap_or_else(|e| panic!("{}: {e}", f.path));
+        assert!(got == f.data, "{} differs", f.path);
+    }
+}
+
+#[test]
+fn published_cache_over_http_survives_a_cut_and_a_corrupted_chunk() {
+    let hub = cache_hub(vec![]);
+    let env = Env::new();
+    let (_, hash) = published();
+    let data = data_file();
+    let len = data.data.len() as u64;
+    assert!(
+        len > 8 * CACHE_CHUNK,
+        "a data file of many chunks ({len} bytes)"
+    );
+    // The reply of chunk 2 (the third) is cut; chunk 5 arrives damaged once.
+    let cut_chunk = 2 * CACHE_CHUNK;
+    let bad_chunk = 5 * CACHE_CHUNK;
+    hub.faults(|f| {
+        f.stall_nth.insert(data.path.clone(), (3, 10));
+        f.corrupt_at.insert(data.path.clone(), (bad_chunk + 100, 1));
+    });
+    let url = format!("{}/static/{CACHE_REPO}/", hub.url);
+    // A run that gives up at the cut keeps the chunks it verified...
+    let o = run(env
+        .fetch_at(&hub.url, &url, "cache")
+        .args(["--expect", &hash, "--retries", "0"]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = assert_one_line_err(&o);
+    assert!(err.contains(&data.path) && err.contains("rerun"), "{err}");
+    let range = |a: u64| format!("bytes={a}-{}", (a + CACHE_CHUNK).min(len) - 1);
+    assert_eq!(
+        hub.ranges(&data.path),
+        [range(0), range(CACHE_CHUNK), range(cut_chunk)]
+    );
+
+    // ...and the rerun resumes at the cut chunk, fetches the damaged chunk
+    // a second time alone, and checks every chunk against the manifest.
+    let o = run(env
+        .fetch_at(&hub.url, &url, "cache")
+        .args(["--expect", &hash]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("nothing to repack"), "{}", text(&o));
+    assert_cache(&env.path("cache"));
+    let ranges = hub.ranges(&data.path);
+    let n = len.div_ceil(CACHE_CHUNK);
+    for c in 0..n {
+        let want = match c {
+            2 | 5 => 2, // the cut chunk (before and after), the damaged one
+            _ => 1,
+        };
+        let got = ranges
+            .iter()
+            .filter(|r| **r == range(c * CACHE_CHUNK))
+            .count();
+        assert_eq!(got, want, "chunk {c}: {ranges:?}");
+    }
+    assert!(text(&o).contains("damaged on the way"), "{}", text(&o));
+    let rec = env.record("cache");
+    assert_eq!(rec["details"]["kind"], "cache");
+    assert_eq!(rec["details"]["manifest_blake3"], hash.as_str());
+    assert_eq!(rec["details"]["chunks_fetched_again"], 1);
+    // The fetched directory checks as the published cache.
+    let o = run(rh("rh-verify")
+        .arg(env.path("cache"))
+        .args(["--expect", &hash])
+        .current_dir(env.path("")));
+    assert!(o.status.success(), "{}", text(&o));
+
+    // A rerun is up to date; a damaged chunk on disk is fetched again alone.
+    let o = run(env
+        .fetch_at(&hub.url, &url, "cache")
+        .args(["--expect", &hash]));
+    assert!(text(&o).contains("up to date"), "{}", text(&o));
+    let p = env.path("cache").join(&data.path);
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[(7 * CACHE_CHUNK + 9) as usize] ^= 1;
+    std::fs::write(&p, &bytes).unwrap();
+    let before = hub.ranges(&data.path).len();
+    let o = run(env
+        .fetch_at(&hub.url, &url, "cache")
+        .args(["--expect", &hash, "--force"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(hub.ranges(&data.path)[before..], [range(7 * CACHE_CHUNK)]);
+    assert_cache(&env.path("cache"));
+}
+
+#[test]
+fn published_cache_from_the_hub_then_the_pipeline_skips_repack() {
+    let hub = cache_hub(vec![]);
+    let env = Env::new();
+    let (_, hash) = published();
+    std::fs::write(
+        env.path("pipeline.toml"),
+        "[model]\nsource = \"hf:acme/tiny-cache\"\nwork_dir = \"w\"\n",
+    )
+    .unwrap();
+    let stage = |bin: &str| {
+        let mut c = rh(bin);
+        c.current_dir(env.path("")).env("HF_HOME", env.hf_home());
+        c
+    };
+    // Without --expect: recognised by its manifest, and refused.
+    let o = run(stage("rh-fetch").args(["--endpoint", &hub.url]));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(assert_one_line_err(&o).contains("--expect"));
+    // The wrong hash: nothing downloaded but the manifest.
+    let zeros = "0".repeat(64);
+    let o = run(stage("rh-fetch").args(["--endpoint", &hub.url, "--expect", &zeros]));
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(assert_one_line_err(&o).contains("not the cache that was shared"));
+    assert_eq!(hub.bytes_served(&data_file().path), 0);
+    let o = run(stage("rh-fetch").args(["--endpoint", &hub.url, "--expect", "abc"]));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_one_line_err(&o);
+
+    // With it: into the pipeline's cache dir; repack has nothing to do and
+    // says why in its record; verify checks the cache.
+    let o = run(stage("rh-fetch").args(["--endpoint", &hub.url, "--expect", &hash]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_cache(&env.path("w/cache"));
+    assert!(!env.path("w/checkpoint/index.rhc").exists());
+    let o = run(&mut stage("rh-repack"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("up to date"), "{}", text(&o));
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.path("w/stages/repack.json")).unwrap()).unwrap();
+    assert_eq!(rec["status"], "complete");
+    assert!(
+        rec["details"]["skipped"]
+            .as_str()
+            .unwrap()
+            .contains("published cache"),
+        "{rec}"
+    );
+    let o = run(&mut stage("rh-verify"));
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn published_cache_bad_manifests_and_lying_servers_get_one_line() {
+    let (files, _) = published();
+    let manifest = |body: serde_json::Value| {
+        let bytes = serde_json::to_vec_pretty(&body).unwrap();
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        (bytes, hash)
+    };
+    let h = "a".repeat(64);
+    let entry = |path: &str, size: u64, chunks: usize| serde_json::json!({"path": path, "size": size, "blake3": h, "chunks": vec![h.clone(); chunks]});
+    let m = |chunk: u64, files: Vec<serde_json::Value>| {
+        manifest(
+            serde_json::json!({"format": 1, "algorithm": "blake3", "chunk_size": chunk, "files": files}),
+        )
+    };
+    let cases: Vec<(&str, (Vec<u8>, String), &str)> = vec![
+        ("dotdot", m(1024, vec![entry("../x", 1, 1)]), "../x"),
+        ("absolute", m(1024, vec![entry("/etc/x", 1, 1)]), "/etc/x"),
+        (
+            "reserved",
+            m(1024, vec![entry(".rh/stages/fetch.json", 1, 1)]),
+            ".rh",
+        ),
+        (
+            "overflow",
+            m(
+                1 << 62,
+                vec![entry("a", 1 << 63, 2), entry("b", 1 << 63, 2)],
+            ),
+            "2^64",
+        ),
+        ("huge", m(1 << 40, vec![entry("a", 1 << 50, 1024)]), "free"),
+    ];
+    // A server that lies about a file's size: the data file one byte short.
+    let mut short = files.clone();
+    let d = short.iter_mut().find(|f| f.path.ends_with(".rhd")).unwrap();
+    d.data.pop();
+    let mut repos: Vec<Repo> = cases
+        .iter()
+        .map(|(name, (bytes, _), _)| Repo {
+            name: format!("evil/{name}"),
+            commit: COMMIT.into(),
+            revisions: vec!["main".into()],
+            files: vec![HubFile {
+                path: "manifest.blake3.json".into(),
+                data: bytes.clone(),
+                lfs: false,
+            }],
+            token: None,
+        })
+        .collect();
+    repos.push(Repo {
+        name: "evil/short".into(),
+        commit: COMMIT.into(),
+        revisions: vec!["main".into()],
+        files: short,
+        token: None,
+    });
+    let hub = cache_hub(repos);
+    let env = Env::new();
+    for (name, (_, hash), needle) in &cases {
+        let url = format!("{}/static/evil/{name}/", hub.url);
+        let o = run(env.fetch_at(&hub.url, &url, name).args(["--expect", hash]));
+        assert_eq!(o.status.code(), Some(1), "{name}: {}", text(&o));
+        let err = assert_one_line_err(&o);
+        assert!(err.contains(needle), "{name}: {err}");
+    }
+    let url = format!("{}/static/evil/short/", hub.url);
+    let o = run(env
+        .fetch_at(&hub.url, &url, "short")
+        .args(["--expect", &published().1]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(assert_one_line_err(&o).contains("the server says the file has"));
+    // https:// without --expect: a usage error.
+    let o = run(&mut env.fetch_at(&hub.url, &url, "short"));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}

@@ -335,6 +335,102 @@ impl DirLock {
     }
 }
 
+/// Runs `f` over `items` on up to `n` threads. The first error sets `stop`
+/// (workers check it before each item, and long jobs may poll it) and is
+/// returned; an error for which `secondary` is true (a worker that only
+/// stopped because another failed) is replaced by a real one.
+pub fn parallel<T: Send, E: Send>(
+    items: Vec<T>,
+    n: usize,
+    stop: &std::sync::atomic::AtomicBool,
+    secondary: impl Fn(&E) -> bool + Sync,
+    f: impl Fn(T) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    use std::sync::atomic::Ordering;
+    use std::sync::Mutex;
+    let queue = Mutex::new(items.into_iter());
+    let first_err: Mutex<Option<E>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..n.max(1) {
+            s.spawn(|| loop {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Some(item) = queue.lock().expect("queue lock").next() else {
+                    return;
+                };
+                if let Err(e) = f(item) {
+                    stop.store(true, Ordering::Relaxed);
+                    let mut slot = first_err.lock().expect("error lock");
+                    let replace = match &*slot {
+                        None => true,
+                        Some(old) => secondary(old) && !secondary(&e),
+                    };
+                    if replace {
+                        *slot = Some(e);
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    match first_err.into_inner().expect("error lock") {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// A writer that hashes (blake3) what passes through and advances a
+/// progress bar.
+pub struct HashingWriter<'a, W: Write> {
+    /// The inner writer.
+    pub inner: W,
+    /// blake3 of everything written.
+    pub blake3: blake3::Hasher,
+    /// Bytes written.
+    pub written: u64,
+    bar: &'a indicatif::ProgressBar,
+}
+
+impl<'a, W: Write> HashingWriter<'a, W> {
+    /// Wraps `inner`, advancing `bar` by the bytes written.
+    pub fn new(inner: W, bar: &'a indicatif::ProgressBar) -> Self {
+        HashingWriter {
+            inner,
+            blake3: blake3::Hasher::new(),
+            written: 0,
+            bar,
+        }
+    }
+}
+
+impl<W: Write> Write for HashingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.blake3.update(&buf[..n]);
+        self.written += n as u64;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Free bytes on the filesystem holding `dir` (None where unknown).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid
+    // NUL-terminated path that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

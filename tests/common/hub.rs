@@ -8,7 +8,10 @@
 //! connection dropped after N bytes, a corrupted byte (always or for N
 //! replies), 500s, a server that ignores Range, a stall, stale content under
 //! another ETag for N replies, 401 for a gated repo, 404 for a missing
-//! revision or file.
+//! revision or file, a byte corrupted only in replies that carry a given
+//! offset. Every repo's files are also served as plain static files at
+//! `/static/OWNER/NAME/PATH` (Range, no redirects, no API), as any static
+//! HTTP server would serve a published cache.
 //!
 //! Plain `std::net` and one thread per connection; every reply closes its
 //! connection.
@@ -148,6 +151,9 @@ pub struct Faults {
     /// List the file in the tree with this size instead of its real one
     /// (a hub that lies about sizes).
     pub listed_size: HashMap<String, u64>,
+    /// Flip the byte at this offset in this many replies whose range
+    /// carries it (other replies are untouched and not counted).
+    pub corrupt_at: HashMap<String, (u64, usize)>,
 }
 
 /// One reply with file bytes.
@@ -250,7 +256,11 @@ impl HubServer {
     pub fn ranges(&self, path: &str) -> Vec<String> {
         self.seen()
             .into_iter()
-            .filter(|s| s.path.contains("/cdn/") || s.path.contains("/resolve/"))
+            .filter(|s| {
+                s.path.contains("/cdn/")
+                    || s.path.contains("/resolve/")
+                    || s.path.contains("/static/")
+            })
             .filter(|s| s.path.split('?').next().unwrap_or("").ends_with(path))
             .filter_map(|s| s.range)
             .collect()
@@ -271,11 +281,15 @@ impl HubServer {
         *self.state.lock().unwrap().served.get(path).unwrap_or(&0)
     }
 
-    /// Requests for file bytes (resolve or CDN) so far.
+    /// Requests for file bytes (resolve, CDN or static) so far.
     pub fn file_requests(&self) -> usize {
         self.seen()
             .iter()
-            .filter(|s| s.path.contains("/cdn/") || s.path.contains("/resolve/"))
+            .filter(|s| {
+                s.path.contains("/cdn/")
+                    || s.path.contains("/resolve/")
+                    || s.path.contains("/static/")
+            })
             .count()
     }
 }
@@ -413,6 +427,25 @@ fn handle(mut conn: TcpStream, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
             }
             _ => json_reply(&mut conn, 404, serde_json::json!({"error": "not found"})),
         };
+    }
+
+    if let Some(rest) = path.strip_prefix("/static/") {
+        // OWNER/NAME/PATH, no API, no auth: a plain static server.
+        let segs: Vec<&str> = rest.splitn(3, '/').collect();
+        let name = format!("{}/{}", segs[0], segs.get(1).unwrap_or(&""));
+        let file = segs.get(2).copied().unwrap_or("");
+        let Some(f) = find_repo(&name).and_then(|r| r.files.iter().find(|f| f.path == file)) else {
+            return respond(&mut conn, 404, "Not Found", &[], b"");
+        };
+        return serve_bytes(
+            &mut conn,
+            st,
+            &name,
+            f,
+            range.as_deref(),
+            if_range.as_deref(),
+            &[],
+        );
     }
 
     if let Some(rest) = path.strip_prefix("/cdn/") {
@@ -597,6 +630,20 @@ fn serve_bytes(
             };
             Some((a, b))
         });
+    // A byte flipped only in replies that carry it.
+    let span = match parsed {
+        Some((s, e)) => (s, e.unwrap_or(u64::MAX)),
+        None => (0, u64::MAX),
+    };
+    {
+        let mut s = st.lock().unwrap();
+        if let Some((at, n)) = s.faults.corrupt_at.get_mut(&f.path) {
+            if *n > 0 && !fail && span.0 <= *at && *at <= span.1 && *at < len {
+                *n -= 1;
+                data.to_mut()[*at as usize] ^= 0x5a;
+            }
+        }
+    }
     let mut headers: Vec<(&str, String)> = extra.to_vec();
     headers.push(("ETag", etag.clone()));
     let (status, reason, body) = match parsed {

@@ -11,8 +11,9 @@ use roundhouse::fetch::{self, hf_cache, FetchOptions};
 use roundhouse::pipeline::Pipeline;
 
 /// Fetch a checkpoint: `hf:OWNER/NAME[@REV]` (or `OWNER/NAME`) from the
-/// Hugging Face hub, `dir:PATH` from this machine, or `synthetic:tiny` /
-/// `synthetic:qwen3-next-80b` generated locally. Resumes interrupted runs;
+/// Hugging Face hub (through the HF cache), `dir:PATH` from this machine, or
+/// `synthetic:tiny` / `synthetic:qwen3-next-80b` generated locally; or a
+/// published verified cache (`--expect HASH`) from the hub or a URL. Resumes interrupted runs;
 /// says "up to date" when there is nothing to do.
 #[derive(Parser, Debug)]
 #[command(
@@ -21,8 +22,11 @@ use roundhouse::pipeline::Pipeline;
     after_help = "Examples:\n  \
       rh-fetch                                  the pipeline's source (pipeline.toml) into its work dir\n  \
       rh-fetch hf:Intel/Qwen3-Next-80B-A3B-Thinking-int4-mixed-AutoRound --out ckpt\n  \
+      rh-fetch hf:ORG/MODEL --no-hf-cache --out ckpt   files of its own instead of links into the HF cache\n  \
       rh-fetch dir:/models/qwen3-next --out ckpt   a checkpoint already on this machine\n  \
-      rh-fetch synthetic:tiny --out tiny        the built-in demo model"
+      rh-fetch synthetic:tiny --out tiny        the built-in demo model\n  \
+      rh-fetch hf:ORG/CACHE --expect HASH       a published verified cache, into the pipeline's cache dir\n  \
+      rh-fetch https://host/path/ --expect HASH --out cache   the same from any static HTTP server"
 )]
 struct Args {
     /// Model source (default: `[model] source` of the manifest).
@@ -65,14 +69,25 @@ struct Args {
     /// Hub base URL.
     #[arg(long, env = "HF_ENDPOINT", default_value = fetch::DEFAULT_ENDPOINT)]
     endpoint: String,
-    /// Reuse and fill the standard HF cache: `--hf-cache=DIR`, else
-    /// HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
+    /// The Hugging Face cache that hf: sources use by default (files found
+    /// there are not downloaded again; downloads are stored there, and the
+    /// checkpoint links to them): `--hf-cache=DIR`, else HF_HUB_CACHE, else
+    /// HF_HOME/hub, else ~/.cache/huggingface/hub.
     #[arg(long, value_name = "DIR", num_args = 0..=1, require_equals = true)]
     hf_cache: Option<Option<PathBuf>>,
-    /// Use the HF cache (and token file) under this HF_HOME (implies
-    /// --hf-cache; `--hf-cache=DIR` still names the cache).
+    /// Keep the checkpoint's own copy of every file instead of the HF cache
+    /// (what rh-fetch did before the cache became the default).
+    #[arg(long, conflicts_with = "hf_cache")]
+    no_hf_cache: bool,
+    /// Use the HF cache (and token file) under this HF_HOME
+    /// (`--hf-cache=DIR` still names the cache).
     #[arg(long)]
     hf_home: Option<PathBuf>,
+    /// A published verified cache: the BLAKE3 of its manifest, as its
+    /// publisher shared it (`rh-verify` prints it). Required for
+    /// https://HOST/PATH/ sources; turns hf:ORG/REPO into one.
+    #[arg(long, value_name = "HASH")]
+    expect: Option<String>,
     /// Redo the stage even when it is up to date.
     #[arg(long)]
     force: bool,
@@ -114,12 +129,13 @@ fn body(a: Args) -> Result<(), CliError> {
     if a.read_timeout.is_nan() || a.read_timeout <= 0.0 {
         return Err(CliError::usage("--read-timeout must be positive"));
     }
-    // --hf-cache=DIR > --hf-home > HF_HUB_CACHE > HF_HOME/hub > ~/.cache.
+    // --hf-cache=DIR > --hf-home > HF_HUB_CACHE > HF_HOME/hub > ~/.cache;
+    // --no-hf-cache: none (--offline still reads the default one).
     let hf_cache = match (&a.hf_cache, &a.hf_home) {
+        _ if a.no_hf_cache => None,
         (Some(Some(dir)), _) => Some(dir.clone()),
         (_, Some(h)) => Some(h.join("hub")),
-        (Some(None), None) => Some(hf_cache::default_hub_cache()),
-        (None, None) => None,
+        (_, None) => Some(hf_cache::default_hub_cache()),
     };
     let source = a.source.clone().unwrap_or_else(|| p.source());
     // --revision, else `@REV` in the source, else `[model] revision`.
@@ -158,6 +174,13 @@ fn body(a: Args) -> Result<(), CliError> {
         retries: a.retries,
         read_timeout: Duration::from_secs_f64(a.read_timeout),
         chunk_size: a.chunk_size,
+        expect: a.expect.clone(),
+        // A published cache goes to --out, else to the pipeline's cache.
+        cache_out: if a.out.is_some() {
+            None
+        } else {
+            Some(p.cache_dir())
+        },
     };
     let summary = fetch::run(&opts)?;
     if a.json {

@@ -7,6 +7,7 @@
 //! * [`read`]: [`Cache`], a [`crate::weights::WeightSource`] over the mapped files.
 
 pub mod format;
+pub mod published;
 pub mod read;
 pub mod write;
 

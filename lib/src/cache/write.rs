@@ -1034,6 +1034,12 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
     } else {
         None
     };
+    if let Some(f) = fetch
+        .as_ref()
+        .filter(|f| super::published::is_published(f))
+    {
+        return super::published::skip_repack(opts, f, t0);
+    }
     if opts.cache == opts.checkpoint {
         return Err(input_err(format!(
             "{}: the cache directory must differ from the checkpoint directory",
@@ -1143,7 +1149,7 @@ fn check_space(
     index_len: u64,
 ) -> Result<(), CacheError> {
     let need = space_needed(layout, &opts.cache, run) + index_len;
-    match crate::fetch::free_bytes(&opts.cache) {
+    match crate::fsutil::free_bytes(&opts.cache) {
         Some(free) if need > free => Err(CacheError::Disk {
             dir: opts.cache.clone(),
             need: crate::cli::human_bytes(need),

@@ -8,9 +8,19 @@
 //!     refs/<revision>            (file holding the commit)
 //! ```
 //!
-//! rh-fetch both *reuses* blobs already there (checked against the hub's
-//! sha256 before use, so a damaged cache is never trusted) and *stores*
-//! what it downloads (a hardlink of the checkpoint file, so no extra disk).
+//! It is the default home of `hf:` downloads, as for every HF tool: rh-fetch
+//! *reuses* blobs already there (from `huggingface-cli`, transformers or an
+//! earlier run; checked against the hub's sha256 or git blob id before use,
+//! so a damaged cache is never trusted), *stores* what it downloads as a
+//! blob with its snapshot link (so transformers finds it), and makes each
+//! file of the checkpoint directory a symlink to the snapshot entry
+//! ([`RepoCache::point`]) instead of a second copy. `--no-hf-cache` keeps
+//! plain files in the checkpoint directory instead.
+//!
+//! The links are the layout's own: a snapshot entry is a relative link
+//! `../../blobs/<hash>` (one more `..` per subfolder), a checkpoint entry an
+//! absolute link to the snapshot entry. Walks of a checkpoint follow such
+//! file links ([`super::local::list`]) but never links to directories.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -82,7 +92,16 @@ fn is_hex(s: &str, len: usize) -> bool {
 
 impl RepoCache {
     /// The folder of `repo` (`OWNER/NAME`) under the hub cache `cache`.
+    /// A relative `cache` is taken from the current directory, so the
+    /// checkpoint's links into it stay valid from anywhere.
     pub fn new(cache: &Path, repo: &str) -> RepoCache {
+        let cache = if cache.is_absolute() {
+            cache.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map(|d| d.join(cache))
+                .unwrap_or_else(|_| cache.to_path_buf())
+        };
         RepoCache {
             root: cache.join(format!("models--{}", repo.replace('/', "--"))),
         }
@@ -138,19 +157,65 @@ impl RepoCache {
         commit: &str,
         rel: &str,
     ) -> Result<(), FetchError> {
+        // Hardlink the file itself, not a link that leads to it.
+        let file = file.canonicalize().map_err(|e| FsError::io(file, e))?;
+        self.put_blob(&file, hash, false)?;
+        self.link_snapshot(hash, commit, rel)
+    }
+
+    /// Moves the verified download `file` into the cache as blob `hash` (a
+    /// rename, or a copy across filesystems), links the snapshot entry to
+    /// it, and points `checkpoint_file` at that entry. Each step is atomic,
+    /// and a crash between them leaves a blob the next run finds and checks.
+    pub fn adopt(
+        &self,
+        file: &Path,
+        hash: &str,
+        commit: &str,
+        rel: &str,
+        checkpoint_file: &Path,
+    ) -> Result<(), FetchError> {
+        self.put_blob(file, hash, true)?;
+        self.link_snapshot(hash, commit, rel)?;
+        self.point(checkpoint_file, commit, rel)
+    }
+
+    /// Puts the verified `file` in place as blob `hash`: renamed when
+    /// `take` (the file is ours to move), else hardlinked; copied (temp
+    /// name, fsync, rename) when the cache is on another filesystem. A blob
+    /// already there under that name is replaced unless it is `file`
+    /// itself: it was not checked, and may be damaged.
+    fn put_blob(&self, file: &Path, hash: &str, take: bool) -> Result<(), FetchError> {
+        use std::os::unix::fs::MetadataExt;
         let blob = self.blob(hash);
-        if !blob.exists() {
-            super::ensure_parent(&blob)?;
-            let tmp = with_suffix(&blob, ".incomplete");
-            let _ = fs::remove_file(&tmp);
-            if fs::hard_link(file, &tmp).is_err() {
-                fs::copy(file, &tmp).map_err(|e| FsError::io(&tmp, e))?;
-                fs::File::open(&tmp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| FsError::io(&tmp, e))?;
+        if let (Ok(a), Ok(b)) = (fs::metadata(file), fs::metadata(&blob)) {
+            if (a.dev(), a.ino()) == (b.dev(), b.ino()) {
+                return Ok(());
             }
-            fsutil::commit_temp(&tmp, &blob)?;
         }
+        super::ensure_parent(&blob)?;
+        if take && fs::rename(file, &blob).is_ok() {
+            fsutil::sync_dir(blob.parent().expect("blob has a folder"))?;
+            return Ok(());
+        }
+        let tmp = with_suffix(&blob, ".incomplete");
+        let _ = fs::remove_file(&tmp);
+        if fs::hard_link(file, &tmp).is_err() {
+            fs::copy(file, &tmp).map_err(|e| FsError::io(&tmp, e))?;
+            fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| FsError::io(&tmp, e))?;
+        }
+        fsutil::commit_temp(&tmp, &blob)?;
+        if take {
+            let _ = fs::remove_file(file);
+        }
+        Ok(())
+    }
+
+    /// Links `snapshots/<commit>/<rel>` to blob `hash`, relatively, as
+    /// huggingface_hub does.
+    fn link_snapshot(&self, hash: &str, commit: &str, rel: &str) -> Result<(), FetchError> {
         let link = self.snapshot(commit).join(rel);
         super::ensure_parent(&link)?;
         let depth = rel.matches('/').count();
@@ -160,14 +225,16 @@ impl RepoCache {
         }
         target.push("blobs");
         target.push(hash);
-        if fs::read_link(&link).ok().as_deref() == Some(target.as_path()) {
-            return Ok(());
-        }
-        let tmp = with_suffix(&link, ".tmp");
-        let _ = fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&target, &tmp).map_err(|e| FsError::io(&tmp, e))?;
-        fs::rename(&tmp, &link).map_err(|e| FsError::io(&link, e))?;
-        Ok(())
+        replace_with_link(&link, &target)
+    }
+
+    /// Makes `checkpoint_file` a symlink to the snapshot entry of `rel` (an
+    /// absolute path), replacing whatever directory entry is there without
+    /// writing through it.
+    pub fn point(&self, checkpoint_file: &Path, commit: &str, rel: &str) -> Result<(), FetchError> {
+        let target = self.snapshot(commit).join(rel);
+        super::ensure_parent(checkpoint_file)?;
+        replace_with_link(checkpoint_file, &target)
     }
 
     /// The files of a cached snapshot (relative path, resolved file), for
@@ -179,6 +246,38 @@ impl RepoCache {
         }
         super::local::list(&dir)
     }
+}
+
+/// Puts a symlink to `target` at `link` (a temp link renamed over it, so
+/// the entry is never missing and nothing is written through an old link).
+fn replace_with_link(link: &Path, target: &Path) -> Result<(), FetchError> {
+    if fs::read_link(link).ok().as_deref() == Some(target) {
+        return Ok(());
+    }
+    let tmp = with_suffix(link, ".tmp");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).map_err(|e| FsError::io(&tmp, e))?;
+    fs::rename(&tmp, link).map_err(|e| FsError::io(link, e))?;
+    if let Some(d) = link.parent() {
+        fsutil::sync_dir(d)?;
+    }
+    Ok(())
+}
+
+/// Whether `path` (resolved) is a blob of a repo folder in a hub cache:
+/// `.../models--OWNER--NAME/blobs/<hash>`, what snapshot entries and the
+/// checkpoint links made by rh-fetch lead to.
+pub fn is_blob_path(path: &Path) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let blobs = path.parent();
+    let repo = blobs.and_then(Path::parent);
+    name.is_some_and(|n| is_hex(&n, 64) || is_hex(&n, 40))
+        && blobs
+            .and_then(Path::file_name)
+            .is_some_and(|b| b == "blobs")
+        && repo
+            .and_then(Path::file_name)
+            .is_some_and(|r| r.to_string_lossy().starts_with("models--"))
 }
 
 #[cfg(test)]

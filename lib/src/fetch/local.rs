@@ -20,10 +20,12 @@ use crate::fsutil::{self, FsError};
 const MAX_ENTRIES: usize = 100_000;
 
 /// Lists the regular files under `dir`, relative and `/`-separated,
-/// skipping hidden entries and our temp files. Symlinks to files are
-/// followed (a Hugging Face snapshot is made of them); symlinks to
-/// directories are not, so a link loop (`L -> .`) cannot make the walk
-/// explode, and the walk is bounded in depth and in entries.
+/// skipping hidden entries and our temp files. Symlinks to directories are
+/// not followed, so a link loop (`L -> .`) cannot make the walk explode
+/// and the walk never leaves the tree through one; the walk is bounded in
+/// depth and in entries. Symlinks to files are followed: a Hugging Face
+/// snapshot is made of links `../../blobs/<hash>`, and a checkpoint made by
+/// rh-fetch of links to snapshot entries ([`FileLink`] tells them apart).
 pub fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, FetchError> {
     fn walk(
         root: &Path,
@@ -58,7 +60,15 @@ pub fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, FetchError> {
                         tracing::warn!("{}: a link to a directory; not followed", p.display());
                         continue;
                     }
-                    Ok(m) => m,
+                    Ok(m) => {
+                        if FileLink::of(root, &p) == FileLink::Elsewhere {
+                            tracing::info!(
+                                "{}: a link to a file outside the checkpoint; reading it",
+                                p.display()
+                            );
+                        }
+                        m
+                    }
                     Err(err) => return Err(FsError::io(&p, err).into()),
                 }
             } else {
@@ -81,6 +91,35 @@ pub fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, FetchError> {
     walk(dir, dir, &mut out, 0, &mut 0)?;
     out.sort();
     Ok(out)
+}
+
+/// Where a symlink to a file in a checkpoint leads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileLink {
+    /// To a file inside the walked tree.
+    Inside,
+    /// To a blob of a Hugging Face cache (`models--*/blobs/<hash>`): a
+    /// snapshot entry, or a checkpoint file that rh-fetch linked there.
+    HfBlob,
+    /// Somewhere else on this machine (a file the user linked by hand).
+    Elsewhere,
+}
+
+impl FileLink {
+    /// Classifies the link at `link` under the tree `root` (by the file it
+    /// finally resolves to).
+    pub fn of(root: &Path, link: &Path) -> FileLink {
+        let (Ok(root), Ok(target)) = (root.canonicalize(), link.canonicalize()) else {
+            return FileLink::Elsewhere;
+        };
+        if target.starts_with(&root) {
+            FileLink::Inside
+        } else if super::hf_cache::is_blob_path(&target) {
+            FileLink::HfBlob
+        } else {
+            FileLink::Elsewhere
+        }
+    }
 }
 
 /// Validates a safetensors file's header against its length (the data is

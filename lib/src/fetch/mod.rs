@@ -11,20 +11,33 @@
 //! * `hf:OWNER/NAME[@REV]` or plain `OWNER/NAME`: the Hugging Face hub (or a
 //!   mirror at `--endpoint`), over our own HTTP client with Range and
 //!   If-Range resume, retries, sha256 (LFS) and git blob id checks, and a
-//!   chunk-by-chunk repair of a file that fails them ([`hub`], [`part`]),
-//!   optionally sharing the standard HF cache layout ([`hf_cache`]).
+//!   chunk-by-chunk repair of a file that fails them ([`hub`], [`part`]);
+//!   stored in the standard Hugging Face cache, which the checkpoint links
+//!   into, and taken from it without a transfer when already there
+//!   ([`hf_cache`]; `rh-fetch` makes it the default, `--no-hf-cache` keeps
+//!   plain files).
+//!
+//! * `https://host/path/` (or `hf:OWNER/NAME` with `--expect`): a published
+//!   verified cache, checked against the manifest hash given with
+//!   `--expect`, every chunk as it arrives ([`published`]); the pipeline
+//!   then has nothing to repack.
 //!
 //! Each file is a unit of the `fetch` stage record ([`crate::stage`]): a
 //! killed run resumes where it stopped, a finished one is "up to date".
 
+pub mod api;
+pub mod client;
+pub mod download;
 pub mod hf_cache;
 pub mod hub;
 pub mod local;
+pub mod offline;
 pub mod part;
+mod progress;
+pub mod published;
 pub mod synthetic;
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -44,7 +57,7 @@ pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// The source string is not understood.
-    #[error("source `{0}` not understood: use hf:OWNER/NAME[@REVISION], OWNER/NAME, dir:PATH, synthetic:tiny or synthetic:qwen3-next-80b")]
+    #[error("source `{0}` not understood: use hf:OWNER/NAME[@REVISION], OWNER/NAME, dir:PATH, https://HOST/PATH/ (a published cache), synthetic:tiny or synthetic:qwen3-next-80b")]
     BadSource(String),
     /// A flag or manifest value is wrong.
     #[error("{0}")]
@@ -143,6 +156,8 @@ pub enum Source {
     Synthetic(String),
     /// A local checkpoint directory.
     Local(PathBuf),
+    /// A published cache on a static HTTP server (base URL ending in `/`).
+    Url(String),
     /// A hub repo, with the revision given in the source (`@REV`), if any.
     Hub {
         /// `OWNER/NAME`.
@@ -173,6 +188,9 @@ impl Source {
                 return Err(bad());
             }
             return Ok(Source::Local(PathBuf::from(p)));
+        }
+        if s.starts_with("https://") || s.starts_with("http://") {
+            return published::base_url(s).map(Source::Url).ok_or_else(bad);
         }
         let hub = if let Some(r) = s.strip_prefix("hf:") {
             r
@@ -229,8 +247,10 @@ pub struct FetchOptions {
     pub endpoint: String,
     /// Bearer token for the hub.
     pub token: Option<String>,
-    /// The HF hub cache directory (`.../huggingface/hub`) to reuse files
-    /// from and store files into, when the cache is wanted.
+    /// The HF hub cache directory (`.../huggingface/hub`) that hub sources
+    /// reuse files from, store downloads in and link the checkpoint into
+    /// (`None`: the checkpoint gets its own copies, and `--offline` reads
+    /// the default cache).
     pub hf_cache: Option<PathBuf>,
     /// Redo everything.
     pub force: bool,
@@ -243,6 +263,12 @@ pub struct FetchOptions {
     /// Chunk size of the received-bytes record and of repairs (default
     /// [`part::DEFAULT_CHUNK`]; a `.part` keeps the size it was started with).
     pub chunk_size: u64,
+    /// The manifest hash of a published cache (`--expect`): makes an `hf:`
+    /// source a published cache, and is required for `https://` sources.
+    pub expect: Option<String>,
+    /// Where a published cache goes (the pipeline's cache directory);
+    /// `None`: `out`.
+    pub cache_out: Option<PathBuf>,
 }
 
 impl Default for FetchOptions {
@@ -267,6 +293,8 @@ impl Default for FetchOptions {
             retries: 6,
             read_timeout: Duration::from_secs(60),
             chunk_size: part::DEFAULT_CHUNK,
+            expect: None,
+            cache_out: None,
         }
     }
 }
@@ -290,6 +318,8 @@ pub struct FetchSummary {
     pub transferred: u64,
     /// Files taken from the HF cache, a local dir, or an earlier run.
     pub reused: usize,
+    /// The manifest hash, when the source was a published cache.
+    pub published: Option<String>,
 }
 
 impl FetchSummary {
@@ -305,16 +335,21 @@ impl FetchSummary {
             .as_deref()
             .map(|c| format!(" (commit {c})"))
             .unwrap_or_default();
+        let ready = self
+            .published
+            .as_deref()
+            .map(|h| format!("; a published cache, every chunk checked against manifest {h}: ready to serve, nothing to repack"))
+            .unwrap_or_default();
         if self.up_to_date {
             format!(
-                "up to date: {} files, {} in {}{commit} (--force to fetch again)",
+                "up to date: {} files, {} in {}{commit}{ready} (--force to fetch again)",
                 self.files,
                 crate::cli::human_bytes(self.bytes),
                 self.out_dir.display()
             )
         } else {
             format!(
-                "fetched {}: {} files, {} in {}{commit}; {} transferred, {} files reused",
+                "fetched {}: {} files, {} in {}{commit}; {} transferred, {} files reused{ready}",
                 self.source,
                 self.files,
                 crate::cli::human_bytes(self.bytes),
@@ -463,97 +498,26 @@ pub(crate) struct Fetched {
     pub reused: usize,
 }
 
-/// Runs `f` over `items` on up to `n` threads; the first error stops the
-/// others from starting new items and is returned.
+/// [`fsutil::parallel`] over the fetch workers: a failure sets
+/// `units.abort`, and a real error wins over another worker's `Aborted`.
 pub(crate) fn parallel<T: Send>(
     items: Vec<T>,
     n: usize,
     units: &Units,
     f: impl Fn(T) -> Result<(), FetchError> + Sync,
 ) -> Result<(), FetchError> {
-    let queue = Mutex::new(items.into_iter());
-    let first_err: Mutex<Option<FetchError>> = Mutex::new(None);
-    let n = n.max(1);
-    std::thread::scope(|s| {
-        for _ in 0..n {
-            s.spawn(|| loop {
-                if units.aborted() {
-                    return;
-                }
-                let Some(item) = queue.lock().expect("queue lock").next() else {
-                    return;
-                };
-                if let Err(e) = f(item) {
-                    units.abort.store(true, Ordering::Relaxed);
-                    let mut slot = first_err.lock().expect("error lock");
-                    let replace = match (&*slot, &e) {
-                        (None, _) => true,
-                        (Some(FetchError::Aborted), e) => !matches!(e, FetchError::Aborted),
-                        _ => false,
-                    };
-                    if replace {
-                        *slot = Some(e);
-                    }
-                    return;
-                }
-            });
-        }
-    });
-    match first_err.into_inner().expect("error lock") {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    crate::fsutil::parallel(
+        items,
+        n,
+        &units.abort,
+        |e| matches!(e, FetchError::Aborted),
+        f,
+    )
 }
 
-/// A writer that hashes (blake3, optionally sha256) what passes through and
-/// advances a progress bar.
-pub(crate) struct HashingWriter<'a, W: Write> {
-    /// The inner writer.
-    pub inner: W,
-    /// blake3 of everything written.
-    pub blake3: blake3::Hasher,
-    /// Bytes written.
-    pub written: u64,
-    bar: &'a indicatif::ProgressBar,
-}
-
-impl<'a, W: Write> HashingWriter<'a, W> {
-    pub(crate) fn new(inner: W, bar: &'a indicatif::ProgressBar) -> Self {
-        HashingWriter {
-            inner,
-            blake3: blake3::Hasher::new(),
-            written: 0,
-            bar,
-        }
-    }
-}
-
-impl<W: Write> Write for HashingWriter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.blake3.update(&buf[..n]);
-        self.written += n as u64;
-        self.bar.inc(n as u64);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Free bytes on the filesystem holding `dir` (None where unknown).
-pub fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid
-    // NUL-terminated path that outlives the call.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
+/// Moved to [`crate::fsutil::free_bytes`]; kept for callers not yet updated.
+pub use crate::fsutil::free_bytes;
+pub(crate) use crate::fsutil::HashingWriter;
 
 /// Fails early when `need` more bytes will not fit under `dir`.
 pub(crate) fn check_disk(dir: &Path, need: u64) -> Result<(), FetchError> {
@@ -588,11 +552,18 @@ fn fingerprint(opts: &FetchOptions, src: &Source) -> String {
             let d = d.canonicalize().unwrap_or_else(|_| d.clone());
             fp.add("dir", d.to_string_lossy().as_bytes());
         }
+        Source::Url(base) => {
+            fp.add("url", base);
+        }
         Source::Hub { repo, revision } => {
             fp.add("repo", repo);
             fp.add("revision", hub_revision(opts, revision));
             fp.add("endpoint", opts.endpoint.trim_end_matches('/'));
         }
+    }
+    if let Some(h) = &opts.expect {
+        // Only when set, so existing checkpoints stay up to date.
+        fp.add("expect", h);
     }
     fp.finish()
 }
@@ -607,6 +578,19 @@ fn hub_revision(opts: &FetchOptions, from_source: &Option<String>) -> String {
 /// Runs the fetch stage: up to date, resumed, or from scratch.
 pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
     let src = Source::parse(&opts.source)?;
+    let expect = published_expect(opts, &src)?;
+    // A published cache goes where the pipeline wants its cache.
+    let cache_opts;
+    let opts = match (&expect, &opts.cache_out) {
+        (Some(_), Some(dir)) => {
+            cache_opts = FetchOptions {
+                out: dir.clone(),
+                ..opts.clone()
+            };
+            &cache_opts
+        }
+        _ => opts,
+    };
     let filter = Filter::new(&opts.include, &opts.exclude)?;
     if opts.concurrency == 0 {
         return Err(FetchError::Usage("--concurrency must be at least 1".into()));
@@ -647,6 +631,7 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
                 bytes: rec.outputs.iter().map(|o| o.size).sum(),
                 transferred: 0,
                 reused: rec.outputs.len(),
+                published: published_hash(&rec.details),
             })
         }
         Plan::Run(run) => run,
@@ -663,10 +648,16 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
     // settings does not forget what earlier runs wrote.
     run.record.details = serde_json::json!({ "owned": owned });
     let units = Units::new(run, opts.out.clone(), owned, opts.force);
-    let fetched = match &src {
-        Source::Synthetic(p) => synthetic::fetch(opts, p, &filter, &units)?,
-        Source::Local(d) => local::fetch(opts, d, &filter, &units)?,
-        Source::Hub { repo, revision } => {
+    let fetched = match (&src, &expect) {
+        (Source::Synthetic(p), _) => synthetic::fetch(opts, p, &filter, &units)?,
+        (Source::Local(d), _) => local::fetch(opts, d, &filter, &units)?,
+        (Source::Url(base), Some(h)) => published::fetch_url(opts, base, h, &units)?,
+        (Source::Url(_), None) => unreachable!("checked by published_expect"),
+        (Source::Hub { repo, revision }, Some(h)) => {
+            let rev = hub_revision(opts, revision);
+            published::fetch_hub(opts, repo, &rev, h, &units)?
+        }
+        (Source::Hub { repo, revision }, None) => {
             let rev = hub_revision(opts, revision);
             hub::fetch(opts, repo, &rev, &filter, &units)?
         }
@@ -699,17 +690,57 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
     if let Some(obj) = details.as_object_mut() {
         obj.insert("identity".into(), identity.into());
     }
+    let published = published_hash(&details);
     run.finish(outputs, details)?;
     Ok(FetchSummary {
         up_to_date: false,
         source: opts.source.clone(),
         out_dir: opts.out.clone(),
+        published,
         commit: fetched.commit,
         files,
         bytes,
         transferred: fetched.transferred,
         reused: fetched.reused,
     })
+}
+
+/// `--expect` checked against the source: required for `https://`, allowed
+/// for `hf:` (a published cache in a hub repo), refused elsewhere; a
+/// published cache is fetched whole, so filters are refused too.
+fn published_expect(opts: &FetchOptions, src: &Source) -> Result<Option<String>, FetchError> {
+    let expect = opts
+        .expect
+        .as_deref()
+        .map(published::parse_expect)
+        .transpose()?;
+    match (src, &expect) {
+        (Source::Url(base), None) => {
+            return Err(FetchError::Usage(format!(
+                "{base}: a published cache is fetched with --expect HASH (the manifest hash its publisher shared)"
+            )))
+        }
+        (Source::Synthetic(_) | Source::Local(_), Some(_)) => {
+            return Err(FetchError::Usage(
+                "--expect applies to published caches (hf:ORG/REPO or https://HOST/PATH/)".into(),
+            ))
+        }
+        _ => {}
+    }
+    if expect.is_some() && !(opts.include.is_empty() && opts.exclude.is_empty()) {
+        return Err(FetchError::Usage(
+            "--include/--exclude do not apply to a published cache: every file of it is needed"
+                .into(),
+        ));
+    }
+    Ok(expect)
+}
+
+/// The manifest hash recorded by a published-cache fetch.
+fn published_hash(details: &serde_json::Value) -> Option<String> {
+    (details.get("kind").and_then(|k| k.as_str()) == Some(published::KIND))
+        .then(|| details.get("manifest_blake3")?.as_str().map(str::to_string))
+        .flatten()
 }
 
 /// Files of `out` that the fetch stage's record says it wrote.
@@ -733,13 +764,17 @@ fn owned_files(work_dir: &Path, out: &Path) -> std::collections::BTreeSet<String
 }
 
 /// Whether a name from a listing would land in the tool's own state: the
-/// stage records under the work dir (`<out>/.rh` by default) or our lock
-/// and temporary files.
+/// stage records under the work dir (`<out>/.rh/stages` when only --out is
+/// given) or our lock and temporary files. (Only the records: with the
+/// pipeline's layout the output itself lies under the work dir.)
 pub(crate) fn reserved(opts: &FetchOptions, name: &str) -> bool {
     let first = name.split('/').next().unwrap_or(name);
     first == ".rh"
         || name.split('/').any(|p| p.starts_with(".roundhouse-"))
-        || opts.out.join(name).starts_with(&opts.work_dir)
+        || opts
+            .out
+            .join(name)
+            .starts_with(opts.work_dir.join("stages"))
 }
 
 /// Creates the parent directories of `out/rel`.
@@ -805,6 +840,19 @@ mod tests {
         assert!(f.wants("sub/x.json"));
         assert!(Filter::new(&["[".into()], &[]).is_err());
         assert!(Filter::default().wants("anything"));
+    }
+
+    #[test]
+    fn reserved_names_are_the_records_and_our_files_only() {
+        // The pipeline's layout: the checkpoint lies under the work dir.
+        let mut o = FetchOptions::default();
+        assert!(!reserved(&o, "config.json"));
+        assert!(reserved(&o, ".roundhouse-lock"));
+        o.out = "ck".into();
+        o.work_dir = "ck/state".into();
+        assert!(reserved(&o, "state/stages/fetch.json"));
+        assert!(!reserved(&o, "state/other.json"));
+        assert!(reserved(&o, ".rh/x"));
     }
 
     #[test]
