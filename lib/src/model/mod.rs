@@ -570,9 +570,21 @@ mod tests {
         // Different prompt lengths; B joins while A decodes, C (prefilled
         // in two chunks) while both do; A leaves first.
         let scripts = [
-            Script { prompt: p(5, 37), joins: 0, gen: 6 },
-            Script { prompt: p(11, 101), joins: 2, gen: 12 },
-            Script { prompt: p(40, 13), joins: 4, gen: 7 },
+            Script {
+                prompt: p(5, 37),
+                joins: 0,
+                gen: 6,
+            },
+            Script {
+                prompt: p(11, 101),
+                joins: 2,
+                gen: 12,
+            },
+            Script {
+                prompt: p(40, 13),
+                joins: 4,
+                gen: 7,
+            },
         ];
         let solo: Vec<_> = scripts.iter().map(|s| alone(&m, s)).collect();
         // The batched run feeds each sequence the tokens it chose alone, so
