@@ -673,8 +673,37 @@ impl ChunkPacer {
             return;
         };
         let per_token = ((secs - plain) / prompt as f64).max(1e-9);
-        let want = ((STALL_FACTOR - 1.0) * plain / per_token) as usize;
+        let want = ((STALL_FACTOR - 1.0) * plain / per_token).round() as usize;
         let (lo, hi) = (prompt.max(MIN_CHUNK) / 4, prompt.max(MIN_CHUNK) * 4);
         self.chunk = want.clamp(lo, hi).clamp(MIN_CHUNK, PREFILL_CHUNK);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacer_sizes_chunks_to_the_stall_budget() {
+        let mut p = ChunkPacer::new();
+        // Nobody decoding: a prompt takes the whole chunk.
+        assert_eq!(p.budget(0), PREFILL_CHUNK);
+        assert_eq!(p.budget(3), FIRST_CHUNK);
+        // A mixed step before any plain one teaches nothing.
+        p.observe(3, 64, 1.0);
+        assert_eq!(p.budget(3), FIRST_CHUNK);
+        // Plain steps of 0.1 s; 64 prompt tokens added 0.64 s (10 ms each):
+        // two plain steps' worth is 20 tokens.
+        p.observe(3, 0, 0.1);
+        p.observe(3, 64, 0.74);
+        assert_eq!(p.budget(3), 20);
+        // Cheap prompt tokens grow the chunk at most 4x per step.
+        p.observe(3, 20, 0.1 + 20.0 * 1e-5);
+        assert_eq!(p.budget(3), 80);
+        // Dear ones shrink it (at most 4x per step), never below MIN_CHUNK.
+        p.observe(3, 80, 100.0);
+        assert_eq!(p.budget(3), 20);
+        p.observe(3, 20, 100.0);
+        assert_eq!(p.budget(3), MIN_CHUNK);
     }
 }
