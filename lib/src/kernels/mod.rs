@@ -538,8 +538,17 @@ mod batch {
             let nr = rpt.min(rows - r0);
             // Token-major: each token's outputs of the block are adjacent.
             let mut out = vec![0f32; n * nr];
-            for (t, ot) in out.chunks_exact_mut(nr).enumerate() {
-                row_range(s, &view, &acts[t], xs[t], r0, ot);
+            match &view {
+                // Dense weights are converted once for several tokens.
+                View::D(v) => s
+                    .avx2()
+                    .expect("a SIMD level")
+                    .dense_rows_tokens(v, r0, nr, &xs, &mut out),
+                View::Q(_) => {
+                    for (t, ot) in out.chunks_exact_mut(nr).enumerate() {
+                        row_range(s, &view, &acts[t], xs[t], r0, ot);
+                    }
+                }
             }
             (r0, out)
         };

@@ -619,11 +619,13 @@ fn small_batch_matmul_is_each_tokens_matvec_bit_for_bit() {
     let mats = [
         Matrix::Quant(rand_quant(&mut rng, 300, 512, 4, 128, false)),
         Matrix::Quant(rand_quant(&mut rng, 77, 256, 8, 32, true)),
-        Matrix::Dense(rand_dense(&mut rng, 129, 96, FloatType::BF16)),
+        Matrix::Dense(rand_dense(&mut rng, 129, 101, FloatType::BF16)),
+        Matrix::Dense(rand_dense(&mut rng, 40, 64, FloatType::F32)),
+        Matrix::Dense(rand_dense(&mut rng, 33, 77, FloatType::F16)),
     ];
     for w in &mats {
         let cols = w.cols();
-        for n in [2, 3, super::SMALL_BATCH_TOKENS] {
+        for n in [2, 3, 4, 5, super::SMALL_BATCH_TOKENS] {
             let x = rand_x(&mut rng, n * cols);
             for isa in simd_isas() {
                 for path in [Path::SimdF32, Path::SimdInt16] {
