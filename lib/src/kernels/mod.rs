@@ -73,13 +73,19 @@ const TASKS_PER_THREAD: usize = 4;
 #[cfg(target_arch = "x86_64")]
 const TOKENS_PER_PASS: usize = 96;
 
-/// Most tokens a matmul runs as matvecs over blocks of rows
-/// ([`matmul`]'s small-batch path): a few sequences decoding together.
-/// Below this the tiles' setup (transposing each block of weight rows, or
-/// converting it to f32) costs more than the tokens reuse: at 4 tokens the
-/// tile path took 4.2x a matvec on int8 `in_proj_qkvz` and 4.4x on the
-/// BF16 lm_head, more than four matvecs.
+/// Most tokens a matmul of dense weights runs as matvecs over blocks of
+/// rows ([`matmul`]'s small-batch path: a few sequences decoding
+/// together). Below this converting each block of weight rows to f32 for
+/// the tiles costs more than the tokens reuse: at 4 tokens the BF16
+/// lm_head took 4.4x a matvec that way, more than four matvecs.
 pub const SMALL_BATCH_TOKENS: usize = 8;
+
+/// The same for quantized weights, whose integer tiles pay off sooner: in
+/// a batch of 8 decoding sequences the tiles were faster, and prefill's
+/// experts, which meet a few tokens each but run side by side as one task
+/// each (`matmul_one_task`), keep the tiles (pp256 lost a fifth of its
+/// speed when they took this path).
+pub const SMALL_BATCH_QUANT_TOKENS: usize = 4;
 
 /// Weight bytes of one block of rows in the small-batch path: the block
 /// stays in L2 while every token's matvec passes over it, so the weights
@@ -668,7 +674,11 @@ fn matmul_on(s: Simd, w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path
     }
     validate(w);
     #[cfg(target_arch = "x86_64")]
-    if n <= SMALL_BATCH_TOKENS && !matches!((s, path), (_, Path::Scalar) | (Simd::None, _)) {
+    let small = match w {
+        Matrix::Dense(_) => n <= SMALL_BATCH_TOKENS,
+        Matrix::Quant(_) => split && n <= SMALL_BATCH_QUANT_TOKENS,
+    };
+    if small && !matches!((s, path), (_, Path::Scalar) | (Simd::None, _)) {
         // Matmul keeps f32 activations where decode would take int8 ones
         // (see `Path::SimdInt8`).
         let path = if path == Path::SimdInt8 {

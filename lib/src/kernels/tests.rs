@@ -628,6 +628,13 @@ fn small_batch_matmul_is_each_tokens_matvec_bit_for_bit() {
         for n in [2, 3, 4, 5, super::SMALL_BATCH_TOKENS] {
             let x = rand_x(&mut rng, n * cols);
             for isa in simd_isas() {
+                let small = match w {
+                    Matrix::Dense(_) => n <= super::SMALL_BATCH_TOKENS,
+                    Matrix::Quant(_) => n <= super::SMALL_BATCH_QUANT_TOKENS,
+                };
+                if !small {
+                    continue;
+                }
                 for path in [Path::SimdF32, Path::SimdInt16] {
                     let mut y = vec![f32::NAN; n * w.rows()];
                     matmul_isa(isa, w, &x, n, &mut y, path);
@@ -642,11 +649,13 @@ fn small_batch_matmul_is_each_tokens_matvec_bit_for_bit() {
                     }
                 }
             }
-            let mut a = vec![0f32; n * w.rows()];
-            let mut b = vec![1f32; n * w.rows()];
-            matmul(w, &x, n, &mut a);
-            matmul_one_task(w, &x, n, &mut b);
-            assert_eq!(a, b, "one task vs split, n={n}");
+            if matches!(w, Matrix::Dense(_)) {
+                let mut a = vec![0f32; n * w.rows()];
+                let mut b = vec![1f32; n * w.rows()];
+                matmul(w, &x, n, &mut a);
+                matmul_one_task(w, &x, n, &mut b);
+                assert_eq!(a, b, "one task vs split, n={n}");
+            }
         }
     }
 }
