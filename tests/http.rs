@@ -489,9 +489,13 @@ fn cors_origin_and_non_loopback_warning() {
 
 /// A request that disconnects mid-stream stops generating (the next one
 /// runs at once); past the queue limit requests get a 503 with Retry-After.
+/// One slot (`--parallel 1`), so the second request waits in the queue.
 #[test]
 fn queue_limit_and_disconnect() {
-    let s = Server::start(tiny(), &["--queue", "1", "--cache-ram", "0"]);
+    let s = Server::start(
+        tiny(),
+        &["--queue", "1", "--cache-ram", "0", "--parallel", "1"],
+    );
     let long = json!({"messages": user("Tell me a long story"), "max_tokens": 6000,
         "temperature": 1.0, "stream": true});
     let resp = ureq::post(&format!("{}/v1/chat/completions", s.url))
@@ -714,4 +718,105 @@ fn tools_are_rendered_and_tool_messages_go_back_in() {
         finish == "length" || finish == "stop" || finish == "tool_calls",
         "{finish}"
     );
+}
+
+/// Several real clients at once share the running batch (`--parallel 3`,
+/// four requests: one waits for a slot), with prompts of different lengths
+/// (a long one is read in chunks between decode steps) joining while a
+/// stream decodes and leaving at different lengths: each gets the greedy
+/// answer it gets alone. Batched products are matmuls and a lone decode's
+/// are matvecs, equal to rounding (model::tests bounds the logits at 2e-3
+/// of their range with the same top-1), so the greedy texts match.
+#[test]
+fn concurrent_clients_get_what_each_gets_alone() {
+    let s = Server::start(tiny(), &["--parallel", "3", "--cache-ram", "0"]);
+    let prompts: Vec<(String, usize)> = vec![
+        ("Once upon a time".into(), 40),
+        ("The capital of France is".into(), 12),
+        (
+            format!("{} Summarize.", "The river runs to the sea. ".repeat(60)),
+            16,
+        ),
+        ("1, 2, 3,".into(), 6),
+    ];
+    let body = |p: &str, n: usize, stream: bool| json!({"prompt": p, "max_tokens": n, "temperature": 0, "stream": stream});
+    let text = |v: &Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+    let alone: Vec<(String, u64)> = prompts
+        .iter()
+        .map(|(p, n)| {
+            let (st, v) = s.post("/v1/completions", &body(p, *n, false));
+            assert_eq!(st, 200, "{v}");
+            (text(&v), v["usage"]["completion_tokens"].as_u64().unwrap())
+        })
+        .collect();
+    let steps = |s: &Server| -> u64 {
+        let (_, m) = s.get("/metrics", None);
+        m.lines()
+            .find_map(|l| l.strip_prefix("rh_batch_steps_total "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let steps0 = steps(&s);
+
+    // The first client streams; the others start once it is generating.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let url = s.url.clone();
+    let first = body(&prompts[0].0, prompts[0].1, true);
+    let streamer = std::thread::spawn(move || {
+        let resp = ureq::post(&format!("{url}/v1/completions"))
+            .send_string(&first.to_string())
+            .unwrap();
+        let mut out = String::new();
+        let mut seen = 0;
+        for line in BufReader::new(resp.into_reader()).lines() {
+            let line = line.unwrap();
+            let Some(d) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            if d == "[DONE]" {
+                break;
+            }
+            seen += 1;
+            if seen == 3 {
+                tx.send(()).unwrap();
+            }
+            let v: Value = serde_json::from_str(d).unwrap();
+            out.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+        }
+        out
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the streaming client got its first chunks");
+    let others: Vec<_> = prompts[1..]
+        .iter()
+        .map(|(p, n)| {
+            let url = s.url.clone();
+            let b = body(p, *n, false);
+            std::thread::spawn(move || {
+                let (st, t) = finish(
+                    ureq::post(&format!("{url}/v1/completions")).send_string(&b.to_string()),
+                );
+                assert_eq!(st, 200, "{t}");
+                serde_json::from_str::<Value>(&t).unwrap()
+            })
+        })
+        .collect();
+    let mut together = vec![streamer.join().unwrap()];
+    together.extend(others.into_iter().map(|h| text(&h.join().unwrap())));
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(&a.0, b, "request {i}: alone vs in the batch");
+    }
+    // They shared steps: fewer batched forwards than tokens generated
+    // (each prompt took at least one step of its own too).
+    let generated: u64 = alone.iter().map(|a| a.1).sum();
+    let used = steps(&s) - steps0;
+    assert!(
+        used < generated,
+        "{used} steps for {generated} tokens: the requests did not share steps"
+    );
+    let (_, health) = s.get("/health", None);
+    let h: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(h["slots_idle"], 3, "{health}");
+    assert_eq!(h["slots_processing"], 0, "{health}");
 }

@@ -314,8 +314,10 @@ pub struct ServeTable {
     pub threads: Option<usize>,
     /// Serve HTTP on this address (`rh-serve --listen`), e.g. `127.0.0.1:8080`.
     pub listen: Option<String>,
-    /// Requests that may wait behind the running one (`--queue`). Default 16.
+    /// Requests that may wait behind the running batch (`--queue`). Default 16.
     pub queue: Option<usize>,
+    /// Most requests generating at once (`--parallel`). Default 4.
+    pub parallel: Option<usize>,
     /// RAM for kept prompt states, MiB (`--cache-ram`).
     pub cache_ram: Option<usize>,
 }

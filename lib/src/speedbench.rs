@@ -51,6 +51,74 @@ pub fn mean_sd(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// Decode of several sequences at once (llama.cpp's batched-bench): each
+/// step is one batched forward over every stream's next token.
+#[derive(Clone, Debug, Serialize)]
+pub struct ParallelResult {
+    /// Sequences decoding together.
+    pub streams: usize,
+    /// Tokens each stream generates per repetition.
+    pub tokens_per_stream: usize,
+    /// Prompt tokens each stream holds before its tokens are timed.
+    pub context: usize,
+    /// Tokens/s of all streams together, per repetition.
+    pub samples_tps: Vec<f64>,
+    /// Mean of `samples_tps`.
+    pub aggregate_tps: f64,
+    /// Sample standard deviation of `samples_tps`.
+    pub aggregate_sd: f64,
+    /// `aggregate_tps / streams`: what one stream sees.
+    pub per_stream_tps: f64,
+    /// `aggregate_tps` over the one-stream run's, when that was measured.
+    pub speedup: Option<f64>,
+    /// `per_stream_tps` over the one-stream run's.
+    pub per_stream_ratio: Option<f64>,
+}
+
+impl ParallelResult {
+    /// Summarises per-repetition times (seconds) of `streams` x
+    /// `tokens_per_stream` tokens each.
+    pub fn from_times(
+        streams: usize,
+        tokens_per_stream: usize,
+        context: usize,
+        seconds: &[f64],
+    ) -> ParallelResult {
+        let t = TestResult::from_times(String::new(), streams * tokens_per_stream, seconds);
+        ParallelResult {
+            streams,
+            tokens_per_stream,
+            context,
+            samples_tps: t.samples_tps,
+            aggregate_tps: t.mean_tps,
+            aggregate_sd: t.sd_tps,
+            per_stream_tps: t.mean_tps / streams.max(1) as f64,
+            speedup: None,
+            per_stream_ratio: None,
+        }
+    }
+
+    /// Fills `speedup` and `per_stream_ratio` against the one-stream row.
+    pub fn relate(rows: &mut [ParallelResult]) {
+        let Some(one) = rows
+            .iter()
+            .find(|r| r.streams == 1)
+            .map(|r| r.aggregate_tps)
+        else {
+            return;
+        };
+        for r in rows.iter_mut().filter(|_| one > 0.0) {
+            r.speedup = Some(r.aggregate_tps / one);
+            r.per_stream_ratio = Some(r.per_stream_tps / one);
+        }
+    }
+
+    /// The test's name in the table and CSV: `tg<N> x<streams>`.
+    pub fn test(&self) -> String {
+        format!("tg{} x{}", self.tokens_per_stream, self.streams)
+    }
+}
+
 /// The whole report.
 #[derive(Clone, Debug, Serialize)]
 pub struct SpeedReport {
@@ -66,6 +134,9 @@ pub struct SpeedReport {
     pub threads: usize,
     /// pp and tg results.
     pub tests: Vec<TestResult>,
+    /// Parallel decode results (`--parallel`), fewest streams first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parallel: Vec<ParallelResult>,
     /// Seconds from start to ready (open + validate + first touch).
     pub load_s: f64,
     /// Peak resident set (VmHWM) in bytes.
@@ -120,7 +191,24 @@ impl SpeedReport {
                 t.sd_tps
             ));
         }
+        for r in &self.parallel {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} |\n",
+                self.model,
+                gib(self.size_bytes),
+                params(self.params),
+                self.backend,
+                self.threads,
+                r.test(),
+                r.aggregate_tps,
+                r.aggregate_sd
+            ));
+        }
         s.push('\n');
+        if !self.parallel.is_empty() {
+            s.push_str(&self.parallel_table());
+            s.push('\n');
+        }
         s.push_str(&format!("load time:               {:.3} s\n", self.load_s));
         s.push_str(&format!(
             "peak RSS:                {}\n",
@@ -156,6 +244,30 @@ impl SpeedReport {
         s
     }
 
+    /// The parallel decode rows as llama.cpp's batched-bench shows them:
+    /// aggregate and per-stream tokens/s, and both against one stream.
+    fn parallel_table(&self) -> String {
+        let mut s = String::from(
+            "| streams | ctx | tg/stream | aggregate t/s | per-stream t/s | aggregate vs 1 | per-stream vs 1 |\n",
+        );
+        s.push_str("| ------: | --: | --------: | ------------: | -------------: | -------------: | --------------: |\n");
+        let ratio = |v: Option<f64>| v.map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into());
+        for r in &self.parallel {
+            s.push_str(&format!(
+                "| {} | {} | {} | {:.2} ± {:.2} | {:.2} | {} | {} |\n",
+                r.streams,
+                r.context,
+                r.tokens_per_stream,
+                r.aggregate_tps,
+                r.aggregate_sd,
+                r.per_stream_tps,
+                ratio(r.speedup),
+                ratio(r.per_stream_ratio)
+            ));
+        }
+        s
+    }
+
     /// CSV, one row per test, with a header.
     pub fn csv(&self) -> String {
         let mut s = String::from(
@@ -178,6 +290,26 @@ impl SpeedReport {
                 self.peak_rss_bytes,
                 self.weight_bytes_per_token,
                 opt(self.effective_gbs),
+                opt(self.bandwidth_gbs)
+            ));
+        }
+        // Parallel decode rows: tokens are all streams' together, t/s the
+        // aggregate.
+        for r in &self.parallel {
+            s.push_str(&format!(
+                "{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{},,{}\n",
+                self.model,
+                self.size_bytes,
+                self.params,
+                self.backend,
+                self.threads,
+                r.test(),
+                r.streams * r.tokens_per_stream,
+                r.aggregate_tps,
+                r.aggregate_sd,
+                self.load_s,
+                self.peak_rss_bytes,
+                self.weight_bytes_per_token,
                 opt(self.bandwidth_gbs)
             ));
         }
@@ -224,6 +356,14 @@ mod tests {
             backend: "CPU (avx2)".into(),
             threads: 2,
             tests: vec![t],
+            parallel: {
+                let mut rows = vec![
+                    ParallelResult::from_times(1, 8, 16, &[2.0]),
+                    ParallelResult::from_times(4, 8, 16, &[4.0]),
+                ];
+                ParallelResult::relate(&mut rows);
+                rows
+            },
             load_s: 0.1,
             peak_rss_bytes: 1 << 20,
             weight_bytes_per_token: 1000,
@@ -244,7 +384,16 @@ mod tests {
             table.contains("| tiny | 1.00 GiB | 2.00 M | CPU (avx2) | 2 | tg4 | 3.00 ± 1.41 |"),
             "{table}"
         );
-        assert_eq!(r.csv().lines().count(), 2);
+        // 1 stream: 4 t/s; 4 streams: 32 tokens in 4 s, 8 t/s together,
+        // 2 t/s each.
+        assert!(
+            table.contains("| 4 | 16 | 8 | 8.00 ± 0.00 | 2.00 | 2.00x | 0.50x |"),
+            "{table}"
+        );
+        assert!(table.contains("| tg8 x4 | 8.00 ± 0.00 |"), "{table}");
+        assert_eq!(r.csv().lines().count(), 4);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["parallel"][1]["per_stream_tps"], 2.0);
         assert!(peak_rss_bytes() > 0);
     }
 }

@@ -2,7 +2,9 @@
 //! take the server's figures reproducibly: decode speed and time to first
 //! token as a client sees them, many concurrent clients (every request
 //! answered or refused with 503, p50/p99 time to first token, server RSS),
-//! and a second chat turn with prompt reuse against the same turn without.
+//! a second chat turn with prompt reuse against the same turn without, and
+//! (`--arrival`) a long prompt arriving while `--clients` streams decode:
+//! how long their tokens stall while it is read.
 
 use std::io::{BufRead, BufReader};
 use std::sync::{Arc, Mutex};
@@ -36,6 +38,13 @@ pub struct HttpArgs {
     /// (alternating, `--requests` times each).
     #[arg(long, value_name = "WORDS")]
     reuse: Option<usize>,
+    /// Instead: the arrival figure. `--clients` streams decode (each
+    /// `--max-tokens` long); once each has its first tokens, a prompt of
+    /// about this many words (~1.3 tokens each; the prompt's token count
+    /// is reported) arrives. Reports each stream's worst gap between
+    /// chunks while that prompt is read against its median gap before.
+    #[arg(long, value_name = "WORDS")]
+    arrival: Option<usize>,
     /// Sample the RSS of this process (the server) during the run.
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
@@ -165,10 +174,177 @@ pub fn run(a: &HttpArgs) -> Result<(), CliError> {
             "--clients, --requests and --max-tokens must be at least 1",
         ));
     }
-    match a.reuse {
-        Some(words) => reuse(a, words),
-        None => load(a),
+    match (a.reuse, a.arrival) {
+        (Some(_), Some(_)) => Err(CliError::usage(
+            "--reuse and --arrival are separate figures: give one",
+        )),
+        (Some(words), None) => reuse(a, words),
+        (None, Some(words)) => arrival(a, words),
+        (None, None) => load(a),
     }
+}
+
+/// A streamed request's chunk times and usage.
+struct Timed {
+    status: u16,
+    /// When each chunk with text arrived.
+    chunks: Vec<Instant>,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+/// Streams one chat request, calling `on_chunk(count)` after each chunk
+/// with text.
+fn stream_timed(
+    a: &HttpArgs,
+    content: &str,
+    max_tokens: usize,
+    mut on_chunk: impl FnMut(usize),
+) -> Result<Timed, String> {
+    let body = json!({"messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens, "temperature": 0, "stream": true,
+        "stream_options": {"include_usage": true}, "cache_prompt": false});
+    let mut req = ureq::post(&format!(
+        "{}/v1/chat/completions",
+        a.url.trim_end_matches('/')
+    ))
+    .timeout(Duration::from_secs(3600))
+    .set("Content-Type", "application/json");
+    if let Some(k) = &a.api_key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let resp = match req.send_string(&body.to_string()) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(code, _)) => {
+            return Ok(Timed {
+                status: code,
+                chunks: Vec::new(),
+                prompt_tokens: 0,
+                completion_tokens: 0,
+            })
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut t = Timed {
+        status: resp.status(),
+        chunks: Vec::new(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+        if let Some(u) = v.get("usage") {
+            t.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
+            t.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
+        }
+        let d = &v["choices"][0]["delta"];
+        let piece = d["content"]
+            .as_str()
+            .or(d["reasoning_content"].as_str())
+            .unwrap_or("");
+        if !piece.is_empty() {
+            t.chunks.push(Instant::now());
+            on_chunk(t.chunks.len());
+        }
+    }
+    Ok(t)
+}
+
+/// Seconds between consecutive chunks whose later one falls in `from..to`.
+fn gaps(chunks: &[Instant], from: Instant, to: Instant) -> Vec<f64> {
+    chunks
+        .windows(2)
+        .filter(|w| w[1] > from && w[1] <= to)
+        .map(|w| w[1].duration_since(w[0]).as_secs_f64())
+        .collect()
+}
+
+fn arrival(a: &HttpArgs, words: usize) -> Result<(), CliError> {
+    // Each stream's first few chunks set the pace before the arrival.
+    const WARM_CHUNKS: usize = 6;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let result = std::thread::scope(|s| -> Result<Value, CliError> {
+        let streams: Vec<_> = (0..a.clients)
+            .map(|c| {
+                let tx = tx.clone();
+                s.spawn(move || {
+                    let content = filler(a.prompt_words, c);
+                    stream_timed(a, &content, a.max_tokens, |n| {
+                        if n == WARM_CHUNKS {
+                            let _ = tx.send(());
+                        }
+                    })
+                })
+            })
+            .collect();
+        for _ in 0..a.clients {
+            rx.recv_timeout(Duration::from_secs(3600))
+                .map_err(|_| CliError::failure("a stream never produced its first chunks"))?;
+        }
+        let sent = Instant::now();
+        let long = stream_timed(a, &filler(words, 999), 2, |_| {}).map_err(CliError::failure)?;
+        if long.status != 200 {
+            return Err(CliError::failure(format!(
+                "the long prompt: HTTP {}",
+                long.status
+            )));
+        }
+        let first = *long.chunks.first().unwrap_or(&Instant::now());
+        let mut rows = Vec::new();
+        for (c, h) in streams.into_iter().enumerate() {
+            let t = h
+                .join()
+                .map_err(|_| CliError::failure("a stream thread panicked"))?
+                .map_err(CliError::failure)?;
+            let Some(&start) = t.chunks.first() else {
+                return Err(CliError::failure(format!(
+                    "stream {c}: HTTP {} and no chunks",
+                    t.status
+                )));
+            };
+            let mut before = gaps(&t.chunks, start, sent);
+            before.sort_by(f64::total_cmp);
+            let during = gaps(&t.chunks, sent, first);
+            let worst = during.iter().cloned().fold(0.0, f64::max);
+            let ended_during = t.chunks.last().is_some_and(|&l| l < first);
+            rows.push(json!({
+                "stream": c, "tokens": t.completion_tokens,
+                "median_gap_ms_before": percentile(&before, 0.5) * 1e3,
+                "worst_gap_ms_during_prefill": worst * 1e3,
+                "chunks_during_prefill": during.len(),
+                "ended_before_the_prompt_was_in": ended_during,
+            }));
+        }
+        let worst = rows
+            .iter()
+            .map(|r| r["worst_gap_ms_during_prefill"].as_f64().unwrap_or(0.0))
+            .fold(0.0, f64::max);
+        let median_before = {
+            let mut v: Vec<f64> = rows
+                .iter()
+                .map(|r| r["median_gap_ms_before"].as_f64().unwrap_or(0.0))
+                .collect();
+            v.sort_by(f64::total_cmp);
+            percentile(&v, 0.5)
+        };
+        Ok(json!({
+            "streams": a.clients,
+            "long_prompt_tokens": long.prompt_tokens,
+            "long_prompt_ttft_ms": first.duration_since(sent).as_secs_f64() * 1e3,
+            "worst_gap_ms_during_prefill": worst,
+            "median_gap_ms_before": median_before,
+            "per_stream": rows,
+        }))
+    })?;
+    println!("{result:#}");
+    Ok(())
 }
 
 fn load(a: &HttpArgs) -> Result<(), CliError> {

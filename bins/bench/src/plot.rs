@@ -370,6 +370,7 @@ mod tests {
             backend: "CPU (avx2)".into(),
             threads: 8,
             tests,
+            parallel: Vec::new(),
             load_s: 0.5,
             peak_rss_bytes: 1 << 30,
             weight_bytes_per_token: 400 << 20,

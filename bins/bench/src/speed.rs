@@ -3,14 +3,17 @@
 //! llama-bench's table, then load time, peak RSS, weight bytes per token,
 //! the effective bandwidth of decode and its ratio to the machine's read
 //! bandwidth (from inspect's strategy file, else probed now and said so).
+//! `--parallel 1,2,4,8` adds batched decode of several streams at once
+//! (aggregate and per-stream tokens/s, as llama.cpp's batched-bench).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use roundhouse::cli::CliError;
 use roundhouse::inspect::Strategy;
+use roundhouse::model::{BatchSeq, Model};
 use roundhouse::pipeline::Pipeline;
-use roundhouse::speedbench::{self, SpeedReport, TestResult};
+use roundhouse::speedbench::{self, ParallelResult, SpeedReport, TestResult};
 
 /// Flags of the speed mode (the default `rh-bench` run).
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -39,6 +42,16 @@ pub struct SpeedArgs {
     /// Print the report as CSV.
     #[arg(long)]
     pub csv: bool,
+    /// Also decode this many sequences at once, for each count in the
+    /// list (e.g. `1,2,4,8`): every step is one batched forward over all
+    /// the streams' next tokens (llama.cpp's batched-bench); reports
+    /// aggregate and per-stream tokens/s over `-n` tokens per stream.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    pub parallel: Vec<usize>,
+    /// Prompt tokens each stream of `--parallel` holds before its decode
+    /// is timed (each stream its own prompt). Default 16.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub parallel_ctx: usize,
     /// Also draw pp and tg on the roofline of the read bandwidth and FMA
     /// peak, as an SVG file.
     #[arg(long, value_name = "FILE.svg")]
@@ -52,6 +65,65 @@ fn bench_ids(n: usize, vocab: usize) -> Vec<u32> {
     (0..n as u64)
         .map(|i| ((i * 7919 + 104_729) % (ordinary - 1) + 1) as u32)
         .collect()
+}
+
+/// Most streams `--parallel` takes (a batch is one forward: its tokens'
+/// activations are held at once).
+const MAX_STREAMS: usize = 256;
+
+/// `streams` sequences, each first fed its own `ctx`-token prompt
+/// (untimed, one batched forward), then `n` timed steps in which every
+/// stream decodes one token, all in one batched forward per step.
+fn parallel_decode(
+    model: &Model,
+    streams: usize,
+    ctx: usize,
+    n: usize,
+    reps: usize,
+) -> ParallelResult {
+    let vocab = model.config().vocab_size;
+    // Each stream its own ids: the same deterministic sequence from a
+    // different offset.
+    let ids: Vec<Vec<u32>> = (0..streams)
+        .map(|s| bench_ids(ctx + n + 97 * s, vocab)[97 * s..].to_vec())
+        .collect();
+    let mut secs = Vec::with_capacity(reps);
+    for r in 0..reps {
+        let mut states: Vec<_> = (0..streams).map(|_| model.new_state()).collect();
+        if ctx > 0 {
+            let mut batch: Vec<BatchSeq> = states
+                .iter_mut()
+                .zip(&ids)
+                .map(|(state, ids)| BatchSeq {
+                    state,
+                    ids: &ids[..ctx],
+                    logits: false,
+                })
+                .collect();
+            model.forward_batch(&mut batch);
+        }
+        let t = Instant::now();
+        for step in 0..n {
+            let mut batch: Vec<BatchSeq> = states
+                .iter_mut()
+                .zip(&ids)
+                .map(|(state, ids)| BatchSeq {
+                    state,
+                    ids: &ids[ctx + step..ctx + step + 1],
+                    logits: true,
+                })
+                .collect();
+            std::hint::black_box(model.forward_batch(&mut batch));
+        }
+        secs.push(t.elapsed().as_secs_f64());
+        tracing::info!(
+            "tg{n} x{streams} run {}: {:.3} s ({:.2} t/s together)",
+            r + 1,
+            secs[r],
+            (streams * n) as f64 / secs[r]
+        );
+    }
+    ParallelResult::from_times(streams, n, ctx, &secs)
 }
 
 /// The kernels' instruction set, as llama-bench names its backend.
@@ -70,6 +142,16 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     }
     if p == 0 && n == 0 {
         return Err(CliError::usage("nothing to measure: -p and -n are both 0"));
+    }
+    if let Some(bad) = args.parallel.iter().find(|&&s| s == 0 || s > MAX_STREAMS) {
+        return Err(CliError::usage(format!(
+            "--parallel: {bad} streams is out of range (1 to {MAX_STREAMS})"
+        )));
+    }
+    if !args.parallel.is_empty() && n == 0 {
+        return Err(CliError::usage(
+            "--parallel decodes -n tokens per stream: -n must be at least 1",
+        ));
     }
     if let Some(path) = &args.plot {
         crate::plot::check_target(path)?;
@@ -102,9 +184,9 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = model.config();
     let ctx = cfg.max_position_embeddings;
-    if p.max(n) >= ctx {
+    if p.max(n + args.parallel_ctx) >= ctx {
         return Err(CliError::usage(format!(
-            "-p/-n must be below the model's {ctx}-token context"
+            "-p and -n (plus --parallel-ctx) must be below the model's {ctx}-token context"
         )));
     }
     let ids = bench_ids(p.max(n).max(1), cfg.vocab_size);
@@ -148,6 +230,12 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         tests.push(TestResult::from_times(format!("tg{n}"), n, &secs));
     }
 
+    let mut parallel = Vec::new();
+    for &streams in &args.parallel {
+        parallel.push(parallel_decode(&model, streams, args.parallel_ctx, n, reps));
+    }
+    ParallelResult::relate(&mut parallel);
+
     // Before the bandwidth probe, whose buffer would count otherwise.
     let peak_rss = speedbench::peak_rss_bytes();
     let per_token = model.weight_bytes_per_token();
@@ -189,6 +277,7 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         backend: backend(),
         threads: rayon::current_num_threads(),
         tests,
+        parallel,
         load_s,
         peak_rss_bytes: peak_rss,
         weight_bytes_per_token: per_token,

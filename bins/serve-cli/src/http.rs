@@ -158,7 +158,11 @@ async fn index() -> Html<&'static str> {
 
 async fn health(State(s): State<Shared>) -> Response {
     if s.engine.ready() {
-        Json(json!({"status": "ok"})).into_response()
+        // llama-server's slot counts: sequences in the running batch and
+        // room left in it.
+        let busy = s.engine.metrics().batch_sequences.load(Ordering::Relaxed) as usize;
+        let idle = s.engine.parallel().saturating_sub(busy);
+        Json(json!({"status": "ok", "slots_idle": idle, "slots_processing": busy})).into_response()
     } else {
         error(StatusCode::SERVICE_UNAVAILABLE, "loading model")
     }
@@ -252,6 +256,30 @@ async fn metrics(State(s): State<Shared>) -> Response {
         "gauge",
         "Requests queued or running.",
         one(s.engine.depth().to_string()),
+    );
+    metric(
+        "rh_batch_sequences",
+        "gauge",
+        "Requests in the running batch (prefilling or generating).",
+        one(get(&m.batch_sequences).to_string()),
+    );
+    metric(
+        "rh_batch_decoding",
+        "gauge",
+        "Requests in the running batch that are generating.",
+        one(get(&m.batch_decoding).to_string()),
+    );
+    metric(
+        "rh_batch_capacity",
+        "gauge",
+        "Most requests in the running batch (--parallel).",
+        one(s.engine.parallel().to_string()),
+    );
+    metric(
+        "rh_batch_steps_total",
+        "counter",
+        "Batched forward passes run.",
+        one(get(&m.batch_steps).to_string()),
     );
     metric(
         "rh_prefix_cache_hits_total",

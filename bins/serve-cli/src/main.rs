@@ -86,10 +86,14 @@ struct Args {
     /// Allow cross-origin requests from ORIGIN (`*` for any). Default: off.
     #[arg(long, value_name = "ORIGIN")]
     cors: Option<String>,
-    /// Requests that may wait behind the running one; past it, 503.
+    /// Requests that may wait behind the running batch; past it, 503.
     /// Default 16.
     #[arg(long, value_name = "N")]
     queue: Option<usize>,
+    /// Most requests generating at once (continuous batching: they share
+    /// each pass over the weights). Default 4 (`[serve] parallel`).
+    #[arg(long, value_name = "N")]
+    parallel: Option<usize>,
     /// RAM for kept prompt states (prompt reuse), MiB. Default: a quarter
     /// of the available RAM, at most 8 GiB; 0 turns reuse off.
     #[arg(long, value_name = "MIB")]
@@ -104,6 +108,11 @@ struct Args {
     #[arg(short, long)]
     quiet: bool,
 }
+
+/// Default `--parallel`: four streams share each pass over the weights at
+/// little cost to each (docs/performance.md, parallel decode); the state
+/// of each is small next to the weights.
+const DEFAULT_PARALLEL: usize = 4;
 
 fn main() -> std::process::ExitCode {
     cli::main_with("rh-serve", run)
@@ -184,6 +193,11 @@ fn run() -> Result<(), CliError> {
         quiet: args.quiet,
     });
     let p = Pipeline::discover(args.pipeline.as_deref())?;
+    if args.parallel.or(p.serve.parallel) == Some(0) {
+        return Err(CliError::usage(
+            "--parallel / [serve] parallel must be at least 1",
+        ));
+    }
     if args.max_tokens == Some(0) || args.ctx_size == Some(0) {
         return Err(CliError::usage(
             "--max-tokens and --ctx-size must be at least 1",
@@ -347,6 +361,7 @@ fn serve(
             .map(|mib| mib.saturating_mul(1 << 20))
             .unwrap_or_else(roundhouse::serve::prefix_cache::default_budget_bytes),
         queue: args.queue.or(s.queue).unwrap_or(16),
+        parallel: args.parallel.or(s.parallel).unwrap_or(DEFAULT_PARALLEL),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

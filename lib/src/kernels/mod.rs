@@ -78,6 +78,26 @@ const TASKS_PER_THREAD: usize = 4;
 #[cfg(target_arch = "x86_64")]
 const TOKENS_PER_PASS: usize = 96;
 
+/// Most tokens a matmul of dense weights runs as matvecs over blocks of
+/// rows ([`matmul`]'s small-batch path: a few sequences decoding
+/// together). Below this converting each block of weight rows to f32 for
+/// the tiles costs more than the tokens reuse: at 4 tokens the BF16
+/// lm_head took 4.4x a matvec that way, more than four matvecs.
+pub const SMALL_BATCH_TOKENS: usize = 8;
+
+/// The same for quantized weights, whose integer tiles pay off sooner: in
+/// a batch of 8 decoding sequences the tiles were faster, and prefill's
+/// experts, which meet a few tokens each but run side by side as one task
+/// each (`matmul_one_task`), keep the tiles (pp256 lost a fifth of its
+/// speed when they took this path).
+pub const SMALL_BATCH_QUANT_TOKENS: usize = 4;
+
+/// Weight bytes of one block of rows in the small-batch path: the block
+/// stays in L2 while every token's matvec passes over it, so the weights
+/// are read from memory once.
+#[cfg(target_arch = "x86_64")]
+const SMALL_BATCH_BLOCK_BYTES: usize = 256 << 10;
+
 /// Columns of a matmul panel multiplied at a time (4 rows x 512 f32 = 8 KiB
 /// of L1).
 #[cfg(target_arch = "x86_64")]
@@ -481,8 +501,88 @@ mod batch {
         }
     }
 
-    pub(super) fn run(s: Simd, jobs: &mut [Product], path: Path) {
+    /// Rows `r0..r0 + ys.len()` of one matvec, as [`super::matvec`]
+    /// computes them.
+    fn row_range(s: Simd, view: &View, act: &Act, x: &[f32], r0: usize, ys: &mut [f32]) {
         let a = s.avx2().expect("a SIMD level");
+        match (view, act) {
+            (View::D(v), _) => a.dense_rows(v, r0, x, ys),
+            (View::Q(v), Act::Group(g)) => match s {
+                Simd::Avx512(b) => b.quant_rows(v, r0, g, ys),
+                _ => unreachable!("group activations only at the AVX-512 level"),
+            },
+            (View::Q(v), Act::Q8(q)) => a.quant_rows_q8(v, r0, q, ys),
+            (View::Q(v), Act::Q16(q)) => a.quant_rows_q16(v, r0, q, ys),
+            (View::Q(v), Act::F32(gsum)) => a.quant_rows_f32(v, r0, x, gsum, ys),
+            (View::Q(_), Act::Dense) => unreachable!("dense activations for dense weights"),
+        }
+    }
+
+    /// [`super::matmul`] of a few tokens (at most
+    /// [`super::SMALL_BATCH_TOKENS`]) as one matvec per token over blocks
+    /// of rows: each block's weights are read from memory once and stay in
+    /// L2 while every token passes over them. Every output row is computed
+    /// exactly as [`super::matvec`] computes it for that token. The blocks
+    /// spread over the threads unless `split` is false.
+    pub(super) fn tokens(
+        s: Simd,
+        w: &Matrix,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        path: Path,
+        split: bool,
+    ) {
+        let (rows, cols) = (w.rows(), w.cols());
+        let view = match w {
+            Matrix::Quant(q) => View::Q(avx2::QuantView::new(q).expect("validated")),
+            Matrix::Dense(d) => View::D(avx2::DenseView::new(d).expect("validated")),
+        };
+        let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
+        let acts: Vec<Act> = xs.iter().map(|xt| prepare(s, w, xt, path)).collect();
+        let row_bytes = (w.bytes_read() / rows.max(1)).max(1);
+        let threads = if split {
+            rayon::current_num_threads().max(1)
+        } else {
+            1
+        };
+        let rpt = rows
+            .div_ceil(threads * TASKS_PER_THREAD)
+            .min(super::SMALL_BATCH_BLOCK_BYTES / row_bytes)
+            .max(1);
+        let block = |b: usize| -> (usize, Vec<f32>) {
+            let r0 = b * rpt;
+            let nr = rpt.min(rows - r0);
+            // Token-major: each token's outputs of the block are adjacent.
+            let mut out = vec![0f32; n * nr];
+            match &view {
+                // Dense weights are converted once for several tokens.
+                View::D(v) => s
+                    .avx2()
+                    .expect("a SIMD level")
+                    .dense_rows_tokens(v, r0, nr, &xs, &mut out),
+                View::Q(_) => {
+                    for (t, ot) in out.chunks_exact_mut(nr).enumerate() {
+                        row_range(s, &view, &acts[t], xs[t], r0, ot);
+                    }
+                }
+            }
+            (r0, out)
+        };
+        let blocks: Vec<(usize, Vec<f32>)> = if split {
+            (0..rows.div_ceil(rpt)).into_par_iter().map(block).collect()
+        } else {
+            (0..rows.div_ceil(rpt)).map(block).collect()
+        };
+        for (r0, out) in &blocks {
+            let nr = out.len() / n;
+            for t in 0..n {
+                y[t * rows + r0..t * rows + r0 + nr].copy_from_slice(&out[t * nr..(t + 1) * nr]);
+            }
+        }
+    }
+
+    pub(super) fn run(s: Simd, jobs: &mut [Product], path: Path) {
         let mut keys: Vec<Key> = Vec::new();
         let mut acts: Vec<Act> = Vec::new();
         let mut act_of: Vec<usize> = Vec::with_capacity(jobs.len());
@@ -526,17 +626,8 @@ mod batch {
                 tasks.push((ji, ci * rpt, ys));
             }
         }
-        let work = |(ji, r0, ys): (usize, usize, &mut [f32])| match (&views[ji], &acts[act_of[ji]])
-        {
-            (View::D(v), _) => a.dense_rows(v, r0, xs[ji], ys),
-            (View::Q(v), Act::Group(g)) => match s {
-                Simd::Avx512(b) => b.quant_rows(v, r0, g, ys),
-                _ => unreachable!("group activations only at the AVX-512 level"),
-            },
-            (View::Q(v), Act::Q8(q)) => a.quant_rows_q8(v, r0, q, ys),
-            (View::Q(v), Act::Q16(q)) => a.quant_rows_q16(v, r0, q, ys),
-            (View::Q(v), Act::F32(gsum)) => a.quant_rows_f32(v, r0, xs[ji], gsum, ys),
-            (View::Q(_), Act::Dense) => unreachable!("dense activations for dense weights"),
+        let work = |(ji, r0, ys): (usize, usize, &mut [f32])| {
+            row_range(s, &views[ji], &acts[act_of[ji]], xs[ji], r0, ys)
         };
         if tasks.len() == 1 {
             tasks.into_iter().for_each(work);
@@ -593,6 +684,21 @@ fn matmul_on(s: Simd, w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path
         return matvec_on(s, w, x, y, path);
     }
     validate(w);
+    #[cfg(target_arch = "x86_64")]
+    let small = match w {
+        Matrix::Dense(_) => n <= SMALL_BATCH_TOKENS,
+        Matrix::Quant(_) => split && n <= SMALL_BATCH_QUANT_TOKENS,
+    };
+    if small && !matches!((s, path), (_, Path::Scalar) | (Simd::None, _)) {
+        // Matmul keeps f32 activations where decode would take int8 ones
+        // (see `Path::SimdInt8`).
+        let path = if path == Path::SimdInt8 {
+            Path::SimdF32
+        } else {
+            path
+        };
+        return batch::tokens(s, w, x, n, y, path, split);
+    }
     match (s, path) {
         (_, Path::Scalar) | (Simd::None, _) => scalar_matmul(w, x, n, y),
         #[cfg(target_arch = "x86_64")]

@@ -608,3 +608,54 @@ fn batched_matvec_equals_one_at_a_time_bit_for_bit() {
         }
     }
 }
+
+/// A few tokens (the small-batch path: several sequences decoding
+/// together) give each token exactly what its own matvec gives, split over
+/// the threads or as one task, at every level, on quantized and dense
+/// weights.
+#[test]
+fn small_batch_matmul_is_each_tokens_matvec_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(47);
+    let mats = [
+        Matrix::Quant(rand_quant(&mut rng, 300, 512, 4, 128, false)),
+        Matrix::Quant(rand_quant(&mut rng, 77, 256, 8, 32, true)),
+        Matrix::Dense(rand_dense(&mut rng, 129, 101, FloatType::BF16)),
+        Matrix::Dense(rand_dense(&mut rng, 40, 64, FloatType::F32)),
+        Matrix::Dense(rand_dense(&mut rng, 33, 77, FloatType::F16)),
+    ];
+    for w in &mats {
+        let cols = w.cols();
+        for n in [2, 3, 4, 5, super::SMALL_BATCH_TOKENS] {
+            let x = rand_x(&mut rng, n * cols);
+            for isa in simd_isas() {
+                let small = match w {
+                    Matrix::Dense(_) => n <= super::SMALL_BATCH_TOKENS,
+                    Matrix::Quant(_) => n <= super::SMALL_BATCH_QUANT_TOKENS,
+                };
+                if !small {
+                    continue;
+                }
+                for path in [Path::SimdF32, Path::SimdInt16] {
+                    let mut y = vec![f32::NAN; n * w.rows()];
+                    matmul_isa(isa, w, &x, n, &mut y, path);
+                    for t in 0..n {
+                        let mut want = vec![0f32; w.rows()];
+                        matvec_isa(isa, w, &x[t * cols..(t + 1) * cols], &mut want, path);
+                        assert_eq!(
+                            &y[t * w.rows()..(t + 1) * w.rows()],
+                            &want[..],
+                            "{isa:?} {path:?} n={n} token {t}"
+                        );
+                    }
+                }
+            }
+            if matches!(w, Matrix::Dense(_)) {
+                let mut a = vec![0f32; n * w.rows()];
+                let mut b = vec![1f32; n * w.rows()];
+                matmul(w, &x, n, &mut a);
+                matmul_one_task(w, &x, n, &mut b);
+                assert_eq!(a, b, "one task vs split, n={n}");
+            }
+        }
+    }
+}

@@ -23,6 +23,35 @@ pub struct KvCache {
     pub v: Vec<f32>,
 }
 
+/// The projections of a set of tokens ([`Attention::project`]).
+pub struct Projected {
+    /// `[n, heads * 2 * head_dim]`: per head `[q | gate]`.
+    pub qg: Vec<f32>,
+    /// `[n, kv_heads * head_dim]`.
+    pub k: Vec<f32>,
+    /// `[n, kv_heads * head_dim]`.
+    pub v: Vec<f32>,
+}
+
+/// Rows `t0..t0 + len` of a [`Projected`] (one sequence's tokens).
+pub struct ProjectedRows<'a> {
+    qg: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+impl Projected {
+    /// The rows `t0..t0 + len` of these `n` tokens.
+    pub fn at(&self, n: usize, t0: usize, len: usize) -> ProjectedRows<'_> {
+        let (qw, kw) = (self.qg.len() / n.max(1), self.k.len() / n.max(1));
+        ProjectedRows {
+            qg: &self.qg[t0 * qw..(t0 + len) * qw],
+            k: &self.k[t0 * kw..(t0 + len) * kw],
+            v: &self.v[t0 * kw..(t0 + len) * kw],
+        }
+    }
+}
+
 /// Prefill attention's tokens per task (their query rows share each block
 /// of the KV cache).
 const ATTN_TOKENS_PER_TASK: usize = 4;
@@ -91,6 +120,14 @@ impl Attention {
     /// Attends `n` normalised tokens `x` `[n, hidden]` at positions
     /// `pos0..pos0 + n`, appending to `cache`; returns `[n, hidden]`.
     pub fn forward(&self, x: &[f32], n: usize, pos0: usize, cache: &mut KvCache) -> Vec<f32> {
+        let qkv = self.project(x, n);
+        let o = self.attend(&qkv.at(n, 0, n), pos0, cache);
+        self.output(&o, n)
+    }
+
+    /// The q (with its gate), k and v projections of `n` tokens (any mix of
+    /// sequences: each row is one token's).
+    pub fn project(&self, x: &[f32], n: usize) -> Projected {
         let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
         let mut qg = vec![0f32; n * nh * 2 * hd];
         let mut k = vec![0f32; n * nkv * hd];
@@ -103,7 +140,25 @@ impl Attention {
             ],
             n,
         );
+        Projected { qg, k, v }
+    }
 
+    /// `o_proj` of `n` tokens' gated attention outputs `[n, heads * head_dim]`.
+    pub fn output(&self, o: &[f32], n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; n * self.hidden];
+        matmul(&self.o_proj, o, n, &mut y);
+        y
+    }
+
+    /// The per-sequence part: norms, RoPE, the cache append and gated
+    /// attention of consecutive tokens of one sequence at positions
+    /// `pos0..`, from their projections; returns `[n, heads * head_dim]`
+    /// for [`Attention::output`].
+    pub fn attend(&self, p: &ProjectedRows, pos0: usize, cache: &mut KvCache) -> Vec<f32> {
+        let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
+        let n = p.k.len() / (nkv * hd);
+        let (qg, k, v) = (p.qg, p.k, p.v);
+        let mut k = k.to_vec();
         let mut q = vec![0f32; n * nh * hd];
         let mut gate = vec![0f32; n * nh * hd];
         // Per token: split [q | gate] per head, norm per head, rotate.
@@ -128,7 +183,7 @@ impl Attention {
             rope(kt, hd, &self.inv_freq, pos0 + t);
         });
         cache.k.extend_from_slice(&k);
-        cache.v.extend_from_slice(&v);
+        cache.v.extend_from_slice(v);
 
         let mut o = vec![0f32; n * nh * hd];
         if n < ATTN_TOKENS_PER_TASK {
@@ -136,9 +191,7 @@ impl Attention {
         } else {
             self.attend_blocked(&q, &gate, pos0, cache, &mut o);
         }
-        let mut y = vec![0f32; n * self.hidden];
-        matmul(&self.o_proj, &o, n, &mut y);
-        y
+        o
     }
 
     /// Attention for a few tokens (decode): one task per (token, head),

@@ -159,11 +159,16 @@ impl DeltaNet {
     /// Mixes `n` normalised tokens `x` `[n, hidden]`, continuing `st`;
     /// returns `[n, hidden]`.
     pub fn forward(&self, x: &[f32], n: usize, st: &mut DeltaState) -> Vec<f32> {
+        let (qkvz, ba) = self.project(x, n);
+        let o = self.mix(&qkvz, &ba, n, st);
+        self.output(&o, n)
+    }
+
+    /// The input projections of `n` tokens (any mix of sequences: each row
+    /// is one token's): `([n, qkvz rows], [n, 2 * nv])`.
+    pub fn project(&self, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
         let d = self.dims;
-        let (kd, vd, cd) = (d.key_dim(), d.value_dim(), d.conv_dim());
-        let r = d.ratio();
-        let rows = d.qkvz_rows();
-        let mut qkvz = vec![0f32; n * rows];
+        let mut qkvz = vec![0f32; n * d.qkvz_rows()];
         let mut ba = vec![0f32; n * 2 * d.nv];
         matmul_batch(
             &mut [
@@ -172,6 +177,27 @@ impl DeltaNet {
             ],
             n,
         );
+        (qkvz, ba)
+    }
+
+    /// `out_proj` of `n` tokens' gated outputs `o` `[n, nv * dv]`.
+    pub fn output(&self, o: &[f32], n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; n * self.dims.hidden];
+        matmul(&self.out_proj, o, n, &mut y);
+        y
+    }
+
+    /// The per-sequence part: conv, norms, the delta rule and the gated
+    /// norm of `n` consecutive tokens of one sequence, from their
+    /// projections ([`DeltaNet::project`]), continuing `st`; returns the
+    /// gated outputs `[n, nv * dv]` that [`DeltaNet::output`] projects.
+    pub fn mix(&self, qkvz: &[f32], ba: &[f32], n: usize, st: &mut DeltaState) -> Vec<f32> {
+        let d = self.dims;
+        let (kd, vd, cd) = (d.key_dim(), d.value_dim(), d.conv_dim());
+        let r = d.ratio();
+        let rows = d.qkvz_rows();
+        debug_assert_eq!(qkvz.len(), n * rows);
+        debug_assert_eq!(ba.len(), n * 2 * d.nv);
 
         // Split per key-head group into conv input [q | k | v], z, b, a.
         let blk = 2 * d.dk + 2 * r * d.dv;
@@ -258,9 +284,7 @@ impl DeltaNet {
                 rms_norm_gated(dst, zt, &self.norm_w, self.eps);
             }
         });
-        let mut y = vec![0f32; n * d.hidden];
-        matmul(&self.out_proj, &o, n, &mut y);
-        y
+        o
     }
 
     /// The causal conv with SiLU; updates the conv state to the last K-1 inputs.

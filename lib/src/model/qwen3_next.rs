@@ -3,6 +3,8 @@
 //! or gated attention per `layer_types` / `full_attention_interval`, then the
 //! final zero-centred norm and lm_head.
 
+use rayon::prelude::*;
+
 use super::attention::{Attention, KvCache};
 use super::delta_net::DeltaNet;
 use super::moe::Moe;
@@ -119,14 +121,39 @@ impl Layer {
         t
     }
 
-    /// Runs `n` tokens of the residual stream `x` `[n, hidden]` in place.
-    fn forward(&self, x: &mut [f32], n: usize, pos0: usize, st: &mut LayerState) {
+    /// Runs the residual stream `x` `[n, hidden]` in place: the tokens of
+    /// one or more sequences, `segs[i]` the rows of the sequence whose
+    /// layer state is `states[i]`. The projections and the MoE see all `n`
+    /// rows as one matrix product (each weight read once); the mixer's
+    /// per-sequence part (conv and recurrence, or RoPE, cache and
+    /// attention) runs per sequence, side by side on the pool.
+    fn forward(&self, x: &mut [f32], segs: &[Segment], states: &mut [&mut LayerState]) {
+        let n = x.len() / self.input_norm.len();
         let mut h = x.to_vec();
         rms_norm_zc(&mut h, &self.input_norm, self.eps);
-        let y = match (&self.mixer, st) {
-            (Mixer::Linear(d), LayerState::Linear(s)) => d.forward(&h, n, s),
-            (Mixer::Full(a), LayerState::Full(kv)) => a.forward(&h, n, pos0, kv),
-            _ => panic!("state does not belong to this model (layer kinds differ)"),
+        let y = match &self.mixer {
+            Mixer::Linear(d) => {
+                let (qkvz, ba) = d.project(&h, n);
+                let (qw, bw) = (qkvz.len() / n, ba.len() / n);
+                let o = per_sequence(segs, states, |seg, st| match st {
+                    LayerState::Linear(s) => d.mix(
+                        &qkvz[seg.start * qw..seg.end() * qw],
+                        &ba[seg.start * bw..seg.end() * bw],
+                        seg.len,
+                        s,
+                    ),
+                    _ => panic!("state does not belong to this model (layer kinds differ)"),
+                });
+                d.output(&o, n)
+            }
+            Mixer::Full(a) => {
+                let p = a.project(&h, n);
+                let o = per_sequence(segs, states, |seg, st| match st {
+                    LayerState::Full(kv) => a.attend(&p.at(n, seg.start, seg.len), seg.pos0, kv),
+                    _ => panic!("state does not belong to this model (layer kinds differ)"),
+                });
+                a.output(&o, n)
+            }
         };
         for (xi, yi) in x.iter_mut().zip(&y) {
             *xi += yi;
@@ -140,6 +167,39 @@ impl Layer {
     }
 }
 
+/// One sequence's rows in a batched step: rows `start..start + len` of the
+/// residual stream, at positions `pos0..pos0 + len` of that sequence.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Segment {
+    start: usize,
+    len: usize,
+    pos0: usize,
+}
+
+impl Segment {
+    fn end(&self) -> usize {
+        self.start + self.len
+    }
+}
+
+/// Runs `f` for every sequence (in parallel when there are several) and
+/// concatenates the outputs in segment order.
+fn per_sequence(
+    segs: &[Segment],
+    states: &mut [&mut LayerState],
+    f: impl Fn(&Segment, &mut LayerState) -> Vec<f32> + Sync + Send,
+) -> Vec<f32> {
+    if segs.len() == 1 {
+        return f(&segs[0], states[0]);
+    }
+    let parts: Vec<Vec<f32>> = segs
+        .par_iter()
+        .zip(states.par_iter_mut())
+        .map(|(seg, st)| f(seg, st))
+        .collect();
+    parts.concat()
+}
+
 /// Which logits a forward call computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Logits {
@@ -151,35 +211,77 @@ pub(super) enum Logits {
     All,
 }
 
-/// Runs `ids` through the model after `state`, returning the logits `want`
-/// asks for. Ids are already checked.
-pub(super) fn forward(model: &Model, state: &mut State, ids: &[u32], want: Logits) -> Vec<f32> {
+/// One sequence's part of [`forward`]: its state, the tokens to feed after
+/// it, and which logits it wants.
+pub(super) struct Step<'a> {
+    pub state: &'a mut State,
+    pub ids: &'a [u32],
+    pub want: Logits,
+}
+
+/// Runs every step's ids through the model after its state, all in one
+/// pass over the weights, returning each step's logits as `want` asks
+/// (`[rows, vocab]`, empty for [`Logits::None`]). Ids are already checked.
+pub(super) fn forward(model: &Model, steps: &mut [Step]) -> Vec<Vec<f32>> {
     let (embed, layers, norm, lm_head) = model.parts();
     let c = model.config();
     let (h, vocab) = (c.hidden_size, c.vocab_size);
-    assert_eq!(
-        state.layers.len(),
-        layers.len(),
-        "state does not belong to this model"
-    );
-    let n = ids.len();
+    let mut segs = Vec::with_capacity(steps.len());
+    let mut n = 0;
+    for s in steps.iter() {
+        assert_eq!(
+            s.state.layers.len(),
+            layers.len(),
+            "state does not belong to this model"
+        );
+        segs.push(Segment {
+            start: n,
+            len: s.ids.len(),
+            pos0: s.state.pos,
+        });
+        n += s.ids.len();
+    }
     let mut x = vec![0f32; n * h];
-    for (t, &id) in ids.iter().enumerate() {
+    for (t, &id) in steps.iter().flat_map(|s| s.ids).enumerate() {
         row(embed, id as usize, &mut x[t * h..(t + 1) * h]);
     }
-    for (layer, st) in layers.iter().zip(state.layers.iter_mut()) {
-        layer.forward(&mut x, n, state.pos, st);
+    for (li, layer) in layers.iter().enumerate() {
+        let mut states: Vec<&mut LayerState> =
+            steps.iter_mut().map(|s| &mut s.state.layers[li]).collect();
+        layer.forward(&mut x, &segs, &mut states);
     }
-    state.pos += n;
-    let first = match want {
-        Logits::None => return Vec::new(),
-        Logits::Last => n - 1,
-        Logits::All => 0,
-    };
-    let m = n - first;
-    let mut last = x[first * h..].to_vec();
+    for s in steps.iter_mut() {
+        s.state.pos += s.ids.len();
+    }
+    // The rows whose logits are wanted, all through lm_head at once.
+    let rows: Vec<(usize, usize)> = steps
+        .iter()
+        .zip(&segs)
+        .map(|(s, g)| match s.want {
+            Logits::None => (g.end(), 0),
+            Logits::Last => (g.end() - 1, 1),
+            Logits::All => (g.start, g.len),
+        })
+        .collect();
+    let m: usize = rows.iter().map(|r| r.1).sum();
+    if m == 0 {
+        return vec![Vec::new(); steps.len()];
+    }
+    let mut last = Vec::with_capacity(m * h);
+    for &(r0, len) in &rows {
+        last.extend_from_slice(&x[r0 * h..(r0 + len) * h]);
+    }
     rms_norm_zc(&mut last, norm, c.rms_norm_eps as f32);
     let mut logits = vec![0f32; m * vocab];
     matmul(lm_head, &last, m, &mut logits);
-    logits
+    if steps.len() == 1 {
+        return vec![logits];
+    }
+    let mut out = Vec::with_capacity(steps.len());
+    let mut at = 0;
+    for &(_, len) in &rows {
+        out.push(logits[at * vocab..(at + len) * vocab].to_vec());
+        at += len;
+    }
+    out
 }

@@ -1,26 +1,28 @@
 //! The engine thread: it owns the [`ChatModel`] and the [`PrefixCache`],
-//! takes [`Job`]s from a FIFO queue and runs them one at a time, streaming
-//! [`Event`]s back through each job's [`Sink`]. The HTTP side never touches
-//! the model: it submits a job and reads events, so it never blocks on
-//! compute.
+//! takes [`Job`]s from a FIFO queue into a running batch of at most
+//! `parallel` sequences (continuous batching) and streams [`Event`]s back
+//! through each job's [`Sink`]. The HTTP side never touches the model: it
+//! submits a job and reads events, so it never blocks on compute.
 //!
-//! The API is the seam for batching: a scheduler that runs several jobs per
-//! forward pass replaces [`run_queue`] (the loop that takes one job at a
-//! time) and keeps [`Job`], [`Event`] and [`Sink`] as they are. The phases
-//! of one job ([`prepare`], [`prefill`], the decode loop) are separate
-//! functions so a scheduler can interleave them.
+//! Each step of the scheduler ([`run_batches`]) is one batched forward
+//! ([`crate::model::Model::forward_batch`]): every generating sequence
+//! feeds its last token, and prompts that are not in yet feed chunks sized
+//! by [`ChunkPacer`] so the running streams keep going while a long
+//! prompt is read. A request joins at the next step; one that finishes or
+//! whose client went away leaves after the step that ended it. A
+//! sequence's phases (prompt, sampling, the end) are in `sequence.rs`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::output::{ChatOutput, Delta};
+use super::output::Delta;
 use super::prefix_cache::PrefixCache;
-use crate::chat::{ChatError, ChatModel, Detokenizer, Message, RenderExtras};
-use crate::model::State;
-use crate::sample::{Sampler, SamplingParams};
+use super::sequence::{Input, Progress, Sequence};
+use crate::chat::{ChatError, ChatModel, Message, RenderExtras};
+use crate::model::{BatchSeq, State, PREFILL_CHUNK};
+use crate::sample::SamplingParams;
 
 /// What to generate from.
 #[derive(Clone, Debug)]
@@ -146,8 +148,10 @@ pub struct EngineConfig {
     pub ctx_size: usize,
     /// Byte budget of the prefix cache (0 = no reuse).
     pub cache_bytes: usize,
-    /// Requests that may wait behind the running one.
+    /// Requests that may wait behind the running batch.
     pub queue: usize,
+    /// Most sequences in the running batch (`--parallel`; at least 1).
+    pub parallel: usize,
 }
 
 /// Counters the engine keeps for `/metrics`.
@@ -171,6 +175,12 @@ pub struct EngineMetrics {
     pub cache_bytes: AtomicU64,
     /// States held by the prefix cache.
     pub cache_entries: AtomicU64,
+    /// Sequences in the running batch (prefilling or decoding).
+    pub batch_sequences: AtomicU64,
+    /// Of those, the ones generating.
+    pub batch_decoding: AtomicU64,
+    /// Batched forward steps run.
+    pub batch_steps: AtomicU64,
 }
 
 /// What the HTTP side learns once the model is loaded.
@@ -202,6 +212,7 @@ pub struct Engine {
     tx: mpsc::Sender<Job>,
     shared: Arc<Shared>,
     limit: usize,
+    parallel: usize,
     info: Arc<Mutex<Option<Result<ModelInfo, String>>>>,
 }
 
@@ -224,7 +235,8 @@ impl Engine {
         let engine = Engine {
             tx,
             shared: shared.clone(),
-            limit: config.queue + 1,
+            limit: config.queue + config.parallel.max(1),
+            parallel: config.parallel.max(1),
             info: info.clone(),
         };
         std::thread::Builder::new()
@@ -249,7 +261,7 @@ impl Engine {
                     ctx_size: model_info.ctx_size,
                     shared,
                 };
-                run_queue(&mut worker, rx);
+                run_batches(&mut worker, rx, config.parallel);
             })
             .expect("spawning the engine thread");
         engine
@@ -268,6 +280,11 @@ impl Engine {
     /// Jobs queued or running.
     pub fn depth(&self) -> usize {
         self.shared.depth.load(Ordering::Relaxed)
+    }
+
+    /// Most sequences in the running batch.
+    pub fn parallel(&self) -> usize {
+        self.parallel
     }
 
     /// The engine's counters.
@@ -312,28 +329,147 @@ pub struct Worker {
     shared: Arc<Shared>,
 }
 
-/// One job at a time, in arrival order (the loop a batch scheduler replaces).
-fn run_queue(worker: &mut Worker, rx: mpsc::Receiver<Job>) {
-    while let Ok(mut job) = rx.recv() {
-        let started = Instant::now();
-        match run_job(worker, &job.request, &mut job.sink, started) {
-            Ok(summary) => {
-                let m = &worker.shared.metrics;
-                m.generated_tokens
-                    .fetch_add(summary.completion_tokens as u64, Ordering::Relaxed);
-                m.decode_us
-                    .fetch_add((summary.predicted_ms * 1e3) as u64, Ordering::Relaxed);
-                (job.sink)(Event::Done(summary));
-            }
-            Err(f) => {
-                (job.sink)(Event::Failed(f));
-            }
-        }
-        drop(job);
-        worker.shared.depth.fetch_sub(1, Ordering::AcqRel);
+impl Worker {
+    pub(super) fn metrics(&self) -> &EngineMetrics {
+        &self.shared.metrics
+    }
+
+    /// Publishes the batch's occupancy for `/metrics` and `/health`.
+    fn publish_batch(&self, running: &[Sequence]) {
+        let m = &self.shared.metrics;
+        let decoding = running.iter().filter(|s| s.is_decoding()).count();
+        m.batch_sequences
+            .store(running.len() as u64, Ordering::Relaxed);
+        m.batch_decoding.store(decoding as u64, Ordering::Relaxed);
     }
 }
 
+/// The scheduler: a running batch of at most `parallel` sequences, fed by
+/// the FIFO queue. Each step is one batched forward: every decoding
+/// sequence feeds its last token, and sequences whose prompts are not in
+/// yet share a prompt-token budget ([`ChunkPacer`]), oldest first. A new
+/// request joins at the next step boundary; a finished or cancelled one
+/// leaves after the step that ended it.
+fn run_batches(worker: &mut Worker, rx: mpsc::Receiver<Job>, parallel: usize) {
+    let parallel = parallel.max(1);
+    let mut running: Vec<Sequence> = Vec::new();
+    let mut pacer = ChunkPacer::new();
+    let mut open = true;
+    loop {
+        // Admission: wait when idle; otherwise take what is waiting, up to
+        // the cap, without blocking the running streams.
+        while open && running.len() < parallel {
+            let job = if running.is_empty() {
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => {
+                        open = false;
+                        break;
+                    }
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(j) => j,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            };
+            admit(worker, job, &mut running);
+        }
+        if running.is_empty() {
+            if open {
+                continue;
+            }
+            return;
+        }
+        step(worker, &mut running, &mut pacer);
+    }
+}
+
+/// Starts a job: a refused prompt fails at once; a prompt wholly kept by
+/// the prefix cache starts generating at once; else it joins the batch.
+fn admit(w: &mut Worker, job: Job, running: &mut Vec<Sequence>) {
+    match Sequence::admit(w, job, Instant::now()) {
+        Err((mut sink, f)) => {
+            sink(Event::Failed(f));
+            w.shared.depth.fetch_sub(1, Ordering::AcqRel);
+        }
+        Ok(mut seq) => {
+            if seq.prompt_left() == 0 {
+                if let Progress::Ended(outcome) = seq.prompt_in(w) {
+                    return leave(w, seq, outcome);
+                }
+            }
+            running.push(seq);
+            w.publish_batch(running);
+        }
+    }
+}
+
+/// One batched forward over the running sequences, then each samples.
+fn step(w: &mut Worker, running: &mut Vec<Sequence>, pacer: &mut ChunkPacer) {
+    let decoding = running.iter().filter(|s| s.is_decoding()).count();
+    let mut budget = pacer.budget(decoding);
+    let mut inputs: Vec<(usize, Input)> = Vec::with_capacity(running.len());
+    let mut prompt_tokens = 0;
+    for (i, s) in running.iter().enumerate() {
+        if let Some(input) = s.next_input(budget) {
+            if let Input::Prompt { range, .. } = &input {
+                budget -= range.len();
+                prompt_tokens += range.len();
+            }
+            inputs.push((i, input));
+        }
+    }
+    // The ids are copied out (a prompt chunk, or one token each) so the
+    // states can be borrowed mutably below.
+    let ids: Vec<Vec<u32>> = inputs
+        .iter()
+        .map(|(i, input)| running[*i].input_ids(input).to_vec())
+        .collect();
+    let t0 = Instant::now();
+    let logits = {
+        let mut states: Vec<&mut State> = Vec::with_capacity(inputs.len());
+        let mut rest: &mut [Sequence] = running;
+        let mut base = 0;
+        for &(i, _) in &inputs {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(i + 1 - base);
+            base = i + 1;
+            rest = tail;
+            states.push(&mut head[head.len() - 1].state);
+        }
+        let mut batch: Vec<BatchSeq> = states
+            .into_iter()
+            .zip(&ids)
+            .zip(&inputs)
+            .map(|((state, ids), (_, input))| BatchSeq {
+                state,
+                ids,
+                logits: match input {
+                    Input::Prompt { logits, .. } => *logits,
+                    Input::Token(_) => true,
+                },
+            })
+            .collect();
+        w.chat.model.forward_batch(&mut batch)
+    };
+    pacer.observe(decoding, prompt_tokens, t0.elapsed().as_secs_f64());
+    w.shared.metrics.batch_steps.fetch_add(1, Ordering::Relaxed);
+    let mut ended = Vec::new();
+    for ((i, input), l) in inputs.iter().zip(logits) {
+        if let Progress::Ended(outcome) = running[*i].advance(w, input, l) {
+            ended.push((*i, outcome));
+        }
+    }
+    for (i, outcome) in ended.into_iter().rev() {
+        let seq = running.remove(i);
+        leave(w, seq, outcome);
+    }
+    w.publish_batch(running);
+}
 /// A prompt ready to feed.
 pub struct Prepared {
     /// Its tokens.
@@ -345,7 +481,7 @@ pub struct Prepared {
     pub starts_in_reasoning: bool,
 }
 
-fn chat_err(e: ChatError) -> Failure {
+pub(super) fn chat_err(e: ChatError) -> Failure {
     match e {
         ChatError::TemplateRender { .. } | ChatError::Tokenize(_) => {
             Failure::BadRequest(e.to_string())
@@ -422,8 +558,10 @@ pub struct Prefilled {
     pub cached: usize,
 }
 
-/// Feeds `ids` starting from the longest kept prefix (when `use_cache`),
-/// keeping states at `boundary` and at the end of the prompt.
+/// Feeds a whole prompt alone, starting from the longest kept prefix (when
+/// `use_cache`), keeping states at `boundary` and at the end of the
+/// prompt: what the scheduler does for one sequence, in one call (tests
+/// and tools use it).
 pub fn prefill(
     chat: &ChatModel,
     cache: &mut PrefixCache,
@@ -457,162 +595,115 @@ pub fn prefill(
     }
 }
 
-/// Applies OpenAI's presence and frequency penalties to `logits`.
-fn penalize(logits: &mut [f32], counts: &HashMap<u32, u32>, presence: f32, frequency: f32) {
-    if presence == 0.0 && frequency == 0.0 {
-        return;
-    }
-    for (&id, &n) in counts {
-        if let Some(l) = logits.get_mut(id as usize) {
-            *l -= presence + frequency * n as f32;
-        }
-    }
-}
-
-/// Runs one job to the end.
-fn run_job(
-    w: &mut Worker,
-    req: &GenRequest,
-    sink: &mut Sink,
-    started: Instant,
-) -> Result<Summary, Failure> {
-    let prepared = prepare(&w.chat, &req.prompt, w.ctx_size)?;
-    let ids = &prepared.ids;
-    let Prefilled {
-        mut state,
-        mut logits,
-        cached,
-    } = prefill(
-        &w.chat,
-        &mut w.cache,
-        ids,
-        prepared.boundary,
-        req.cache_prompt,
-    );
-    let prompt_ms = started.elapsed().as_secs_f64() * 1e3;
+/// A sequence leaves the batch: its last event, the counters, its slot.
+fn leave(w: &mut Worker, seq: Sequence, outcome: Result<Summary, Failure>) {
     let m = &w.shared.metrics;
-    m.prompt_tokens
-        .fetch_add((ids.len() - cached) as u64, Ordering::Relaxed);
-    m.cached_tokens.fetch_add(cached as u64, Ordering::Relaxed);
-    m.prefill_us
-        .fetch_add((prompt_ms * 1e3) as u64, Ordering::Relaxed);
-    let (hits, misses) = w.cache.hits_misses();
-    m.cache_hits.store(hits, Ordering::Relaxed);
-    m.cache_misses.store(misses, Ordering::Relaxed);
-    if !sink(Event::Started {
-        prompt_tokens: ids.len(),
-        cached_tokens: cached,
-    }) {
-        return Ok(summary(
-            Finish::Cancelled,
-            ids.len(),
-            cached,
-            0,
-            prompt_ms,
-            0.0,
-        ));
-    }
-
-    let mut out = match req.prompt {
-        Prompt::Chat { .. } => {
-            ChatOutput::chat(&req.stop, prepared.starts_in_reasoning, req.parse_tools)
-        }
-        Prompt::Text(_) => ChatOutput::raw(&req.stop),
-    };
-    let mut sampler = Sampler::new(req.sampling.clone());
-    let mut detok = Detokenizer::new();
-    let keep = req.sampling.repeat_last_n.max(1);
-    let mut recent: Vec<u32> = ids[ids.len().saturating_sub(keep)..].to_vec();
-    let mut counts: HashMap<u32, u32> = HashMap::new();
-    let mut fed: Vec<u32> = ids.clone();
-    let mut generated = 0usize;
-    let mut first: Option<Instant> = None;
-    let mut last;
-    let tok = &w.chat.tokenizer;
-    let finish = loop {
-        penalize(
-            &mut logits,
-            &counts,
-            req.presence_penalty,
-            req.frequency_penalty,
-        );
-        let id = sampler.sample(&mut logits, &recent);
-        last = Instant::now();
-        first.get_or_insert(last);
-        if w.chat.eos_ids.contains(&id) {
-            break Finish::Stop;
-        }
-        generated += 1;
-        *counts.entry(id).or_default() += 1;
-        recent.push(id);
-        if recent.len() > 4 * keep {
-            recent.drain(..recent.len() - keep);
-        }
-        let mut deltas = Vec::new();
-        if let Some(text) = detok.push(tok, id).map_err(chat_err)? {
-            deltas = out.push(&text);
-        }
-        if !sink(Event::Deltas(deltas)) {
-            break Finish::Cancelled;
-        }
-        if out.stopped() {
-            break Finish::Stop;
-        }
-        if generated >= req.max_tokens || state.position() + 1 >= w.ctx_size {
-            break Finish::Length;
-        }
-        logits = w.chat.model.forward(&mut state, &[id]);
-        fed.push(id);
-    };
-    if finish != Finish::Cancelled {
-        let mut tail = Vec::new();
-        if let Some(text) = detok.flush(tok).map_err(chat_err)? {
-            tail = out.push(&text);
-        }
-        tail.extend(out.finish());
-        if !tail.is_empty() {
-            sink(Event::Deltas(tail));
-        }
-    }
-    // The answer's state: the next turn of a template that keeps answers
-    // verbatim, or a raw completion continued, starts here.
-    if req.cache_prompt && fed.len() > ids.len() {
-        w.cache.insert(&fed, &state, &logits);
+    if let Ok(summary) = &outcome {
+        m.generated_tokens
+            .fetch_add(summary.completion_tokens as u64, Ordering::Relaxed);
+        m.decode_us
+            .fetch_add((summary.predicted_ms * 1e3) as u64, Ordering::Relaxed);
     }
     m.cache_bytes
         .store(w.cache.bytes() as u64, Ordering::Relaxed);
     m.cache_entries
         .store(w.cache.len() as u64, Ordering::Relaxed);
-    let finish = if finish == Finish::Stop && out.tool_calls() > 0 {
-        Finish::ToolCalls
-    } else {
-        finish
-    };
-    let predicted_ms = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64() * 1e3);
-    Ok(summary(
-        finish,
-        ids.len(),
-        cached,
-        generated,
-        prompt_ms,
-        predicted_ms,
-    ))
+    seq.close(outcome);
+    w.shared.depth.fetch_sub(1, Ordering::AcqRel);
 }
 
-fn summary(
-    finish: Finish,
-    prompt_tokens: usize,
-    cached_tokens: usize,
-    completion_tokens: usize,
-    prompt_ms: f64,
-    predicted_ms: f64,
-) -> Summary {
-    Summary {
-        finish,
-        prompt_tokens,
-        cached_tokens,
-        completion_tokens,
-        prompt_ms,
-        predicted_ms,
+/// How many prompt tokens a step takes while other sequences decode.
+///
+/// A step's time is about one decode step (reading the weights once) plus
+/// the prompt tokens' compute, so the chunk sets how long the running
+/// streams wait for their next token while a prompt goes in. The pacer
+/// aims each mixed step at [`STALL_FACTOR`] times a plain decode step
+/// (both measured as the server runs): after a mixed step it estimates the
+/// cost of one prompt token from the time above a plain step and sizes the
+/// next chunk to fit, changing it at most 4x at a time and keeping it
+/// within [`MIN_CHUNK`]..=[`PREFILL_CHUNK`]. With nobody decoding a prompt
+/// stalls nothing and takes the whole [`PREFILL_CHUNK`].
+struct ChunkPacer {
+    /// Recent plain decode step, seconds (running mean).
+    decode_step: Option<f64>,
+    chunk: usize,
+}
+
+/// A step with a prompt chunk aims at this many plain decode steps: the
+/// running streams keep a third of their speed while a prompt goes in,
+/// and the prompt gets the rest.
+const STALL_FACTOR: f64 = 3.0;
+/// Smallest prompt chunk beside decodes (below it a chunk's weight reads
+/// cost more than its tokens' compute and prefill crawls).
+const MIN_CHUNK: usize = 16;
+/// The chunk before any step is measured.
+const FIRST_CHUNK: usize = 64;
+
+impl ChunkPacer {
+    fn new() -> Self {
+        ChunkPacer {
+            decode_step: None,
+            chunk: FIRST_CHUNK,
+        }
+    }
+
+    /// Prompt tokens the next step may take.
+    fn budget(&self, decoding: usize) -> usize {
+        if decoding == 0 {
+            PREFILL_CHUNK
+        } else {
+            self.chunk
+        }
+    }
+
+    /// Learns from a step of `decoding` decode tokens and `prompt` prompt
+    /// tokens that took `secs`.
+    fn observe(&mut self, decoding: usize, prompt: usize, secs: f64) {
+        if decoding == 0 {
+            return;
+        }
+        if prompt == 0 {
+            self.decode_step = Some(match self.decode_step {
+                Some(d) => 0.7 * d + 0.3 * secs,
+                None => secs,
+            });
+            return;
+        }
+        let Some(plain) = self.decode_step else {
+            return;
+        };
+        let per_token = ((secs - plain) / prompt as f64).max(1e-9);
+        let want = ((STALL_FACTOR - 1.0) * plain / per_token).round() as usize;
+        let (lo, hi) = (prompt.max(MIN_CHUNK) / 4, prompt.max(MIN_CHUNK) * 4);
+        self.chunk = want.clamp(lo, hi).clamp(MIN_CHUNK, PREFILL_CHUNK);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacer_sizes_chunks_to_the_stall_budget() {
+        let mut p = ChunkPacer::new();
+        // Nobody decoding: a prompt takes the whole chunk.
+        assert_eq!(p.budget(0), PREFILL_CHUNK);
+        assert_eq!(p.budget(3), FIRST_CHUNK);
+        // A mixed step before any plain one teaches nothing.
+        p.observe(3, 64, 1.0);
+        assert_eq!(p.budget(3), FIRST_CHUNK);
+        // Plain steps of 0.1 s; 64 prompt tokens added 0.64 s (10 ms each):
+        // two plain steps' worth is 20 tokens.
+        p.observe(3, 0, 0.1);
+        p.observe(3, 64, 0.74);
+        assert_eq!(p.budget(3), 20);
+        // Cheap prompt tokens grow the chunk at most 4x per step.
+        p.observe(3, 20, 0.1 + 20.0 * 1e-5);
+        assert_eq!(p.budget(3), 80);
+        // Dear ones shrink it (at most 4x per step), never below MIN_CHUNK.
+        p.observe(3, 80, 100.0);
+        assert_eq!(p.budget(3), 20);
+        p.observe(3, 20, 100.0);
+        assert_eq!(p.budget(3), MIN_CHUNK);
     }
 }

@@ -8,6 +8,7 @@
 pub mod engine;
 pub mod output;
 pub mod prefix_cache;
+mod sequence;
 
 pub use engine::{
     Engine, EngineConfig, EngineMetrics, Event, Failure, Finish, GenRequest, Job, ModelInfo,
