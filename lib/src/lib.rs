@@ -29,6 +29,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod evaluate;
+pub mod experts;
 pub mod fetch;
 pub mod fsutil;
 pub mod inspect;

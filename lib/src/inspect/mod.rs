@@ -11,6 +11,7 @@
 
 pub mod probe;
 pub mod sizes;
+pub mod storage;
 pub mod strategy;
 mod sys;
 
