@@ -642,7 +642,11 @@ pub fn write_tensor(w: &mut impl Write, t: &Planned, seed: u64) -> io::Result<()
                     let mut v = center + a * rng.unit();
                     if el % cols == 0 {
                         let row = el / cols;
-                        v = col0[if col0.len() == 1 { 0 } else { row.min(col0.len() - 1) }];
+                        v = col0[if col0.len() == 1 {
+                            0
+                        } else {
+                            row.min(col0.len() - 1)
+                        }];
                     }
                     buf.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
                 }

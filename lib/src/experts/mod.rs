@@ -469,7 +469,11 @@ const SAVE_EVERY: Duration = Duration::from_secs(60);
 const BUFFER_WAIT: Duration = Duration::from_secs(30);
 
 impl ExpertPager {
-    fn new(cache: &Cache, plan: BudgetPlan, opts: &PagerOptions) -> Result<ExpertPager, PagingError> {
+    fn new(
+        cache: &Cache,
+        plan: BudgetPlan,
+        opts: &PagerOptions,
+    ) -> Result<ExpertPager, PagingError> {
         let c = cache.config();
         let (n_layers, n_experts) = (c.num_hidden_layers, c.num_experts);
         let mut files = Vec::new();
@@ -480,7 +484,12 @@ impl ExpertPager {
                     .map_err(|e| PagingError::Io(format!("{}: {e}", path.display())))?,
             );
         }
-        let cache_id = cache.header().index_hash.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let cache_id = cache
+            .header()
+            .index_hash
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
         let counts = opts
             .usage_file
             .as_deref()
@@ -651,7 +660,11 @@ impl ExpertPager {
     /// Reads `experts` of `layer` ahead, those not resident or being read,
     /// as far as buffers allow without evicting an expert used more often.
     pub fn read_ahead(self: &Arc<Self>, layer: usize, experts: &[usize]) {
-        if self.layers.read().map_or(true, |l| l.get(layer).map_or(true, Option::is_none)) {
+        if self
+            .layers
+            .read()
+            .map_or(true, |l| l.get(layer).map_or(true, Option::is_none))
+        {
             return;
         }
         let mut st = self.lock();
@@ -690,9 +703,16 @@ impl ExpertPager {
             .iter()
             .filter(|g| chosen.contains(&(**g as usize)))
             .count() as u64;
-        let n = self.stats.predicted.fetch_add(guess.len() as u64, Ordering::Relaxed)
+        let n = self
+            .stats
+            .predicted
+            .fetch_add(guess.len() as u64, Ordering::Relaxed)
             + guess.len() as u64;
-        let r = self.stats.predicted_right.fetch_add(right, Ordering::Relaxed) + right;
+        let r = self
+            .stats
+            .predicted_right
+            .fetch_add(right, Ordering::Relaxed)
+            + right;
         if n >= PREDICT_TRIAL && (r as f64) < n as f64 * PREDICT_MIN_ACCURACY {
             if self.predict.swap(false, Ordering::Relaxed) {
                 tracing::info!(
@@ -754,9 +774,13 @@ impl ExpertPager {
         ticket: Arc<Ticket>,
         ahead: bool,
     ) {
-        let me = self.clone();
-        self.pool
-            .submit(priority, move || me.complete(layer, e, buf, ticket, ahead));
+        // A queued read does not keep the pager alive: dropping the model
+        // frees its buffers; a read that finds it gone fails its ticket.
+        let me = Arc::downgrade(self);
+        self.pool.submit(priority, move || match me.upgrade() {
+            Some(me) => me.complete(layer, e, buf, ticket, ahead),
+            None => ticket.set(Err("the model was dropped".into())),
+        });
     }
 
     /// Runs on an I/O thread: reads the expert, then publishes it.
@@ -819,7 +843,12 @@ impl ExpertPager {
             };
             if let Err(err) = self.files[p.file].read_at(dst, p.start, p.need) {
                 let path = self.files[p.file].path().display().to_string();
-                return (Err(format!("{path}: reading expert {e} of layer {layer}: {err}")), buf);
+                return (
+                    Err(format!(
+                        "{path}: reading expert {e} of layer {layer}: {err}"
+                    )),
+                    buf,
+                );
             }
             self.stats.reads.fetch_add(1, Ordering::Relaxed);
             self.stats
@@ -833,7 +862,13 @@ impl ExpertPager {
             pieces
                 .iter()
                 .find(|p| p.file == f && p.start <= off && off + len <= p.start + p.need as u64)
-                .and_then(|p| Bytes::shared(buf.clone(), base + p.at + (off - p.start) as usize, len as usize))
+                .and_then(|p| {
+                    Bytes::shared(
+                        buf.clone(),
+                        base + p.at + (off - p.start) as usize,
+                        len as usize,
+                    )
+                })
                 .unwrap_or_else(|| m.clone())
         };
         let mapped = &info.experts[e];
@@ -848,7 +883,7 @@ impl ExpertPager {
     /// Reads the most used experts of earlier runs ahead, until the cache
     /// is nearly full (room is left for the first token's misses).
     fn preload_hot_set(self: &Arc<Self>) {
-        let keep = self.plan.slots.saturating_sub(32);
+        let keep = self.plan.slots - self.plan.slots / 4;
         let mut hot: Vec<(u64, usize, usize)> = {
             let st = self.lock();
             st.counts
@@ -930,15 +965,13 @@ impl ExpertPager {
             due
         };
         if due {
-            let me = self.clone();
-            self.pool.submit(Priority::Ahead, move || me.save_usage());
+            let me = Arc::downgrade(self);
+            self.pool.submit(Priority::Ahead, move || {
+                if let Some(me) = me.upgrade() {
+                    me.save_usage();
+                }
+            });
         }
-    }
-}
-
-impl Drop for ExpertPager {
-    fn drop(&mut self) {
-        self.save_usage();
     }
 }
 
@@ -980,6 +1013,13 @@ fn rebase_matrix(m: &Matrix, f: &dyn Fn(&Bytes) -> Bytes) -> Matrix {
 pub struct PagedCache {
     cache: Cache,
     pager: Arc<ExpertPager>,
+}
+
+impl Drop for PagedCache {
+    /// The model is done with its weights: keep the usage counts.
+    fn drop(&mut self) {
+        self.pager.save_usage();
+    }
 }
 
 impl PagedCache {

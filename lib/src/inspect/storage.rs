@@ -59,7 +59,12 @@ fn next(state: &mut u64) -> u64 {
 
 /// Measures the files of `dir`: about `seconds` in all, split over the
 /// three tests. `None` when the directory holds no file of 64 MiB or more.
-pub fn measure(dir: &Path, random_block: usize, queue_depth: usize, seconds: f64) -> Option<StorageSpeed> {
+pub fn measure(
+    dir: &Path,
+    random_block: usize,
+    queue_depth: usize,
+    seconds: f64,
+) -> Option<StorageSpeed> {
     let files: Vec<(DataFile, u64)> = model_files(dir)
         .into_iter()
         .filter_map(|(p, n)| Some((DataFile::open(&p).ok()?, n)))
@@ -114,10 +119,13 @@ fn random(files: &[(DataFile, u64)], block: usize, depth: usize, budget: Duratio
                 let mut buf = vec![0u8; block + DIRECT_ALIGN];
                 let base = aligned_base(&buf);
                 let dst = &mut buf[base..base + block];
-                let mut state = (t as u64 + 1) * 0x1234_5678_9ABC_DEF1 ^ t0.elapsed().as_nanos() as u64;
+                let mut state =
+                    (t as u64 + 1) * 0x1234_5678_9ABC_DEF1 ^ t0.elapsed().as_nanos() as u64;
                 while t0.elapsed() < budget {
                     let (f, len) = &files[(next(&mut state) % files.len() as u64) as usize];
-                    let slots = (len / DIRECT_ALIGN as u64).saturating_sub(block as u64 / DIRECT_ALIGN as u64).max(1);
+                    let slots = (len / DIRECT_ALIGN as u64)
+                        .saturating_sub(block as u64 / DIRECT_ALIGN as u64)
+                        .max(1);
                     let off = next(&mut state) % slots * DIRECT_ALIGN as u64;
                     if f.read_at(dst, off, 0).is_err() {
                         break;

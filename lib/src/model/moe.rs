@@ -184,7 +184,10 @@ impl Moe {
             }
             matvec_batch(&mut jobs);
         }
-        let held: Vec<Held> = held.into_iter().map(|e| e.expect("every expert held")).collect();
+        let held: Vec<Held> = held
+            .into_iter()
+            .map(|e| e.expect("every expert held"))
+            .collect();
         for (g, u) in gates.iter_mut().zip(&ups) {
             for (gi, ui) in g.iter_mut().zip(u) {
                 *gi = silu(*gi) * ui;
@@ -279,7 +282,10 @@ impl Moe {
     fn hold(&self, chosen: &[usize]) -> (Vec<Option<Held<'_>>>, Vec<(usize, Fetch)>) {
         let Some((p, layer)) = &self.pager else {
             return (
-                chosen.iter().map(|&e| Some(Held::Mapped(&self.experts[e]))).collect(),
+                chosen
+                    .iter()
+                    .map(|&e| Some(Held::Mapped(&self.experts[e])))
+                    .collect(),
                 Vec::new(),
             );
         };
