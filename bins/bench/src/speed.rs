@@ -181,10 +181,13 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     let (bandwidth, source) = match strategy.and_then(|s| s.bandwidth_gbs).filter(|&g| g > 0.0) {
         Some(g) => (g, format!("from {}", pipeline.strategy_path().display())),
         None => {
-            let bw = roundhouse::membw::measure(512 << 20, 1.0);
+            // Under a memory budget the probe's buffer must fit in the
+            // working memory the budget keeps (256 MiB + 3%).
+            let mib = if pager.is_some() { 64 } else { 512 };
+            let bw = roundhouse::membw::measure(mib << 20, 1.0);
             (
                 bw.all_threads_gbs,
-                "no strategy file: probed now with membw, 512 MiB, all threads".to_string(),
+                format!("no strategy file: probed now with membw, {mib} MiB, all threads"),
             )
         }
     };

@@ -424,18 +424,29 @@ pub struct PagerOptions {
     /// Predict the next layer's experts and read them ahead (turned off by
     /// itself when under a third of the predictions are right).
     pub predict: bool,
-    /// I/O threads.
+    /// I/O threads (reads in flight at most).
     pub io_threads: usize,
+    /// Experts read ahead per predicted layer: its top-k plus this many.
+    pub predict_extra: usize,
 }
 
 impl PagerOptions {
-    /// Defaults for `budget`: prediction on, 8 I/O threads, no usage file.
+    /// Defaults for `budget`: prediction on, 16 I/O threads, no usage
+    /// file. `RH_EXPERT_IO_THREADS` and `RH_EXPERT_PREDICT_EXTRA` override
+    /// the tuning values (for measurements).
     pub fn new(budget: u64) -> PagerOptions {
+        let env = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
         PagerOptions {
             budget,
             usage_file: None,
             predict: true,
-            io_threads: 8,
+            io_threads: env("RH_EXPERT_IO_THREADS", 16).clamp(1, 256),
+            predict_extra: env("RH_EXPERT_PREDICT_EXTRA", 0).min(1024),
         }
     }
 }
@@ -456,6 +467,7 @@ pub struct ExpertPager {
     last_save: Mutex<Instant>,
     warned: AtomicBool,
     started_preload: AtomicBool,
+    predict_extra: usize,
 }
 
 /// Below this accuracy (after [`PREDICT_TRIAL`] predictions) next-layer
@@ -518,6 +530,7 @@ impl ExpertPager {
             last_save: Mutex::new(Instant::now()),
             warned: AtomicBool::new(false),
             started_preload: AtomicBool::new(false),
+            predict_extra: opts.predict_extra,
         })
     }
 
@@ -578,6 +591,11 @@ impl ExpertPager {
             }
             _ => None,
         }
+    }
+
+    /// Experts to read ahead for a predicted layer beyond its top-k.
+    pub fn predict_extra(&self) -> usize {
+        self.predict_extra
     }
 
     /// The router of the layer after `layer`, while prediction is on.

@@ -23,13 +23,16 @@ pub struct PagingReport {
     pub stats: PagerStats,
     /// Resident when asked for.
     pub hit_rate: f64,
-    /// Bytes read from storage per decoded token.
+    /// Bytes read from storage per decoded token (read-ahead included).
     pub bytes_read_per_token: f64,
+    /// Bytes of the experts that were not resident when a token asked for
+    /// them (read on demand, or still being read ahead), per token.
+    pub bytes_missed_per_token: f64,
     /// Mean decode seconds per token.
     pub decode_s_per_token: f64,
     /// The disk's speeds, measured after the test on the cache's files.
     pub storage: Option<StorageSpeed>,
-    /// `bytes_read_per_token / random_gbs`: decode can be no faster.
+    /// `bytes_missed_per_token / random_gbs`: decode can be no faster.
     pub storage_bound_s_per_token: Option<f64>,
 }
 
@@ -43,11 +46,14 @@ impl PagingReport {
         decode_s_per_token: f64,
     ) -> PagingReport {
         let per_token = stats.bytes_read as f64 / tokens.max(1) as f64;
+        let plan = pager.plan();
+        let expert = plan.expert_bytes as f64 / plan.experts.max(1) as f64;
+        let missed = (stats.misses + stats.inflight) as f64 * expert / tokens.max(1) as f64;
         let storage = storage::measure(dir, pager.plan().slot_bytes as usize, 8, 3.0);
         let bound = storage
             .as_ref()
             .filter(|s| s.random_gbs > 0.0)
-            .map(|s| per_token / (s.random_gbs * 1e9));
+            .map(|s| missed / (s.random_gbs * 1e9));
         PagingReport {
             plan: pager.plan().clone(),
             direct_reads: pager.direct_reads(),
@@ -55,6 +61,7 @@ impl PagingReport {
             stats,
             hit_rate: stats.hit_rate(),
             bytes_read_per_token: per_token,
+            bytes_missed_per_token: missed,
             decode_s_per_token,
             storage,
             storage_bound_s_per_token: bound,
@@ -77,8 +84,9 @@ impl PagingReport {
             if self.direct_reads { "O_DIRECT reads" } else { "buffered reads, pages dropped" }
         );
         out.push_str(&format!(
-            "expert cache (tg):       {:.1}% hits, {} read per token ({} reads), waited {:.1} ms per token\n",
+            "expert cache (tg):       {:.1}% hits, {} missed and {} read per token ({} reads), waited {:.1} ms per token\n",
             100.0 * self.hit_rate,
+            h(self.bytes_missed_per_token as u64),
             h(self.bytes_read_per_token as u64),
             s.reads,
             1e3 * s.stall_s / self.tokens.max(1) as f64

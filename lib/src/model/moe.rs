@@ -83,6 +83,23 @@ impl Expert {
     }
 }
 
+/// The `n` largest logits' experts, largest first (ties to the lower
+/// index), as the router would choose `n` of them.
+fn top_n(logits: &[f32], n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    let order = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    let n = n.min(idx.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, order);
+        idx.truncate(n);
+    }
+    idx.sort_by(order);
+    idx
+}
+
 /// One MoE block.
 pub struct Moe {
     hidden: usize,
@@ -147,7 +164,7 @@ impl Moe {
         // ones and the shared expert compute.
         let (mut held, pending) = self.hold(&chosen);
         if let (Some((p, l)), false) = (&self.pager, next_logits.is_empty()) {
-            let guess: Vec<usize> = self.route(&next_logits).iter().map(|&(e, _)| e).collect();
+            let guess = top_n(&next_logits, self.top_k + p.predict_extra());
             p.predicted(l + 1, &guess);
         }
         let inter = self.experts.first().map_or(0, |e| e.gate.rows());
