@@ -227,6 +227,21 @@ pub fn plan_budget(cache: &Cache, budget: u64) -> BudgetPlan {
     }
 }
 
+/// The smallest budget (to 4 KiB) whose plan for `cache` holds `slots`
+/// experts.
+pub fn budget_for_slots(cache: &Cache, slots: usize) -> u64 {
+    let p = plan_budget(cache, 0);
+    let need = p.resident_bytes + (256 << 20) + slots as u64 * p.slot_bytes;
+    let mut b = need + need / 32;
+    while plan_budget(cache, b).slots < slots {
+        b += 4096;
+    }
+    while b > 4096 && plan_budget(cache, b - 4096).slots >= slots {
+        b -= 4096;
+    }
+    b
+}
+
 /// Counters of the expert cache (monotonic; take differences).
 #[derive(Default, Debug)]
 struct Counters {

@@ -41,15 +41,7 @@ fn tiny_cache(dir: &Path) -> PathBuf {
 /// The smallest budget whose plan holds exactly `slots` experts.
 fn budget_for(cache: &Path, slots: usize) -> u64 {
     let c = Cache::open(cache).unwrap();
-    let p = plan_budget(&c, 1 << 30);
-    let mut b = ((p.resident_bytes + (256 << 20) + slots as u64 * p.slot_bytes) as f64 * 33.0
-        / 32.0) as u64;
-    while plan_budget(&c, b).slots < slots {
-        b += p.slot_bytes / 4;
-    }
-    while plan_budget(&c, b).slots > slots {
-        b -= 4096;
-    }
+    let b = budget_for_slots(&c, slots);
     assert_eq!(plan_budget(&c, b).slots, slots);
     b
 }
