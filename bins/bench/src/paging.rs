@@ -14,8 +14,13 @@ use roundhouse::pipeline::Pipeline;
 
 pub use roundhouse::experts::report::PagingReport;
 
-/// The budget: the flag, else `[bench] memory_budget`.
-pub fn budget(flag: Option<&str>, p: &Pipeline) -> Result<Option<u64>, CliError> {
+/// The budget: the flag, else `[bench] memory_budget`, else inspect's
+/// (set when the model does not fit in RAM).
+pub fn budget(
+    flag: Option<&str>,
+    p: &Pipeline,
+    strategy: Option<&roundhouse::inspect::Strategy>,
+) -> Result<Option<u64>, CliError> {
     match (flag, p.bench.memory_budget.as_deref()) {
         (Some(s), _) => experts::parse_size(s)
             .map(Some)
@@ -23,7 +28,7 @@ pub fn budget(flag: Option<&str>, p: &Pipeline) -> Result<Option<u64>, CliError>
         (None, Some(s)) => experts::parse_size(s)
             .map(Some)
             .map_err(|e| CliError::usage(format!("[bench] memory_budget: {e}"))),
-        (None, None) => Ok(None),
+        (None, None) => Ok(strategy.and_then(|s| s.paging.as_ref()?.memory_budget)),
     }
 }
 

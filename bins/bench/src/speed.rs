@@ -104,7 +104,7 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         )));
     }
 
-    let budget = crate::paging::budget(args.memory_budget.as_deref(), pipeline)?;
+    let budget = crate::paging::budget(args.memory_budget.as_deref(), pipeline, strategy.as_ref())?;
     let t0 = Instant::now();
     let (model, _plan) = crate::paging::load(&dir, budget, !args.no_expert_prediction, pipeline)?;
     let pager = crate::paging::pager(&model);

@@ -177,7 +177,7 @@ fn memory_budget(
     match (&args.memory_budget, &p.serve.memory_budget) {
         (Some(s), _) => parse("--memory-budget", s).map(Some),
         (None, Some(s)) => parse("[serve] memory_budget", s).map(Some),
-        (None, None) => Ok(st.and_then(|_| None)),
+        (None, None) => Ok(st.and_then(|s| s.paging.as_ref()?.memory_budget)),
     }
 }
 

@@ -243,6 +243,7 @@ pub fn decide(p: &Probe, m: &ModelSizes, o: &Overrides) -> Strategy {
             gpu: gpu_reason,
             speed: speed_reason,
         },
+        paging: None,
     }
 }
 
