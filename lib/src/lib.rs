@@ -36,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod env;
 pub mod evaluate;
+pub mod experts;
 pub mod fetch;
 pub mod fsutil;
 pub mod inspect;

@@ -320,6 +320,9 @@ pub struct ServeTable {
     pub parallel: Option<usize>,
     /// RAM for kept prompt states, MiB (`--cache-ram`).
     pub cache_ram: Option<usize>,
+    /// RAM budget for the model, e.g. `"24G"` (`--memory-budget`): routed
+    /// experts beyond it are paged. Default: the strategy's, else none.
+    pub memory_budget: Option<String>,
 }
 
 /// `[bench]`.
@@ -336,6 +339,8 @@ pub struct BenchTable {
     pub repetitions: Option<usize>,
     /// Worker threads. Default: the strategy's.
     pub threads: Option<usize>,
+    /// RAM budget for the model, e.g. `"3G"` (`--memory-budget`).
+    pub memory_budget: Option<String>,
 }
 
 impl Pipeline {

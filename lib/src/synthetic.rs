@@ -9,6 +9,11 @@
 //! * `synthetic:qwen3-next-80b`: the real model's shapes (hidden 2048, 512
 //!   experts, vocab 151,936); `layers` picks how many of its 48 layers.
 //!
+//! * `PRESET,zipf=S` (e.g. `synthetic:qwen3-next-80b,zipf=0.6`): skewed
+//!   expert popularity, so an expert cache can be measured; see
+//!   [`Spec::zipf`]. Without it routing is close to uniform, the worst case
+//!   for caching.
+//!
 //! Weights are random but deterministic: each tensor has its own generator
 //! seeded from `(seed, name)`, so files are byte-identical across runs and a
 //! resumed run rewrites a shard exactly. Shards are written streaming, a
@@ -24,7 +29,7 @@ use crate::assets;
 #[derive(Debug, thiserror::Error)]
 pub enum SyntheticError {
     /// Unknown preset name.
-    #[error("unknown synthetic model `{0}` (known: tiny, qwen3-next-80b)")]
+    #[error("unknown synthetic model `{0}` (known: tiny, qwen3-next-80b, each optionally with `,zipf=S`, 0 < S <= 4)")]
     UnknownPreset(String),
     /// Bad expert count.
     #[error("synthetic:{preset}: --experts must be between {min} (experts per token) and {max}, got {got}")]
@@ -69,6 +74,19 @@ pub struct Spec {
     pub shard_bytes: u64,
     /// Generator seed.
     pub seed: u64,
+    /// Zipf exponent of expert popularity (`PRESET,zipf=S`), `None` for
+    /// near-uniform routing. How: every token's embedding carries a constant
+    /// in hidden dimension 0 (half of its energy, like the "massive
+    /// activation" dimensions of trained models), and column 0 of each
+    /// layer's router turns it into a per-expert logit bias
+    /// `-c ln(rank)`, ranks drawn per layer from the seed. With the
+    /// router's other logits about N(0, 0.7^2) and top-10 of 512,
+    /// `c = 0.3 S` makes the selection frequency fall about as `rank^-S`
+    /// (simulated; the measured law is quoted in docs/performance.md).
+    /// 0.6 is the suggested value: a fifth of the experts then take about
+    /// half of a layer's routings, the order of skew reported for
+    /// fine-grained MoE models on one workload.
+    pub zipf: Option<f32>,
 }
 
 /// How a tensor's bytes are produced.
@@ -80,6 +98,16 @@ pub enum Fill {
         center: f32,
         /// Half-width.
         a: f32,
+    },
+    /// Like `Bf16`, but column 0 of row `r` holds `col0[r]` (one value for
+    /// every row when it has one element): the skewed-routing feature.
+    Bf16Col0 {
+        /// Centre.
+        center: f32,
+        /// Half-width.
+        a: f32,
+        /// Column 0, per row (or one value for all rows).
+        col0: Vec<f32>,
     },
     /// AutoRound qweight: uniformly random packed integers.
     QWeight,
@@ -121,8 +149,21 @@ fn usize_of(v: &serde_json::Value, k: &str) -> usize {
 }
 
 impl Spec {
-    /// A preset with an optional layer count.
+    /// A preset with an optional layer count; `name` may end in
+    /// `,zipf=S` (skewed routing, [`Spec::zipf`]).
     pub fn preset(name: &str, layers: Option<usize>, seed: u64) -> Result<Spec, SyntheticError> {
+        let full_name = name;
+        let (name, zipf) = match name.split_once(',') {
+            Some((base, opt)) => {
+                let s = opt
+                    .strip_prefix("zipf=")
+                    .and_then(|v| v.parse::<f32>().ok())
+                    .filter(|s| s.is_finite() && *s > 0.0 && *s <= 4.0)
+                    .ok_or_else(|| SyntheticError::UnknownPreset(full_name.to_string()))?;
+                (base, Some(s))
+            }
+            None => (name, None),
+        };
         let (config, group_size, shard_bytes, max_layers) = match name {
             "tiny" => (
                 json!({
@@ -182,11 +223,12 @@ impl Spec {
             config["num_hidden_layers"] = n.into();
         }
         Ok(Spec {
-            preset: name.to_string(),
+            preset: full_name.to_string(),
             config,
             group_size,
             shard_bytes,
             seed,
+            zipf,
         })
     }
 
@@ -318,12 +360,21 @@ impl Spec {
             shape,
             fill: Fill::Bf16 { center, a },
         };
-        let mut out = vec![bf16(
-            "model.embed_tokens.weight".into(),
-            vec![vocab, h],
-            0.0,
-            1.0,
-        )];
+        let mut out = vec![match self.zipf {
+            // Half of every embedding's energy in dimension 0 (the others
+            // are uniform in [-1, 1], variance 1/3).
+            Some(_) => Planned {
+                name: "model.embed_tokens.weight".into(),
+                dtype: "BF16",
+                shape: vec![vocab, h],
+                fill: Fill::Bf16Col0 {
+                    center: 0.0,
+                    a: 1.0,
+                    col0: vec![((h - 1) as f32 / 3.0).sqrt()],
+                },
+            },
+            None => bf16("model.embed_tokens.weight".into(), vec![vocab, h], 0.0, 1.0),
+        }];
         let (nv, dv) = (
             self.dim("linear_num_value_heads"),
             self.dim("linear_value_head_dim"),
@@ -380,6 +431,19 @@ impl Spec {
             let prefix = format!("{p}.");
             for (name, o, i, bits) in linears.iter().filter(|x| x.0.starts_with(&prefix)) {
                 let (o, i, bits) = (*o, *i, *bits);
+                if let (Some(zipf), true) = (self.zipf, name.ends_with(".mlp.gate")) {
+                    out.push(Planned {
+                        name: format!("{name}.weight"),
+                        dtype: "BF16",
+                        shape: vec![o, i],
+                        fill: Fill::Bf16Col0 {
+                            center: 0.0,
+                            a: (3.0 / i as f32).sqrt(),
+                            col0: self.router_bias_column(l, o, zipf),
+                        },
+                    });
+                    continue;
+                }
                 if bits == 16 {
                     out.push(bf16(
                         format!("{name}.weight"),
@@ -422,6 +486,23 @@ impl Spec {
             (3.0 / h as f32).sqrt(),
         ));
         out
+    }
+
+    /// Column 0 of layer `layer`'s router under skewed routing: the logit
+    /// bias `-0.3 zipf ln(rank)` of each expert divided by dimension 0 of a
+    /// normalised hidden state (about `sqrt(hidden / 2)`), ranks a
+    /// seeded permutation per layer.
+    fn router_bias_column(&self, layer: usize, experts: usize, zipf: f32) -> Vec<f32> {
+        let h = self.dim("hidden_size") as f32;
+        let mut rank: Vec<usize> = (0..experts).collect();
+        let mut rng = SplitMix::for_tensor(self.seed, &format!("zipf-ranks:{layer}"));
+        for i in (1..experts).rev() {
+            rank.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+        }
+        let x0 = (h / 2.0).sqrt();
+        rank.iter()
+            .map(|&r| -0.3 * zipf * ((r + 1) as f32).ln() / x0)
+            .collect()
     }
 
     /// Splits the plan into shards of at most `shard_bytes` (Intel's naming).
@@ -549,6 +630,24 @@ pub fn write_tensor(w: &mut impl Write, t: &Planned, seed: u64) -> io::Result<()
             Fill::Bf16 { center, a } => {
                 for _ in 0..n / 2 {
                     let v = center + a * rng.unit();
+                    buf.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+                }
+            }
+            Fill::Bf16Col0 { center, a, col0 } => {
+                let cols = t.shape.last().copied().unwrap_or(1).max(1);
+                for k in 0..n / 2 {
+                    let el = done / 2 + k;
+                    // The generator advances for every element, so the
+                    // other columns match the unskewed tensor's.
+                    let mut v = center + a * rng.unit();
+                    if el % cols == 0 {
+                        let row = el / cols;
+                        v = col0[if col0.len() == 1 {
+                            0
+                        } else {
+                            row.min(col0.len() - 1)
+                        }];
+                    }
                     buf.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
                 }
             }

@@ -23,6 +23,17 @@ pub enum Bytes {
     },
     /// Owned bytes (backed by u64 words so f32 views are aligned).
     Owned(Arc<AlignedBuf>),
+    /// `len` bytes at `offset` of a shared owned buffer (an expert read
+    /// into one buffer of the expert cache, `crate::experts`). The
+    /// constructor checks the range lies inside the buffer.
+    Shared {
+        /// The buffer (kept alive by the Arc).
+        buf: Arc<AlignedBuf>,
+        /// Start offset.
+        offset: usize,
+        /// Length.
+        len: usize,
+    },
 }
 
 /// A heap buffer aligned to 8 bytes.
@@ -32,6 +43,14 @@ pub struct AlignedBuf {
 }
 
 impl AlignedBuf {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
     /// Copies `bytes` into an aligned buffer.
     pub fn from_slice(bytes: &[u8]) -> Self {
         let mut b = Self::zeroed(bytes.len());
@@ -62,6 +81,12 @@ impl Bytes {
         let end = offset.checked_add(len)?;
         (end <= file.len()).then_some(Bytes::Mapped { file, offset, len })
     }
+    /// Borrows `len` bytes at `offset` of a shared buffer; `None` when the
+    /// range is outside it.
+    pub fn shared(buf: Arc<AlignedBuf>, offset: usize, len: usize) -> Option<Bytes> {
+        let end = offset.checked_add(len)?;
+        (end <= buf.len).then_some(Bytes::Shared { buf, offset, len })
+    }
     /// Owns a copy of `bytes`.
     pub fn copy_from(bytes: &[u8]) -> Bytes {
         Bytes::Owned(Arc::new(AlignedBuf::from_slice(bytes)))
@@ -75,12 +100,13 @@ impl Bytes {
         match self {
             Bytes::Mapped { file, offset, len } => &file.bytes()[*offset..*offset + *len],
             Bytes::Owned(b) => b.as_slice(),
+            Bytes::Shared { buf, offset, len } => &buf.as_slice()[*offset..*offset + *len],
         }
     }
     /// Length.
     pub fn len(&self) -> usize {
         match self {
-            Bytes::Mapped { len, .. } => *len,
+            Bytes::Mapped { len, .. } | Bytes::Shared { len, .. } => *len,
             Bytes::Owned(b) => b.len,
         }
     }
@@ -99,6 +125,7 @@ impl fmt::Debug for Bytes {
         match self {
             Bytes::Mapped { offset, len, .. } => write!(f, "Mapped({offset}+{len})"),
             Bytes::Owned(b) => write!(f, "Owned({})", b.len),
+            Bytes::Shared { offset, len, .. } => write!(f, "Shared({offset}+{len})"),
         }
     }
 }

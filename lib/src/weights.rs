@@ -99,6 +99,13 @@ pub trait WeightSource: Send + Sync {
         let _ = (populate, lock);
         Ok(())
     }
+
+    /// The expert cache that reads routed experts on demand under a RAM
+    /// budget (`crate::experts`), when this source pages them; `None`
+    /// (every source but `experts::PagedCache`) leaves them mapped.
+    fn expert_pager(&self) -> Option<Arc<crate::experts::ExpertPager>> {
+        None
+    }
 }
 
 /// The non-weight files a model directory may carry, in the order a

@@ -17,6 +17,7 @@
 
 mod http;
 mod kernels;
+mod paging;
 mod plot;
 mod speed;
 

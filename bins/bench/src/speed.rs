@@ -56,6 +56,13 @@ pub struct SpeedArgs {
     /// peak, as an SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// RAM budget, e.g. 24G: routed experts that do not fit are paged by
+    /// the expert cache. Default `[bench] memory_budget`, else none.
+    #[arg(long, value_name = "SIZE")]
+    pub memory_budget: Option<String>,
+    /// Under a budget: do not predict the next layer's experts.
+    #[arg(long)]
+    pub no_expert_prediction: bool,
 }
 
 /// Prompt ids for the pp test: ordinary (non-special) tokens, spread over
@@ -179,8 +186,10 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         )));
     }
 
+    let budget = crate::paging::budget(args.memory_budget.as_deref(), pipeline, strategy.as_ref())?;
     let t0 = Instant::now();
-    let model = roundhouse::model::Model::load(roundhouse::evaluate::open_weights(&dir)?)?;
+    let (model, _plan) = crate::paging::load(&dir, budget, !args.no_expert_prediction, pipeline)?;
+    let pager = crate::paging::pager(&model);
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = model.config();
     let ctx = cfg.max_position_embeddings;
@@ -216,7 +225,9 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         }
         tests.push(TestResult::from_times(format!("pp{p}"), p, &secs));
     }
+    let mut paging = None;
     if n > 0 {
+        let before = pager.as_ref().map(|p| p.stats());
         let mut secs = Vec::with_capacity(reps);
         for r in 0..reps {
             let mut st = model.new_state();
@@ -228,6 +239,17 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
             tracing::info!("tg{n} run {}: {:.3} s", r + 1, secs[r]);
         }
         tests.push(TestResult::from_times(format!("tg{n}"), n, &secs));
+        if let (Some(p), Some(b)) = (&pager, before) {
+            let tokens = (n * reps) as u64;
+            let per_token = secs.iter().sum::<f64>() / tokens as f64;
+            let stats = p.stats().since(&b);
+            paging = Some(crate::paging::PagingReport::new(
+                p, &dir, stats, tokens, per_token,
+            ));
+        }
+    }
+    if let Some(p) = &pager {
+        p.save_usage();
     }
 
     let mut parallel = Vec::new();
@@ -247,10 +269,13 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     let (bandwidth, source) = match strategy.and_then(|s| s.bandwidth_gbs).filter(|&g| g > 0.0) {
         Some(g) => (g, format!("from {}", pipeline.strategy_path().display())),
         None => {
-            let bw = roundhouse::membw::measure(512 << 20, 1.0);
+            // Under a memory budget the probe's buffer must fit in the
+            // working memory the budget keeps (256 MiB + 3%).
+            let mib = if pager.is_some() { 64 } else { 512 };
+            let bw = roundhouse::membw::measure(mib << 20, 1.0);
             (
                 bw.all_threads_gbs,
-                "no strategy file: probed now with membw, 512 MiB, all threads".to_string(),
+                format!("no strategy file: probed now with membw, {mib} MiB, all threads"),
             )
         }
     };
@@ -290,13 +315,24 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         fma_peak_gflops: fma_peak,
     };
     if args.json {
-        let s = serde_json::to_string_pretty(&report)
+        let mut v =
+            serde_json::to_value(&report).map_err(|e| CliError::failure(format!("json: {e}")))?;
+        if let (Some(p), Some(o)) = (&paging, v.as_object_mut()) {
+            o.insert(
+                "expert_cache".into(),
+                serde_json::to_value(p).map_err(|e| CliError::failure(format!("json: {e}")))?,
+            );
+        }
+        let s = serde_json::to_string_pretty(&v)
             .map_err(|e| CliError::failure(format!("json: {e}")))?;
         println!("{s}");
     } else if args.csv {
         print!("{}", report.csv());
     } else {
         print!("{}", report.table());
+        if let Some(p) = &paging {
+            print!("{}", p.text());
+        }
     }
     if let Some(path) = &args.plot {
         crate::plot::speed(&report, path)?;

@@ -47,6 +47,8 @@ pub struct AppState {
     pub next_id: AtomicU64,
     /// When the server started (for `created`).
     pub started: u64,
+    /// The expert cache, when the model runs under a memory budget.
+    pub expert_pager: Option<Arc<roundhouse::experts::ExpertPager>>,
 }
 
 type Shared = Arc<AppState>;
@@ -305,6 +307,9 @@ async fn metrics(State(s): State<Shared>) -> Response {
         "Kept states.",
         one(get(&m.cache_entries).to_string()),
     );
+    if let Some(p) = &s.expert_pager {
+        expert_cache_metrics(&mut metric, &p.stats(), pt + gt);
+    }
     metric(
         "rh_model_loaded",
         "gauge",
@@ -312,6 +317,70 @@ async fn metrics(State(s): State<Shared>) -> Response {
         one(u8::from(s.engine.ready()).to_string()),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// The expert cache's counters (a model under `--memory-budget`), and the
+/// bytes read from storage per token computed (prompt and generated).
+fn expert_cache_metrics(
+    metric: &mut impl FnMut(&str, &str, &str, Vec<(String, String)>),
+    st: &roundhouse::experts::PagerStats,
+    tokens: u64,
+) {
+    let one = |v: String| vec![(String::new(), v)];
+    let counters = [
+        (
+            "rh_expert_cache_hits_total",
+            "Routed experts found resident.",
+            st.hits,
+        ),
+        (
+            "rh_expert_cache_inflight_total",
+            "Routed experts found being read ahead.",
+            st.inflight,
+        ),
+        (
+            "rh_expert_cache_misses_total",
+            "Routed experts read on demand.",
+            st.misses,
+        ),
+        (
+            "rh_expert_cache_read_bytes_total",
+            "Bytes read from storage by the expert cache.",
+            st.bytes_read,
+        ),
+        (
+            "rh_expert_cache_evictions_total",
+            "Experts evicted.",
+            st.evictions,
+        ),
+    ];
+    for (name, help, v) in counters {
+        metric(name, "counter", help, one(v.to_string()));
+    }
+    metric(
+        "rh_expert_cache_hit_ratio",
+        "gauge",
+        "Share of routed experts resident when asked for, since start.",
+        one(format!("{:.4}", st.hit_rate())),
+    );
+    metric(
+        "rh_expert_cache_read_bytes_per_token",
+        "gauge",
+        "Bytes read from storage per token computed (prompt and generated), since start.",
+        one(format!(
+            "{:.0}",
+            st.bytes_read as f64 / tokens.max(1) as f64
+        )),
+    );
+    metric(
+        "rh_expert_cache_resident",
+        "gauge",
+        "Experts held / the cache's capacity.",
+        vec![
+            ("{kind=\"held\"}".into(), st.resident.to_string()),
+            ("{kind=\"capacity\"}".into(), st.capacity.to_string()),
+        ],
+    );
 }
 
 fn body_error(e: BytesRejection) -> Response {

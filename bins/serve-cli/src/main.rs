@@ -101,6 +101,12 @@ struct Args {
     /// Worker threads. Default: the strategy's, else all cores.
     #[arg(short = 't', long)]
     threads: Option<usize>,
+    /// RAM budget for the model, e.g. 24G: routed experts that do not fit
+    /// are read on demand into an expert cache (a repacked cache only).
+    /// Default: `[serve] memory_budget`, else inspect's when the model does
+    /// not fit, else none.
+    #[arg(long, value_name = "SIZE")]
+    memory_budget: Option<String>,
     /// More logs (-v, -vv).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -137,7 +143,7 @@ fn model_dir(args: &Args, p: &Pipeline) -> PathBuf {
 
 /// Opens a model directory (cache or checkpoint) through the library's
 /// opener, so serve opens whatever bench and verify open.
-fn open(dir: &Path) -> Result<Arc<dyn WeightSource>, CliError> {
+fn open(dir: &Path, budget: Option<u64>, p: &Pipeline) -> Result<Arc<dyn WeightSource>, CliError> {
     if !dir.exists() {
         return Err(CliError::failure(format!(
             "{}: model directory not found (pass MODEL_DIR, set [serve] model, or run the pipeline: rh-fetch, rh-repack)",
@@ -145,8 +151,43 @@ fn open(dir: &Path) -> Result<Arc<dyn WeightSource>, CliError> {
         )));
     }
     // evaluate::open_weights runs the quick check against rh-verify's
-    // manifest when there is one.
-    Ok(roundhouse::evaluate::open_weights(dir)?)
+    // manifest when there is one (so does the budgeted opener).
+    match budget {
+        None => Ok(roundhouse::evaluate::open_weights(dir)?),
+        Some(b) => {
+            let mut opts = roundhouse::experts::PagerOptions::new(b);
+            let work = p.work_dir();
+            if work.is_dir() {
+                opts.usage_file = Some(roundhouse::experts::usage_path(&work));
+            }
+            let (w, plan) = roundhouse::experts::open_with_budget(dir, &opts)?;
+            if let Some(plan) = plan {
+                tracing::info!(
+                    "memory budget {}: {} experts of {} cached, the rest read on demand",
+                    roundhouse::cli::human_bytes(plan.budget),
+                    plan.slots,
+                    plan.experts
+                );
+            }
+            Ok(w)
+        }
+    }
+}
+
+/// The RAM budget: the flag, `[serve] memory_budget`, else the strategy's.
+fn memory_budget(
+    args: &Args,
+    p: &Pipeline,
+    st: Option<&Strategy>,
+) -> Result<Option<u64>, CliError> {
+    let parse = |what: &str, s: &str| {
+        roundhouse::experts::parse_size(s).map_err(|e| CliError::usage(format!("{what}: {e}")))
+    };
+    match (&args.memory_budget, &p.serve.memory_budget) {
+        (Some(s), _) => parse("--memory-budget", s).map(Some),
+        (None, Some(s)) => parse("[serve] memory_budget", s).map(Some),
+        (None, None) => Ok(st.and_then(|s| s.paging.as_ref()?.memory_budget)),
+    }
 }
 
 /// The sampling settings: `base` (generation_config.json) overridden by
@@ -251,7 +292,8 @@ fn run() -> Result<(), CliError> {
 
     let dir = model_dir(&args, &p);
     let t0 = Instant::now();
-    let weights = open(&dir)?;
+    let budget = memory_budget(&args, &p, strategy.as_ref())?;
+    let weights = open(&dir, budget, &p)?;
     // inspect's memory decision: read ahead when the model fits, pin it
     // when RAM and RLIMIT_MEMLOCK allow; a refused lock is a warning.
     if let Some(st) = &strategy {
@@ -351,7 +393,9 @@ fn serve(
     use roundhouse::serve::{Engine, EngineConfig};
     let s = &p.serve;
     let dir = model_dir(args, p);
-    let weights = open(&dir)?;
+    let budget = memory_budget(args, p, strategy.as_ref())?;
+    let weights = open(&dir, budget, p)?;
+    let expert_pager = weights.expert_pager();
     let api_key = args.api_key.clone().filter(|k| !k.is_empty());
     let config = EngineConfig {
         ctx_size: args.ctx_size.or(s.ctx_size).unwrap_or(8192),
@@ -409,6 +453,7 @@ fn serve(
             by_status: Default::default(),
             next_id: Default::default(),
             started: http::unix_now(),
+            expert_pager,
         });
         let app = http::router(state.clone(), args.cors.clone());
         eprintln!("rh-serve: listening on http://{local}");

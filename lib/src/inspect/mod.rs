@@ -11,6 +11,7 @@
 
 pub mod probe;
 pub mod sizes;
+pub mod storage;
 pub mod strategy;
 mod sys;
 
@@ -133,6 +134,10 @@ pub struct Strategy {
     pub warnings: Vec<String>,
     /// Why each choice.
     pub reasons: Reasons,
+    /// Storage speed, cold-load time, and the RAM budget with its decode
+    /// estimate when the model does not fit ([`storage::advise`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paging: Option<storage::PagingAdvice>,
 }
 
 impl Strategy {
@@ -365,7 +370,8 @@ pub fn run(p: &Pipeline, o: &InspectOptions) -> Result<Report, InspectError> {
     let overrides = Overrides { threads: o.threads };
     if o.dry_run {
         probe::probe_bandwidth(&mut probe, o.probe_seconds);
-        let strategy = decide(&probe, &model, &overrides);
+        let mut strategy = decide(&probe, &model, &overrides);
+        strategy.paging = Some(advise_paging(&probe, &model, &strategy, &work, o));
         return Ok(Report {
             probe,
             model,
@@ -407,7 +413,8 @@ pub fn run(p: &Pipeline, o: &InspectOptions) -> Result<Report, InspectError> {
         }
         Plan::Run(run) => {
             probe::probe_bandwidth(&mut probe, o.probe_seconds);
-            let strategy = decide(&probe, &model, &overrides);
+            let mut strategy = decide(&probe, &model, &overrides);
+            strategy.paging = Some(advise_paging(&probe, &model, &strategy, &work, o));
             strategy.save(&out)?;
             let size = std::fs::metadata(&out)
                 .map_err(|e| FsError::io(&out, e))?
@@ -436,6 +443,30 @@ pub fn run(p: &Pipeline, o: &InspectOptions) -> Result<Report, InspectError> {
             })
         }
     }
+}
+
+/// Storage speed on the model's disk and, when the model does not fit,
+/// the budget and decode estimate ([`storage::advise`]).
+fn advise_paging(
+    probe: &Probe,
+    m: &ModelSizes,
+    s: &Strategy,
+    work: &Path,
+    o: &InspectOptions,
+) -> storage::PagingAdvice {
+    storage::advise(
+        m.path.as_deref(),
+        &storage::AdviceInputs {
+            model_bytes: m.total_bytes,
+            expert_bytes: m.expert_bytes,
+            per_token_bytes: m.per_token_bytes,
+            fits: s.fits_in_ram,
+            usable_memory: s.usable_memory,
+            bandwidth_gbs: probe.bandwidth.map(|b| b.all_threads_gbs),
+            work_dir: work,
+            seconds: (o.probe_seconds * 0.75).clamp(0.3, 3.0),
+        },
+    )
 }
 
 fn yes(b: bool) -> &'static str {
@@ -622,6 +653,16 @@ fn write_strategy(t: &mut String, s: &Strategy, probe_warnings: &[String]) {
     );
     let _ = writeln!(t, "  gpu        {}", s.reasons.gpu);
     let _ = writeln!(t, "  speed      {}", s.reasons.speed);
+    if let Some(pg) = &s.paging {
+        let _ = writeln!(t, "  storage    {}", pg.reason);
+        if let Some(b) = pg.memory_budget {
+            let _ = writeln!(
+                t,
+                "  budget     rh-serve/rh-bench default to --memory-budget {} (routed experts beyond it are paged)",
+                human_bytes(b)
+            );
+        }
+    }
     for w in probe_warnings.iter().chain(&s.warnings) {
         let _ = writeln!(t, "  warning    {w}");
     }

@@ -67,6 +67,7 @@ pub fn decide(p: &Probe, m: &ModelSizes, o: &Overrides) -> Strategy {
             gpu: gpu.reason,
             speed: speed_reason,
         },
+        paging: None,
     }
 }
 

@@ -3,17 +3,26 @@
 //! expert scaled by `sigmoid(shared_expert_gate · x)`. Only the routed
 //! experts run; in prefill the tokens are grouped by expert so each expert's
 //! weights are read once per call.
+//!
+//! Routed experts are reached through [`Moe::hold`]: the mapped experts,
+//! or, under a RAM budget, guards from the expert cache
+//! ([`crate::experts::ExpertPager`]), whose missing experts are read while
+//! the shared expert and the resident experts compute.
+
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use super::norm::{for_each_row, sigmoid, silu, softmax};
 use super::{load_matrix, ModelError};
 use crate::config::ModelConfig;
+use crate::experts::{ExpertPager, Fetch};
 use crate::kernels::{matmul, matmul_one_task, matvec_batch, vector, Product};
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
 
 /// A SiLU-gated MLP: `down(silu(gate x) * up x)`.
+#[derive(Clone)]
 pub struct Expert {
     /// `[inter, hidden]`.
     pub gate: Matrix,
@@ -74,6 +83,23 @@ impl Expert {
     }
 }
 
+/// The `n` largest logits' experts, largest first (ties to the lower
+/// index), as the router would choose `n` of them.
+fn top_n(logits: &[f32], n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    let order = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    let n = n.min(idx.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, order);
+        idx.truncate(n);
+    }
+    idx.sort_by(order);
+    idx
+}
+
 /// One MoE block.
 pub struct Moe {
     hidden: usize,
@@ -82,6 +108,25 @@ pub struct Moe {
     router: Matrix,
     experts: Vec<Expert>,
     shared: Option<(Expert, Matrix)>,
+    /// The expert cache and this block's layer, when experts are paged.
+    pager: Option<(Arc<ExpertPager>, usize)>,
+}
+
+/// A routed expert as a forward pass holds it: mapped, or a guard of the
+/// expert cache that keeps its buffer alive until dropped.
+enum Held<'a> {
+    Mapped(&'a Expert),
+    Loaded(Arc<Expert>),
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Expert;
+    fn deref(&self) -> &Expert {
+        match self {
+            Held::Mapped(e) => e,
+            Held::Loaded(e) => e,
+        }
+    }
 }
 
 impl Moe {
@@ -97,8 +142,15 @@ impl Moe {
         let mut logits = vec![0f32; ne];
         let si = self.shared.as_ref().map_or(0, |(e, _)| e.gate.rows());
         let (mut sg, mut sgu, mut sgate) = (vec![0f32; si], vec![0f32; si], [0f32; 1]);
+        // Under a budget: the next layer's router on this hidden state
+        // predicts which of its experts to read ahead.
+        let next_router = self.pager.as_ref().and_then(|(p, l)| p.next_router(*l));
+        let mut next_logits = vec![0f32; next_router.as_ref().map_or(0, Matrix::rows)];
         {
             let mut jobs = vec![Product::new(&self.router, x, &mut logits)];
+            if let Some(r) = &next_router {
+                jobs.push(Product::new(r, x, &mut next_logits));
+            }
             if let Some((e, gate)) = &self.shared {
                 jobs.push(Product::new(gate, x, &mut sgate));
                 jobs.push(Product::new(&e.gate, x, &mut sg));
@@ -107,6 +159,14 @@ impl Moe {
             matvec_batch(&mut jobs);
         }
         let route = self.route(&logits);
+        let chosen: Vec<usize> = route.iter().map(|&(e, _)| e).collect();
+        // Reads of missing experts start here and run while the resident
+        // ones and the shared expert compute.
+        let (mut held, pending) = self.hold(&chosen);
+        if let (Some((p, l)), false) = (&self.pager, next_logits.is_empty()) {
+            let guess = top_n(&next_logits, self.top_k + p.predict_extra());
+            p.predicted(l + 1, &guess);
+        }
         let inter = self.experts.first().map_or(0, |e| e.gate.rows());
         let mut gates = vec![vec![0f32; inter]; route.len()];
         let mut ups = vec![vec![0f32; inter]; route.len()];
@@ -116,15 +176,35 @@ impl Moe {
         let mut shared_y = vec![0f32; if self.shared.is_some() { h } else { 0 }];
         {
             let mut jobs = Vec::with_capacity(2 * route.len() + 1);
-            for ((&(e, _), g), u) in route.iter().zip(&mut gates).zip(&mut ups) {
-                jobs.push(Product::new(&self.experts[e].gate, x, g));
-                jobs.push(Product::new(&self.experts[e].up, x, u));
+            for ((ex, g), u) in held.iter().zip(&mut gates).zip(&mut ups) {
+                if let Some(ex) = ex {
+                    jobs.push(Product::new(&ex.gate, x, g));
+                    jobs.push(Product::new(&ex.up, x, u));
+                }
             }
             if let Some((e, _)) = &self.shared {
                 jobs.push(Product::new(&e.down, &sg, &mut shared_y));
             }
             matvec_batch(&mut jobs);
         }
+        if !pending.is_empty() {
+            let waited: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
+            for (i, f) in pending {
+                held[i] = Some(self.resolve(f, chosen[i]));
+            }
+            let mut jobs = Vec::with_capacity(2 * waited.len());
+            for (i, (g, u)) in gates.iter_mut().zip(&mut ups).enumerate() {
+                if let (true, Some(ex)) = (waited.contains(&i), &held[i]) {
+                    jobs.push(Product::new(&ex.gate, x, g));
+                    jobs.push(Product::new(&ex.up, x, u));
+                }
+            }
+            matvec_batch(&mut jobs);
+        }
+        let held: Vec<Held> = held
+            .into_iter()
+            .map(|e| e.expect("every expert held"))
+            .collect();
         for (g, u) in gates.iter_mut().zip(&ups) {
             for (gi, ui) in g.iter_mut().zip(u) {
                 *gi = silu(*gi) * ui;
@@ -132,11 +212,11 @@ impl Moe {
         }
         let mut ys = vec![vec![0f32; h]; route.len()];
         {
-            let mut jobs: Vec<Product> = route
+            let mut jobs: Vec<Product> = held
                 .iter()
                 .zip(&gates)
                 .zip(&mut ys)
-                .map(|((&(e, _), g), y)| Product::new(&self.experts[e].down, g, y))
+                .map(|((ex, g), y)| Product::new(&ex.down, g, y))
                 .collect();
             matvec_batch(&mut jobs);
         }
@@ -189,14 +269,100 @@ impl Moe {
         } else {
             None
         };
+        let router = load_matrix(w, &format!("{prefix}.gate"), c.num_experts, h)?;
+        // Under a budget the mapped experts only describe where each
+        // expert lies; the pager reads them into its own buffers.
+        let pager = w.expert_pager().and_then(|p| {
+            let layer: usize = prefix
+                .strip_prefix("model.layers.")?
+                .strip_suffix(".mlp")?
+                .parse()
+                .ok()?;
+            p.register_layer(layer, &experts, &router);
+            Some((p, layer))
+        });
         Ok(Moe {
             hidden: h,
             top_k: c.num_experts_per_tok,
             norm_topk: c.norm_topk_prob,
-            router: load_matrix(w, &format!("{prefix}.gate"), c.num_experts, h)?,
+            router,
             experts,
             shared,
+            pager,
         })
+    }
+
+    /// The routed experts `chosen` as this pass will use them: those
+    /// available now (all of them without a pager), and for the others
+    /// their position and the read in flight ([`Moe::resolve`]).
+    #[allow(clippy::type_complexity)]
+    fn hold(&self, chosen: &[usize]) -> (Vec<Option<Held<'_>>>, Vec<(usize, Fetch)>) {
+        let Some((p, layer)) = &self.pager else {
+            return (
+                chosen
+                    .iter()
+                    .map(|&e| Some(Held::Mapped(&self.experts[e])))
+                    .collect(),
+                Vec::new(),
+            );
+        };
+        let mut held = Vec::with_capacity(chosen.len());
+        let mut pending = Vec::new();
+        for (i, f) in p.fetch(*layer, chosen).into_iter().enumerate() {
+            match f {
+                Fetch::Ready(e) => held.push(Some(Held::Loaded(e))),
+                f => {
+                    held.push(None);
+                    pending.push((i, f));
+                }
+            }
+        }
+        (held, pending)
+    }
+
+    /// Waits for a read; a failed one falls back to the mapped expert
+    /// (the same bytes, read through the page cache).
+    fn resolve(&self, f: Fetch, e: usize) -> Held<'_> {
+        match (&self.pager, f) {
+            (Some((p, _)), f) => match f.wait(p) {
+                Some(ex) => Held::Loaded(ex),
+                None => Held::Mapped(&self.experts[e]),
+            },
+            (None, _) => Held::Mapped(&self.experts[e]),
+        }
+    }
+
+    /// Runs `run` on every expert of `active`, in waves the expert cache
+    /// can hold (the next wave's reads start before this one computes).
+    fn run_paged(
+        &self,
+        p: &Arc<ExpertPager>,
+        layer: usize,
+        active: &[usize],
+        run: &(dyn Fn(usize, &Expert) -> Vec<f32> + Sync),
+    ) -> Vec<Vec<f32>> {
+        let waves: Vec<&[usize]> = active.chunks(p.wave(self.top_k)).collect();
+        let mut ys = Vec::with_capacity(active.len());
+        let mut next = waves.first().map(|w| p.fetch(layer, w));
+        for (i, w) in waves.iter().enumerate() {
+            let cur = next.take().unwrap_or_default();
+            next = waves.get(i + 1).map(|w| p.fetch(layer, w));
+            let held: Vec<Held> = cur
+                .into_iter()
+                .zip(w.iter())
+                .map(|(f, &e)| match f {
+                    Fetch::Ready(ex) => Held::Loaded(ex),
+                    f => self.resolve(f, e),
+                })
+                .collect();
+            ys.par_extend(
+                w.par_iter()
+                    .zip(held.par_iter())
+                    .map(|(&e, ex)| run(e, ex))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        ys
     }
 
     /// The router.
@@ -261,9 +427,8 @@ impl Moe {
         // tokens' experts run side by side instead, each a few tokens' work
         // as one task, so the threads do not meet after every small product.
         let side_by_side = n > 1;
-        let run = |e: usize| -> Vec<f32> {
+        let run = |e: usize, expert: &Expert| -> Vec<f32> {
             let toks = &by_expert[e];
-            let expert = &self.experts[e];
             let forward = |xs: &[f32], m: usize| {
                 if side_by_side {
                     expert.forward_one_task(xs, m)
@@ -280,10 +445,13 @@ impl Moe {
             }
             forward(&xs, toks.len())
         };
-        let ys: Vec<Vec<f32>> = if side_by_side {
-            active.par_iter().map(|&e| run(e)).collect()
-        } else {
-            active.iter().map(|&e| run(e)).collect()
+        let ys: Vec<Vec<f32>> = match &self.pager {
+            Some((p, layer)) => self.run_paged(p, *layer, &active, &run),
+            None if side_by_side => active
+                .par_iter()
+                .map(|&e| run(e, &self.experts[e]))
+                .collect(),
+            None => active.iter().map(|&e| run(e, &self.experts[e])).collect(),
         };
         // Each token's outputs summed in expert order (the same numbers
         // however the tokens are split over threads), then the shared

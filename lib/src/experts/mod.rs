@@ -1,0 +1,1166 @@
+//! Running a model in less RAM than its size: the expert cache.
+//!
+//! About 3 GB of Qwen3-Next is read for every token; the other 40 GB are
+//! routed experts, of which 10 per layer are used. Under a RAM budget
+//! (`--memory-budget`) the non-expert weights stay mapped (read ahead,
+//! locked when allowed) and routed experts are read on demand, in one large
+//! read each, into buffers the engine owns ([`ExpertPager`]): the engine,
+//! not the page cache, decides what stays. A full cache evicts the expert
+//! used least often (ties: least recently); usage counts are kept in the
+//! work directory ([`usage`]) so the hot set survives a restart and is
+//! read first. Reads of a layer's missing experts are issued as soon as its
+//! router has chosen and run on I/O threads while the shared expert and
+//! the resident experts compute; the next layer's choice is predicted from
+//! the current hidden state and read ahead while the prediction pays.
+//!
+//! The model code reaches experts through [`crate::model::moe`], which
+//! asks the pager for a guard (an `Arc<Expert>`) per routed expert; without
+//! a pager the experts are the mapped ones, as before.
+
+pub mod io;
+pub mod pool;
+pub mod report;
+pub mod usage;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::cache::format::{Payload, Span};
+use crate::cache::Cache;
+use crate::cli::{Classify, Exit};
+use crate::config::ModelConfig;
+use crate::mmap::MappedFile;
+use crate::model::moe::Expert;
+use crate::tensor::{AlignedBuf, Bytes, Matrix, Zeros};
+use crate::weights::{WeightError, WeightSource};
+
+use io::{DataFile, DIRECT_ALIGN};
+use pool::{IoPool, Priority};
+
+/// Errors setting up paging.
+#[derive(Debug, thiserror::Error)]
+pub enum PagingError {
+    /// The model could not be opened.
+    #[error(transparent)]
+    Open(#[from] crate::evaluate::EvalError),
+    /// The budget cannot hold what must stay resident.
+    #[error("{0}")]
+    Budget(String),
+    /// A data file cannot be opened for reading.
+    #[error("{0}")]
+    Io(String),
+}
+
+impl Classify for PagingError {
+    fn exit(&self) -> Exit {
+        match self {
+            PagingError::Open(e) => e.exit(),
+            PagingError::Budget(_) => Exit::Usage,
+            PagingError::Io(_) => Exit::Failure,
+        }
+    }
+}
+
+/// Parses a size: `24G`, `24GiB`, `1536M`, `500000000` (bytes); K, M, G, T
+/// are powers of 1024.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("`{s}`: unknown unit (use K, M, G or T)")),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 24G, 1536M)"))?;
+    let bytes = v * mult as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > 1e18 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+/// How a budget splits between what stays resident and the expert cache.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BudgetPlan {
+    /// The budget, bytes.
+    pub budget: u64,
+    /// Weights outside the routed experts (attention, DeltaNet, shared
+    /// experts, routers, embeddings, lm_head): resident.
+    pub resident_bytes: u64,
+    /// All routed experts.
+    pub expert_bytes: u64,
+    /// Kept for activations, KV caches, buffers in flight and the
+    /// allocator: 256 MiB plus 3% of the budget.
+    pub overhead_bytes: u64,
+    /// Bytes of one cache buffer (the largest expert, block-aligned).
+    pub slot_bytes: u64,
+    /// Experts the cache holds.
+    pub slots: usize,
+    /// Routed experts in the model.
+    pub experts: usize,
+}
+
+impl BudgetPlan {
+    /// Whether the whole model fits: then nothing is paged.
+    pub fn fits(&self) -> bool {
+        self.resident_bytes + self.expert_bytes + self.overhead_bytes <= self.budget
+    }
+}
+
+/// Names an expert tensor: `model.layers.L.mlp.experts.E.<proj>`.
+fn expert_of(name: &str) -> Option<(usize, usize)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (l, rest) = rest.split_once('.')?;
+    let rest = rest.strip_prefix("mlp.experts.")?;
+    let (e, _) = rest.split_once('.')?;
+    Some((l.parse().ok()?, e.parse().ok()?))
+}
+
+/// The spans of a tensor entry.
+fn spans(p: &Payload) -> Vec<Span> {
+    match p {
+        Payload::Quant {
+            qdata,
+            scales,
+            zeros,
+            ..
+        } => {
+            let mut v = vec![*qdata, *scales];
+            v.extend(zeros.iter().copied());
+            v
+        }
+        Payload::Dense { data, .. } | Payload::Raw { data, .. } => vec![*data],
+    }
+}
+
+/// One read of an expert: `len` (block-aligned) bytes at the aligned
+/// offset `start` of data file `file`, into the buffer at `at`; at least
+/// `need` of them must exist.
+#[derive(Clone, Debug)]
+struct Piece {
+    file: usize,
+    start: u64,
+    len: usize,
+    need: usize,
+    at: usize,
+}
+
+/// The reads covering `spans` (file, offset, len): one per data file
+/// (an expert's tensors are adjacent), block-aligned, laid out one after
+/// the other in the buffer.
+fn plan_pieces(spans: &[(usize, u64, u64)]) -> Vec<Piece> {
+    let mut by_file: Vec<(usize, u64, u64)> = Vec::new();
+    for &(f, off, len) in spans {
+        match by_file.iter_mut().find(|r| r.0 == f) {
+            Some(r) => {
+                r.1 = r.1.min(off);
+                r.2 = r.2.max(off + len);
+            }
+            None => by_file.push((f, off, off + len)),
+        }
+    }
+    by_file.sort();
+    let a = DIRECT_ALIGN as u64;
+    let mut at = 0;
+    by_file
+        .into_iter()
+        .map(|(file, lo, hi)| {
+            let start = lo / a * a;
+            let need = (hi - start) as usize;
+            let len = need.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+            let p = Piece {
+                file,
+                start,
+                len,
+                need,
+                at,
+            };
+            at += len;
+            p
+        })
+        .collect()
+}
+
+/// Splits `budget` for `cache`: resident weights, overhead, expert slots.
+pub fn plan_budget(cache: &Cache, budget: u64) -> BudgetPlan {
+    let mut per_expert: HashMap<(usize, usize), Vec<(usize, u64, u64)>> = HashMap::new();
+    let mut expert_bytes = 0u64;
+    for t in cache.index().tensors.iter() {
+        if let Some(k) = expert_of(&t.name) {
+            for s in spans(&t.payload) {
+                expert_bytes += s.len;
+                per_expert
+                    .entry(k)
+                    .or_default()
+                    .push((s.file as usize, s.offset, s.len));
+            }
+        }
+    }
+    let slot_bytes = per_expert
+        .values()
+        .map(|s| plan_pieces(s).iter().map(|p| p.len).sum::<usize>())
+        .max()
+        .unwrap_or(0)
+        + DIRECT_ALIGN;
+    let resident_bytes = cache.data_bytes().saturating_sub(expert_bytes);
+    let overhead_bytes = (256 << 20) + budget / 33;
+    let free = budget.saturating_sub(resident_bytes + overhead_bytes);
+    BudgetPlan {
+        budget,
+        resident_bytes,
+        expert_bytes,
+        overhead_bytes,
+        slot_bytes: slot_bytes as u64,
+        slots: (free / slot_bytes as u64) as usize,
+        experts: per_expert.len(),
+    }
+}
+
+/// The smallest budget (to 4 KiB) whose plan for `cache` holds `slots`
+/// experts.
+pub fn budget_for_slots(cache: &Cache, slots: usize) -> u64 {
+    let p = plan_budget(cache, 0);
+    let need = p.resident_bytes + (256 << 20) + slots as u64 * p.slot_bytes;
+    let mut b = need + need / 32;
+    while plan_budget(cache, b).slots < slots {
+        b += 4096;
+    }
+    while b > 4096 && plan_budget(cache, b - 4096).slots >= slots {
+        b -= 4096;
+    }
+    b
+}
+
+/// Counters of the expert cache (monotonic; take differences).
+#[derive(Default, Debug)]
+struct Counters {
+    hits: AtomicU64,
+    inflight: AtomicU64,
+    misses: AtomicU64,
+    bytes_read: AtomicU64,
+    reads: AtomicU64,
+    read_ns: AtomicU64,
+    stall_ns: AtomicU64,
+    evictions: AtomicU64,
+    ahead_issued: AtomicU64,
+    ahead_used: AtomicU64,
+    predicted: AtomicU64,
+    predicted_right: AtomicU64,
+    read_errors: AtomicU64,
+}
+
+/// A snapshot of the expert cache's counters.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct PagerStats {
+    /// Routed experts found resident.
+    pub hits: u64,
+    /// Found being read (read ahead, or asked for twice).
+    pub inflight: u64,
+    /// Read on demand.
+    pub misses: u64,
+    /// Bytes read from storage (demand and read-ahead).
+    pub bytes_read: u64,
+    /// Reads issued.
+    pub reads: u64,
+    /// Seconds the reads took, summed over I/O threads.
+    pub read_s: f64,
+    /// Seconds forward passes waited for reads.
+    pub stall_s: f64,
+    /// Experts evicted.
+    pub evictions: u64,
+    /// Experts read ahead (predicted, or the hot set at start).
+    pub ahead_issued: u64,
+    /// Of those, used by a forward pass before eviction.
+    pub ahead_used: u64,
+    /// Next-layer experts predicted.
+    pub predicted: u64,
+    /// Predictions the next layer's router then chose.
+    pub predicted_right: u64,
+    /// Reads that failed (the mapped expert was used instead).
+    pub read_errors: u64,
+    /// Experts the cache holds now.
+    pub resident: u64,
+    /// Its capacity in experts.
+    pub capacity: u64,
+}
+
+impl PagerStats {
+    /// Fraction of routed experts that were resident when asked for.
+    pub fn hit_rate(&self) -> f64 {
+        let all = self.hits + self.inflight + self.misses;
+        if all == 0 {
+            0.0
+        } else {
+            self.hits as f64 / all as f64
+        }
+    }
+    /// `self - earlier` for the counters (gauges are kept).
+    pub fn since(&self, earlier: &PagerStats) -> PagerStats {
+        PagerStats {
+            hits: self.hits - earlier.hits,
+            inflight: self.inflight - earlier.inflight,
+            misses: self.misses - earlier.misses,
+            bytes_read: self.bytes_read - earlier.bytes_read,
+            reads: self.reads - earlier.reads,
+            read_s: self.read_s - earlier.read_s,
+            stall_s: self.stall_s - earlier.stall_s,
+            evictions: self.evictions - earlier.evictions,
+            ahead_issued: self.ahead_issued - earlier.ahead_issued,
+            ahead_used: self.ahead_used - earlier.ahead_used,
+            predicted: self.predicted - earlier.predicted,
+            predicted_right: self.predicted_right - earlier.predicted_right,
+            read_errors: self.read_errors - earlier.read_errors,
+            resident: self.resident,
+            capacity: self.capacity,
+        }
+    }
+}
+
+/// A read in flight; the forward pass that needs it waits here.
+pub struct Ticket {
+    result: Mutex<Option<Result<Arc<Expert>, String>>>,
+    done: Condvar,
+}
+
+impl Ticket {
+    fn new() -> Arc<Ticket> {
+        Arc::new(Ticket {
+            result: Mutex::new(None),
+            done: Condvar::new(),
+        })
+    }
+    fn set(&self, r: Result<Arc<Expert>, String>) {
+        *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.done.notify_all();
+    }
+    fn wait(&self) -> Result<Arc<Expert>, String> {
+        let mut g = self.result.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = g.as_ref() {
+                return r.clone();
+            }
+            g = self.done.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// One routed expert as the pager hands it out.
+pub enum Fetch {
+    /// Resident: the guard keeps its buffer alive while used.
+    Ready(Arc<Expert>),
+    /// Being read.
+    Pending(Arc<Ticket>),
+    /// No buffer could be had (every one in use for long): use the
+    /// mapped expert.
+    Unavailable,
+}
+
+impl Fetch {
+    /// Whether it can be used now.
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Fetch::Ready(_))
+    }
+    /// Waits for the read; `None` when it failed or was unavailable (the
+    /// caller then uses the mapped expert; the failure was logged).
+    pub fn wait(self, pager: &ExpertPager) -> Option<Arc<Expert>> {
+        match self {
+            Fetch::Ready(e) => Some(e),
+            Fetch::Pending(t) => {
+                let t0 = Instant::now();
+                let r = t.wait();
+                pager
+                    .stats
+                    .stall_ns
+                    .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                match r {
+                    Ok(e) => Some(e),
+                    Err(msg) => {
+                        if !pager.warned.swap(true, Ordering::Relaxed) {
+                            tracing::warn!("expert cache: {msg}; using the mapped expert");
+                        }
+                        None
+                    }
+                }
+            }
+            Fetch::Unavailable => None,
+        }
+    }
+}
+
+enum Entry {
+    Ready {
+        expert: Arc<Expert>,
+        buf: Arc<AlignedBuf>,
+        rank: (u64, u64),
+        ahead: bool,
+    },
+    Loading(Arc<Ticket>),
+}
+
+type Key = (u32, u32);
+
+struct State {
+    entries: HashMap<Key, Entry>,
+    /// Eviction order of the ready entries: (uses, last use, layer, expert).
+    order: BTreeSet<(u64, u64, u32, u32)>,
+    counts: Vec<Vec<u64>>,
+    tick: u64,
+    free: Vec<Arc<AlignedBuf>>,
+    allocated: usize,
+    /// The experts predicted for each layer, until it routes.
+    predicted: Vec<Vec<u32>>,
+}
+
+struct LayerInfo {
+    experts: Vec<Expert>,
+    pieces: Vec<Vec<Piece>>,
+    router: Matrix,
+}
+
+/// Options of the pager.
+#[derive(Clone, Debug)]
+pub struct PagerOptions {
+    /// The RAM budget, bytes.
+    pub budget: u64,
+    /// Where usage counts are kept (`WORK/expert-usage.json`); `None`
+    /// keeps them for this run only.
+    pub usage_file: Option<PathBuf>,
+    /// Predict the next layer's experts and read them ahead (turned off by
+    /// itself when under a third of the predictions are right).
+    pub predict: bool,
+    /// I/O threads (reads in flight at most).
+    pub io_threads: usize,
+    /// Experts read ahead per predicted layer: its top-k plus this many.
+    pub predict_extra: usize,
+}
+
+impl PagerOptions {
+    /// Defaults for `budget`: prediction on, 16 I/O threads, no usage
+    /// file. `RH_EXPERT_IO_THREADS` and `RH_EXPERT_PREDICT_EXTRA` override
+    /// the tuning values (for measurements).
+    pub fn new(budget: u64) -> PagerOptions {
+        let env = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        PagerOptions {
+            budget,
+            usage_file: None,
+            predict: true,
+            io_threads: env("RH_EXPERT_IO_THREADS", 16).clamp(1, 256),
+            predict_extra: env("RH_EXPERT_PREDICT_EXTRA", 0).min(1024),
+        }
+    }
+}
+
+/// The expert cache of one model (see the module docs).
+pub struct ExpertPager {
+    files: Vec<DataFile>,
+    maps: Vec<Arc<MappedFile>>,
+    cache_id: String,
+    plan: BudgetPlan,
+    n_experts: usize,
+    layers: RwLock<Vec<Option<LayerInfo>>>,
+    state: Mutex<State>,
+    pool: IoPool,
+    stats: Counters,
+    predict: AtomicBool,
+    usage_file: Option<PathBuf>,
+    last_save: Mutex<Instant>,
+    warned: AtomicBool,
+    started_preload: AtomicBool,
+    predict_extra: usize,
+}
+
+/// Below this accuracy (after [`PREDICT_TRIAL`] predictions) next-layer
+/// prediction stops: its reads would cost more than they save.
+const PREDICT_MIN_ACCURACY: f64 = 1.0 / 3.0;
+const PREDICT_TRIAL: u64 = 2000;
+/// Usage counts are saved at most this often while running (and at the end).
+const SAVE_EVERY: Duration = Duration::from_secs(60);
+/// A forward pass waits at most this long for a free buffer before using
+/// the mapped expert.
+const BUFFER_WAIT: Duration = Duration::from_secs(30);
+
+impl ExpertPager {
+    fn new(
+        cache: &Cache,
+        plan: BudgetPlan,
+        opts: &PagerOptions,
+    ) -> Result<ExpertPager, PagingError> {
+        let c = cache.config();
+        let (n_layers, n_experts) = (c.num_hidden_layers, c.num_experts);
+        let mut files = Vec::new();
+        for f in cache.index().files.iter() {
+            let path = cache.dir().join(&f.name);
+            files.push(
+                DataFile::open(&path)
+                    .map_err(|e| PagingError::Io(format!("{}: {e}", path.display())))?,
+            );
+        }
+        let cache_id = cache
+            .header()
+            .index_hash
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        let counts = opts
+            .usage_file
+            .as_deref()
+            .and_then(|p| usage::load(p, &cache_id, n_layers, n_experts))
+            .unwrap_or_else(|| vec![vec![0; n_experts]; n_layers]);
+        Ok(ExpertPager {
+            files,
+            maps: cache.maps().to_vec(),
+            cache_id,
+            plan,
+            n_experts,
+            layers: RwLock::new((0..n_layers).map(|_| None).collect()),
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                order: BTreeSet::new(),
+                counts,
+                tick: 0,
+                free: Vec::new(),
+                allocated: 0,
+                predicted: vec![Vec::new(); n_layers],
+            }),
+            pool: IoPool::new(opts.io_threads),
+            stats: Counters::default(),
+            predict: AtomicBool::new(opts.predict),
+            usage_file: opts.usage_file.clone(),
+            last_save: Mutex::new(Instant::now()),
+            warned: AtomicBool::new(false),
+            started_preload: AtomicBool::new(false),
+            predict_extra: opts.predict_extra,
+        })
+    }
+
+    /// How the budget was split.
+    pub fn plan(&self) -> &BudgetPlan {
+        &self.plan
+    }
+
+    /// Whether reads bypass the page cache (O_DIRECT).
+    pub fn direct_reads(&self) -> bool {
+        self.files.iter().all(DataFile::is_direct)
+    }
+
+    /// Experts a many-token forward pass holds at once (two waves of this
+    /// many are in memory: one computing, the next being read).
+    pub fn wave(&self, top_k: usize) -> usize {
+        (self.plan.slots / 4).max(top_k).max(1)
+    }
+
+    /// Records layer `layer`'s routed experts (mapped views, never computed
+    /// with while paging) and router; once every layer is known the hot
+    /// set of earlier runs is read ahead.
+    pub fn register_layer(self: &Arc<Self>, layer: usize, experts: &[Expert], router: &Matrix) {
+        let pieces = experts
+            .iter()
+            .map(|e| {
+                let spans: Vec<(usize, u64, u64)> = e
+                    .matrices()
+                    .iter()
+                    .flat_map(|m| matrix_bytes(m))
+                    .filter_map(|b| self.locate(b))
+                    .collect();
+                plan_pieces(&spans)
+            })
+            .collect();
+        let all = {
+            let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(slot) = layers.get_mut(layer) {
+                *slot = Some(LayerInfo {
+                    experts: experts.to_vec(),
+                    pieces,
+                    router: router.clone(),
+                });
+            }
+            layers.iter().all(Option::is_some)
+        };
+        if all && !self.started_preload.swap(true, Ordering::Relaxed) {
+            self.preload_hot_set();
+        }
+    }
+
+    /// (file, offset, len) of mapped bytes.
+    fn locate(&self, b: &Bytes) -> Option<(usize, u64, u64)> {
+        match b {
+            Bytes::Mapped { file, offset, len } => {
+                let f = self.maps.iter().position(|m| Arc::ptr_eq(m, file))?;
+                Some((f, *offset as u64, *len as u64))
+            }
+            _ => None,
+        }
+    }
+
+    /// Experts to read ahead for a predicted layer beyond its top-k.
+    pub fn predict_extra(&self) -> usize {
+        self.predict_extra
+    }
+
+    /// The router of the layer after `layer`, while prediction is on.
+    pub fn next_router(&self, layer: usize) -> Option<Matrix> {
+        if !self.predict.load(Ordering::Relaxed) {
+            return None;
+        }
+        let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
+        layers.get(layer + 1)?.as_ref().map(|l| l.router.clone())
+    }
+
+    /// The experts of `layer` a forward pass needs: each resident one is
+    /// handed out at once, the reads of the missing ones start now (on the
+    /// I/O threads, all in parallel) and are waited for with
+    /// [`Fetch::wait`]. Each call counts as a use of each expert.
+    pub fn fetch(self: &Arc<Self>, layer: usize, experts: &[usize]) -> Vec<Fetch> {
+        self.check_prediction(layer, experts);
+        let mut out = Vec::with_capacity(experts.len());
+        let mut st = self.lock();
+        for &e in experts {
+            st.counts[layer][e] += 1;
+        }
+        for &e in experts {
+            let key = (layer as u32, e as u32);
+            let t0 = Instant::now();
+            loop {
+                st.tick += 1;
+                let (tick, count) = (st.tick, st.counts[layer][e]);
+                let st_ref = &mut *st;
+                match st_ref.entries.get_mut(&key) {
+                    Some(Entry::Ready {
+                        expert,
+                        rank,
+                        ahead,
+                        ..
+                    }) => {
+                        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                        if *ahead {
+                            self.stats.ahead_used.fetch_add(1, Ordering::Relaxed);
+                            *ahead = false;
+                        }
+                        st_ref.order.remove(&(rank.0, rank.1, key.0, key.1));
+                        *rank = (count, tick);
+                        st_ref.order.insert((count, tick, key.0, key.1));
+                        out.push(Fetch::Ready(expert.clone()));
+                        break;
+                    }
+                    Some(Entry::Loading(t)) => {
+                        self.stats.inflight.fetch_add(1, Ordering::Relaxed);
+                        out.push(Fetch::Pending(t.clone()));
+                        break;
+                    }
+                    None => {}
+                }
+                if let Some(buf) = self.take_buffer(&mut st, None) {
+                    self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    let t = Ticket::new();
+                    st.entries.insert(key, Entry::Loading(t.clone()));
+                    self.submit(Priority::Demand, layer, e, buf, t.clone(), false);
+                    out.push(Fetch::Pending(t));
+                    break;
+                }
+                // Every buffer is in use by forward passes or reads: wait
+                // for one to come back.
+                drop(st);
+                if t0.elapsed() > BUFFER_WAIT {
+                    out.push(Fetch::Unavailable);
+                    st = self.lock();
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+                st = self.lock();
+            }
+        }
+        drop(st);
+        self.maybe_save();
+        out
+    }
+
+    /// Reads `experts` of `layer` ahead, those not resident or being read,
+    /// as far as buffers allow without evicting an expert used more often.
+    pub fn read_ahead(self: &Arc<Self>, layer: usize, experts: &[usize]) {
+        if self
+            .layers
+            .read()
+            .map_or(true, |l| l.get(layer).map_or(true, Option::is_none))
+        {
+            return;
+        }
+        let mut st = self.lock();
+        for &e in experts {
+            let key = (layer as u32, e as u32);
+            if st.entries.contains_key(&key) {
+                continue;
+            }
+            let count = st.counts[layer][e];
+            let Some(buf) = self.take_buffer(&mut st, Some(count)) else {
+                continue;
+            };
+            self.stats.ahead_issued.fetch_add(1, Ordering::Relaxed);
+            let t = Ticket::new();
+            st.entries.insert(key, Entry::Loading(t.clone()));
+            self.submit(Priority::Ahead, layer, e, buf, t, true);
+        }
+    }
+
+    /// Predicted experts of `layer` (read ahead, and checked against its
+    /// router's choice when it routes).
+    pub fn predicted(self: &Arc<Self>, layer: usize, experts: &[usize]) {
+        if layer >= self.lock().predicted.len() {
+            return;
+        }
+        self.lock().predicted[layer] = experts.iter().map(|&e| e as u32).collect();
+        self.read_ahead(layer, experts);
+    }
+
+    fn check_prediction(&self, layer: usize, chosen: &[usize]) {
+        let guess = std::mem::take(&mut self.lock().predicted[layer]);
+        if guess.is_empty() {
+            return;
+        }
+        let right = guess
+            .iter()
+            .filter(|g| chosen.contains(&(**g as usize)))
+            .count() as u64;
+        let n = self
+            .stats
+            .predicted
+            .fetch_add(guess.len() as u64, Ordering::Relaxed)
+            + guess.len() as u64;
+        let r = self
+            .stats
+            .predicted_right
+            .fetch_add(right, Ordering::Relaxed)
+            + right;
+        if n >= PREDICT_TRIAL && (r as f64) < n as f64 * PREDICT_MIN_ACCURACY {
+            if self.predict.swap(false, Ordering::Relaxed) {
+                tracing::info!(
+                    "expert cache: next-layer prediction right {:.0}% of the time; turned off",
+                    100.0 * r as f64 / n as f64
+                );
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A buffer for one expert: a free one, a new one while under the
+    /// capacity, else one of the least used resident expert not in use
+    /// (only one used at most `protect` times, when given).
+    fn take_buffer(&self, st: &mut State, protect: Option<u64>) -> Option<Arc<AlignedBuf>> {
+        loop {
+            if let Some(i) = st.free.iter().position(|b| Arc::strong_count(b) == 1) {
+                return Some(st.free.swap_remove(i));
+            }
+            if st.allocated < self.plan.slots {
+                st.allocated += 1;
+                return Some(Arc::new(AlignedBuf::zeroed(self.plan.slot_bytes as usize)));
+            }
+            let mut busy = Vec::new();
+            let mut victim = None;
+            while let Some(k) = st.order.pop_first() {
+                if protect.is_some_and(|p| k.0 > p) {
+                    busy.push(k);
+                    break;
+                }
+                let key = (k.2, k.3);
+                let in_use = matches!(st.entries.get(&key),
+                    Some(Entry::Ready { expert, .. }) if Arc::strong_count(expert) > 1);
+                if in_use {
+                    busy.push(k);
+                    continue;
+                }
+                victim = Some(key);
+                break;
+            }
+            st.order.extend(busy);
+            let key = victim?;
+            if let Some(Entry::Ready { buf, .. }) = st.entries.remove(&key) {
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                st.free.push(buf);
+            }
+        }
+    }
+
+    fn submit(
+        self: &Arc<Self>,
+        priority: Priority,
+        layer: usize,
+        e: usize,
+        buf: Arc<AlignedBuf>,
+        ticket: Arc<Ticket>,
+        ahead: bool,
+    ) {
+        // A queued read does not keep the pager alive: dropping the model
+        // frees its buffers; a read that finds it gone fails its ticket.
+        let me = Arc::downgrade(self);
+        self.pool.submit(priority, move || match me.upgrade() {
+            Some(me) => me.complete(layer, e, buf, ticket, ahead),
+            None => ticket.set(Err("the model was dropped".into())),
+        });
+    }
+
+    /// Runs on an I/O thread: reads the expert, then publishes it.
+    fn complete(&self, layer: usize, e: usize, buf: Arc<AlignedBuf>, t: Arc<Ticket>, ahead: bool) {
+        let t0 = Instant::now();
+        let (result, buf) = self.read_expert(layer, e, buf);
+        self.stats
+            .read_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let key = (layer as u32, e as u32);
+        let mut st = self.lock();
+        match result {
+            Ok(expert) => {
+                st.tick += 1;
+                let rank = (st.counts[layer][e], st.tick);
+                st.order.insert((rank.0, rank.1, key.0, key.1));
+                st.entries.insert(
+                    key,
+                    Entry::Ready {
+                        expert: expert.clone(),
+                        buf,
+                        rank,
+                        ahead,
+                    },
+                );
+                drop(st);
+                t.set(Ok(expert));
+            }
+            Err(msg) => {
+                self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                st.entries.remove(&key);
+                st.free.push(buf);
+                drop(st);
+                t.set(Err(msg));
+            }
+        }
+    }
+
+    /// Reads expert `e` of `layer` into `buf` and builds its matrices over
+    /// the buffer.
+    fn read_expert(
+        &self,
+        layer: usize,
+        e: usize,
+        mut buf: Arc<AlignedBuf>,
+    ) -> (Result<Arc<Expert>, String>, Arc<AlignedBuf>) {
+        let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
+        let Some(Some(info)) = layers.get(layer) else {
+            return (Err(format!("layer {layer} is not registered")), buf);
+        };
+        let pieces = &info.pieces[e];
+        let Some(b) = Arc::get_mut(&mut buf) else {
+            return (Err("expert buffer still shared".into()), buf);
+        };
+        let bytes = b.as_mut_slice();
+        let base = io::aligned_base(bytes);
+        for p in pieces {
+            let Some(dst) = bytes.get_mut(base + p.at..base + p.at + p.len) else {
+                return (Err("expert larger than its buffer".into()), buf);
+            };
+            if let Err(err) = self.files[p.file].read_at(dst, p.start, p.need) {
+                let path = self.files[p.file].path().display().to_string();
+                return (
+                    Err(format!(
+                        "{path}: reading expert {e} of layer {layer}: {err}"
+                    )),
+                    buf,
+                );
+            }
+            self.stats.reads.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .bytes_read
+                .fetch_add(p.len as u64, Ordering::Relaxed);
+        }
+        let rebase = |m: &Bytes| -> Bytes {
+            let Some((f, off, len)) = self.locate(m) else {
+                return m.clone();
+            };
+            pieces
+                .iter()
+                .find(|p| p.file == f && p.start <= off && off + len <= p.start + p.need as u64)
+                .and_then(|p| {
+                    Bytes::shared(
+                        buf.clone(),
+                        base + p.at + (off - p.start) as usize,
+                        len as usize,
+                    )
+                })
+                .unwrap_or_else(|| m.clone())
+        };
+        let mapped = &info.experts[e];
+        let expert = Expert {
+            gate: rebase_matrix(&mapped.gate, &rebase),
+            up: rebase_matrix(&mapped.up, &rebase),
+            down: rebase_matrix(&mapped.down, &rebase),
+        };
+        (Ok(Arc::new(expert)), buf)
+    }
+
+    /// Reads the most used experts of earlier runs ahead, until the cache
+    /// is nearly full (room is left for the first token's misses).
+    fn preload_hot_set(self: &Arc<Self>) {
+        let keep = self.plan.slots - self.plan.slots / 4;
+        let mut hot: Vec<(u64, usize, usize)> = {
+            let st = self.lock();
+            st.counts
+                .iter()
+                .enumerate()
+                .flat_map(|(l, c)| c.iter().enumerate().map(move |(e, &n)| (n, l, e)))
+                .filter(|x| x.0 > 0)
+                .collect()
+        };
+        hot.sort_by(|a, b| b.cmp(a));
+        hot.truncate(keep);
+        for (_, l, e) in hot {
+            self.read_ahead(l, &[e]);
+        }
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> PagerStats {
+        let c = &self.stats;
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let resident = {
+            let st = self.lock();
+            st.entries
+                .values()
+                .filter(|e| matches!(e, Entry::Ready { .. }))
+                .count() as u64
+        };
+        PagerStats {
+            hits: ld(&c.hits),
+            inflight: ld(&c.inflight),
+            misses: ld(&c.misses),
+            bytes_read: ld(&c.bytes_read),
+            reads: ld(&c.reads),
+            read_s: ld(&c.read_ns) as f64 * 1e-9,
+            stall_s: ld(&c.stall_ns) as f64 * 1e-9,
+            evictions: ld(&c.evictions),
+            ahead_issued: ld(&c.ahead_issued),
+            ahead_used: ld(&c.ahead_used),
+            predicted: ld(&c.predicted),
+            predicted_right: ld(&c.predicted_right),
+            read_errors: ld(&c.read_errors),
+            resident,
+            capacity: self.plan.slots as u64,
+        }
+    }
+
+    /// Usage counts per layer and expert (persisted ones included).
+    pub fn usage_counts(&self) -> Vec<Vec<u64>> {
+        self.lock().counts.clone()
+    }
+
+    /// Routed experts per layer.
+    pub fn experts_per_layer(&self) -> usize {
+        self.n_experts
+    }
+
+    /// Writes the usage counts (crash-safely); a failure is a warning.
+    pub fn save_usage(&self) {
+        let Some(path) = &self.usage_file else {
+            return;
+        };
+        let counts = self.usage_counts();
+        if let Err(e) = usage::save(path, &self.cache_id, &counts) {
+            tracing::warn!("{}: expert usage not saved: {e}", path.display());
+        }
+        *self.last_save.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn maybe_save(self: &Arc<Self>) {
+        if self.usage_file.is_none() {
+            return;
+        }
+        let due = {
+            let mut last = self.last_save.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.elapsed() > SAVE_EVERY;
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        if due {
+            let me = Arc::downgrade(self);
+            self.pool.submit(Priority::Ahead, move || {
+                if let Some(me) = me.upgrade() {
+                    me.save_usage();
+                }
+            });
+        }
+    }
+}
+
+/// Every byte range of a matrix.
+fn matrix_bytes(m: &Matrix) -> Vec<&Bytes> {
+    match m {
+        Matrix::Dense(d) => vec![&d.data],
+        Matrix::Quant(q) => {
+            let mut v = vec![&q.qdata, &q.scales];
+            if let Zeros::PerGroup(z) = &q.zeros {
+                v.push(z);
+            }
+            v
+        }
+    }
+}
+
+fn rebase_matrix(m: &Matrix, f: &dyn Fn(&Bytes) -> Bytes) -> Matrix {
+    match m {
+        Matrix::Dense(d) => {
+            let mut d = d.clone();
+            d.data = f(&d.data);
+            Matrix::Dense(d)
+        }
+        Matrix::Quant(q) => {
+            let mut q = q.clone();
+            q.qdata = f(&q.qdata);
+            q.scales = f(&q.scales);
+            if let Zeros::PerGroup(z) = &q.zeros {
+                q.zeros = Zeros::PerGroup(f(z));
+            }
+            Matrix::Quant(q)
+        }
+    }
+}
+
+/// A cache whose routed experts are paged by an [`ExpertPager`]; every
+/// other weight comes from the mapped cache as usual.
+pub struct PagedCache {
+    cache: Cache,
+    pager: Arc<ExpertPager>,
+}
+
+impl Drop for PagedCache {
+    /// The model is done with its weights: keep the usage counts.
+    fn drop(&mut self) {
+        self.pager.save_usage();
+    }
+}
+
+impl PagedCache {
+    /// The pager.
+    pub fn pager(&self) -> &Arc<ExpertPager> {
+        &self.pager
+    }
+}
+
+impl WeightSource for PagedCache {
+    fn config(&self) -> &ModelConfig {
+        self.cache.config()
+    }
+    fn path(&self) -> String {
+        self.cache.path()
+    }
+    fn matrix(&self, module: &str, rows: usize, cols: usize) -> Result<Matrix, WeightError> {
+        self.cache.matrix(module, rows, cols)
+    }
+    fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, WeightError> {
+        self.cache.vector(name, shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.cache.contains(name)
+    }
+    fn aux_file(&self, name: &str) -> Option<Vec<u8>> {
+        self.cache.aux_file(name)
+    }
+    /// Reads ahead (always) and locks (when asked) the weights outside the
+    /// routed experts only: those are what must stay resident.
+    fn residency(&self, _populate: bool, lock: bool) -> Result<(), String> {
+        let maps = self.cache.maps();
+        let mut refused = None;
+        for t in self.cache.index().tensors.iter() {
+            if expert_of(&t.name).is_some() {
+                continue;
+            }
+            for s in spans(&t.payload) {
+                let bytes = maps[s.file as usize].bytes();
+                io::advise_willneed(bytes, s.offset as usize, s.len as usize);
+                if lock && refused.is_none() {
+                    if let Err(e) = io::lock(bytes, s.offset as usize, s.len as usize) {
+                        refused = Some(format!(
+                            "{}: mlock of the resident weights refused: {e}",
+                            self.cache.dir().display()
+                        ));
+                    }
+                }
+            }
+        }
+        refused.map_or(Ok(()), Err)
+    }
+    fn expert_pager(&self) -> Option<Arc<ExpertPager>> {
+        Some(self.pager.clone())
+    }
+}
+
+/// Opens `dir` under a RAM budget: a cache that does not fit in `budget`
+/// gets its routed experts paged; a cache that fits, or a checkpoint, is
+/// opened as usual (`evaluate::open_weights`). Returns the plan when
+/// paging. A budget below what must stay resident is refused, saying how
+/// much is needed.
+pub fn open_with_budget(
+    dir: &Path,
+    opts: &PagerOptions,
+) -> Result<(Arc<dyn WeightSource>, Option<BudgetPlan>), PagingError> {
+    let weights = crate::evaluate::open_weights(dir)?;
+    if !crate::cache::is_cache(dir) {
+        tracing::warn!(
+            "{}: a memory budget applies to a repacked cache only; the checkpoint is mapped as a whole",
+            dir.display()
+        );
+        return Ok((weights, None));
+    }
+    drop(weights);
+    let cache = Cache::open(dir).map_err(|e| {
+        PagingError::Open(crate::evaluate::EvalError::Weights(WeightError::Format(
+            crate::cli::one_line(&e),
+        )))
+    })?;
+    let plan = plan_budget(&cache, opts.budget);
+    if plan.fits() {
+        return Ok((Arc::new(cache), None));
+    }
+    let top_k = cache.config().num_experts_per_tok.max(1);
+    let min_slots = 4 * top_k;
+    if plan.slots < min_slots {
+        let need = plan.resident_bytes + plan.overhead_bytes + min_slots as u64 * plan.slot_bytes;
+        let h = crate::cli::human_bytes;
+        return Err(PagingError::Budget(format!(
+            "memory budget {} is too small for {}: it needs at least {} ({} of weights that stay resident, {} of working memory, {} routed experts of {} each)",
+            h(opts.budget),
+            dir.display(),
+            h(need),
+            h(plan.resident_bytes),
+            h(plan.overhead_bytes),
+            min_slots,
+            h(plan.slot_bytes)
+        )));
+    }
+    let pager = Arc::new(ExpertPager::new(&cache, plan.clone(), opts)?);
+    Ok((Arc::new(PagedCache { cache, pager }), Some(plan)))
+}
+
+/// The usage file of a work directory.
+pub fn usage_path(work_dir: &Path) -> PathBuf {
+    work_dir.join(usage::USAGE_FILE)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,121 @@
+//! What the expert cache did over a decode run, for `rh-bench` and
+//! serve's stats: hit rate, bytes read from storage per token, and decode
+//! time against the storage-bound limit (bytes read per token / the disk's
+//! random-read speed, measured on the cache's files).
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::{BudgetPlan, ExpertPager, PagerStats};
+use crate::inspect::storage::{self, StorageSpeed};
+
+/// What the expert cache did during the tg test.
+#[derive(Serialize)]
+pub struct PagingReport {
+    /// How the budget was split.
+    pub plan: BudgetPlan,
+    /// Whether reads bypassed the page cache.
+    pub direct_reads: bool,
+    /// Tokens decoded while counting.
+    pub tokens: u64,
+    /// The counters over those tokens.
+    pub stats: PagerStats,
+    /// Resident when asked for.
+    pub hit_rate: f64,
+    /// Bytes read from storage per decoded token (read-ahead included).
+    pub bytes_read_per_token: f64,
+    /// Bytes of the experts that were not resident when a token asked for
+    /// them (read on demand, or still being read ahead), per token.
+    pub bytes_missed_per_token: f64,
+    /// Mean decode seconds per token.
+    pub decode_s_per_token: f64,
+    /// The disk's speeds, measured after the test on the cache's files.
+    pub storage: Option<StorageSpeed>,
+    /// `bytes_missed_per_token / random_gbs`: decode can be no faster.
+    pub storage_bound_s_per_token: Option<f64>,
+}
+
+impl PagingReport {
+    /// Builds the report from the counters around the tg test.
+    pub fn new(
+        pager: &ExpertPager,
+        dir: &Path,
+        stats: PagerStats,
+        tokens: u64,
+        decode_s_per_token: f64,
+    ) -> PagingReport {
+        let per_token = stats.bytes_read as f64 / tokens.max(1) as f64;
+        let plan = pager.plan();
+        let expert = plan.expert_bytes as f64 / plan.experts.max(1) as f64;
+        let missed = (stats.misses + stats.inflight) as f64 * expert / tokens.max(1) as f64;
+        let storage = storage::measure(dir, pager.plan().slot_bytes as usize, 8, 3.0);
+        let bound = storage
+            .as_ref()
+            .filter(|s| s.random_gbs > 0.0)
+            .map(|s| missed / (s.random_gbs * 1e9));
+        PagingReport {
+            plan: pager.plan().clone(),
+            direct_reads: pager.direct_reads(),
+            tokens,
+            stats,
+            hit_rate: stats.hit_rate(),
+            bytes_read_per_token: per_token,
+            bytes_missed_per_token: missed,
+            decode_s_per_token,
+            storage,
+            storage_bound_s_per_token: bound,
+        }
+    }
+
+    /// Lines appended to the table.
+    pub fn text(&self) -> String {
+        let h = crate::cli::human_bytes;
+        let p = &self.plan;
+        let s = &self.stats;
+        let mut out = format!(
+            "memory budget:           {} = {} resident weights + {} working memory + {} experts x {} (of {}; {})\n",
+            h(p.budget),
+            h(p.resident_bytes),
+            h(p.overhead_bytes),
+            p.slots,
+            h(p.slot_bytes),
+            p.experts,
+            if self.direct_reads { "O_DIRECT reads" } else { "buffered reads, pages dropped" }
+        );
+        out.push_str(&format!(
+            "expert cache (tg):       {:.1}% hits, {} missed and {} read per token ({} reads), waited {:.1} ms per token\n",
+            100.0 * self.hit_rate,
+            h(self.bytes_missed_per_token as u64),
+            h(self.bytes_read_per_token as u64),
+            s.reads,
+            1e3 * s.stall_s / self.tokens.max(1) as f64
+        ));
+        if s.predicted > 0 {
+            out.push_str(&format!(
+                "next-layer prediction:   {:.0}% right; {} read ahead, {} of them used\n",
+                100.0 * s.predicted_right as f64 / s.predicted as f64,
+                s.ahead_issued,
+                s.ahead_used
+            ));
+        }
+        if let (Some(st), Some(b)) = (&self.storage, self.storage_bound_s_per_token) {
+            out.push_str(&format!(
+                "storage:                 {:.2} GB/s sequential, {:.2} GB/s random {} reads ({} in flight), {:.2} GB/s one at a time{}\n",
+                st.sequential_gbs,
+                st.random_gbs,
+                h(st.random_block),
+                st.queue_depth,
+                st.random_qd1_gbs,
+                if st.direct { "" } else { " (buffered: may include the page cache)" }
+            ));
+            out.push_str(&format!(
+                "decode vs storage bound: {:.1} ms per token vs {:.1} ms to read its misses ({:.2}x)\n",
+                1e3 * self.decode_s_per_token,
+                1e3 * b,
+                self.decode_s_per_token / b.max(1e-12)
+            ));
+        }
+        out
+    }
+}

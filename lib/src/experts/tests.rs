@@ -1,0 +1,200 @@
+//! The expert cache on a tiny repacked model: identical logits with and
+//! without a budget (demand reads, read-ahead and eviction included),
+//! eviction by use, usage counts that persist and survive damage, and a
+//! budget too small to run.
+
+use super::*;
+use crate::cache::{repack, RepackOptions};
+use crate::model::Model;
+use std::path::{Path, PathBuf};
+
+/// A tiny skewed model (2 layers, 8 experts, top-2) repacked into `dir/cache`.
+fn tiny_cache(dir: &Path) -> PathBuf {
+    let ck = dir.join("checkpoint");
+    std::fs::create_dir_all(&ck).unwrap();
+    let spec = crate::synthetic::Spec::preset("tiny,zipf=0.6", Some(2), 5).unwrap();
+    for (name, bytes) in spec.metadata_files() {
+        std::fs::write(ck.join(name), bytes).unwrap();
+    }
+    for (file, tensors) in spec.shards() {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(ck.join(file)).unwrap());
+        crate::synthetic::write_shard(&mut f, &tensors, 5).unwrap();
+    }
+    let cache = dir.join("cache");
+    repack(&RepackOptions {
+        skip_space_check: true,
+        checkpoint: ck,
+        cache: cache.clone(),
+        work_dir: dir.to_path_buf(),
+        file_size: 1 << 30,
+        threads: Some(2),
+        force: false,
+        require_fetch: false,
+        quiet: true,
+        stop_after_units: None,
+        lm_head_int8: false,
+    })
+    .unwrap();
+    cache
+}
+
+/// The smallest budget whose plan holds exactly `slots` experts.
+fn budget_for(cache: &Path, slots: usize) -> u64 {
+    let c = Cache::open(cache).unwrap();
+    let b = budget_for_slots(&c, slots);
+    assert_eq!(plan_budget(&c, b).slots, slots);
+    b
+}
+
+fn paged(cache: &Path, slots: usize, usage: Option<PathBuf>, predict: bool) -> Model {
+    let mut opts = PagerOptions::new(budget_for(cache, slots));
+    opts.usage_file = usage;
+    opts.predict = predict;
+    opts.io_threads = 3;
+    let (w, plan) = open_with_budget(cache, &opts).unwrap();
+    assert_eq!(plan.unwrap().slots, slots);
+    Model::load(w).unwrap()
+}
+
+/// Prefill, then decode step by step; every step's logits.
+fn run(model: &Model) -> Vec<Vec<f32>> {
+    let mut st = model.new_state();
+    let mut out = vec![model.forward(&mut st, &[9, 400, 3, 77, 1200])];
+    for id in [5u32, 6, 900, 31, 2, 8, 15, 4000] {
+        out.push(model.forward(&mut st, &[id]));
+    }
+    out
+}
+
+#[test]
+fn paged_logits_equal_mapped_logits_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tiny_cache(tmp.path());
+    let plain = run(&Model::load(crate::weights::open_weights(&cache).unwrap()).unwrap());
+    // 8 slots for 16 experts: evictions, misses and (with prediction)
+    // read-ahead all happen; the numbers must not change.
+    for predict in [false, true] {
+        let model = paged(&cache, 8, None, predict);
+        assert_eq!(run(&model), plain, "predict = {predict}");
+        let s = model.weights().expert_pager().unwrap().stats();
+        assert!(s.misses > 0 && s.hits > 0, "{s:?}");
+        assert!(s.evictions > 0, "the cache never filled: {s:?}");
+        assert_eq!(s.read_errors, 0);
+        if predict {
+            assert!(s.predicted > 0, "{s:?}");
+        }
+    }
+}
+
+#[test]
+fn eviction_keeps_the_experts_used_most() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tiny_cache(tmp.path());
+    let model = paged(&cache, 8, None, false);
+    let p = model.weights().expert_pager().unwrap();
+    let hold = |l: usize, es: &[usize]| {
+        for f in p.fetch(l, es) {
+            assert!(f.wait(&p).is_some());
+        }
+    };
+    // Expert 0 of layer 0 is used often; then 8 other experts pass once
+    // each, more than the 7 free slots.
+    for _ in 0..5 {
+        hold(0, &[0]);
+    }
+    for e in 1..8 {
+        hold(0, &[e]);
+    }
+    hold(1, &[0, 1]);
+    let before = p.stats();
+    assert!(before.evictions >= 1, "{before:?}");
+    hold(0, &[0]);
+    let after = p.stats().since(&before);
+    assert_eq!((after.hits, after.misses), (1, 0), "expert 0 was evicted");
+    // The least used, least recently: layer 0's expert 1 went first.
+    hold(0, &[1]);
+    assert_eq!(p.stats().since(&before).misses, 1);
+}
+
+#[test]
+fn usage_counts_persist_and_a_damaged_file_starts_fresh() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tiny_cache(tmp.path());
+    let file = tmp.path().join(usage::USAGE_FILE);
+    let counts = {
+        let model = paged(&cache, 8, Some(file.clone()), false);
+        run(&model);
+        let p = model.weights().expert_pager().unwrap();
+        p.usage_counts()
+    };
+    // Dropped with the model: saved.
+    assert!(file.is_file());
+    assert!(counts.iter().flatten().sum::<u64>() > 0);
+    let model = paged(&cache, 8, Some(file.clone()), false);
+    let p = model.weights().expert_pager().unwrap().clone();
+    assert_eq!(p.usage_counts(), counts);
+    // The hot set is read ahead at load.
+    assert!(p.stats().ahead_issued > 0);
+    drop(model);
+    drop(p);
+    for junk in [
+        &b"{not json"[..],
+        b"",
+        b"{\"format\":1,\"cache\":\"other\",\"counts\":[]}",
+    ] {
+        std::fs::write(&file, junk).unwrap();
+        let model = paged(&cache, 8, Some(file.clone()), false);
+        let p = model.weights().expert_pager().unwrap();
+        assert_eq!(p.usage_counts().iter().flatten().sum::<u64>(), 0);
+        assert_eq!(p.stats().ahead_issued, 0);
+    }
+}
+
+#[test]
+fn a_budget_below_the_resident_weights_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tiny_cache(tmp.path());
+    let e = match open_with_budget(&cache, &PagerOptions::new(64 << 20)) {
+        Err(e) => e,
+        Ok(_) => panic!("64 MiB accepted"),
+    };
+    assert_eq!(e.exit(), Exit::Usage);
+    assert!(e.to_string().contains("needs at least"), "{e}");
+    // A budget holding everything pages nothing.
+    let (_, plan) = open_with_budget(&cache, &PagerOptions::new(64 << 30)).unwrap();
+    assert!(plan.is_none());
+}
+
+#[test]
+fn sizes_parse() {
+    assert_eq!(parse_size("24G").unwrap(), 24 << 30);
+    assert_eq!(parse_size("1536MiB").unwrap(), 1536 << 20);
+    assert_eq!(parse_size("1.5g").unwrap(), 3 << 29);
+    assert_eq!(parse_size("1000").unwrap(), 1000);
+    for bad in ["", "G", "12Q", "-1G", "0"] {
+        assert!(parse_size(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn skewed_synthetic_routing_prefers_low_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tiny_cache(tmp.path());
+    let model = paged(&cache, 10, None, false);
+    let mut st = model.new_state();
+    let ids: Vec<u32> = (0..64).map(|i| (i * 2371 % 150_000 + 1) as u32).collect();
+    for &id in &ids {
+        model.forward(&mut st, &[id]);
+    }
+    let p = model.weights().expert_pager().unwrap();
+    for (l, c) in p.usage_counts().iter().enumerate() {
+        let mut c = c.clone();
+        c.sort_unstable_by(|a, b| b.cmp(a));
+        let total: u64 = c.iter().sum();
+        // Uniform would give the top 2 of 8 experts a quarter.
+        assert!(
+            (c[0] + c[1]) as f64 > 0.35 * total as f64,
+            "layer {l}: {c:?}"
+        );
+    }
+}
