@@ -45,7 +45,7 @@ use pool::{IoPool, Priority};
 pub enum PagingError {
     /// The model could not be opened.
     #[error(transparent)]
-    Open(#[from] crate::evaluate::EvalError),
+    Open(#[from] crate::open::OpenError),
     /// The budget cannot hold what must stay resident.
     #[error("{0}")]
     Budget(String),
@@ -1112,14 +1112,14 @@ impl WeightSource for PagedCache {
 
 /// Opens `dir` under a RAM budget: a cache that does not fit in `budget`
 /// gets its routed experts paged; a cache that fits, or a checkpoint, is
-/// opened as usual (`evaluate::open_weights`). Returns the plan when
+/// opened as usual (`open::open_weights`). Returns the plan when
 /// paging. A budget below what must stay resident is refused, saying how
 /// much is needed.
 pub fn open_with_budget(
     dir: &Path,
     opts: &PagerOptions,
 ) -> Result<(Arc<dyn WeightSource>, Option<BudgetPlan>), PagingError> {
-    let weights = crate::evaluate::open_weights(dir)?;
+    let weights = crate::open::open_weights(dir)?;
     if !crate::cache::is_cache(dir) {
         tracing::warn!(
             "{}: a memory budget applies to a repacked cache only; the checkpoint is mapped as a whole",
@@ -1128,11 +1128,7 @@ pub fn open_with_budget(
         return Ok((weights, None));
     }
     drop(weights);
-    let cache = Cache::open(dir).map_err(|e| {
-        PagingError::Open(crate::evaluate::EvalError::Weights(WeightError::Format(
-            crate::cli::one_line(&e),
-        )))
-    })?;
+    let cache = Cache::open(dir).map_err(|e| PagingError::Open(e.into()))?;
     let plan = plan_budget(&cache, opts.budget);
     if plan.fits() {
         return Ok((Arc::new(cache), None));

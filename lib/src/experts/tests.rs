@@ -70,7 +70,7 @@ fn run(model: &Model) -> Vec<Vec<f32>> {
 fn paged_logits_equal_mapped_logits_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tiny_cache(tmp.path());
-    let plain = run(&Model::load(crate::weights::open_weights(&cache).unwrap()).unwrap());
+    let plain = run(&Model::load(crate::open::open_weights(&cache).unwrap()).unwrap());
     // 8 slots for 16 experts: evictions, misses and (with prediction)
     // read-ahead all happen; the numbers must not change.
     for predict in [false, true] {

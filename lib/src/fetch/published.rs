@@ -24,9 +24,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
 
 use blake3::hazmat::HasherExt;
 use indicatif::ProgressBar;
@@ -37,10 +36,7 @@ use super::{
     check_disk, ensure_parent, parallel, reserved, safe_relative, with_suffix, FetchError,
     FetchOptions, Fetched, Units,
 };
-use crate::cache::write::{RepackOptions, RepackOutcome};
-use crate::cache::CacheError;
 use crate::fsutil::{self, FsError};
-use crate::stage::{self, Fingerprint, Plan, StageRecord};
 use crate::verify::hash::{chunk_count, file_root, parse_hex};
 use crate::verify::{FileEntry, Manifest, MANIFEST_NAME};
 
