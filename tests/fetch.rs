@@ -1314,7 +1314,9 @@ fn published_cache_bad_manifests_and_lying_servers_get_one_line() {
             serde_json::json!({"format": 1, "algorithm": "blake3", "chunk_size": chunk, "files": files}),
         )
     };
-    let cases: Vec<(&str, (Vec<u8>, String), &str)> = vec![
+    // (repo name, (manifest bytes, its hash), what the error names)
+    type Case = (&'static str, (Vec<u8>, String), &'static str);
+    let cases: Vec<Case> = vec![
         ("dotdot", m(1024, vec![entry("../x", 1, 1)]), "../x"),
         ("absolute", m(1024, vec![entry("/etc/x", 1, 1)]), "/etc/x"),
         (
