@@ -1065,10 +1065,19 @@ fn our_download_is_laid_out_as_huggingface_hub_writes_it() {
     assert!(o.status.success(), "{}", text(&o));
     assert_all_files(&env.path("ck2"));
 
-    // When python's huggingface_hub is installed, its own reader agrees.
+    // When python's huggingface_hub is installed, its own readers agree:
+    // each file resolves through the cache (what transformers calls with
+    // local_files_only), and the cache scan finds the revision complete.
     let py = format!(
-        "import sys\nfrom huggingface_hub import try_to_load_from_cache\n\
-         for p in sys.argv[1:]:\n    r = try_to_load_from_cache('{REPO}', p, cache_dir='{}')\n    assert isinstance(r, str), (p, r)\n    print(r)\n",
+        "import sys\nfrom huggingface_hub import try_to_load_from_cache, scan_cache_dir\n\
+         cache = '{}'\n\
+         for p in sys.argv[1:]:\n    r = try_to_load_from_cache('{REPO}', p, cache_dir=cache)\n    assert isinstance(r, str), (p, r)\n    assert open(r, 'rb').read(), p\n\
+         info = scan_cache_dir(cache)\n\
+         assert not info.warnings, info.warnings\n\
+         (repo,) = [r for r in info.repos if r.repo_id == '{REPO}']\n\
+         (rev,) = repo.revisions\n\
+         assert rev.commit_hash == '{COMMIT}' and 'main' in rev.refs, rev\n\
+         assert sorted(f.file_name for f in rev.files) == sorted(sys.argv[1:]), rev.files\n",
         env.hf_home().join("hub").display()
     );
     let mut c = Command::new("python3");
@@ -1314,7 +1323,9 @@ fn published_cache_bad_manifests_and_lying_servers_get_one_line() {
             serde_json::json!({"format": 1, "algorithm": "blake3", "chunk_size": chunk, "files": files}),
         )
     };
-    let cases: Vec<(&str, (Vec<u8>, String), &str)> = vec![
+    // (repo name, (manifest bytes, its hash), what the error names)
+    type Case = (&'static str, (Vec<u8>, String), &'static str);
+    let cases: Vec<Case> = vec![
         ("dotdot", m(1024, vec![entry("../x", 1, 1)]), "../x"),
         ("absolute", m(1024, vec![entry("/etc/x", 1, 1)]), "/etc/x"),
         (

@@ -115,6 +115,7 @@ pub(crate) fn download(ctx: &Ctx, f: &RemoteFile) -> Result<FileResult, FetchErr
         transferred: 0,
         counted: 0,
         repaired: None,
+        pending: Vec::new(),
     };
     let r = dl.run();
     ctx.bars.remove(&dl.bar);
@@ -139,6 +140,44 @@ struct Dl<'c, 'a> {
     counted: u64,
     /// Set by a repair pass, for the final message.
     repaired: Option<Repair>,
+    /// Chunks on disk past the recorded ones, recorded once the overlap
+    /// check confirms the tail.
+    pending: Vec<String>,
+}
+
+/// Where one file's download stands. Each state is one phase of
+/// [`Dl::run`]; a phase returns the next state.
+enum State {
+    /// Look at the `.part` on disk (its hashes when already known).
+    Inspect(Option<Progress>),
+    /// The complete `.part` failed verification: compare it with the
+    /// server chunk by chunk.
+    Repair(Progress),
+    /// Fetch the rest of the file after these bytes.
+    Transfer(Progress),
+    /// The `.part` is complete: verify it and rename it into place.
+    Finish(Progress),
+}
+
+/// The retry budget of one file's download (refilled whenever a request
+/// made progress).
+#[derive(Default)]
+struct Retry {
+    /// Retries spent since the last progress.
+    attempt: u32,
+    /// The chunk boundary an overlap mismatch last dropped back to.
+    overlap_failed_at: Option<u64>,
+}
+
+impl Retry {
+    /// Spends one retry, or ends the run with `why` when none is left.
+    fn spend(&mut self, dl: &Dl, why: &str) -> Result<(), FetchError> {
+        if self.attempt >= dl.ctx.client.retries {
+            return Err(dl.gave_up(why));
+        }
+        self.attempt += 1;
+        Ok(())
+    }
 }
 
 /// How a repair pass ended.
@@ -197,177 +236,208 @@ impl Dl<'_, '_> {
         }
     }
 
+    /// Drives the download through its states until the file is in place
+    /// or the run gives up.
     fn run(&mut self) -> Result<FileResult, FetchError> {
-        let ctx = self.ctx;
-        let label = self.label;
-        // Hashes of the `.part` when they are known without reading it.
-        let mut state: Option<Progress> = None;
-        // Chunks on disk past the recorded ones, recorded once the overlap
-        // check confirms the tail.
-        let mut pending: Vec<String> = Vec::new();
-        let mut attempt = 0u32;
-        let mut overlap_failed_at: Option<u64> = None;
+        let mut retry = Retry::default();
+        let mut state = State::Inspect(None);
         loop {
-            if ctx.units.aborted() {
+            if self.ctx.units.aborted() {
                 return Err(FetchError::Aborted);
             }
-            let mut file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .read(true)
-                .open(&self.part)
-                .map_err(|e| FsError::io(&self.part, e))?;
-            let have = file
-                .metadata()
-                .map_err(|e| FsError::io(&self.part, e))?
-                .len();
-            if self.expected_size.is_some_and(|s| have > s) {
-                bar_warn!(
-                    self.ctx.bars,
-                    "{label}: partial file is longer than the file; restarting it"
-                );
-                drop(file);
-                self.cut(0)?;
-                state = None;
-                continue;
-            }
-            let mut prog = match state.take() {
-                Some(p) if p.len == have => p,
-                _ => {
-                    let before = self.meta.chunks.len();
-                    let s = part::scan(&self.part, &mut self.meta, &ProgressBar::hidden())?;
-                    if self.meta.chunks.len() != before {
-                        self.save_meta()?;
+            state = match state {
+                State::Inspect(known) => self.inspect(known)?,
+                State::Repair(prog) => match self.repair(prog)? {
+                    Step::Done(r) => return Ok(r),
+                    Step::Restart => {
+                        self.pending.clear();
+                        State::Inspect(None)
                     }
-                    pending = s.pending;
-                    s.progress
-                }
+                },
+                State::Transfer(prog) => self.transfer_step(prog, &mut retry)?,
+                State::Finish(prog) => return self.finish(prog),
             };
-            self.credit(prog.len);
-            let complete = prog.len > 0 && Some(prog.len) == self.expected_size;
-            if self.meta.repair.is_some() {
-                if complete {
-                    drop(file);
-                    match self.repair(prog)? {
-                        Step::Done(r) => return Ok(r),
-                        Step::Restart => {
-                            pending.clear();
-                            continue;
-                        }
-                    }
+        }
+    }
+
+    /// Looks at the `.part` on disk (its length, its hashes, the chunks
+    /// recorded) and says what comes next.
+    fn inspect(&mut self, known: Option<Progress>) -> Result<State, FetchError> {
+        let have = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.part)
+            .and_then(|f| f.metadata())
+            .map_err(|e| FsError::io(&self.part, e))?
+            .len();
+        if self.expected_size.is_some_and(|s| have > s) {
+            bar_warn!(
+                self.ctx.bars,
+                "{}: partial file is longer than the file; restarting it",
+                self.label
+            );
+            self.cut(0)?;
+            return Ok(State::Inspect(None));
+        }
+        let prog = match known {
+            Some(p) if p.len == have => p,
+            _ => {
+                let before = self.meta.chunks.len();
+                let s = part::scan(&self.part, &mut self.meta, &ProgressBar::hidden())?;
+                if self.meta.chunks.len() != before {
+                    self.save_meta()?;
                 }
-                // Not complete (cut since): a plain resume.
-                self.meta.repair = None;
-                self.save_meta()?;
+                self.pending = s.pending;
+                s.progress
             }
+        };
+        self.credit(prog.len);
+        let complete = prog.len > 0 && Some(prog.len) == self.expected_size;
+        if self.meta.repair.is_some() {
             if complete {
+                return Ok(State::Repair(prog));
+            }
+            // Not complete (cut since): a plain resume.
+            self.meta.repair = None;
+            self.save_meta()?;
+        }
+        Ok(if complete {
+            State::Finish(prog)
+        } else {
+            State::Transfer(prog)
+        })
+    }
+
+    /// One request for the rest of the file, and what its outcome leads to.
+    fn transfer_step(
+        &mut self,
+        mut prog: Progress,
+        retry: &mut Retry,
+    ) -> Result<State, FetchError> {
+        let mut file = OpenOptions::new()
+            .append(true)
+            .read(true)
+            .open(&self.part)
+            .map_err(|e| FsError::io(&self.part, e))?;
+        let mut progressed = false;
+        let outcome = self.transfer(&mut file, &mut prog, &mut progressed);
+        if progressed {
+            // Bytes kept: the retry budget starts again.
+            retry.attempt = 0;
+        }
+        match outcome {
+            Ok(()) if self.expected_size.is_some_and(|s| prog.len < s) => {
+                // The body ended early without an error: resume.
+                retry.spend(self, "the connection keeps ending early; rerun to resume")?;
+                Ok(State::Inspect(Some(prog)))
+            }
+            Ok(()) => {
+                file.sync_all().map_err(|e| FsError::io(&self.part, e))?;
+                Ok(State::Finish(prog))
+            }
+            Err(fail) => {
+                let _ = file.sync_all();
                 drop(file);
-                return self.finish(prog);
-            }
-            let mut progressed = false;
-            let outcome = self.transfer(&mut file, &mut prog, &mut pending, &mut progressed);
-            if progressed {
-                // Bytes kept: the retry budget starts again.
-                attempt = 0;
-            }
-            match outcome {
-                Ok(()) => {
-                    if self.expected_size.is_some_and(|s| prog.len < s) {
-                        // The body ended early without an error: resume.
-                        state = Some(prog);
-                        if attempt >= ctx.client.retries {
-                            return Err(
-                                self.gave_up("the connection keeps ending early; rerun to resume")
-                            );
-                        }
-                        attempt += 1;
-                        continue;
-                    }
-                    file.sync_all().map_err(|e| FsError::io(&self.part, e))?;
-                    drop(file);
-                    return self.finish(prog);
-                }
-                Err(Fail::Status(416, _, _)) => {
-                    // Our partial file does not fit the remote one: start over.
-                    bar_warn!(
-                        self.ctx.bars,
-                        "{label}: the server refused the resume range; restarting the file"
-                    );
-                    drop(file);
-                    self.cut(0)?;
-                    pending.clear();
-                    if attempt >= ctx.client.retries {
-                        return Err(
-                            self.gave_up("the server keeps refusing the resume range (HTTP 416)")
-                        );
-                    }
-                    attempt += 1;
-                }
-                Err(Fail::Changed(why)) => {
-                    bar_warn!(self.ctx.bars, "{label}: {why}; starting the file over");
-                    drop(file);
-                    self.cut(0)?;
-                    pending.clear();
-                    if attempt >= ctx.client.retries {
-                        return Err(self.gave_up(format!("{why} (again and again)")));
-                    }
-                    attempt += 1;
-                }
-                Err(Fail::Overlap { start, at }) => {
-                    // The end of the `.part` is not what the server has (a
-                    // torn or zeroed tail after a crash): go back to the last
-                    // recorded chunk, which the scan found intact. If that
-                    // boundary was tried already, the server's bytes changed
-                    // under the same ETag: nothing before can be trusted.
-                    let mut back = self.meta.recorded_len().min(at);
-                    if overlap_failed_at == Some(back) {
-                        back = 0;
-                    }
-                    overlap_failed_at = Some(back);
-                    bar_warn!(self.ctx.bars,
-                        "{label}: bytes {start}-{} of the partial file differ from the server's (a damaged end, e.g. after a crash); keeping the {back} bytes before the last chunk boundary that agrees",
-                        at - 1
-                    );
-                    drop(file);
-                    self.cut(back)?;
-                    pending.clear();
-                    if attempt >= ctx.client.retries {
-                        return Err(self
-                            .gave_up("the server's bytes keep disagreeing with the partial file"));
-                    }
-                    attempt += 1;
-                }
-                Err(fail) => {
-                    let _ = file.sync_all();
-                    state = Some(prog);
-                    if ctx.units.aborted() {
-                        return Err(FetchError::Aborted);
-                    }
-                    if fail.retryable() && attempt < ctx.client.retries {
-                        let wait = fail.wait(attempt);
-                        bar_warn!(
-                            self.ctx.bars,
-                            "{label}: {}; resuming in {wait:?}",
-                            fail.describe()
-                        );
-                        std::thread::sleep(wait);
-                        attempt += 1;
-                        continue;
-                    }
-                    let kept = fs::metadata(&self.part).map(|m| m.len()).unwrap_or(0);
-                    let mut e =
-                        ctx.client
-                            .map_fail(fail, &self.url, &ctx.what(label), ctx.repo, attempt);
-                    if let FetchError::Http { reason, .. } = &mut e {
-                        reason.push_str(&format!(
-                            "; {kept} bytes kept in {}, rerun to resume",
-                            self.part.display()
-                        ));
-                    }
-                    return Err(e);
-                }
+                self.after_failure(fail, prog, retry)
             }
         }
+    }
+
+    /// What a failed request leads to: a restart, a cut back to the last
+    /// chunk that agrees, a retry after a wait, or the end of this run.
+    fn after_failure(
+        &mut self,
+        fail: Fail,
+        prog: Progress,
+        retry: &mut Retry,
+    ) -> Result<State, FetchError> {
+        let label = self.label;
+        match fail {
+            Fail::Status(416, _, _) => {
+                // Our partial file does not fit the remote one: start over.
+                bar_warn!(
+                    self.ctx.bars,
+                    "{label}: the server refused the resume range; restarting the file"
+                );
+                self.restart_from(
+                    0,
+                    retry,
+                    "the server keeps refusing the resume range (HTTP 416)",
+                )
+            }
+            Fail::Changed(why) => {
+                bar_warn!(self.ctx.bars, "{label}: {why}; starting the file over");
+                self.restart_from(0, retry, &format!("{why} (again and again)"))
+            }
+            Fail::Overlap { start, at } => {
+                // The end of the `.part` is not what the server has (a torn
+                // or zeroed tail after a crash): go back to the last recorded
+                // chunk, which the scan found intact. If that boundary was
+                // tried already, the server's bytes changed under the same
+                // ETag: nothing before can be trusted.
+                let mut back = self.meta.recorded_len().min(at);
+                if retry.overlap_failed_at == Some(back) {
+                    back = 0;
+                }
+                retry.overlap_failed_at = Some(back);
+                bar_warn!(self.ctx.bars,
+                    "{label}: bytes {start}-{} of the partial file differ from the server's (a damaged end, e.g. after a crash); keeping the {back} bytes before the last chunk boundary that agrees",
+                    at - 1
+                );
+                self.restart_from(
+                    back,
+                    retry,
+                    "the server's bytes keep disagreeing with the partial file",
+                )
+            }
+            fail => {
+                if self.ctx.units.aborted() {
+                    return Err(FetchError::Aborted);
+                }
+                if fail.retryable() && retry.attempt < self.ctx.client.retries {
+                    let wait = fail.wait(retry.attempt);
+                    bar_warn!(
+                        self.ctx.bars,
+                        "{label}: {}; resuming in {wait:?}",
+                        fail.describe()
+                    );
+                    std::thread::sleep(wait);
+                    retry.attempt += 1;
+                    return Ok(State::Inspect(Some(prog)));
+                }
+                Err(self.give_up(fail, retry.attempt))
+            }
+        }
+    }
+
+    /// Cuts the `.part` back to `len` bytes and tries again, within the
+    /// retry budget (`why` ends the run when it is spent).
+    fn restart_from(
+        &mut self,
+        len: u64,
+        retry: &mut Retry,
+        why: &str,
+    ) -> Result<State, FetchError> {
+        self.cut(len)?;
+        self.pending.clear();
+        retry.spend(self, why)?;
+        Ok(State::Inspect(None))
+    }
+
+    /// The final error of a failed request, saying what was kept.
+    fn give_up(&self, fail: Fail, attempts: u32) -> FetchError {
+        let ctx = self.ctx;
+        let kept = fs::metadata(&self.part).map(|m| m.len()).unwrap_or(0);
+        let mut e = ctx
+            .client
+            .map_fail(fail, &self.url, &ctx.what(self.label), ctx.repo, attempts);
+        if let FetchError::Http { reason, .. } = &mut e {
+            reason.push_str(&format!(
+                "; {kept} bytes kept in {}, rerun to resume",
+                self.part.display()
+            ));
+        }
+        e
     }
 
     /// One request: resumes at `prog.len` (asking again for up to 64 KiB
@@ -376,13 +446,10 @@ impl Dl<'_, '_> {
         &mut self,
         file: &mut File,
         prog: &mut Progress,
-        pending: &mut Vec<String>,
         progressed: &mut bool,
     ) -> Result<(), Fail> {
-        let label = self.label;
         let have = prog.len;
-        let ov = have.min(OVERLAP);
-        let start = have - ov;
+        let start = have - have.min(OVERLAP);
         let if_range = if have > 0 {
             self.meta.etag.clone()
         } else {
@@ -390,6 +457,21 @@ impl Dl<'_, '_> {
         };
         let range = (have > 0).then_some((start, None));
         let (resp, first) = self.ctx.client.get(&self.url, range, if_range.as_deref())?;
+        self.learn_from_headers(&first);
+        let etag = strong_etag(&resp);
+        let status = resp.status();
+        self.check_reply(&resp, file, prog, start, if_range.as_deref(), &etag)?;
+        let mut body = resp.into_reader();
+        if status == 206 && have > start {
+            self.check_overlap(&mut body, file, start, have)?;
+        }
+        self.record_agreement(etag, have)?;
+        self.append_body(&mut body, file, prog, progressed)
+    }
+
+    /// What the reply headers tell when the listing did not: the sha256
+    /// (`X-Linked-Etag`, or an `ETag` that is one) and the size.
+    fn learn_from_headers(&mut self, first: &[(String, String)]) {
         let header = |n: &str| first.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         if self.expected_sha.is_none() {
             self.expected_sha = header("x-linked-etag")
@@ -401,9 +483,21 @@ impl Dl<'_, '_> {
         if self.expected_size.is_none() {
             self.expected_size = header("x-linked-size").and_then(|s| s.trim().parse().ok());
         }
-        let etag = strong_etag(&resp);
-        let status = resp.status();
-        match status {
+    }
+
+    /// Accepts a `206` for the range asked with the same validator, or a
+    /// `200` (the whole file: the `.part` starts over).
+    fn check_reply(
+        &mut self,
+        resp: &ureq::Response,
+        file: &File,
+        prog: &mut Progress,
+        start: u64,
+        if_range: Option<&str>,
+        etag: &Option<String>,
+    ) -> Result<(), Fail> {
+        let label = self.label;
+        match resp.status() {
             206 => {
                 let cr = resp.header("Content-Range").unwrap_or("");
                 if !cr.starts_with(&format!("bytes {start}-")) {
@@ -414,7 +508,7 @@ impl Dl<'_, '_> {
                 if self.expected_size.is_none() {
                     self.expected_size = cr.rsplit('/').next().and_then(|s| s.parse().ok());
                 }
-                if let (Some(old), Some(new)) = (&self.meta.etag, &etag) {
+                if let (Some(old), Some(new)) = (&self.meta.etag, etag) {
                     if old != new {
                         // A server that ignores If-Range: do not splice.
                         return Err(Fail::Changed(format!(
@@ -424,8 +518,8 @@ impl Dl<'_, '_> {
                 }
             }
             200 => {
-                if have > 0 {
-                    match (&if_range, &etag) {
+                if prog.len > 0 {
+                    match (if_range, etag) {
                         (Some(old), Some(new)) if old != new => bar_warn!(self.ctx.bars,
                             "{label}: the file changed on the server (ETag {old} -> {new}), so it sent the whole file (If-Range); starting over"
                         ),
@@ -438,7 +532,7 @@ impl Dl<'_, '_> {
                     *prog = Progress::new(self.meta.chunk_size);
                     self.meta.chunks.clear();
                     self.meta.repair = None;
-                    pending.clear();
+                    self.pending.clear();
                     self.credit(0);
                 }
                 if self.expected_size.is_none() {
@@ -447,26 +541,39 @@ impl Dl<'_, '_> {
             }
             s => return Err(Fail::Status(s, "unexpected status".into(), None)),
         }
-        let mut r = resp.into_reader();
-        if status == 206 && ov > 0 {
-            let mut remote = vec![0u8; ov as usize];
-            let got = read_full(&mut r, &mut remote, start)?;
-            self.transferred += got as u64;
-            if got < remote.len() {
-                return Err(Fail::Transport(format!(
-                    "connection broke at byte {}",
-                    start + got as u64
-                )));
-            }
-            let mut local = vec![0u8; ov as usize];
-            file.read_exact_at(&mut local, start)
-                .map_err(|e| Fail::Transport(format!("{}: {e}", self.part.display())))?;
-            if local != remote {
-                return Err(Fail::Overlap { start, at: have });
-            }
+        Ok(())
+    }
+
+    /// Compares the bytes `[start, have)` asked again with the `.part`'s.
+    fn check_overlap(
+        &mut self,
+        body: &mut impl Read,
+        file: &File,
+        start: u64,
+        have: u64,
+    ) -> Result<(), Fail> {
+        let ov = (have - start) as usize;
+        let mut remote = vec![0u8; ov];
+        let got = read_full(body, &mut remote, start)?;
+        self.transferred += got as u64;
+        if got < ov {
+            return Err(Fail::Transport(format!(
+                "connection broke at byte {}",
+                start + got as u64
+            )));
         }
-        // The server agrees with the tail: keep its validator, and record
-        // the chunks read back from disk.
+        let mut local = vec![0u8; ov];
+        file.read_exact_at(&mut local, start)
+            .map_err(|e| Fail::Transport(format!("{}: {e}", self.part.display())))?;
+        if local != remote {
+            return Err(Fail::Overlap { start, at: have });
+        }
+        Ok(())
+    }
+
+    /// The server agrees with the tail: keeps its validator and what was
+    /// learned of the file, and records the chunks read back from disk.
+    fn record_agreement(&mut self, etag: Option<String>, have: u64) -> Result<(), Fail> {
         let mut dirty = false;
         if etag.is_some() && etag != self.meta.etag {
             self.meta.etag = etag;
@@ -480,11 +587,13 @@ impl Dl<'_, '_> {
             self.meta.size = self.expected_size;
             dirty = true;
         }
-        if !pending.is_empty() {
-            if self.meta.chunks.len() as u64 + pending.len() as u64 == have / self.meta.chunk_size {
-                self.meta.chunks.append(pending);
+        if !self.pending.is_empty() {
+            if self.meta.chunks.len() as u64 + self.pending.len() as u64
+                == have / self.meta.chunk_size
+            {
+                self.meta.chunks.append(&mut self.pending);
             }
-            pending.clear();
+            self.pending.clear();
             dirty = true;
         }
         if dirty {
@@ -492,13 +601,25 @@ impl Dl<'_, '_> {
                 .save(&self.part)
                 .map_err(|e| Fail::Transport(e.to_string()))?;
         }
+        Ok(())
+    }
+
+    /// Appends the body to the `.part`, recording each completed chunk
+    /// after its bytes are durable.
+    fn append_body(
+        &mut self,
+        body: &mut impl Read,
+        file: &mut File,
+        prog: &mut Progress,
+        progressed: &mut bool,
+    ) -> Result<(), Fail> {
         let mut buf = vec![0u8; 1 << 20];
         loop {
             if self.ctx.units.aborted() {
                 return Err(Fail::Transport("aborted".into()));
             }
-            let n = match r.read(&mut buf) {
-                Ok(0) => break,
+            let n = match body.read(&mut buf) {
+                Ok(0) => return Ok(()),
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -526,7 +647,6 @@ impl Dl<'_, '_> {
             self.credit(prog.len);
             *progressed = true;
         }
-        Ok(())
     }
 
     /// Compares the complete `.part` with the server's bytes chunk by chunk

@@ -30,8 +30,10 @@
 //! only the chunks that differ (an interrupted repair continues at its
 //! cursor) and checks the whole hash again.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use super::api::RemoteFile;
 use super::client::HubClient;
@@ -62,7 +64,8 @@ impl Ctx<'_> {
     }
 }
 
-/// Fetches `repo@revision` into `units.out`.
+/// Fetches `repo@revision` into `units.out`: resolve the commit, list its
+/// files, plan (sizes, free space), download, record.
 pub(crate) fn fetch(
     opts: &FetchOptions,
     repo: &str,
@@ -76,26 +79,81 @@ pub(crate) fn fetch(
     let client = HubClient::new(opts);
     let (commit, siblings) = match client.revision(repo, revision) {
         Ok(r) => r,
-        Err(e @ FetchError::Http { .. }) => {
-            // The hub cannot be reached: a revision already in the HF cache
-            // is used as it is, as huggingface_hub does.
-            let cached = opts
-                .hf_cache
-                .as_ref()
-                .map(|c| RepoCache::new(c, repo))
-                .filter(|c| c.read_ref(revision).is_some());
-            let Some(c) = cached else { return Err(e) };
-            tracing::warn!(
-                "{}; using the snapshot of {repo}@{revision} already in {}",
-                crate::cli::one_line(&e),
-                c.root.display()
-            );
+        Err(e) => {
+            cached_instead(opts, repo, revision, e)?;
             return super::offline::offline(opts, repo, revision, filter, units);
         }
-        Err(e) => return Err(e),
     };
     tracing::info!("{repo}@{revision} is commit {commit}");
-    let listing = match client.tree(repo, &commit)? {
+    let files = list(opts, &client, repo, revision, &commit, siblings, filter)?;
+    let (total, todo) = plan(opts, repo, revision, &files, units)?;
+    let ctx = Ctx {
+        client: &client,
+        opts,
+        repo,
+        commit: &commit,
+        units,
+        cache: opts.hf_cache.as_ref().map(|c| RepoCache::new(c, repo)),
+        bars: Bars::new(total, repo.rsplit('/').next().unwrap_or(repo), opts.quiet),
+    };
+    let done = download_all(&ctx, &files, todo, total)?;
+    if let Some(c) = &ctx.cache {
+        c.write_ref(revision, &commit)?;
+    }
+    Ok(Fetched {
+        files: files.iter().map(|f| f.path.clone()).collect(),
+        details: serde_json::json!({
+            "kind": "hub",
+            "repo": repo,
+            "revision": revision,
+            "commit": commit,
+            "endpoint": client.endpoint,
+            "files": done.listed,
+        }),
+        commit: Some(commit.clone()),
+        transferred: done.transferred,
+        reused: done.reused,
+    })
+}
+
+/// When the hub cannot be reached, a revision already in the HF cache is
+/// used as it is, as huggingface_hub does: `Ok` says so; any other failure
+/// is returned.
+fn cached_instead(
+    opts: &FetchOptions,
+    repo: &str,
+    revision: &str,
+    e: FetchError,
+) -> Result<(), FetchError> {
+    if !matches!(e, FetchError::Http { .. }) {
+        return Err(e);
+    }
+    let cached = opts
+        .hf_cache
+        .as_ref()
+        .map(|c| RepoCache::new(c, repo))
+        .filter(|c| c.read_ref(revision).is_some());
+    let Some(c) = cached else { return Err(e) };
+    tracing::warn!(
+        "{}; using the snapshot of {repo}@{revision} already in {}",
+        crate::cli::one_line(&e),
+        c.root.display()
+    );
+    Ok(())
+}
+
+/// The files of `commit` to fetch: the tree listing (or the revision's
+/// names on hubs without one), every name checked, filtered.
+fn list(
+    opts: &FetchOptions,
+    client: &HubClient,
+    repo: &str,
+    revision: &str,
+    commit: &str,
+    siblings: Vec<String>,
+    filter: &Filter,
+) -> Result<Vec<RemoteFile>, FetchError> {
+    let listing = match client.tree(repo, commit)? {
         Some(l) => l,
         None => siblings
             .into_iter()
@@ -134,8 +192,19 @@ pub(crate) fn fetch(
             "{repo}@{revision}: no files to fetch (the repo is empty or --include/--exclude matched nothing)"
         )));
     }
-    let cache = opts.hf_cache.as_ref().map(|c| RepoCache::new(c, repo));
-    // Sizes come from the hub: a sum that overflows is refused, not wrapped.
+    Ok(files)
+}
+
+/// The total size (a sum that overflows is refused, not wrapped: sizes
+/// come from the hub) and the files still to do, after checking that what
+/// is left fits on the disk.
+fn plan(
+    opts: &FetchOptions,
+    repo: &str,
+    revision: &str,
+    files: &[RemoteFile],
+    units: &Units,
+) -> Result<(u64, Vec<RemoteFile>), FetchError> {
     let total: u64 = files
         .iter()
         .filter_map(|f| f.size)
@@ -159,27 +228,34 @@ pub(crate) fn fetch(
         })
         .fold(0u64, u64::saturating_add);
     check_disk(&units.out, need)?;
-    let ctx = Ctx {
-        client: &client,
-        opts,
-        repo,
-        commit: &commit,
-        units,
-        cache,
-        bars: Bars::new(total, repo.rsplit('/').next().unwrap_or(repo), opts.quiet),
-    };
-    ctx.bars.overall.inc(
-        total.saturating_sub(
-            todo.iter()
-                .filter_map(|f| f.size)
-                .fold(0, u64::saturating_add),
-        ),
-    );
+    Ok((total, todo))
+}
+
+/// What the downloads of one fetch did.
+struct Done {
+    transferred: u64,
+    reused: usize,
+    /// Size and sha256 of every file, for the record.
+    listed: BTreeMap<String, serde_json::Value>,
+}
+
+/// Downloads (or reuses) the files still to do, `opts.concurrency` at once.
+fn download_all(
+    ctx: &Ctx,
+    files: &[RemoteFile],
+    todo: Vec<RemoteFile>,
+    total: u64,
+) -> Result<Done, FetchError> {
+    let left = todo
+        .iter()
+        .filter_map(|f| f.size)
+        .fold(0, u64::saturating_add);
+    ctx.bars.overall.inc(total.saturating_sub(left));
     let transferred = AtomicU64::new(0);
     let reused = AtomicUsize::new(files.len() - todo.len());
-    let hashes = std::sync::Mutex::new(std::collections::BTreeMap::new());
-    parallel(todo, opts.concurrency, units, |f| {
-        let r = download(&ctx, &f)?;
+    let hashes = Mutex::new(BTreeMap::new());
+    parallel(todo, ctx.opts.concurrency, ctx.units, |f| {
+        let r = download(ctx, &f)?;
         transferred.fetch_add(r.transferred, Ordering::Relaxed);
         if r.reused {
             reused.fetch_add(1, Ordering::Relaxed);
@@ -191,28 +267,16 @@ pub(crate) fn fetch(
         Ok(())
     })?;
     ctx.bars.overall.finish_and_clear();
-    if let Some(c) = &ctx.cache {
-        c.write_ref(revision, &commit)?;
-    }
     let mut listed = hashes.into_inner().expect("lock");
-    for f in &files {
+    for f in files {
         listed
             .entry(f.path.clone())
             .or_insert_with(|| serde_json::json!({"size": f.size, "sha256": f.sha256}));
     }
-    Ok(Fetched {
-        files: files.iter().map(|f| f.path.clone()).collect(),
-        details: serde_json::json!({
-            "kind": "hub",
-            "repo": repo,
-            "revision": revision,
-            "commit": commit,
-            "endpoint": client.endpoint,
-            "files": listed,
-        }),
-        commit: Some(commit.clone()),
+    Ok(Done {
         transferred: transferred.into_inner(),
         reused: reused.into_inner(),
+        listed,
     })
 }
 

@@ -592,20 +592,7 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
         _ => opts,
     };
     let filter = Filter::new(&opts.include, &opts.exclude)?;
-    if opts.concurrency == 0 {
-        return Err(FetchError::Usage("--concurrency must be at least 1".into()));
-    }
-    if opts.chunk_size < part::OVERLAP {
-        return Err(FetchError::Usage(format!(
-            "--chunk-size must be at least {} bytes",
-            part::OVERLAP
-        )));
-    }
-    if let Source::Synthetic(p) = &src {
-        // Validate the preset before touching the disk.
-        crate::synthetic::Spec::preset_with(p, opts.layers, opts.experts, opts.seed)?;
-    }
-    let fp = fingerprint(opts, &src);
+    check_settings(opts, &src)?;
     let mut inputs = BTreeMap::new();
     inputs.insert("source".to_string(), opts.source.clone());
     if let Source::Hub { revision, .. } = &src {
@@ -615,25 +602,9 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
     // A second writer of this directory stops here, naming the first.
     let _lock = crate::fsutil::DirLock::exclusive(&opts.out, "rh-fetch")?;
     let owned = owned_files(&opts.work_dir, &opts.out);
-    let plan = stage::plan(&opts.work_dir, STAGE, &fp, &opts.out, inputs, opts.force)?;
-    let run = match plan {
-        Plan::UpToDate(rec) => {
-            return Ok(FetchSummary {
-                up_to_date: true,
-                source: opts.source.clone(),
-                out_dir: opts.out.clone(),
-                commit: rec
-                    .details
-                    .get("commit")
-                    .and_then(|c| c.as_str())
-                    .map(str::to_string),
-                files: rec.outputs.len(),
-                bytes: rec.outputs.iter().map(|o| o.size).sum(),
-                transferred: 0,
-                reused: rec.outputs.len(),
-                published: published_hash(&rec.details),
-            })
-        }
+    let fp = fingerprint(opts, &src);
+    let mut run = match stage::plan(&opts.work_dir, STAGE, &fp, &opts.out, inputs, opts.force)? {
+        Plan::UpToDate(rec) => return Ok(up_to_date(opts, &rec)),
         Plan::Run(run) => run,
     };
     if run.resumed {
@@ -643,25 +614,76 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
         );
     }
     crate::fsutil::ensure_writable_dir(&opts.out)?;
-    let mut run = run;
     // Carried in the running record, so an interrupted run of other
     // settings does not forget what earlier runs wrote.
     run.record.details = serde_json::json!({ "owned": owned });
     let units = Units::new(run, opts.out.clone(), owned, opts.force);
-    let fetched = match (&src, &expect) {
-        (Source::Synthetic(p), _) => synthetic::fetch(opts, p, &filter, &units)?,
-        (Source::Local(d), _) => local::fetch(opts, d, &filter, &units)?,
-        (Source::Url(base), Some(h)) => published::fetch_url(opts, base, h, &units)?,
+    let fetched = fetch_source(opts, &src, expect.as_deref(), &filter, &units)?;
+    record(opts, units, fetched)
+}
+
+/// Settings that cannot work, refused before the disk is touched.
+fn check_settings(opts: &FetchOptions, src: &Source) -> Result<(), FetchError> {
+    if opts.concurrency == 0 {
+        return Err(FetchError::Usage("--concurrency must be at least 1".into()));
+    }
+    if opts.chunk_size < part::OVERLAP {
+        return Err(FetchError::Usage(format!(
+            "--chunk-size must be at least {} bytes",
+            part::OVERLAP
+        )));
+    }
+    if let Source::Synthetic(p) = src {
+        crate::synthetic::Spec::preset_with(p, opts.layers, opts.experts, opts.seed)?;
+    }
+    Ok(())
+}
+
+/// The summary of a stage that had nothing to do.
+fn up_to_date(opts: &FetchOptions, rec: &stage::StageRecord) -> FetchSummary {
+    FetchSummary {
+        up_to_date: true,
+        source: opts.source.clone(),
+        out_dir: opts.out.clone(),
+        commit: rec
+            .details
+            .get("commit")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        files: rec.outputs.len(),
+        bytes: rec.outputs.iter().map(|o| o.size).sum(),
+        transferred: 0,
+        reused: rec.outputs.len(),
+        published: published_hash(&rec.details),
+    }
+}
+
+/// Runs the source's fetch into `units.out`.
+fn fetch_source(
+    opts: &FetchOptions,
+    src: &Source,
+    expect: Option<&str>,
+    filter: &Filter,
+    units: &Units,
+) -> Result<Fetched, FetchError> {
+    match (src, expect) {
+        (Source::Synthetic(p), _) => synthetic::fetch(opts, p, filter, units),
+        (Source::Local(d), _) => local::fetch(opts, d, filter, units),
+        (Source::Url(base), Some(h)) => published::fetch_url(opts, base, h, units),
         (Source::Url(_), None) => unreachable!("checked by published_expect"),
         (Source::Hub { repo, revision }, Some(h)) => {
-            let rev = hub_revision(opts, revision);
-            published::fetch_hub(opts, repo, &rev, h, &units)?
+            published::fetch_hub(opts, repo, &hub_revision(opts, revision), h, units)
         }
         (Source::Hub { repo, revision }, None) => {
-            let rev = hub_revision(opts, revision);
-            hub::fetch(opts, repo, &rev, &filter, &units)?
+            hub::fetch(opts, repo, &hub_revision(opts, revision), filter, units)
         }
-    };
+    }
+}
+
+/// Completes the stage record: every file as recorded, with its identity
+/// as written (so repack can trust the recorded hash exactly as long as
+/// the file is not replaced or rewritten).
+fn record(opts: &FetchOptions, units: Units, fetched: Fetched) -> Result<FetchSummary, FetchError> {
     let run = units.run.into_inner().expect("record lock");
     let outputs: Vec<Output> = fetched
         .files
@@ -674,8 +696,6 @@ pub fn run(opts: &FetchOptions) -> Result<FetchSummary, FetchError> {
         .collect::<Result<_, _>>()?;
     let bytes = outputs.iter().map(|o| o.size).sum();
     let files = outputs.len();
-    // Each file's identity as written, so repack can trust the recorded
-    // hash exactly as long as the file is not replaced or rewritten.
     let mut details = fetched.details;
     let identity: serde_json::Map<String, serde_json::Value> = outputs
         .iter()

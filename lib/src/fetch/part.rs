@@ -214,7 +214,7 @@ impl Progress {
             self.chunk.update(&b[..n]);
             self.len += n as u64;
             b = &b[n..];
-            if self.len % self.chunk_size == 0 {
+            if self.len.is_multiple_of(self.chunk_size) {
                 let h = std::mem::take(&mut self.chunk)
                     .finalize()
                     .to_hex()
@@ -289,7 +289,7 @@ pub fn scan(
             if stop {
                 break 'read;
             }
-            if p.len % cs == 0 && p.len / cs == recorded.len() as u64 {
+            if p.len.is_multiple_of(cs) && p.len / cs == recorded.len() as u64 {
                 at_recorded = p.clone();
             }
         }
