@@ -1111,6 +1111,8 @@ fn pad(d: [f32; 2]) -> [f32; 3] {
 /// [`dot_dense`] of one row with `T` tokens at once: each 8-element block
 /// of weights is converted once and multiplied into every token's
 /// accumulators, which add up in exactly [`dot_dense`]'s order.
+// The block index picks both the weights and each token's accumulator.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_dense_tokens<const DT: u8, const T: usize>(
     w: *const u8,
