@@ -312,12 +312,20 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Checks that the dimensions agree with each other.
+    /// Checks that the dimensions agree with each other: sizes first (so no
+    /// later arithmetic wraps), then how they relate, then the quantization.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let bad = |reason: String| ConfigError::Inconsistent {
             path: path.to_path_buf(),
             reason,
         };
+        self.check_sizes(&bad)?;
+        self.check_relations(&bad)?;
+        self.check_quantization(&bad)
+    }
+
+    /// Every size positive where it must be and none above [`MAX_DIM`].
+    fn check_sizes(&self, bad: &dyn Fn(String) -> ConfigError) -> Result<(), ConfigError> {
         let nonzero = [
             ("hidden_size", self.hidden_size),
             ("num_hidden_layers", self.num_hidden_layers),
@@ -356,6 +364,13 @@ impl ModelConfig {
                 return Err(bad(format!("`{k}` is {v}, more than {MAX_DIM}")));
             }
         }
+        Ok(())
+    }
+
+    /// Head counts that divide, top-k within the experts, one layer type
+    /// per layer, a usable rotary dimension, and the supported activation
+    /// and MLP layout.
+    fn check_relations(&self, bad: &dyn Fn(String) -> ConfigError) -> Result<(), ConfigError> {
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
@@ -402,6 +417,11 @@ impl ModelConfig {
                     .into(),
             ));
         }
+        Ok(())
+    }
+
+    /// A quantization method, width and packing the repacker reads.
+    fn check_quantization(&self, bad: &dyn Fn(String) -> ConfigError) -> Result<(), ConfigError> {
         if let Some(q) = &self.quantization_config {
             let ok_method = matches!(
                 q.quant_method.as_str(),

@@ -164,6 +164,28 @@ pub struct DenseMatrix {
     pub data: Bytes,
 }
 
+impl DenseMatrix {
+    /// Checks the byte length against the shape.
+    pub fn check(&self) -> Result<(), LayoutError> {
+        let want = self
+            .rows
+            .checked_mul(self.cols)
+            .and_then(|n| n.checked_mul(self.dtype.size()))
+            .ok_or(LayoutError::Overflow {
+                rows: self.rows,
+                cols: self.cols,
+            })?;
+        if self.data.len() != want {
+            return Err(LayoutError::Length {
+                what: "dense data is",
+                found: self.data.len(),
+                want,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Elements per quantization block; groups are whole numbers of blocks.
 pub const QBLOCK: usize = 32;
 
@@ -220,35 +242,35 @@ impl QuantMatrix {
         1 << (bits - 1)
     }
     /// Checks the byte lengths against the shape.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), LayoutError> {
         if self.bits != 4 && self.bits != 8 {
-            return Err(format!("{} bits (supported: 4, 8)", self.bits));
+            return Err(LayoutError::Bits(self.bits));
         }
         if self.cols % QBLOCK != 0 || self.group_size % QBLOCK != 0 || self.group_size == 0 {
-            return Err(format!(
-                "input size {} and group size {} must be multiples of {QBLOCK}",
-                self.cols, self.group_size
-            ));
+            return Err(LayoutError::Blocks {
+                cols: self.cols,
+                group_size: self.group_size,
+            });
         }
-        let want = self.rows * self.row_bytes();
-        if self.qdata.len() != want {
-            return Err(format!(
-                "quantized data is {} bytes, expected {want}",
-                self.qdata.len()
-            ));
-        }
-        let ng = self.rows * self.n_groups();
-        if self.scales.len() != ng * 2 {
-            return Err(format!(
-                "scales are {} bytes, expected {}",
-                self.scales.len(),
-                ng * 2
-            ));
-        }
-        if let Zeros::PerGroup(z) = &self.zeros {
-            if z.len() != ng * 2 {
-                return Err(format!("zeros are {} bytes, expected {}", z.len(), ng * 2));
+        let length = |what, found: usize, want: usize| {
+            if found == want {
+                Ok(())
+            } else {
+                Err(LayoutError::Length { what, found, want })
             }
+        };
+        let want = self
+            .rows
+            .checked_mul(self.row_bytes())
+            .ok_or(LayoutError::Overflow {
+                rows: self.rows,
+                cols: self.cols,
+            })?;
+        length("quantized data is", self.qdata.len(), want)?;
+        let ng = self.rows * self.n_groups();
+        length("scales are", self.scales.len(), ng * 2)?;
+        if let Zeros::PerGroup(z) = &self.zeros {
+            length("zeros are", z.len(), ng * 2)?;
         }
         Ok(())
     }
@@ -261,6 +283,41 @@ impl QuantMatrix {
                 Zeros::Symmetric => 0,
             }
     }
+}
+
+/// A matrix whose bytes disagree with its shape, as [`QuantMatrix::check`]
+/// and [`DenseMatrix::check`] find it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// A width the kernels do not read.
+    #[error("{0} bits (supported: 4, 8)")]
+    Bits(u8),
+    /// Inputs or groups that are not whole blocks.
+    #[error("input size {cols} and group size {group_size} must be multiples of {QBLOCK}")]
+    Blocks {
+        /// Input size.
+        cols: usize,
+        /// Group size.
+        group_size: usize,
+    },
+    /// A payload of the wrong length.
+    #[error("{what} {found} bytes, expected {want}")]
+    Length {
+        /// Which payload (`"scales are"`).
+        what: &'static str,
+        /// Its bytes.
+        found: usize,
+        /// What the shape implies.
+        want: usize,
+    },
+    /// A shape whose byte count does not fit in memory's address range.
+    #[error("shape [{rows}, {cols}] overflows")]
+    Overflow {
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+    },
 }
 
 /// A 2-D weight, `[rows = out_features, cols = in_features]`.

@@ -263,9 +263,9 @@ impl WeightSource for Cache {
                         None => Zeros::Symmetric,
                     },
                 };
-                m.check().map_err(|reason| WeightError::Quant {
+                m.check().map_err(|e| WeightError::Quant {
                     source_path: self.src(),
-                    reason: format!("`{module}`: {reason}"),
+                    reason: format!("`{module}`: {e}"),
                 })?;
                 return Ok(Matrix::Quant(m));
             }

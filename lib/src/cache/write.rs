@@ -1010,7 +1010,8 @@ struct FetchIdentities {
 }
 
 impl RepackOutcome {
-    /// The outcome of a run that found the cache up to date.
+    /// The outcome a record describes (a run that found the cache up to
+    /// date; a finished run sets `up_to_date` and `resumed` itself).
     fn recorded(opts: &RepackOptions, d: RepackDetails, t0: Instant) -> RepackOutcome {
         RepackOutcome {
             up_to_date: true,
@@ -1085,14 +1086,7 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
         .map(|p| File::open(p).map_err(|e| FsError::io(p, e).into()))
         .collect::<Result<_, CacheError>>()?;
     let layout = pool.install(|| plan_layout(&ck, &handles, opts.file_size, opts.lm_head_int8))?;
-    let index_bytes = layout.index.to_bytes();
-    let index_hash = *blake3::hash(&index_bytes).as_bytes();
-    tracing::info!(
-        "repack plan: {} tensors in {} data files, index {} bytes",
-        layout.index.tensors.len(),
-        layout.index.files.len(),
-        index_bytes.len()
-    );
+    let (index_bytes, index_hash) = encode_index(&layout);
     if !opts.skip_space_check {
         check_space(opts, &layout, &run, index_bytes.len() as u64)?;
     }
@@ -1126,18 +1120,25 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
         bytes: total,
         index_blake3: blake3::Hash::from(index_hash).to_hex().to_string(),
     };
-    let outcome = RepackOutcome {
-        up_to_date: false,
-        resumed: run.resumed,
-        cache: opts.cache.clone(),
-        files: details.files,
-        tensors: details.tensors,
-        bytes: total,
-        index_blake3: details.index_blake3.clone(),
-        seconds: t0.elapsed().as_secs_f64(),
-    };
+    let mut outcome = RepackOutcome::recorded(opts, details.clone(), t0);
+    outcome.up_to_date = false;
+    outcome.resumed = run.resumed;
     run.finish(outputs, details)?;
     Ok(outcome)
+}
+
+/// The index's bytes and their hash (which every data file's header
+/// carries, tying the files to this index).
+fn encode_index(layout: &Layout) -> (Vec<u8>, [u8; 32]) {
+    let index_bytes = layout.index.to_bytes();
+    let index_hash = *blake3::hash(&index_bytes).as_bytes();
+    tracing::info!(
+        "repack plan: {} tensors in {} data files, index {} bytes",
+        layout.index.tensors.len(),
+        layout.index.files.len(),
+        index_bytes.len()
+    );
+    (index_bytes, index_hash)
 }
 
 /// Refuses to start when the free space is below what the remaining data

@@ -21,7 +21,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::tensor::{DenseMatrix, FloatType, QuantMatrix, Zeros, QBLOCK};
+use crate::tensor::{DenseMatrix, FloatType, LayoutError, QuantMatrix, Zeros, QBLOCK};
 
 /// Proof that the running CPU has AVX2, FMA and F16C; only
 /// [`Avx2::detect`] makes one.
@@ -53,7 +53,7 @@ pub(crate) struct QuantView<'a> {
 
 impl<'a> QuantView<'a> {
     /// Checks `m`'s shape and byte lengths.
-    pub(crate) fn new(m: &'a QuantMatrix) -> Result<Self, String> {
+    pub(crate) fn new(m: &'a QuantMatrix) -> Result<Self, LayoutError> {
         m.check()?;
         Ok(QuantView {
             q: m.qdata.as_slice(),
@@ -82,21 +82,8 @@ pub(crate) struct DenseView<'a> {
 
 impl<'a> DenseView<'a> {
     /// Checks `d`'s byte length.
-    pub(crate) fn new(d: &'a DenseMatrix) -> Result<Self, String> {
-        let want = d
-            .rows
-            .checked_mul(d.cols)
-            .and_then(|n| n.checked_mul(d.dtype.size()))
-            .ok_or_else(|| format!("shape [{}, {}] overflows", d.rows, d.cols))?;
-        if d.data.len() != want {
-            return Err(format!(
-                "dense data is {} bytes, expected {want} for [{}, {}] {:?}",
-                d.data.len(),
-                d.rows,
-                d.cols,
-                d.dtype
-            ));
-        }
+    pub(crate) fn new(d: &'a DenseMatrix) -> Result<Self, LayoutError> {
+        d.check()?;
         Ok(DenseView {
             data: d.data.as_slice(),
             rows: d.rows,

@@ -424,20 +424,7 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
     } else {
         best
     };
-    let mut paths: Vec<(Isa, Path)> = Vec::new();
-    if shape.kind == WeightKind::Bf16 {
-        paths.push((avx2, Path::SimdF32));
-    } else {
-        // Groups of 128 (see `random_matrix`): every AVX-512 kernel takes them.
-        if best == Isa::Avx512Vnni {
-            paths.push((Isa::Avx512Vnni, Path::SimdInt16));
-        }
-        paths.extend([
-            (avx2, Path::SimdInt16),
-            (avx2, Path::SimdInt8),
-            (avx2, Path::SimdF32),
-        ]);
-    }
+    let paths = matvec_paths(shape.kind, best, avx2);
     let row = |op, isa: Isa, path: Path, tokens: usize, secs: f64, calls: usize| {
         let gbs = bytes as f64 / secs / 1e9;
         let gflops = 2.0 * (rows * cols * tokens) as f64 / secs / 1e9;
@@ -480,36 +467,8 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
     };
     let w = &matmul_mats[0];
     if shape.kind != WeightKind::Bf16 && rows * cols <= 1 << 26 {
-        let mut yq = vec![0f32; rows];
-        let mut yr = vec![0f32; rows];
-        matvec_path(w, &x, &mut yr, Path::Scalar);
-        let den: f64 = yr.iter().map(|b| (*b as f64).powi(2)).sum();
-        let (lo, hi) = yr.iter().fold((f64::MAX, f64::MIN), |(l, h), v| {
-            (l.min(*v as f64), h.max(*v as f64))
-        });
-        let mut checks = vec![(avx2, Path::SimdInt16), (avx2, Path::SimdInt8)];
-        if best == Isa::Avx512Vnni {
-            checks.insert(0, (best, Path::SimdInt16));
-        }
-        for (isa, path) in checks {
-            matvec_isa(isa, w, &x, &mut yq, path);
-            let num: f64 = yq
-                .iter()
-                .zip(&yr)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum();
-            let maxd = yq
-                .iter()
-                .zip(&yr)
-                .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
-            rep.activation_error.push(ActivationError {
-                shape: shape.name.to_string(),
-                path: path.name(),
-                isa: isa.name(),
-                rel_l2: (num / den.max(f64::MIN_POSITIVE)).sqrt(),
-                max_over_range: maxd / (hi - lo).max(f64::MIN_POSITIVE),
-            });
-        }
+        rep.activation_error
+            .extend(activation_errors(shape, w, &x, best, avx2));
     }
     if opts.matmul && shape.matmul && opts.tokens > 1 {
         let n = opts.tokens;
@@ -540,6 +499,71 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
         rep.rows
             .push(row("matmul", avx2, Path::SimdF32, n, secs, calls));
     }
+}
+
+/// The matvec paths measured for a shape: f32 activations for dense
+/// weights; for quantized ones int16 (AVX-512 VNNI's own kernel when there),
+/// int8 and f32 on the AVX2 kernels.
+fn matvec_paths(kind: WeightKind, best: Isa, avx2: Isa) -> Vec<(Isa, Path)> {
+    let mut paths: Vec<(Isa, Path)> = Vec::new();
+    if kind == WeightKind::Bf16 {
+        paths.push((avx2, Path::SimdF32));
+    } else {
+        // Groups of 128 (see `random_matrix`): every AVX-512 kernel takes them.
+        if best == Isa::Avx512Vnni {
+            paths.push((Isa::Avx512Vnni, Path::SimdInt16));
+        }
+        paths.extend([
+            (avx2, Path::SimdInt16),
+            (avx2, Path::SimdInt8),
+            (avx2, Path::SimdF32),
+        ]);
+    }
+    paths
+}
+
+/// How far each quantized-activation path's output is from the scalar
+/// reference on `w`.
+fn activation_errors(
+    shape: &Shape,
+    w: &Matrix,
+    x: &[f32],
+    best: Isa,
+    avx2: Isa,
+) -> Vec<ActivationError> {
+    let rows = w.rows();
+    let mut yq = vec![0f32; rows];
+    let mut yr = vec![0f32; rows];
+    matvec_path(w, x, &mut yr, Path::Scalar);
+    let den: f64 = yr.iter().map(|b| (*b as f64).powi(2)).sum();
+    let (lo, hi) = yr.iter().fold((f64::MAX, f64::MIN), |(l, h), v| {
+        (l.min(*v as f64), h.max(*v as f64))
+    });
+    let mut checks = vec![(avx2, Path::SimdInt16), (avx2, Path::SimdInt8)];
+    if best == Isa::Avx512Vnni {
+        checks.insert(0, (best, Path::SimdInt16));
+    }
+    let mut out = Vec::new();
+    for (isa, path) in checks {
+        matvec_isa(isa, w, x, &mut yq, path);
+        let num: f64 = yq
+            .iter()
+            .zip(&yr)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let maxd = yq
+            .iter()
+            .zip(&yr)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+        out.push(ActivationError {
+            shape: shape.name.to_string(),
+            path: path.name(),
+            isa: isa.name(),
+            rel_l2: (num / den.max(f64::MIN_POSITIVE)).sqrt(),
+            max_over_range: maxd / (hi - lo).max(f64::MIN_POSITIVE),
+        });
+    }
+    out
 }
 
 impl KernelReport {

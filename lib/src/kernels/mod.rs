@@ -261,20 +261,7 @@ pub fn default_path() -> Path {
 fn validate(w: &Matrix) {
     let res = match w {
         Matrix::Quant(q) => q.check(),
-        Matrix::Dense(d) => {
-            let want = d.rows.checked_mul(d.cols).map(|n| n * d.dtype.size());
-            if want == Some(d.data.len()) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "dense data is {} bytes, expected {} x {} x {}",
-                    d.data.len(),
-                    d.rows,
-                    d.cols,
-                    d.dtype.size()
-                ))
-            }
-        }
+        Matrix::Dense(d) => d.check(),
     };
     if let Err(e) = res {
         panic!(

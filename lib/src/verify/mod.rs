@@ -152,22 +152,37 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
 }
 
+/// A manifest path that would reach outside the directory.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("path `{path}` {why}")]
+pub struct UnsafePath {
+    /// The path as listed.
+    pub path: String,
+    /// What is wrong with it.
+    pub why: &'static str,
+}
+
 /// Refuses paths that are empty, absolute, contain `..` or `.` parts, or
 /// name the manifest itself.
-pub fn safe_relative(p: &str) -> Result<(), String> {
+pub fn safe_relative(p: &str) -> Result<(), UnsafePath> {
+    let unsafe_path = |why| {
+        Err(UnsafePath {
+            path: p.to_string(),
+            why,
+        })
+    };
     if p.is_empty() || p.starts_with('/') || p.contains('\\') || p.contains('\0') {
-        return Err(format!("path `{p}` is not a plain relative path"));
+        return unsafe_path("is not a plain relative path");
     }
-    for c in Path::new(p).components() {
-        if !matches!(c, Component::Normal(_)) {
-            return Err(format!("path `{p}` escapes the directory"));
-        }
-    }
-    if p.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
-        return Err(format!("path `{p}` escapes the directory"));
+    let escapes = Path::new(p)
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_)))
+        || p.split('/').any(|s| s.is_empty() || s == "." || s == "..");
+    if escapes {
+        return unsafe_path("escapes the directory");
     }
     if p == MANIFEST_NAME {
-        return Err(format!("path `{p}` is the manifest itself"));
+        return unsafe_path("is the manifest itself");
     }
     Ok(())
 }
@@ -199,7 +214,7 @@ impl Manifest {
         }
         let mut seen = BTreeSet::new();
         for f in &m.files {
-            safe_relative(&f.path).map_err(&bad)?;
+            safe_relative(&f.path).map_err(|e| bad(e.to_string()))?;
             if !seen.insert(f.path.as_str()) {
                 return Err(bad(format!("`{}` is listed twice", f.path)));
             }
