@@ -703,7 +703,7 @@ fn record(opts: &FetchOptions, units: Units, fetched: Fetched) -> Result<FetchSu
             let m = std::fs::metadata(opts.out.join(&o.path)).ok()?;
             Some((
                 o.path.clone(),
-                crate::cache::write::file_identity(&m).into(),
+                crate::stage::file_identity(&m).into(),
             ))
         })
         .collect();
