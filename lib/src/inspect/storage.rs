@@ -44,7 +44,7 @@ pub fn model_files(dir: &Path) -> Vec<(PathBuf, u64)> {
             (m.is_file() && m.len() >= 64 << 20).then(|| (e.path(), m.len()))
         })
         .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|f| std::cmp::Reverse(f.1));
     v
 }
 
@@ -120,7 +120,7 @@ fn random(files: &[(DataFile, u64)], block: usize, depth: usize, budget: Duratio
                 let base = aligned_base(&buf);
                 let dst = &mut buf[base..base + block];
                 let mut state =
-                    (t as u64 + 1) * 0x1234_5678_9ABC_DEF1 ^ t0.elapsed().as_nanos() as u64;
+                    ((t as u64 + 1) * 0x1234_5678_9ABC_DEF1) ^ t0.elapsed().as_nanos() as u64;
                 while t0.elapsed() < budget {
                     let (f, len) = &files[(next(&mut state) % files.len() as u64) as usize];
                     let slots = (len / DIRECT_ALIGN as u64)
