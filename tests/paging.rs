@@ -34,7 +34,10 @@ impl Cgroup {
         {
             (v2.join(&name), "memory.max", true)
         } else {
-            return Err("no cgroup memory controller (v1 memory, or v2 with memory in subtree_control)".into());
+            return Err(
+                "no cgroup memory controller (v1 memory, or v2 with memory in subtree_control)"
+                    .into(),
+            );
         };
         std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let cg = Cgroup { dir, v2: is_v2 };
@@ -62,7 +65,11 @@ impl Cgroup {
 
     /// OOM kills recorded in the cgroup.
     fn oom_kills(&self) -> u64 {
-        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        let file = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
         std::fs::read_to_string(self.dir.join(file))
             .unwrap_or_default()
             .lines()
@@ -72,8 +79,16 @@ impl Cgroup {
 
     /// Peak usage, page cache included (v1; v2 kernels may lack it).
     fn peak(&self) -> Option<u64> {
-        let file = if self.v2 { "memory.peak" } else { "memory.max_usage_in_bytes" };
-        std::fs::read_to_string(self.dir.join(file)).ok()?.trim().parse().ok()
+        let file = if self.v2 {
+            "memory.peak"
+        } else {
+            "memory.max_usage_in_bytes"
+        };
+        std::fs::read_to_string(self.dir.join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 
@@ -103,7 +118,17 @@ fn bench_under_a_budget_pages_experts_inside_a_cgroup_of_that_size() {
 
     let mut cmd = rh("rh-bench");
     cmd.arg(&cache)
-        .args(["-p", "8", "-n", "16", "-r", "1", "-t", "2", "--memory-budget"])
+        .args([
+            "-p",
+            "8",
+            "-n",
+            "16",
+            "-r",
+            "1",
+            "-t",
+            "2",
+            "--memory-budget",
+        ])
         .arg(budget.to_string())
         .current_dir(tmp.path());
     let cg = match Cgroup::create(budget) {
@@ -135,7 +160,10 @@ fn bench_under_a_budget_pages_experts_inside_a_cgroup_of_that_size() {
         "KiB" => v / (1024.0 * 1024.0),
         _ => panic!("{rss}"),
     };
-    assert!(rss_gib <= gib(budget), "peak RSS {rss} over the budget {budget}");
+    assert!(
+        rss_gib <= gib(budget),
+        "peak RSS {rss} over the budget {budget}"
+    );
     if let Some(cg) = &cg {
         assert_eq!(cg.oom_kills(), 0, "OOM-killed in the cgroup\n{out}");
         if let Some(peak) = cg.peak() {

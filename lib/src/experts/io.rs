@@ -68,9 +68,9 @@ impl DataFile {
     /// (asserted: the caller lays out its buffers that way).
     pub fn read_at(&self, buf: &mut [u8], offset: u64, need: usize) -> io::Result<()> {
         assert!(
-            offset % DIRECT_ALIGN as u64 == 0
-                && buf.len() % DIRECT_ALIGN == 0
-                && buf.as_ptr() as usize % DIRECT_ALIGN == 0,
+            offset.is_multiple_of(DIRECT_ALIGN as u64)
+                && buf.len().is_multiple_of(DIRECT_ALIGN)
+                && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN),
             "direct reads are block-aligned"
         );
         if let (Some(f), false) = (&self.direct, self.direct_refused.load(Ordering::Relaxed)) {

@@ -84,7 +84,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a size (e.g. 24G, 1536M)"))?;
     let bytes = v * mult as f64;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > 1e18 {
+    if !bytes.is_finite() || !(1.0..=1e18).contains(&bytes) {
         return Err(format!("`{s}` is out of range"));
     }
     Ok(bytes as u64)
@@ -194,7 +194,8 @@ fn plan_pieces(spans: &[(usize, u64, u64)]) -> Vec<Piece> {
 
 /// Splits `budget` for `cache`: resident weights, overhead, expert slots.
 pub fn plan_budget(cache: &Cache, budget: u64) -> BudgetPlan {
-    let mut per_expert: HashMap<(usize, usize), Vec<(usize, u64, u64)>> = HashMap::new();
+    type Spans = Vec<(usize, u64, u64)>;
+    let mut per_expert: HashMap<(usize, usize), Spans> = HashMap::new();
     let mut expert_bytes = 0u64;
     for t in cache.index().tensors.iter() {
         if let Some(k) = expert_of(&t.name) {
@@ -696,7 +697,7 @@ impl ExpertPager {
         if self
             .layers
             .read()
-            .map_or(true, |l| l.get(layer).map_or(true, Option::is_none))
+            .map_or(true, |l| l.get(layer).is_none_or(Option::is_none))
         {
             return;
         }
@@ -746,8 +747,11 @@ impl ExpertPager {
             .predicted_right
             .fetch_add(right, Ordering::Relaxed)
             + right;
-        if n >= PREDICT_TRIAL && (r as f64) < n as f64 * PREDICT_MIN_ACCURACY {
-            if self.predict.swap(false, Ordering::Relaxed) {
+        if n >= PREDICT_TRIAL
+            && (r as f64) < n as f64 * PREDICT_MIN_ACCURACY
+            && self.predict.swap(false, Ordering::Relaxed)
+        {
+            {
                 tracing::info!(
                     "expert cache: next-layer prediction right {:.0}% of the time; turned off",
                     100.0 * r as f64 / n as f64

@@ -465,11 +465,26 @@ fn cgroup_memory() -> (Option<u64>, Option<u64>) {
             return (parse_cgroup_limit(&max), usage);
         }
     }
-    // cgroup v1.
-    if let Some(max) = read_quiet("/sys/fs/cgroup/memory/memory.limit_in_bytes") {
-        let usage = read_quiet("/sys/fs/cgroup/memory/memory.usage_in_bytes")
-            .and_then(|s| s.trim().parse().ok());
-        return (parse_cgroup_limit(&max), usage);
+    // cgroup v1: the process's own memory group (`N:memory:/path` in
+    // /proc/self/cgroup), else the root.
+    let mut v1 = vec![PathBuf::from("/sys/fs/cgroup/memory")];
+    if let Some(s) = read_quiet("/proc/self/cgroup") {
+        for l in s.lines() {
+            let mut f = l.splitn(3, ':');
+            if let (Some(_), Some("memory"), Some(rel)) = (f.next(), f.next(), f.next()) {
+                let rel = rel.trim().trim_start_matches('/');
+                if !rel.is_empty() {
+                    v1.insert(0, Path::new("/sys/fs/cgroup/memory").join(rel));
+                }
+            }
+        }
+    }
+    for d in &v1 {
+        if let Some(max) = read_quiet(d.join("memory.limit_in_bytes")) {
+            let usage =
+                read_quiet(d.join("memory.usage_in_bytes")).and_then(|s| s.trim().parse().ok());
+            return (parse_cgroup_limit(&max), usage);
+        }
     }
     (None, None)
 }
