@@ -111,8 +111,8 @@ fn bench_under_a_budget_pages_experts_inside_a_cgroup_of_that_size() {
     assert!(o.status.success(), "{}", text(&o));
     // 12 of the 32 experts (4 layers x 8) fit.
     let c = roundhouse::cache::Cache::open(&cache).unwrap();
-    let budget = roundhouse::experts::budget_for_slots(&c, 12);
-    let plan = roundhouse::experts::plan_budget(&c, budget);
+    let budget = roundhouse::model::experts::budget_for_slots(&c, 12);
+    let plan = roundhouse::model::experts::plan_budget(&c, budget);
     drop(c);
     assert!(!plan.fits() && plan.slots == 12, "{plan:?}");
 

@@ -8,14 +8,17 @@
 //! * compute: [`kernels`] (matvec/matmul per instruction set, with a scalar
 //!   reference; [`kernels::Isa`] is the one instruction-set type), [`tensor`]
 //!   (the weight layouts kernels read, and their element readers),
-//!   [`membw`] (memory-bandwidth probe);
+//!   [`membw`] (memory-bandwidth probe), [`direct_io`] (aligned
+//!   positioned reads that bypass the page cache);
 //! * model formats: [`config`] (`config.json`), [`quant`] (AutoRound
 //!   packing), [`checkpoint`] (safetensors), [`cache`] (the repacked,
 //!   mmap-ready cache), [`weights`] (the weight-source interface both
 //!   implement), [`open`] (the one opener: cache or checkpoint, checked),
 //!   [`synthetic`] (generated demo and benchmark checkpoints), [`assets`]
 //!   (the bundled tokenizer and template);
-//! * engine: [`model`] (the Qwen3-Next forward pass), [`sample`] (token
+//! * engine: [`model`] (the Qwen3-Next forward pass, and
+//!   [`model::experts`], the expert cache that pages routed experts under a
+//!   RAM budget), [`sample`] (token
 //!   choice), [`chat`] (tokenizer, template, multi-turn conversation),
 //!   [`evaluate`] (logits and perplexity), [`speedbench`] (pp/tg runs),
 //!   [`serve`] (the engine thread, prompt reuse and answer shaping behind
@@ -34,9 +37,9 @@ pub mod chat;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod direct_io;
 pub mod env;
 pub mod evaluate;
-pub mod experts;
 pub mod fetch;
 pub mod fsutil;
 pub mod inspect;

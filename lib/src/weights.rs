@@ -5,7 +5,6 @@
 //! This module is the interface only and imports neither; opening a
 //! directory as one or the other is [`crate::open::open_weights`].
 
-use std::sync::Arc;
 
 use crate::cli::{Classify, Exit};
 use crate::config::ModelConfig;
@@ -102,10 +101,10 @@ pub trait WeightSource: Send + Sync {
         Ok(())
     }
 
-    /// The expert cache that reads routed experts on demand under a RAM
-    /// budget (`crate::experts`), when this source pages them; `None`
-    /// (every source but `experts::PagedCache`) leaves them mapped.
-    fn expert_pager(&self) -> Option<Arc<crate::experts::ExpertPager>> {
+    /// The source as `Any`, for the engine to recognise a source it made
+    /// itself (the expert cache's `model::experts::PagedCache`) without
+    /// this interface naming engine types. `None` for every other source.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
 }

@@ -18,6 +18,7 @@
 mod http;
 mod kernels;
 mod paging;
+mod paging_report;
 mod plot;
 mod speed;
 

@@ -8,11 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use roundhouse::cli::CliError;
-use roundhouse::experts::{self, BudgetPlan, ExpertPager, PagerOptions};
+use roundhouse::model::experts::{self, BudgetPlan, ExpertPager, PagerOptions};
 use roundhouse::model::Model;
 use roundhouse::pipeline::Pipeline;
 
-pub use roundhouse::experts::report::PagingReport;
+pub use crate::paging_report::PagingReport;
 
 /// The budget: the flag, else `[bench] memory_budget`, else inspect's
 /// (set when the model does not fit in RAM).
@@ -58,5 +58,5 @@ pub fn load(
 
 /// The pager of a loaded model, when its experts are paged.
 pub fn pager(model: &Model) -> Option<Arc<ExpertPager>> {
-    model.weights().expert_pager()
+    experts::pager_of(&**model.weights())
 }

@@ -48,7 +48,7 @@ pub struct AppState {
     /// When the server started (for `created`).
     pub started: u64,
     /// The expert cache, when the model runs under a memory budget.
-    pub expert_pager: Option<Arc<roundhouse::experts::ExpertPager>>,
+    pub expert_pager: Option<Arc<roundhouse::model::experts::ExpertPager>>,
 }
 
 type Shared = Arc<AppState>;
@@ -323,7 +323,7 @@ async fn metrics(State(s): State<Shared>) -> Response {
 /// bytes read from storage per token computed (prompt and generated).
 fn expert_cache_metrics(
     metric: &mut impl FnMut(&str, &str, &str, Vec<(String, String)>),
-    st: &roundhouse::experts::PagerStats,
+    st: &roundhouse::model::experts::PagerStats,
     tokens: u64,
 ) {
     let one = |v: String| vec![(String::new(), v)];

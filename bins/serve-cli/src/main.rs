@@ -155,12 +155,12 @@ fn open(dir: &Path, budget: Option<u64>, p: &Pipeline) -> Result<Arc<dyn WeightS
     match budget {
         None => Ok(roundhouse::evaluate::open_weights(dir)?),
         Some(b) => {
-            let mut opts = roundhouse::experts::PagerOptions::new(b);
+            let mut opts = roundhouse::model::experts::PagerOptions::new(b);
             let work = p.work_dir();
             if work.is_dir() {
-                opts.usage_file = Some(roundhouse::experts::usage_path(&work));
+                opts.usage_file = Some(roundhouse::model::experts::usage_path(&work));
             }
-            let (w, plan) = roundhouse::experts::open_with_budget(dir, &opts)?;
+            let (w, plan) = roundhouse::model::experts::open_with_budget(dir, &opts)?;
             if let Some(plan) = plan {
                 tracing::info!(
                     "memory budget {}: {} experts of {} cached, the rest read on demand",
@@ -181,7 +181,7 @@ fn memory_budget(
     st: Option<&Strategy>,
 ) -> Result<Option<u64>, CliError> {
     let parse = |what: &str, s: &str| {
-        roundhouse::experts::parse_size(s).map_err(|e| CliError::usage(format!("{what}: {e}")))
+        roundhouse::model::experts::parse_size(s).map_err(|e| CliError::usage(format!("{what}: {e}")))
     };
     match (&args.memory_budget, &p.serve.memory_budget) {
         (Some(s), _) => parse("--memory-budget", s).map(Some),
@@ -395,7 +395,7 @@ fn serve(
     let dir = model_dir(args, p);
     let budget = memory_budget(args, p, strategy.as_ref())?;
     let weights = open(&dir, budget, p)?;
-    let expert_pager = weights.expert_pager();
+    let expert_pager = roundhouse::model::experts::pager_of(&*weights);
     let api_key = args.api_key.clone().filter(|k| !k.is_empty());
     let config = EngineConfig {
         ctx_size: args.ctx_size.or(s.ctx_size).unwrap_or(8192),

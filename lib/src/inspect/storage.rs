@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::experts::io::{aligned_base, DataFile, DIRECT_ALIGN};
+use crate::direct_io::{aligned_base, DataFile, DIRECT_ALIGN};
 
 /// Measured read speeds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -367,7 +367,7 @@ pub fn advise(model_dir: Option<&Path>, i: &AdviceInputs) -> PagingAdvice {
         let exact = model_dir
             .filter(|d| crate::cache::is_cache(d))
             .and_then(|d| crate::cache::Cache::open(d).ok())
-            .map(|c| crate::experts::plan_budget(&c, budget));
+            .map(|c| crate::model::experts::plan_budget(&c, budget));
         let (resident, experts) = match &exact {
             Some(p) => (p.resident_bytes, p.expert_bytes),
             None => (i.model_bytes.saturating_sub(i.expert_bytes), i.expert_bytes),
@@ -405,7 +405,7 @@ pub fn advise(model_dir: Option<&Path>, i: &AdviceInputs) -> PagingAdvice {
 /// This model's expert usage counts from the work directory, whatever
 /// cache wrote them (their shape must match).
 fn read_usage_counts(work_dir: &Path, r: Routing) -> Option<Vec<Vec<u64>>> {
-    let bytes = std::fs::read(crate::experts::usage_path(work_dir)).ok()?;
+    let bytes = std::fs::read(crate::model::experts::usage_path(work_dir)).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let counts: Vec<Vec<u64>> = serde_json::from_value(v.get("counts")?.clone()).ok()?;
     (counts.len() == r.layers && counts.iter().all(|l| l.len() == r.experts)).then_some(counts)

@@ -10,11 +10,13 @@
 //!
 //! Files by concern: [`norm`] (RMSNorms, activations), [`delta_net`] (Gated
 //! DeltaNet), [`attention`] (gated attention, RoPE, KV cache), [`moe`]
-//! (router, experts, shared expert), [`qwen3_next`] (layer stack, final norm,
+//! (router, experts, shared expert), [`experts`] (the expert cache:
+//! routed experts read on demand under a RAM budget), [`qwen3_next`] (layer stack, final norm,
 //! lm_head).
 
 pub mod attention;
 pub mod delta_net;
+pub mod experts;
 pub mod moe;
 pub mod norm;
 pub mod qwen3_next;

@@ -6,7 +6,7 @@
 //!
 //! Routed experts are reached through [`Moe::hold`]: the mapped experts,
 //! or, under a RAM budget, guards from the expert cache
-//! ([`crate::experts::ExpertPager`]), whose missing experts are read while
+//! ([`crate::model::experts::ExpertPager`]), whose missing experts are read while
 //! the shared expert and the resident experts compute.
 
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use super::norm::{for_each_row, sigmoid, silu, softmax};
 use super::{load_matrix, ModelError};
 use crate::config::ModelConfig;
-use crate::experts::{ExpertPager, Fetch};
+use crate::model::experts::{ExpertPager, Fetch};
 use crate::kernels::{matmul, matmul_one_task, matvec_batch, vector, Product};
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
@@ -272,7 +272,7 @@ impl Moe {
         let router = load_matrix(w, &format!("{prefix}.gate"), c.num_experts, h)?;
         // Under a budget the mapped experts only describe where each
         // expert lies; the pager reads them into its own buffers.
-        let pager = w.expert_pager().and_then(|p| {
+        let pager = super::experts::pager_of(w).and_then(|p| {
             let layer: usize = prefix
                 .strip_prefix("model.layers.")?
                 .strip_suffix(".mlp")?

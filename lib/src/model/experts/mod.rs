@@ -17,9 +17,7 @@
 //! asks the pager for a guard (an `Arc<Expert>`) per routed expert; without
 //! a pager the experts are the mapped ones, as before.
 
-pub mod io;
 pub mod pool;
-pub mod report;
 pub mod usage;
 
 use std::collections::{BTreeSet, HashMap};
@@ -37,7 +35,7 @@ use crate::model::moe::Expert;
 use crate::tensor::{AlignedBuf, Bytes, Matrix, Zeros};
 use crate::weights::{WeightError, WeightSource};
 
-use io::{DataFile, DIRECT_ALIGN};
+use crate::direct_io::{self as io, DataFile, DIRECT_ALIGN};
 use pool::{IoPool, Priority};
 
 /// Errors setting up paging.
@@ -1109,9 +1107,17 @@ impl WeightSource for PagedCache {
         }
         refused.map_or(Ok(()), Err)
     }
-    fn expert_pager(&self) -> Option<Arc<ExpertPager>> {
-        Some(self.pager.clone())
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
+}
+
+/// The expert cache behind a weight source, when it pages routed experts
+/// (it is a [`PagedCache`]); `None` leaves the experts mapped.
+pub fn pager_of(w: &dyn WeightSource) -> Option<Arc<ExpertPager>> {
+    w.as_any()?
+        .downcast_ref::<PagedCache>()
+        .map(|c| c.pager.clone())
 }
 
 /// Opens `dir` under a RAM budget: a cache that does not fit in `budget`

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::{BudgetPlan, ExpertPager, PagerStats};
-use crate::inspect::storage::{self, StorageSpeed};
+use roundhouse::inspect::storage::{self, StorageSpeed};
+use roundhouse::model::experts::{BudgetPlan, ExpertPager, PagerStats};
 
 /// What the expert cache did during the tg test.
 #[derive(Serialize)]

@@ -76,7 +76,7 @@ fn paged_logits_equal_mapped_logits_bit_for_bit() {
     for predict in [false, true] {
         let model = paged(&cache, 8, None, predict);
         assert_eq!(run(&model), plain, "predict = {predict}");
-        let s = model.weights().expert_pager().unwrap().stats();
+        let s = pager_of(&**model.weights()).unwrap().stats();
         assert!(s.misses > 0 && s.hits > 0, "{s:?}");
         assert!(s.evictions > 0, "the cache never filled: {s:?}");
         assert_eq!(s.read_errors, 0);
@@ -91,7 +91,7 @@ fn eviction_keeps_the_experts_used_most() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tiny_cache(tmp.path());
     let model = paged(&cache, 8, None, false);
-    let p = model.weights().expert_pager().unwrap();
+    let p = pager_of(&**model.weights()).unwrap();
     let hold = |l: usize, es: &[usize]| {
         for f in p.fetch(l, es) {
             assert!(f.wait(&p).is_some());
@@ -124,14 +124,14 @@ fn usage_counts_persist_and_a_damaged_file_starts_fresh() {
     let counts = {
         let model = paged(&cache, 8, Some(file.clone()), false);
         run(&model);
-        let p = model.weights().expert_pager().unwrap();
+        let p = pager_of(&**model.weights()).unwrap();
         p.usage_counts()
     };
     // Dropped with the model: saved.
     assert!(file.is_file());
     assert!(counts.iter().flatten().sum::<u64>() > 0);
     let model = paged(&cache, 8, Some(file.clone()), false);
-    let p = model.weights().expert_pager().unwrap().clone();
+    let p = pager_of(&**model.weights()).unwrap().clone();
     assert_eq!(p.usage_counts(), counts);
     // The hot set is read ahead at load.
     assert!(p.stats().ahead_issued > 0);
@@ -144,7 +144,7 @@ fn usage_counts_persist_and_a_damaged_file_starts_fresh() {
     ] {
         std::fs::write(&file, junk).unwrap();
         let model = paged(&cache, 8, Some(file.clone()), false);
-        let p = model.weights().expert_pager().unwrap();
+        let p = pager_of(&**model.weights()).unwrap();
         assert_eq!(p.usage_counts().iter().flatten().sum::<u64>(), 0);
         assert_eq!(p.stats().ahead_issued, 0);
     }
@@ -186,7 +186,7 @@ fn skewed_synthetic_routing_prefers_low_ranks() {
     for &id in &ids {
         model.forward(&mut st, &[id]);
     }
-    let p = model.weights().expert_pager().unwrap();
+    let p = pager_of(&**model.weights()).unwrap();
     for (l, c) in p.usage_counts().iter().enumerate() {
         let mut c = c.clone();
         c.sort_unstable_by(|a, b| b.cmp(a));
