@@ -54,6 +54,9 @@ impl Cgroup {
             .arg(&self.dir)
             .arg(cmd.get_program())
             .args(cmd.get_args());
+        if let Some(d) = cmd.get_current_dir() {
+            sh.current_dir(d);
+        }
         for (k, v) in cmd.get_envs() {
             match v {
                 Some(v) => sh.env(k, v),
@@ -107,7 +110,12 @@ fn bench_under_a_budget_pages_experts_inside_a_cgroup_of_that_size() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = tiny_checkpoint(Path::new(env!("CARGO_TARGET_TMPDIR")));
     let cache = tmp.path().join("cache");
-    let o = run(rh("rh-repack").arg(&ck).arg(&cache).arg("-q"));
+    // Stage records and the usage file go to the temp dir's `work`.
+    let o = run(rh("rh-repack")
+        .arg(&ck)
+        .arg(&cache)
+        .arg("-q")
+        .current_dir(tmp.path()));
     assert!(o.status.success(), "{}", text(&o));
     // 12 of the 32 experts (4 layers x 8) fit.
     let c = roundhouse::cache::Cache::open(&cache).unwrap();
