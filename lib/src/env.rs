@@ -8,6 +8,8 @@
 //! | `RH_ACTIVATIONS` | [`crate::kernels`] | the matvec activation path (`f32`, `int16`, `int8`, `scalar`) |
 //! | `RH_PREFETCH` | [`crate::kernels`] | software-prefetch distance in bytes |
 //! | `RH_REPACK_ABORT_AFTER_UNITS` | `rh-repack` | test hook: stop as if killed after N tensor groups |
+//! | `RH_EXPERT_IO_THREADS` | [`crate::model::experts`] | reads in flight in the expert cache (default 16, 1-256), for measurements |
+//! | `RH_EXPERT_PREDICT_EXTRA` | [`crate::model::experts`] | experts read ahead per predicted layer beyond its top-k (default 0), for measurements |
 //!
 //! Not here: the Hugging Face variables (`HF_HOME`, `HF_TOKEN`, ...), read by
 //! `fetch::hf_cache` with the hub's own precedence, `RH_API_KEY`, which
@@ -24,6 +26,10 @@ pub const RH_ACTIVATIONS: &str = "RH_ACTIVATIONS";
 pub const RH_PREFETCH: &str = "RH_PREFETCH";
 /// The repack test hook.
 pub const RH_REPACK_ABORT_AFTER_UNITS: &str = "RH_REPACK_ABORT_AFTER_UNITS";
+/// The expert cache's reads in flight.
+pub const RH_EXPERT_IO_THREADS: &str = "RH_EXPERT_IO_THREADS";
+/// The expert cache's extra read-ahead per predicted layer.
+pub const RH_EXPERT_PREDICT_EXTRA: &str = "RH_EXPERT_PREDICT_EXTRA";
 
 /// A variable set to something that cannot be used (exit 2).
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +67,17 @@ pub fn activations() -> Option<String> {
 /// as a tuning knob should be).
 pub fn prefetch_bytes() -> Option<usize> {
     text(RH_PREFETCH).and_then(|v| v.parse().ok())
+}
+
+/// `RH_EXPERT_IO_THREADS`, when set to a number (a tuning knob: anything
+/// else is ignored).
+pub fn expert_io_threads() -> Option<usize> {
+    text(RH_EXPERT_IO_THREADS).and_then(|v| v.parse().ok())
+}
+
+/// `RH_EXPERT_PREDICT_EXTRA`, when set to a number (a tuning knob).
+pub fn expert_predict_extra() -> Option<usize> {
+    text(RH_EXPERT_PREDICT_EXTRA).and_then(|v| v.parse().ok())
 }
 
 /// `RH_REPACK_ABORT_AFTER_UNITS`, when set; a value that is not a number is

@@ -5,7 +5,6 @@
 //! This module is the interface only and imports neither; opening a
 //! directory as one or the other is [`crate::open::open_weights`].
 
-
 use crate::cli::{Classify, Exit};
 use crate::config::ModelConfig;
 use crate::tensor::Matrix;

@@ -181,7 +181,8 @@ fn memory_budget(
     st: Option<&Strategy>,
 ) -> Result<Option<u64>, CliError> {
     let parse = |what: &str, s: &str| {
-        roundhouse::model::experts::parse_size(s).map_err(|e| CliError::usage(format!("{what}: {e}")))
+        roundhouse::model::experts::parse_size(s)
+            .map_err(|e| CliError::usage(format!("{what}: {e}")))
     };
     match (&args.memory_budget, &p.serve.memory_budget) {
         (Some(s), _) => parse("--memory-budget", s).map(Some),

@@ -1035,10 +1035,7 @@ pub fn repack(opts: &RepackOptions) -> Result<RepackOutcome, CacheError> {
     } else {
         None
     };
-    if let Some(f) = fetch
-        .as_ref()
-        .filter(|f| super::published::is_published(f))
-    {
+    if let Some(f) = fetch.as_ref().filter(|f| super::published::is_published(f)) {
         return super::published::skip_repack(opts, f, t0);
     }
     if opts.cache == opts.checkpoint {

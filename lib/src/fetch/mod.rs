@@ -701,10 +701,7 @@ fn record(opts: &FetchOptions, units: Units, fetched: Fetched) -> Result<FetchSu
         .iter()
         .filter_map(|o| {
             let m = std::fs::metadata(opts.out.join(&o.path)).ok()?;
-            Some((
-                o.path.clone(),
-                crate::stage::file_identity(&m).into(),
-            ))
+            Some((o.path.clone(), crate::stage::file_identity(&m).into()))
         })
         .collect();
     if let Some(obj) = details.as_object_mut() {

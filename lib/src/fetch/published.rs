@@ -690,4 +690,3 @@ fn get_chunk(
     }
     Ok(h.finish())
 }
-

@@ -16,8 +16,8 @@ use rayon::prelude::*;
 use super::norm::{for_each_row, sigmoid, silu, softmax};
 use super::{load_matrix, ModelError};
 use crate::config::ModelConfig;
-use crate::model::experts::{ExpertPager, Fetch};
 use crate::kernels::{matmul, matmul_one_task, matvec_batch, vector, Product};
+use crate::model::experts::{ExpertPager, Fetch};
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
 

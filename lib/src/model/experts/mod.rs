@@ -449,18 +449,12 @@ impl PagerOptions {
     /// file. `RH_EXPERT_IO_THREADS` and `RH_EXPERT_PREDICT_EXTRA` override
     /// the tuning values (for measurements).
     pub fn new(budget: u64) -> PagerOptions {
-        let env = |k: &str, d: usize| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(d)
-        };
         PagerOptions {
             budget,
             usage_file: None,
             predict: true,
-            io_threads: env("RH_EXPERT_IO_THREADS", 16).clamp(1, 256),
-            predict_extra: env("RH_EXPERT_PREDICT_EXTRA", 0).min(1024),
+            io_threads: crate::env::expert_io_threads().unwrap_or(16).clamp(1, 256),
+            predict_extra: crate::env::expert_predict_extra().unwrap_or(0).min(1024),
         }
     }
 }
