@@ -48,8 +48,11 @@ pub mod defaults {
     pub const SERVE_CTX_SIZE: usize = 8192;
     /// `[serve] thinking`.
     pub const SERVE_THINKING: bool = false;
-    /// `[serve] queue`: requests that may wait behind the running one.
+    /// `[serve] queue`: requests that may wait behind the running batch.
     pub const SERVE_QUEUE: usize = 16;
+    /// `[serve] parallel`: most requests generating at once (continuous
+    /// batching); each sequence's state is small next to the weights.
+    pub const SERVE_PARALLEL: usize = 4;
     /// `[bench] prompt_tokens`: tokens of the pp test.
     pub const BENCH_PROMPT_TOKENS: usize = 512;
     /// `[bench] gen_tokens`: tokens of the tg test.
@@ -538,6 +541,7 @@ mod tests {
             ("serve", "ctx_size", format!("`{SERVE_CTX_SIZE}`")),
             ("serve", "thinking", format!("`{SERVE_THINKING}`")),
             ("serve", "queue", format!("`{SERVE_QUEUE}`")),
+            ("serve", "parallel", format!("`{SERVE_PARALLEL}`")),
             ("bench", "prompt_tokens", format!("`{BENCH_PROMPT_TOKENS}`")),
             ("bench", "gen_tokens", format!("`{BENCH_GEN_TOKENS}`")),
             ("bench", "repetitions", format!("`{BENCH_REPETITIONS}`")),

@@ -12,7 +12,7 @@ use std::time::Instant;
 use roundhouse::cli::CliError;
 use roundhouse::inspect::Strategy;
 use roundhouse::model::{BatchSeq, Model};
-use roundhouse::pipeline::Pipeline;
+use roundhouse::pipeline::{defaults, Pipeline};
 use roundhouse::speedbench::{self, ParallelResult, SpeedReport, TestResult};
 
 /// Flags of the speed mode (the default `rh-bench` run).
@@ -141,9 +141,18 @@ fn backend() -> String {
 /// Runs the speed benchmark and prints the report (table, `--json` or `--csv`).
 pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     let b = &pipeline.bench;
-    let p = args.prompt_tokens.or(b.prompt_tokens).unwrap_or(512);
-    let n = args.gen_tokens.or(b.gen_tokens).unwrap_or(128);
-    let reps = args.repetitions.or(b.repetitions).unwrap_or(3);
+    let p = args
+        .prompt_tokens
+        .or(b.prompt_tokens)
+        .unwrap_or(defaults::BENCH_PROMPT_TOKENS);
+    let n = args
+        .gen_tokens
+        .or(b.gen_tokens)
+        .unwrap_or(defaults::BENCH_GEN_TOKENS);
+    let reps = args
+        .repetitions
+        .or(b.repetitions)
+        .unwrap_or(defaults::BENCH_REPETITIONS);
     if reps == 0 {
         return Err(CliError::usage("-r/--repetitions must be at least 1"));
     }

@@ -18,7 +18,7 @@ use clap::Parser;
 use roundhouse::chat::{ChatModel, Conversation, Event, GenOptions};
 use roundhouse::cli::{self, CliError, Verbosity};
 use roundhouse::inspect::Strategy;
-use roundhouse::pipeline::Pipeline;
+use roundhouse::pipeline::{defaults, Pipeline};
 use roundhouse::sample::SamplingParams;
 use roundhouse::weights::WeightSource;
 
@@ -114,11 +114,6 @@ struct Args {
     #[arg(short, long)]
     quiet: bool,
 }
-
-/// Default `--parallel`: four streams share each pass over the weights at
-/// little cost to each (docs/performance.md, parallel decode); the state
-/// of each is small next to the weights.
-const DEFAULT_PARALLEL: usize = 4;
 
 fn main() -> std::process::ExitCode {
     cli::main_with("rh-serve", run)
@@ -218,11 +213,15 @@ fn options(args: &Args, p: &Pipeline, chat: &ChatModel) -> GenOptions {
     let max_pos = chat.model.config().max_position_embeddings;
     GenOptions {
         sampling: sp,
-        max_tokens: args.max_tokens.or(s.max_tokens).unwrap_or(512).max(1),
+        max_tokens: args
+            .max_tokens
+            .or(s.max_tokens)
+            .unwrap_or(defaults::SERVE_MAX_TOKENS)
+            .max(1),
         ctx_size: args
             .ctx_size
             .or(s.ctx_size)
-            .unwrap_or(8192)
+            .unwrap_or(defaults::SERVE_CTX_SIZE)
             .clamp(2, max_pos.max(2)),
         enable_thinking: true,
     }
@@ -399,14 +398,20 @@ fn serve(
     let expert_pager = roundhouse::model::experts::pager_of(&*weights);
     let api_key = args.api_key.clone().filter(|k| !k.is_empty());
     let config = EngineConfig {
-        ctx_size: args.ctx_size.or(s.ctx_size).unwrap_or(8192),
+        ctx_size: args
+            .ctx_size
+            .or(s.ctx_size)
+            .unwrap_or(defaults::SERVE_CTX_SIZE),
         cache_bytes: args
             .cache_ram
             .or(s.cache_ram)
             .map(|mib| mib.saturating_mul(1 << 20))
             .unwrap_or_else(roundhouse::serve::prefix_cache::default_budget_bytes),
-        queue: args.queue.or(s.queue).unwrap_or(16),
-        parallel: args.parallel.or(s.parallel).unwrap_or(DEFAULT_PARALLEL),
+        queue: args.queue.or(s.queue).unwrap_or(defaults::SERVE_QUEUE),
+        parallel: args
+            .parallel
+            .or(s.parallel)
+            .unwrap_or(defaults::SERVE_PARALLEL),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
