@@ -1291,6 +1291,12 @@ fn published_cache_from_the_hub_then_the_pipeline_skips_repack() {
     assert!(o.status.success(), "{}", text(&o));
     assert_cache(&env.path("w/cache"));
     assert!(!env.path("w/checkpoint/index.rhc").exists());
+    // inspect (which runs before repack) sizes the fetched cache, not the
+    // preset.
+    let o = run(stage("rh-inspect").args(["--dry-run", "--json", "--probe-seconds", "0"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["strategy"]["sizes_source"], "cache", "{v}");
     let o = run(&mut stage("rh-repack"));
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("up to date"), "{}", text(&o));

@@ -303,8 +303,8 @@ pub struct InspectDetails {
 }
 
 /// The model's sizes for a pipeline: the checkpoint when fetch has produced
-/// one (`config.json` present), else the cache when repack has, else the
-/// preset figures.
+/// one (`config.json` present), else the cache when fetch downloaded a
+/// published one or repack has written one, else the preset figures.
 pub fn model_sizes(p: &Pipeline) -> Result<ModelSizes, InspectError> {
     // A model named explicitly (`rh-inspect MODEL`, `[inspect] model`).
     if let Some(m) = &p.inspect.model {
@@ -318,6 +318,17 @@ pub fn model_sizes(p: &Pipeline) -> Result<ModelSizes, InspectError> {
     let ckpt = p.checkpoint_dir();
     if ckpt.join("config.json").is_file() {
         return Ok(ModelSizes::from_checkpoint(&ckpt)?);
+    }
+    // A published cache fetched ready to serve: there is no checkpoint,
+    // and inspect runs before repack records that it has nothing to do.
+    if let Ok(Some(f)) = stage::read_record(&p.work_dir(), Stage::Fetch) {
+        let out = std::path::PathBuf::from(&f.output_dir);
+        if f.status == stage::Status::Complete
+            && crate::cache::published::is_published(&f)
+            && crate::cache::is_cache(&out)
+        {
+            return Ok(ModelSizes::from_cache(&out)?);
+        }
     }
     let cache = p.cache_dir();
     let repacked = matches!(
