@@ -119,8 +119,8 @@ fn random(files: &[(DataFile, u64)], block: usize, depth: usize, budget: Duratio
                 let mut buf = vec![0u8; block + DIRECT_ALIGN];
                 let base = aligned_base(&buf);
                 let dst = &mut buf[base..base + block];
-                let mut state =
-                    ((t as u64 + 1) * 0x1234_5678_9ABC_DEF1) ^ t0.elapsed().as_nanos() as u64;
+                let mut state = (t as u64 + 1).wrapping_mul(0x1234_5678_9ABC_DEF1)
+                    ^ t0.elapsed().as_nanos() as u64;
                 while t0.elapsed() < budget {
                     let (f, len) = &files[(next(&mut state) % files.len() as u64) as usize];
                     let slots = (len / DIRECT_ALIGN as u64)
