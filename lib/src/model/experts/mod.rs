@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::cache::format::{Payload, Span};
 use crate::cache::Cache;
 use crate::cli::{Classify, Exit};
 use crate::config::ModelConfig;
@@ -125,23 +124,6 @@ fn expert_of(name: &str) -> Option<(usize, usize)> {
     Some((l.parse().ok()?, e.parse().ok()?))
 }
 
-/// The spans of a tensor entry.
-fn spans(p: &Payload) -> Vec<Span> {
-    match p {
-        Payload::Quant {
-            qdata,
-            scales,
-            zeros,
-            ..
-        } => {
-            let mut v = vec![*qdata, *scales];
-            v.extend(zeros.iter().copied());
-            v
-        }
-        Payload::Dense { data, .. } | Payload::Raw { data, .. } => vec![*data],
-    }
-}
-
 /// One read of an expert: `len` (block-aligned) bytes at the aligned
 /// offset `start` of data file `file`, into the buffer at `at`; at least
 /// `need` of them must exist.
@@ -197,7 +179,7 @@ pub fn plan_budget(cache: &Cache, budget: u64) -> BudgetPlan {
     let mut expert_bytes = 0u64;
     for t in cache.index().tensors.iter() {
         if let Some(k) = expert_of(&t.name) {
-            for s in spans(&t.payload) {
+            for s in t.spans() {
                 expert_bytes += s.len;
                 per_expert
                     .entry(k)
@@ -1086,7 +1068,7 @@ impl WeightSource for PagedCache {
             if expert_of(&t.name).is_some() {
                 continue;
             }
-            for s in spans(&t.payload) {
+            for s in t.spans() {
                 let bytes = maps[s.file as usize].bytes();
                 io::advise_willneed(bytes, s.offset as usize, s.len as usize);
                 if lock && refused.is_none() {
