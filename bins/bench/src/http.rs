@@ -111,15 +111,8 @@ fn stream_chat(a: &HttpArgs, messages: &Value, cache: bool) -> Result<(Seen, Str
     let mut first: Option<Instant> = None;
     let mut last = t0;
     let mut text = String::new();
-    for line in BufReader::new(resp.into_reader()).lines() {
-        let line = line.map_err(|e| e.to_string())?;
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+    for v in sse_events(resp) {
+        let v = v?;
         if let Some(u) = v.get("usage") {
             seen.tokens = u["completion_tokens"].as_u64().unwrap_or(0);
             seen.prompt = u["prompt_tokens"].as_u64().unwrap_or(0);
@@ -231,15 +224,8 @@ fn stream_timed(
         prompt_tokens: 0,
         completion_tokens: 0,
     };
-    for line in BufReader::new(resp.into_reader()).lines() {
-        let line = line.map_err(|e| e.to_string())?;
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+    for v in sse_events(resp) {
+        let v = v?;
         if let Some(u) = v.get("usage") {
             t.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
             t.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
@@ -454,4 +440,23 @@ fn reuse(a: &HttpArgs, words: usize) -> Result<(), CliError> {
         "speedup": mean(&without) / mean(&with)});
     println!("{out:#}");
     Ok(())
+}
+
+/// The JSON events of a streamed (server-sent events) answer, up to its
+/// `[DONE]`; a read or parse failure is the last item.
+fn sse_events(resp: ureq::Response) -> impl Iterator<Item = Result<Value, String>> {
+    let mut lines = BufReader::new(resp.into_reader()).lines();
+    std::iter::from_fn(move || loop {
+        let line = match lines.next()? {
+            Ok(l) => l,
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            return None;
+        }
+        return Some(serde_json::from_str(data).map_err(|e| format!("{e}: {data}")));
+    })
 }
