@@ -4,6 +4,9 @@ and functions longer than a screen.
 
     scripts/module-deps.py            # cycles, then functions over 100 lines
     scripts/module-deps.py --edges    # also every module -> module edge
+    scripts/module-deps.py --over 60  # functions over 60 lines instead
+    scripts/module-deps.py --no-tests # leave out tests (tests/, tests.rs,
+                                      # #[cfg(test)] modules, #[test] fns)
 
 A module is a top-level name under lib/src (`cache` for lib/src/cache/*.rs).
 An edge A -> B is any `crate::B` path written in A's files (use lines and
@@ -99,15 +102,32 @@ def pairs(deps):
 FN = re.compile(r"^\s*(pub(\([^)]*\))?\s+)?(const\s+)?(async\s+)?(unsafe\s+)?(extern\s+\"C\"\s+)?fn\s+([A-Za-z_][A-Za-z0-9_]*)")
 
 
-def long_functions(limit=100):
+def is_test_file(path):
+    rel = os.path.relpath(path, ROOT).split(os.sep)
+    return rel[0] == "tests" or rel[-1] == "tests.rs" or "tests" in rel[:-1]
+
+
+def long_functions(limit=100, tests=True):
     found = []
     for top in (LIB, os.path.join(ROOT, "bins"), os.path.join(ROOT, "tests")):
         for f in rust_files(top):
+            if not tests and is_test_file(f):
+                continue
             lines = open(f, encoding="utf-8").read().split("\n")
+            # A `#[cfg(test)]` module runs to the end of its file here (the
+            # project keeps test modules last).
+            test_from = next(
+                (k for k, l in enumerate(lines) if l.strip() == "#[cfg(test)]"
+                 and k + 1 < len(lines) and re.match(r"\s*(pub\s+)?mod\s", lines[k + 1])),
+                len(lines),
+            )
             i = 0
             while i < len(lines):
                 m = FN.match(lines[i])
                 if not m:
+                    i += 1
+                    continue
+                if not tests and (i >= test_from or (i > 0 and lines[i - 1].strip() == "#[test]")):
                     i += 1
                     continue
                 depth, started, j = 0, False, i
@@ -143,8 +163,12 @@ def main():
     print(f"mutual imports (A uses B and B uses A): {len(pairs(deps))}")
     for a, b in pairs(deps):
         print(f"  {a} <-> {b}")
-    fns = long_functions()
-    print(f"functions over 100 lines: {len(fns)}")
+    limit = 100
+    if "--over" in sys.argv:
+        limit = int(sys.argv[sys.argv.index("--over") + 1])
+    fns = long_functions(limit, tests="--no-tests" not in sys.argv)
+    scope = " outside tests" if "--no-tests" in sys.argv else ""
+    print(f"functions over {limit} lines{scope}: {len(fns)}")
     for n, f, name in fns:
         print(f"  {n:4d}  {f}::{name}")
     return 1 if cyc else 0

@@ -463,61 +463,30 @@ impl ModelConfig {
         shape_of: &dyn Fn(&str) -> Option<Vec<u64>>,
         path: &Path,
     ) -> Result<(), ConfigError> {
-        // Rows of a linear module: quantized entry (cache), `.weight`
-        // (dense), or AutoRound `.qweight` `[in*bits/32, out]`.
-        let rows = |m: &str| -> Option<(String, u64)> {
-            if let Some(s) = shape_of(m).filter(|s| s.len() == 2) {
-                return Some((m.to_string(), s[0]));
-            }
-            let w = format!("{m}.weight");
-            if let Some(s) = shape_of(&w).filter(|s| !s.is_empty()) {
-                return Some((w, s[0]));
-            }
-            let q = format!("{m}.qweight");
-            shape_of(&q).filter(|s| s.len() == 2).map(|s| (q, s[1]))
-        };
-        let mismatch = |field: &str, value: u64, tensor: &str, found: &dyn std::fmt::Debug| {
-            Err(ConfigError::Inconsistent {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "`{field}` gives {value} but tensor `{tensor}` has shape {found:?}"
-                ),
-            })
-        };
-        let dim = |field: &str, want: usize, tensor: String, got: u64| {
-            if want as u64 != got {
-                mismatch(field, want as u64, &tensor, &[got])
-            } else {
-                Ok(())
-            }
-        };
-        if let Some(s) = shape_of("model.embed_tokens.weight").filter(|s| s.len() == 2) {
-            dim(
-                "vocab_size",
-                self.vocab_size,
-                "model.embed_tokens.weight".into(),
-                s[0],
-            )?;
-            dim(
-                "hidden_size",
-                self.hidden_size,
-                "model.embed_tokens.weight".into(),
-                s[1],
-            )?;
+        let c = ShapeCheck { shape_of, path };
+        self.check_embedding_and_depth(&c)?;
+        self.check_full_attention(&c)?;
+        self.check_linear_attention(&c)?;
+        self.check_moe(&c)
+    }
+
+    /// `vocab_size` and `hidden_size` against the embedding and a norm;
+    /// `num_hidden_layers` against the layers present.
+    fn check_embedding_and_depth(&self, c: &ShapeCheck<'_>) -> Result<(), ConfigError> {
+        let embed = "model.embed_tokens.weight";
+        if let Some(s) = (c.shape_of)(embed).filter(|s| s.len() == 2) {
+            c.dim("vocab_size", self.vocab_size, embed.into(), s[0])?;
+            c.dim("hidden_size", self.hidden_size, embed.into(), s[1])?;
         }
-        let vector = |field: &str, want: usize, name: String| match shape_of(&name) {
-            Some(s) if s != [want as u64] => mismatch(field, want as u64, &name, &s),
-            _ => Ok(()),
-        };
         let last = self.num_hidden_layers - 1;
-        vector(
+        c.vector(
             "hidden_size",
             self.hidden_size,
             format!("model.layers.{last}.input_layernorm.weight"),
         )?;
-        if shape_of(&format!("model.layers.{}.input_layernorm.weight", last + 1)).is_some() {
+        if (c.shape_of)(&format!("model.layers.{}.input_layernorm.weight", last + 1)).is_some() {
             return Err(ConfigError::Inconsistent {
-                path: path.to_path_buf(),
+                path: c.path.to_path_buf(),
                 reason: format!(
                     "`num_hidden_layers` is {} but the weights have a layer {}",
                     self.num_hidden_layers,
@@ -525,68 +494,85 @@ impl ModelConfig {
                 ),
             });
         }
+        Ok(())
+    }
+
+    /// Heads and head size against the first full-attention layer.
+    fn check_full_attention(&self, c: &ShapeCheck<'_>) -> Result<(), ConfigError> {
         let full =
             (0..self.num_hidden_layers).find(|&i| self.layer_type(i) == LayerType::FullAttention);
-        if let Some(i) = full {
-            let p = format!("model.layers.{i}.self_attn");
-            vector("head_dim", self.head_dim, format!("{p}.q_norm.weight"))?;
-            if let Some((t, r)) = rows(&format!("{p}.q_proj")) {
-                dim(
-                    "num_attention_heads",
-                    self.num_attention_heads * self.head_dim * 2,
-                    t,
-                    r,
-                )?;
-            }
-            if let Some((t, r)) = rows(&format!("{p}.k_proj")) {
-                dim(
-                    "num_key_value_heads",
-                    self.num_key_value_heads * self.head_dim,
-                    t,
-                    r,
-                )?;
-            }
+        let Some(i) = full else {
+            return Ok(());
+        };
+        let p = format!("model.layers.{i}.self_attn");
+        c.vector("head_dim", self.head_dim, format!("{p}.q_norm.weight"))?;
+        if let Some((t, r)) = c.rows(&format!("{p}.q_proj")) {
+            c.dim(
+                "num_attention_heads",
+                self.num_attention_heads * self.head_dim * 2,
+                t,
+                r,
+            )?;
         }
+        if let Some((t, r)) = c.rows(&format!("{p}.k_proj")) {
+            c.dim(
+                "num_key_value_heads",
+                self.num_key_value_heads * self.head_dim,
+                t,
+                r,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The DeltaNet sizes against the first linear-attention layer.
+    fn check_linear_attention(&self, c: &ShapeCheck<'_>) -> Result<(), ConfigError> {
         let linear =
             (0..self.num_hidden_layers).find(|&i| self.layer_type(i) == LayerType::LinearAttention);
-        if let Some(i) = linear {
-            let p = format!("model.layers.{i}.linear_attn");
-            vector(
-                "linear_num_value_heads",
-                self.linear_num_value_heads,
-                format!("{p}.A_log"),
-            )?;
-            vector(
-                "linear_value_head_dim",
-                self.linear_value_head_dim,
-                format!("{p}.norm.weight"),
-            )?;
-            let conv = format!("{p}.conv1d.weight");
-            if let Some(s) = shape_of(&conv) {
-                let want = [
-                    self.conv_dim() as u64,
-                    1,
-                    self.linear_conv_kernel_dim as u64,
-                ];
-                if s != want {
-                    return mismatch(
-                        "linear_key_head_dim/linear_conv_kernel_dim",
-                        want[0],
-                        &conv,
-                        &s,
-                    );
-                }
+        let Some(i) = linear else {
+            return Ok(());
+        };
+        let p = format!("model.layers.{i}.linear_attn");
+        c.vector(
+            "linear_num_value_heads",
+            self.linear_num_value_heads,
+            format!("{p}.A_log"),
+        )?;
+        c.vector(
+            "linear_value_head_dim",
+            self.linear_value_head_dim,
+            format!("{p}.norm.weight"),
+        )?;
+        let conv = format!("{p}.conv1d.weight");
+        if let Some(s) = (c.shape_of)(&conv) {
+            let want = [
+                self.conv_dim() as u64,
+                1,
+                self.linear_conv_kernel_dim as u64,
+            ];
+            if s != want {
+                return c.mismatch(
+                    "linear_key_head_dim/linear_conv_kernel_dim",
+                    want[0],
+                    &conv,
+                    &s,
+                );
             }
         }
+        Ok(())
+    }
+
+    /// Experts and their sizes against layer 0's MoE block.
+    fn check_moe(&self, c: &ShapeCheck<'_>) -> Result<(), ConfigError> {
         let p = "model.layers.0.mlp";
-        if let Some((t, r)) = rows(&format!("{p}.gate")) {
-            dim("num_experts", self.num_experts, t, r)?;
+        if let Some((t, r)) = c.rows(&format!("{p}.gate")) {
+            c.dim("num_experts", self.num_experts, t, r)?;
         }
-        if let Some((t, r)) = rows(&format!("{p}.experts.0.gate_proj")) {
-            dim("moe_intermediate_size", self.moe_intermediate_size, t, r)?;
+        if let Some((t, r)) = c.rows(&format!("{p}.experts.0.gate_proj")) {
+            c.dim("moe_intermediate_size", self.moe_intermediate_size, t, r)?;
         }
-        if let Some((t, r)) = rows(&format!("{p}.shared_expert.gate_proj")) {
-            dim(
+        if let Some((t, r)) = c.rows(&format!("{p}.shared_expert.gate_proj")) {
+            c.dim(
                 "shared_expert_intermediate_size",
                 self.shared_expert_intermediate_size,
                 t,
@@ -669,6 +655,63 @@ impl ModelConfig {
         match &self.quantization_config {
             Some(q) => q.precision(module),
             None => Precision::Float,
+        }
+    }
+}
+
+/// `ModelConfig::check_shapes`'s view of a source: tensor shapes by name,
+/// and the file its errors name.
+struct ShapeCheck<'a> {
+    shape_of: &'a dyn Fn(&str) -> Option<Vec<u64>>,
+    path: &'a Path,
+}
+
+impl ShapeCheck<'_> {
+    /// Rows of a linear module: quantized entry (cache), `.weight`
+    /// (dense), or AutoRound `.qweight` `[in*bits/32, out]`; with the
+    /// tensor they were read from.
+    fn rows(&self, m: &str) -> Option<(String, u64)> {
+        if let Some(s) = (self.shape_of)(m).filter(|s| s.len() == 2) {
+            return Some((m.to_string(), s[0]));
+        }
+        let w = format!("{m}.weight");
+        if let Some(s) = (self.shape_of)(&w).filter(|s| !s.is_empty()) {
+            return Some((w, s[0]));
+        }
+        let q = format!("{m}.qweight");
+        (self.shape_of)(&q)
+            .filter(|s| s.len() == 2)
+            .map(|s| (q, s[1]))
+    }
+
+    /// The error naming the field, its value and the tensor's shape.
+    fn mismatch(
+        &self,
+        field: &str,
+        value: u64,
+        tensor: &str,
+        found: &dyn std::fmt::Debug,
+    ) -> Result<(), ConfigError> {
+        Err(ConfigError::Inconsistent {
+            path: self.path.to_path_buf(),
+            reason: format!("`{field}` gives {value} but tensor `{tensor}` has shape {found:?}"),
+        })
+    }
+
+    /// One dimension `got` of `tensor` must equal the field's `want`.
+    fn dim(&self, field: &str, want: usize, tensor: String, got: u64) -> Result<(), ConfigError> {
+        if want as u64 != got {
+            self.mismatch(field, want as u64, &tensor, &[got])
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A 1-D tensor, when present, must have the field's length.
+    fn vector(&self, field: &str, want: usize, name: String) -> Result<(), ConfigError> {
+        match (self.shape_of)(&name) {
+            Some(s) if s != [want as u64] => self.mismatch(field, want as u64, &name, &s),
+            _ => Ok(()),
         }
     }
 }

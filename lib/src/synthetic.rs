@@ -137,6 +137,16 @@ pub struct Planned {
 }
 
 impl Planned {
+    /// A BF16 tensor uniform in `center ± a`.
+    fn bf16(name: String, shape: Vec<usize>, center: f32, a: f32) -> Planned {
+        Planned {
+            name,
+            dtype: "BF16",
+            shape,
+            fill: Fill::Bf16 { center, a },
+        }
+    }
+
     /// Bytes of data.
     pub fn bytes(&self) -> u64 {
         let el = if self.dtype == "I32" { 4 } else { 2 };
@@ -354,17 +364,34 @@ impl Spec {
     pub fn plan(&self) -> Vec<Planned> {
         let h = self.dim("hidden_size");
         let vocab = self.dim("vocab_size");
-        let bf16 = |name: String, shape: Vec<usize>, center: f32, a: f32| Planned {
-            name,
-            dtype: "BF16",
-            shape,
-            fill: Fill::Bf16 { center, a },
-        };
-        let mut out = vec![match self.zipf {
-            // Half of every embedding's energy in dimension 0 (the others
-            // are uniform in [-1, 1], variance 1/3).
+        let mut out = vec![self.embedding()];
+        let linears = self.linears();
+        for l in 0..self.dim("num_hidden_layers") {
+            out.extend(self.layer_vectors(l));
+            let prefix = format!("model.layers.{l}.");
+            for (name, o, i, bits) in linears.iter().filter(|x| x.0.starts_with(&prefix)) {
+                out.extend(self.linear(l, name, *o, *i, *bits));
+            }
+        }
+        out.push(Planned::bf16("model.norm.weight".into(), vec![h], 0.0, 0.1));
+        out.push(Planned::bf16(
+            "lm_head.weight".into(),
+            vec![vocab, h],
+            0.0,
+            (3.0 / h as f32).sqrt(),
+        ));
+        out
+    }
+
+    /// The token embedding; under `zipf`, half of every embedding's energy
+    /// in dimension 0 (the others are uniform in [-1, 1], variance 1/3).
+    fn embedding(&self) -> Planned {
+        let h = self.dim("hidden_size");
+        let vocab = self.dim("vocab_size");
+        let name = "model.embed_tokens.weight".to_string();
+        match self.zipf {
             Some(_) => Planned {
-                name: "model.embed_tokens.weight".into(),
+                name,
                 dtype: "BF16",
                 shape: vec![vocab, h],
                 fill: Fill::Bf16Col0 {
@@ -373,119 +400,115 @@ impl Spec {
                     col0: vec![((h - 1) as f32 / 3.0).sqrt()],
                 },
             },
-            None => bf16("model.embed_tokens.weight".into(), vec![vocab, h], 0.0, 1.0),
-        }];
-        let (nv, dv) = (
-            self.dim("linear_num_value_heads"),
-            self.dim("linear_value_head_dim"),
-        );
-        let hd = self.dim("head_dim");
-        let conv_dim =
-            2 * self.dim("linear_num_key_heads") * self.dim("linear_key_head_dim") + nv * dv;
-        let k = self.dim("linear_conv_kernel_dim");
-        let linears = self.linears();
-        for l in 0..self.dim("num_hidden_layers") {
-            let p = format!("model.layers.{l}");
-            out.push(bf16(
-                format!("{p}.input_layernorm.weight"),
-                vec![h],
-                0.0,
-                0.1,
-            ));
-            out.push(bf16(
+            None => Planned::bf16(name, vec![vocab, h], 0.0, 1.0),
+        }
+    }
+
+    /// Layer `l`'s norms and its mixer's small BF16 tensors (q/k norms of
+    /// full attention; conv, dt_bias, A_log and norm of DeltaNet).
+    fn layer_vectors(&self, l: usize) -> Vec<Planned> {
+        let h = self.dim("hidden_size");
+        let p = format!("model.layers.{l}");
+        let bf16 = Planned::bf16;
+        let mut out = vec![
+            bf16(format!("{p}.input_layernorm.weight"), vec![h], 0.0, 0.1),
+            bf16(
                 format!("{p}.post_attention_layernorm.weight"),
                 vec![h],
                 0.0,
                 0.1,
+            ),
+        ];
+        if self.is_full_attention(l) {
+            let hd = self.dim("head_dim");
+            out.push(bf16(
+                format!("{p}.self_attn.q_norm.weight"),
+                vec![hd],
+                0.0,
+                0.1,
             ));
-            if self.is_full_attention(l) {
-                out.push(bf16(
-                    format!("{p}.self_attn.q_norm.weight"),
-                    vec![hd],
-                    0.0,
-                    0.1,
-                ));
-                out.push(bf16(
-                    format!("{p}.self_attn.k_norm.weight"),
-                    vec![hd],
-                    0.0,
-                    0.1,
-                ));
-            } else {
-                out.push(bf16(
-                    format!("{p}.linear_attn.conv1d.weight"),
-                    vec![conv_dim, 1, k],
-                    0.0,
-                    0.5,
-                ));
-                out.push(bf16(format!("{p}.linear_attn.dt_bias"), vec![nv], 0.0, 1.0));
-                // A_log = log(A) with A in about [1, 16].
-                out.push(bf16(format!("{p}.linear_attn.A_log"), vec![nv], 1.4, 1.4));
-                out.push(bf16(
-                    format!("{p}.linear_attn.norm.weight"),
-                    vec![dv],
-                    1.0,
-                    0.1,
-                ));
-            }
-            let prefix = format!("{p}.");
-            for (name, o, i, bits) in linears.iter().filter(|x| x.0.starts_with(&prefix)) {
-                let (o, i, bits) = (*o, *i, *bits);
-                if let (Some(zipf), true) = (self.zipf, name.ends_with(".mlp.gate")) {
-                    out.push(Planned {
-                        name: format!("{name}.weight"),
-                        dtype: "BF16",
-                        shape: vec![o, i],
-                        fill: Fill::Bf16Col0 {
-                            center: 0.0,
-                            a: (3.0 / i as f32).sqrt(),
-                            col0: self.router_bias_column(l, o, zipf),
-                        },
-                    });
-                    continue;
-                }
-                if bits == 16 {
-                    out.push(bf16(
-                        format!("{name}.weight"),
-                        vec![o, i],
-                        0.0,
-                        (3.0 / i as f32).sqrt(),
-                    ));
-                    continue;
-                }
-                let g = i.div_ceil(self.group_size);
-                let pf = 32 / bits as usize;
-                // Uniform integers in [-2^(b-1), 2^(b-1)) have std ~2^(b-1)/sqrt(3);
-                // pick the scale so weights have std ~1/sqrt(in).
-                let mag = 3f32.sqrt() / ((1u32 << (bits - 1)) as f32 * (i as f32).sqrt());
-                out.push(Planned {
-                    name: format!("{name}.qweight"),
-                    dtype: "I32",
-                    shape: vec![i / pf, o],
-                    fill: Fill::QWeight,
-                });
-                out.push(Planned {
-                    name: format!("{name}.qzeros"),
-                    dtype: "I32",
-                    shape: vec![g, (o * bits as usize).div_ceil(32)],
-                    fill: Fill::QZeros { bits },
-                });
-                out.push(Planned {
-                    name: format!("{name}.scales"),
-                    dtype: "F16",
-                    shape: vec![g, o],
-                    fill: Fill::Scales { mag },
-                });
-            }
+            out.push(bf16(
+                format!("{p}.self_attn.k_norm.weight"),
+                vec![hd],
+                0.0,
+                0.1,
+            ));
+            return out;
         }
-        out.push(bf16("model.norm.weight".into(), vec![h], 0.0, 0.1));
+        let (nv, dv) = (
+            self.dim("linear_num_value_heads"),
+            self.dim("linear_value_head_dim"),
+        );
+        let conv_dim =
+            2 * self.dim("linear_num_key_heads") * self.dim("linear_key_head_dim") + nv * dv;
+        let k = self.dim("linear_conv_kernel_dim");
         out.push(bf16(
-            "lm_head.weight".into(),
-            vec![vocab, h],
+            format!("{p}.linear_attn.conv1d.weight"),
+            vec![conv_dim, 1, k],
             0.0,
-            (3.0 / h as f32).sqrt(),
+            0.5,
+        ));
+        out.push(bf16(format!("{p}.linear_attn.dt_bias"), vec![nv], 0.0, 1.0));
+        // A_log = log(A) with A in about [1, 16].
+        out.push(bf16(format!("{p}.linear_attn.A_log"), vec![nv], 1.4, 1.4));
+        out.push(bf16(
+            format!("{p}.linear_attn.norm.weight"),
+            vec![dv],
+            1.0,
+            0.1,
         ));
         out
+    }
+
+    /// One linear module of layer `l` (`o` x `i`): the router under `zipf`
+    /// with its bias column, 16-bit ones as BF16, else AutoRound's
+    /// qweight, qzeros and scales at `bits`.
+    fn linear(&self, l: usize, name: &str, o: usize, i: usize, bits: u32) -> Vec<Planned> {
+        if let (Some(zipf), true) = (self.zipf, name.ends_with(".mlp.gate")) {
+            return vec![Planned {
+                name: format!("{name}.weight"),
+                dtype: "BF16",
+                shape: vec![o, i],
+                fill: Fill::Bf16Col0 {
+                    center: 0.0,
+                    a: (3.0 / i as f32).sqrt(),
+                    col0: self.router_bias_column(l, o, zipf),
+                },
+            }];
+        }
+        if bits == 16 {
+            return vec![Planned::bf16(
+                format!("{name}.weight"),
+                vec![o, i],
+                0.0,
+                (3.0 / i as f32).sqrt(),
+            )];
+        }
+        let g = i.div_ceil(self.group_size);
+        let pf = 32 / bits as usize;
+        // Uniform integers in [-2^(b-1), 2^(b-1)) have std ~2^(b-1)/sqrt(3);
+        // pick the scale so weights have std ~1/sqrt(in).
+        let mag = 3f32.sqrt() / ((1u32 << (bits - 1)) as f32 * (i as f32).sqrt());
+        vec![
+            Planned {
+                name: format!("{name}.qweight"),
+                dtype: "I32",
+                shape: vec![i / pf, o],
+                fill: Fill::QWeight,
+            },
+            Planned {
+                name: format!("{name}.qzeros"),
+                dtype: "I32",
+                shape: vec![g, (o * bits as usize).div_ceil(32)],
+                fill: Fill::QZeros { bits },
+            },
+            Planned {
+                name: format!("{name}.scales"),
+                dtype: "F16",
+                shape: vec![g, o],
+                fill: Fill::Scales { mag },
+            },
+        ]
     }
 
     /// Column 0 of layer `layer`'s router under skewed routing: the logit

@@ -6,11 +6,12 @@
 //! `--parallel 1,2,4,8` adds batched decode of several streams at once
 //! (aggregate and per-stream tokens/s, as llama.cpp's batched-bench).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use roundhouse::cli::CliError;
 use roundhouse::inspect::Strategy;
+use roundhouse::model::experts::ExpertPager;
 use roundhouse::model::{BatchSeq, Model};
 use roundhouse::pipeline::{defaults, Pipeline};
 use roundhouse::speedbench::{self, ParallelResult, SpeedReport, TestResult};
@@ -138,8 +139,19 @@ fn backend() -> String {
     format!("CPU ({})", roundhouse::kernels::isa())
 }
 
-/// Runs the speed benchmark and prints the report (table, `--json` or `--csv`).
-pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
+/// The test sizes after flags, `[bench]` and defaults, checked.
+struct Sizes {
+    /// Prompt tokens of pp (0 skips it).
+    p: usize,
+    /// Generated tokens of tg (0 skips it).
+    n: usize,
+    /// Repetitions of each test.
+    reps: usize,
+}
+
+/// Resolves `-p`, `-n`, `-r` and checks them with `--parallel` and
+/// `--plot`, before anything is loaded.
+fn sizes(args: &SpeedArgs, pipeline: &Pipeline) -> Result<Sizes, CliError> {
     let b = &pipeline.bench;
     let p = args
         .prompt_tokens
@@ -172,18 +184,32 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     if let Some(path) = &args.plot {
         crate::plot::check_target(path)?;
     }
-    let strategy = Strategy::load_for_use(&pipeline.strategy_path());
+    Ok(Sizes { p, n, reps })
+}
+
+/// Sizes rayon's global pool: `-t`, else `[bench] threads`, else the
+/// strategy's; all cores when none is set.
+fn set_threads(
+    args: &SpeedArgs,
+    pipeline: &Pipeline,
+    strategy: Option<&Strategy>,
+) -> Result<(), CliError> {
     if let Some(t) = args
         .threads
-        .or(b.threads)
-        .or(strategy.as_ref().map(|s| s.threads).filter(|&t| t > 0))
+        .or(pipeline.bench.threads)
+        .or(strategy.map(|s| s.threads).filter(|&t| t > 0))
     {
         roundhouse::pipeline::check_threads("-t/--threads", t).map_err(CliError::usage)?;
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(t)
             .build_global();
     }
-    let dir = match (&args.model, &b.model) {
+    Ok(())
+}
+
+/// The model directory: MODEL, else `[bench] model`, else repack's cache.
+fn model_dir(args: &SpeedArgs, pipeline: &Pipeline) -> Result<PathBuf, CliError> {
+    let dir = match (&args.model, &pipeline.bench.model) {
         (Some(m), _) => m.clone(),
         (None, Some(m)) => pipeline.path(m),
         (None, None) => pipeline.cache_dir(),
@@ -194,6 +220,193 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
             dir.display()
         )));
     }
+    Ok(dir)
+}
+
+/// Warm-up, as llama-bench does: an untimed pp run (else one token)
+/// touches the pages of the weights the timed runs read, and pays the
+/// first-call costs. One token alone would map only its few experts.
+fn warm_up(model: &Model, ids: &[u32]) {
+    let mut st = model.new_state();
+    let t = Instant::now();
+    std::hint::black_box(model.forward(&mut st, ids));
+    tracing::info!(
+        "warm-up, {} tokens: {:.3} s",
+        ids.len(),
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// The pp test: `reps` forwards over the first `p` ids, each from a fresh
+/// state.
+fn time_prompt(model: &Model, ids: &[u32], p: usize, reps: usize) -> TestResult {
+    let mut secs = Vec::with_capacity(reps);
+    for r in 0..reps {
+        let mut st = model.new_state();
+        let t = Instant::now();
+        std::hint::black_box(model.forward(&mut st, &ids[..p]));
+        secs.push(t.elapsed().as_secs_f64());
+        tracing::info!("pp{p} run {}: {:.3} s", r + 1, secs[r]);
+    }
+    TestResult::from_times(format!("pp{p}"), p, &secs)
+}
+
+/// The tg test: `reps` runs of `n` single-token forwards, with the expert
+/// cache's counters over them when the experts are paged.
+fn time_generation(
+    model: &Model,
+    pager: Option<&ExpertPager>,
+    dir: &Path,
+    ids: &[u32],
+    n: usize,
+    reps: usize,
+) -> (TestResult, Option<crate::paging::PagingReport>) {
+    let before = pager.map(|p| p.stats());
+    let mut secs = Vec::with_capacity(reps);
+    for r in 0..reps {
+        let mut st = model.new_state();
+        let t = Instant::now();
+        for &id in &ids[..n] {
+            std::hint::black_box(model.forward(&mut st, &[id]));
+        }
+        secs.push(t.elapsed().as_secs_f64());
+        tracing::info!("tg{n} run {}: {:.3} s", r + 1, secs[r]);
+    }
+    let paging = match (pager, before) {
+        (Some(p), Some(b)) => {
+            let tokens = (n * reps) as u64;
+            let per_token = secs.iter().sum::<f64>() / tokens as f64;
+            let stats = p.stats().since(&b);
+            Some(crate::paging::PagingReport::new(
+                p, dir, stats, tokens, per_token,
+            ))
+        }
+        _ => None,
+    };
+    (TestResult::from_times(format!("tg{n}"), n, &secs), paging)
+}
+
+/// The machine's read bandwidth and where it came from: inspect's
+/// strategy file, else probed now.
+fn read_bandwidth(pipeline: &Pipeline, strategy: Option<&Strategy>, paged: bool) -> (f64, String) {
+    match strategy.and_then(|s| s.bandwidth_gbs).filter(|&g| g > 0.0) {
+        Some(g) => (g, format!("from {}", pipeline.strategy_path().display())),
+        None => {
+            // Under a memory budget the probe's buffer must fit in the
+            // working memory the budget keeps (256 MiB + 3%).
+            let mib = if paged { 64 } else { 512 };
+            let bw = roundhouse::membw::measure(mib << 20, 1.0);
+            (
+                bw.all_threads_gbs,
+                format!("no strategy file: probed now with membw, {mib} MiB, all threads"),
+            )
+        }
+    }
+}
+
+/// What the timed runs measured, before it is related to the machine.
+struct Measured {
+    tests: Vec<TestResult>,
+    parallel: Vec<ParallelResult>,
+    load_s: f64,
+    /// Whether the routed experts are paged (the probe's buffer is then
+    /// smaller).
+    paged: bool,
+}
+
+/// Relates the measurements to the model's bytes and MACs per token and to
+/// the machine's bandwidth and FMA peak.
+fn report(
+    args: &SpeedArgs,
+    pipeline: &Pipeline,
+    strategy: Option<&Strategy>,
+    model: &Model,
+    dir: &Path,
+    measured: Measured,
+) -> SpeedReport {
+    // Before the bandwidth probe, whose buffer would count otherwise.
+    let peak_rss = speedbench::peak_rss_bytes();
+    let tests = measured.tests;
+    let mean_tps = |prefix: &str| {
+        tests
+            .iter()
+            .find(|t| t.test.starts_with(prefix))
+            .map(|t| t.mean_tps)
+    };
+    let per_token = model.weight_bytes_per_token();
+    let effective = mean_tps("tg").map(|tps| per_token as f64 * tps / 1e9);
+    let (bandwidth, source) = read_bandwidth(pipeline, strategy, measured.paged);
+    // Prefill is compared with the machine's FMA peak on the same threads,
+    // measured now (half a second) rather than assumed.
+    let macs = model.prefill_macs_per_token();
+    let pp_tps = mean_tps("pp");
+    let prefill_gflops = pp_tps.map(|tps| 2.0 * macs as f64 * tps / 1e9);
+    let fma_peak = (pp_tps.is_some() || args.plot.is_some())
+        .then(|| roundhouse::kernels::bench::fma_peak(0.5).1)
+        .filter(|&p| p > 0.0);
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|d| d.file_name().map(|f| f.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.display().to_string());
+    SpeedReport {
+        model: format!("{name} ({}L)", model.config().num_hidden_layers),
+        size_bytes: model.weight_bytes(),
+        params: model.params(),
+        backend: backend(),
+        threads: rayon::current_num_threads(),
+        tests,
+        parallel: measured.parallel,
+        load_s: measured.load_s,
+        peak_rss_bytes: peak_rss,
+        weight_bytes_per_token: per_token,
+        effective_gbs: effective,
+        bandwidth_gbs: Some(bandwidth),
+        bandwidth_ratio: effective.map(|e| e / bandwidth),
+        bandwidth_source: Some(source),
+        prefill_macs_per_token: macs,
+        prefill_gflops,
+        fma_peak_gflops: fma_peak,
+    }
+}
+
+/// Prints the report as `--json`, `--csv` or llama-bench's table (with the
+/// expert cache's section when paged), and draws `--plot`.
+fn print_report(
+    args: &SpeedArgs,
+    report: &SpeedReport,
+    paging: Option<&crate::paging::PagingReport>,
+) -> Result<(), CliError> {
+    let json_err = |e: serde_json::Error| CliError::failure(format!("json: {e}"));
+    if args.json {
+        let mut v = serde_json::to_value(report).map_err(json_err)?;
+        if let (Some(p), Some(o)) = (paging, v.as_object_mut()) {
+            o.insert(
+                "expert_cache".into(),
+                serde_json::to_value(p).map_err(json_err)?,
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&v).map_err(json_err)?);
+    } else if args.csv {
+        print!("{}", report.csv());
+    } else {
+        print!("{}", report.table());
+        if let Some(p) = paging {
+            print!("{}", p.text());
+        }
+    }
+    if let Some(path) = &args.plot {
+        crate::plot::speed(report, path)?;
+    }
+    Ok(())
+}
+
+/// Runs the speed benchmark and prints the report (table, `--json` or `--csv`).
+pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
+    let Sizes { p, n, reps } = sizes(args, pipeline)?;
+    let strategy = Strategy::load_for_use(&pipeline.strategy_path());
+    set_threads(args, pipeline, strategy.as_ref())?;
+    let dir = model_dir(args, pipeline)?;
 
     let budget = crate::paging::budget(args.memory_budget.as_deref(), pipeline, strategy.as_ref())?;
     let t0 = Instant::now();
@@ -208,143 +421,36 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         )));
     }
     let ids = bench_ids(p.max(n).max(1), cfg.vocab_size);
-    // Warm-up, as llama-bench does: an untimed pp run (else one token)
-    // touches the pages of the weights the timed runs read, and pays the
-    // first-call costs. One token alone would map only its few experts.
     if !args.no_warmup {
-        let mut st = model.new_state();
-        let t = Instant::now();
-        std::hint::black_box(model.forward(&mut st, &ids[..p.max(1)]));
-        tracing::info!(
-            "warm-up, {} tokens: {:.3} s",
-            p.max(1),
-            t.elapsed().as_secs_f64()
-        );
+        warm_up(&model, &ids[..p.max(1)]);
     }
 
     let mut tests = Vec::new();
     if p > 0 {
-        let mut secs = Vec::with_capacity(reps);
-        for r in 0..reps {
-            let mut st = model.new_state();
-            let t = Instant::now();
-            std::hint::black_box(model.forward(&mut st, &ids[..p]));
-            secs.push(t.elapsed().as_secs_f64());
-            tracing::info!("pp{p} run {}: {:.3} s", r + 1, secs[r]);
-        }
-        tests.push(TestResult::from_times(format!("pp{p}"), p, &secs));
+        tests.push(time_prompt(&model, &ids, p, reps));
     }
     let mut paging = None;
     if n > 0 {
-        let before = pager.as_ref().map(|p| p.stats());
-        let mut secs = Vec::with_capacity(reps);
-        for r in 0..reps {
-            let mut st = model.new_state();
-            let t = Instant::now();
-            for &id in &ids[..n] {
-                std::hint::black_box(model.forward(&mut st, &[id]));
-            }
-            secs.push(t.elapsed().as_secs_f64());
-            tracing::info!("tg{n} run {}: {:.3} s", r + 1, secs[r]);
-        }
-        tests.push(TestResult::from_times(format!("tg{n}"), n, &secs));
-        if let (Some(p), Some(b)) = (&pager, before) {
-            let tokens = (n * reps) as u64;
-            let per_token = secs.iter().sum::<f64>() / tokens as f64;
-            let stats = p.stats().since(&b);
-            paging = Some(crate::paging::PagingReport::new(
-                p, &dir, stats, tokens, per_token,
-            ));
-        }
+        let (tg, pages) = time_generation(&model, pager.as_deref(), &dir, &ids, n, reps);
+        tests.push(tg);
+        paging = pages;
     }
     if let Some(p) = &pager {
         p.save_usage();
     }
-
-    let mut parallel = Vec::new();
-    for &streams in &args.parallel {
-        parallel.push(parallel_decode(&model, streams, args.parallel_ctx, n, reps));
-    }
+    let mut parallel: Vec<ParallelResult> = args
+        .parallel
+        .iter()
+        .map(|&streams| parallel_decode(&model, streams, args.parallel_ctx, n, reps))
+        .collect();
     ParallelResult::relate(&mut parallel);
 
-    // Before the bandwidth probe, whose buffer would count otherwise.
-    let peak_rss = speedbench::peak_rss_bytes();
-    let per_token = model.weight_bytes_per_token();
-    let tg_tps = tests
-        .iter()
-        .find(|t| t.test.starts_with("tg"))
-        .map(|t| t.mean_tps);
-    let effective = tg_tps.map(|tps| per_token as f64 * tps / 1e9);
-    let (bandwidth, source) = match strategy.and_then(|s| s.bandwidth_gbs).filter(|&g| g > 0.0) {
-        Some(g) => (g, format!("from {}", pipeline.strategy_path().display())),
-        None => {
-            // Under a memory budget the probe's buffer must fit in the
-            // working memory the budget keeps (256 MiB + 3%).
-            let mib = if pager.is_some() { 64 } else { 512 };
-            let bw = roundhouse::membw::measure(mib << 20, 1.0);
-            (
-                bw.all_threads_gbs,
-                format!("no strategy file: probed now with membw, {mib} MiB, all threads"),
-            )
-        }
-    };
-    // Prefill is compared with the machine's FMA peak on the same threads,
-    // measured now (half a second) rather than assumed.
-    let macs = model.prefill_macs_per_token();
-    let pp_tps = tests
-        .iter()
-        .find(|t| t.test.starts_with("pp"))
-        .map(|t| t.mean_tps);
-    let prefill_gflops = pp_tps.map(|tps| 2.0 * macs as f64 * tps / 1e9);
-    let fma_peak = (pp_tps.is_some() || args.plot.is_some())
-        .then(|| roundhouse::kernels::bench::fma_peak(0.5).1)
-        .filter(|&p| p > 0.0);
-    let name = dir
-        .canonicalize()
-        .ok()
-        .and_then(|d| d.file_name().map(|f| f.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| dir.display().to_string());
-    let report = SpeedReport {
-        model: format!("{name} ({}L)", cfg.num_hidden_layers),
-        size_bytes: model.weight_bytes(),
-        params: model.params(),
-        backend: backend(),
-        threads: rayon::current_num_threads(),
+    let measured = Measured {
         tests,
         parallel,
         load_s,
-        peak_rss_bytes: peak_rss,
-        weight_bytes_per_token: per_token,
-        effective_gbs: effective,
-        bandwidth_gbs: Some(bandwidth),
-        bandwidth_ratio: effective.map(|e| e / bandwidth),
-        bandwidth_source: Some(source),
-        prefill_macs_per_token: macs,
-        prefill_gflops,
-        fma_peak_gflops: fma_peak,
+        paged: pager.is_some(),
     };
-    if args.json {
-        let mut v =
-            serde_json::to_value(&report).map_err(|e| CliError::failure(format!("json: {e}")))?;
-        if let (Some(p), Some(o)) = (&paging, v.as_object_mut()) {
-            o.insert(
-                "expert_cache".into(),
-                serde_json::to_value(p).map_err(|e| CliError::failure(format!("json: {e}")))?,
-            );
-        }
-        let s = serde_json::to_string_pretty(&v)
-            .map_err(|e| CliError::failure(format!("json: {e}")))?;
-        println!("{s}");
-    } else if args.csv {
-        print!("{}", report.csv());
-    } else {
-        print!("{}", report.table());
-        if let Some(p) = &paging {
-            print!("{}", p.text());
-        }
-    }
-    if let Some(path) = &args.plot {
-        crate::plot::speed(&report, path)?;
-    }
-    Ok(())
+    let report = report(args, pipeline, strategy.as_ref(), &model, &dir, measured);
+    print_report(args, &report, paging.as_ref())
 }

@@ -180,7 +180,6 @@ async fn models(State(s): State<Shared>) -> Response {
 
 async fn metrics(State(s): State<Shared>) -> Response {
     let m = s.engine.metrics();
-    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, String)>| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
@@ -195,33 +194,43 @@ async fn metrics(State(s): State<Shared>) -> Response {
         .iter()
         .map(|(k, v)| (format!("{{status=\"{k}\"}}"), v.to_string()))
         .collect();
-    let one = |v: String| vec![(String::new(), v)];
     metric(
         "rh_requests_total",
         "counter",
         "HTTP responses by status code.",
         by_status,
     );
+    let samples = token_samples(m)
+        .into_iter()
+        .chain(batch_samples(&s, m))
+        .chain(prefix_cache_samples(m));
+    for (name, kind, help, v) in samples {
+        metric(name, kind, help, vec![(String::new(), v)]);
+    }
+    if let Some(p) = &s.expert_pager {
+        let tokens = load(&m.prompt_tokens) + load(&m.generated_tokens);
+        expert_cache_metrics(&mut metric, &p.stats(), tokens);
+    }
     metric(
-        "rh_prompt_tokens_total",
-        "counter",
-        "Prompt tokens computed (not taken from the prefix cache).",
-        one(get(&m.prompt_tokens).to_string()),
+        "rh_model_loaded",
+        "gauge",
+        "1 once the model is loaded.",
+        vec![(String::new(), u8::from(s.engine.ready()).to_string())],
     );
-    metric(
-        "rh_prompt_tokens_cached_total",
-        "counter",
-        "Prompt tokens taken from the prefix cache.",
-        one(get(&m.cached_tokens).to_string()),
-    );
-    metric(
-        "rh_generated_tokens_total",
-        "counter",
-        "Tokens generated.",
-        one(get(&m.generated_tokens).to_string()),
-    );
-    let (pt, pus) = (get(&m.prompt_tokens), get(&m.prefill_us));
-    let (gt, dus) = (get(&m.generated_tokens), get(&m.decode_us));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// One unlabelled sample of `/metrics`: name, type, help, value.
+type Sample = (&'static str, &'static str, &'static str, String);
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// Tokens computed and generated, the time spent on each, and the rates.
+fn token_samples(m: &roundhouse::serve::EngineMetrics) -> Vec<Sample> {
+    let (pt, pus) = (load(&m.prompt_tokens), load(&m.prefill_us));
+    let (gt, dus) = (load(&m.generated_tokens), load(&m.decode_us));
     let rate = |t: u64, us: u64| {
         if us > 0 {
             format!("{:.3}", t as f64 / (us as f64 / 1e6))
@@ -229,94 +238,116 @@ async fn metrics(State(s): State<Shared>) -> Response {
             "0".into()
         }
     };
-    metric(
-        "rh_prefill_seconds_total",
-        "counter",
-        "Time spent on prompts.",
-        one(format!("{:.6}", pus as f64 / 1e6)),
-    );
-    metric(
-        "rh_decode_seconds_total",
-        "counter",
-        "Time spent generating.",
-        one(format!("{:.6}", dus as f64 / 1e6)),
-    );
-    metric(
-        "rh_prefill_tokens_per_second",
-        "gauge",
-        "Prompt tokens computed per second of prompt time, since start.",
-        one(rate(pt, pus)),
-    );
-    metric(
-        "rh_decode_tokens_per_second",
-        "gauge",
-        "Tokens generated per second of generation time, since start.",
-        one(rate(gt, dus)),
-    );
-    metric(
-        "rh_queue_depth",
-        "gauge",
-        "Requests queued or running.",
-        one(s.engine.depth().to_string()),
-    );
-    metric(
-        "rh_batch_sequences",
-        "gauge",
-        "Requests in the running batch (prefilling or generating).",
-        one(get(&m.batch_sequences).to_string()),
-    );
-    metric(
-        "rh_batch_decoding",
-        "gauge",
-        "Requests in the running batch that are generating.",
-        one(get(&m.batch_decoding).to_string()),
-    );
-    metric(
-        "rh_batch_capacity",
-        "gauge",
-        "Most requests in the running batch (--parallel).",
-        one(s.engine.parallel().to_string()),
-    );
-    metric(
-        "rh_batch_steps_total",
-        "counter",
-        "Batched forward passes run.",
-        one(get(&m.batch_steps).to_string()),
-    );
-    metric(
-        "rh_prefix_cache_hits_total",
-        "counter",
-        "Requests that started from a kept state.",
-        one(get(&m.cache_hits).to_string()),
-    );
-    metric(
-        "rh_prefix_cache_misses_total",
-        "counter",
-        "Requests that found no kept state.",
-        one(get(&m.cache_misses).to_string()),
-    );
-    metric(
-        "rh_prefix_cache_bytes",
-        "gauge",
-        "Bytes held by kept states.",
-        one(get(&m.cache_bytes).to_string()),
-    );
-    metric(
-        "rh_prefix_cache_entries",
-        "gauge",
-        "Kept states.",
-        one(get(&m.cache_entries).to_string()),
-    );
-    if let Some(p) = &s.expert_pager {
-        expert_cache_metrics(&mut metric, &p.stats(), pt + gt);
-    }
-    metric(
-        "rh_model_loaded",
-        "gauge",
-        "1 once the model is loaded.",
-        one(u8::from(s.engine.ready()).to_string()),
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    vec![
+        (
+            "rh_prompt_tokens_total",
+            "counter",
+            "Prompt tokens computed (not taken from the prefix cache).",
+            pt.to_string(),
+        ),
+        (
+            "rh_prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens taken from the prefix cache.",
+            load(&m.cached_tokens).to_string(),
+        ),
+        (
+            "rh_generated_tokens_total",
+            "counter",
+            "Tokens generated.",
+            gt.to_string(),
+        ),
+        (
+            "rh_prefill_seconds_total",
+            "counter",
+            "Time spent on prompts.",
+            format!("{:.6}", pus as f64 / 1e6),
+        ),
+        (
+            "rh_decode_seconds_total",
+            "counter",
+            "Time spent generating.",
+            format!("{:.6}", dus as f64 / 1e6),
+        ),
+        (
+            "rh_prefill_tokens_per_second",
+            "gauge",
+            "Prompt tokens computed per second of prompt time, since start.",
+            rate(pt, pus),
+        ),
+        (
+            "rh_decode_tokens_per_second",
+            "gauge",
+            "Tokens generated per second of generation time, since start.",
+            rate(gt, dus),
+        ),
+    ]
+}
+
+/// The queue and the running batch.
+fn batch_samples(s: &AppState, m: &roundhouse::serve::EngineMetrics) -> Vec<Sample> {
+    vec![
+        (
+            "rh_queue_depth",
+            "gauge",
+            "Requests queued or running.",
+            s.engine.depth().to_string(),
+        ),
+        (
+            "rh_batch_sequences",
+            "gauge",
+            "Requests in the running batch (prefilling or generating).",
+            load(&m.batch_sequences).to_string(),
+        ),
+        (
+            "rh_batch_decoding",
+            "gauge",
+            "Requests in the running batch that are generating.",
+            load(&m.batch_decoding).to_string(),
+        ),
+        (
+            "rh_batch_capacity",
+            "gauge",
+            "Most requests in the running batch (--parallel).",
+            s.engine.parallel().to_string(),
+        ),
+        (
+            "rh_batch_steps_total",
+            "counter",
+            "Batched forward passes run.",
+            load(&m.batch_steps).to_string(),
+        ),
+    ]
+}
+
+/// The prefix cache: hits, misses, what it holds.
+fn prefix_cache_samples(m: &roundhouse::serve::EngineMetrics) -> Vec<Sample> {
+    vec![
+        (
+            "rh_prefix_cache_hits_total",
+            "counter",
+            "Requests that started from a kept state.",
+            load(&m.cache_hits).to_string(),
+        ),
+        (
+            "rh_prefix_cache_misses_total",
+            "counter",
+            "Requests that found no kept state.",
+            load(&m.cache_misses).to_string(),
+        ),
+        (
+            "rh_prefix_cache_bytes",
+            "gauge",
+            "Bytes held by kept states.",
+            load(&m.cache_bytes).to_string(),
+        ),
+        (
+            "rh_prefix_cache_entries",
+            "gauge",
+            "Kept states.",
+            load(&m.cache_entries).to_string(),
+        ),
+    ]
 }
 
 /// The expert cache's counters (a model under `--memory-budget`), and the

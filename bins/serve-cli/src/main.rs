@@ -381,23 +381,10 @@ fn one_shot(
     Ok(())
 }
 
-/// `--listen`: binds first (so `/health` answers 503 while the model
-/// loads), prints the one line clients wait for, loads the model on the
-/// engine thread and serves until Ctrl-C or a failed load.
-fn serve(
-    args: &Args,
-    p: &Pipeline,
-    addr: &str,
-    strategy: Option<Strategy>,
-) -> Result<(), CliError> {
-    use roundhouse::serve::{Engine, EngineConfig};
+/// `--listen`'s engine settings: flags, else `[serve]`, else defaults.
+fn engine_config(args: &Args, p: &Pipeline) -> roundhouse::serve::EngineConfig {
     let s = &p.serve;
-    let dir = model_dir(args, p);
-    let budget = memory_budget(args, p, strategy.as_ref())?;
-    let weights = open(&dir, budget, p)?;
-    let expert_pager = roundhouse::model::experts::pager_of(&*weights);
-    let api_key = args.api_key.clone().filter(|k| !k.is_empty());
-    let config = EngineConfig {
+    roundhouse::serve::EngineConfig {
         ctx_size: args
             .ctx_size
             .or(s.ctx_size)
@@ -412,42 +399,145 @@ fn serve(
             .parallel
             .or(s.parallel)
             .unwrap_or(defaults::SERVE_PARALLEL),
+    }
+}
+
+/// Binds `addr`, warning when it is reachable from other machines without
+/// an API key.
+async fn bind(
+    addr: &str,
+    api_key: Option<&str>,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), CliError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| CliError::usage(format!("--listen {addr}: cannot bind: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| CliError::failure(format!("--listen {addr}: {e}")))?;
+    if !local.ip().is_loopback() && api_key.is_none() {
+        eprintln!(
+            "rh-serve: warning: listening on {local}, which is not a loopback address, without --api-key: anyone who can reach it can use the model"
+        );
+    }
+    Ok((listener, local))
+}
+
+/// What the engine thread reports once its load has finished.
+type Loaded = Result<roundhouse::serve::ModelInfo, String>;
+
+/// Starts the engine thread, which loads the model (locking it in RAM as
+/// the strategy says) and then reports on the returned channel.
+fn spawn_engine(
+    weights: Arc<dyn WeightSource>,
+    strategy: Option<Strategy>,
+    config: roundhouse::serve::EngineConfig,
+) -> (
+    roundhouse::serve::Engine,
+    tokio::sync::mpsc::UnboundedReceiver<Loaded>,
+) {
+    let (loaded_tx, loaded_rx) = tokio::sync::mpsc::unbounded_channel();
+    let engine = roundhouse::serve::Engine::spawn(
+        move || {
+            if let Some(st) = &strategy {
+                if let Err(msg) = weights.residency(st.populate, st.mlock) {
+                    eprintln!("rh-serve: warning: {msg}; serving without mlock");
+                }
+            }
+            ChatModel::load(weights).map_err(|e| e.to_string())
+        },
+        config,
+        move |r| {
+            let _ = loaded_tx.send(r.clone());
+        },
+    );
+    (engine, loaded_rx)
+}
+
+/// Waits for the engine's load: sets the request defaults and prints the
+/// loaded line, or hands the failure to `fail_tx` (which stops the server).
+async fn on_load(
+    args: &Args,
+    p: &Pipeline,
+    state: &http::AppState,
+    dir: &Path,
+    t0: Instant,
+    mut loaded_rx: tokio::sync::mpsc::UnboundedReceiver<Loaded>,
+    fail_tx: tokio::sync::oneshot::Sender<String>,
+) {
+    match loaded_rx.recv().await {
+        Some(Ok(info)) => {
+            http::set_defaults(
+                state,
+                api::Defaults {
+                    sampling: sampling(args, p, info.sampling),
+                    max_tokens: args.max_tokens.or(p.serve.max_tokens),
+                    random_seed: args.seed.or(p.serve.seed).is_none(),
+                },
+            );
+            if !args.quiet {
+                eprintln!(
+                    "rh-serve: loaded {} in {:.2} s ({} threads, context {} tokens)",
+                    dir.display(),
+                    t0.elapsed().as_secs_f64(),
+                    rayon::current_num_threads(),
+                    info.ctx_size
+                );
+            }
+        }
+        Some(Err(msg)) => {
+            let _ = fail_tx.send(msg);
+        }
+        None => {
+            let _ = fail_tx.send("the engine thread ended while loading".into());
+        }
+    }
+}
+
+/// Resolves on Ctrl-C, or when the load failed (its message is kept in
+/// `failed`). A dropped sender means the model loaded: then only Ctrl-C
+/// ends it.
+async fn shutdown(
+    fail_rx: tokio::sync::oneshot::Receiver<String>,
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+) {
+    let failed_load = async {
+        match fail_rx.await {
+            Ok(msg) => msg,
+            Err(_) => std::future::pending().await,
+        }
     };
+    tokio::select! {
+        msg = failed_load => {
+            *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+        }
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// `--listen`: binds first (so `/health` answers 503 while the model
+/// loads), prints the one line clients wait for, loads the model on the
+/// engine thread and serves until Ctrl-C or a failed load.
+fn serve(
+    args: &Args,
+    p: &Pipeline,
+    addr: &str,
+    strategy: Option<Strategy>,
+) -> Result<(), CliError> {
+    let dir = model_dir(args, p);
+    let budget = memory_budget(args, p, strategy.as_ref())?;
+    let weights = open(&dir, budget, p)?;
+    let expert_pager = roundhouse::model::experts::pager_of(&*weights);
+    let api_key = args.api_key.clone().filter(|k| !k.is_empty());
+    let config = engine_config(args, p);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| CliError::failure(format!("starting the HTTP runtime: {e}")))?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| CliError::usage(format!("--listen {addr}: cannot bind: {e}")))?;
-        let local = listener
-            .local_addr()
-            .map_err(|e| CliError::failure(format!("--listen {addr}: {e}")))?;
-        if !local.ip().is_loopback() && api_key.is_none() {
-            eprintln!(
-                "rh-serve: warning: listening on {local}, which is not a loopback address, without --api-key: anyone who can reach it can use the model"
-            );
-        }
-        let (loaded_tx, mut loaded_rx) = tokio::sync::mpsc::unbounded_channel();
-        let quiet = args.quiet;
+        let (listener, local) = bind(addr, api_key.as_deref()).await?;
         let t0 = Instant::now();
-        let load_dir = dir.clone();
-        let engine = Engine::spawn(
-            move || {
-                if let Some(st) = &strategy {
-                    if let Err(msg) = weights.residency(st.populate, st.mlock) {
-                        eprintln!("rh-serve: warning: {msg}; serving without mlock");
-                    }
-                }
-                ChatModel::load(weights).map_err(|e| e.to_string())
-            },
-            config,
-            move |r| {
-                let _ = loaded_tx.send(r.clone());
-            },
-        );
+        let (engine, loaded_rx) = spawn_engine(weights, strategy, config);
         let state = Arc::new(http::AppState {
             engine,
             model_id: dir
@@ -464,57 +554,11 @@ fn serve(
         let app = http::router(state.clone(), args.cors.clone());
         eprintln!("rh-serve: listening on http://{local}");
         let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<String>();
-        let base = args.max_tokens.or(s.max_tokens);
-        let fixed_seed = args.seed.or(s.seed).is_some();
-        let overrides = |sp| sampling(args, p, sp);
-        let on_load = async {
-            match loaded_rx.recv().await {
-                Some(Ok(info)) => {
-                    http::set_defaults(
-                        &state,
-                        api::Defaults {
-                            sampling: overrides(info.sampling),
-                            max_tokens: base,
-                            random_seed: !fixed_seed,
-                        },
-                    );
-                    if !quiet {
-                        eprintln!(
-                            "rh-serve: loaded {} in {:.2} s ({} threads, context {} tokens)",
-                            load_dir.display(),
-                            t0.elapsed().as_secs_f64(),
-                            rayon::current_num_threads(),
-                            info.ctx_size
-                        );
-                    }
-                }
-                Some(Err(msg)) => {
-                    let _ = fail_tx.send(msg);
-                }
-                None => {
-                    let _ = fail_tx.send("the engine thread ended while loading".into());
-                }
-            }
-        };
         let failed = Arc::new(std::sync::Mutex::new(None::<String>));
-        let failed2 = failed.clone();
-        let shutdown = async move {
-            // A dropped sender means the model loaded: then only Ctrl-C ends it.
-            let failed_load = async {
-                match fail_rx.await {
-                    Ok(msg) => msg,
-                    Err(_) => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                msg = failed_load => {
-                    *failed2.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
-                }
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        };
-        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
-        let (served, ()) = tokio::join!(std::future::IntoFuture::into_future(server), on_load);
+        let server =
+            axum::serve(listener, app).with_graceful_shutdown(shutdown(fail_rx, failed.clone()));
+        let loading = on_load(args, p, &state, &dir, t0, loaded_rx, fail_tx);
+        let (served, ()) = tokio::join!(std::future::IntoFuture::into_future(server), loading);
         served.map_err(|e| CliError::failure(format!("serving HTTP: {e}")))?;
         let failed = failed.lock().unwrap_or_else(|e| e.into_inner()).take();
         match failed {

@@ -83,100 +83,122 @@ pub fn run(conv: &mut Conversation<'_>, mut show_thinking: bool) -> Result<(), C
             continue;
         }
         if let Some(cmd) = line.strip_prefix('/') {
-            let (name, rest) = cmd.split_once(char::is_whitespace).unwrap_or((cmd, ""));
-            let rest = rest.trim();
-            match name {
-                "exit" | "quit" => break,
-                "reset" => {
-                    conv.reset();
-                    println!("(conversation reset)");
-                }
-                "system" => {
-                    conv.set_system(Some(rest.to_string()));
-                    if rest.is_empty() {
-                        println!("(system prompt cleared; conversation reset)");
-                    } else {
-                        println!("(system prompt set; conversation reset)");
-                    }
-                }
-                "thinking" => match rest {
-                    "on" => {
-                        show_thinking = true;
-                        println!("(reasoning shown)");
-                    }
-                    "off" => {
-                        show_thinking = false;
-                        println!("(reasoning hidden)");
-                    }
-                    _ => println!("usage: /thinking on|off"),
-                },
-                "stats" => match conv.last_stats() {
-                    Some(s) => println!(
-                        "{} (context {} of {} tokens)",
-                        stats_line(s, StopReason::Eos),
-                        conv.context_used(),
-                        conv.options().ctx_size
-                    ),
-                    None => println!("(no answer yet; context {} tokens)", conv.context_used()),
-                },
-                "help" => println!("{HELP}"),
-                _ => println!("unknown command /{name}; /help lists them"),
+            if !command(conv, cmd, &mut show_thinking) {
+                break;
             }
             continue;
         }
         cancel.store(false, Ordering::SeqCst);
-        let mut out = std::io::stdout().lock();
-        let mut thinking_shown = false;
-        let mut on_event = |e: Event<'_>| match e {
-            Event::Reasoning(s) if show_thinking => {
-                let _ = write!(out, "{}", dim(s, tty));
-                let _ = out.flush();
+        turn(conv, line, &cancel, show_thinking, tty)?;
+        cancel.store(false, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+/// Runs one `/command` (without its slash); false for `/exit`.
+fn command(conv: &mut Conversation<'_>, cmd: &str, show_thinking: &mut bool) -> bool {
+    let (name, rest) = cmd.split_once(char::is_whitespace).unwrap_or((cmd, ""));
+    let rest = rest.trim();
+    match name {
+        "exit" | "quit" => return false,
+        "reset" => {
+            conv.reset();
+            println!("(conversation reset)");
+        }
+        "system" => {
+            conv.set_system(Some(rest.to_string()));
+            if rest.is_empty() {
+                println!("(system prompt cleared; conversation reset)");
+            } else {
+                println!("(system prompt set; conversation reset)");
             }
-            Event::Thinking { tokens } if !show_thinking && tty => {
-                thinking_shown = true;
-                let _ = write!(
+        }
+        "thinking" => match rest {
+            "on" => {
+                *show_thinking = true;
+                println!("(reasoning shown)");
+            }
+            "off" => {
+                *show_thinking = false;
+                println!("(reasoning hidden)");
+            }
+            _ => println!("usage: /thinking on|off"),
+        },
+        "stats" => match conv.last_stats() {
+            Some(s) => println!(
+                "{} (context {} of {} tokens)",
+                stats_line(s, StopReason::Eos),
+                conv.context_used(),
+                conv.options().ctx_size
+            ),
+            None => println!("(no answer yet; context {} tokens)", conv.context_used()),
+        },
+        "help" => println!("{HELP}"),
+        _ => println!("unknown command /{name}; /help lists them"),
+    }
+    true
+}
+
+/// Answers one line: streams the reasoning (dimmed, or a counter when
+/// hidden) and the answer, then the stats line. A prompt too long for the
+/// context is reported and the chat goes on; other errors end it.
+fn turn(
+    conv: &mut Conversation<'_>,
+    line: &str,
+    cancel: &AtomicBool,
+    show_thinking: bool,
+    tty: bool,
+) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    let mut thinking_shown = false;
+    let mut on_event = |e: Event<'_>| match e {
+        Event::Reasoning(s) if show_thinking => {
+            let _ = write!(out, "{}", dim(s, tty));
+            let _ = out.flush();
+        }
+        Event::Thinking { tokens } if !show_thinking && tty => {
+            thinking_shown = true;
+            let _ = write!(
+                out,
+                "\r{}",
+                dim(&format!("thinking... ({tokens} tokens)"), tty)
+            );
+            let _ = out.flush();
+        }
+        Event::ReasoningEnd { tokens } => {
+            if show_thinking {
+                let _ = writeln!(out, "\n");
+            } else {
+                let _ = writeln!(
                     out,
                     "\r{}",
                     dim(&format!("thinking... ({tokens} tokens)"), tty)
                 );
-                let _ = out.flush();
             }
-            Event::ReasoningEnd { tokens } => {
-                if show_thinking {
-                    let _ = writeln!(out, "\n");
-                } else {
-                    let _ = writeln!(
-                        out,
-                        "\r{}",
-                        dim(&format!("thinking... ({tokens} tokens)"), tty)
-                    );
-                }
-                thinking_shown = false;
+            thinking_shown = false;
+        }
+        Event::Answer(s) => {
+            let _ = write!(out, "{s}");
+            let _ = out.flush();
+        }
+        _ => {}
+    };
+    let r = conv.send(line, cancel, &mut on_event);
+    if thinking_shown {
+        let _ = writeln!(out);
+    }
+    match r {
+        Ok(r) => {
+            if r.stop == StopReason::Cancelled {
+                let _ = write!(out, "\n(stopped)");
             }
-            Event::Answer(s) => {
-                let _ = write!(out, "{s}");
-                let _ = out.flush();
-            }
-            _ => {}
-        };
-        let r = conv.send(line, &cancel, &mut on_event);
-        if thinking_shown {
             let _ = writeln!(out);
+            let _ = writeln!(out, "{}", dim(&stats_line(&r.stats, r.stop), tty));
         }
-        match r {
-            Ok(r) => {
-                if r.stop == StopReason::Cancelled {
-                    let _ = write!(out, "\n(stopped)");
-                }
-                let _ = writeln!(out);
-                let _ = writeln!(out, "{}", dim(&stats_line(&r.stats, r.stop), tty));
-            }
-            Err(e @ ChatError::PromptTooLong { .. }) => {
-                let _ = writeln!(out, "error: {e}");
-            }
-            Err(e) => return Err(e.into()),
+        Err(e @ ChatError::PromptTooLong { .. }) => {
+            let _ = writeln!(out, "error: {e}");
         }
-        cancel.store(false, Ordering::SeqCst);
+        Err(e) => return Err(e.into()),
     }
     Ok(())
 }

@@ -315,6 +315,43 @@ impl<'a> Conversation<'a> {
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<TurnResult, ChatError> {
         let start = Instant::now();
+        let (ids, prompt_text) = self.start_turn(user)?;
+        let logits = self.chat.model.forward(&mut self.state, &ids);
+        let prefill_s = start.elapsed().as_secs_f64();
+        self.push_recent(&ids);
+        self.fed.extend_from_slice(&ids);
+
+        let mut gen = Generation::new(prompt_text.trim_end().ends_with("<think>"));
+        let stop = self.generate(logits, &mut gen, cancel, on_event)?;
+        if let Some(s) = gen.detok.flush(&self.chat.tokenizer)? {
+            emit(
+                &s,
+                gen.in_reasoning,
+                &mut gen.reasoning,
+                &mut gen.answer,
+                on_event,
+            );
+        }
+        let content = if gen.reasoning_tokens > 0 {
+            format!("{}</think>\n\n{}", gen.reasoning, gen.answer)
+        } else {
+            gen.answer.clone()
+        };
+        self.messages.push(Message::new("user", user));
+        self.messages.push(Message::new("assistant", content));
+        let stats = self.turn_stats(&gen, stop, ids.len(), start, prefill_s);
+        self.last = Some(stats.clone());
+        Ok(TurnResult {
+            reasoning: gen.reasoning.trim().to_string(),
+            answer: gen.answer.trim_end().to_string(),
+            stop,
+            stats,
+        })
+    }
+
+    /// The turn's prompt ids and text, refused when they do not fit the
+    /// context; a fresh prompt (the whole history) starts a new state.
+    fn start_turn(&mut self, user: &str) -> Result<(Vec<u32>, String), ChatError> {
         let (ids, prompt_text, fresh) = self.plan_turn(user)?;
         let used = if fresh { 0 } else { self.state.position() };
         let ctx = self.opts.ctx_size;
@@ -331,103 +368,76 @@ impl<'a> Conversation<'a> {
             self.fed.clear();
         }
         self.pending.clear();
-        let model = &self.chat.model;
-        let tok = &self.chat.tokenizer;
-        let mut logits = model.forward(&mut self.state, &ids);
-        let prefill_s = start.elapsed().as_secs_f64();
-        self.push_recent(&ids);
-        self.fed.extend_from_slice(&ids);
+        Ok((ids, prompt_text))
+    }
 
-        let mut in_reasoning = prompt_text.trim_end().ends_with("<think>");
-        let mut reasoning = String::new();
-        let mut answer = String::new();
-        let mut detok = Detokenizer::new();
-        let mut generated = 0usize;
-        let mut reasoning_tokens = 0usize;
-        let mut first_at: Option<Instant> = None;
-        let mut last_at: Instant;
-        let stop;
+    /// Samples and feeds tokens from the prompt's `logits` until an end
+    /// token, `max_tokens`, a full context or `cancel`, routing each into
+    /// `gen`; a last sampled token that was not fed is kept in `pending`.
+    fn generate(
+        &mut self,
+        mut logits: Vec<f32>,
+        gen: &mut Generation,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<StopReason, ChatError> {
+        let chat = self.chat;
+        let ctx = self.opts.ctx_size;
         loop {
             let id = self.sampler.sample(&mut logits, &self.recent);
             let now = Instant::now();
-            first_at.get_or_insert(now);
-            last_at = now;
-            if self.chat.eos_ids.contains(&id) {
-                stop = StopReason::Eos;
-                break;
+            gen.first_at.get_or_insert(now);
+            gen.last_at = Some(now);
+            if chat.eos_ids.contains(&id) {
+                return Ok(StopReason::Eos);
             }
-            generated += 1;
             self.push_recent(&[id]);
-            if in_reasoning {
-                reasoning_tokens += 1;
-                on_event(Event::Thinking {
-                    tokens: reasoning_tokens,
-                });
-            }
-            if Some(id) == tok.think_end && in_reasoning {
-                if let Some(s) = detok.flush(tok)? {
-                    reasoning.push_str(&s);
-                    on_event(Event::Reasoning(&s));
-                }
-                in_reasoning = false;
-                on_event(Event::ReasoningEnd {
-                    tokens: reasoning_tokens,
-                });
-            } else if Some(id) == tok.think_start && generated == 1 && !in_reasoning {
-                in_reasoning = true;
-                reasoning_tokens = 1;
-            } else if let Some(s) = detok.push(tok, id)? {
-                emit(&s, in_reasoning, &mut reasoning, &mut answer, on_event);
-            }
+            gen.take(&chat.tokenizer, id, on_event)?;
             let full = self.state.position() + 1 >= ctx;
-            if cancel.load(Ordering::Relaxed) || generated >= self.opts.max_tokens || full {
-                stop = if cancel.load(Ordering::Relaxed) {
+            if cancel.load(Ordering::Relaxed) || gen.generated >= self.opts.max_tokens || full {
+                self.pending.push(id);
+                return Ok(if cancel.load(Ordering::Relaxed) {
                     StopReason::Cancelled
-                } else if generated >= self.opts.max_tokens {
+                } else if gen.generated >= self.opts.max_tokens {
                     StopReason::MaxTokens
                 } else {
                     StopReason::ContextFull
-                };
-                self.pending.push(id);
-                break;
+                });
             }
-            logits = model.forward(&mut self.state, &[id]);
+            logits = chat.model.forward(&mut self.state, &[id]);
             self.fed.push(id);
         }
-        if let Some(s) = detok.flush(tok)? {
-            emit(&s, in_reasoning, &mut reasoning, &mut answer, on_event);
-        }
-        let content = if reasoning_tokens > 0 {
-            format!("{reasoning}</think>\n\n{answer}")
-        } else {
-            answer.clone()
-        };
-        self.messages.push(Message::new("user", user));
-        self.messages.push(Message::new("assistant", content));
-        let first = first_at.expect("the loop samples at least once");
+    }
+
+    /// The turn's figures: `prompt` tokens prefilled in `prefill_s`, the
+    /// generation's timing from `start`.
+    fn turn_stats(
+        &self,
+        gen: &Generation,
+        stop: StopReason,
+        prompt: usize,
+        start: Instant,
+        prefill_s: f64,
+    ) -> TurnStats {
+        let generated = gen.generated;
+        let first = gen.first_at.expect("the loop samples at least once");
+        let last_at = gen.last_at.unwrap_or(first);
         let decode_s = last_at.duration_since(first).as_secs_f64();
         let decoded =
             generated.saturating_sub(1) + usize::from(stop == StopReason::Eos && generated > 0);
-        let stats = TurnStats {
-            prompt_tokens: ids.len(),
+        TurnStats {
+            prompt_tokens: prompt,
             generated_tokens: generated,
-            reasoning_tokens,
+            reasoning_tokens: gen.reasoning_tokens,
             context_tokens: self.state.position() + self.pending.len(),
             ttft_ms: first.duration_since(start).as_secs_f64() * 1e3,
-            prefill_tps: ids.len() as f64 / prefill_s.max(1e-9),
+            prefill_tps: prompt as f64 / prefill_s.max(1e-9),
             decode_tps: if decoded > 0 && decode_s > 0.0 {
                 decoded as f64 / decode_s
             } else {
                 0.0
             },
-        };
-        self.last = Some(stats.clone());
-        Ok(TurnResult {
-            reasoning: reasoning.trim().to_string(),
-            answer: answer.trim_end().to_string(),
-            stop,
-            stats,
-        })
+        }
     }
 
     fn push_recent(&mut self, ids: &[u32]) {
@@ -436,6 +446,78 @@ impl<'a> Conversation<'a> {
         if self.recent.len() > 4 * keep {
             self.recent.drain(..self.recent.len() - keep);
         }
+    }
+}
+
+/// What a turn's generation has produced so far.
+struct Generation {
+    /// Inside `<think>` ... `</think>`.
+    in_reasoning: bool,
+    reasoning: String,
+    answer: String,
+    detok: Detokenizer,
+    /// Tokens generated, the end token not counted.
+    generated: usize,
+    /// Of those, reasoning tokens (up to and including `</think>`).
+    reasoning_tokens: usize,
+    /// When the first and the last token were sampled.
+    first_at: Option<Instant>,
+    last_at: Option<Instant>,
+}
+
+impl Generation {
+    /// A generation whose prompt ends inside reasoning when `in_reasoning`
+    /// (a template that opens `<think>` itself).
+    fn new(in_reasoning: bool) -> Generation {
+        Generation {
+            in_reasoning,
+            reasoning: String::new(),
+            answer: String::new(),
+            detok: Detokenizer::new(),
+            generated: 0,
+            reasoning_tokens: 0,
+            first_at: None,
+            last_at: None,
+        }
+    }
+
+    /// Counts one sampled (not end) token, steps in or out of reasoning on
+    /// `<think>` / `</think>`, and streams its text.
+    fn take(
+        &mut self,
+        tok: &ChatTokenizer,
+        id: u32,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<(), ChatError> {
+        self.generated += 1;
+        if self.in_reasoning {
+            self.reasoning_tokens += 1;
+            on_event(Event::Thinking {
+                tokens: self.reasoning_tokens,
+            });
+        }
+        if Some(id) == tok.think_end && self.in_reasoning {
+            if let Some(s) = self.detok.flush(tok)? {
+                self.reasoning.push_str(&s);
+                on_event(Event::Reasoning(&s));
+            }
+            self.in_reasoning = false;
+            on_event(Event::ReasoningEnd {
+                tokens: self.reasoning_tokens,
+            });
+        } else if Some(id) == tok.think_start && self.generated == 1 && !self.in_reasoning {
+            self.in_reasoning = true;
+            self.reasoning_tokens = 1;
+        } else if let Some(s) = self.detok.push(tok, id)? {
+            emit(
+                &s,
+                self.in_reasoning,
+                &mut self.reasoning,
+                &mut self.answer,
+                on_event,
+            );
+        }
+        Ok(())
     }
 }
 

@@ -653,7 +653,6 @@ impl Dl<'_, '_> {
     /// from the record's repair cursor, rewriting only what differs, then
     /// checks the whole file again.
     fn repair(&mut self, prog: Progress) -> Result<Step, FetchError> {
-        let ctx = self.ctx;
         let label = self.label;
         let size = prog.len;
         let cs = self.meta.chunk_size;
@@ -682,15 +681,35 @@ impl Dl<'_, '_> {
             .set_message(short_name(&format!("repair {label}"), NAME_WIDTH));
         self.bar.set_length(size);
         self.bar.set_position((r.cursor * cs).min(size));
+        if !self.repair_chunks(&file, &mut r, size)? {
+            drop(file);
+            self.cut(0)?;
+            return Ok(Step::Restart);
+        }
+        drop(file);
+        self.finish_repair(r, n)
+    }
+
+    /// The repair's chunk loop: compares (and rewrites) each chunk from the
+    /// cursor on, saving the cursor after each, retrying a failed chunk.
+    /// False when the remote file changed and the repair cannot use it.
+    fn repair_chunks(
+        &mut self,
+        file: &File,
+        r: &mut Repair,
+        size: u64,
+    ) -> Result<bool, FetchError> {
+        let cs = self.meta.chunk_size;
+        let n = size.div_ceil(cs);
         let mut attempt = 0u32;
         while r.cursor < n {
-            if ctx.units.aborted() {
+            if self.ctx.units.aborted() {
                 return Err(FetchError::Aborted);
             }
             let a = r.cursor * cs;
             let b = (a + cs).min(size);
             let mut progressed = false;
-            match self.compare_range(&file, a, b, &mut r, &mut progressed) {
+            match self.compare_range(file, a, b, r, &mut progressed) {
                 Ok(()) => {
                     file.sync_data().map_err(|e| FsError::io(&self.part, e))?;
                     r.cursor += 1;
@@ -701,11 +720,10 @@ impl Dl<'_, '_> {
                 Err(Fail::Changed(why)) => {
                     bar_warn!(
                         self.ctx.bars,
-                        "{label}: {why}; the repair cannot use it: starting the file over"
+                        "{}: {why}; the repair cannot use it: starting the file over",
+                        self.label
                     );
-                    drop(file);
-                    self.cut(0)?;
-                    return Ok(Step::Restart);
+                    return Ok(false);
                 }
                 Err(fail) => {
                     if progressed {
@@ -713,37 +731,49 @@ impl Dl<'_, '_> {
                     }
                     self.meta.repair = Some(r.clone());
                     self.save_meta()?;
-                    if ctx.units.aborted() {
-                        return Err(FetchError::Aborted);
-                    }
-                    if fail.retryable() && attempt < ctx.client.retries {
-                        let wait = fail.wait(attempt);
-                        bar_warn!(
-                            self.ctx.bars,
-                            "{label}: repair: {}; retrying chunk {} in {wait:?}",
-                            fail.describe(),
-                            r.cursor
-                        );
-                        std::thread::sleep(wait);
-                        attempt += 1;
-                        continue;
-                    }
-                    let mut e =
-                        ctx.client
-                            .map_fail(fail, &self.url, &ctx.what(label), ctx.repo, attempt);
-                    if let FetchError::Http { reason, .. } = &mut e {
-                        reason.push_str(&format!(
-                            "; the repair of {} continues at byte {} on rerun",
-                            self.part.display(),
-                            r.cursor * cs
-                        ));
-                    }
-                    return Err(e);
+                    self.repair_retry(fail, r, attempt)?;
+                    attempt += 1;
                 }
             }
         }
-        drop(file);
-        // Hash the repaired file again and record its chunks.
+        Ok(true)
+    }
+
+    /// After a chunk failed (its progress saved): waits and returns to
+    /// retry it, or the error, which says where a rerun continues.
+    fn repair_retry(&self, fail: Fail, r: &Repair, attempt: u32) -> Result<(), FetchError> {
+        let (ctx, label) = (self.ctx, self.label);
+        if ctx.units.aborted() {
+            return Err(FetchError::Aborted);
+        }
+        if fail.retryable() && attempt < ctx.client.retries {
+            let wait = fail.wait(attempt);
+            bar_warn!(
+                self.ctx.bars,
+                "{label}: repair: {}; retrying chunk {} in {wait:?}",
+                fail.describe(),
+                r.cursor
+            );
+            std::thread::sleep(wait);
+            return Ok(());
+        }
+        let mut e = ctx
+            .client
+            .map_fail(fail, &self.url, &ctx.what(label), ctx.repo, attempt);
+        if let FetchError::Http { reason, .. } = &mut e {
+            reason.push_str(&format!(
+                "; the repair of {} continues at byte {} on rerun",
+                self.part.display(),
+                r.cursor * self.meta.chunk_size
+            ));
+        }
+        Err(e)
+    }
+
+    /// Hashes the repaired file again, records its chunks and says what
+    /// the repair of `n` chunks changed.
+    fn finish_repair(&mut self, r: Repair, n: u64) -> Result<Step, FetchError> {
+        let label = self.label;
         self.meta.chunks.clear();
         let s = part::scan(&self.part, &mut self.meta, &ProgressBar::hidden())?;
         self.meta.chunks = s.pending;
