@@ -135,13 +135,10 @@ pub fn threads_setting(what: &str, n: usize) -> Result<usize, SettingError> {
 /// spending minutes creating threads.
 pub const MAX_THREADS: usize = 1024;
 
-/// Checks a thread count from a flag or the manifest (`what` names it);
-/// the message form of [`threads_setting`], for callers that build their
-/// own usage error.
-pub fn check_threads(what: &str, n: usize) -> Result<(), String> {
-    threads_setting(what, n)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+/// Checks a thread count from a flag or the manifest (`what` names it):
+/// [`threads_setting`] for callers that only check.
+pub fn check_threads(what: &str, n: usize) -> Result<(), SettingError> {
+    threads_setting(what, n).map(|_| ())
 }
 
 /// Errors reading the manifest.
@@ -412,9 +409,9 @@ impl Pipeline {
             ("bench.threads", p.bench.threads),
         ] {
             if let Some(n) = n {
-                check_threads(key, n).map_err(|message| PipelineError::Parse {
+                check_threads(key, n).map_err(|e| PipelineError::Parse {
                     path: path.to_path_buf(),
-                    message,
+                    message: e.to_string(),
                 })?;
             }
         }

@@ -54,8 +54,8 @@ impl SamplingParams {
 
     /// Refuses settings that make sampling meaningless: NaN or infinite
     /// values, `top_p`/`min_p` outside 0..=1, a penalty that is not
-    /// positive. The message names the setting.
-    pub fn validate(&self) -> Result<(), String> {
+    /// positive. The error names the setting.
+    pub fn validate(&self) -> Result<(), SamplingError> {
         let checks = [
             ("temperature", self.temperature, f32::MIN, f32::MAX),
             ("top_p", self.top_p, 0.0, 1.0),
@@ -76,11 +76,28 @@ impl SamplingParams {
                 } else {
                     "a finite number"
                 };
-                return Err(format!("{name} {v}: must be {range}"));
+                return Err(SamplingError {
+                    name,
+                    value: v,
+                    range,
+                });
             }
         }
         Ok(())
     }
+}
+
+/// A sampling setting that makes sampling meaningless (see
+/// [`SamplingParams::validate`]).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{name} {value}: must be {range}")]
+pub struct SamplingError {
+    /// The setting, e.g. `top_p`.
+    pub name: &'static str,
+    /// The value given.
+    pub value: f32,
+    /// What it must be, e.g. `a number from 0 to 1`.
+    pub range: &'static str,
 }
 
 /// Draws tokens according to [`SamplingParams`].

@@ -9,6 +9,19 @@ use crate::cli::{Classify, Exit};
 use crate::config::ModelConfig;
 use crate::tensor::Matrix;
 
+/// Locking mapped weights in RAM was refused (e.g. by RLIMIT_MEMLOCK).
+/// The model still runs, unlocked, so callers warn rather than fail.
+#[derive(Debug, thiserror::Error)]
+#[error("{dir}: {what} refused: {source}")]
+pub struct LockRefused {
+    /// The model directory, as displayed.
+    pub dir: String,
+    /// What was locked: `mlock`, or `mlock of the resident weights`.
+    pub what: &'static str,
+    /// The kernel's answer.
+    pub source: std::io::Error,
+}
+
 /// Errors fetching a weight; each names the tensor.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
@@ -94,8 +107,8 @@ pub trait WeightSource: Send + Sync {
     /// Applies inspect's memory decision to mapped weights: `populate`
     /// asks the kernel to read them ahead (madvise WILLNEED), `lock` pins
     /// them in RAM (mlock). Sources that own their bytes do nothing.
-    /// Returns a message when locking was refused (e.g. RLIMIT_MEMLOCK).
-    fn residency(&self, populate: bool, lock: bool) -> Result<(), String> {
+    /// Returns why when locking was refused (e.g. RLIMIT_MEMLOCK).
+    fn residency(&self, populate: bool, lock: bool) -> Result<(), LockRefused> {
         let _ = (populate, lock);
         Ok(())
     }

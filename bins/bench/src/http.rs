@@ -77,8 +77,33 @@ fn filler(words: usize, salt: usize) -> String {
         .join(" ")
 }
 
+/// Why a streamed request gave nothing to measure. (An HTTP error status
+/// is an answer: it is counted, not an error.)
+#[derive(Debug)]
+enum StreamError {
+    /// The request could not be sent, or no reply came.
+    Request(Box<ureq::Error>),
+    /// The reply's stream broke off.
+    Read(std::io::Error),
+    /// An event that is not JSON.
+    Json {
+        error: serde_json::Error,
+        data: String,
+    },
+}
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamError::Request(e) => write!(f, "{e}"),
+            StreamError::Read(e) => write!(f, "{e}"),
+            StreamError::Json { error, data } => write!(f, "{error}: {data}"),
+        }
+    }
+}
+
 /// Sends one streaming chat request; times the first and last chunks.
-fn stream_chat(a: &HttpArgs, messages: &Value, cache: bool) -> Result<(Seen, String), String> {
+fn stream_chat(a: &HttpArgs, messages: &Value, cache: bool) -> Result<(Seen, String), StreamError> {
     let body = json!({"messages": messages, "max_tokens": a.max_tokens, "temperature": 0,
         "stream": true, "stream_options": {"include_usage": true}, "cache_prompt": cache});
     let mut req = ureq::post(&format!(
@@ -102,7 +127,7 @@ fn stream_chat(a: &HttpArgs, messages: &Value, cache: bool) -> Result<(Seen, Str
                 String::new(),
             ))
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(StreamError::Request(Box::new(e))),
     };
     let mut seen = Seen {
         status: resp.status(),
@@ -193,7 +218,7 @@ fn stream_timed(
     content: &str,
     max_tokens: usize,
     mut on_chunk: impl FnMut(usize),
-) -> Result<Timed, String> {
+) -> Result<Timed, StreamError> {
     let body = json!({"messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens, "temperature": 0, "stream": true,
         "stream_options": {"include_usage": true}, "cache_prompt": false});
@@ -216,7 +241,7 @@ fn stream_timed(
                 completion_tokens: 0,
             })
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(StreamError::Request(Box::new(e))),
     };
     let mut t = Timed {
         status: resp.status(),
@@ -275,7 +300,8 @@ fn arrival(a: &HttpArgs, words: usize) -> Result<(), CliError> {
                 .map_err(|_| CliError::failure("a stream never produced its first chunks"))?;
         }
         let sent = Instant::now();
-        let long = stream_timed(a, &filler(words, 999), 2, |_| {}).map_err(CliError::failure)?;
+        let long = stream_timed(a, &filler(words, 999), 2, |_| {})
+            .map_err(|e| CliError::failure(e.to_string()))?;
         if long.status != 200 {
             return Err(CliError::failure(format!(
                 "the long prompt: HTTP {}",
@@ -288,7 +314,7 @@ fn arrival(a: &HttpArgs, words: usize) -> Result<(), CliError> {
             let t = h
                 .join()
                 .map_err(|_| CliError::failure("a stream thread panicked"))?
-                .map_err(CliError::failure)?;
+                .map_err(|e| CliError::failure(e.to_string()))?;
             let Some(&start) = t.chunks.first() else {
                 return Err(CliError::failure(format!(
                     "stream {c}: HTTP {} and no chunks",
@@ -362,7 +388,7 @@ fn load(a: &HttpArgs) -> Result<(), CliError> {
                         json!([{"role": "user", "content": filler(a.prompt_words, c * 1000 + r)}]);
                     match stream_chat(a, &msgs, true) {
                         Ok((seen, _)) => results.lock().unwrap().push(seen),
-                        Err(e) => errors.lock().unwrap().push(e),
+                        Err(e) => errors.lock().unwrap().push(e.to_string()),
                     }
                 }
             });
@@ -405,7 +431,8 @@ fn reuse(a: &HttpArgs, words: usize) -> Result<(), CliError> {
     for r in 0..a.requests {
         // A new conversation each round, so no earlier round is reused.
         let first = json!([{"role": "user", "content": format!("{r}: {}", filler(words, r))}]);
-        let (s1, reply) = stream_chat(a, &first, true).map_err(CliError::failure)?;
+        let (s1, reply) =
+            stream_chat(a, &first, true).map_err(|e| CliError::failure(e.to_string()))?;
         if s1.status != 200 {
             return Err(CliError::failure(format!("first turn: HTTP {}", s1.status)));
         }
@@ -420,7 +447,8 @@ fn reuse(a: &HttpArgs, words: usize) -> Result<(), CliError> {
             [true, false]
         };
         for cache in order {
-            let (s, _) = stream_chat(a, &second, cache).map_err(CliError::failure)?;
+            let (s, _) =
+                stream_chat(a, &second, cache).map_err(|e| CliError::failure(e.to_string()))?;
             let row = json!({"ttft_ms": s.ttft_s * 1e3, "prompt_tokens": s.prompt, "cached_tokens": s.cached});
             if cache {
                 with.push(row);
@@ -444,12 +472,12 @@ fn reuse(a: &HttpArgs, words: usize) -> Result<(), CliError> {
 
 /// The JSON events of a streamed (server-sent events) answer, up to its
 /// `[DONE]`; a read or parse failure is the last item.
-fn sse_events(resp: ureq::Response) -> impl Iterator<Item = Result<Value, String>> {
+fn sse_events(resp: ureq::Response) -> impl Iterator<Item = Result<Value, StreamError>> {
     let mut lines = BufReader::new(resp.into_reader()).lines();
     std::iter::from_fn(move || loop {
         let line = match lines.next()? {
             Ok(l) => l,
-            Err(e) => return Some(Err(e.to_string())),
+            Err(e) => return Some(Err(StreamError::Read(e))),
         };
         let Some(data) = line.strip_prefix("data: ") else {
             continue;
@@ -457,6 +485,11 @@ fn sse_events(resp: ureq::Response) -> impl Iterator<Item = Result<Value, String
         if data == "[DONE]" {
             return None;
         }
-        return Some(serde_json::from_str(data).map_err(|e| format!("{e}: {data}")));
+        return Some(
+            serde_json::from_str(data).map_err(|error| StreamError::Json {
+                error,
+                data: data.to_string(),
+            }),
+        );
     })
 }

@@ -199,7 +199,7 @@ fn set_threads(
         .or(pipeline.bench.threads)
         .or(strategy.map(|s| s.threads).filter(|&t| t > 0))
     {
-        roundhouse::pipeline::check_threads("-t/--threads", t).map_err(CliError::usage)?;
+        roundhouse::pipeline::check_threads("-t/--threads", t)?;
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(t)
             .build_global();

@@ -253,7 +253,7 @@ fn run() -> Result<(), CliError> {
     let strategy = Strategy::load_for_use(&strategy);
     let strategy_threads = strategy.as_ref().map(|s| s.threads).filter(|&t| t > 0);
     if let Some(n) = args.threads.or(p.serve.threads).or(strategy_threads) {
-        roundhouse::pipeline::check_threads("--threads", n).map_err(CliError::usage)?;
+        roundhouse::pipeline::check_threads("--threads", n)?;
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();
@@ -423,7 +423,7 @@ async fn bind(
 }
 
 /// What the engine thread reports once its load has finished.
-type Loaded = Result<roundhouse::serve::ModelInfo, String>;
+type Loaded = Result<roundhouse::serve::ModelInfo, roundhouse::serve::LoadFailed>;
 
 /// Starts the engine thread, which loads the model (locking it in RAM as
 /// the strategy says) and then reports on the returned channel.
@@ -443,7 +443,7 @@ fn spawn_engine(
                     eprintln!("rh-serve: warning: {msg}; serving without mlock");
                 }
             }
-            ChatModel::load(weights).map_err(|e| e.to_string())
+            ChatModel::load(weights)
         },
         config,
         move |r| {
@@ -484,8 +484,8 @@ async fn on_load(
                 );
             }
         }
-        Some(Err(msg)) => {
-            let _ = fail_tx.send(msg);
+        Some(Err(failed)) => {
+            let _ = fail_tx.send(failed.to_string());
         }
         None => {
             let _ = fail_tx.send("the engine thread ended while loading".into());

@@ -255,14 +255,32 @@ impl Index {
     }
 }
 
+/// Why an entry's shape implies no payload lengths (the index check adds
+/// the tensor's name).
+#[derive(Debug, thiserror::Error)]
+enum ShapeProblem {
+    #[error("shape overflows")]
+    ShapeOverflows,
+    #[error("quantized shape {0:?} is not 2-D")]
+    NotTwoD(Vec<u64>),
+    #[error("unsupported quantization: {bits} bits, {cols} columns, group size {group_size}")]
+    Unsupported {
+        bits: u8,
+        cols: u64,
+        group_size: u64,
+    },
+    #[error("overflow")]
+    Overflow,
+}
+
 /// The payload lengths an entry's shape implies (same order as
 /// [`TensorEntry::spans`]).
-fn expected_lens(t: &TensorEntry) -> Result<Vec<u64>, String> {
+fn expected_lens(t: &TensorEntry) -> Result<Vec<u64>, ShapeProblem> {
     let numel = t
         .shape
         .iter()
         .try_fold(1u64, |a, &d| a.checked_mul(d))
-        .ok_or("shape overflows")?;
+        .ok_or(ShapeProblem::ShapeOverflows)?;
     match &t.payload {
         Payload::Quant {
             bits,
@@ -271,7 +289,7 @@ fn expected_lens(t: &TensorEntry) -> Result<Vec<u64>, String> {
             ..
         } => {
             let [rows, cols] = t.shape[..] else {
-                return Err(format!("quantized shape {:?} is not 2-D", t.shape));
+                return Err(ShapeProblem::NotTwoD(t.shape.clone()));
             };
             let gs = *group_size as u64;
             if (*bits != 4 && *bits != 8)
@@ -279,13 +297,18 @@ fn expected_lens(t: &TensorEntry) -> Result<Vec<u64>, String> {
                 || gs == 0
                 || gs % QBLOCK as u64 != 0
             {
-                return Err(format!(
-                    "unsupported quantization: {bits} bits, {cols} columns, group size {gs}"
-                ));
+                return Err(ShapeProblem::Unsupported {
+                    bits: *bits,
+                    cols,
+                    group_size: gs,
+                });
             }
             let row = QuantMatrix::packed_row_bytes(cols as usize, *bits) as u64;
-            let groups = rows.checked_mul(cols.div_ceil(gs)).ok_or("overflow")? * 2;
-            let mut v = vec![rows.checked_mul(row).ok_or("overflow")?, groups];
+            let groups = rows
+                .checked_mul(cols.div_ceil(gs))
+                .ok_or(ShapeProblem::Overflow)?
+                * 2;
+            let mut v = vec![rows.checked_mul(row).ok_or(ShapeProblem::Overflow)?, groups];
             if zeros.is_some() {
                 v.push(groups);
             }
@@ -293,7 +316,7 @@ fn expected_lens(t: &TensorEntry) -> Result<Vec<u64>, String> {
         }
         Payload::Dense { dtype, .. } => Ok(vec![numel
             .checked_mul(dtype.float_type().size() as u64)
-            .ok_or("overflow")?]),
+            .ok_or(ShapeProblem::Overflow)?]),
         Payload::Raw { dtype, data } => {
             let el = match dtype.as_str() {
                 "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,

@@ -10,7 +10,7 @@ use crate::checkpoint::to_f32;
 use crate::config::ModelConfig;
 use crate::mmap::MappedFile;
 use crate::tensor::{Bytes, DenseMatrix, Matrix, QuantMatrix, Zeros};
-use crate::weights::{WeightError, WeightSource};
+use crate::weights::{LockRefused, WeightError, WeightSource};
 
 use super::format::{
     DataHeader, Index, IndexHeader, Payload, Span, TensorEntry, HEADER_LEN, INDEX_FILE,
@@ -215,15 +215,18 @@ impl Cache {
 }
 
 impl WeightSource for Cache {
-    fn residency(&self, populate: bool, lock: bool) -> Result<(), String> {
+    fn residency(&self, populate: bool, lock: bool) -> Result<(), LockRefused> {
         for m in &self.maps {
             if populate {
                 m.advise_willneed();
             }
             if lock {
                 if let Some(raw) = m.raw() {
-                    raw.lock()
-                        .map_err(|e| format!("{}: mlock refused: {e}", self.dir.display()))?;
+                    raw.lock().map_err(|source| LockRefused {
+                        dir: self.dir.display().to_string(),
+                        what: "mlock",
+                        source,
+                    })?;
                 }
             }
         }

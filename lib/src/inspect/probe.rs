@@ -311,10 +311,40 @@ pub fn parse_cgroup_limit(s: &str) -> Option<u64> {
     (v < (1u64 << 60)).then_some(v)
 }
 
+/// A line of `nvidia-smi` output that [`parse_nvidia_smi`] cannot read
+/// (probing warns with it and reports no GPU).
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum SmiLineError {
+    /// Not three comma-separated fields.
+    #[error("line {line}: expected `name, total, free`, got `{text}`")]
+    Fields {
+        /// 1-based line number.
+        line: usize,
+        /// The line.
+        text: String,
+    },
+    /// A memory field that is not a number.
+    #[error("line {line}: `{text}` is not a memory size")]
+    Size {
+        /// 1-based line number.
+        line: usize,
+        /// The field.
+        text: String,
+    },
+    /// A memory unit other than B, KiB, MiB, GiB.
+    #[error("line {line}: unknown unit `{unit}`")]
+    Unit {
+        /// 1-based line number.
+        line: usize,
+        /// The unit.
+        unit: String,
+    },
+}
+
 /// Parses `nvidia-smi --query-gpu=name,memory.total,memory.free
 /// --format=csv,noheader` output (`NAME, 81559 MiB, 80000 MiB` per line;
 /// bare numbers, as `nounits` prints them, are MiB too).
-pub fn parse_nvidia_smi(text: &str) -> Result<Vec<Gpu>, String> {
+pub fn parse_nvidia_smi(text: &str) -> Result<Vec<Gpu>, SmiLineError> {
     let mut gpus = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -323,23 +353,31 @@ pub fn parse_nvidia_smi(text: &str) -> Result<Vec<Gpu>, String> {
         }
         let fields: Vec<&str> = line.rsplitn(3, ',').map(str::trim).collect();
         if fields.len() != 3 {
-            return Err(format!(
-                "line {}: expected `name, total, free`, got `{line}`",
-                i + 1
-            ));
+            return Err(SmiLineError::Fields {
+                line: i + 1,
+                text: line.to_string(),
+            });
         }
-        let mem = |s: &str| -> Result<u64, String> {
+        let mem = |s: &str| -> Result<u64, SmiLineError> {
             let mut it = s.split_whitespace();
-            let n: f64 = it
-                .next()
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| format!("line {}: `{s}` is not a memory size", i + 1))?;
+            let n: f64 =
+                it.next()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| SmiLineError::Size {
+                        line: i + 1,
+                        text: s.to_string(),
+                    })?;
             let mult = match it.next().unwrap_or("MiB") {
                 "KiB" => 1u64 << 10,
                 "MiB" => 1 << 20,
                 "GiB" => 1 << 30,
                 "B" => 1,
-                u => return Err(format!("line {}: unknown unit `{u}`", i + 1)),
+                u => {
+                    return Err(SmiLineError::Unit {
+                        line: i + 1,
+                        unit: u.to_string(),
+                    })
+                }
             };
             Ok((n * mult as f64) as u64)
         };

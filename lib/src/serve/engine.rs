@@ -192,6 +192,12 @@ pub struct ModelInfo {
     pub sampling: SamplingParams,
 }
 
+/// The model did not load, so the engine serves nothing. Shared: every
+/// handle and the load callback see the same error.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LoadFailed(pub Arc<ChatError>);
+
 /// Why a job was not queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rejected {
@@ -213,7 +219,7 @@ pub struct Engine {
     shared: Arc<Shared>,
     limit: usize,
     parallel: usize,
-    info: Arc<Mutex<Option<Result<ModelInfo, String>>>>,
+    info: Arc<Mutex<Option<Result<ModelInfo, LoadFailed>>>>,
 }
 
 impl Engine {
@@ -222,8 +228,8 @@ impl Engine {
     /// `on_loaded` is called on the engine thread with the outcome.
     pub fn spawn<L, F>(load: L, config: EngineConfig, on_loaded: F) -> Engine
     where
-        L: FnOnce() -> Result<ChatModel, String> + Send + 'static,
-        F: FnOnce(&Result<ModelInfo, String>) + Send + 'static,
+        L: FnOnce() -> Result<ChatModel, ChatError> + Send + 'static,
+        F: FnOnce(&Result<ModelInfo, LoadFailed>) + Send + 'static,
     {
         let (tx, rx) = mpsc::channel::<Job>();
         let shared = Arc::new(Shared {
@@ -242,7 +248,7 @@ impl Engine {
         std::thread::Builder::new()
             .name("rh-engine".into())
             .spawn(move || {
-                let loaded = load();
+                let loaded = load().map_err(|e| LoadFailed(Arc::new(e)));
                 let outcome = loaded.as_ref().map_err(Clone::clone).map(|chat| ModelInfo {
                     ctx_size: config
                         .ctx_size
@@ -273,7 +279,7 @@ impl Engine {
     }
 
     /// The loaded model's figures (None while loading).
-    pub fn info(&self) -> Option<Result<ModelInfo, String>> {
+    pub fn info(&self) -> Option<Result<ModelInfo, LoadFailed>> {
         self.info.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 

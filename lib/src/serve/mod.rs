@@ -11,8 +11,8 @@ pub mod prefix_cache;
 mod sequence;
 
 pub use engine::{
-    Engine, EngineConfig, EngineMetrics, Event, Failure, Finish, GenRequest, Job, ModelInfo,
-    Prompt, Rejected, Sink, Summary,
+    Engine, EngineConfig, EngineMetrics, Event, Failure, Finish, GenRequest, Job, LoadFailed,
+    ModelInfo, Prompt, Rejected, Sink, Summary,
 };
 pub use output::{ChatOutput, Delta, ToolCall, ToolCallParser};
 pub use prefix_cache::PrefixCache;

@@ -61,9 +61,24 @@ impl Classify for PagingError {
     }
 }
 
+/// A `--memory-budget` size that [`parse_size`] refuses (each names the
+/// text given).
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum SizeError {
+    /// A unit other than B, K, M, G, T.
+    #[error("`{0}`: unknown unit (use K, M, G or T)")]
+    Unit(String),
+    /// No number before the unit.
+    #[error("`{0}` is not a size (e.g. 24G, 1536M)")]
+    NotANumber(String),
+    /// Below one byte or above 10^18.
+    #[error("`{0}` is out of range")]
+    Range(String),
+}
+
 /// Parses a size: `24G`, `24GiB`, `1536M`, `500000000` (bytes); K, M, G, T
 /// are powers of 1024.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -75,14 +90,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(format!("`{s}`: unknown unit (use K, M, G or T)")),
+        _ => return Err(SizeError::Unit(s.to_string())),
     };
     let v: f64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a size (e.g. 24G, 1536M)"))?;
+        .map_err(|_| SizeError::NotANumber(s.to_string()))?;
     let bytes = v * mult as f64;
     if !bytes.is_finite() || !(1.0..=1e18).contains(&bytes) {
-        return Err(format!("`{s}` is out of range"));
+        return Err(SizeError::Range(s.to_string()));
     }
     Ok(bytes as u64)
 }
@@ -1061,7 +1076,7 @@ impl WeightSource for PagedCache {
     }
     /// Reads ahead (always) and locks (when asked) the weights outside the
     /// routed experts only: those are what must stay resident.
-    fn residency(&self, _populate: bool, lock: bool) -> Result<(), String> {
+    fn residency(&self, _populate: bool, lock: bool) -> Result<(), crate::weights::LockRefused> {
         let maps = self.cache.maps();
         let mut refused = None;
         for t in self.cache.index().tensors.iter() {
@@ -1072,11 +1087,12 @@ impl WeightSource for PagedCache {
                 let bytes = maps[s.file as usize].bytes();
                 io::advise_willneed(bytes, s.offset as usize, s.len as usize);
                 if lock && refused.is_none() {
-                    if let Err(e) = io::lock(bytes, s.offset as usize, s.len as usize) {
-                        refused = Some(format!(
-                            "{}: mlock of the resident weights refused: {e}",
-                            self.cache.dir().display()
-                        ));
+                    if let Err(source) = io::lock(bytes, s.offset as usize, s.len as usize) {
+                        refused = Some(crate::weights::LockRefused {
+                            dir: self.cache.dir().display().to_string(),
+                            what: "mlock of the resident weights",
+                            source,
+                        });
                     }
                 }
             }

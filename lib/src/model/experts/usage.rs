@@ -53,13 +53,24 @@ pub fn load(path: &Path, cache: &str, layers: usize, experts: usize) -> Option<V
     None
 }
 
+/// Why the counts were not saved (the pager warns and goes on).
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// The counts did not serialize.
+    #[error("{0}")]
+    Json(serde_json::Error),
+    /// The file could not be written.
+    #[error("{}", crate::cli::one_line(.0))]
+    Write(crate::fsutil::FsError),
+}
+
 /// Writes the counts crash-safely.
-pub fn save(path: &Path, cache: &str, counts: &[Vec<u64>]) -> Result<(), String> {
+pub fn save(path: &Path, cache: &str, counts: &[Vec<u64>]) -> Result<(), SaveError> {
     let f = UsageFile {
         format: FORMAT,
         cache: cache.to_string(),
         counts: counts.to_vec(),
     };
-    let bytes = serde_json::to_vec(&f).map_err(|e| e.to_string())?;
-    crate::fsutil::write_atomic(path, &bytes).map_err(|e| crate::cli::one_line(&e))
+    let bytes = serde_json::to_vec(&f).map_err(SaveError::Json)?;
+    crate::fsutil::write_atomic(path, &bytes).map_err(SaveError::Write)
 }
