@@ -8,9 +8,12 @@ and functions longer than a screen.
     scripts/module-deps.py --no-tests # leave out tests (tests/, tests.rs,
                                       # #[cfg(test)] modules, #[test] fns)
 
-A module is a top-level name under lib/src (`cache` for lib/src/cache/*.rs).
-An edge A -> B is any `crate::B` path written in A's files (use lines and
-inline paths alike), comments excluded. Function lengths come from brace
+A module is a top-level name under lib/src (`cache` for lib/src/cache/*.rs),
+or, in the grouped layout (scripts/group-modules.sh), a module that lives in
+a group directory and that lib.rs re-exports (`pub use formats::cache;`:
+lib/src/formats/cache/*.rs is `cache`). An edge A -> B is any `crate::B`
+path written in A's files (use lines and inline paths alike; `crate::formats::cache`
+counts as `cache`), comments excluded. Function lengths come from brace
 matching from the `fn` line to its closing brace, test modules included.
 tests/structure.rs enforces the no-cycle rule in CI; this script is the
 report.
@@ -36,24 +39,44 @@ def strip_comments(text):
     return re.sub(r"//[^\n]*", "", text)
 
 
-def module_of(path):
-    rel = os.path.relpath(path, LIB)
-    first = rel.split(os.sep)[0]
-    return first[:-3] if first.endswith(".rs") else first
+def grouped():
+    """(group, name) for each `pub use GROUP::NAME;` / `pub use GROUP::{A, B};`
+    in lib.rs: module NAME lives in lib/src/GROUP/."""
+    out = set()
+    for line in open(os.path.join(LIB, "lib.rs"), encoding="utf-8"):
+        m = re.match(r"\s*pub use ([a-z_][a-z0-9_]*)::(\{[^}]*\}|[a-z_][a-z0-9_]*);", line)
+        if m:
+            for name in m.group(2).strip("{}").split(","):
+                if re.fullmatch(r"[a-z_][a-z0-9_]*", name.strip()):
+                    out.add((m.group(1), name.strip()))
+    return out
+
+
+def module_of(path, groups=frozenset()):
+    parts = [p[:-3] if p.endswith(".rs") else p for p in os.path.relpath(path, LIB).split(os.sep)]
+    if len(parts) >= 2 and (parts[0], parts[1]) in groups:
+        return parts[1]
+    return parts[0]
 
 
 def edges():
+    groups = grouped()
     deps = {}
     for f in rust_files(LIB):
-        m = module_of(f)
+        m = module_of(f, groups)
         if m in ("lib", "main"):
             continue
         text = strip_comments(open(f, encoding="utf-8").read())
-        targets = set(re.findall(r"\bcrate::([a-z_][a-z0-9_]*)", text))
+        targets = set()
+        for a, b in re.findall(r"\bcrate::([a-z_][a-z0-9_]*)(?:::([a-z_][a-z0-9_]*))?", text):
+            targets.add(b if (a, b) in groups else a)
         # `use crate::{a, b::c}` groups
         for group in re.findall(r"\bcrate::\{([^}]*)\}", text, re.S):
             for item in group.split(","):
-                name = item.strip().split("::")[0].strip()
+                path = [p.strip() for p in item.strip().split("::")]
+                name = path[0]
+                if len(path) > 1 and (name, path[1]) in groups:
+                    name = path[1]
                 if re.fullmatch(r"[a-z_][a-z0-9_]*", name):
                     targets.add(name)
         deps.setdefault(m, set()).update(t for t in targets if t != m)
