@@ -19,6 +19,7 @@
 // minimum Rust (1.85).
 #![allow(unknown_lints, clippy::manual_is_multiple_of)]
 
+use crate::kernels::isa::avx2_fn;
 use std::arch::x86_64::*;
 
 use crate::tensor::{DenseMatrix, FloatType, LayoutError, QuantMatrix, Zeros, QBLOCK};
@@ -213,11 +214,11 @@ fn q16_pair_slot(h: usize, e: usize) -> usize {
     16 * v + 8 * h + (e % 16) / 2
 }
 
+avx2_fn! {
 /// Quantizes one block of 32 floats to int16: returns the step and the
 /// integer sum; the step is 0 for an all-zero block and NaN for a block
 /// with a non-finite value.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_block_i16(xp: *const f32, out: &mut [i16; QBLOCK]) -> (f32, i32) {
     let sign = _mm256_set1_ps(-0.0);
     let mut m = _mm256_setzero_ps();
@@ -269,6 +270,7 @@ unsafe fn quantize_block_i16(xp: *const f32, out: &mut [i16; QBLOCK]) -> (f32, i
     let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
     let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2));
     (amax / 32767.0, _mm_cvtsi128_si32(s1))
+}
 }
 
 impl Avx2 {
@@ -561,16 +563,15 @@ pub(super) fn pf_bytes() -> usize {
     PREFETCH_BYTES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+avx2_fn! {
 /// Hints the cache line at `p` into L1. Prefetches never fault, so `p` may
 /// point past the end of the weights (it is formed with `wrapping_add`).
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn prefetch(p: *const u8) {
     _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -580,7 +581,6 @@ unsafe fn hsum(v: __m256) -> f32 {
 
 /// The f16 at index `i` of `p` as f32.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn f16_at(p: *const u8, i: usize) -> f32 {
     let h = u16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
@@ -588,7 +588,6 @@ pub(super) unsafe fn f16_at(p: *const u8, i: usize) -> f32 {
 
 /// The zero point of group `g` of row `r`.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn zero_at(v: &QuantView, r: usize, g: usize) -> f32 {
     match v.zeros {
         None => QuantMatrix::symmetric_zero(v.bits) as f32,
@@ -602,7 +601,6 @@ unsafe fn zero_at(v: &QuantView, r: usize, g: usize) -> f32 {
 /// Eight i32 lanes summing to `Σ q[k] * xq[k]` over one int4 block, with
 /// `q` read from 16 bytes at `qp` and the activations from 32 at `xp`.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn block_i4_q8(qp: *const u8, xp: *const i8) -> __m256i {
     let v = _mm_loadu_si128(qp as *const __m128i);
     // Low nibbles are elements 0..16, high nibbles 16..32: the two halves
@@ -618,7 +616,6 @@ unsafe fn block_i4_q8(qp: *const u8, xp: *const i8) -> __m256i {
 
 /// Eight i32 lanes summing to `Σ (q[k] - 128) * xq[k]` over one int8 block.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn block_i8_q8(qp: *const u8, xp: *const i8) -> __m256i {
     // q - 128 as i8; maddubs needs an unsigned operand, so take |q - 128|
     // (<= 128) and move the sign onto the activations (|x| <= 127): pair sums
@@ -633,13 +630,13 @@ unsafe fn block_i8_q8(qp: *const u8, xp: *const i8) -> __m256i {
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn block_q8<const BITS: usize>(qp: *const u8, xp: *const i8) -> __m256i {
     if BITS == 4 {
         block_i4_q8(qp, xp)
     } else {
         block_i8_q8(qp, xp)
     }
+}
 }
 
 /// What the int8 kernels subtract from every weight (they compute with
@@ -652,9 +649,9 @@ fn offset(bits: u8) -> f32 {
     }
 }
 
+avx2_fn! {
 /// The zero-point term of row `r`: `Σ_g s_g (offset − z_g) gsum_g`, where
 /// the main kernels computed `Σ_g s_g Σ_k (q_k − offset) x_k`.
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn correction(v: &QuantView, r: usize, gsum: &[f32], offset: f32) -> f32 {
     let ng = v.n_groups;
     let srow = v.scales.as_ptr().add(r * ng * 2);
@@ -706,7 +703,6 @@ unsafe fn correction(v: &QuantView, r: usize, gsum: &[f32], offset: f32) -> f32 
 
 /// Row `r` of `v` times int8-quantized activations, without the zero-point
 /// term: `Σ_g s_g Σ_k (q_k − offset) x_k`.
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_row(v: &QuantView, r: usize, a: &Q8Act) -> f32 {
     if v.bits == 4 {
         if a.paired {
@@ -722,7 +718,6 @@ unsafe fn dot_q8_row(v: &QuantView, r: usize, a: &Q8Act) -> f32 {
 /// The int4 kernel on pair-interleaved activations: one 32-byte load covers
 /// two blocks, whose low and high nibbles meet activations laid out to match.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_i4_paired(v: &QuantView, r: usize, a: &Q8Act) -> f32 {
     let nb = v.cols / QBLOCK;
     let bpg = v.group_size / QBLOCK;
@@ -769,7 +764,6 @@ unsafe fn dot_q8_i4_paired(v: &QuantView, r: usize, a: &Q8Act) -> f32 {
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_row_bits<const BITS: usize>(v: &QuantView, r: usize, a: &Q8Act) -> f32 {
     let bb = QBLOCK * BITS / 8;
     let nb = v.cols / QBLOCK;
@@ -812,7 +806,6 @@ unsafe fn dot_q8_row_bits<const BITS: usize>(v: &QuantView, r: usize, a: &Q8Act)
 /// activations at `xp`, with the unsigned weights at `qp` widened to i16.
 /// Products are at most 255 * 32767, so the four per lane fit an i32.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn block_q16<const BITS: usize>(qp: *const u8, xp: *const i16) -> __m256i {
     let x0 = _mm256_loadu_si256(xp as *const __m256i);
     let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
@@ -835,7 +828,6 @@ unsafe fn block_q16<const BITS: usize>(qp: *const u8, xp: *const i16) -> __m256i
 /// come out with shifts and masks (no cross-lane shuffles) and meet the
 /// activations laid out to match.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q16_i4_paired(v: &QuantView, r: usize, a: &Q16Act) -> f32 {
     let nb = v.cols / QBLOCK;
     let bpg = v.group_size / QBLOCK;
@@ -890,7 +882,6 @@ unsafe fn dot_q16_i4_paired(v: &QuantView, r: usize, a: &Q16Act) -> f32 {
 /// Row `r` of `v` times int16-quantized activations, without the zero-point
 /// term: `Σ_g s_g Σ_b d_b Σ_k q_k xq_k`, exact in i32 within a block.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q16_row_bits<const BITS: usize>(v: &QuantView, r: usize, a: &Q16Act) -> f32 {
     let bb = QBLOCK * BITS / 8;
     let nb = v.cols / QBLOCK;
@@ -932,7 +923,6 @@ unsafe fn dot_q16_row_bits<const BITS: usize>(v: &QuantView, r: usize, a: &Q16Ac
 /// The 32 values of one block as four vectors of 8 f32 (elements 0..8,
 /// 8..16, 16..24, 24..32).
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn unpack_block<const BITS: usize>(qp: *const u8) -> [__m256; 4] {
     if BITS == 4 {
         let v = _mm_loadu_si128(qp as *const __m128i);
@@ -962,7 +952,6 @@ unsafe fn unpack_block<const BITS: usize>(qp: *const u8) -> [__m256; 4] {
 }
 
 /// Row `r` of `v` times f32 activations, without the zero-point term.
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_f32_row(v: &QuantView, r: usize, x: &[f32]) -> f32 {
     if v.bits == 4 {
         dot_f32_row_bits::<4>(v, r, x)
@@ -972,7 +961,6 @@ unsafe fn dot_f32_row(v: &QuantView, r: usize, x: &[f32]) -> f32 {
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_f32_row_bits<const BITS: usize>(v: &QuantView, r: usize, x: &[f32]) -> f32 {
     let bb = QBLOCK * BITS / 8;
     let nb = v.cols / QBLOCK;
@@ -1002,7 +990,6 @@ unsafe fn dot_f32_row_bits<const BITS: usize>(v: &QuantView, r: usize, x: &[f32]
 }
 
 /// Dequantizes row `r` of `v` into `out` (`cols` floats).
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quant_row_to_f32(v: &QuantView, r: usize, out: &mut [f32]) {
     if v.bits == 4 {
         quant_row_to_f32_bits::<4>(v, r, out)
@@ -1012,7 +999,6 @@ unsafe fn quant_row_to_f32(v: &QuantView, r: usize, out: &mut [f32]) {
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quant_row_to_f32_bits<const BITS: usize>(v: &QuantView, r: usize, out: &mut [f32]) {
     let bb = QBLOCK * BITS / 8;
     let nb = v.cols / QBLOCK;
@@ -1037,7 +1023,6 @@ unsafe fn quant_row_to_f32_bits<const BITS: usize>(v: &QuantView, r: usize, out:
 
 /// Eight dense elements of type `DT` at `p` as f32.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
     match DT {
         DT_F32 => _mm256_loadu_ps(p as *const f32),
@@ -1051,7 +1036,6 @@ unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
 
 /// One dense element of type `DT` at `p` as f32.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn load1<const DT: u8>(p: *const u8) -> f32 {
     match DT {
         DT_F32 => f32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]),
@@ -1061,7 +1045,6 @@ unsafe fn load1<const DT: u8>(p: *const u8) -> f32 {
 }
 
 /// `Σ w[k] * x[k]` over `n` elements, `w` of type `DT`.
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_dense<const DT: u8>(w: *const u8, x: *const f32, n: usize) -> f32 {
     let es = if DT == DT_F32 { 4 } else { 2 };
     let mut a = [_mm256_setzero_ps(); 4];
@@ -1089,18 +1072,19 @@ unsafe fn dot_dense<const DT: u8>(w: *const u8, x: *const f32, n: usize) -> f32 
     }
     s
 }
+}
 
 /// Two results padded to three.
 fn pad(d: [f32; 2]) -> [f32; 3] {
     [d[0], d[1], 0.0]
 }
 
+avx2_fn! {
 /// [`dot_dense`] of one row with `T` tokens at once: each 8-element block
 /// of weights is converted once and multiplied into every token's
 /// accumulators, which add up in exactly [`dot_dense`]'s order.
 // The block index picks both the weights and each token's accumulator.
 #[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_dense_tokens<const DT: u8, const T: usize>(
     w: *const u8,
     xs: [*const f32; T],
@@ -1142,7 +1126,6 @@ unsafe fn dot_dense_tokens<const DT: u8, const T: usize>(
 }
 
 /// Converts `n` dense elements of type `DT` at `w` to f32 at `out`.
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn convert_dense<const DT: u8>(w: *const u8, out: *mut f32, n: usize) {
     let es = if DT == DT_F32 { 4 } else { 2 };
     let mut k = 0;
@@ -1158,7 +1141,6 @@ unsafe fn convert_dense<const DT: u8>(w: *const u8, out: *mut f32, n: usize) {
 
 /// `acc[r][t] = Σ_k w[r * ldw + k] * x[t * ldx + k]` for an `R x T` tile.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_rt<const R: usize, const T: usize>(
     w: *const f32,
     ldw: usize,
@@ -1194,7 +1176,6 @@ unsafe fn tile_rt<const R: usize, const T: usize>(
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn fma_loop(iters: u64) -> f32 {
     let mut a = [_mm256_set1_ps(1.0); 10];
     let m = _mm256_set1_ps(0.999_999);
@@ -1209,4 +1190,5 @@ unsafe fn fma_loop(iters: u64) -> f32 {
         s = _mm256_add_ps(s, ai);
     }
     hsum(s)
+}
 }

@@ -31,6 +31,7 @@
 
 #![allow(unknown_lints, clippy::manual_is_multiple_of)]
 
+use crate::kernels::isa::avx2_fn;
 use std::arch::x86_64::*;
 
 use super::avx2::{Avx2, QuantView};
@@ -241,8 +242,8 @@ impl Avx2 {
     }
 }
 
+avx2_fn! {
 /// Converts `out.len()` little-endian f16 values at `p` to f32.
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f16_to_f32(p: *const u8, out: &mut [f32]) {
     let n = out.len();
     let mut i = 0;
@@ -262,7 +263,6 @@ unsafe fn f16_to_f32(p: *const u8, out: &mut [f32]) {
 /// column order into `out` (as long); returns the step and the integer sum
 /// (step 0 for an all-zero group, NaN with zero integers for a group
 /// holding a non-finite value).
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_group(src: &[f32], out: &mut [i16], bits: u8) -> (f32, i32) {
     let n = src.len();
     assert!(n % QBLOCK == 0 && out.len() == n);
@@ -314,7 +314,6 @@ unsafe fn quantize_group(src: &[f32], out: &mut [i16], bits: u8) -> (f32, i32) {
 /// Transposes 8 vectors of 8 dwords: on return `r[j]` holds dword `j` of
 /// every input, input `i` in lane `i`.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn transpose8(r: &mut [__m256i; 8]) {
     // t[2i], 128-bit half H: dwords 4H, 4H + 1 of inputs 2i, 2i + 1
     // interleaved; t[2i + 1] the same for dwords 4H + 2, 4H + 3.
@@ -343,7 +342,6 @@ unsafe fn transpose8(r: &mut [__m256i; 8]) {
 /// transpose, then each dword of 4 bytes splits into two vectors (int8:
 /// bytes 0 and 2, bytes 1 and 3) or four (int4: those bytes' low nibbles,
 /// then their high nibbles).
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut i16) {
     let row_bytes = v.row_bytes;
     let base = v.q.as_ptr().add(r0 * row_bytes);
@@ -415,7 +413,6 @@ unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut i16) {
 
 /// The tile's rows times tokens `t0..t0 + T` of `acts`, written to
 /// `out[t * ldo + i]` for `t` in `0..T` and the tile's rows `i`.
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_tokens<const T: usize>(
     tile: &Tile,
     acts: &PairActs,
@@ -472,6 +469,7 @@ unsafe fn tile_tokens<const T: usize>(
             _mm256_maskstore_ps(out.add(t * ldo), keep, *v);
         }
     }
+}
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 
 #![allow(unknown_lints, clippy::manual_is_multiple_of)]
 
+use crate::kernels::isa::avx512_vnni_fn;
 use std::arch::x86_64::*;
 
 // `f16_at` and `prefetch` are the AVX2 level's: their instructions are
@@ -144,7 +145,7 @@ impl Avx512 {
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+avx512_vnni_fn! {
 unsafe fn fma_loop(iters: u64) -> f32 {
     let mut a = [_mm512_set1_ps(1.0); 10];
     let m = _mm512_set1_ps(0.999_999);
@@ -160,6 +161,7 @@ unsafe fn fma_loop(iters: u64) -> f32 {
     }
     _mm512_reduce_add_ps(s)
 }
+}
 
 /// Where element `e` (0..32) of block `j` of a group goes, relative to the
 /// group's start, for `bits`-bit weights and a group of `nb` blocks (see
@@ -172,11 +174,11 @@ fn slot(bits: u8, nb: usize, j: usize, e: usize) -> usize {
     pair * 2 * QBLOCK + (e / 16) * 32 + (j % 2) * 16 + e % 16
 }
 
+avx512_vnni_fn! {
 /// Quantizes the `n` floats at `xp` (one group) into `out` in the layout of
 /// [`GroupAct`]; returns the step and the integer sum. The step is 0 for an
 /// all-zero group and NaN for a group holding a non-finite value (whose
 /// integers are then 0, so the NaN reaches the output through the step).
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn quantize_group(xp: *const f32, n: usize, out: *mut i16, bits: u8) -> (f32, i32) {
     let Some(amax) = group_amax(xp, n) else {
         // Every slot of the group is written below only on the good path.
@@ -206,7 +208,6 @@ unsafe fn quantize_group(xp: *const f32, n: usize, out: *mut i16, bits: u8) -> (
 /// The largest `|x|` over the `n` floats at `xp` (a multiple of 16), or
 /// `None` when one of them is NaN or infinite.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 pub(super) unsafe fn group_amax(xp: *const f32, n: usize) -> Option<f32> {
     let mut amax = _mm512_setzero_ps();
     let mut bad: __mmask16 = 0;
@@ -223,7 +224,6 @@ pub(super) unsafe fn group_amax(xp: *const f32, n: usize) -> Option<f32> {
 
 /// Row `r` of an int4 matrix times group-quantized activations, without the
 /// zero-point term: `Σ_g s_g d_g Σ_k q_k xq_k`, exact in i32 within a group.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn dot_i4(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
     let gs = v.group_size;
     let qrow = v.q.as_ptr().add(r * v.row_bytes);
@@ -274,7 +274,6 @@ unsafe fn dot_i4(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
 /// Row `r` of an int8 matrix times group-quantized activations, without the
 /// zero-point term (the unsigned bytes meet the activations as they are;
 /// the correction subtracts the zero point).
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn dot_i8(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
     let gs = v.group_size;
     let qrow = v.q.as_ptr().add(r * v.row_bytes);
@@ -313,6 +312,7 @@ unsafe fn dot_i8(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
         std::mem::swap(&mut tot0, &mut tot1);
     }
     _mm512_reduce_add_ps(_mm512_add_ps(tot0, tot1))
+}
 }
 
 #[cfg(test)]

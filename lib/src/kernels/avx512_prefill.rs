@@ -32,6 +32,7 @@
 
 #![allow(unknown_lints, clippy::manual_is_multiple_of)]
 
+use crate::kernels::isa::avx512_vnni_fn;
 use std::arch::x86_64::*;
 
 use super::avx2::QuantView;
@@ -228,8 +229,8 @@ impl Avx512 {
     }
 }
 
+avx512_vnni_fn! {
 /// Converts `out.len()` little-endian f16 values at `p` to f32.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn f16_to_f32(p: *const u8, out: &mut [f32]) {
     let n = out.len();
     let mut i = 0;
@@ -249,7 +250,6 @@ unsafe fn f16_to_f32(p: *const u8, out: &mut [f32]) {
 /// `lo` in tile column order; returns the step and the integer sum (step 0
 /// for an all-zero group, NaN with zero integers for a group holding a
 /// non-finite value).
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn quantize_group(src: &[f32], hi: &mut [i8], lo: &mut [i8], bits: u8) -> (f32, i32) {
     let n = src.len();
     let xp = src.as_ptr();
@@ -307,7 +307,6 @@ unsafe fn quantize_group(src: &[f32], hi: &mut [i8], lo: &mut [i8], bits: u8) ->
 /// Transposes 16 vectors of 16 dwords: on return `r[j]` holds dword `j` of
 /// every input, input `i` in lane `i`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn transpose16(r: &mut [__m512i; 16]) {
     let mut a = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
@@ -339,7 +338,6 @@ unsafe fn transpose16(r: &mut [__m512i; 16]) {
 /// rows zero). Works 64 packed bytes of each row at a time: one 16x16
 /// dword transpose, then each dword of 4 bytes is one vector (int8) or
 /// splits into its low and its high nibbles (int4).
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut u8) {
     let bits = v.bits as usize;
     let row_bytes = v.row_bytes;
@@ -395,14 +393,15 @@ unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut u8) {
         off += len;
     }
 }
+}
 
 /// The 64-byte chunks of each row [`transpose_rows`] prefetches before it
 /// starts a tile.
 const PREFETCH_CHUNKS: usize = 4;
 
+avx512_vnni_fn! {
 /// The tile's rows times tokens `t0..t0 + T` of `acts`, written to
 /// `out[t * ldo + i]` for `t` in `0..T` and the tile's rows `i`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_tokens<const T: usize>(
     tile: &Tile,
     acts: &SplitActs,
@@ -455,6 +454,7 @@ unsafe fn tile_tokens<const T: usize>(
     for (t, v) in tot.iter().enumerate() {
         _mm512_mask_storeu_ps(out.add(t * ldo), keep, *v);
     }
+}
 }
 
 #[cfg(test)]

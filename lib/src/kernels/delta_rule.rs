@@ -180,6 +180,7 @@ mod x86 {
     //! all rows with its sums in registers (a whole 128-float row would
     //! need 48 of AVX2's 16 registers); a tail under 8 columns is scalar.
 
+    use crate::kernels::isa::avx2_fn;
     use std::arch::x86_64::*;
 
     /// Calls `f(first column, vectors)` for each column block; returns the
@@ -196,7 +197,7 @@ mod x86 {
         j
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
+    avx2_fn! {
     pub(super) unsafe fn read(
         s: &[f32],
         dv: usize,
@@ -222,7 +223,6 @@ mod x86 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn read_block<const W: usize>(
         s: &[f32],
         dv: usize,
@@ -248,7 +248,6 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn update(
         s: &mut [f32],
         dv: usize,
@@ -283,7 +282,6 @@ mod x86 {
 
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn update_block<const W: usize, const NEXT: bool>(
         s: &mut [f32],
         dv: usize,
@@ -324,6 +322,7 @@ mod x86 {
             _mm256_storeu_ps(a.as_mut_ptr().add(j + 8 * w), x[w]);
             _mm256_storeu_ps(b.as_mut_ptr().add(j + 8 * w), y[w]);
         }
+    }
     }
 }
 

@@ -84,12 +84,13 @@ pub fn weighted_rows(w: &[f32], x: &[f32], stride: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::kernels::isa::avx2_fn;
     use std::arch::x86_64::*;
 
+    avx2_fn! {
     /// Columns in blocks of four vectors, each block's sums in registers
     /// down all rows; the first row multiplies (as `scale`), the others
     /// fuse (as `axpy`), so the numbers equal that sequence.
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn weighted_rows(
         w: &[f32],
         x: *const f32,
@@ -138,7 +139,6 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
@@ -164,7 +164,6 @@ mod x86 {
         r
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot4(a: *const f32, b: *const f32, stride: usize, n: usize) -> [f32; 4] {
         // Two sums per row: eight independent FMA chains.
         let mut acc = [[_mm256_setzero_ps(); 2]; 4];
@@ -192,7 +191,6 @@ mod x86 {
         out
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn axpy(alpha: f32, x: *const f32, y: *mut f32, n: usize) {
         let va = _mm256_set1_ps(alpha);
         let mut i = 0;
@@ -205,6 +203,7 @@ mod x86 {
             *y.add(i) += alpha * *x.add(i);
             i += 1;
         }
+    }
     }
 }
 
