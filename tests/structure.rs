@@ -110,7 +110,12 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
         let rel = f.strip_prefix(&src).unwrap();
         let parts: Vec<String> = rel
             .components()
-            .map(|c| c.as_os_str().to_string_lossy().trim_end_matches(".rs").to_string())
+            .map(|c| {
+                c.as_os_str()
+                    .to_string_lossy()
+                    .trim_end_matches(".rs")
+                    .to_string()
+            })
             .collect();
         // lib/src/GROUP/NAME/... is module NAME when lib.rs re-exports it.
         let module = match &parts[..] {
@@ -206,7 +211,11 @@ fn kernel_sources() -> Vec<(String, String)> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lib/src");
     // lib/src/kernels, or lib/src/GROUP/kernels in the grouped layout.
     let dir = std::iter::once(src.join("kernels"))
-        .chain(std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().path().join("kernels")))
+        .chain(
+            std::fs::read_dir(&src)
+                .unwrap()
+                .map(|e| e.unwrap().path().join("kernels")),
+        )
         .find(|d| d.join("isa.rs").is_file())
         .expect("no kernels/isa.rs under lib/src");
     let mut files = Vec::new();
@@ -273,13 +282,11 @@ fn level_macros() -> BTreeMap<String, String> {
 fn each_simd_level_has_one_macro_with_its_feature_list() {
     use roundhouse::kernels::Isa;
     let macros = level_macros();
-    let want: BTreeMap<String, String> = [
-        ("avx2_fn", Isa::Avx2),
-        ("avx512_vnni_fn", Isa::Avx512Vnni),
-    ]
-    .into_iter()
-    .map(|(m, isa)| (m.to_string(), isa.target_features().to_string()))
-    .collect();
+    let want: BTreeMap<String, String> =
+        [("avx2_fn", Isa::Avx2), ("avx512_vnni_fn", Isa::Avx512Vnni)]
+            .into_iter()
+            .map(|(m, isa)| (m.to_string(), isa.target_features().to_string()))
+            .collect();
     assert_eq!(macros, want, "kernels/isa.rs's level macros");
     // Every level but the scalar one is covered.
     for isa in Isa::ALL {
