@@ -74,7 +74,9 @@ done
 for m in $declared; do
   [[ $m == pipeline ]] && continue
   found=0
-  for gm in "${moved[@]}"; do [[ ${gm#*:} == "$m" ]] && found=1; done
+  for gm in "${moved[@]}"; do
+    if [[ ${gm#*:} == "$m" ]]; then found=1; fi
+  done
   [[ $found == 1 ]] || echo "group-modules: module \`$m\` is in no group; it stays in $SRC/" >&2
 done
 
@@ -142,7 +144,7 @@ for g in "${GROUPS_IN_ORDER[@]}"; do
     echo
     # Sorted, as rustfmt orders declarations.
     for gm in "${moved[@]}"; do
-      [[ ${gm%%:*} == "$g" ]] && echo "pub mod ${gm#*:};"
+      if [[ ${gm%%:*} == "$g" ]]; then echo "pub mod ${gm#*:};"; fi
     done | LC_ALL=C sort
   } >"$f"
   git add "$f"
@@ -243,7 +245,7 @@ repacked cache's files itself. Still one crate, so the build is unchanged
         print(f"paths updated in {path}")
 EOF
 git add -A ARCHITECTURE.md README.md docs 2>/dev/null || true
-[[ -e CONTRIBUTING.md ]] && git add CONTRIBUTING.md
+if [[ -e CONTRIBUTING.md ]]; then git add CONTRIBUTING.md; fi
 
 git add -A $SRC
 echo "group-modules: done; review with: git diff --cached -M --stat"
