@@ -171,7 +171,7 @@ doc = """//! Roundhouse: Qwen3-Next AutoRound checkpoints from the hub to a chat
 //! * [`support`] (lib/src/support/): [`cli`] (exit codes, logs, progress),
 //!   [`fsutil`] (crash-safe writes), [`mmap`] (the one unsafe mapping),
 //!   [`direct_io`] (aligned positioned reads that bypass the page cache),
-//!   [`env`] (every environment variable read);
+//!   [`env`](mod@env) (every environment variable read);
 //! * [`engine`] (lib/src/engine/): [`tensor`] (the weight layouts kernels
 //!   read, and their element readers), [`kernels`] (matvec/matmul per
 //!   instruction set, with a scalar reference; [`kernels::Isa`] is the one
