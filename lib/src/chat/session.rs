@@ -156,6 +156,10 @@ pub struct TurnStats {
     pub prefill_tps: f64,
     /// Generated tokens per second after the first.
     pub decode_tps: f64,
+    /// What the expert cache did this turn, when a memory budget pages
+    /// the experts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_cache: Option<crate::model::experts::CacheUse>,
 }
 
 /// The outcome of a turn.
@@ -315,6 +319,7 @@ impl<'a> Conversation<'a> {
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<TurnResult, ChatError> {
         let start = Instant::now();
+        let cache_before = crate::model::experts::stats_of(&**self.chat.model.weights());
         let (ids, prompt_text, fresh) = self.plan_turn(user)?;
         let used = if fresh { 0 } else { self.state.position() };
         let ctx = self.opts.ctx_size;
@@ -420,6 +425,11 @@ impl<'a> Conversation<'a> {
             } else {
                 0.0
             },
+            expert_cache: cache_before.as_ref().and_then(|b| {
+                let now = crate::model::experts::stats_of(&**self.chat.model.weights())?;
+                let computed = (ids.len() + decoded) as u64;
+                Some(crate::model::experts::CacheUse::between(b, &now, computed))
+            }),
         };
         self.last = Some(stats.clone());
         Ok(TurnResult {
