@@ -133,6 +133,20 @@ impl PagingReport {
                 s.ahead_promoted
             ));
         }
+        if s.io_busy_s > 0.0 {
+            let decode_s = self.decode_s_per_token * self.tokens as f64;
+            // The speed the pager's own reads got, in this run: a fair
+            // random-read speed when the after-test probe swings.
+            let speed = s.bytes_read as f64 / s.io_busy_s;
+            let bound = self.bytes_needed_per_token / speed;
+            out.push_str(&format!(
+                "storage while decoding:  a read in flight {:.0}% of the decode time, {:.2} GB/s while one was; the needed bytes at that speed take {:.1} ms per token ({:.2}x)\n",
+                100.0 * (s.io_busy_s / decode_s.max(1e-9)).min(1.0),
+                speed / 1e9,
+                1e3 * bound,
+                self.decode_s_per_token / bound.max(1e-12)
+            ));
+        }
         if let (Some(st), Some(b), Some(m)) = (
             &self.storage,
             self.storage_bound_s_per_token,

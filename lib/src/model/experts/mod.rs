@@ -304,6 +304,8 @@ pub struct PagerStats {
     pub ahead_promoted: u64,
     /// Queued predicted reads the layer did not choose (cancelled).
     pub ahead_cancelled: u64,
+    /// Seconds at least one read was in flight.
+    pub io_busy_s: f64,
     /// Experts the cache holds now.
     pub resident: u64,
     /// Its capacity in experts.
@@ -348,6 +350,7 @@ impl PagerStats {
             ahead_running_at_demand: self.ahead_running_at_demand - earlier.ahead_running_at_demand,
             ahead_promoted: self.ahead_promoted - earlier.ahead_promoted,
             ahead_cancelled: self.ahead_cancelled - earlier.ahead_cancelled,
+            io_busy_s: self.io_busy_s - earlier.io_busy_s,
             resident: self.resident,
             capacity: self.capacity,
         }
@@ -1136,6 +1139,7 @@ impl ExpertPager {
             ahead_running_at_demand: pool.ahead_running_at_demand,
             ahead_promoted: pool.promoted,
             ahead_cancelled: pool.cancelled,
+            io_busy_s: pool.busy_s,
             resident,
             capacity: self.plan.slots as u64,
         }

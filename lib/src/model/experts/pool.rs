@@ -42,6 +42,8 @@ struct Queues {
     ahead: VecDeque<Job>,
     running_demand: usize,
     running_ahead: usize,
+    /// Since when some job has been running (`None`: the pool is idle).
+    busy_since: Option<Instant>,
     stop: bool,
 }
 
@@ -52,6 +54,7 @@ struct Counters {
     ahead_running_at_demand: AtomicU64,
     promoted: AtomicU64,
     cancelled: AtomicU64,
+    busy_ns: AtomicU64,
 }
 
 struct Shared {
@@ -89,6 +92,8 @@ pub struct PoolStats {
     pub promoted: u64,
     /// Queued read-ahead jobs cancelled.
     pub cancelled: u64,
+    /// Seconds at least one job was running (the device had a read).
+    pub busy_s: f64,
 }
 
 impl IoPool {
@@ -204,6 +209,7 @@ impl IoPool {
             ahead_running_at_demand: ld(&c.ahead_running_at_demand),
             promoted: ld(&c.promoted),
             cancelled: ld(&c.cancelled),
+            busy_s: ld(&c.busy_ns) as f64 * 1e-9,
         }
     }
 }
@@ -211,6 +217,14 @@ impl IoPool {
 /// The next job a free thread takes: demand first; read-ahead while fewer
 /// than the cap run. Returns the job and whether it is read-ahead.
 fn take(s: &Shared, q: &mut Queues) -> Option<(Job, bool)> {
+    let job = take_next(s, q)?;
+    if q.busy_since.is_none() {
+        q.busy_since = Some(Instant::now());
+    }
+    Some(job)
+}
+
+fn take_next(s: &Shared, q: &mut Queues) -> Option<(Job, bool)> {
     if let Some(j) = q.demand.pop_front() {
         q.running_demand += 1;
         let c = &s.counters;
@@ -246,13 +260,21 @@ fn worker(s: &Shared) {
         let mut q = s.queues.lock().unwrap_or_else(|e| e.into_inner());
         if ahead {
             q.running_ahead -= 1;
-            // A thread may be idle only because the cap was reached.
-            if !q.ahead.is_empty() {
-                drop(q);
-                s.ready.notify_one();
-            }
         } else {
             q.running_demand -= 1;
+        }
+        if q.running_ahead + q.running_demand == 0 {
+            if let Some(t) = q.busy_since.take() {
+                s.counters
+                    .busy_ns
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+        // A thread may be idle only because the read-ahead cap was reached.
+        let wake = ahead && !q.ahead.is_empty();
+        drop(q);
+        if wake {
+            s.ready.notify_one();
         }
     }
 }
@@ -417,6 +439,7 @@ mod tests {
         );
         let s = pool.stats();
         assert_eq!((s.promoted, s.cancelled), (2, 1));
+        assert!(s.busy_s > 0.0, "{s:?}");
     }
 
     #[test]
