@@ -179,3 +179,57 @@ fn bench_under_a_budget_pages_experts_inside_a_cgroup_of_that_size() {
         }
     }
 }
+
+#[test]
+fn a_chat_turn_under_a_budget_reports_the_expert_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tiny_checkpoint(Path::new(env!("CARGO_TARGET_TMPDIR")));
+    let cache = tmp.path().join("cache");
+    let o = run(rh("rh-repack")
+        .arg(&ck)
+        .arg(&cache)
+        .arg("-q")
+        .current_dir(tmp.path()));
+    assert!(o.status.success(), "{}", text(&o));
+    let c = roundhouse::cache::Cache::open(&cache).unwrap();
+    let budget = roundhouse::model::experts::budget_for_slots(&c, 12);
+    drop(c);
+    let chat = |budget: Option<u64>| {
+        let mut cmd = rh("rh-serve");
+        cmd.arg(&cache)
+            .args([
+                "--prompt",
+                "Hello",
+                "--max-tokens",
+                "4",
+                "--temperature",
+                "0",
+            ])
+            .current_dir(tmp.path());
+        if let Some(b) = budget {
+            cmd.arg("--memory-budget").arg(b.to_string());
+        }
+        let o = run(&mut cmd);
+        assert!(o.status.success(), "{}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        err.lines()
+            .find(|l| l.starts_with("[prompt "))
+            .unwrap_or_else(|| panic!("no stats line: {err}"))
+            .to_string()
+    };
+    // Paged: hit rate and bytes read per token; the first turn of a fresh
+    // cache must have read something.
+    let line = chat(Some(budget));
+    let (_, rest) = line
+        .split_once(", expert cache ")
+        .unwrap_or_else(|| panic!("{line}"));
+    let (hits, rest) = rest.split_once("% hits, ").unwrap();
+    let hits: f64 = hits.parse().unwrap();
+    let read = rest.split_once(" read/tok").unwrap().0;
+    let (v, unit) = read.split_once(' ').unwrap();
+    let v: f64 = v.parse().unwrap();
+    assert!((0.0..=100.0).contains(&hits), "{line}");
+    assert!(v > 0.0 && ["B", "KiB", "MiB"].contains(&unit), "{line}");
+    // Mapped: no cache to report.
+    assert!(!chat(None).contains("expert cache"));
+}

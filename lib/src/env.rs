@@ -10,6 +10,8 @@
 //! | `RH_REPACK_ABORT_AFTER_UNITS` | `rh-repack` | test hook: stop as if killed after N tensor groups |
 //! | `RH_EXPERT_IO_THREADS` | [`crate::model::experts`] | reads in flight in the expert cache (default 16, 1-256), for measurements |
 //! | `RH_EXPERT_PREDICT_EXTRA` | [`crate::model::experts`] | experts read ahead per predicted layer beyond its top-k (default 0), for measurements |
+//! | `RH_EXPERT_PREDICT_DEPTH` | [`crate::model::experts`] | layers predicted ahead, 1 or 2 (default 1), for measurements |
+//! | `RH_EXPERT_AHEAD_INFLIGHT` | [`crate::model::experts`] | read-ahead reads in flight at most (default 4), for measurements |
 //!
 //! Not here: the Hugging Face variables (`HF_HOME`, `HF_TOKEN`, ...), read by
 //! `fetch::hf_cache` with the hub's own precedence, `RH_API_KEY`, which
@@ -30,6 +32,10 @@ pub const RH_REPACK_ABORT_AFTER_UNITS: &str = "RH_REPACK_ABORT_AFTER_UNITS";
 pub const RH_EXPERT_IO_THREADS: &str = "RH_EXPERT_IO_THREADS";
 /// The expert cache's extra read-ahead per predicted layer.
 pub const RH_EXPERT_PREDICT_EXTRA: &str = "RH_EXPERT_PREDICT_EXTRA";
+/// Layers the expert cache predicts ahead.
+pub const RH_EXPERT_PREDICT_DEPTH: &str = "RH_EXPERT_PREDICT_DEPTH";
+/// Read-ahead reads the expert cache keeps in flight at most.
+pub const RH_EXPERT_AHEAD_INFLIGHT: &str = "RH_EXPERT_AHEAD_INFLIGHT";
 
 /// A variable set to something that cannot be used (exit 2).
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +84,16 @@ pub fn expert_io_threads() -> Option<usize> {
 /// `RH_EXPERT_PREDICT_EXTRA`, when set to a number (a tuning knob).
 pub fn expert_predict_extra() -> Option<usize> {
     text(RH_EXPERT_PREDICT_EXTRA).and_then(|v| v.parse().ok())
+}
+
+/// `RH_EXPERT_PREDICT_DEPTH`, when set to a number (a tuning knob).
+pub fn expert_predict_depth() -> Option<usize> {
+    text(RH_EXPERT_PREDICT_DEPTH).and_then(|v| v.parse().ok())
+}
+
+/// `RH_EXPERT_AHEAD_INFLIGHT`, when set to a number (a tuning knob).
+pub fn expert_ahead_inflight() -> Option<usize> {
+    text(RH_EXPERT_AHEAD_INFLIGHT).and_then(|v| v.parse().ok())
 }
 
 /// `RH_REPACK_ABORT_AFTER_UNITS`, when set; a value that is not a number is

@@ -28,12 +28,19 @@ pub struct PagingReport {
     /// Bytes of the experts that were not resident when a token asked for
     /// them (read on demand, or still being read ahead), per token.
     pub bytes_missed_per_token: f64,
+    /// Bytes of the experts a token used that had to come from storage
+    /// during the run: its misses plus the predicted reads it used (those
+    /// count as hits, but the disk still had to read them), per token.
+    pub bytes_needed_per_token: f64,
     /// Mean decode seconds per token.
     pub decode_s_per_token: f64,
     /// The disk's speeds, measured after the test on the cache's files.
     pub storage: Option<StorageSpeed>,
-    /// `bytes_missed_per_token / random_gbs`: decode can be no faster.
+    /// `bytes_needed_per_token / random_gbs`: decode can be no faster.
     pub storage_bound_s_per_token: Option<f64>,
+    /// `bytes_missed_per_token / random_gbs` (the bound before prediction
+    /// was counted; a prediction that works shrinks it).
+    pub miss_bound_s_per_token: Option<f64>,
 }
 
 impl PagingReport {
@@ -49,11 +56,19 @@ impl PagingReport {
         let plan = pager.plan();
         let expert = plan.expert_bytes as f64 / plan.experts.max(1) as f64;
         let missed = (stats.misses + stats.inflight) as f64 * expert / tokens.max(1) as f64;
-        let storage = storage::measure(dir, pager.plan().slot_bytes as usize, 8, 3.0);
-        let bound = storage
+        let needed = missed + stats.ahead_used as f64 * expert / tokens.max(1) as f64;
+        // Expert-size reads at the queue depth the pager uses (its I/O
+        // threads), so the bound is what its reads could reach.
+        let storage = storage::measure(
+            dir,
+            pager.plan().slot_bytes as usize,
+            pager.io_threads(),
+            3.0,
+        );
+        let speed = storage
             .as_ref()
             .filter(|s| s.random_gbs > 0.0)
-            .map(|s| missed / (s.random_gbs * 1e9));
+            .map(|s| s.random_gbs * 1e9);
         PagingReport {
             plan: pager.plan().clone(),
             direct_reads: pager.direct_reads(),
@@ -62,9 +77,11 @@ impl PagingReport {
             hit_rate: stats.hit_rate(),
             bytes_read_per_token: per_token,
             bytes_missed_per_token: missed,
+            bytes_needed_per_token: needed,
             decode_s_per_token,
             storage,
-            storage_bound_s_per_token: bound,
+            storage_bound_s_per_token: speed.map(|v| needed / v),
+            miss_bound_s_per_token: speed.map(|v| missed / v),
         }
     }
 
@@ -91,15 +108,50 @@ impl PagingReport {
             s.reads,
             1e3 * s.stall_s / self.tokens.max(1) as f64
         ));
+        let pct = |a: u64, b: u64| 100.0 * a as f64 / b.max(1) as f64;
         if s.predicted > 0 {
             out.push_str(&format!(
-                "next-layer prediction:   {:.0}% right; {} read ahead, {} of them used\n",
-                100.0 * s.predicted_right as f64 / s.predicted as f64,
+                "prediction:              next layer {:.0}% right, two layers ahead {:.0}% right ({} guesses); {} read ahead: {} used, {} cancelled before reading, {} evicted unused\n",
+                pct(s.predicted_right, s.predicted),
+                pct(s.predicted2_right, s.predicted2),
+                s.predicted2,
                 s.ahead_issued,
-                s.ahead_used
+                s.ahead_used,
+                s.ahead_cancelled,
+                s.ahead_wasted
             ));
         }
-        if let (Some(st), Some(b)) = (&self.storage, self.storage_bound_s_per_token) {
+        if s.routes > 0 {
+            let n = s.demand_reads.max(1) as f64;
+            out.push_str(&format!(
+                "expert waits (tg):       {} of {} routings waited, {:.1} ms from routing to all experts ready; demand reads queued {:.2} ms behind {:.1} read-ahead reads in flight (mean), {} guesses moved to the demand queue\n",
+                s.routes_waited,
+                s.routes,
+                1e3 * s.route_wait_s / s.routes_waited.max(1) as f64,
+                1e3 * s.demand_queue_s / n,
+                s.ahead_running_at_demand as f64 / n,
+                s.ahead_promoted
+            ));
+        }
+        if s.io_busy_s > 0.0 {
+            let decode_s = self.decode_s_per_token * self.tokens as f64;
+            // The speed the pager's own reads got, in this run: a fair
+            // random-read speed when the after-test probe swings.
+            let speed = s.bytes_read as f64 / s.io_busy_s;
+            let bound = self.bytes_needed_per_token / speed;
+            out.push_str(&format!(
+                "storage while decoding:  a read in flight {:.0}% of the decode time, {:.2} GB/s while one was; the needed bytes at that speed take {:.1} ms per token ({:.2}x)\n",
+                100.0 * (s.io_busy_s / decode_s.max(1e-9)).min(1.0),
+                speed / 1e9,
+                1e3 * bound,
+                self.decode_s_per_token / bound.max(1e-12)
+            ));
+        }
+        if let (Some(st), Some(b), Some(m)) = (
+            &self.storage,
+            self.storage_bound_s_per_token,
+            self.miss_bound_s_per_token,
+        ) {
             out.push_str(&format!(
                 "storage:                 {:.2} GB/s sequential, {:.2} GB/s random {} reads ({} in flight), {:.2} GB/s one at a time{}\n",
                 st.sequential_gbs,
@@ -109,11 +161,15 @@ impl PagingReport {
                 st.random_qd1_gbs,
                 if st.direct { "" } else { " (buffered: may include the page cache)" }
             ));
+            let d = self.decode_s_per_token;
             out.push_str(&format!(
-                "decode vs storage bound: {:.1} ms per token vs {:.1} ms to read its misses ({:.2}x)\n",
-                1e3 * self.decode_s_per_token,
+                "decode vs storage bound: {:.1} ms per token vs {:.1} ms to read the {} of experts it needed from storage ({:.2}x); vs {:.1} ms to read its misses alone ({:.2}x)\n",
+                1e3 * d,
                 1e3 * b,
-                self.decode_s_per_token / b.max(1e-12)
+                h(self.bytes_needed_per_token as u64),
+                d / b.max(1e-12),
+                1e3 * m,
+                d / m.max(1e-12)
             ));
         }
         out

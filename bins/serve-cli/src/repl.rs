@@ -29,8 +29,16 @@ pub fn stats_line(s: &TurnStats, stop: StopReason) -> String {
         StopReason::ContextFull => ", context full (/reset or a larger --ctx-size)",
         StopReason::Cancelled => ", stopped",
     };
+    // Under a memory budget: how the expert cache did this turn.
+    let cache = s.expert_cache.map_or(String::new(), |c| {
+        format!(
+            ", expert cache {:.0}% hits, {} read/tok",
+            100.0 * c.hit_rate,
+            roundhouse::cli::human_bytes(c.read_bytes_per_token as u64)
+        )
+    });
     format!(
-        "[prompt {} tok, generated {} tok, ttft {:.0} ms, prefill {:.1} tok/s, decode {:.1} tok/s, context {} tok{why}]",
+        "[prompt {} tok, generated {} tok, ttft {:.0} ms, prefill {:.1} tok/s, decode {:.1} tok/s, context {} tok{cache}{why}]",
         s.prompt_tokens, s.generated_tokens, s.ttft_ms, s.prefill_tps, s.decode_tps, s.context_tokens
     )
 }
@@ -201,4 +209,33 @@ fn turn(
         Err(e) => return Err(e.into()),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roundhouse::model::experts::CacheUse;
+
+    #[test]
+    fn stats_line_shows_the_expert_cache_only_under_a_budget() {
+        let mut s = TurnStats {
+            prompt_tokens: 11,
+            generated_tokens: 6,
+            decode_tps: 4.25,
+            ..TurnStats::default()
+        };
+        let plain = stats_line(&s, StopReason::MaxTokens);
+        assert!(!plain.contains("expert cache"), "{plain}");
+        assert!(plain.ends_with(", stopped at --max-tokens]"), "{plain}");
+        s.expert_cache = Some(CacheUse {
+            hit_rate: 0.434,
+            read_bytes_per_token: 70.5 * (1u64 << 20) as f64,
+            wait_ms_per_token: 12.0,
+        });
+        let paged = stats_line(&s, StopReason::MaxTokens);
+        assert!(
+            paged.contains(", expert cache 43% hits, 70.50 MiB read/tok, stopped at --max-tokens]"),
+            "{paged}"
+        );
+    }
 }

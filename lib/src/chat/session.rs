@@ -156,6 +156,10 @@ pub struct TurnStats {
     pub prefill_tps: f64,
     /// Generated tokens per second after the first.
     pub decode_tps: f64,
+    /// What the expert cache did this turn, when a memory budget pages
+    /// the experts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_cache: Option<crate::model::experts::CacheUse>,
 }
 
 /// The outcome of a turn.
@@ -315,6 +319,7 @@ impl<'a> Conversation<'a> {
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<TurnResult, ChatError> {
         let start = Instant::now();
+        let cache_before = crate::model::experts::stats_of(&**self.chat.model.weights());
         let (ids, prompt_text) = self.start_turn(user)?;
         let logits = self.chat.model.forward(&mut self.state, &ids);
         let prefill_s = start.elapsed().as_secs_f64();
@@ -339,7 +344,7 @@ impl<'a> Conversation<'a> {
         };
         self.messages.push(Message::new("user", user));
         self.messages.push(Message::new("assistant", content));
-        let stats = self.turn_stats(&gen, stop, ids.len(), start, prefill_s);
+        let stats = self.turn_stats(&gen, stop, ids.len(), start, prefill_s, cache_before);
         self.last = Some(stats.clone());
         Ok(TurnResult {
             reasoning: gen.reasoning.trim().to_string(),
@@ -418,6 +423,7 @@ impl<'a> Conversation<'a> {
         prompt: usize,
         start: Instant,
         prefill_s: f64,
+        cache_before: Option<crate::model::experts::PagerStats>,
     ) -> TurnStats {
         let generated = gen.generated;
         let first = gen.first_at.expect("the loop samples at least once");
@@ -437,6 +443,11 @@ impl<'a> Conversation<'a> {
             } else {
                 0.0
             },
+            expert_cache: cache_before.as_ref().and_then(|b| {
+                let now = crate::model::experts::stats_of(&**self.chat.model.weights())?;
+                let computed = (prompt + decoded) as u64;
+                Some(crate::model::experts::CacheUse::between(b, &now, computed))
+            }),
         }
     }
 

@@ -10,6 +10,7 @@
 //! the shared expert and the resident experts compute.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use rayon::prelude::*;
 
@@ -129,27 +130,80 @@ impl std::ops::Deref for Held<'_> {
     }
 }
 
+/// What decode computes from a token's input before routing: the router's
+/// logits, the predicting routers' logits (`(depth, logits)`, under a
+/// budget), and the shared expert's activation `silu(gate x) * up x` and
+/// gate logit.
+struct FirstProducts {
+    logits: Vec<f32>,
+    next: Vec<(usize, Vec<f32>)>,
+    shared_act: Vec<f32>,
+    shared_gate: f32,
+}
+
+/// One expert on one token: `down(silu(gate x) * up x)`, the gate and up
+/// products in one parallel region and the down in another (the same
+/// products [`Moe::forward`] computes).
+fn expert_one(ex: &Expert, x: &[f32]) -> Vec<f32> {
+    let inter = ex.gate.rows();
+    let (mut g, mut u) = (vec![0f32; inter], vec![0f32; inter]);
+    matvec_batch(&mut [
+        Product::new(&ex.gate, x, &mut g),
+        Product::new(&ex.up, x, &mut u),
+    ]);
+    for (gi, ui) in g.iter_mut().zip(&u) {
+        *gi = silu(*gi) * ui;
+    }
+    let mut y = vec![0f32; ex.down.rows()];
+    matvec_batch(&mut [Product::new(&ex.down, &g, &mut y)]);
+    y
+}
+
 impl Moe {
-    /// Decode: one token's router, experts and shared expert in three
-    /// parallel regions (router with the shared expert's gate and up; the
-    /// routed experts' gates and ups with the shared down; the routed
-    /// downs) instead of one fork-join per product. Each product, and the
-    /// sum in expert order, is what [`Moe::forward`] computes for many
-    /// tokens one at a time.
+    /// Decode: one token's router, experts and shared expert in few
+    /// parallel regions instead of one fork-join per product. Each
+    /// product, and the sum in expert order, is what [`Moe::forward`]
+    /// computes for many tokens one at a time. Under a budget the missing
+    /// experts' reads start at routing; the resident experts compute while
+    /// they are in flight, and each missing one computes as soon as it
+    /// arrives.
     fn forward_one(&self, x: &[f32]) -> Vec<f32> {
-        let h = self.hidden;
-        let ne = self.experts.len();
-        let mut logits = vec![0f32; ne];
+        let first = self.first_products(x);
+        let route = self.route(&first.logits);
+        let chosen: Vec<usize> = route.iter().map(|&(e, _)| e).collect();
+        let routed_at = Instant::now();
+        let (held, pending) = self.hold(&chosen);
+        self.predict_next(&first.next);
+        let mut ys: Vec<Option<Vec<f32>>> = vec![None; route.len()];
+        let shared_y = self.resident_experts(x, &held, &first.shared_act, &mut ys);
+        drop(held);
+        self.arriving_experts(x, &chosen, pending, &mut ys, routed_at);
+        let ys: Vec<Vec<f32>> = ys
+            .into_iter()
+            .map(|y| y.expect("every routed expert computed"))
+            .collect();
+        self.combine_one(&route, &ys, &shared_y, first.shared_gate)
+    }
+
+    /// Decode's first parallel region: the router, the routers that
+    /// predict the next layers' experts, and the shared expert's gate, up
+    /// and gate logit.
+    fn first_products(&self, x: &[f32]) -> FirstProducts {
+        let mut logits = vec![0f32; self.experts.len()];
         let si = self.shared.as_ref().map_or(0, |(e, _)| e.gate.rows());
         let (mut sg, mut sgu, mut sgate) = (vec![0f32; si], vec![0f32; si], [0f32; 1]);
-        // Under a budget: the next layer's router on this hidden state
-        // predicts which of its experts to read ahead.
-        let next_router = self.pager.as_ref().and_then(|(p, l)| p.next_router(*l));
-        let mut next_logits = vec![0f32; next_router.as_ref().map_or(0, Matrix::rows)];
+        let routers = match &self.pager {
+            Some((p, l)) => p.next_routers(*l),
+            None => Vec::new(),
+        };
+        let mut next: Vec<(usize, Vec<f32>)> = routers
+            .iter()
+            .map(|(d, r)| (*d, vec![0f32; r.rows()]))
+            .collect();
         {
             let mut jobs = vec![Product::new(&self.router, x, &mut logits)];
-            if let Some(r) = &next_router {
-                jobs.push(Product::new(r, x, &mut next_logits));
+            for ((_, r), (_, out)) in routers.iter().zip(&mut next) {
+                jobs.push(Product::new(r, x, out));
             }
             if let Some((e, gate)) = &self.shared {
                 jobs.push(Product::new(gate, x, &mut sgate));
@@ -158,73 +212,133 @@ impl Moe {
             }
             matvec_batch(&mut jobs);
         }
-        let route = self.route(&logits);
-        let chosen: Vec<usize> = route.iter().map(|&(e, _)| e).collect();
-        // Reads of missing experts start here and run while the resident
-        // ones and the shared expert compute.
-        let (mut held, pending) = self.hold(&chosen);
-        if let (Some((p, l)), false) = (&self.pager, next_logits.is_empty()) {
-            let guess = top_n(&next_logits, self.top_k + p.predict_extra());
-            p.predicted(l + 1, &guess);
-        }
-        let inter = self.experts.first().map_or(0, |e| e.gate.rows());
-        let mut gates = vec![vec![0f32; inter]; route.len()];
-        let mut ups = vec![vec![0f32; inter]; route.len()];
         for (gi, ui) in sg.iter_mut().zip(&sgu) {
             *gi = silu(*gi) * ui;
         }
-        let mut shared_y = vec![0f32; if self.shared.is_some() { h } else { 0 }];
+        FirstProducts {
+            logits,
+            next,
+            shared_act: sg,
+            shared_gate: sgate[0],
+        }
+    }
+
+    /// Reads ahead the experts the next layers' routers chose on this
+    /// hidden state (the nearest layer first).
+    fn predict_next(&self, next: &[(usize, Vec<f32>)]) {
+        if let Some((p, l)) = &self.pager {
+            for (depth, logits) in next {
+                let guess = top_n(logits, self.top_k + p.predict_extra());
+                p.predicted(l + depth, &guess, *depth);
+            }
+        }
+    }
+
+    /// The routed experts available now, and the shared expert's down, in
+    /// two parallel regions (gates, ups and the shared down; then the
+    /// downs); fills their `ys` and returns the shared expert's output.
+    fn resident_experts(
+        &self,
+        x: &[f32],
+        held: &[Option<Held>],
+        shared_act: &[f32],
+        ys: &mut [Option<Vec<f32>>],
+    ) -> Vec<f32> {
+        let here: Vec<(usize, &Expert)> = held
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| Some((i, &**h.as_ref()?)))
+            .collect();
+        let mut gates: Vec<Vec<f32>> = here
+            .iter()
+            .map(|(_, e)| vec![0f32; e.gate.rows()])
+            .collect();
+        let mut ups = gates.clone();
+        let mut shared_y = vec![
+            0f32;
+            if self.shared.is_some() {
+                self.hidden
+            } else {
+                0
+            }
+        ];
         {
-            let mut jobs = Vec::with_capacity(2 * route.len() + 1);
-            for ((ex, g), u) in held.iter().zip(&mut gates).zip(&mut ups) {
-                if let Some(ex) = ex {
-                    jobs.push(Product::new(&ex.gate, x, g));
-                    jobs.push(Product::new(&ex.up, x, u));
-                }
+            let mut jobs = Vec::with_capacity(2 * here.len() + 1);
+            for (((_, ex), g), u) in here.iter().zip(&mut gates).zip(&mut ups) {
+                jobs.push(Product::new(&ex.gate, x, g));
+                jobs.push(Product::new(&ex.up, x, u));
             }
             if let Some((e, _)) = &self.shared {
-                jobs.push(Product::new(&e.down, &sg, &mut shared_y));
+                jobs.push(Product::new(&e.down, shared_act, &mut shared_y));
             }
             matvec_batch(&mut jobs);
         }
-        if !pending.is_empty() {
-            let waited: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
-            for (i, f) in pending {
-                held[i] = Some(self.resolve(f, chosen[i]));
-            }
-            let mut jobs = Vec::with_capacity(2 * waited.len());
-            for (i, (g, u)) in gates.iter_mut().zip(&mut ups).enumerate() {
-                if let (true, Some(ex)) = (waited.contains(&i), &held[i]) {
-                    jobs.push(Product::new(&ex.gate, x, g));
-                    jobs.push(Product::new(&ex.up, x, u));
-                }
-            }
-            matvec_batch(&mut jobs);
-        }
-        let held: Vec<Held> = held
-            .into_iter()
-            .map(|e| e.expect("every expert held"))
-            .collect();
         for (g, u) in gates.iter_mut().zip(&ups) {
             for (gi, ui) in g.iter_mut().zip(u) {
                 *gi = silu(*gi) * ui;
             }
         }
-        let mut ys = vec![vec![0f32; h]; route.len()];
+        let mut outs: Vec<Vec<f32>> = here
+            .iter()
+            .map(|(_, e)| vec![0f32; e.down.rows()])
+            .collect();
         {
-            let mut jobs: Vec<Product> = held
+            let mut jobs: Vec<Product> = here
                 .iter()
                 .zip(&gates)
-                .zip(&mut ys)
-                .map(|((ex, g), y)| Product::new(&ex.down, g, y))
+                .zip(&mut outs)
+                .map(|(((_, ex), g), y)| Product::new(&ex.down, g, y))
                 .collect();
             matvec_batch(&mut jobs);
         }
-        // Routed experts in expert order (as `forward` sums them), then the
-        // shared expert; the first term writes (see `vector::scale`).
+        for ((i, _), y) in here.iter().zip(outs) {
+            ys[*i] = Some(y);
+        }
+        shared_y
+    }
+
+    /// The routed experts being read: each computes as soon as its read
+    /// is done (the first finished one, else the oldest is waited for),
+    /// while the others are still in flight. Tells the pager how long
+    /// routing waited for its experts.
+    fn arriving_experts(
+        &self,
+        x: &[f32],
+        chosen: &[usize],
+        mut pending: Vec<(usize, Fetch)>,
+        ys: &mut [Option<Vec<f32>>],
+        routed_at: Instant,
+    ) {
+        let Some((p, _)) = &self.pager else {
+            return;
+        };
+        let waited = !pending.is_empty();
+        let mut ready_at = routed_at;
+        while !pending.is_empty() {
+            let k = pending
+                .iter()
+                .position(|(_, f)| f.is_settled())
+                .unwrap_or(0);
+            let (i, f) = pending.swap_remove(k);
+            let ex = self.resolve(f, chosen[i]);
+            ready_at = Instant::now();
+            ys[i] = Some(expert_one(&ex, x));
+        }
+        p.routed(waited.then(|| ready_at.duration_since(routed_at)));
+    }
+
+    /// Routed experts in expert order (as `forward` sums them), then the
+    /// shared expert; the first term writes (see `vector::scale`).
+    fn combine_one(
+        &self,
+        route: &[(usize, f32)],
+        ys: &[Vec<f32>],
+        shared_y: &[f32],
+        shared_gate: f32,
+    ) -> Vec<f32> {
         let mut order: Vec<usize> = (0..route.len()).collect();
         order.sort_by_key(|&i| route[i].0);
-        let mut out = vec![0f32; h];
+        let mut out = vec![0f32; self.hidden];
         let mut first = true;
         let mut add = |wgt: f32, y: &[f32]| {
             if first {
@@ -238,7 +352,7 @@ impl Moe {
             add(route[i].1, &ys[i]);
         }
         if self.shared.is_some() {
-            add(sigmoid(sgate[0]), &shared_y);
+            add(sigmoid(shared_gate), shared_y);
         }
         out
     }

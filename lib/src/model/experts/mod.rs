@@ -35,7 +35,7 @@ use crate::tensor::{AlignedBuf, Bytes, Matrix, Zeros};
 use crate::weights::{WeightError, WeightSource};
 
 use crate::direct_io::{self as io, DataFile, DIRECT_ALIGN};
-use pool::{IoPool, Priority};
+use pool::{IoPool, Priority, Tag};
 
 /// Errors setting up paging.
 #[derive(Debug, thiserror::Error)]
@@ -253,11 +253,19 @@ struct Counters {
     ahead_used: AtomicU64,
     predicted: AtomicU64,
     predicted_right: AtomicU64,
+    predicted2: AtomicU64,
+    predicted2_right: AtomicU64,
     read_errors: AtomicU64,
+    routes: AtomicU64,
+    routes_waited: AtomicU64,
+    route_wait_ns: AtomicU64,
+    ahead_wasted: AtomicU64,
+    preloaded: AtomicU64,
 }
 
 /// A snapshot of the expert cache's counters.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
 pub struct PagerStats {
     /// Routed experts found resident.
     pub hits: u64,
@@ -275,7 +283,7 @@ pub struct PagerStats {
     pub stall_s: f64,
     /// Experts evicted.
     pub evictions: u64,
-    /// Experts read ahead (predicted, or the hot set at start).
+    /// Experts read ahead because a router predicted them.
     pub ahead_issued: u64,
     /// Of those, used by a forward pass before eviction.
     pub ahead_used: u64,
@@ -283,8 +291,36 @@ pub struct PagerStats {
     pub predicted: u64,
     /// Predictions the next layer's router then chose.
     pub predicted_right: u64,
+    /// Experts predicted two layers ahead.
+    pub predicted2: u64,
+    /// Of those, chosen by that layer's router.
+    pub predicted2_right: u64,
     /// Reads that failed (the mapped expert was used instead).
     pub read_errors: u64,
+    /// Layers routed one token (decode).
+    pub routes: u64,
+    /// Of those, routings that had to wait for a read.
+    pub routes_waited: u64,
+    /// Seconds from routing to every chosen expert ready, summed over the
+    /// routings that waited.
+    pub route_wait_s: f64,
+    /// Experts read ahead but evicted unused.
+    pub ahead_wasted: u64,
+    /// Experts of the hot set of earlier runs read at start.
+    pub preloaded: u64,
+    /// Demand reads started by the I/O threads (promoted ones included).
+    pub demand_reads: u64,
+    /// Seconds demand reads waited for a free I/O thread, summed.
+    pub demand_queue_s: f64,
+    /// Read-ahead reads running when each demand read was queued, summed.
+    pub ahead_running_at_demand: u64,
+    /// Queued predicted reads the layer then chose (moved to the demand
+    /// queue).
+    pub ahead_promoted: u64,
+    /// Queued predicted reads the layer did not choose (cancelled).
+    pub ahead_cancelled: u64,
+    /// Seconds at least one read was in flight.
+    pub io_busy_s: f64,
     /// Experts the cache holds now.
     pub resident: u64,
     /// Its capacity in experts.
@@ -316,11 +352,55 @@ impl PagerStats {
             ahead_used: self.ahead_used - earlier.ahead_used,
             predicted: self.predicted - earlier.predicted,
             predicted_right: self.predicted_right - earlier.predicted_right,
+            predicted2: self.predicted2 - earlier.predicted2,
+            predicted2_right: self.predicted2_right - earlier.predicted2_right,
             read_errors: self.read_errors - earlier.read_errors,
+            routes: self.routes - earlier.routes,
+            routes_waited: self.routes_waited - earlier.routes_waited,
+            route_wait_s: self.route_wait_s - earlier.route_wait_s,
+            ahead_wasted: self.ahead_wasted - earlier.ahead_wasted,
+            preloaded: self.preloaded - earlier.preloaded,
+            demand_reads: self.demand_reads - earlier.demand_reads,
+            demand_queue_s: self.demand_queue_s - earlier.demand_queue_s,
+            ahead_running_at_demand: self.ahead_running_at_demand - earlier.ahead_running_at_demand,
+            ahead_promoted: self.ahead_promoted - earlier.ahead_promoted,
+            ahead_cancelled: self.ahead_cancelled - earlier.ahead_cancelled,
+            io_busy_s: self.io_busy_s - earlier.io_busy_s,
             resident: self.resident,
             capacity: self.capacity,
         }
     }
+}
+
+/// What the expert cache did over some tokens (a chat turn), for the
+/// per-turn stats line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct CacheUse {
+    /// Fraction of routed experts resident when asked for.
+    pub hit_rate: f64,
+    /// Bytes read from storage per token computed (prompt and generated;
+    /// read-ahead included).
+    pub read_bytes_per_token: f64,
+    /// Milliseconds per token the forward passes waited for reads.
+    pub wait_ms_per_token: f64,
+}
+
+impl CacheUse {
+    /// The use between two snapshots over `tokens` tokens computed.
+    pub fn between(before: &PagerStats, after: &PagerStats, tokens: u64) -> CacheUse {
+        let d = after.since(before);
+        let n = tokens.max(1) as f64;
+        CacheUse {
+            hit_rate: d.hit_rate(),
+            read_bytes_per_token: d.bytes_read as f64 / n,
+            wait_ms_per_token: 1e3 * d.stall_s / n,
+        }
+    }
+}
+
+/// The expert cache's counters now, when `w` pages its experts.
+pub fn stats_of(w: &dyn WeightSource) -> Option<PagerStats> {
+    pager_of(w).map(|p| p.stats())
 }
 
 /// A read in flight; the forward pass that needs it waits here.
@@ -366,6 +446,14 @@ impl Fetch {
     /// Whether it can be used now.
     pub fn is_ready(&self) -> bool {
         matches!(self, Fetch::Ready(_))
+    }
+    /// Whether [`Fetch::wait`] returns without blocking (resident, read,
+    /// failed or unavailable).
+    pub fn is_settled(&self) -> bool {
+        match self {
+            Fetch::Pending(t) => t.result.lock().unwrap_or_else(|e| e.into_inner()).is_some(),
+            _ => true,
+        }
     }
     /// Waits for the read; `None` when it failed or was unavailable (the
     /// caller then uses the mapped expert; the failure was logged).
@@ -414,8 +502,9 @@ struct State {
     tick: u64,
     free: Vec<Arc<AlignedBuf>>,
     allocated: usize,
-    /// The experts predicted for each layer, until it routes.
-    predicted: Vec<Vec<u32>>,
+    /// The experts predicted for each layer, one and two layers ahead,
+    /// until it routes.
+    predicted: Vec<[Vec<u32>; 2]>,
 }
 
 struct LayerInfo {
@@ -439,11 +528,20 @@ pub struct PagerOptions {
     pub io_threads: usize,
     /// Experts read ahead per predicted layer: its top-k plus this many.
     pub predict_extra: usize,
+    /// Predict this many layers ahead (1 or 2): with 2, the router of the
+    /// layer after next is applied too, so its reads have two layers'
+    /// compute to hide behind (off by default: see
+    /// `DEFAULT_PREDICT_DEPTH`).
+    pub predict_depth: usize,
+    /// Read-ahead reads in flight at most; the other I/O threads are kept
+    /// for demand reads.
+    pub ahead_inflight: usize,
 }
 
 impl PagerOptions {
     /// Defaults for `budget`: prediction on, 16 I/O threads, no usage
-    /// file. `RH_EXPERT_IO_THREADS` and `RH_EXPERT_PREDICT_EXTRA` override
+    /// file. `RH_EXPERT_IO_THREADS`, `RH_EXPERT_PREDICT_EXTRA`,
+    /// `RH_EXPERT_PREDICT_DEPTH` and `RH_EXPERT_AHEAD_INFLIGHT` override
     /// the tuning values (for measurements).
     pub fn new(budget: u64) -> PagerOptions {
         PagerOptions {
@@ -452,6 +550,12 @@ impl PagerOptions {
             predict: true,
             io_threads: crate::env::expert_io_threads().unwrap_or(16).clamp(1, 256),
             predict_extra: crate::env::expert_predict_extra().unwrap_or(0).min(1024),
+            predict_depth: crate::env::expert_predict_depth()
+                .unwrap_or(DEFAULT_PREDICT_DEPTH)
+                .clamp(1, 2),
+            ahead_inflight: crate::env::expert_ahead_inflight()
+                .unwrap_or(DEFAULT_AHEAD_INFLIGHT)
+                .clamp(1, 256),
         }
     }
 }
@@ -473,12 +577,24 @@ pub struct ExpertPager {
     warned: AtomicBool,
     started_preload: AtomicBool,
     predict_extra: usize,
+    predict_depth: usize,
+    predict2: AtomicBool,
+    io_threads: usize,
 }
 
 /// Below this accuracy (after [`PREDICT_TRIAL`] predictions) next-layer
 /// prediction stops: its reads would cost more than they save.
 const PREDICT_MIN_ACCURACY: f64 = 1.0 / 3.0;
 const PREDICT_TRIAL: u64 = 2000;
+/// Layers predicted ahead by default (see [`PagerOptions::predict_depth`]):
+/// two layers ahead was right 41% of the time on the skewed 8-layer
+/// synthetic model (next layer: 55%), and its extra reads competed with
+/// the demand reads of a disk already busy most of the time.
+const DEFAULT_PREDICT_DEPTH: usize = 1;
+/// Read-ahead reads in flight at most by default: enough to keep the
+/// device busy between demand reads, few enough that a demand read finds
+/// a free thread and a short device queue.
+const DEFAULT_AHEAD_INFLIGHT: usize = 4;
 /// Usage counts are saved at most this often while running (and at the end).
 const SAVE_EVERY: Duration = Duration::from_secs(60);
 /// A forward pass waits at most this long for a free buffer before using
@@ -526,9 +642,9 @@ impl ExpertPager {
                 tick: 0,
                 free: Vec::new(),
                 allocated: 0,
-                predicted: vec![Vec::new(); n_layers],
+                predicted: vec![[Vec::new(), Vec::new()]; n_layers],
             }),
-            pool: IoPool::new(opts.io_threads),
+            pool: IoPool::new(opts.io_threads, opts.ahead_inflight),
             stats: Counters::default(),
             predict: AtomicBool::new(opts.predict),
             usage_file: opts.usage_file.clone(),
@@ -536,12 +652,20 @@ impl ExpertPager {
             warned: AtomicBool::new(false),
             started_preload: AtomicBool::new(false),
             predict_extra: opts.predict_extra,
+            predict_depth: opts.predict_depth,
+            io_threads: opts.io_threads,
+            predict2: AtomicBool::new(opts.predict && opts.predict_depth >= 2),
         })
     }
 
     /// How the budget was split.
     pub fn plan(&self) -> &BudgetPlan {
         &self.plan
+    }
+
+    /// I/O threads: the most reads in flight.
+    pub fn io_threads(&self) -> usize {
+        self.io_threads
     }
 
     /// Whether reads bypass the page cache (O_DIRECT).
@@ -603,13 +727,32 @@ impl ExpertPager {
         self.predict_extra
     }
 
-    /// The router of the layer after `layer`, while prediction is on.
-    pub fn next_router(&self, layer: usize) -> Option<Matrix> {
-        if !self.predict.load(Ordering::Relaxed) {
-            return None;
-        }
+    /// The routers of the layers after `layer` whose experts are
+    /// predicted from its hidden state: `(depth, router)` for the next layer
+    /// and, with [`PagerOptions::predict_depth`] 2, the one after, each
+    /// while its predictions pay.
+    pub fn next_routers(&self, layer: usize) -> Vec<(usize, Matrix)> {
+        let on = [
+            self.predict.load(Ordering::Relaxed),
+            self.predict2.load(Ordering::Relaxed),
+        ];
         let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
-        layers.get(layer + 1)?.as_ref().map(|l| l.router.clone())
+        (1..=self.predict_depth.min(2))
+            .filter(|&d| on[d - 1])
+            .filter_map(|d| Some((d, layers.get(layer + d)?.as_ref()?.router.clone())))
+            .collect()
+    }
+
+    /// Layer routing took `waited` from routing to every chosen expert
+    /// ready (`None`: none had to be waited for).
+    pub fn routed(&self, waited: Option<Duration>) {
+        let c = &self.stats;
+        c.routes.fetch_add(1, Ordering::Relaxed);
+        if let Some(w) = waited {
+            c.routes_waited.fetch_add(1, Ordering::Relaxed);
+            c.route_wait_ns
+                .fetch_add(w.as_nanos() as u64, Ordering::Relaxed);
+        }
     }
 
     /// The experts of `layer` a forward pass needs: each resident one is
@@ -618,6 +761,9 @@ impl ExpertPager {
     /// [`Fetch::wait`]. Each call counts as a use of each expert.
     pub fn fetch(self: &Arc<Self>, layer: usize, experts: &[usize]) -> Vec<Fetch> {
         self.check_prediction(layer, experts);
+        // Chosen experts still queued as read-ahead jump to the demand
+        // queue; queued guesses this layer did not choose are dropped.
+        self.pool.reprioritise(layer, experts);
         let mut out = Vec::with_capacity(experts.len());
         let mut st = self.lock();
         for &e in experts {
@@ -659,7 +805,7 @@ impl ExpertPager {
                     self.stats.misses.fetch_add(1, Ordering::Relaxed);
                     let t = Ticket::new();
                     st.entries.insert(key, Entry::Loading(t.clone()));
-                    self.submit(Priority::Demand, layer, e, buf, t.clone(), false);
+                    self.submit(Priority::Demand, layer, e, buf, t.clone(), None);
                     out.push(Fetch::Pending(t));
                     break;
                 }
@@ -682,7 +828,9 @@ impl ExpertPager {
 
     /// Reads `experts` of `layer` ahead, those not resident or being read,
     /// as far as buffers allow without evicting an expert used more often.
-    pub fn read_ahead(self: &Arc<Self>, layer: usize, experts: &[usize]) {
+    /// `predicted` reads are cancelled if still queued when the layer
+    /// routes elsewhere.
+    pub fn read_ahead(self: &Arc<Self>, layer: usize, experts: &[usize], predicted: bool) {
         if self
             .layers
             .read()
@@ -700,49 +848,69 @@ impl ExpertPager {
             let Some(buf) = self.take_buffer(&mut st, Some(count)) else {
                 continue;
             };
-            self.stats.ahead_issued.fetch_add(1, Ordering::Relaxed);
+            let issued = if predicted {
+                &self.stats.ahead_issued
+            } else {
+                &self.stats.preloaded
+            };
+            issued.fetch_add(1, Ordering::Relaxed);
             let t = Ticket::new();
             st.entries.insert(key, Entry::Loading(t.clone()));
-            self.submit(Priority::Ahead, layer, e, buf, t, true);
+            let tag = Tag {
+                layer: layer as u32,
+                expert: e as u32,
+                predicted,
+            };
+            self.submit(Priority::Ahead, layer, e, buf, t, Some(tag));
         }
     }
 
-    /// Predicted experts of `layer` (read ahead, and checked against its
-    /// router's choice when it routes).
-    pub fn predicted(self: &Arc<Self>, layer: usize, experts: &[usize]) {
-        if layer >= self.lock().predicted.len() {
-            return;
+    /// Predicted experts of `layer`, `depth` (1 or 2) layers ahead (read
+    /// ahead, and checked against its router's choice when it routes).
+    pub fn predicted(self: &Arc<Self>, layer: usize, experts: &[usize], depth: usize) {
+        {
+            let mut st = self.lock();
+            let Some(slot) = st.predicted.get_mut(layer) else {
+                return;
+            };
+            slot[depth.clamp(1, 2) - 1] = experts.iter().map(|&e| e as u32).collect();
         }
-        self.lock().predicted[layer] = experts.iter().map(|&e| e as u32).collect();
-        self.read_ahead(layer, experts);
+        self.read_ahead(layer, experts, true);
     }
 
     fn check_prediction(&self, layer: usize, chosen: &[usize]) {
-        let guess = std::mem::take(&mut self.lock().predicted[layer]);
-        if guess.is_empty() {
-            return;
-        }
-        let right = guess
-            .iter()
-            .filter(|g| chosen.contains(&(**g as usize)))
-            .count() as u64;
-        let n = self
-            .stats
-            .predicted
-            .fetch_add(guess.len() as u64, Ordering::Relaxed)
-            + guess.len() as u64;
-        let r = self
-            .stats
-            .predicted_right
-            .fetch_add(right, Ordering::Relaxed)
-            + right;
-        if n >= PREDICT_TRIAL
-            && (r as f64) < n as f64 * PREDICT_MIN_ACCURACY
-            && self.predict.swap(false, Ordering::Relaxed)
-        {
+        let guesses = std::mem::take(&mut self.lock().predicted[layer]);
+        let c = &self.stats;
+        let per_depth = [
+            (
+                &c.predicted,
+                &c.predicted_right,
+                &self.predict,
+                "next-layer",
+            ),
+            (
+                &c.predicted2,
+                &c.predicted2_right,
+                &self.predict2,
+                "two-layers-ahead",
+            ),
+        ];
+        for (guess, (total, right_total, on, what)) in guesses.iter().zip(per_depth) {
+            if guess.is_empty() {
+                continue;
+            }
+            let right = guess
+                .iter()
+                .filter(|g| chosen.contains(&(**g as usize)))
+                .count() as u64;
+            let n = total.fetch_add(guess.len() as u64, Ordering::Relaxed) + guess.len() as u64;
+            let r = right_total.fetch_add(right, Ordering::Relaxed) + right;
+            if n >= PREDICT_TRIAL
+                && (r as f64) < n as f64 * PREDICT_MIN_ACCURACY
+                && on.swap(false, Ordering::Relaxed)
             {
                 tracing::info!(
-                    "expert cache: next-layer prediction right {:.0}% of the time; turned off",
+                    "expert cache: {what} prediction right {:.0}% of the time; turned off",
                     100.0 * r as f64 / n as f64
                 );
             }
@@ -784,8 +952,11 @@ impl ExpertPager {
             }
             st.order.extend(busy);
             let key = victim?;
-            if let Some(Entry::Ready { buf, .. }) = st.entries.remove(&key) {
+            if let Some(Entry::Ready { buf, ahead, .. }) = st.entries.remove(&key) {
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                if ahead {
+                    self.stats.ahead_wasted.fetch_add(1, Ordering::Relaxed);
+                }
                 st.free.push(buf);
             }
         }
@@ -798,15 +969,34 @@ impl ExpertPager {
         e: usize,
         buf: Arc<AlignedBuf>,
         ticket: Arc<Ticket>,
-        ahead: bool,
+        tag: Option<Tag>,
     ) {
         // A queued read does not keep the pager alive: dropping the model
         // frees its buffers; a read that finds it gone fails its ticket.
         let me = Arc::downgrade(self);
-        self.pool.submit(priority, move || match me.upgrade() {
-            Some(me) => me.complete(layer, e, buf, ticket, ahead),
-            None => ticket.set(Err("the model was dropped".into())),
-        });
+        // Only predicted reads count as read-ahead in the statistics: the
+        // hot set read at start is what a warm cache holds.
+        let ahead = tag.is_some_and(|t| t.predicted);
+        self.pool
+            .submit(priority, tag, move |run| match (me.upgrade(), run) {
+                (Some(me), true) => me.complete(layer, e, buf, ticket, ahead),
+                (Some(me), false) => me.cancelled(layer, e, buf, ticket),
+                (None, _) => ticket.set(Err("the model was dropped".into())),
+            });
+    }
+
+    /// A read-ahead cancelled before it started: its entry and buffer go.
+    fn cancelled(&self, layer: usize, e: usize, buf: Arc<AlignedBuf>, t: Arc<Ticket>) {
+        let key = (layer as u32, e as u32);
+        let mut st = self.lock();
+        if matches!(st.entries.get(&key), Some(Entry::Loading(x)) if Arc::ptr_eq(x, &t)) {
+            st.entries.remove(&key);
+        }
+        st.free.push(buf);
+        drop(st);
+        t.set(Err(format!(
+            "read-ahead of expert {e} of layer {layer} cancelled"
+        )));
     }
 
     /// Runs on an I/O thread: reads the expert, then publishes it.
@@ -922,7 +1112,7 @@ impl ExpertPager {
         hot.sort_by(|a, b| b.cmp(a));
         hot.truncate(keep);
         for (_, l, e) in hot {
-            self.read_ahead(l, &[e]);
+            self.read_ahead(l, &[e], false);
         }
     }
 
@@ -930,6 +1120,7 @@ impl ExpertPager {
     pub fn stats(&self) -> PagerStats {
         let c = &self.stats;
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let pool = self.pool.stats();
         let resident = {
             let st = self.lock();
             st.entries
@@ -950,7 +1141,20 @@ impl ExpertPager {
             ahead_used: ld(&c.ahead_used),
             predicted: ld(&c.predicted),
             predicted_right: ld(&c.predicted_right),
+            predicted2: ld(&c.predicted2),
+            predicted2_right: ld(&c.predicted2_right),
             read_errors: ld(&c.read_errors),
+            routes: ld(&c.routes),
+            routes_waited: ld(&c.routes_waited),
+            route_wait_s: ld(&c.route_wait_ns) as f64 * 1e-9,
+            ahead_wasted: ld(&c.ahead_wasted),
+            preloaded: ld(&c.preloaded),
+            demand_reads: pool.demand_jobs,
+            demand_queue_s: pool.demand_queue_s,
+            ahead_running_at_demand: pool.ahead_running_at_demand,
+            ahead_promoted: pool.promoted,
+            ahead_cancelled: pool.cancelled,
+            io_busy_s: pool.busy_s,
             resident,
             capacity: self.plan.slots as u64,
         }
@@ -992,8 +1196,8 @@ impl ExpertPager {
         };
         if due {
             let me = Arc::downgrade(self);
-            self.pool.submit(Priority::Ahead, move || {
-                if let Some(me) = me.upgrade() {
+            self.pool.submit(Priority::Ahead, None, move |run| {
+                if let (true, Some(me)) = (run, me.upgrade()) {
                     me.save_usage();
                 }
             });

@@ -10,9 +10,14 @@ use std::path::{Path, PathBuf};
 
 /// A tiny skewed model (2 layers, 8 experts, top-2) repacked into `dir/cache`.
 fn tiny_cache(dir: &Path) -> PathBuf {
+    tiny_cache_layers(dir, 2)
+}
+
+/// [`tiny_cache`] with `layers` layers.
+fn tiny_cache_layers(dir: &Path, layers: usize) -> PathBuf {
     let ck = dir.join("checkpoint");
     std::fs::create_dir_all(&ck).unwrap();
-    let spec = crate::synthetic::Spec::preset("tiny,zipf=0.6", Some(2), 5).unwrap();
+    let spec = crate::synthetic::Spec::preset("tiny,zipf=0.6", Some(layers), 5).unwrap();
     for (name, bytes) in spec.metadata_files() {
         std::fs::write(ck.join(name), bytes).unwrap();
     }
@@ -87,6 +92,27 @@ fn paged_logits_equal_mapped_logits_bit_for_bit() {
 }
 
 #[test]
+fn predicting_two_layers_ahead_with_one_read_ahead_thread_keeps_the_logits() {
+    // Three layers, so layer 0 predicts layer 2 too; one read-ahead read
+    // in flight at a time, so guesses queue up and are promoted or
+    // cancelled when their layer routes.
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tiny_cache_layers(tmp.path(), 3);
+    let plain = run(&Model::load(crate::open::open_weights(&cache).unwrap()).unwrap());
+    let mut opts = PagerOptions::new(budget_for(&cache, 8));
+    opts.io_threads = 2;
+    opts.predict_depth = 2;
+    opts.ahead_inflight = 1;
+    let (w, _) = open_with_budget(&cache, &opts).unwrap();
+    let model = Model::load(w).unwrap();
+    assert_eq!(run(&model), plain);
+    let s = pager_of(&**model.weights()).unwrap().stats();
+    assert!(s.predicted > 0 && s.predicted2 > 0, "{s:?}");
+    assert!(s.routes > 0 && s.routes_waited <= s.routes, "{s:?}");
+    assert_eq!(s.read_errors, 0, "{s:?}");
+}
+
+#[test]
 fn eviction_keeps_the_experts_used_most() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tiny_cache(tmp.path());
@@ -134,7 +160,7 @@ fn usage_counts_persist_and_a_damaged_file_starts_fresh() {
     let p = pager_of(&**model.weights()).unwrap().clone();
     assert_eq!(p.usage_counts(), counts);
     // The hot set is read ahead at load.
-    assert!(p.stats().ahead_issued > 0);
+    assert!(p.stats().preloaded > 0);
     drop(model);
     drop(p);
     for junk in [
