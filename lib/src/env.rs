@@ -10,6 +10,7 @@
 //! | `RH_REPACK_ABORT_AFTER_UNITS` | `rh-repack` | test hook: stop as if killed after N tensor groups |
 //! | `RH_EXPERT_IO_THREADS` | [`crate::model::experts`] | reads in flight in the expert cache (default 16, 1-256), for measurements |
 //! | `RH_EXPERT_PREDICT_EXTRA` | [`crate::model::experts`] | experts read ahead per predicted layer beyond its top-k (default 0), for measurements |
+//! | `RH_HUGE_PAGES` | [`crate::model`] | `0`: leave the weights every token reads (all but the embedding and the routed experts) where the source put them instead of copying them onto huge pages, for measurements |
 //!
 //! Not here: the Hugging Face variables (`HF_HOME`, `HF_TOKEN`, ...), read by
 //! `fetch::hf_cache` with the hub's own precedence, `RH_API_KEY`, which
@@ -30,6 +31,8 @@ pub const RH_REPACK_ABORT_AFTER_UNITS: &str = "RH_REPACK_ABORT_AFTER_UNITS";
 pub const RH_EXPERT_IO_THREADS: &str = "RH_EXPERT_IO_THREADS";
 /// The expert cache's extra read-ahead per predicted layer.
 pub const RH_EXPERT_PREDICT_EXTRA: &str = "RH_EXPERT_PREDICT_EXTRA";
+/// Whether the per-token weights are copied onto huge pages.
+pub const RH_HUGE_PAGES: &str = "RH_HUGE_PAGES";
 
 /// A variable set to something that cannot be used (exit 2).
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +81,12 @@ pub fn expert_io_threads() -> Option<usize> {
 /// `RH_EXPERT_PREDICT_EXTRA`, when set to a number (a tuning knob).
 pub fn expert_predict_extra() -> Option<usize> {
     text(RH_EXPERT_PREDICT_EXTRA).and_then(|v| v.parse().ok())
+}
+
+/// `RH_HUGE_PAGES`: false only when set to `0` (a knob for measurements;
+/// anything else keeps the default, on).
+pub fn huge_pages() -> bool {
+    text(RH_HUGE_PAGES).as_deref() != Some("0")
 }
 
 /// `RH_REPACK_ABORT_AFTER_UNITS`, when set; a value that is not a number is
