@@ -86,6 +86,21 @@ pub(crate) fn load_matrix(
     Ok(m)
 }
 
+/// Runs `f` on a thread of rayon's pool while the caller waits. A forward
+/// pass opens dozens of parallel regions per token (every batch of
+/// matvecs, the recurrence, the norms); opened from a thread outside the
+/// pool, each one is handed to the pool and the caller sleeps until the
+/// last task wakes it, and a busy core delays both hand-overs. Opened from
+/// a worker, the worker takes a share itself and the region never waits
+/// for a thread that is not running.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// Whether decode reads all of `module` every token and it is large enough
 /// (a 2 MiB page or more) to gain from huge pages: everything but the
 /// embedding (one row a token) and the routed experts (a few a token, and
@@ -311,7 +326,7 @@ impl Model {
                 ids: c,
                 want,
             }];
-            out.extend(qwen3_next::forward(self, &mut step).remove(0));
+            out.extend(on_pool(|| qwen3_next::forward(self, &mut step)).remove(0));
         }
         out
     }
@@ -353,7 +368,7 @@ impl Model {
                 },
             })
             .collect();
-        qwen3_next::forward(self, &mut steps)
+        on_pool(|| qwen3_next::forward(self, &mut steps))
     }
 
     /// Bytes of weights read to decode one token: one embedding row, every
