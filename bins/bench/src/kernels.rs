@@ -15,8 +15,7 @@ pub struct KernelArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Only shapes whose name contains one of these (comma-separated):
-    /// expert-gate-up, expert-down, qkvz, q_proj, lm_head, lm_head-rows,
-    /// big-int4, big-int8.
+    /// expert-gate-up, expert-down, qkvz, q_proj, lm_head, big-int4, big-int8.
     #[arg(long, value_delimiter = ',')]
     pub shapes: Vec<String>,
     /// Seconds spent on each measurement (at least one call runs).

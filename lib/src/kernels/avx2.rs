@@ -386,9 +386,6 @@ impl Avx2 {
     pub(crate) fn dense_rows(self, v: &DenseView, r0: usize, x: &[f32], out: &mut [f32]) {
         assert!(r0 + out.len() <= v.rows, "rows out of range");
         assert!(x.len() == v.cols);
-        if v.dtype == FloatType::BF16 && out.len() >= SPLIT_MIN_ROWS && v.cols >= 32 {
-            return self.bf16_rows_split(v, r0, x, out);
-        }
         let es = v.dtype.size();
         for (i, o) in out.iter_mut().enumerate() {
             let r = r0 + i;
@@ -402,21 +399,6 @@ impl Avx2 {
                     FloatType::BF16 => dot_dense::<DT_BF16>(row.as_ptr(), x.as_ptr(), v.cols),
                 }
             };
-        }
-    }
-
-    /// [`Avx2::dense_rows`] for BF16 weights through [`dot_bf16_split`]:
-    /// `x` is put in that kernel's order once, then every row is read
-    /// with plain 32-byte loads. Bit for bit what [`dot_dense`] gives.
-    fn bf16_rows_split(self, v: &DenseView, r0: usize, x: &[f32], out: &mut [f32]) {
-        let xs = bf16_split_order(x);
-        let rb = v.cols * 2;
-        for (i, o) in out.iter_mut().enumerate() {
-            let row = &v.data[(r0 + i) * rb..(r0 + i + 1) * rb];
-            // SAFETY: `row` holds `cols` BF16 elements, `x` holds `cols`
-            // floats and `xs` the whole 32-element blocks of `x` in split
-            // order; features proven by `self`.
-            *o = unsafe { dot_bf16_split(row.as_ptr(), xs.as_ptr(), x.as_ptr(), v.cols) };
         }
     }
 
@@ -1103,80 +1085,6 @@ unsafe fn dot_dense<const DT: u8>(w: *const u8, x: *const f32, n: usize) -> f32 
     ));
     while k < n {
         s += load1::<DT>(w.add(k * es)) * *x.add(k);
-        k += 1;
-    }
-    s
-}
-
-/// Rows from which [`Avx2::dense_rows`] puts `x` in [`dot_bf16_split`]'s
-/// order (a copy of `x` per call, cheap against a few rows' reads).
-const SPLIT_MIN_ROWS: usize = 4;
-
-/// `x` in the order [`dot_bf16_split`] meets it: in each whole block of 32,
-/// each half of 16 as its 8 even-indexed elements, then its 8 odd-indexed
-/// ones; a last partial block is left out (the kernel reads it from `x`).
-fn bf16_split_order(x: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len() / 32 * 32);
-    for half in x.chunks_exact(16).take(x.len() / 32 * 2) {
-        out.extend(half.iter().step_by(2));
-        out.extend(half.iter().skip(1).step_by(2));
-    }
-    out
-}
-
-/// [`dot_dense`] for BF16 weights, bit for bit, in fewer instructions: a
-/// 32-byte load holds 16 BF16 values, two per 32-bit lane; a shift left by
-/// 16 makes the even-indexed ones f32 and a mask the odd ones, with no
-/// widening shuffle per 8 values (2048 lm_head rows in the last-level
-/// cache: 48 GB/s on one core against 40). Each accumulator lane sees
-/// exactly the products, in the same order, of one lane of
-/// [`dot_dense`]'s four accumulators, which are rebuilt by interleaving
-/// before the same sums. `xs` is `x` in [`bf16_split_order`].
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_bf16_split(w: *const u8, xs: *const f32, x: *const f32, n: usize) -> f32 {
-    let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
-    // e0/o0: even/odd elements of the block's first 16, e1/o1 of the rest.
-    let (mut e0, mut o0) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let (mut e1, mut o1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut k = 0;
-    let pfb = pf_bytes();
-    while k + 32 <= n {
-        prefetch(w.wrapping_add(k * 2 + pfb));
-        let w0 = _mm256_loadu_si256(w.add(k * 2) as *const __m256i);
-        let w1 = _mm256_loadu_si256(w.add(k * 2 + 32) as *const __m256i);
-        let (v0, d0) = (_mm256_slli_epi32::<16>(w0), _mm256_and_si256(w0, hi));
-        let (v1, d1) = (_mm256_slli_epi32::<16>(w1), _mm256_and_si256(w1, hi));
-        e0 = _mm256_fmadd_ps(_mm256_castsi256_ps(v0), _mm256_loadu_ps(xs.add(k)), e0);
-        o0 = _mm256_fmadd_ps(_mm256_castsi256_ps(d0), _mm256_loadu_ps(xs.add(k + 8)), o0);
-        e1 = _mm256_fmadd_ps(_mm256_castsi256_ps(v1), _mm256_loadu_ps(xs.add(k + 16)), e1);
-        o1 = _mm256_fmadd_ps(_mm256_castsi256_ps(d1), _mm256_loadu_ps(xs.add(k + 24)), o1);
-        k += 32;
-    }
-    // Lane i of e0 holds element 2i: interleaving e0 and o0 gives elements
-    // 0..4 and 8..12 (unpacklo), 4..8 and 12..16 (unpackhi) per 128 bits.
-    let (l0, h0) = (_mm256_unpacklo_ps(e0, o0), _mm256_unpackhi_ps(e0, o0));
-    let (l1, h1) = (_mm256_unpacklo_ps(e1, o1), _mm256_unpackhi_ps(e1, o1));
-    let mut a = [
-        _mm256_permute2f128_ps::<0x20>(l0, h0),
-        _mm256_permute2f128_ps::<0x31>(l0, h0),
-        _mm256_permute2f128_ps::<0x20>(l1, h1),
-        _mm256_permute2f128_ps::<0x31>(l1, h1),
-    ];
-    // From here on exactly `dot_dense`'s tail.
-    while k + 8 <= n {
-        a[0] = _mm256_fmadd_ps(
-            load8::<DT_BF16>(w.add(k * 2)),
-            _mm256_loadu_ps(x.add(k)),
-            a[0],
-        );
-        k += 8;
-    }
-    let mut s = hsum(_mm256_add_ps(
-        _mm256_add_ps(a[0], a[1]),
-        _mm256_add_ps(a[2], a[3]),
-    ));
-    while k < n {
-        s += load1::<DT_BF16>(w.add(k * 2)) * *x.add(k);
         k += 1;
     }
     s

@@ -118,15 +118,6 @@ pub const SHAPES: &[Shape] = &[
         cols: 2048,
         matmul: true,
     },
-    // 2048 of lm_head's rows (8 MiB): with `--cold-mib 1` they stay in
-    // the last-level cache, which shows the BF16 loop's own speed.
-    Shape {
-        name: "lm_head-rows",
-        kind: WeightKind::Bf16,
-        rows: 2048,
-        cols: 2048,
-        matmul: false,
-    },
     Shape {
         name: "big-int4",
         kind: WeightKind::Int4,

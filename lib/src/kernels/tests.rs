@@ -659,39 +659,3 @@ fn small_batch_matmul_is_each_tokens_matvec_bit_for_bit() {
         }
     }
 }
-
-/// BF16 rows taken several per call go through the split kernel
-/// (`dot_bf16_split`), one per call through the plain loop: the two agree
-/// bit for bit (so matvec, the batch path and the tile-free small batches
-/// keep giving the same numbers) and with the scalar reference, on widths
-/// with and without a partial last block of 32 and a tail under 8.
-#[cfg(target_arch = "x86_64")]
-#[test]
-fn bf16_split_rows_equal_the_plain_loop_bit_for_bit() {
-    let Some(a) = avx2::Avx2::detect() else {
-        return;
-    };
-    let mut rng = StdRng::seed_from_u64(53);
-    for cols in [32, 33, 40, 64, 100, 191, 2048, 2057] {
-        let rows = 9;
-        let d = rand_dense(&mut rng, rows, cols, FloatType::BF16);
-        let x: Vec<f32> = rand_x(&mut rng, cols).iter().map(|v| v * 1e3).collect();
-        let v = avx2::DenseView::new(&d).unwrap();
-        let mut split = vec![f32::NAN; rows];
-        a.dense_rows(&v, 0, &x, &mut split);
-        for (r, s) in split.iter().enumerate() {
-            let mut one = [f32::NAN];
-            a.dense_rows(&v, r, &x, &mut one);
-            assert_eq!(s.to_bits(), one[0].to_bits(), "[{rows}, {cols}] row {r}");
-        }
-        let w = Matrix::Dense(d);
-        let mags = magnitudes(&dense_f32(&w), cols, &x);
-        let tight: Vec<f64> = mags.iter().map(|m| 1e-5 * m + 1e-6).collect();
-        assert_close(
-            &format!("[{rows}, {cols}]"),
-            &split,
-            &scalar_y(&w, &x),
-            &tight,
-        );
-    }
-}
