@@ -12,6 +12,7 @@
 //! | `RH_EXPERT_PREDICT_EXTRA` | [`crate::model::experts`] | experts read ahead per predicted layer beyond its top-k (default 0), for measurements |
 //! | `RH_EXPERT_PREDICT_DEPTH` | [`crate::model::experts`] | layers predicted ahead, 1 or 2 (default 1), for measurements |
 //! | `RH_EXPERT_AHEAD_INFLIGHT` | [`crate::model::experts`] | read-ahead reads in flight at most (default 4), for measurements |
+//! | `RH_HUGE_PAGES` | [`crate::model`] | `0`: leave the weights every token reads (all but the embedding and the routed experts) where the source put them instead of copying them onto huge pages, for measurements |
 //!
 //! Not here: the Hugging Face variables (`HF_HOME`, `HF_TOKEN`, ...), read by
 //! `fetch::hf_cache` with the hub's own precedence, `RH_API_KEY`, which
@@ -36,6 +37,8 @@ pub const RH_EXPERT_PREDICT_EXTRA: &str = "RH_EXPERT_PREDICT_EXTRA";
 pub const RH_EXPERT_PREDICT_DEPTH: &str = "RH_EXPERT_PREDICT_DEPTH";
 /// Read-ahead reads the expert cache keeps in flight at most.
 pub const RH_EXPERT_AHEAD_INFLIGHT: &str = "RH_EXPERT_AHEAD_INFLIGHT";
+/// Whether the per-token weights are copied onto huge pages.
+pub const RH_HUGE_PAGES: &str = "RH_HUGE_PAGES";
 
 /// A variable set to something that cannot be used (exit 2).
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +97,12 @@ pub fn expert_predict_depth() -> Option<usize> {
 /// `RH_EXPERT_AHEAD_INFLIGHT`, when set to a number (a tuning knob).
 pub fn expert_ahead_inflight() -> Option<usize> {
     text(RH_EXPERT_AHEAD_INFLIGHT).and_then(|v| v.parse().ok())
+}
+
+/// `RH_HUGE_PAGES`: false only when set to `0` (a knob for measurements;
+/// anything else keeps the default, on).
+pub fn huge_pages() -> bool {
+    text(RH_HUGE_PAGES).as_deref() != Some("0")
 }
 
 /// `RH_REPACK_ABORT_AFTER_UNITS`, when set; a value that is not a number is

@@ -42,6 +42,35 @@ pub struct AlignedBuf {
     len: usize,
 }
 
+/// Whether the kernel backs memory with transparent huge pages on request
+/// (`/sys/kernel/mm/transparent_hugepage/enabled` says `always` or
+/// `madvise`); false elsewhere.
+pub fn huge_pages_available() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| s.contains("[always]") || s.contains("[madvise]"))
+}
+
+/// Asks for huge pages over the whole 2 MiB pages inside `buf`, before it
+/// is first written (a large zeroed allocation is fresh, untouched memory).
+pub fn advise_huge(buf: &mut [u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (buf.as_ptr() as usize).next_multiple_of(HUGE);
+        let end = (buf.as_ptr() as usize + buf.len()) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: the range lies inside `buf`, which we own mutably;
+            // MADV_HUGEPAGE changes how pages are backed, never their
+            // contents, and a refusal leaves ordinary pages.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
 impl AlignedBuf {
     /// Length in bytes.
     pub fn len(&self) -> usize {
@@ -54,6 +83,17 @@ impl AlignedBuf {
     /// Copies `bytes` into an aligned buffer.
     pub fn from_slice(bytes: &[u8]) -> Self {
         let mut b = Self::zeroed(bytes.len());
+        b.as_mut_slice().copy_from_slice(bytes);
+        b
+    }
+    /// Copies `bytes` into a buffer the kernel is asked to back with huge
+    /// pages (`MADV_HUGEPAGE`, Linux): a matrix streamed once per token then
+    /// costs one TLB entry per 2 MiB instead of per 4 KiB, which under a
+    /// hypervisor's nested page tables is most of a 4 KiB page walk's
+    /// cost. Elsewhere, or when the kernel declines, a plain copy.
+    pub fn from_slice_huge(bytes: &[u8]) -> Self {
+        let mut b = Self::zeroed(bytes.len());
+        advise_huge(b.as_mut_slice());
         b.as_mut_slice().copy_from_slice(bytes);
         b
     }

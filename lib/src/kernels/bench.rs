@@ -17,7 +17,9 @@ use serde::Serialize;
 
 use super::{isa, isas, matmul_isa, matvec_isa, matvec_path, Isa, Path};
 use crate::membw::{self, Bandwidth};
-use crate::tensor::{AlignedBuf, Bytes, DenseMatrix, FloatType, Matrix, QuantMatrix, Zeros};
+use crate::tensor::{
+    advise_huge, AlignedBuf, Bytes, DenseMatrix, FloatType, Matrix, QuantMatrix, Zeros,
+};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -315,12 +317,16 @@ fn tame_halves(buf: &mut [u8]) {
     });
 }
 
-/// A random matrix of `shape` (scales small and of either sign).
+/// A random matrix of `shape` (scales small and of either sign), on huge
+/// pages where it spans whole 2 MiB pages, as the model puts the weights
+/// every token reads (`crate::model`; experts are smaller and stay on
+/// ordinary pages there and here).
 pub fn random_matrix(shape: &Shape, seed: u64) -> Matrix {
     let (rows, cols) = (shape.rows, shape.cols);
     match shape.kind {
         WeightKind::Bf16 => {
             let mut b = AlignedBuf::zeroed(rows * cols * 2);
+            advise_huge(b.as_mut_slice());
             fill_random(b.as_mut_slice(), seed);
             tame_halves(b.as_mut_slice());
             Matrix::Dense(DenseMatrix {
@@ -334,6 +340,7 @@ pub fn random_matrix(shape: &Shape, seed: u64) -> Matrix {
             let bits = if shape.kind == WeightKind::Int4 { 4 } else { 8 };
             let group = 128.min(cols);
             let mut q = AlignedBuf::zeroed(rows * QuantMatrix::packed_row_bytes(cols, bits));
+            advise_huge(q.as_mut_slice());
             fill_random(q.as_mut_slice(), seed);
             let ng = cols.div_ceil(group);
             let mut s = AlignedBuf::zeroed(rows * ng * 2);

@@ -71,7 +71,10 @@ pub(crate) fn load_matrix(
     rows: usize,
     cols: usize,
 ) -> Result<Matrix, ModelError> {
-    let m = w.matrix(module, rows, cols)?;
+    let mut m = w.matrix(module, rows, cols)?;
+    if reads_every_token(module, m.bytes_read()) && huge_pages() {
+        m = on_huge_pages(m);
+    }
     if m.rows() != rows || m.cols() != cols {
         return Err(ModelError::Weight(WeightError::Shape {
             tensor: module.to_string(),
@@ -81,6 +84,63 @@ pub(crate) fn load_matrix(
         }));
     }
     Ok(m)
+}
+
+/// Runs `f` on a thread of rayon's pool while the caller waits. A forward
+/// pass opens dozens of parallel regions per token (every batch of
+/// matvecs, the recurrence, the norms); opened from a thread outside the
+/// pool, each one is handed to the pool and the caller sleeps until the
+/// last task wakes it, and a busy core delays both hand-overs. Opened from
+/// a worker, the worker takes a share itself and the region never waits
+/// for a thread that is not running.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
+/// Whether decode reads all of `module` every token and it is large enough
+/// (a 2 MiB page or more) to gain from huge pages: everything but the
+/// embedding (one row a token) and the routed experts (a few a token, and
+/// paged by the expert cache under a memory budget).
+///
+/// Why copy: on the 4 KiB pages of a mapped file each 4 KiB read costs a
+/// TLB miss, and under a hypervisor's nested page tables that page walk,
+/// not the memory, set the rate: lm_head's matvec read 10.5 GB/s per core
+/// from 4 KiB pages against 21 GB/s from 2 MiB ones (docs/performance.md,
+/// "Huge pages"). The copy costs its size in RAM once; the mapped pages it
+/// came from are no longer touched and the kernel may drop them.
+fn reads_every_token(module: &str, bytes: usize) -> bool {
+    bytes >= 2 << 20 && module != "model.embed_tokens" && !module.contains(".mlp.experts.")
+}
+
+/// Whether matrices are copied onto huge pages: the kernel offers them
+/// and `RH_HUGE_PAGES` is not `0` (checked once).
+fn huge_pages() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| crate::env::huge_pages() && crate::tensor::huge_pages_available())
+}
+
+/// `m` copied into memory backed by huge pages ([`AlignedBuf::from_slice_huge`]).
+fn on_huge_pages(m: Matrix) -> Matrix {
+    use crate::tensor::{AlignedBuf, Bytes, Zeros};
+    let huge = |b: &Bytes| Bytes::owned(AlignedBuf::from_slice_huge(b.as_slice()));
+    match m {
+        Matrix::Dense(mut d) => {
+            d.data = huge(&d.data);
+            Matrix::Dense(d)
+        }
+        Matrix::Quant(mut q) => {
+            q.qdata = huge(&q.qdata);
+            q.scales = huge(&q.scales);
+            if let Zeros::PerGroup(z) = &q.zeros {
+                q.zeros = Zeros::PerGroup(huge(z));
+            }
+            Matrix::Quant(q)
+        }
+    }
 }
 
 /// Fetches a small tensor as f32 through the weight source.
@@ -266,7 +326,7 @@ impl Model {
                 ids: c,
                 want,
             }];
-            out.extend(qwen3_next::forward(self, &mut step).remove(0));
+            out.extend(on_pool(|| qwen3_next::forward(self, &mut step)).remove(0));
         }
         out
     }
@@ -308,7 +368,7 @@ impl Model {
                 },
             })
             .collect();
-        qwen3_next::forward(self, &mut steps)
+        on_pool(|| qwen3_next::forward(self, &mut steps))
     }
 
     /// Bytes of weights read to decode one token: one embedding row, every
