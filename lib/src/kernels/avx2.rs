@@ -74,10 +74,10 @@ impl<'a> QuantView<'a> {
 
 /// A validated borrow of a [`DenseMatrix`].
 pub(crate) struct DenseView<'a> {
-    data: &'a [u8],
-    rows: usize,
-    cols: usize,
-    dtype: FloatType,
+    pub(super) data: &'a [u8],
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) dtype: FloatType,
 }
 
 impl<'a> DenseView<'a> {
@@ -547,9 +547,9 @@ pub(crate) const TILE_T: usize = 3;
 // ---------------------------------------------------------------------------
 // Kernels.
 
-const DT_F32: u8 = 0;
-const DT_F16: u8 = 1;
-const DT_BF16: u8 = 2;
+pub(super) const DT_F32: u8 = 0;
+pub(super) const DT_F16: u8 = 1;
+pub(super) const DT_BF16: u8 = 2;
 
 /// How far ahead of the current weight bytes the matvec kernels prefetch:
 /// enough lines in flight for one thread to approach the memory bandwidth
@@ -571,7 +571,7 @@ pub(super) unsafe fn prefetch(p: *const u8) {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -1038,7 +1038,7 @@ unsafe fn quant_row_to_f32_bits<const BITS: usize>(v: &QuantView, r: usize, out:
 /// Eight dense elements of type `DT` at `p` as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
+pub(super) unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
     match DT {
         DT_F32 => _mm256_loadu_ps(p as *const f32),
         DT_F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
@@ -1052,7 +1052,7 @@ unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
 /// One dense element of type `DT` at `p` as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load1<const DT: u8>(p: *const u8) -> f32 {
+pub(super) unsafe fn load1<const DT: u8>(p: *const u8) -> f32 {
     match DT {
         DT_F32 => f32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]),
         DT_F16 => f16_at(p, 0),
