@@ -402,65 +402,6 @@ impl Avx2 {
         }
     }
 
-    /// `out[t * nr + i] = row (r0 + i) · xs[t]` for `nr` rows of a dense
-    /// matrix and a few tokens: each weight element is converted once for
-    /// up to three tokens, and each token's sum is what
-    /// [`Avx2::dense_rows`] computes for it, bit for bit.
-    pub(crate) fn dense_rows_tokens(
-        self,
-        v: &DenseView,
-        r0: usize,
-        nr: usize,
-        xs: &[&[f32]],
-        out: &mut [f32],
-    ) {
-        assert!(r0 + nr <= v.rows, "rows out of range");
-        assert!(xs.iter().all(|x| x.len() == v.cols));
-        assert_eq!(out.len(), nr * xs.len());
-        let es = v.dtype.size();
-        let mut t0 = 0;
-        while t0 < xs.len() {
-            let nt = (xs.len() - t0).min(3);
-            for i in 0..nr {
-                let r = r0 + i;
-                let row = v.data[r * v.cols * es..(r + 1) * v.cols * es].as_ptr();
-                let x = |t: usize| xs[t0 + t.min(nt - 1)].as_ptr();
-                // SAFETY: `row` holds `cols` elements of `dtype` and every
-                // `xs[t]` holds `cols` floats (asserted); features proven
-                // by `self`.
-                let d: [f32; 3] = unsafe {
-                    match (v.dtype, nt) {
-                        (FloatType::BF16, 3) => {
-                            dot_dense_tokens::<DT_BF16, 3>(row, [x(0), x(1), x(2)], v.cols)
-                        }
-                        (FloatType::BF16, 2) => {
-                            pad(dot_dense_tokens::<DT_BF16, 2>(row, [x(0), x(1)], v.cols))
-                        }
-                        (FloatType::F16, 3) => {
-                            dot_dense_tokens::<DT_F16, 3>(row, [x(0), x(1), x(2)], v.cols)
-                        }
-                        (FloatType::F16, 2) => {
-                            pad(dot_dense_tokens::<DT_F16, 2>(row, [x(0), x(1)], v.cols))
-                        }
-                        (FloatType::F32, 3) => {
-                            dot_dense_tokens::<DT_F32, 3>(row, [x(0), x(1), x(2)], v.cols)
-                        }
-                        (FloatType::F32, 2) => {
-                            pad(dot_dense_tokens::<DT_F32, 2>(row, [x(0), x(1)], v.cols))
-                        }
-                        (FloatType::BF16, _) => [dot_dense::<DT_BF16>(row, x(0), v.cols), 0.0, 0.0],
-                        (FloatType::F16, _) => [dot_dense::<DT_F16>(row, x(0), v.cols), 0.0, 0.0],
-                        (FloatType::F32, _) => [dot_dense::<DT_F32>(row, x(0), v.cols), 0.0, 0.0],
-                    }
-                };
-                for (t, dt) in d.iter().take(nt).enumerate() {
-                    out[(t0 + t) * nr + i] = *dt;
-                }
-            }
-            t0 += nt;
-        }
-    }
-
     /// Dequantizes row `r` into `out` (length `cols`).
     pub(crate) fn quant_row_f32(self, v: &QuantView, r: usize, out: &mut [f32]) {
         assert!(r < v.rows && out.len() == v.cols);
@@ -1088,57 +1029,6 @@ unsafe fn dot_dense<const DT: u8>(w: *const u8, x: *const f32, n: usize) -> f32 
         k += 1;
     }
     s
-}
-
-/// Two results padded to three.
-fn pad(d: [f32; 2]) -> [f32; 3] {
-    [d[0], d[1], 0.0]
-}
-
-/// [`dot_dense`] of one row with `T` tokens at once: each 8-element block
-/// of weights is converted once and multiplied into every token's
-/// accumulators, which add up in exactly [`dot_dense`]'s order.
-// The block index picks both the weights and each token's accumulator.
-#[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_dense_tokens<const DT: u8, const T: usize>(
-    w: *const u8,
-    xs: [*const f32; T],
-    n: usize,
-) -> [f32; T] {
-    let es = if DT == DT_F32 { 4 } else { 2 };
-    let mut a = [[_mm256_setzero_ps(); 4]; T];
-    let mut k = 0;
-    let pfb = pf_bytes();
-    while k + 32 <= n {
-        prefetch(w.wrapping_add(k * es + pfb));
-        for j in 0..4 {
-            let o = k + 8 * j;
-            let wv = load8::<DT>(w.add(o * es));
-            for t in 0..T {
-                a[t][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[t].add(o)), a[t][j]);
-            }
-        }
-        k += 32;
-    }
-    let mut out = [0f32; T];
-    for t in 0..T {
-        let (x, mut k, mut at) = (xs[t], k, a[t]);
-        while k + 8 <= n {
-            at[0] = _mm256_fmadd_ps(load8::<DT>(w.add(k * es)), _mm256_loadu_ps(x.add(k)), at[0]);
-            k += 8;
-        }
-        let mut s = hsum(_mm256_add_ps(
-            _mm256_add_ps(at[0], at[1]),
-            _mm256_add_ps(at[2], at[3]),
-        ));
-        while k < n {
-            s += load1::<DT>(w.add(k * es)) * *x.add(k);
-            k += 1;
-        }
-        out[t] = s;
-    }
-    out
 }
 
 /// Converts `n` dense elements of type `DT` at `w` to f32 at `out`.

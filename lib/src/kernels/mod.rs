@@ -44,6 +44,8 @@ pub mod vector;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_batch;
+#[cfg(target_arch = "x86_64")]
 mod avx2_prefill;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -561,7 +563,7 @@ mod batch {
                 (View::D(v), _) => s
                     .avx2()
                     .expect("a SIMD level")
-                    .dense_rows_tokens(v, r0, nr, &xs, &mut out),
+                    .dense_rows_sliced(v, r0, nr, &xs, &mut out),
                 (View::Q(_), _) => {
                     for (t, ot) in out.chunks_exact_mut(nr).enumerate() {
                         row_range(s, &view, &acts[t], xs[t], r0, ot);
