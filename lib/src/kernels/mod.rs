@@ -26,6 +26,12 @@
 //! module); otherwise (dense weights, other paths) they use f32 activations
 //! and convert each block of weight rows to f32 once per block of tokens.
 //!
+//! A few tokens (several sequences decoding together) take the small-batch
+//! path instead: each token's matvec over blocks of rows, with each row
+//! unpacked (int4/int8 on AVX-512 VNNI, the private `avx512_batch` module)
+//! or converted (dense, in column slices: `avx512_batch`, `avx2_batch`)
+//! once for all the tokens; every token gets what its own matvec gives.
+//!
 //! Decode runs many small independent products per layer; [`matvec_batch`]
 //! (and [`matmul_batch`] for code shared with prefill) runs a set of them in
 //! one parallel region, so the pool is woken and joined once per set rather
@@ -512,7 +518,9 @@ mod batch {
     /// [`super::matmul`] of a few tokens (at most
     /// [`super::SMALL_BATCH_TOKENS`]) as one matvec per token over blocks
     /// of rows: each block's weights are read from memory once and stay in
-    /// L2 while every token passes over them. Every output row is computed
+    /// L2 while every token passes over them (on AVX-512 VNNI, and for dense
+    /// weights at both levels, each row is unpacked or converted once for
+    /// all the tokens). Every output row is computed
     /// exactly as [`super::matvec`] computes it for that token. The blocks
     /// spread over the threads unless `split` is false.
     pub(super) fn tokens(
