@@ -19,8 +19,8 @@
 // minimum Rust (1.85).
 #![allow(unknown_lints, clippy::manual_is_multiple_of)]
 
-use crate::kernels::isa::avx2_fn;
 use std::arch::x86_64::*;
+use crate::kernels::isa::avx2_fn;
 
 use crate::tensor::{DenseMatrix, FloatType, LayoutError, QuantMatrix, Zeros, QBLOCK};
 
@@ -75,10 +75,10 @@ impl<'a> QuantView<'a> {
 
 /// A validated borrow of a [`DenseMatrix`].
 pub(crate) struct DenseView<'a> {
-    data: &'a [u8],
-    rows: usize,
-    cols: usize,
-    dtype: FloatType,
+    pub(super) data: &'a [u8],
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) dtype: FloatType,
 }
 
 impl<'a> DenseView<'a> {
@@ -404,65 +404,6 @@ impl Avx2 {
         }
     }
 
-    /// `out[t * nr + i] = row (r0 + i) · xs[t]` for `nr` rows of a dense
-    /// matrix and a few tokens: each weight element is converted once for
-    /// up to three tokens, and each token's sum is what
-    /// [`Avx2::dense_rows`] computes for it, bit for bit.
-    pub(crate) fn dense_rows_tokens(
-        self,
-        v: &DenseView,
-        r0: usize,
-        nr: usize,
-        xs: &[&[f32]],
-        out: &mut [f32],
-    ) {
-        assert!(r0 + nr <= v.rows, "rows out of range");
-        assert!(xs.iter().all(|x| x.len() == v.cols));
-        assert_eq!(out.len(), nr * xs.len());
-        let es = v.dtype.size();
-        let mut t0 = 0;
-        while t0 < xs.len() {
-            let nt = (xs.len() - t0).min(3);
-            for i in 0..nr {
-                let r = r0 + i;
-                let row = v.data[r * v.cols * es..(r + 1) * v.cols * es].as_ptr();
-                let x = |t: usize| xs[t0 + t.min(nt - 1)].as_ptr();
-                // SAFETY: `row` holds `cols` elements of `dtype` and every
-                // `xs[t]` holds `cols` floats (asserted); features proven
-                // by `self`.
-                let d: [f32; 3] = unsafe {
-                    match (v.dtype, nt) {
-                        (FloatType::BF16, 3) => {
-                            dot_dense_tokens::<DT_BF16, 3>(row, [x(0), x(1), x(2)], v.cols)
-                        }
-                        (FloatType::BF16, 2) => {
-                            pad(dot_dense_tokens::<DT_BF16, 2>(row, [x(0), x(1)], v.cols))
-                        }
-                        (FloatType::F16, 3) => {
-                            dot_dense_tokens::<DT_F16, 3>(row, [x(0), x(1), x(2)], v.cols)
-                        }
-                        (FloatType::F16, 2) => {
-                            pad(dot_dense_tokens::<DT_F16, 2>(row, [x(0), x(1)], v.cols))
-                        }
-                        (FloatType::F32, 3) => {
-                            dot_dense_tokens::<DT_F32, 3>(row, [x(0), x(1), x(2)], v.cols)
-                        }
-                        (FloatType::F32, 2) => {
-                            pad(dot_dense_tokens::<DT_F32, 2>(row, [x(0), x(1)], v.cols))
-                        }
-                        (FloatType::BF16, _) => [dot_dense::<DT_BF16>(row, x(0), v.cols), 0.0, 0.0],
-                        (FloatType::F16, _) => [dot_dense::<DT_F16>(row, x(0), v.cols), 0.0, 0.0],
-                        (FloatType::F32, _) => [dot_dense::<DT_F32>(row, x(0), v.cols), 0.0, 0.0],
-                    }
-                };
-                for (t, dt) in d.iter().take(nt).enumerate() {
-                    out[(t0 + t) * nr + i] = *dt;
-                }
-            }
-            t0 += nt;
-        }
-    }
-
     /// Dequantizes row `r` into `out` (length `cols`).
     pub(crate) fn quant_row_f32(self, v: &QuantView, r: usize, out: &mut [f32]) {
         assert!(r < v.rows && out.len() == v.cols);
@@ -549,9 +490,9 @@ pub(crate) const TILE_T: usize = 3;
 // ---------------------------------------------------------------------------
 // Kernels.
 
-const DT_F32: u8 = 0;
-const DT_F16: u8 = 1;
-const DT_BF16: u8 = 2;
+pub(super) const DT_F32: u8 = 0;
+pub(super) const DT_F16: u8 = 1;
+pub(super) const DT_BF16: u8 = 2;
 
 /// How far ahead of the current weight bytes the matvec kernels prefetch:
 /// enough lines in flight for one thread to approach the memory bandwidth
@@ -572,7 +513,7 @@ pub(super) unsafe fn prefetch(p: *const u8) {
 }
 
 #[inline]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -1023,7 +964,7 @@ unsafe fn quant_row_to_f32_bits<const BITS: usize>(v: &QuantView, r: usize, out:
 
 /// Eight dense elements of type `DT` at `p` as f32.
 #[inline]
-unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
+pub(super) unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
     match DT {
         DT_F32 => _mm256_loadu_ps(p as *const f32),
         DT_F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
@@ -1036,7 +977,7 @@ unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
 
 /// One dense element of type `DT` at `p` as f32.
 #[inline]
-unsafe fn load1<const DT: u8>(p: *const u8) -> f32 {
+pub(super) unsafe fn load1<const DT: u8>(p: *const u8) -> f32 {
     match DT {
         DT_F32 => f32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]),
         DT_F16 => f16_at(p, 0),
@@ -1071,58 +1012,6 @@ unsafe fn dot_dense<const DT: u8>(w: *const u8, x: *const f32, n: usize) -> f32 
         k += 1;
     }
     s
-}
-}
-
-/// Two results padded to three.
-fn pad(d: [f32; 2]) -> [f32; 3] {
-    [d[0], d[1], 0.0]
-}
-
-avx2_fn! {
-/// [`dot_dense`] of one row with `T` tokens at once: each 8-element block
-/// of weights is converted once and multiplied into every token's
-/// accumulators, which add up in exactly [`dot_dense`]'s order.
-// The block index picks both the weights and each token's accumulator.
-#[allow(clippy::needless_range_loop)]
-unsafe fn dot_dense_tokens<const DT: u8, const T: usize>(
-    w: *const u8,
-    xs: [*const f32; T],
-    n: usize,
-) -> [f32; T] {
-    let es = if DT == DT_F32 { 4 } else { 2 };
-    let mut a = [[_mm256_setzero_ps(); 4]; T];
-    let mut k = 0;
-    let pfb = pf_bytes();
-    while k + 32 <= n {
-        prefetch(w.wrapping_add(k * es + pfb));
-        for j in 0..4 {
-            let o = k + 8 * j;
-            let wv = load8::<DT>(w.add(o * es));
-            for t in 0..T {
-                a[t][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[t].add(o)), a[t][j]);
-            }
-        }
-        k += 32;
-    }
-    let mut out = [0f32; T];
-    for t in 0..T {
-        let (x, mut k, mut at) = (xs[t], k, a[t]);
-        while k + 8 <= n {
-            at[0] = _mm256_fmadd_ps(load8::<DT>(w.add(k * es)), _mm256_loadu_ps(x.add(k)), at[0]);
-            k += 8;
-        }
-        let mut s = hsum(_mm256_add_ps(
-            _mm256_add_ps(at[0], at[1]),
-            _mm256_add_ps(at[2], at[3]),
-        ));
-        while k < n {
-            s += load1::<DT>(w.add(k * es)) * *x.add(k);
-            k += 1;
-        }
-        out[t] = s;
-    }
-    out
 }
 
 /// Converts `n` dense elements of type `DT` at `w` to f32 at `out`.

@@ -69,13 +69,13 @@ pub(crate) const ACT_MAX: f32 = 32639.0;
 /// `x_{b+1}[16..32]` (the high nibbles). A group's last block when its count
 /// is odd, and every int8 block, is stored plainly.
 pub(crate) struct GroupAct {
-    xq: Vec<i16>,
-    d: Vec<f32>,
+    pub(super) xq: Vec<i16>,
+    pub(super) d: Vec<f32>,
     /// Per group: `d[g] * Σ xq` over the group, the sum of the dequantized
     /// activations, for the zero-point correction.
-    gsum: Vec<f32>,
-    bits: u8,
-    group_size: usize,
+    pub(super) gsum: Vec<f32>,
+    pub(super) bits: u8,
+    pub(super) group_size: usize,
 }
 
 impl Avx512 {

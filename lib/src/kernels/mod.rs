@@ -26,6 +26,12 @@
 //! module); otherwise (dense weights, other paths) they use f32 activations
 //! and convert each block of weight rows to f32 once per block of tokens.
 //!
+//! A few tokens (several sequences decoding together) take the small-batch
+//! path instead: each token's matvec over blocks of rows, with each row
+//! unpacked (int4/int8 on AVX-512 VNNI, the private `avx512_batch` module)
+//! or converted (dense, in column slices: `avx512_batch`, `avx2_batch`)
+//! once for all the tokens; every token gets what its own matvec gives.
+//!
 //! Decode runs many small independent products per layer; [`matvec_batch`]
 //! (and [`matmul_batch`] for code shared with prefill) runs a set of them in
 //! one parallel region, so the pool is woken and joined once per set rather
@@ -44,9 +50,13 @@ pub mod vector;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_batch;
+#[cfg(target_arch = "x86_64")]
 mod avx2_prefill;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_batch;
 #[cfg(target_arch = "x86_64")]
 mod avx512_prefill;
 
@@ -508,7 +518,9 @@ mod batch {
     /// [`super::matmul`] of a few tokens (at most
     /// [`super::SMALL_BATCH_TOKENS`]) as one matvec per token over blocks
     /// of rows: each block's weights are read from memory once and stay in
-    /// L2 while every token passes over them. Every output row is computed
+    /// L2 while every token passes over them (on AVX-512 VNNI, and for dense
+    /// weights at both levels, each row is unpacked or converted once for
+    /// all the tokens). Every output row is computed
     /// exactly as [`super::matvec`] computes it for that token. The blocks
     /// spread over the threads unless `split` is false.
     pub(super) fn tokens(
@@ -527,6 +539,14 @@ mod batch {
         };
         let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
         let acts: Vec<Act> = xs.iter().map(|xt| prepare(s, w, xt, path)).collect();
+        // The AVX-512 level's group activations, for its many-token kernel.
+        let groups: Vec<&avx512::GroupAct> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Act::Group(g) => Some(g),
+                _ => None,
+            })
+            .collect();
         let row_bytes = (w.bytes_read() / rows.max(1)).max(1);
         let threads = if split {
             rayon::current_num_threads().max(1)
@@ -542,13 +562,17 @@ mod batch {
             let nr = rpt.min(rows - r0);
             // Token-major: each token's outputs of the block are adjacent.
             let mut out = vec![0f32; n * nr];
-            match &view {
-                // Dense weights are converted once for several tokens.
-                View::D(v) => s
+            match (&view, s) {
+                // Weights are unpacked or converted once for all tokens.
+                (View::D(v), Simd::Avx512(b)) => b.dense_rows_tokens(v, r0, nr, &xs, &mut out),
+                (View::Q(v), Simd::Avx512(b)) if n > 1 && groups.len() == n => {
+                    b.quant_rows_tokens(v, r0, nr, &groups, &mut out)
+                }
+                (View::D(v), _) => s
                     .avx2()
                     .expect("a SIMD level")
-                    .dense_rows_tokens(v, r0, nr, &xs, &mut out),
-                View::Q(_) => {
+                    .dense_rows_sliced(v, r0, nr, &xs, &mut out),
+                (View::Q(_), _) => {
                     for (t, ot) in out.chunks_exact_mut(nr).enumerate() {
                         row_range(s, &view, &acts[t], xs[t], r0, ot);
                     }
@@ -667,19 +691,24 @@ fn matmul_on(s: Simd, w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path
     if n == 0 {
         return;
     }
-    if n == 1 {
+    // One token as one task (`!split`) goes through the small-batch path
+    // below, whose blocks then run on this thread: a routed expert that
+    // meets one token of a decoding batch runs beside the other experts
+    // instead of cutting its rows into tasks of its own.
+    let scalar = matches!((s, path), (_, Path::Scalar) | (Simd::None, _));
+    if n == 1 && (split || scalar) {
         return matvec_on(s, w, x, y, path);
     }
     validate(w);
     #[cfg(target_arch = "x86_64")]
     let small = match w {
         Matrix::Dense(_) => n <= SMALL_BATCH_TOKENS,
-        Matrix::Quant(_) => split && n <= SMALL_BATCH_QUANT_TOKENS,
+        Matrix::Quant(_) => (split || n == 1) && n <= SMALL_BATCH_QUANT_TOKENS,
     };
-    if small && !matches!((s, path), (_, Path::Scalar) | (Simd::None, _)) {
+    if small && !scalar {
         // Matmul keeps f32 activations where decode would take int8 ones
-        // (see `Path::SimdInt8`).
-        let path = if path == Path::SimdInt8 {
+        // (see `Path::SimdInt8`); one token is a decode.
+        let path = if path == Path::SimdInt8 && n > 1 {
             Path::SimdF32
         } else {
             path

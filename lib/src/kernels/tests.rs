@@ -12,7 +12,7 @@ use crate::mmap::MappedFile;
 use crate::tensor::{Bytes, DenseMatrix, FloatType, QuantMatrix, Zeros, QBLOCK};
 
 /// Random int4/int8 matrix; scales of either sign, zeros symmetric or per group.
-fn rand_quant(
+pub(super) fn rand_quant(
     rng: &mut StdRng,
     rows: usize,
     cols: usize,
@@ -49,7 +49,12 @@ fn rand_quant(
     }
 }
 
-fn rand_dense(rng: &mut StdRng, rows: usize, cols: usize, dtype: FloatType) -> DenseMatrix {
+pub(super) fn rand_dense(
+    rng: &mut StdRng,
+    rows: usize,
+    cols: usize,
+    dtype: FloatType,
+) -> DenseMatrix {
     let data: Vec<u8> = (0..rows * cols)
         .flat_map(|_| {
             let v: f32 = rng.gen_range(-1.0..1.0);
@@ -68,12 +73,12 @@ fn rand_dense(rng: &mut StdRng, rows: usize, cols: usize, dtype: FloatType) -> D
     }
 }
 
-fn rand_x(rng: &mut StdRng, n: usize) -> Vec<f32> {
+pub(super) fn rand_x(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect()
 }
 
 /// The dequantized matrix, row-major.
-fn dense_f32(w: &Matrix) -> Vec<f32> {
+pub(super) fn dense_f32(w: &Matrix) -> Vec<f32> {
     let mut out = vec![0f32; w.rows() * w.cols()];
     for (r, o) in out.chunks_exact_mut(w.cols()).enumerate() {
         scalar::row(w, r, o);
@@ -81,14 +86,14 @@ fn dense_f32(w: &Matrix) -> Vec<f32> {
     out
 }
 
-fn scalar_y(w: &Matrix, x: &[f32]) -> Vec<f32> {
+pub(super) fn scalar_y(w: &Matrix, x: &[f32]) -> Vec<f32> {
     let mut y = vec![0f32; w.rows()];
     scalar_matvec(w, x, &mut y);
     y
 }
 
 /// `Σ_k |W[r, k] x[k]|` per row: the scale errors are measured against.
-fn magnitudes(wf: &[f32], cols: usize, x: &[f32]) -> Vec<f64> {
+pub(super) fn magnitudes(wf: &[f32], cols: usize, x: &[f32]) -> Vec<f64> {
     wf.chunks_exact(cols)
         .map(|row| row.iter().zip(x).map(|(w, x)| (w * x).abs() as f64).sum())
         .collect()
@@ -97,7 +102,13 @@ fn magnitudes(wf: &[f32], cols: usize, x: &[f32]) -> Vec<f64> {
 /// Per-row error bound for activations quantized per `span` elements with
 /// half a step of `amax / half_steps`: the f32 path's slack plus
 /// `Σ_k |W[r, k]|` times the half step of `k`'s span.
-fn activation_bound(wf: &[f32], cols: usize, x: &[f32], span: usize, half_steps: f32) -> Vec<f64> {
+pub(super) fn activation_bound(
+    wf: &[f32],
+    cols: usize,
+    x: &[f32],
+    span: usize,
+    half_steps: f32,
+) -> Vec<f64> {
     let steps: Vec<f32> = x
         .chunks(span)
         .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())) / half_steps)
@@ -115,7 +126,7 @@ fn activation_bound(wf: &[f32], cols: usize, x: &[f32], span: usize, half_steps:
         .collect()
 }
 
-fn assert_close(what: &str, got: &[f32], want: &[f32], bound: &[f64]) {
+pub(super) fn assert_close(what: &str, got: &[f32], want: &[f32], bound: &[f64]) {
     for (r, ((g, w), b)) in got.iter().zip(want).zip(bound).enumerate() {
         let err = (*g as f64 - *w as f64).abs();
         assert!(

@@ -398,7 +398,16 @@ fn run_batches(worker: &mut Worker, rx: mpsc::Receiver<Job>, parallel: usize) {
 /// Starts a job: a refused prompt fails at once; a prompt wholly kept by
 /// the prefix cache starts generating at once; else it joins the batch.
 fn admit(w: &mut Worker, job: Job, running: &mut Vec<Sequence>) {
-    match Sequence::admit(w, job, Instant::now()) {
+    let t0 = Instant::now();
+    let admitted = Sequence::admit(w, job, t0);
+    // The running streams wait for this (rendering and tokenizing the
+    // prompt, the prefix-cache lookup): `-vv` shows it beside the steps.
+    tracing::debug!(
+        "admit: {:.1} ms beside {} running",
+        t0.elapsed().as_secs_f64() * 1e3,
+        running.len()
+    );
+    match admitted {
         Err((mut sink, f)) => {
             sink(Event::Failed(f));
             w.shared.depth.fetch_sub(1, Ordering::AcqRel);
@@ -462,7 +471,12 @@ fn step(w: &mut Worker, running: &mut Vec<Sequence>, pacer: &mut ChunkPacer) {
             .collect();
         w.chat.model.forward_batch(&mut batch)
     };
-    pacer.observe(decoding, prompt_tokens, t0.elapsed().as_secs_f64());
+    let secs = t0.elapsed().as_secs_f64();
+    tracing::debug!(
+        "step: {decoding} decoding + {prompt_tokens} prompt tokens, {:.1} ms",
+        secs * 1e3
+    );
+    pacer.observe(decoding, prompt_tokens, secs);
     w.shared.metrics.batch_steps.fetch_add(1, Ordering::Relaxed);
     let mut ended = Vec::new();
     for ((i, input), l) in inputs.iter().zip(logits) {

@@ -1,0 +1,496 @@
+//! AVX-512 kernels for a few tokens at once: several sequences decoding
+//! together ([`super::matmul`]'s small-batch path). Each weight row is
+//! unpacked (int4/int8) or converted (BF16/F16) once and multiplied into
+//! every token's accumulators, instead of once per token.
+//!
+//! Every token's result is what its lone matvec gives, bit for bit: the
+//! quantized kernels add the same integer products per weight group (i32
+//! sums are exact, so one accumulator per token gives the lane sums two
+//! give), then meet the scales in the same f32 order as
+//! [`super::avx512`]'s `dot_i4` / `dot_i8`; the dense kernel keeps the AVX2
+//! `dot_dense`'s four 8-lane accumulators as two 16-lane halves (lane-wise
+//! FMAs round the same) and adds them up in its order.
+//!
+//! Safety: as in the `avx2` module. An [`Avx512`] exists only after its
+//! `detect` saw the features on the running CPU; the views were checked
+//! against their shapes, and the safe wrappers check row ranges,
+//! activation lengths and output sizes before any pointer is formed. Only
+//! unaligned loads are used.
+
+#![allow(unknown_lints, clippy::manual_is_multiple_of)]
+// Token indices pick both an accumulator and that token's pointers.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+use crate::kernels::isa::avx512_vnni_fn;
+
+use super::avx2::{
+    f16_at, hsum, load1, load8, pf_bytes, prefetch, DenseView, QuantView, DT_BF16, DT_F16, DT_F32,
+};
+use super::avx512::{Avx512, GroupAct};
+use crate::tensor::{FloatType, QBLOCK};
+
+/// Most tokens one pass of these kernels takes (their accumulators fill
+/// the 32 vector registers); more tokens go in several passes.
+pub(crate) const MAX_TOKENS: usize = 8;
+
+/// Calls `$f::<T>($args)` for the token count `$n` (1 to [`MAX_TOKENS`]).
+macro_rules! by_tokens {
+    ($n:expr, $f:ident, $($args:expr),*) => {
+        match $n {
+            1 => $f::<1>($($args),*),
+            2 => $f::<2>($($args),*),
+            3 => $f::<3>($($args),*),
+            4 => $f::<4>($($args),*),
+            5 => $f::<5>($($args),*),
+            6 => $f::<6>($($args),*),
+            7 => $f::<7>($($args),*),
+            _ => $f::<8>($($args),*),
+        }
+    };
+}
+
+impl Avx512 {
+    /// `out[t * nr + i] = row (r0 + i) · x_t` for `nr` rows of a quantized
+    /// matrix and the tokens whose activations `acts` holds (quantized by
+    /// [`Avx512::group_act`]): what [`Avx512::quant_rows`] gives each
+    /// token, bit for bit.
+    pub(crate) fn quant_rows_tokens(
+        self,
+        v: &QuantView,
+        r0: usize,
+        nr: usize,
+        acts: &[&GroupAct],
+        out: &mut [f32],
+    ) {
+        assert!(r0 + nr <= v.rows, "rows out of range");
+        assert!(Self::supports(v.bits, v.group_size));
+        assert_eq!(out.len(), nr * acts.len());
+        for a in acts {
+            assert!(a.bits == v.bits && a.group_size == v.group_size);
+            assert!(a.xq.len() == v.cols && a.d.len() == v.n_groups);
+            assert!(a.gsum.len() == v.n_groups);
+        }
+        let n = acts.len();
+        let mut t0 = 0;
+        while t0 < n {
+            let nt = (n - t0).min(MAX_TOKENS);
+            let pass = &acts[t0..t0 + nt];
+            for i in 0..nr {
+                let r = r0 + i;
+                let mut dots = [0f32; MAX_TOKENS];
+                // SAFETY: `self` proves the features; the row is in range
+                // and every activation matches the view's checked shape
+                // (asserted above).
+                unsafe {
+                    if v.bits == 4 {
+                        by_tokens!(nt, dot_i4_tokens, v, r, pass, &mut dots)
+                    } else {
+                        by_tokens!(nt, dot_i8_tokens, v, r, pass, &mut dots)
+                    }
+                }
+                for (t, a) in pass.iter().enumerate() {
+                    out[(t0 + t) * nr + i] = dots[t] + self.avx2.zero_correction(v, r, &a.gsum);
+                }
+            }
+            t0 += nt;
+        }
+    }
+
+    /// `out[t * nr + i] = row (r0 + i) · xs[t]` for `nr` rows of a dense
+    /// matrix: what the AVX2 `dense_rows` gives each token, bit for bit.
+    pub(crate) fn dense_rows_tokens(
+        self,
+        v: &DenseView,
+        r0: usize,
+        nr: usize,
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
+        assert!(r0 + nr <= v.rows, "rows out of range");
+        assert!(xs.iter().all(|x| x.len() == v.cols));
+        assert_eq!(out.len(), nr * xs.len());
+        let es = v.dtype.size();
+        let n = xs.len();
+        let mut t0 = 0;
+        while t0 < n {
+            let nt = (n - t0).min(MAX_TOKENS);
+            let mut ptrs = [xs[t0].as_ptr(); MAX_TOKENS];
+            for (p, x) in ptrs.iter_mut().zip(&xs[t0..t0 + nt]) {
+                *p = x.as_ptr();
+            }
+            for b0 in (0..nr).step_by(BLOCK_ROWS) {
+                let rows = BLOCK_ROWS.min(nr - b0);
+                let first = (r0 + b0) * v.cols * es;
+                let block = v.data[first..first + rows * v.cols * es].as_ptr();
+                let mut dots = [[0f32; MAX_TOKENS]; BLOCK_ROWS];
+                // SAFETY: `block` holds `rows` rows of `cols` elements of
+                // `dtype`, and the first `nt` pointers each `cols` floats
+                // (asserted); features proven by `self`.
+                unsafe {
+                    let args = (block, rows, &ptrs, v.cols, &mut dots);
+                    match v.dtype {
+                        FloatType::BF16 => by_tokens!(nt, dense_block_bf16, args),
+                        FloatType::F16 => by_tokens!(nt, dense_block_f16, args),
+                        FloatType::F32 => by_tokens!(nt, dense_block_f32, args),
+                    }
+                }
+                for (i, d) in dots.iter().take(rows).enumerate() {
+                    for t in 0..nt {
+                        out[(t0 + t) * nr + b0 + i] = d[t];
+                    }
+                }
+            }
+            t0 += nt;
+        }
+    }
+}
+
+avx512_vnni_fn! {
+/// Row `r` of an int4 matrix times `T` tokens' group-quantized activations,
+/// without the zero-point term; `dots[t]` is `dot_i4` for token `t`.
+unsafe fn dot_i4_tokens<const T: usize>(
+    v: &QuantView,
+    r: usize,
+    acts: &[&GroupAct],
+    dots: &mut [f32; MAX_TOKENS],
+) {
+    let gs = v.group_size;
+    let qrow = v.q.as_ptr().add(r * v.row_bytes);
+    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let xq: [*const i16; T] = std::array::from_fn(|t| acts[t].xq.as_ptr());
+    let m = _mm512_set1_epi16(0x0F);
+    let pfb = pf_bytes();
+    // `tot[h][t]`: token t's even (h = 0) and odd groups, as `dot_i4`
+    // alternates its two totals.
+    let mut tot = [[_mm512_setzero_ps(); T]; 2];
+    for g in 0..v.n_groups {
+        let k0 = g * gs;
+        let nb = (gs.min(v.cols - k0)) / QBLOCK;
+        let qg = qrow.add(k0 / 2);
+        let mut acc = [_mm512_setzero_si512(); T];
+        for p in 0..nb / 2 {
+            prefetch(qg.wrapping_add(p * 32 + pfb));
+            let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg.add(p * 32) as *const __m256i));
+            let lo = _mm512_and_si512(w, m);
+            let hi = _mm512_srli_epi16::<4>(w);
+            for t in 0..T {
+                let x = xq[t].add(k0 + p * 64);
+                acc[t] = _mm512_dpwssd_epi32(acc[t], lo, _mm512_loadu_si512(x as *const _));
+                acc[t] = _mm512_dpwssd_epi32(acc[t], hi, _mm512_loadu_si512(x.add(32) as *const _));
+            }
+        }
+        if nb % 2 == 1 {
+            let b = nb - 1;
+            let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(qg.add(b * 16) as *const __m128i));
+            let lo = _mm256_and_si256(w, _mm256_set1_epi16(0x0F));
+            let hi = _mm256_srli_epi16::<4>(w);
+            let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            for t in 0..T {
+                let x = _mm512_loadu_si512(xq[t].add(k0 + b * QBLOCK) as *const _);
+                acc[t] = _mm512_dpwssd_epi32(acc[t], w, x);
+            }
+        }
+        let s = f16_at(srow, g);
+        for t in 0..T {
+            let sd = _mm512_set1_ps(s * *acts[t].d.as_ptr().add(g));
+            let i = _mm512_cvtepi32_ps(acc[t]);
+            tot[g % 2][t] = _mm512_fmadd_ps(i, sd, tot[g % 2][t]);
+        }
+    }
+    for t in 0..T {
+        dots[t] = _mm512_reduce_add_ps(_mm512_add_ps(tot[0][t], tot[1][t]));
+    }
+}
+
+/// Row `r` of an int8 matrix times `T` tokens' group-quantized activations,
+/// without the zero-point term; `dots[t]` is `dot_i8` for token `t`.
+unsafe fn dot_i8_tokens<const T: usize>(
+    v: &QuantView,
+    r: usize,
+    acts: &[&GroupAct],
+    dots: &mut [f32; MAX_TOKENS],
+) {
+    let gs = v.group_size;
+    let qrow = v.q.as_ptr().add(r * v.row_bytes);
+    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let xq: [*const i16; T] = std::array::from_fn(|t| acts[t].xq.as_ptr());
+    let pfb = pf_bytes();
+    let mut tot = [[_mm512_setzero_ps(); T]; 2];
+    for g in 0..v.n_groups {
+        let k0 = g * gs;
+        let nb = (gs.min(v.cols - k0)) / QBLOCK;
+        let qg = qrow.add(k0);
+        let mut acc = [_mm512_setzero_si512(); T];
+        for b in 0..nb {
+            if b % 2 == 0 {
+                prefetch(qg.wrapping_add(b * QBLOCK + pfb));
+            }
+            let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg.add(b * QBLOCK) as *const __m256i));
+            for t in 0..T {
+                let x = _mm512_loadu_si512(xq[t].add(k0 + b * QBLOCK) as *const _);
+                acc[t] = _mm512_dpwssd_epi32(acc[t], w, x);
+            }
+        }
+        let s = f16_at(srow, g);
+        for t in 0..T {
+            let sd = _mm512_set1_ps(s * *acts[t].d.as_ptr().add(g));
+            let i = _mm512_cvtepi32_ps(acc[t]);
+            tot[g % 2][t] = _mm512_fmadd_ps(i, sd, tot[g % 2][t]);
+        }
+    }
+    for t in 0..T {
+        dots[t] = _mm512_reduce_add_ps(_mm512_add_ps(tot[0][t], tot[1][t]));
+    }
+}
+
+/// Sixteen dense elements of type `DT` at `p` as f32.
+#[inline]
+unsafe fn load16<const DT: u8>(p: *const u8) -> __m512 {
+    match DT {
+        DT_F32 => _mm512_loadu_ps(p as *const f32),
+        DT_F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+        _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(p as *const __m256i),
+        ))),
+    }
+}
+
+/// Lanes 8..16 of `v`.
+#[inline]
+unsafe fn hi256(v: __m512) -> __m256 {
+    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+}
+}
+
+/// Rows of a dense block [`dense_block`] keeps accumulators for.
+const BLOCK_ROWS: usize = 8;
+
+/// Columns of a [`dense_block`] slice: the slice of eight tokens' f32
+/// activations (8 KiB), the block's weights and accumulators stay in L1
+/// while the block's rows pass over it. Whole rows at a time would have
+/// every row walk all the tokens' activations (8 KiB each), which from
+/// four tokens on no longer fit L1 beside the streaming weights.
+const SLICE: usize = 256;
+
+/// The arguments of [`dense_block`]: the first of `rows` contiguous rows
+/// of `cols` elements, the tokens' activations, and `dots[i][t]`.
+type BlockArgs<'a> = (
+    *const u8,
+    usize,
+    &'a [*const f32; MAX_TOKENS],
+    usize,
+    &'a mut [[f32; MAX_TOKENS]; BLOCK_ROWS],
+);
+
+avx512_vnni_fn! {
+/// The AVX2 `dot_dense` of `rows` rows with `T` tokens each, column slice
+/// by column slice: `a[i][t][0]` holds that kernel's accumulators 0 and 1
+/// for row `i` and token `t` (lanes 0..8 and 8..16), `a[i][t][1]` its 2
+/// and 3, so every lane sees the same FMAs in the same order; the tail and
+/// the final sum follow it step by step.
+#[inline]
+unsafe fn dense_block<const DT: u8, const T: usize>(args: BlockArgs) {
+    let (w, rows, xs, n, dots) = args;
+    let es = if DT == DT_F32 { 4 } else { 2 };
+    let stride = n * es;
+    let n32 = n / 32 * 32;
+    let mut acc = [[[_mm512_setzero_ps(); 2]; T]; BLOCK_ROWS];
+    let mut k0 = 0;
+    while k0 < n32 {
+        let k1 = (k0 + SLICE).min(n32);
+        for (i, ai) in acc.iter_mut().take(rows).enumerate() {
+            let row = w.add(i * stride);
+            // Where this row is read next: its next slice, or after the
+            // last one the next block's row (prefetches never fault).
+            let next = if k1 < n32 {
+                row.wrapping_add(SLICE * es)
+            } else {
+                row.wrapping_add(BLOCK_ROWS * stride - k0 * es)
+            };
+            let mut a = *ai;
+            let mut k = k0;
+            while k < k1 {
+                prefetch(next.wrapping_add(k * es));
+                if es == 4 {
+                    prefetch(next.wrapping_add(k * es + 64));
+                }
+                let w0 = load16::<DT>(row.add(k * es));
+                let w1 = load16::<DT>(row.add((k + 16) * es));
+                for t in 0..T {
+                    a[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[t].add(k)), a[t][0]);
+                    a[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[t].add(k + 16)), a[t][1]);
+                }
+                k += 32;
+            }
+            *ai = a;
+        }
+        k0 = k1;
+    }
+    for (i, ai) in acc.iter().take(rows).enumerate() {
+        let row = w.add(i * stride);
+        for t in 0..T {
+            let x = xs[t];
+            let mut a0 = _mm512_castps512_ps256(ai[t][0]);
+            let a1 = hi256(ai[t][0]);
+            let a2 = _mm512_castps512_ps256(ai[t][1]);
+            let a3 = hi256(ai[t][1]);
+            let mut k = n32;
+            while k + 8 <= n {
+                a0 = _mm256_fmadd_ps(load8::<DT>(row.add(k * es)), _mm256_loadu_ps(x.add(k)), a0);
+                k += 8;
+            }
+            let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            while k < n {
+                s += load1::<DT>(row.add(k * es)) * *x.add(k);
+                k += 1;
+            }
+            dots[i][t] = s;
+        }
+    }
+}
+
+unsafe fn dense_block_bf16<const T: usize>(args: BlockArgs) {
+    dense_block::<DT_BF16, T>(args)
+}
+
+unsafe fn dense_block_f16<const T: usize>(args: BlockArgs) {
+    dense_block::<DT_F16, T>(args)
+}
+
+unsafe fn dense_block_f32<const T: usize>(args: BlockArgs) {
+    dense_block::<DT_F32, T>(args)
+}
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    use super::super::avx2::Avx2;
+    use super::super::avx512::ACT_MAX;
+    use super::super::tests::{
+        activation_bound, assert_close, dense_f32, rand_dense, rand_quant, rand_x, scalar_y,
+    };
+    use super::*;
+    use crate::tensor::Matrix;
+
+    /// The level, or `None` on a CPU without AVX-512 VNNI (nothing to test).
+    fn level() -> Option<Avx512> {
+        Avx2::detect().and_then(Avx512::detect)
+    }
+
+    /// Tokens per call: one pass of each size, and two passes (9).
+    const TOKENS: [usize; 7] = [1, 2, 3, 4, 5, 8, 9];
+
+    /// Many tokens at once give each token exactly its lone
+    /// `quant_rows`, and stay within the int16 activations' bound of the
+    /// scalar reference; on groups of an odd number of blocks, short last
+    /// groups, symmetric and per-group zeros, and with a token holding NaN,
+    /// which only that token's outputs show.
+    #[test]
+    fn quant_tokens_are_each_tokens_rows_and_match_scalar() {
+        let Some(b) = level() else { return };
+        let mut rng = StdRng::seed_from_u64(53);
+        let shapes = [
+            (4u8, 128usize, 512usize),
+            (4, 96, 352),
+            (4, 32, 96),
+            (4, 128, 320),
+            (8, 64, 224),
+            (8, 128, 2048),
+            (8, 32, 96),
+        ];
+        for (case, (bits, group, cols)) in shapes.into_iter().enumerate() {
+            let rows = 13;
+            let m = rand_quant(&mut rng, rows, cols, bits, group, case % 2 == 1);
+            let v = QuantView::new(&m).unwrap();
+            let w = Matrix::Quant(m.clone());
+            let wf = dense_f32(&w);
+            for n in TOKENS {
+                let mut x: Vec<f32> = rand_x(&mut rng, n * cols)
+                    .iter()
+                    .map(|v| v * 50.0)
+                    .collect();
+                let bad = (n > 2).then_some(1);
+                if let Some(t) = bad {
+                    x[t * cols + cols / 3] = f32::NAN;
+                }
+                let acts: Vec<GroupAct> = x
+                    .chunks_exact(cols)
+                    .map(|xt| b.group_act(xt, bits, group))
+                    .collect();
+                let refs: Vec<&GroupAct> = acts.iter().collect();
+                let (r0, nr) = (1, rows - 1);
+                let mut got = vec![0f32; n * nr];
+                b.quant_rows_tokens(&v, r0, nr, &refs, &mut got);
+                for (t, xt) in x.chunks_exact(cols).enumerate() {
+                    let got = &got[t * nr..(t + 1) * nr];
+                    let what =
+                        format!("case {case}: {bits}-bit g{group} cols {cols} n={n} token {t}");
+                    if bad == Some(t) {
+                        assert!(got.iter().all(|v| !v.is_finite()), "{what}: {got:?}");
+                        continue;
+                    }
+                    let mut lone = vec![0f32; nr];
+                    b.quant_rows(&v, r0, &acts[t], &mut lone);
+                    assert!(
+                        got.iter()
+                            .zip(&lone)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{what}: {got:?} vs lone {lone:?}"
+                    );
+                    let want = scalar_y(&w, xt);
+                    let bound = activation_bound(&wf, cols, xt, group, 2.0 * ACT_MAX);
+                    assert_close(&what, got, &want[r0..], &bound[r0..]);
+                }
+            }
+        }
+    }
+
+    /// Many tokens at once give each token exactly the AVX2 `dense_rows`
+    /// (the lone matvec), and stay within f32 rounding of the scalar
+    /// reference; on rows spanning several column slices, tails of 8 and
+    /// of single elements, and row counts around the block.
+    #[test]
+    fn dense_tokens_are_each_tokens_rows_and_match_scalar() {
+        let Some(b) = level() else { return };
+        let mut rng = StdRng::seed_from_u64(59);
+        let shapes = [
+            (FloatType::BF16, 19usize, 600usize),
+            (FloatType::BF16, 8, 2048),
+            (FloatType::F16, 9, 517),
+            (FloatType::F32, 17, 300),
+            (FloatType::BF16, 3, 31),
+        ];
+        for (case, (dtype, rows, cols)) in shapes.into_iter().enumerate() {
+            let d = rand_dense(&mut rng, rows, cols, dtype);
+            let v = DenseView::new(&d).unwrap();
+            let w = Matrix::Dense(d.clone());
+            let wf = dense_f32(&w);
+            for n in TOKENS {
+                let x = rand_x(&mut rng, n * cols);
+                let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
+                let (r0, nr) = (1, rows - 1);
+                let mut got = vec![0f32; n * nr];
+                b.dense_rows_tokens(&v, r0, nr, &xs, &mut got);
+                for (t, xt) in xs.iter().enumerate() {
+                    let got = &got[t * nr..(t + 1) * nr];
+                    let what = format!("case {case}: {dtype:?} [{rows}x{cols}] n={n} token {t}");
+                    let mut lone = vec![0f32; nr];
+                    b.avx2.dense_rows(&v, r0, xt, &mut lone);
+                    assert!(
+                        got.iter()
+                            .zip(&lone)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{what}: {got:?} vs lone {lone:?}"
+                    );
+                    let want = scalar_y(&w, xt);
+                    let bound = activation_bound(&wf, cols, xt, cols, f32::INFINITY);
+                    assert_close(&what, got, &want[r0..], &bound[r0..]);
+                }
+            }
+        }
+    }
+}
