@@ -19,8 +19,8 @@
 // minimum Rust (1.85).
 #![allow(unknown_lints, clippy::manual_is_multiple_of)]
 
-use std::arch::x86_64::*;
 use crate::kernels::isa::avx2_fn;
+use std::arch::x86_64::*;
 
 use crate::tensor::{DenseMatrix, FloatType, LayoutError, QuantMatrix, Zeros, QBLOCK};
 

@@ -21,8 +21,8 @@
 // Token indices pick both an accumulator and that token's pointer.
 #![allow(clippy::needless_range_loop)]
 
-use std::arch::x86_64::*;
 use crate::kernels::isa::avx2_fn;
+use std::arch::x86_64::*;
 
 use super::avx2::{hsum, load1, load8, prefetch, Avx2, DenseView, DT_BF16, DT_F16, DT_F32};
 use crate::tensor::FloatType;

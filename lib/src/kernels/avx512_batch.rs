@@ -21,8 +21,8 @@
 // Token indices pick both an accumulator and that token's pointers.
 #![allow(clippy::needless_range_loop)]
 
-use std::arch::x86_64::*;
 use crate::kernels::isa::avx512_vnni_fn;
+use std::arch::x86_64::*;
 
 use super::avx2::{
     f16_at, hsum, load1, load8, pf_bytes, prefetch, DenseView, QuantView, DT_BF16, DT_F16, DT_F32,
