@@ -68,6 +68,37 @@ impl MappedFile {
         }
     }
 
+    /// Lets go of `len` bytes at `offset` that nothing will read through
+    /// this mapping again (they were copied elsewhere): unlocks the whole
+    /// pages inside the range and drops them from this process's mapping,
+    /// so they count as reclaimable page cache, not as locked resident
+    /// memory. Pages shared with a neighbouring range are left alone.
+    pub fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        if let Some(m) = &self.map {
+            const PAGE: usize = 4096;
+            let base = m.as_ptr() as usize;
+            let end = offset.saturating_add(len).min(m.len());
+            let start = (base + offset.min(end)).next_multiple_of(PAGE);
+            let stop = (base + end) / PAGE * PAGE;
+            if stop > start {
+                let (p, n) = (start as *mut libc::c_void, stop - start);
+                // SAFETY: `start..stop` lies inside the live mapping `m`
+                // (clamped to its length above). munlock only unpins;
+                // MADV_DONTNEED on a read-only file mapping only unmaps the
+                // pages: a later read faults them back from the file with
+                // the same contents, so no `&[u8]` into the mapping ever
+                // sees different bytes.
+                unsafe {
+                    libc::munlock(p, n);
+                    libc::madvise(p, n, libc::MADV_DONTNEED);
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (offset, len);
+    }
+
     /// The underlying map (for madvise/mlock by the strategy).
     pub fn raw(&self) -> Option<&memmap2::Mmap> {
         self.map.as_ref()

@@ -126,7 +126,16 @@ fn huge_pages() -> bool {
 /// `m` copied into memory backed by huge pages ([`AlignedBuf::from_slice_huge`]).
 fn on_huge_pages(m: Matrix) -> Matrix {
     use crate::tensor::{AlignedBuf, Bytes, Zeros};
-    let huge = |b: &Bytes| Bytes::owned(AlignedBuf::from_slice_huge(b.as_slice()));
+    // The copy replaces the mapped range for good: unlock and unmap the
+    // source so RAM holds one copy even where the strategy or a memory
+    // budget locked the mapping before the load.
+    let huge = |b: &Bytes| {
+        let copy = Bytes::owned(AlignedBuf::from_slice_huge(b.as_slice()));
+        if let Bytes::Mapped { file, offset, len } = b {
+            file.release(*offset, *len);
+        }
+        copy
+    };
     match m {
         Matrix::Dense(mut d) => {
             d.data = huge(&d.data);
