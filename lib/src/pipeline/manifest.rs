@@ -491,7 +491,7 @@ mod tests {
     #[test]
     fn documented_defaults_are_the_constants() {
         use super::defaults::*;
-        let doc = include_str!("../../docs/pipeline.md");
+        let doc = include_str!("../../../docs/pipeline.md");
         let mut table = String::new();
         let mut stated = std::collections::BTreeMap::new();
         for line in doc.lines() {

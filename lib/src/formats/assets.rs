@@ -3,7 +3,7 @@
 //! template.
 
 /// zstd-compressed `tokenizer.json` of Qwen3 (151,643 tokens, 26 specials).
-const TOKENIZER_ZST: &[u8] = include_bytes!("../../fixtures/qwen3-tokenizer.json.zst");
+const TOKENIZER_ZST: &[u8] = include_bytes!("../../../fixtures/qwen3-tokenizer.json.zst");
 
 /// The Qwen3 tokenizer's JSON.
 pub fn qwen3_tokenizer_json() -> Vec<u8> {

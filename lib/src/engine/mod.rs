@@ -1,0 +1,16 @@
+//! What runs the model: weight layouts (`tensor`), the SIMD and scalar
+//! kernels (`kernels`), `config.json` (`config`), the weight-source
+//! interface (`weights`), the Qwen3-Next forward pass and expert cache
+//! (`model`), token choice (`sample`) and the memory-bandwidth probe
+//! (`membw`).
+//!
+//! Each module keeps its top-level path (`crate::NAME`): lib.rs
+//! re-exports it. scripts/group-modules.sh made this layout.
+
+pub mod config;
+pub mod kernels;
+pub mod membw;
+pub mod model;
+pub mod sample;
+pub mod tensor;
+pub mod weights;
