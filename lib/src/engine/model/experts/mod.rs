@@ -403,9 +403,39 @@ pub fn stats_of(w: &dyn WeightSource) -> Option<PagerStats> {
     pager_of(w).map(|p| p.stats())
 }
 
+/// Why an expert could not be had from the cache (the forward pass then
+/// reads the mapped expert, and the first failure is logged). Clone,
+/// because every thread waiting on the read gets it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadFailed {
+    /// A speculative read whose layer chose other experts.
+    #[error("read-ahead of expert {expert} of layer {layer} cancelled")]
+    Cancelled { layer: usize, expert: usize },
+    /// The layer's experts were never registered with the pager.
+    #[error("layer {0} is not registered")]
+    Unregistered(usize),
+    /// The buffer handed to the read was still in use elsewhere.
+    #[error("expert buffer still shared")]
+    BufferShared,
+    /// The expert's pieces do not fit the buffer sized for it.
+    #[error("expert larger than its buffer")]
+    TooLarge,
+    /// The pager was dropped with the model before the read ran.
+    #[error("the model was dropped")]
+    Dropped,
+    /// The read itself failed.
+    #[error("{path}: reading expert {expert} of layer {layer}: {source}")]
+    Io {
+        path: String,
+        layer: usize,
+        expert: usize,
+        source: Arc<std::io::Error>,
+    },
+}
+
 /// A read in flight; the forward pass that needs it waits here.
 pub struct Ticket {
-    result: Mutex<Option<Result<Arc<Expert>, String>>>,
+    result: Mutex<Option<Result<Arc<Expert>, ReadFailed>>>,
     done: Condvar,
 }
 
@@ -416,11 +446,11 @@ impl Ticket {
             done: Condvar::new(),
         })
     }
-    fn set(&self, r: Result<Arc<Expert>, String>) {
+    fn set(&self, r: Result<Arc<Expert>, ReadFailed>) {
         *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         self.done.notify_all();
     }
-    fn wait(&self) -> Result<Arc<Expert>, String> {
+    fn wait(&self) -> Result<Arc<Expert>, ReadFailed> {
         let mut g = self.result.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(r) = g.as_ref() {
@@ -981,7 +1011,7 @@ impl ExpertPager {
             .submit(priority, tag, move |run| match (me.upgrade(), run) {
                 (Some(me), true) => me.complete(layer, e, buf, ticket, ahead),
                 (Some(me), false) => me.cancelled(layer, e, buf, ticket),
-                (None, _) => ticket.set(Err("the model was dropped".into())),
+                (None, _) => ticket.set(Err(ReadFailed::Dropped)),
             });
     }
 
@@ -994,9 +1024,7 @@ impl ExpertPager {
         }
         st.free.push(buf);
         drop(st);
-        t.set(Err(format!(
-            "read-ahead of expert {e} of layer {layer} cancelled"
-        )));
+        t.set(Err(ReadFailed::Cancelled { layer, expert: e }));
     }
 
     /// Runs on an I/O thread: reads the expert, then publishes it.
@@ -1042,27 +1070,30 @@ impl ExpertPager {
         layer: usize,
         e: usize,
         mut buf: Arc<AlignedBuf>,
-    ) -> (Result<Arc<Expert>, String>, Arc<AlignedBuf>) {
+    ) -> (Result<Arc<Expert>, ReadFailed>, Arc<AlignedBuf>) {
         let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
         let Some(Some(info)) = layers.get(layer) else {
-            return (Err(format!("layer {layer} is not registered")), buf);
+            return (Err(ReadFailed::Unregistered(layer)), buf);
         };
         let pieces = &info.pieces[e];
         let Some(b) = Arc::get_mut(&mut buf) else {
-            return (Err("expert buffer still shared".into()), buf);
+            return (Err(ReadFailed::BufferShared), buf);
         };
         let bytes = b.as_mut_slice();
         let base = io::aligned_base(bytes);
         for p in pieces {
             let Some(dst) = bytes.get_mut(base + p.at..base + p.at + p.len) else {
-                return (Err("expert larger than its buffer".into()), buf);
+                return (Err(ReadFailed::TooLarge), buf);
             };
             if let Err(err) = self.files[p.file].read_at(dst, p.start, p.need) {
                 let path = self.files[p.file].path().display().to_string();
                 return (
-                    Err(format!(
-                        "{path}: reading expert {e} of layer {layer}: {err}"
-                    )),
+                    Err(ReadFailed::Io {
+                        path,
+                        layer,
+                        expert: e,
+                        source: Arc::new(err),
+                    }),
                     buf,
                 );
             }
