@@ -10,17 +10,31 @@
 //! through the page cache and the pages are dropped right after
 //! (`posix_fadvise(DONTNEED)`, a hint).
 //!
-//! Everything here is safe Rust except three libc calls, each sound for the
+//! Everything here is safe Rust except four libc calls, each sound for the
 //! reason given at the call: `posix_fadvise` (a hint on our own descriptor,
 //! no memory involved), `madvise(WILLNEED)` and `mlock` on ranges of a
 //! live, read-only mapping we hold (neither changes the contents or
-//! validity of the memory).
+//! validity of the memory), and `setpriority` on the calling thread.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Sets the calling thread's nice value to `nice` (Linux keeps one per
+/// thread), best effort: lowering it below 0 needs `CAP_SYS_NICE` or an
+/// `RLIMIT_NICE` that allows it, and a refusal leaves the thread as it
+/// was. Returns whether it was applied.
+///
+/// The expert cache's I/O threads sleep in `pread` almost all the time;
+/// when one wakes to start or finish a read while the compute threads
+/// hold every core, the scheduler may make it wait a slice (0.5-2 ms,
+/// measured on a 2-core VM) and the layer waiting for the read with it.
+pub fn set_thread_nice(nice: i32) -> bool {
+    // Sound: no memory is passed; `who = 0` names the calling thread.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 }
+}
 
 /// Alignment of offsets, lengths and buffers for direct reads.
 pub const DIRECT_ALIGN: usize = 4096;

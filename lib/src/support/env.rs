@@ -12,6 +12,8 @@
 //! | `RH_EXPERT_PREDICT_EXTRA` | [`crate::model::experts`] | experts read ahead per predicted layer beyond its top-k (default 0), for measurements |
 //! | `RH_EXPERT_PREDICT_DEPTH` | [`crate::model::experts`] | layers predicted ahead, 1 or 2 (default 1), for measurements |
 //! | `RH_EXPERT_AHEAD_INFLIGHT` | [`crate::model::experts`] | read-ahead reads in flight at most (default 4), for measurements |
+//! | `RH_EXPERT_AHEAD_IDLE` | [`crate::model::experts`] | `0`: read-ahead may run beside demand reads (default: only while none runs), for measurements |
+//! | `RH_EXPERT_IO_NICE` | [`crate::model::experts`] | nice value of the expert cache's I/O threads (default -10 where allowed; 0 leaves them), for measurements |
 //! | `RH_HUGE_PAGES` | [`crate::model`] | `0`: leave the weights every token reads (all but the embedding and the routed experts) where the source put them instead of copying them onto huge pages, for measurements |
 //!
 //! Not here: the Hugging Face variables (`HF_HOME`, `HF_TOKEN`, ...), read by
@@ -37,6 +39,10 @@ pub const RH_EXPERT_PREDICT_EXTRA: &str = "RH_EXPERT_PREDICT_EXTRA";
 pub const RH_EXPERT_PREDICT_DEPTH: &str = "RH_EXPERT_PREDICT_DEPTH";
 /// Read-ahead reads the expert cache keeps in flight at most.
 pub const RH_EXPERT_AHEAD_INFLIGHT: &str = "RH_EXPERT_AHEAD_INFLIGHT";
+/// Whether expert read-ahead waits for the demand reads to finish.
+pub const RH_EXPERT_AHEAD_IDLE: &str = "RH_EXPERT_AHEAD_IDLE";
+/// The expert cache's I/O threads' nice value.
+pub const RH_EXPERT_IO_NICE: &str = "RH_EXPERT_IO_NICE";
 /// Whether the per-token weights are copied onto huge pages.
 pub const RH_HUGE_PAGES: &str = "RH_HUGE_PAGES";
 
@@ -97,6 +103,17 @@ pub fn expert_predict_depth() -> Option<usize> {
 /// `RH_EXPERT_AHEAD_INFLIGHT`, when set to a number (a tuning knob).
 pub fn expert_ahead_inflight() -> Option<usize> {
     text(RH_EXPERT_AHEAD_INFLIGHT).and_then(|v| v.parse().ok())
+}
+
+/// `RH_EXPERT_AHEAD_IDLE`: false only when set to `0` (a knob for
+/// measurements).
+pub fn expert_ahead_when_idle() -> bool {
+    text(RH_EXPERT_AHEAD_IDLE).as_deref() != Some("0")
+}
+
+/// `RH_EXPERT_IO_NICE`, when set to a number (a tuning knob).
+pub fn expert_io_nice() -> Option<i32> {
+    text(RH_EXPERT_IO_NICE).and_then(|v| v.parse().ok())
 }
 
 /// `RH_HUGE_PAGES`: false only when set to `0` (a knob for measurements;

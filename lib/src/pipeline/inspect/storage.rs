@@ -17,10 +17,11 @@ use crate::direct_io::{aligned_base, DataFile, DIRECT_ALIGN};
 pub struct StorageSpeed {
     /// Sequential reads of 8 MiB, one at a time, GB/s.
     pub sequential_gbs: f64,
-    /// Random reads of `random_block` bytes, one at a time, GB/s.
+    /// Random reads of `random_block` bytes, one at a time, GB/s (the
+    /// median of short samples taken in turn with `random_gbs`'s).
     pub random_qd1_gbs: f64,
     /// Random reads of `random_block` bytes, `queue_depth` at a time (as
-    /// the expert cache issues them), GB/s.
+    /// the expert cache issues them), GB/s (the median of short samples).
     pub random_gbs: f64,
     /// Bytes per random read.
     pub random_block: u64,
@@ -75,12 +76,19 @@ pub fn measure(
     let block = random_block.div_ceil(DIRECT_ALIGN).max(1) * DIRECT_ALIGN;
     let budget = Duration::from_secs_f64(seconds.max(0.3) / 3.0);
     let seq = sequential(&files[0], budget);
-    let qd1 = random(&files, block, 1, budget);
-    let qd = random(&files, block, queue_depth.max(1), budget);
+    // Short samples of both depths taken in turn, the median of each: a
+    // shared disk's speed swings from second to second, and one sample
+    // per depth catches one moment (0.95-1.92 GB/s within minutes, here).
+    let part = budget / RANDOM_SAMPLES as u32;
+    let (mut qd1, mut qd) = (Vec::new(), Vec::new());
+    for _ in 0..RANDOM_SAMPLES {
+        qd1.push(random(&files, block, 1, part));
+        qd.push(random(&files, block, queue_depth.max(1), part));
+    }
     Some(StorageSpeed {
         sequential_gbs: seq,
-        random_qd1_gbs: qd1,
-        random_gbs: qd,
+        random_qd1_gbs: median(&mut qd1),
+        random_gbs: median(&mut qd),
         random_block: block as u64,
         queue_depth: queue_depth.max(1),
         direct: files.iter().all(|(f, _)| f.is_direct()),
@@ -106,6 +114,15 @@ fn sequential((file, len): &(DataFile, u64), budget: Duration) -> f64 {
         at = (at + 1) % blocks;
     }
     bytes as f64 / t0.elapsed().as_secs_f64().max(1e-9) / 1e9
+}
+
+/// Samples per random-read depth ([`measure`]).
+const RANDOM_SAMPLES: usize = 3;
+
+/// The median of `v` (the upper one of an even count); 0 when empty.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// `depth` threads each reading `block` bytes at random aligned offsets.

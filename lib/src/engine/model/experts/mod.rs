@@ -566,13 +566,22 @@ pub struct PagerOptions {
     /// Read-ahead reads in flight at most; the other I/O threads are kept
     /// for demand reads.
     pub ahead_inflight: usize,
+    /// Read-ahead starts only while no demand read runs or waits, so it
+    /// fills the device's idle time and never shares the device with the
+    /// reads a layer is waiting for.
+    pub ahead_when_idle: bool,
+    /// Nice value of the I/O threads (0: leave it; below 0 needs the
+    /// privilege, and is skipped without it): they must start and finish
+    /// reads promptly while the compute threads hold the cores.
+    pub io_nice: i32,
 }
 
 impl PagerOptions {
     /// Defaults for `budget`: prediction on, 16 I/O threads, no usage
     /// file. `RH_EXPERT_IO_THREADS`, `RH_EXPERT_PREDICT_EXTRA`,
-    /// `RH_EXPERT_PREDICT_DEPTH` and `RH_EXPERT_AHEAD_INFLIGHT` override
-    /// the tuning values (for measurements).
+    /// `RH_EXPERT_PREDICT_DEPTH`, `RH_EXPERT_AHEAD_INFLIGHT`,
+    /// `RH_EXPERT_AHEAD_IDLE` and `RH_EXPERT_IO_NICE` override the tuning
+    /// values (for measurements).
     pub fn new(budget: u64) -> PagerOptions {
         PagerOptions {
             budget,
@@ -586,6 +595,10 @@ impl PagerOptions {
             ahead_inflight: crate::env::expert_ahead_inflight()
                 .unwrap_or(DEFAULT_AHEAD_INFLIGHT)
                 .clamp(1, 256),
+            ahead_when_idle: crate::env::expert_ahead_when_idle(),
+            io_nice: crate::env::expert_io_nice()
+                .unwrap_or(DEFAULT_IO_NICE)
+                .clamp(-20, 19),
         }
     }
 }
@@ -616,6 +629,21 @@ pub struct ExpertPager {
 /// prediction stops: its reads would cost more than they save.
 const PREDICT_MIN_ACCURACY: f64 = 1.0 / 3.0;
 const PREDICT_TRIAL: u64 = 2000;
+/// Prediction also stops when, after [`AHEAD_TRIAL`] of its reads have
+/// settled (used by their layer, or evicted unused), fewer than this share
+/// were used: each used read saves a demand read, each wasted one took
+/// device time and evicted an expert that might have been asked for.
+/// Read-ahead only runs while no demand read does, so its device time is
+/// mostly time the device would have idled: a quarter used still pays.
+const AHEAD_MIN_USED: f64 = 0.25;
+const AHEAD_TRIAL: u64 = 400;
+
+/// Whether predicted reads pay so far: `None` until [`AHEAD_TRIAL`] of
+/// them settled (`used` by their layer, or evicted unused: `wasted`).
+fn read_ahead_pays(used: u64, wasted: u64) -> Option<bool> {
+    let settled = used + wasted;
+    (settled >= AHEAD_TRIAL).then(|| used as f64 >= settled as f64 * AHEAD_MIN_USED)
+}
 /// Layers predicted ahead by default (see [`PagerOptions::predict_depth`]):
 /// two layers ahead was right 41% of the time on the skewed 8-layer
 /// synthetic model (next layer: 55%), and its extra reads competed with
@@ -625,6 +653,8 @@ const DEFAULT_PREDICT_DEPTH: usize = 1;
 /// device busy between demand reads, few enough that a demand read finds
 /// a free thread and a short device queue.
 const DEFAULT_AHEAD_INFLIGHT: usize = 4;
+/// Nice value of the I/O threads by default (see [`PagerOptions::io_nice`]).
+const DEFAULT_IO_NICE: i32 = -10;
 /// Usage counts are saved at most this often while running (and at the end).
 const SAVE_EVERY: Duration = Duration::from_secs(60);
 /// A forward pass waits at most this long for a free buffer before using
@@ -674,7 +704,12 @@ impl ExpertPager {
                 allocated: 0,
                 predicted: vec![[Vec::new(), Vec::new()]; n_layers],
             }),
-            pool: IoPool::new(opts.io_threads, opts.ahead_inflight),
+            pool: IoPool::new(
+                opts.io_threads,
+                opts.ahead_inflight,
+                opts.ahead_when_idle,
+                opts.io_nice,
+            ),
             stats: Counters::default(),
             predict: AtomicBool::new(opts.predict),
             usage_file: opts.usage_file.clone(),
@@ -944,6 +979,24 @@ impl ExpertPager {
                     100.0 * r as f64 / n as f64
                 );
             }
+        }
+        self.check_read_ahead_pays();
+    }
+
+    /// Turns prediction off (both depths) once its reads do not pay
+    /// ([`read_ahead_pays`]).
+    fn check_read_ahead_pays(&self) {
+        let c = &self.stats;
+        let used = c.ahead_used.load(Ordering::Relaxed);
+        let wasted = c.ahead_wasted.load(Ordering::Relaxed);
+        if read_ahead_pays(used, wasted) == Some(false)
+            && self.predict.swap(false, Ordering::Relaxed)
+        {
+            self.predict2.store(false, Ordering::Relaxed);
+            tracing::info!(
+                "expert cache: {used} of {} read-ahead reads used; prediction turned off",
+                used + wasted
+            );
         }
     }
 

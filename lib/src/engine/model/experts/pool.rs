@@ -5,6 +5,10 @@
 //! Read-ahead must never stand between a forward pass and its misses:
 //! - at most `max_ahead_running` read-ahead jobs run at once, so the other
 //!   threads (and most of the device's queue) stay free for demand reads;
+//! - with `ahead_when_idle` (the pager's default) a read-ahead job starts
+//!   only while no demand job runs or waits: read-ahead fills the time the
+//!   device would idle (attention, DeltaNet, the lm_head) instead of
+//!   sharing the device with the reads a layer is waiting for;
 //! - when a layer routes, its queued predicted reads that it did choose are
 //!   moved to the demand queue, and those it did not choose are cancelled
 //!   before they start ([`IoPool::reprioritise`]).
@@ -61,6 +65,7 @@ struct Shared {
     queues: Mutex<Queues>,
     ready: Condvar,
     max_ahead_running: usize,
+    ahead_when_idle: bool,
     counters: Counters,
 }
 
@@ -98,12 +103,16 @@ pub struct PoolStats {
 
 impl IoPool {
     /// Starts `n` threads (at least one), at most `max_ahead_running` of
-    /// them (at least one) on read-ahead at a time.
-    pub fn new(n: usize, max_ahead_running: usize) -> IoPool {
+    /// them (at least one) on read-ahead at a time; with `ahead_when_idle`
+    /// read-ahead starts only while no demand job runs or waits. A
+    /// `nice` other than 0 is applied to each thread where allowed
+    /// ([`crate::direct_io::set_thread_nice`]).
+    pub fn new(n: usize, max_ahead_running: usize, ahead_when_idle: bool, nice: i32) -> IoPool {
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues::default()),
             ready: Condvar::new(),
             max_ahead_running: max_ahead_running.max(1),
+            ahead_when_idle,
             counters: Counters::default(),
         });
         let threads = (0..n.max(1))
@@ -111,7 +120,12 @@ impl IoPool {
                 let s = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("rh-expert-io-{i}"))
-                    .spawn(move || worker(&s))
+                    .spawn(move || {
+                        if nice != 0 {
+                            crate::direct_io::set_thread_nice(nice);
+                        }
+                        worker(&s)
+                    })
                     .expect("spawning an I/O thread")
             })
             .collect();
@@ -233,7 +247,8 @@ fn take_next(s: &Shared, q: &mut Queues) -> Option<(Job, bool)> {
             .fetch_add(j.queued.elapsed().as_nanos() as u64, Ordering::Relaxed);
         return Some((j, false));
     }
-    if q.running_ahead < s.max_ahead_running {
+    let device_free = !s.ahead_when_idle || q.running_demand == 0;
+    if q.running_ahead < s.max_ahead_running && device_free {
         if let Some(j) = q.ahead.pop_front() {
             q.running_ahead += 1;
             return Some((j, true));
@@ -270,8 +285,9 @@ fn worker(s: &Shared) {
                     .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
         }
-        // A thread may be idle only because the read-ahead cap was reached.
-        let wake = ahead && !q.ahead.is_empty();
+        // A thread may be idle only because the read-ahead cap was reached,
+        // or because demand jobs were running.
+        let wake = !q.ahead.is_empty() && (ahead || q.running_demand == 0);
         drop(q);
         if wake {
             s.ready.notify_one();
@@ -334,7 +350,7 @@ mod tests {
 
     #[test]
     fn read_ahead_never_runs_more_than_its_cap() {
-        let pool = IoPool::new(4, 2);
+        let pool = IoPool::new(4, 2, false, 0);
         let running = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();
@@ -359,7 +375,7 @@ mod tests {
     fn demand_runs_before_queued_read_ahead_even_at_the_cap() {
         // One thread, busy: everything queued behind it; then demand must
         // come out first although it was queued last.
-        let pool = IoPool::new(1, 1);
+        let pool = IoPool::new(1, 1, false, 0);
         let (g, open) = gate();
         let order = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
@@ -383,8 +399,36 @@ mod tests {
     }
 
     #[test]
+    fn read_ahead_waits_for_running_demand_when_idle_only() {
+        // Two threads: one runs a demand job held on a gate, the other is
+        // free, yet the read-ahead job must not start until the demand
+        // job is done.
+        let pool = IoPool::new(2, 2, true, 0);
+        let (g, open) = gate();
+        let demand_done = Arc::new(AtomicUsize::new(0));
+        {
+            let (g, done) = (g.clone(), demand_done.clone());
+            pool.submit(Priority::Demand, None, move |_| {
+                wait_gate(&g);
+                std::thread::sleep(Duration::from_millis(5));
+                done.store(1, Ordering::SeqCst);
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        let done = demand_done.clone();
+        pool.submit(Priority::Ahead, tag(0, 1), move |run| {
+            tx.send((run, done.load(Ordering::SeqCst))).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        open();
+        let (ran, after) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert!(ran);
+        assert_eq!(after, 1, "read-ahead started while a demand job ran");
+    }
+
+    #[test]
     fn routing_promotes_chosen_and_cancels_unchosen_predictions() {
-        let pool = IoPool::new(1, 1);
+        let pool = IoPool::new(1, 1, false, 0);
         let (g, open) = gate();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
@@ -444,7 +488,7 @@ mod tests {
 
     #[test]
     fn dropping_the_pool_cancels_queued_read_ahead() {
-        let pool = IoPool::new(1, 1);
+        let pool = IoPool::new(1, 1, false, 0);
         let (g, open) = gate();
         {
             let g = g.clone();

@@ -224,3 +224,17 @@ fn skewed_synthetic_routing_prefers_low_ranks() {
         );
     }
 }
+
+#[test]
+fn read_ahead_is_judged_only_after_its_trial_and_stops_under_a_quarter_used() {
+    assert_eq!(read_ahead_pays(0, AHEAD_TRIAL - 1), None);
+    assert_eq!(
+        read_ahead_pays(AHEAD_TRIAL / 4, AHEAD_TRIAL - AHEAD_TRIAL / 4),
+        Some(true)
+    );
+    assert_eq!(
+        read_ahead_pays(AHEAD_TRIAL / 4 - 1, AHEAD_TRIAL - AHEAD_TRIAL / 4 + 1),
+        Some(false)
+    );
+    assert_eq!(read_ahead_pays(350, 380), Some(true));
+}
