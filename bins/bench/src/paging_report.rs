@@ -140,8 +140,9 @@ impl PagingReport {
             let speed = s.bytes_read as f64 / s.io_busy_s;
             let bound = self.bytes_needed_per_token / speed;
             out.push_str(&format!(
-                "storage while decoding:  a read in flight {:.0}% of the decode time, {:.2} GB/s while one was; the needed bytes at that speed take {:.1} ms per token ({:.2}x)\n",
+                "storage while decoding:  a read in flight {:.0}% of the decode time ({:.1} at once on average), {:.2} GB/s while one was; the needed bytes at that speed take {:.1} ms per token ({:.2}x)\n",
                 100.0 * (s.io_busy_s / decode_s.max(1e-9)).min(1.0),
+                s.read_s / s.io_busy_s,
                 speed / 1e9,
                 1e3 * bound,
                 self.decode_s_per_token / bound.max(1e-12)

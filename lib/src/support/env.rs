@@ -14,6 +14,7 @@
 //! | `RH_EXPERT_AHEAD_INFLIGHT` | [`crate::model::experts`] | read-ahead reads in flight at most (default 4), for measurements |
 //! | `RH_EXPERT_AHEAD_IDLE` | [`crate::model::experts`] | `0`: read-ahead may run beside demand reads (default: only while none runs), for measurements |
 //! | `RH_EXPERT_IO_NICE` | [`crate::model::experts`] | nice value of the expert cache's I/O threads (default -10 where allowed; 0 leaves them), for measurements |
+//! | `RH_EXPERT_PREFAULT` | [`crate::model::experts`] | `0`: the expert cache's buffers are faulted in by the first read into each (default: touched ahead on a low-priority thread), for measurements |
 //! | `RH_HUGE_PAGES` | [`crate::model`] | `0`: leave the weights every token reads (all but the embedding and the routed experts) where the source put them instead of copying them onto huge pages, for measurements |
 //!
 //! Not here: the Hugging Face variables (`HF_HOME`, `HF_TOKEN`, ...), read by
@@ -43,6 +44,8 @@ pub const RH_EXPERT_AHEAD_INFLIGHT: &str = "RH_EXPERT_AHEAD_INFLIGHT";
 pub const RH_EXPERT_AHEAD_IDLE: &str = "RH_EXPERT_AHEAD_IDLE";
 /// The expert cache's I/O threads' nice value.
 pub const RH_EXPERT_IO_NICE: &str = "RH_EXPERT_IO_NICE";
+/// Whether the expert cache touches its buffers ahead of use.
+pub const RH_EXPERT_PREFAULT: &str = "RH_EXPERT_PREFAULT";
 /// Whether the per-token weights are copied onto huge pages.
 pub const RH_HUGE_PAGES: &str = "RH_HUGE_PAGES";
 
@@ -114,6 +117,12 @@ pub fn expert_ahead_when_idle() -> bool {
 /// `RH_EXPERT_IO_NICE`, when set to a number (a tuning knob).
 pub fn expert_io_nice() -> Option<i32> {
     text(RH_EXPERT_IO_NICE).and_then(|v| v.parse().ok())
+}
+
+/// `RH_EXPERT_PREFAULT`: false only when set to `0` (a knob for
+/// measurements).
+pub fn expert_prefault() -> bool {
+    text(RH_EXPERT_PREFAULT).as_deref() != Some("0")
 }
 
 /// `RH_HUGE_PAGES`: false only when set to `0` (a knob for measurements;

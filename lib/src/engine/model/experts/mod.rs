@@ -261,6 +261,7 @@ struct Counters {
     route_wait_ns: AtomicU64,
     ahead_wasted: AtomicU64,
     preloaded: AtomicU64,
+    prefaulted: AtomicU64,
 }
 
 /// A snapshot of the expert cache's counters.
@@ -325,6 +326,8 @@ pub struct PagerStats {
     pub resident: u64,
     /// Its capacity in experts.
     pub capacity: u64,
+    /// Buffers allocated and touched ahead of use (a gauge).
+    pub prefaulted: u64,
 }
 
 impl PagerStats {
@@ -368,6 +371,7 @@ impl PagerStats {
             io_busy_s: self.io_busy_s - earlier.io_busy_s,
             resident: self.resident,
             capacity: self.capacity,
+            prefaulted: self.prefaulted,
         }
     }
 }
@@ -574,14 +578,19 @@ pub struct PagerOptions {
     /// privilege, and is skipped without it): they must start and finish
     /// reads promptly while the compute threads hold the cores.
     pub io_nice: i32,
+    /// Allocate and touch the cache's buffers on a low-priority thread
+    /// from the first forward pass on, so that no read faults its
+    /// buffer's pages in while a layer waits for it.
+    pub prefault: bool,
 }
 
 impl PagerOptions {
     /// Defaults for `budget`: prediction on, 16 I/O threads, no usage
     /// file. `RH_EXPERT_IO_THREADS`, `RH_EXPERT_PREDICT_EXTRA`,
     /// `RH_EXPERT_PREDICT_DEPTH`, `RH_EXPERT_AHEAD_INFLIGHT`,
-    /// `RH_EXPERT_AHEAD_IDLE` and `RH_EXPERT_IO_NICE` override the tuning
-    /// values (for measurements).
+    /// `RH_EXPERT_AHEAD_IDLE`, `RH_EXPERT_IO_NICE` and
+    /// `RH_EXPERT_PREFAULT` override the tuning values (for
+    /// measurements).
     pub fn new(budget: u64) -> PagerOptions {
         PagerOptions {
             budget,
@@ -599,6 +608,7 @@ impl PagerOptions {
             io_nice: crate::env::expert_io_nice()
                 .unwrap_or(DEFAULT_IO_NICE)
                 .clamp(-20, 19),
+            prefault: crate::env::expert_prefault(),
         }
     }
 }
@@ -623,6 +633,8 @@ pub struct ExpertPager {
     predict_depth: usize,
     predict2: AtomicBool,
     io_threads: usize,
+    prefault: bool,
+    started_prefault: AtomicBool,
 }
 
 /// Below this accuracy (after [`PREDICT_TRIAL`] predictions) next-layer
@@ -720,6 +732,8 @@ impl ExpertPager {
             predict_depth: opts.predict_depth,
             io_threads: opts.io_threads,
             predict2: AtomicBool::new(opts.predict && opts.predict_depth >= 2),
+            prefault: opts.prefault,
+            started_prefault: AtomicBool::new(false),
         })
     }
 
@@ -825,6 +839,7 @@ impl ExpertPager {
     /// I/O threads, all in parallel) and are waited for with
     /// [`Fetch::wait`]. Each call counts as a use of each expert.
     pub fn fetch(self: &Arc<Self>, layer: usize, experts: &[usize]) -> Vec<Fetch> {
+        self.start_prefault();
         self.check_prediction(layer, experts);
         // Chosen experts still queued as read-ahead jump to the demand
         // queue; queued guesses this layer did not choose are dropped.
@@ -998,6 +1013,56 @@ impl ExpertPager {
                 used + wasted
             );
         }
+    }
+
+    /// From the first forward pass on (the model is loaded by then, so the
+    /// buffers do not add to the peak of loading), allocates the cache's
+    /// remaining buffers and touches every page of each on a thread at
+    /// the lowest priority. A fresh buffer's pages are otherwise faulted
+    /// in by the read into it (the kernel pins the destination of an
+    /// `O_DIRECT` read): about 400 faults per expert, on an I/O thread,
+    /// while a layer waits, for every expert the cache reads until it is
+    /// full.
+    fn start_prefault(self: &Arc<Self>) {
+        if !self.prefault || self.started_prefault.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("rh-expert-prefault".into())
+            .spawn(move || {
+                io::set_thread_nice(19);
+                while let Some(me) = me.upgrade() {
+                    if !me.prefault_one() {
+                        break;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("expert cache: buffers not prepared ahead: {e}");
+        }
+    }
+
+    /// Allocates and touches one more buffer into the free list; false
+    /// once the cache has all its buffers.
+    fn prefault_one(&self) -> bool {
+        {
+            let mut st = self.lock();
+            if st.allocated >= self.plan.slots {
+                return false;
+            }
+            st.allocated += 1;
+        }
+        let mut buf = AlignedBuf::zeroed(self.plan.slot_bytes as usize);
+        // Any value: reads overwrite what a buffer is used for. A store of
+        // zero into fresh zeroed memory could be elided.
+        for page in buf.as_mut_slice().chunks_mut(io::DIRECT_ALIGN) {
+            page[0] = 1;
+        }
+        std::hint::black_box(buf.as_slice());
+        self.stats.prefaulted.fetch_add(1, Ordering::Relaxed);
+        self.lock().free.push(Arc::new(buf));
+        true
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -1241,6 +1306,7 @@ impl ExpertPager {
             io_busy_s: pool.busy_s,
             resident,
             capacity: self.plan.slots as u64,
+            prefaulted: ld(&c.prefaulted),
         }
     }
 

@@ -238,3 +238,35 @@ fn read_ahead_is_judged_only_after_its_trial_and_stops_under_a_quarter_used() {
     );
     assert_eq!(read_ahead_pays(350, 380), Some(true));
 }
+
+#[test]
+fn buffers_are_prepared_ahead_after_the_first_forward_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tiny_cache(tmp.path());
+    // 8 slots for 16 experts; one token uses 4 (2 layers, top-2), so the
+    // prefault thread has buffers left to prepare.
+    let model = paged(&cache, 8, None, false);
+    let pager = pager_of(&**model.weights()).unwrap();
+    assert_eq!(
+        pager.lock().allocated,
+        0,
+        "nothing allocated before a forward pass"
+    );
+    let mut st = model.new_state();
+    model.forward(&mut st, &[9]);
+    let t0 = Instant::now();
+    let prepared = || {
+        let resident = pager.stats().resident as usize;
+        let st = pager.lock();
+        st.allocated == 8 && st.free.len() + resident == 8
+    };
+    while !prepared() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            pager.stats()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(pager.stats().prefaulted >= 1, "{:?}", pager.stats());
+}
