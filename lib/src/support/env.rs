@@ -12,8 +12,8 @@
 //! | `RH_EXPERT_PREDICT_EXTRA` | [`crate::model::experts`] | experts read ahead per predicted layer beyond its top-k (default 0), for measurements |
 //! | `RH_EXPERT_PREDICT_DEPTH` | [`crate::model::experts`] | layers predicted ahead, 1 or 2 (default 1), for measurements |
 //! | `RH_EXPERT_AHEAD_INFLIGHT` | [`crate::model::experts`] | read-ahead reads in flight at most (default 4), for measurements |
-//! | `RH_EXPERT_AHEAD_IDLE` | [`crate::model::experts`] | `0`: read-ahead may run beside demand reads (default: only while none runs), for measurements |
-//! | `RH_EXPERT_IO_NICE` | [`crate::model::experts`] | nice value of the expert cache's I/O threads (default -10 where allowed; 0 leaves them), for measurements |
+//! | `RH_EXPERT_AHEAD_IDLE` | [`crate::model::experts`] | `1`: read-ahead starts only while no demand read runs (default: beside them), for measurements |
+//! | `RH_EXPERT_IO_NICE` | [`crate::model::experts`] | nice value of the expert cache's I/O threads (default 0: left as they are; below 0 where allowed), for measurements |
 //! | `RH_EXPERT_PREFAULT` | [`crate::model::experts`] | `0`: the expert cache's buffers are faulted in by the first read into each (default: touched ahead on a low-priority thread), for measurements |
 //! | `RH_HUGE_PAGES` | [`crate::model`] | `0`: leave the weights every token reads (all but the embedding and the routed experts) where the source put them instead of copying them onto huge pages, for measurements |
 //!
@@ -108,10 +108,10 @@ pub fn expert_ahead_inflight() -> Option<usize> {
     text(RH_EXPERT_AHEAD_INFLIGHT).and_then(|v| v.parse().ok())
 }
 
-/// `RH_EXPERT_AHEAD_IDLE`: false only when set to `0` (a knob for
+/// `RH_EXPERT_AHEAD_IDLE`: true only when set to `1` (a knob for
 /// measurements).
 pub fn expert_ahead_when_idle() -> bool {
-    text(RH_EXPERT_AHEAD_IDLE).as_deref() != Some("0")
+    text(RH_EXPERT_AHEAD_IDLE).as_deref() == Some("1")
 }
 
 /// `RH_EXPERT_IO_NICE`, when set to a number (a tuning knob).

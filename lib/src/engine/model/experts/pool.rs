@@ -5,10 +5,9 @@
 //! Read-ahead must never stand between a forward pass and its misses:
 //! - at most `max_ahead_running` read-ahead jobs run at once, so the other
 //!   threads (and most of the device's queue) stay free for demand reads;
-//! - with `ahead_when_idle` (the pager's default) a read-ahead job starts
-//!   only while no demand job runs or waits: read-ahead fills the time the
-//!   device would idle (attention, DeltaNet, the lm_head) instead of
-//!   sharing the device with the reads a layer is waiting for;
+//! - with `ahead_when_idle` (off by default in the pager: measured, the
+//!   guesses then started too late to land before their layer routed) a
+//!   read-ahead job starts only while no demand job runs or waits;
 //! - when a layer routes, its queued predicted reads that it did choose are
 //!   moved to the demand queue, and those it did not choose are cancelled
 //!   before they start ([`IoPool::reprioritise`]).
