@@ -655,7 +655,7 @@ const AHEAD_TRIAL: u64 = 400;
 /// them settled (`used` by their layer, or evicted unused: `wasted`).
 fn read_ahead_pays(used: u64, wasted: u64) -> Option<bool> {
     let settled = used + wasted;
-    (settled >= AHEAD_TRIAL).then(|| used as f64 >= settled as f64 * AHEAD_MIN_USED)
+    (settled >= AHEAD_TRIAL).then_some(used as f64 >= settled as f64 * AHEAD_MIN_USED)
 }
 /// Layers predicted ahead by default (see [`PagerOptions::predict_depth`]):
 /// two layers ahead was right 41% of the time on the skewed 8-layer
