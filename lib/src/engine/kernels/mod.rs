@@ -100,7 +100,7 @@ pub const SMALL_BATCH_TOKENS: usize = 8;
 /// experts, which meet a few tokens each but run side by side as one task
 /// each (`matmul_one_task`), keep the tiles (pp256 lost a fifth of its
 /// speed when they took this path).
-pub const SMALL_BATCH_QUANT_TOKENS: usize = 4;
+pub const SMALL_BATCH_QUANT_TOKENS: usize = 8;
 
 /// Weight bytes of one block of rows in the small-batch path: the block
 /// stays in L2 while every token's matvec passes over it, so the weights
@@ -547,6 +547,15 @@ mod batch {
                 _ => None,
             })
             .collect();
+        // The int16 activations of the AVX2 kernels, for their many-token
+        // kernel (AVX2 level, or weights the AVX-512 kernels do not take).
+        let q16s: Vec<&avx2::Q16Act> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Act::Q16(q) => Some(q),
+                _ => None,
+            })
+            .collect();
         let row_bytes = (w.bytes_read() / rows.max(1)).max(1);
         let threads = if split {
             rayon::current_num_threads().max(1)
@@ -568,6 +577,10 @@ mod batch {
                 (View::Q(v), Simd::Avx512(b)) if n > 1 && groups.len() == n => {
                     b.quant_rows_tokens(v, r0, nr, &groups, &mut out)
                 }
+                (View::Q(v), _) if n > 1 && q16s.len() == n => s
+                    .avx2()
+                    .expect("a SIMD level")
+                    .quant_rows_q16_tokens(v, r0, nr, &q16s, &mut out),
                 (View::D(v), _) => s
                     .avx2()
                     .expect("a SIMD level")
