@@ -34,7 +34,7 @@ use crate::kernels::isa::avx2_fn;
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    f16_at, hsum, load1, load8, prefetch, Avx2, DenseView, Q16Act, QuantView, DT_BF16,
+    f16_at, hsum, load1, load8, pf_bytes, prefetch, Avx2, DenseView, Q16Act, QuantView, DT_BF16,
     DT_F16, DT_F32,
 };
 use crate::tensor::{FloatType, QBLOCK};
@@ -60,15 +60,12 @@ type Acc = [[[__m256; 4]; MAX_TOKENS]; BLOCK_ROWS];
 /// registers (the group totals live on the stack, touched once a group).
 pub(crate) const QUANT_PASS: usize = 4;
 
-/// Rows of a quantized block whose group totals are kept between slices.
+/// Rows of a quantized block: every pass of tokens walks the block's
+/// rows, the first from memory, the others from L2 (16 rows of int8 are
+/// 32 KiB on 2048 columns), while each pass's activations (four tokens'
+/// int16, 16 KiB on 2048 columns) stay in L1. One pass of eight tokens
+/// per row would have every row walk 32 KiB of activations, out of L1.
 const QUANT_BLOCK_ROWS: usize = 16;
-
-/// Columns of a quantized slice (whole groups, at least one): eight tokens'
-/// int16 activations over it (8 KiB) stay in L1 while the block's rows
-/// pass. Whole rows would have every row walk all the tokens' activations
-/// (4 KiB each on 2048 columns), which from eight tokens on no longer fit
-/// L1 beside the streaming weights.
-const QUANT_SLICE: usize = 512;
 
 /// Calls `$f::<T>($args)` for the token count `$n` (1 to [`QUANT_PASS`]).
 macro_rules! by_pass {
@@ -159,37 +156,36 @@ impl Avx2 {
         // Each token's two group totals per row of a block, as
         // `dot_q16_*` keeps them in registers (lanes 0..8 and 8..16).
         let mut tot = vec![[0f32; 16]; QUANT_BLOCK_ROWS * n];
-        let gps = (QUANT_SLICE / v.group_size).max(1);
         for b0 in (0..nr).step_by(QUANT_BLOCK_ROWS) {
             let rows = QUANT_BLOCK_ROWS.min(nr - b0);
             tot.fill([0f32; 16]);
-            for g0 in (0..v.n_groups).step_by(gps) {
-                let g1 = (g0 + gps).min(v.n_groups);
+            let mut t0 = 0;
+            while t0 < n {
+                let nt = (n - t0).min(QUANT_PASS);
+                let pass = &acts[t0..t0 + nt];
                 for i in 0..rows {
                     let r = r0 + b0 + i;
-                    let mut t0 = 0;
-                    while t0 < n {
-                        let nt = (n - t0).min(QUANT_PASS);
-                        let pass = &acts[t0..t0 + nt];
-                        let tots = &mut tot[i * n + t0..i * n + t0 + nt];
-                        // SAFETY: `self` proves AVX2/FMA/F16C; the row is in
-                        // range, the groups are the view's, and every
-                        // activation's lengths and layout match the view's
-                        // checked shape (asserted above); `tots` holds one
-                        // entry per token of the pass.
-                        unsafe {
-                            let args = (v, r, g0, g1, pass, tots);
-                            if paired {
-                                by_pass!(nt, dot_i4_paired_tokens, args)
-                            } else if v.bits == 4 {
-                                by_pass!(nt, dot_bits_tokens::<4>, args)
-                            } else {
-                                by_pass!(nt, dot_bits_tokens::<8>, args)
-                            }
+                    // The first pass reads the block from memory and
+                    // prefetches ahead in it; later ones find it in L2.
+                    let pf = v.q.as_ptr().wrapping_add(r * v.row_bytes + pf_bytes());
+                    let tots = &mut tot[i * n + t0..i * n + t0 + nt];
+                    // SAFETY: `self` proves AVX2/FMA/F16C; the row is in
+                    // range, the groups are the view's, and every
+                    // activation's lengths and layout match the view's
+                    // checked shape (asserted above); `tots` holds one
+                    // entry per token of the pass.
+                    unsafe {
+                        let args = (v, r, 0, v.n_groups, pf, pass, tots);
+                        if paired {
+                            by_pass!(nt, dot_i4_paired_tokens, args)
+                        } else if v.bits == 4 {
+                            by_pass!(nt, dot_bits_tokens::<4>, args)
+                        } else {
+                            by_pass!(nt, dot_bits_tokens::<8>, args)
                         }
-                        t0 += nt;
                     }
                 }
+                t0 += nt;
             }
             for i in 0..rows {
                 let r = r0 + b0 + i;
@@ -204,13 +200,15 @@ impl Avx2 {
 }
 
 /// The arguments of the quantized kernels: the view, the row, the groups
-/// `g0..g1` of a column slice, the pass's activations, and its tokens'
-/// group totals (carried from slice to slice).
+/// `g0..g1` to multiply, where to prefetch for group `g0`'s first byte
+/// (later bytes follow), the pass's activations, and its tokens' group
+/// totals (carried from call to call).
 type QuantArgs<'a, 'b> = (
     &'a QuantView<'b>,
     usize,
     usize,
     usize,
+    *const u8,
     &'a [&'a Q16Act],
     &'a mut [[f32; 16]],
 );
@@ -274,7 +272,8 @@ unsafe fn finish(tot: &[f32; 16]) -> f32 {
 /// what `dot_q16_i4_paired` does over those groups, step for step (the
 /// two block accumulators, swapped after every pair, and the two totals).
 unsafe fn dot_i4_paired_tokens<const T: usize>(args: QuantArgs) {
-    let (v, r, g0, g1, acts, tot) = args;
+    let (v, r, g0, g1, pf, acts, tot) = args;
+    let first = g0 * v.group_size * v.bits as usize / 8;
     let nb = v.cols / QBLOCK;
     let bpg = v.group_size / QBLOCK;
     let qrow = v.q.as_ptr().add(r * v.row_bytes);
@@ -290,8 +289,7 @@ unsafe fn dot_i4_paired_tokens<const T: usize>(args: QuantArgs) {
         let mut acc1 = [_mm256_setzero_ps(); T];
         let mut b = b0;
         while b + 1 < b1 {
-            // The next row's same bytes: the row read after this one.
-            prefetch(qrow.wrapping_add(v.row_bytes + b * 16));
+            prefetch(pf.wrapping_add(b * 16 - first));
             let w = _mm256_loadu_si256(qrow.add(b * 16) as *const __m256i);
             let w0 = _mm256_and_si256(w, m);
             let w1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);
@@ -334,7 +332,8 @@ unsafe fn dot_i4_paired_tokens<const T: usize>(args: QuantArgs) {
 /// activations times `T` tokens, into their group totals: for each token
 /// what `dot_q16_row_bits` does over those groups, step for step.
 unsafe fn dot_bits_tokens<const BITS: usize, const T: usize>(args: QuantArgs) {
-    let (v, r, g0, g1, acts, tot) = args;
+    let (v, r, g0, g1, pf, acts, tot) = args;
+    let first = g0 * v.group_size * v.bits as usize / 8;
     let bb = QBLOCK * BITS / 8;
     let nb = v.cols / QBLOCK;
     let bpg = v.group_size / QBLOCK;
@@ -349,7 +348,7 @@ unsafe fn dot_bits_tokens<const BITS: usize, const T: usize>(args: QuantArgs) {
         let mut acc0 = [_mm256_setzero_ps(); T];
         let mut acc1 = [_mm256_setzero_ps(); T];
         while b + 1 < b1 {
-            prefetch(qrow.wrapping_add(v.row_bytes + b * bb));
+            prefetch(pf.wrapping_add(b * bb - first));
             let wa = unpack_q16::<BITS>(qrow.add(b * bb));
             let wb = unpack_q16::<BITS>(qrow.add((b + 1) * bb));
             for t in 0..T {
