@@ -28,8 +28,8 @@
 //!
 //! A few tokens (several sequences decoding together) take the small-batch
 //! path instead: each token's matvec over blocks of rows, with each row
-//! unpacked (int4/int8 on AVX-512 VNNI, the private `avx512_batch` module)
-//! or converted (dense, in column slices: `avx512_batch`, `avx2_batch`)
+//! unpacked (int4/int8: the private `avx512_batch` module on AVX-512 VNNI,
+//! `avx2_batch` with int16 activations on AVX2) or converted (dense, in column slices: `avx512_batch`, `avx2_batch`)
 //! once for all the tokens; every token gets what its own matvec gives.
 //!
 //! Decode runs many small independent products per layer; [`matvec_batch`]
@@ -99,8 +99,11 @@ pub const SMALL_BATCH_TOKENS: usize = 8;
 /// a batch of 8 decoding sequences the tiles were faster, and prefill's
 /// experts, which meet a few tokens each but run side by side as one task
 /// each (`matmul_one_task`), keep the tiles (pp256 lost a fifth of its
-/// speed when they took this path).
-pub const SMALL_BATCH_QUANT_TOKENS: usize = 8;
+/// speed when they took this path). Measured again with the row-once
+/// kernels at both levels (thread CPU time of one call, int8 12288x2048
+/// and int4 shapes): rows win up to 4 tokens (AVX2 int8 at 4 tokens: 3.8
+/// against 4.9 ms), the tiles from 6 (AVX-512 int8 at 8: 5.0 against 6.2).
+pub const SMALL_BATCH_QUANT_TOKENS: usize = 4;
 
 /// Weight bytes of one block of rows in the small-batch path: the block
 /// stays in L2 while every token's matvec passes over it, so the weights
