@@ -29,6 +29,7 @@
 
 // Token indices pick both an accumulator and that token's pointer.
 #![allow(clippy::needless_range_loop)]
+#![allow(unknown_lints, clippy::manual_is_multiple_of)]
 
 use crate::kernels::isa::avx2_fn;
 use std::arch::x86_64::*;
