@@ -105,6 +105,15 @@ pub const SMALL_BATCH_TOKENS: usize = 8;
 /// against 4.9 ms), the tiles from 6 (AVX-512 int8 at 8: 5.0 against 6.2).
 pub const SMALL_BATCH_QUANT_TOKENS: usize = 4;
 
+/// Most tokens a quantized matmul run as one task ([`matmul_one_task`]:
+/// a routed expert beside the others) takes through the small-batch rows
+/// rather than the tiles: at two tokens the row-once kernels took 0.55-0.7x
+/// the tiles' thread CPU time (int4 and int8, both levels), at four the
+/// AVX-512 level's int4 tiles were as fast, so prefill's experts, which
+/// meet more tokens, keep the tiles.
+#[cfg(target_arch = "x86_64")]
+const ONE_TASK_ROW_TOKENS: usize = 2;
+
 /// Weight bytes of one block of rows in the small-batch path: the block
 /// stays in L2 while every token's matvec passes over it, so the weights
 /// are read from memory once.
@@ -708,8 +717,9 @@ fn matmul_on(s: Simd, w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path
         return;
     }
     // One token as one task (`!split`) goes through the small-batch path
-    // below, whose blocks then run on this thread: a routed expert that
-    // meets one token of a decoding batch runs beside the other experts
+    // below (so do two, see ONE_TASK_ROW_TOKENS), whose blocks then run on
+    // this thread: a routed expert that meets a token or two of a decoding
+    // batch runs beside the other experts
     // instead of cutting its rows into tasks of its own.
     let scalar = matches!((s, path), (_, Path::Scalar) | (Simd::None, _));
     if n == 1 && (split || scalar) {
@@ -719,7 +729,7 @@ fn matmul_on(s: Simd, w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path
     #[cfg(target_arch = "x86_64")]
     let small = match w {
         Matrix::Dense(_) => n <= SMALL_BATCH_TOKENS,
-        Matrix::Quant(_) => (split || n == 1) && n <= SMALL_BATCH_QUANT_TOKENS,
+        Matrix::Quant(_) => (split || n <= ONE_TASK_ROW_TOKENS) && n <= SMALL_BATCH_QUANT_TOKENS,
     };
     if small && !scalar {
         // Matmul keeps f32 activations where decode would take int8 ones
