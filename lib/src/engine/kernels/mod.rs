@@ -107,7 +107,7 @@ pub const SMALL_BATCH_QUANT_TOKENS: usize = 4;
 
 /// Most tokens a quantized matmul run as one task ([`matmul_one_task`]:
 /// a routed expert beside the others) takes through the small-batch rows
-/// rather than the tiles: at two tokens the row-once kernels took 0.55-0.7x
+/// rather than the tiles: at two tokens the row-once kernels took 0.5-0.75x
 /// the tiles' thread CPU time (int4 and int8, both levels), at four the
 /// AVX-512 level's int4 tiles were as fast, so prefill's experts, which
 /// meet more tokens, keep the tiles.
