@@ -190,16 +190,16 @@ impl Q8Act {
 /// of block `b + j / 8`. A last odd block, and every block otherwise, is
 /// stored plainly.
 pub(crate) struct Q16Act {
-    xq: Vec<i16>,
-    d: Vec<f32>,
+    pub(super) xq: Vec<i16>,
+    pub(super) d: Vec<f32>,
     /// `d[b]` repeated four times per block, so two blocks' scales load as
     /// one vector.
-    d4: Vec<f32>,
+    pub(super) d4: Vec<f32>,
     /// Per weight group: the sum of the dequantized activations,
     /// `Σ_{b in g} d[b] * Σ xq[b]`, for the zero-point correction.
-    gsum: Vec<f32>,
-    paired: bool,
-    group_size: usize,
+    pub(super) gsum: Vec<f32>,
+    pub(super) paired: bool,
+    pub(super) group_size: usize,
 }
 
 /// Where element `e` of one block of an interleaved pair

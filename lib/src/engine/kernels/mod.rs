@@ -28,8 +28,8 @@
 //!
 //! A few tokens (several sequences decoding together) take the small-batch
 //! path instead: each token's matvec over blocks of rows, with each row
-//! unpacked (int4/int8 on AVX-512 VNNI, the private `avx512_batch` module)
-//! or converted (dense, in column slices: `avx512_batch`, `avx2_batch`)
+//! unpacked (int4/int8: the private `avx512_batch` module on AVX-512 VNNI,
+//! `avx2_batch` with int16 activations on AVX2) or converted (dense, in column slices: `avx512_batch`, `avx2_batch`)
 //! once for all the tokens; every token gets what its own matvec gives.
 //!
 //! Decode runs many small independent products per layer; [`matvec_batch`]
@@ -99,8 +99,20 @@ pub const SMALL_BATCH_TOKENS: usize = 8;
 /// a batch of 8 decoding sequences the tiles were faster, and prefill's
 /// experts, which meet a few tokens each but run side by side as one task
 /// each (`matmul_one_task`), keep the tiles (pp256 lost a fifth of its
-/// speed when they took this path).
+/// speed when they took this path). Measured again with the row-once
+/// kernels at both levels (thread CPU time of one call, int8 12288x2048
+/// and int4 shapes): rows win up to 4 tokens (AVX2 int8 at 4 tokens: 3.8
+/// against 4.9 ms), the tiles from 6 (AVX-512 int8 at 8: 5.0 against 6.2).
 pub const SMALL_BATCH_QUANT_TOKENS: usize = 4;
+
+/// Most tokens a quantized matmul run as one task ([`matmul_one_task`]:
+/// a routed expert beside the others) takes through the small-batch rows
+/// rather than the tiles: at two tokens the row-once kernels took 0.5-0.75x
+/// the tiles' thread CPU time (int4 and int8, both levels), at four the
+/// AVX-512 level's int4 tiles were as fast, so prefill's experts, which
+/// meet more tokens, keep the tiles.
+#[cfg(target_arch = "x86_64")]
+const ONE_TASK_ROW_TOKENS: usize = 2;
 
 /// Weight bytes of one block of rows in the small-batch path: the block
 /// stays in L2 while every token's matvec passes over it, so the weights
@@ -547,6 +559,15 @@ mod batch {
                 _ => None,
             })
             .collect();
+        // The int16 activations of the AVX2 kernels, for their many-token
+        // kernel (AVX2 level, or weights the AVX-512 kernels do not take).
+        let q16s: Vec<&avx2::Q16Act> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Act::Q16(q) => Some(q),
+                _ => None,
+            })
+            .collect();
         let row_bytes = (w.bytes_read() / rows.max(1)).max(1);
         let threads = if split {
             rayon::current_num_threads().max(1)
@@ -568,6 +589,10 @@ mod batch {
                 (View::Q(v), Simd::Avx512(b)) if n > 1 && groups.len() == n => {
                     b.quant_rows_tokens(v, r0, nr, &groups, &mut out)
                 }
+                (View::Q(v), _) if n > 1 && q16s.len() == n => s
+                    .avx2()
+                    .expect("a SIMD level")
+                    .quant_rows_q16_tokens(v, r0, nr, &q16s, &mut out),
                 (View::D(v), _) => s
                     .avx2()
                     .expect("a SIMD level")
@@ -692,8 +717,9 @@ fn matmul_on(s: Simd, w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path
         return;
     }
     // One token as one task (`!split`) goes through the small-batch path
-    // below, whose blocks then run on this thread: a routed expert that
-    // meets one token of a decoding batch runs beside the other experts
+    // below (so do two, see ONE_TASK_ROW_TOKENS), whose blocks then run on
+    // this thread: a routed expert that meets a token or two of a decoding
+    // batch runs beside the other experts
     // instead of cutting its rows into tasks of its own.
     let scalar = matches!((s, path), (_, Path::Scalar) | (Simd::None, _));
     if n == 1 && (split || scalar) {
@@ -703,7 +729,7 @@ fn matmul_on(s: Simd, w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path
     #[cfg(target_arch = "x86_64")]
     let small = match w {
         Matrix::Dense(_) => n <= SMALL_BATCH_TOKENS,
-        Matrix::Quant(_) => (split || n == 1) && n <= SMALL_BATCH_QUANT_TOKENS,
+        Matrix::Quant(_) => (split || n <= ONE_TASK_ROW_TOKENS) && n <= SMALL_BATCH_QUANT_TOKENS,
     };
     if small && !scalar {
         // Matmul keeps f32 activations where decode would take int8 ones
