@@ -451,7 +451,9 @@ mod tests {
                 threads: 2,
                 buffer_bytes: 1 << 30,
             },
-            bandwidth_methods: vec![("sum", 9.5, 18.3)],
+            bandwidth_methods: vec![("sum", 9.5, 18.3, 17.0)],
+            bandwidth_windows: 80,
+            bandwidth_huge_page_share: Some(1.0),
             fma_peak_1t_gflops: 110.0,
             fma_peak_gflops: 215.0,
             rows: vec![

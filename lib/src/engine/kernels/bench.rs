@@ -194,8 +194,12 @@ pub struct KernelReport {
     /// Memory read bandwidth on the same threads (the best read loop).
     pub bandwidth: Bandwidth,
     /// Each read loop of the bandwidth probe: name, GB/s on one thread, on
-    /// all threads.
-    pub bandwidth_methods: Vec<(&'static str, f64, f64)>,
+    /// all threads, and the median window on all threads.
+    pub bandwidth_methods: Vec<(&'static str, f64, f64, f64)>,
+    /// Windows the probe timed on all threads.
+    pub bandwidth_windows: usize,
+    /// Share of the probe's buffer on huge pages (`None`: unknown).
+    pub bandwidth_huge_page_share: Option<f64>,
     /// FMA peak, GFLOP/s, one thread.
     pub fma_peak_1t_gflops: f64,
     /// FMA peak, GFLOP/s, all threads.
@@ -223,17 +227,26 @@ pub fn run(opts: &KernelOpts) -> KernelReport {
 fn run_here(opts: &KernelOpts) -> KernelReport {
     let threads = rayon::current_num_threads();
     tracing::info!("memory bandwidth probe ({} MiB)", opts.membw_bytes >> 20);
-    let (bandwidth, methods) =
-        membw::measure_methods(opts.membw_bytes, (opts.seconds * 4.0).max(1.0));
+    let probe = membw::measure_report(opts.membw_bytes, (opts.seconds * 4.0).max(1.0));
     let (fma1, fma_all) = fma_peak(opts.seconds.max(0.2));
     let mut rep = KernelReport {
         isa: isa(),
         threads,
-        bandwidth,
-        bandwidth_methods: methods
+        bandwidth: probe.bandwidth,
+        bandwidth_methods: probe
+            .methods
             .iter()
-            .map(|m| (m.method.name(), m.single_thread_gbs, m.all_threads_gbs))
+            .map(|m| {
+                (
+                    m.method.name(),
+                    m.single_thread_gbs,
+                    m.all_threads_gbs,
+                    m.all_threads_median_gbs,
+                )
+            })
             .collect(),
+        bandwidth_windows: probe.windows,
+        bandwidth_huge_page_share: probe.huge_page_share,
         fma_peak_1t_gflops: fma1,
         fma_peak_gflops: fma_all,
         rows: Vec::new(),
@@ -598,12 +611,18 @@ impl KernelReport {
         let probe: Vec<String> = self
             .bandwidth_methods
             .iter()
-            .map(|(n, one, all)| format!("{n} {all:.2} ({one:.2})"))
+            .map(|(n, one, all, median)| format!("{n} {all:.2} ({one:.2}; median {median:.2})"))
             .collect();
         let _ = writeln!(
             s,
-            "bandwidth probe, GB/s on {} threads (1 thread) per read loop: {}",
+            "bandwidth probe, GB/s on {} threads (1 thread; median window on {} threads) per read loop, {:.0}th percentile of {} windows of {} MiB per thread, buffer {} on huge pages: {}",
             self.threads,
+            self.threads,
+            membw::QUANTILE * 100.0,
+            self.bandwidth_windows,
+            membw::WINDOW_BYTES >> 20,
+            self.bandwidth_huge_page_share
+                .map_or("unknown".into(), |h| format!("{:.0}%", h * 100.0)),
             probe.join(", ")
         );
         let _ = writeln!(
