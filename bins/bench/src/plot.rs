@@ -435,6 +435,7 @@ mod tests {
             gflops,
             of_fma_peak: gflops / 500.0,
             calls: 10,
+            huge_page_share: None,
         }
     }
 

@@ -165,6 +165,9 @@ pub struct KernelRow {
     pub of_fma_peak: f64,
     /// Calls timed.
     pub calls: usize,
+    /// Share of the weights (first few copies) on huge pages (`None`:
+    /// unknown): a kernel reading 4 KiB pages pays a page walk per page.
+    pub huge_page_share: Option<f64>,
 }
 
 /// Error of a matvec path with quantized activations against the scalar
@@ -417,6 +420,21 @@ fn time_best(seconds: f64, mut f: impl FnMut()) -> (f64, usize) {
     (best, calls)
 }
 
+/// The share of `mats`' weight payloads on huge pages, by bytes.
+fn huge_share(mats: &[Matrix]) -> Option<f64> {
+    let mut total = 0.0;
+    let mut huge = 0.0;
+    for m in mats {
+        let b = match m {
+            Matrix::Dense(d) => d.data.as_slice(),
+            Matrix::Quant(q) => q.qdata.as_slice(),
+        };
+        huge += membw::huge_page_share(b)? * b.len() as f64;
+        total += b.len() as f64;
+    }
+    (total > 0.0).then(|| huge / total)
+}
+
 /// Token counts up to this time matrix-matrix products on weights read
 /// from memory (as matvec is), larger ones on one cache-resident matrix.
 const COLD_MATMUL_TOKENS: usize = 64;
@@ -430,6 +448,7 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
         mats.push(random_matrix(shape, 42 + c as u64));
     }
     let (rows, cols) = (shape.rows, shape.cols);
+    let huge = huge_share(&mats[..mats.len().min(8)]);
     let x = activations(cols, 7);
     let mut y = vec![0f32; rows];
     let bw = rep.bandwidth.all_threads_gbs;
@@ -463,6 +482,7 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
             gflops,
             of_fma_peak: if peak > 0.0 { gflops / peak } else { 0.0 },
             calls,
+            huge_page_share: huge,
         }
     };
     for &(isa, path) in &paths {
@@ -627,7 +647,7 @@ impl KernelReport {
         );
         let _ = writeln!(
             s,
-            "{:<15} {:>13} {:<6} {:<11} {:<10} {:>6} {:>10} {:>8} {:>6} {:>9} {:>6}",
+            "{:<15} {:>13} {:<6} {:<11} {:<10} {:>6} {:>10} {:>8} {:>6} {:>9} {:>6} {:>5}",
             "shape",
             "rows x cols",
             "op",
@@ -638,12 +658,13 @@ impl KernelReport {
             "GB/s",
             "%bw",
             "GFLOP/s",
-            "%fma"
+            "%fma",
+            "huge"
         );
         for r in &self.rows {
             let _ = writeln!(
                 s,
-                "{:<15} {:>13} {:<6} {:<11} {:<10} {:>6} {:>10.3} {:>8.2} {:>5.0}% {:>9.1} {:>5.1}%",
+                "{:<15} {:>13} {:<6} {:<11} {:<10} {:>6} {:>10.3} {:>8.2} {:>5.0}% {:>9.1} {:>5.1}% {:>5}",
                 format!("{} {:?}", r.shape, r.kind)
                     .chars()
                     .take(15)
@@ -657,7 +678,9 @@ impl KernelReport {
                 r.gbs,
                 r.of_bandwidth * 100.0,
                 r.gflops,
-                r.of_fma_peak * 100.0
+                r.of_fma_peak * 100.0,
+                r.huge_page_share
+                    .map_or("?".into(), |h| format!("{:.0}%", h * 100.0))
             );
         }
         if !self.activation_error.is_empty() {
