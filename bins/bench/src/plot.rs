@@ -260,8 +260,11 @@ pub fn kernels(r: &KernelReport, path: &Path) -> Result<(), CliError> {
 }
 
 fn bar_label(k: &KernelRow) -> String {
+    // Batched matvecs (several matrices in one parallel region) apart
+    // from the lone matvec of the same shape.
+    let batch = if k.op == "batch" { " · batched" } else { "" };
     format!(
-        "{} {:?} {}×{} · {} {}",
+        "{} {:?} {}×{} · {} {}{batch}",
         k.shape, k.kind, k.rows, k.cols, k.isa, k.path
     )
 }

@@ -15,7 +15,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{isa, isas, matmul_isa, matvec_isa, matvec_path, Isa, Path};
+use super::{isa, isas, matmul_isa, matvec_batch_isa, matvec_isa, matvec_path, Isa, Path, Product};
 use crate::membw::{self, Bandwidth};
 use crate::tensor::{
     advise_huge, AlignedBuf, Bytes, DenseMatrix, FloatType, Matrix, QuantMatrix, Zeros,
@@ -145,7 +145,8 @@ pub struct KernelRow {
     pub rows: usize,
     /// Input features.
     pub cols: usize,
-    /// `matvec` or `matmul`.
+    /// `matvec`, `batch` (matvecs in one parallel region, per matrix) or
+    /// `matmul`.
     pub op: &'static str,
     /// Kernel path.
     pub path: &'static str,
@@ -435,6 +436,10 @@ fn huge_share(mats: &[Matrix]) -> Option<f64> {
     (total > 0.0).then(|| huge / total)
 }
 
+/// Matrices per call of the batched matvec measurement: a routed layer's
+/// gates and ups (ten experts).
+const DECODE_BATCH: usize = 20;
+
 /// Token counts up to this time matrix-matrix products on weights read
 /// from memory (as matvec is), larger ones on one cache-resident matrix.
 const COLD_MATMUL_TOKENS: usize = 64;
@@ -495,6 +500,32 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
         let per_call = secs / mats.len() as f64;
         rep.rows
             .push(row("matvec", isa, path, 1, per_call, passes * mats.len()));
+        // Decode runs a layer's experts as one batch of matvecs in one
+        // parallel region (`kernels::matvec_batch`): time them that way,
+        // DECODE_BATCH matrices per call, as a routed layer's gates and
+        // ups are (the figure per matrix, comparable to the row above).
+        if shape.name.starts_with("expert") && mats.len() >= DECODE_BATCH {
+            let mut ys = vec![vec![0f32; rows]; DECODE_BATCH];
+            let (secs, passes) = time_best(opts.seconds, || {
+                for group in mats.chunks_exact(DECODE_BATCH) {
+                    let mut jobs: Vec<Product> = group
+                        .iter()
+                        .zip(ys.iter_mut())
+                        .map(|(m, y)| Product::new(m, &x, y))
+                        .collect();
+                    matvec_batch_isa(isa, &mut jobs, path);
+                }
+            });
+            let calls = mats.len() / DECODE_BATCH * DECODE_BATCH;
+            rep.rows.push(row(
+                "batch",
+                isa,
+                path,
+                1,
+                secs / calls as f64,
+                passes * calls,
+            ));
+        }
     }
     // Prefill's few-token products (a routed expert meets about ten
     // tokens) read their weights from memory too, so they walk the copies
