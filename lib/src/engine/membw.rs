@@ -169,7 +169,7 @@ impl SpinBarrier {
         while self.generation.load(Ordering::Acquire) == g {
             std::hint::spin_loop();
             spins += 1;
-            if spins % 4096 == 0 {
+            if spins & 4095 == 0 {
                 std::thread::yield_now();
             }
         }
