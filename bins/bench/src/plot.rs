@@ -260,8 +260,11 @@ pub fn kernels(r: &KernelReport, path: &Path) -> Result<(), CliError> {
 }
 
 fn bar_label(k: &KernelRow) -> String {
+    // Batched matvecs (several matrices in one parallel region) apart
+    // from the lone matvec of the same shape.
+    let batch = if k.op == "batch" { " · batched" } else { "" };
     format!(
-        "{} {:?} {}×{} · {} {}",
+        "{} {:?} {}×{} · {} {}{batch}",
         k.shape, k.kind, k.rows, k.cols, k.isa, k.path
     )
 }
@@ -435,6 +438,7 @@ mod tests {
             gflops,
             of_fma_peak: gflops / 500.0,
             calls: 10,
+            huge_page_share: None,
         }
     }
 
@@ -451,7 +455,9 @@ mod tests {
                 threads: 2,
                 buffer_bytes: 1 << 30,
             },
-            bandwidth_methods: vec![("sum", 9.5, 18.3)],
+            bandwidth_methods: vec![("sum", 9.5, 18.3, 17.0)],
+            bandwidth_windows: 80,
+            bandwidth_huge_page_share: Some(1.0),
             fma_peak_1t_gflops: 110.0,
             fma_peak_gflops: 215.0,
             rows: vec![

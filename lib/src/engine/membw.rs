@@ -7,16 +7,25 @@
 //! would appear to beat it. The probe therefore tries several read loops
 //! ([`Method`]) -- one or four interleaved streams per thread, with no
 //! software prefetch, prefetching into L1 ahead of the loads, or with the
-//! non-temporal hint -- each on one thread and on every thread (the threads
-//! taking contiguous parts of a buffer they touched first), and
-//! reports the best pass of the best loop. No kernel reading weights once
-//! should beat that figure by more than noise. The buffer asks for
-//! transparent huge pages (where the kernel offers them), as lm_head's copy
-//! does: on 4 KiB pages the page walks, not the memory, set the rate.
+//! non-temporal hint -- each on one thread and on every thread (each
+//! thread reading its own contiguous part of a buffer it touched first),
+//! and reports the best loop. No kernel reading weights once should beat
+//! that figure by more than noise. The buffer asks for transparent huge
+//! pages (where the kernel offers them), as lm_head's copy does: on 4 KiB
+//! pages the page walks, not the memory, set the rate; the report says
+//! how much of the buffer got them.
+//!
+//! Each figure is a high quantile of many short timed windows rather than
+//! the best of a few whole passes: on a machine shared with other work a
+//! whole pass over a 1 GiB buffer is rarely left alone by the scheduler,
+//! and how many passes were found the figure swung by a factor of two
+//! from run to run. A window is a few MiB per thread with the threads
+//! starting it together, timed from the first start to the last end.
 //!
 //! The SIMD loops (AVX2) live in the small `x86` module below; elsewhere,
 //! or without AVX2, a portable u64 sum runs.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -78,9 +87,6 @@ impl Method {
     }
 }
 
-/// Contiguous parts of the buffer per thread in a parallel pass.
-const PARTS_PER_THREAD: usize = 4;
-
 /// Bytes ahead of the loads that the prefetching loops hint.
 pub const PREFETCH_AHEAD: usize = 2048;
 
@@ -89,10 +95,13 @@ pub const PREFETCH_AHEAD: usize = 2048;
 pub struct MethodRate {
     /// The loop.
     pub method: Method,
-    /// Best GB/s on one thread.
+    /// GB/s on one thread ([`QUANTILE`] of the windows).
     pub single_thread_gbs: f64,
-    /// Best GB/s on all threads.
+    /// GB/s on all threads ([`QUANTILE`] of the windows).
     pub all_threads_gbs: f64,
+    /// The median window on all threads: far below `all_threads_gbs`, the
+    /// machine was busy with something else.
+    pub all_threads_median_gbs: f64,
 }
 
 /// Sums `words` with `method` (a value to keep the reads alive).
@@ -117,51 +126,183 @@ fn sum_words(words: &[u64]) -> u64 {
     acc.iter().chain(tail).fold(0, |a, b| a.wrapping_add(*b))
 }
 
-/// One timed pass over `parts` (one per thread when `parallel`), in GB/s.
-fn pass(parts: &[&[u64]], method: Method, parallel: bool) -> (f64, u64) {
-    let bytes: usize = parts.iter().map(|p| std::mem::size_of_val(*p)).sum();
-    let t = Instant::now();
-    let s = if parallel {
-        // Contiguous parts, as matvec tasks read their rows.
-        parts
-            .par_iter()
-            .with_max_len(1)
-            .map(|p| read_words(p, method))
-            .reduce(|| 0, u64::wrapping_add)
-    } else {
-        parts.iter().map(|p| read_words(p, method)).sum()
-    };
-    (bytes as f64 / t.elapsed().as_secs_f64() / 1e9, s)
+/// Bytes each thread reads in one timed window: long against the few
+/// hundred nanoseconds by which the threads' starts differ, short against
+/// a scheduler's time slice, so a window that another process interrupts
+/// is an outlier to drop rather than a dent in every figure.
+pub const WINDOW_BYTES: usize = 8 << 20;
+
+/// Windows each thread reads per fork-join of the pool.
+const WINDOWS_PER_ROUND: usize = 8;
+
+/// Which quantile of the windows' rates a figure reports: high enough to
+/// skip the windows another process slowed, low enough that one odd
+/// window does not set it.
+pub const QUANTILE: f64 = 0.9;
+
+/// A barrier the pool's threads spin on between windows (a sleeping
+/// barrier's wake-up would take longer than the skew it removes); it
+/// yields now and then so a descheduled partner gets the core back.
+struct SpinBarrier {
+    arrived: AtomicUsize,
+    generation: AtomicUsize,
+    n: usize,
+}
+
+impl SpinBarrier {
+    fn new(n: usize) -> Self {
+        SpinBarrier {
+            arrived: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+            n,
+        }
+    }
+
+    fn wait(&self) {
+        let g = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::Release);
+            return;
+        }
+        let mut spins = 0u32;
+        while self.generation.load(Ordering::Acquire) == g {
+            std::hint::spin_loop();
+            spins += 1;
+            if spins & 4095 == 0 {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// Rates (GB/s) of `windows` windows read by every thread of the pool at
+/// once, starting at window `first` of each thread's part: each
+/// window's rate is all the bytes the threads read over the time from the
+/// first thread's start to the last thread's end.
+fn parallel_windows(
+    parts: &[&[u64]],
+    method: Method,
+    first: usize,
+    windows: usize,
+) -> (Vec<f64>, u64) {
+    let threads = parts.len();
+    let barrier = SpinBarrier::new(threads);
+    let per_window = window_words(8 * parts.iter().map(|p| p.len()).sum::<usize>(), threads);
+    let spans: Vec<(Vec<(Instant, Instant)>, u64)> = rayon::broadcast(|ctx| {
+        let part = parts[ctx.index() % threads];
+        let n = (part.len() / per_window).max(1);
+        let mut out = Vec::with_capacity(windows);
+        let mut sink = 0u64;
+        for w in 0..windows {
+            let i = (first + w) % n;
+            let win = &part[i * per_window..((i + 1) * per_window).min(part.len())];
+            barrier.wait();
+            let t0 = Instant::now();
+            sink = sink.wrapping_add(read_words(win, method));
+            out.push((t0, Instant::now()));
+        }
+        (out, sink)
+    });
+    let bytes = (threads * per_window * 8) as f64;
+    let rates = (0..windows)
+        .map(|w| {
+            let start = spans.iter().map(|(s, _)| s[w].0).min().expect("a thread");
+            let end = spans.iter().map(|(s, _)| s[w].1).max().expect("a thread");
+            bytes / (end - start).as_secs_f64().max(1e-9) / 1e9
+        })
+        .collect();
+    (rates, spans.iter().fold(0, |a, (_, s)| a.wrapping_add(*s)))
+}
+
+/// Rates (GB/s) of `WINDOWS_PER_ROUND` windows read by this thread alone.
+fn single_windows(
+    part: &[u64],
+    per_window: usize,
+    method: Method,
+    first: usize,
+) -> (Vec<f64>, u64) {
+    let n = (part.len() / per_window).max(1);
+    let mut sink = 0u64;
+    let rates = (0..WINDOWS_PER_ROUND)
+        .map(|w| {
+            let i = (first + w) % n;
+            let win = &part[i * per_window..((i + 1) * per_window).min(part.len())];
+            let t = Instant::now();
+            sink = sink.wrapping_add(read_words(win, method));
+            (win.len() * 8) as f64 / t.elapsed().as_secs_f64().max(1e-9) / 1e9
+        })
+        .collect();
+    (rates, sink)
+}
+
+/// Words per window: [`WINDOW_BYTES`], or less so that each thread's part
+/// of a small buffer holds four windows (a whole number of 4 KiB pages).
+fn window_words(buffer_bytes: usize, threads: usize) -> usize {
+    (WINDOW_BYTES / 8).min((buffer_bytes / 8 / threads / 4 / 512 * 512).max(512))
+}
+
+/// The `q` quantile of `v` (0 for none).
+fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() - 1) as f64 * q).round() as usize]
 }
 
 /// Measures read bandwidth over a `buffer_bytes` buffer, spending about
 /// `seconds` in total: every available [`Method`] on one thread and on
-/// all threads, best pass of the best method. Use a buffer several times
-/// the last-level cache (512 MiB or more) for a DRAM figure.
+/// all threads, the [`QUANTILE`] of the best method's windows. Use a
+/// buffer several times the last-level cache (512 MiB or more) for a DRAM
+/// figure.
 pub fn measure(buffer_bytes: usize, seconds: f64) -> Bandwidth {
-    let (b, _) = measure_methods(buffer_bytes, seconds);
-    b
+    measure_report(buffer_bytes, seconds).bandwidth
 }
 
-/// [`measure`], also returning each method's best rates.
+/// [`measure`], also returning each method's rates.
 pub fn measure_methods(buffer_bytes: usize, seconds: f64) -> (Bandwidth, Vec<MethodRate>) {
+    let r = measure_report(buffer_bytes, seconds);
+    (r.bandwidth, r.methods)
+}
+
+/// Everything one probe found.
+#[derive(Clone, Debug)]
+pub struct ProbeReport {
+    /// The figures (the best method's [`QUANTILE`]).
+    pub bandwidth: Bandwidth,
+    /// Each method's figures.
+    pub methods: Vec<MethodRate>,
+    /// Windows timed on all threads, over all methods.
+    pub windows: usize,
+    /// Share of the buffer the kernel backed with huge pages (`None`
+    /// where that cannot be read).
+    pub huge_page_share: Option<f64>,
+}
+
+/// [`measure`] with the details: the buffer is split into one contiguous
+/// part per thread, written first by the thread that reads it; every
+/// round, each method reads [`WINDOWS_PER_ROUND`] windows of
+/// [`WINDOW_BYTES`] per thread, all threads starting each window together
+/// (one thread alone every other round), walking through the parts so
+/// every window comes from DRAM, not from a cache. A window's rate counts
+/// from the first thread's start to the last thread's end, so a thread
+/// that lags makes it slower, never faster.
+pub fn measure_report(buffer_bytes: usize, seconds: f64) -> ProbeReport {
     let threads = rayon::current_num_threads().max(1);
-    // PARTS_PER_THREAD contiguous parts per thread, as a matvec splits its
-    // rows: a thread slowed by other work hands parts to the others
-    // instead of holding the whole pass back. Whole 4 KiB pages per part.
-    let page_words = 512;
-    let nparts = threads * PARTS_PER_THREAD;
-    let n = (buffer_bytes / 8).max(page_words * nparts);
-    let per = n.div_ceil(nparts).div_ceil(page_words) * page_words;
-    let n = per * nparts;
-    // Each part is written on the pool that reads it (first touch puts its
-    // pages near the threads), with non-zero content so no shared zero page
-    // flatters the figure.
+    // At least four windows per part (small buffers: tests).
+    let per_window = window_words(buffer_bytes, threads);
+    // Whole windows per part, at least one.
+    let n = (buffer_bytes / 8).max(per_window * threads);
+    let per = n.div_ceil(threads).div_ceil(per_window) * per_window;
+    let n = per * threads;
     // On huge pages where the kernel offers them: with 4 KiB pages every
     // 4 KiB read costs a TLB miss, which under a hypervisor's nested page
     // tables held a stream to half of what the same loop reads from 2 MiB
     // pages; the probe reports what the memory can deliver, not what 4 KiB
-    // page walks allow.
+    // page walks allow. Non-zero content, so no shared zero page flatters
+    // the figure; each part written on the thread that reads it.
     let mut words = vec![0u64; n];
     crate::tensor::advise_huge(bytemuck::cast_slice_mut(&mut words));
     words
@@ -173,37 +314,37 @@ pub fn measure_methods(buffer_bytes: usize, seconds: f64) -> (Bandwidth, Vec<Met
                 *w = ((ci * per + i) as u64).wrapping_mul(0x9E37_79B9);
             }
         });
+    let huge_page_share = huge_page_share(bytemuck::cast_slice(&words));
     let parts: Vec<&[u64]> = words.chunks(per).collect();
-    // The single-thread figure reads a quarter of the buffer (at least a
-    // thread's share) instead of all of it: same DRAM, less time.
-    let one: Vec<&[u64]> = vec![&words[..(per * PARTS_PER_THREAD).max(n / 4).min(n)]];
     let methods = Method::available();
     let budget = Duration::from_secs_f64(seconds.max(0.02));
     let start = Instant::now();
-    let mut rates: Vec<MethodRate> = methods
-        .iter()
-        .map(|&method| MethodRate {
-            method,
-            single_thread_gbs: 0.0,
-            all_threads_gbs: 0.0,
-        })
-        .collect();
+    let mut all: Vec<Vec<f64>> = vec![Vec::new(); methods.len()];
+    let mut one: Vec<Vec<f64>> = vec![Vec::new(); methods.len()];
     let mut sink = 0u64;
+    // Warm-up (page tables, clock frequency): a round of one window per
+    // method, not counted.
+    for &m in &methods {
+        let (_, s) = parallel_windows(&parts, m, 0, 1);
+        sink = sink.wrapping_add(s);
+    }
     // Round-robin over the methods, so a burst of load from elsewhere
     // hurts them alike; at least one round.
     let mut round = 0;
+    let mut first = 1;
     loop {
-        for r in rates.iter_mut() {
-            let (g, s) = pass(&parts, r.method, true);
-            r.all_threads_gbs = r.all_threads_gbs.max(g);
+        for (mi, &m) in methods.iter().enumerate() {
+            let (r, s) = parallel_windows(&parts, m, first, WINDOWS_PER_ROUND);
             sink = sink.wrapping_add(s);
-            // One thread every other round: it matters less (nothing runs
-            // decode on one thread) and costs more time per byte.
+            all[mi].extend(r);
+            // One thread every other round: nothing runs decode on one
+            // thread, and it costs more time per byte.
             if round % 2 == 0 {
-                let (g, s) = pass(&one, r.method, false);
-                r.single_thread_gbs = r.single_thread_gbs.max(g);
+                let (r, s) = single_windows(parts[0], per_window, m, first);
                 sink = sink.wrapping_add(s);
+                one[mi].extend(r);
             }
+            first += WINDOWS_PER_ROUND;
         }
         round += 1;
         if start.elapsed() >= budget {
@@ -211,16 +352,55 @@ pub fn measure_methods(buffer_bytes: usize, seconds: f64) -> (Bandwidth, Vec<Met
         }
     }
     std::hint::black_box(sink);
+    let rates: Vec<MethodRate> = methods
+        .iter()
+        .enumerate()
+        .map(|(mi, &method)| MethodRate {
+            method,
+            single_thread_gbs: quantile(&one[mi], QUANTILE),
+            all_threads_gbs: quantile(&all[mi], QUANTILE),
+            all_threads_median_gbs: quantile(&all[mi], 0.5),
+        })
+        .collect();
     let best = |f: fn(&MethodRate) -> f64| rates.iter().map(f).fold(0f64, f64::max);
-    (
-        Bandwidth {
+    ProbeReport {
+        bandwidth: Bandwidth {
             single_thread_gbs: best(|r| r.single_thread_gbs),
             all_threads_gbs: best(|r| r.all_threads_gbs),
             threads,
             buffer_bytes: n * 8,
         },
-        rates,
-    )
+        windows: all.iter().map(Vec::len).sum(),
+        methods: rates,
+        huge_page_share,
+    }
+}
+
+/// The share of `buf` that the kernel backs with transparent huge pages,
+/// from `/proc/self/smaps` (the mappings overlapping `buf`); `None` where
+/// that file cannot be read.
+pub fn huge_page_share(buf: &[u8]) -> Option<f64> {
+    if buf.is_empty() {
+        return None;
+    }
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let (lo, hi) = (buf.as_ptr() as u64, buf.as_ptr() as u64 + buf.len() as u64);
+    let mut huge_kib = 0u64;
+    let mut overlapping = false;
+    for line in smaps.lines() {
+        let mut it = line.split_whitespace();
+        let Some(first) = it.next() else { continue };
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                overlapping = a < hi && b > lo;
+                continue;
+            }
+        }
+        if overlapping && first == "AnonHugePages:" {
+            huge_kib += it.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    Some(((huge_kib << 10) as f64 / buf.len() as f64).min(1.0))
 }
 
 /// The AVX2 read loops. Sound because each loop runs only after
@@ -366,10 +546,40 @@ mod tests {
 
     #[test]
     fn every_method_is_measured() {
-        let (b, rates) = measure_methods(2 << 20, 0.02);
-        assert_eq!(rates.len(), Method::available().len());
-        let best = rates.iter().map(|r| r.all_threads_gbs).fold(0f64, f64::max);
-        assert_eq!(b.all_threads_gbs, best);
-        assert!(rates.iter().all(|r| r.single_thread_gbs > 0.0));
+        let r = measure_report(2 << 20, 0.02);
+        assert_eq!(r.methods.len(), Method::available().len());
+        let best = r
+            .methods
+            .iter()
+            .map(|m| m.all_threads_gbs)
+            .fold(0f64, f64::max);
+        assert_eq!(r.bandwidth.all_threads_gbs, best);
+        assert!(r.methods.iter().all(|m| m.single_thread_gbs > 0.0));
+        assert!(r
+            .methods
+            .iter()
+            .all(|m| m.all_threads_median_gbs <= m.all_threads_gbs));
+        // A counted round at least, every method, every window.
+        assert!(r.windows >= WINDOWS_PER_ROUND * r.methods.len());
+    }
+
+    #[test]
+    fn quantile_picks_from_the_sorted_rates() {
+        let v = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 6.0, 7.0, 8.0, 9.0, 11.0];
+        assert_eq!(quantile(&v, 0.5), 6.0);
+        assert_eq!(quantile(&v, 0.9), 10.0);
+        assert_eq!(quantile(&v, 1.0), 11.0);
+        assert_eq!(quantile(&[], 0.9), 0.0);
+    }
+
+    #[test]
+    fn huge_page_share_is_a_fraction_of_the_buffer() {
+        let mut v = vec![1u8; 8 << 20];
+        crate::tensor::advise_huge(&mut v);
+        v.iter_mut().step_by(4096).for_each(|b| *b = 2);
+        if let Some(s) = huge_page_share(&v) {
+            assert!((0.0..=1.0).contains(&s), "{s}");
+        }
+        assert_eq!(huge_page_share(&[]), None);
     }
 }

@@ -230,7 +230,7 @@ unsafe fn dot_i4(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
     let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
     let xq = a.xq.as_ptr();
     let m = _mm512_set1_epi16(0x0F);
-    let pfb = super::avx2::pf_bytes();
+    let pfb = v.pf;
     let mut tot0 = _mm512_setzero_ps();
     let mut tot1 = _mm512_setzero_ps();
     for g in 0..v.n_groups {
@@ -279,7 +279,7 @@ unsafe fn dot_i8(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
     let qrow = v.q.as_ptr().add(r * v.row_bytes);
     let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
     let xq = a.xq.as_ptr();
-    let pfb = super::avx2::pf_bytes();
+    let pfb = v.pf;
     let mut tot0 = _mm512_setzero_ps();
     let mut tot1 = _mm512_setzero_ps();
     for g in 0..v.n_groups {

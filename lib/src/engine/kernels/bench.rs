@@ -15,7 +15,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{isa, isas, matmul_isa, matvec_isa, matvec_path, Isa, Path};
+use super::{isa, isas, matmul_isa, matvec_batch_isa, matvec_isa, matvec_path, Isa, Path, Product};
 use crate::membw::{self, Bandwidth};
 use crate::tensor::{
     advise_huge, AlignedBuf, Bytes, DenseMatrix, FloatType, Matrix, QuantMatrix, Zeros,
@@ -145,7 +145,8 @@ pub struct KernelRow {
     pub rows: usize,
     /// Input features.
     pub cols: usize,
-    /// `matvec` or `matmul`.
+    /// `matvec`, `batch` (matvecs in one parallel region, per matrix) or
+    /// `matmul`.
     pub op: &'static str,
     /// Kernel path.
     pub path: &'static str,
@@ -165,6 +166,9 @@ pub struct KernelRow {
     pub of_fma_peak: f64,
     /// Calls timed.
     pub calls: usize,
+    /// Share of the weights (first few copies) on huge pages (`None`:
+    /// unknown): a kernel reading 4 KiB pages pays a page walk per page.
+    pub huge_page_share: Option<f64>,
 }
 
 /// Error of a matvec path with quantized activations against the scalar
@@ -194,8 +198,12 @@ pub struct KernelReport {
     /// Memory read bandwidth on the same threads (the best read loop).
     pub bandwidth: Bandwidth,
     /// Each read loop of the bandwidth probe: name, GB/s on one thread, on
-    /// all threads.
-    pub bandwidth_methods: Vec<(&'static str, f64, f64)>,
+    /// all threads, and the median window on all threads.
+    pub bandwidth_methods: Vec<(&'static str, f64, f64, f64)>,
+    /// Windows the probe timed on all threads.
+    pub bandwidth_windows: usize,
+    /// Share of the probe's buffer on huge pages (`None`: unknown).
+    pub bandwidth_huge_page_share: Option<f64>,
     /// FMA peak, GFLOP/s, one thread.
     pub fma_peak_1t_gflops: f64,
     /// FMA peak, GFLOP/s, all threads.
@@ -223,17 +231,26 @@ pub fn run(opts: &KernelOpts) -> KernelReport {
 fn run_here(opts: &KernelOpts) -> KernelReport {
     let threads = rayon::current_num_threads();
     tracing::info!("memory bandwidth probe ({} MiB)", opts.membw_bytes >> 20);
-    let (bandwidth, methods) =
-        membw::measure_methods(opts.membw_bytes, (opts.seconds * 4.0).max(1.0));
+    let probe = membw::measure_report(opts.membw_bytes, (opts.seconds * 4.0).max(1.0));
     let (fma1, fma_all) = fma_peak(opts.seconds.max(0.2));
     let mut rep = KernelReport {
         isa: isa(),
         threads,
-        bandwidth,
-        bandwidth_methods: methods
+        bandwidth: probe.bandwidth,
+        bandwidth_methods: probe
+            .methods
             .iter()
-            .map(|m| (m.method.name(), m.single_thread_gbs, m.all_threads_gbs))
+            .map(|m| {
+                (
+                    m.method.name(),
+                    m.single_thread_gbs,
+                    m.all_threads_gbs,
+                    m.all_threads_median_gbs,
+                )
+            })
             .collect(),
+        bandwidth_windows: probe.windows,
+        bandwidth_huge_page_share: probe.huge_page_share,
         fma_peak_1t_gflops: fma1,
         fma_peak_gflops: fma_all,
         rows: Vec::new(),
@@ -404,6 +421,25 @@ fn time_best(seconds: f64, mut f: impl FnMut()) -> (f64, usize) {
     (best, calls)
 }
 
+/// The share of `mats`' weight payloads on huge pages, by bytes.
+fn huge_share(mats: &[Matrix]) -> Option<f64> {
+    let mut total = 0.0;
+    let mut huge = 0.0;
+    for m in mats {
+        let b = match m {
+            Matrix::Dense(d) => d.data.as_slice(),
+            Matrix::Quant(q) => q.qdata.as_slice(),
+        };
+        huge += membw::huge_page_share(b)? * b.len() as f64;
+        total += b.len() as f64;
+    }
+    (total > 0.0).then(|| huge / total)
+}
+
+/// Matrices per call of the batched matvec measurement: a routed layer's
+/// gates and ups (ten experts).
+const DECODE_BATCH: usize = 20;
+
 /// Token counts up to this time matrix-matrix products on weights read
 /// from memory (as matvec is), larger ones on one cache-resident matrix.
 const COLD_MATMUL_TOKENS: usize = 64;
@@ -417,6 +453,7 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
         mats.push(random_matrix(shape, 42 + c as u64));
     }
     let (rows, cols) = (shape.rows, shape.cols);
+    let huge = huge_share(&mats[..mats.len().min(8)]);
     let x = activations(cols, 7);
     let mut y = vec![0f32; rows];
     let bw = rep.bandwidth.all_threads_gbs;
@@ -450,6 +487,7 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
             gflops,
             of_fma_peak: if peak > 0.0 { gflops / peak } else { 0.0 },
             calls,
+            huge_page_share: huge,
         }
     };
     for &(isa, path) in &paths {
@@ -462,6 +500,32 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
         let per_call = secs / mats.len() as f64;
         rep.rows
             .push(row("matvec", isa, path, 1, per_call, passes * mats.len()));
+        // Decode runs a layer's experts as one batch of matvecs in one
+        // parallel region (`kernels::matvec_batch`): time them that way,
+        // DECODE_BATCH matrices per call, as a routed layer's gates and
+        // ups are (the figure per matrix, comparable to the row above).
+        if shape.name.starts_with("expert") && mats.len() >= DECODE_BATCH {
+            let mut ys = vec![vec![0f32; rows]; DECODE_BATCH];
+            let (secs, passes) = time_best(opts.seconds, || {
+                for group in mats.chunks_exact(DECODE_BATCH) {
+                    let mut jobs: Vec<Product> = group
+                        .iter()
+                        .zip(ys.iter_mut())
+                        .map(|(m, y)| Product::new(m, &x, y))
+                        .collect();
+                    matvec_batch_isa(isa, &mut jobs, path);
+                }
+            });
+            let calls = mats.len() / DECODE_BATCH * DECODE_BATCH;
+            rep.rows.push(row(
+                "batch",
+                isa,
+                path,
+                1,
+                secs / calls as f64,
+                passes * calls,
+            ));
+        }
     }
     // Prefill's few-token products (a routed expert meets about ten
     // tokens) read their weights from memory too, so they walk the copies
@@ -598,17 +662,23 @@ impl KernelReport {
         let probe: Vec<String> = self
             .bandwidth_methods
             .iter()
-            .map(|(n, one, all)| format!("{n} {all:.2} ({one:.2})"))
+            .map(|(n, one, all, median)| format!("{n} {all:.2} ({one:.2}; median {median:.2})"))
             .collect();
         let _ = writeln!(
             s,
-            "bandwidth probe, GB/s on {} threads (1 thread) per read loop: {}",
+            "bandwidth probe, GB/s on {} threads (1 thread; median window on {} threads) per read loop, {:.0}th percentile of {} windows of {} MiB per thread, buffer {} on huge pages: {}",
             self.threads,
+            self.threads,
+            membw::QUANTILE * 100.0,
+            self.bandwidth_windows,
+            membw::WINDOW_BYTES >> 20,
+            self.bandwidth_huge_page_share
+                .map_or("unknown".into(), |h| format!("{:.0}%", h * 100.0)),
             probe.join(", ")
         );
         let _ = writeln!(
             s,
-            "{:<15} {:>13} {:<6} {:<11} {:<10} {:>6} {:>10} {:>8} {:>6} {:>9} {:>6}",
+            "{:<15} {:>13} {:<6} {:<11} {:<10} {:>6} {:>10} {:>8} {:>6} {:>9} {:>6} {:>5}",
             "shape",
             "rows x cols",
             "op",
@@ -619,12 +689,13 @@ impl KernelReport {
             "GB/s",
             "%bw",
             "GFLOP/s",
-            "%fma"
+            "%fma",
+            "huge"
         );
         for r in &self.rows {
             let _ = writeln!(
                 s,
-                "{:<15} {:>13} {:<6} {:<11} {:<10} {:>6} {:>10.3} {:>8.2} {:>5.0}% {:>9.1} {:>5.1}%",
+                "{:<15} {:>13} {:<6} {:<11} {:<10} {:>6} {:>10.3} {:>8.2} {:>5.0}% {:>9.1} {:>5.1}% {:>5}",
                 format!("{} {:?}", r.shape, r.kind)
                     .chars()
                     .take(15)
@@ -638,7 +709,9 @@ impl KernelReport {
                 r.gbs,
                 r.of_bandwidth * 100.0,
                 r.gflops,
-                r.of_fma_peak * 100.0
+                r.of_fma_peak * 100.0,
+                r.huge_page_share
+                    .map_or("?".into(), |h| format!("{:.0}%", h * 100.0))
             );
         }
         if !self.activation_error.is_empty() {
