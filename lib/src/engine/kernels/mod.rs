@@ -41,6 +41,7 @@
 //! group sizes that are not multiples of 32) are refused with a panic naming
 //! the problem, never computed.
 
+pub mod attn_prefill;
 pub mod bench;
 pub mod delta_rule;
 pub mod isa;
