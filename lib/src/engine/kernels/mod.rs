@@ -22,7 +22,7 @@
 //! each block of 16 quantized weight rows into a tile with one row per
 //! vector lane and multiply it with every token in integers (the private
 //! `avx512_prefill` module); on the AVX2 level they do the same with tiles
-//! of 8 rows of int16 weights and `vpmaddwd` (the private `avx2_prefill`
+//! of 16 rows of int16 weights and `vpmaddwd` (the private `avx2_prefill`
 //! module); otherwise (dense weights, other paths) they use f32 activations
 //! and convert each block of weight rows to f32 once per block of tokens.
 //!
