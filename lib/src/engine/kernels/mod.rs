@@ -865,15 +865,14 @@ impl SharedOut {
 }
 
 /// Tokens of one block of an integer-tile prefill: each tile multiplies
-/// one block's tokens at a time, whose activations (2 bytes per column)
-/// stay in L2 (half of a 1 MiB one) while the task's tiles sweep over them.
-/// With all 2048 tokens of a long prompt's chunk per tile, each tile
-/// streamed 8 MiB of activations from L3 or memory; a tile is re-made per
-/// block instead, one store per `tokens` multiply-adds.
+/// one block's tokens at a time and is re-made for the next block. A
+/// 2048-token chunk of a long prompt then meets each tile as pp512 does
+/// (2 MiB of activations at 2048 columns per tile, from L3) instead of
+/// streaming 8 MiB per tile. Smaller blocks (activations in L2) measured no
+/// faster in the multiplies and cost more in re-made tiles (the weights
+/// read and transposed again per block).
 #[cfg(target_arch = "x86_64")]
-fn tile_token_block(cols: usize) -> usize {
-    ((512 << 10) / (2 * cols.max(1))).max(48)
-}
+const TILE_TOKEN_BLOCK: usize = 512;
 
 /// Runs integer-tile prefill over `rows` output rows: the rows go to tasks
 /// of whole tiles (`tile_rows` each; one task unless `split`), each task
@@ -915,7 +914,7 @@ fn tile_tasks(
 
 /// One task of a tile matmul: its rows `r0..r0 + nr` of `v`, a tile of up
 /// to `tile_rows` at a time, for every token in blocks of
-/// [`tile_token_block`]; `load` makes a tile, `multiply` writes it times a
+/// [`TILE_TOKEN_BLOCK`]; `load` makes a tile, `multiply` writes it times a
 /// block of tokens to `out` (the task's first column of `y`, rows `ldo`
 /// apart).
 #[cfg(target_arch = "x86_64")]
@@ -924,7 +923,6 @@ fn tile_task<T>(
     r0: usize,
     nr: usize,
     n: usize,
-    cols: usize,
     ldo: usize,
     tile_rows: usize,
     out: SharedOut,
@@ -932,7 +930,7 @@ fn tile_task<T>(
     load: impl Fn(usize, usize, &mut T),
     multiply: impl Fn(&T, std::ops::Range<usize>, *mut f32),
 ) {
-    let tb = tile_token_block(cols);
+    let tb = TILE_TOKEN_BLOCK;
     for t0 in (0..n).step_by(tb) {
         let t1 = (t0 + tb).min(n);
         for i0 in (0..nr).step_by(tile_rows) {
@@ -946,7 +944,8 @@ fn tile_task<T>(
 /// Prefill on the AVX-512 VNNI level: every token's activations quantized
 /// to int16 per group, then each task (one unless `split`) transposes its
 /// blocks of 16 weight rows into tiles, one at a time, and multiplies each
-/// tile with every token of a block while it sits in L2.
+/// tile with every token (of a block, [`TILE_TOKEN_BLOCK`]) while it sits
+/// in L2.
 #[cfg(target_arch = "x86_64")]
 fn avx512_matmul(
     a: avx512::Avx512,
@@ -968,9 +967,7 @@ fn avx512_matmul(
         // rows, inside this task's `r0..r0 + nr`, which no other task
         // touches, for tokens `t0..t1 <= n`.
         let mul = |t: &Tile, ts, o| unsafe { a.tile_multiply(t, &acts, ts, o, rows) };
-        tile_task(
-            r0, nr, n, q.cols, rows, TILE_ROWS, out, &mut tile, load, mul,
-        );
+        tile_task(r0, nr, n, rows, TILE_ROWS, out, &mut tile, load, mul);
     });
 }
 
@@ -994,9 +991,7 @@ fn avx2_tile_matmul(
         let load = |r, k, t: &mut Tile| a.tile_load(&v, r, k, t);
         // SAFETY: as in `avx512_matmul`.
         let mul = |t: &Tile, ts, o| unsafe { a.tile_multiply(t, &acts, ts, o, rows) };
-        tile_task(
-            r0, nr, n, q.cols, rows, TILE_ROWS, out, &mut tile, load, mul,
-        );
+        tile_task(r0, nr, n, rows, TILE_ROWS, out, &mut tile, load, mul);
     });
 }
 

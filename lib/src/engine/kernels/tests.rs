@@ -576,15 +576,15 @@ fn one_task_matmul_equals_the_split_one() {
     }
 }
 
-/// Prefill tiles take a long prompt's tokens in blocks whose activations
-/// fit in L2 (a few dozen tokens at 8192 columns): each token's outputs
+/// Prefill tiles take a long prompt's tokens in blocks (512): each
+/// token's outputs
 /// are bit for bit what a product of fewer tokens (one block, more than
 /// the small-batch path's few) gives, every column of every row written,
 /// at every level.
 #[test]
 fn int16_matmul_in_token_blocks_equals_short_products() {
     let mut rng = StdRng::seed_from_u64(53);
-    let (rows, cols, n, part) = (40, 8192, 102, 12);
+    let (rows, cols, n, part) = (20, 256, 1100, 100);
     for (bits, group) in [(4u8, 128usize), (8, 64)] {
         let w = Matrix::Quant(rand_quant(&mut rng, rows, cols, bits, group, bits == 4));
         let x = rand_x(&mut rng, n * cols);
