@@ -36,7 +36,7 @@ pub fn scores(
     assert!(k.len() >= (nk - 1) * ks + hd, "scores: keys out of range");
     assert!(s.len() >= (nr - 1) * ss + nk, "scores: output out of range");
     #[cfg(target_arch = "x86_64")]
-    if hd % 8 == 0 && super::simd().avx2().is_some() {
+    if hd.is_multiple_of(8) && super::simd().avx2().is_some() {
         // SAFETY: `avx2()` is `Some` only when the CPU has AVX2 and FMA;
         // every row, key and output read or written lies inside its slice
         // (checked above).
@@ -121,7 +121,7 @@ pub fn weighted(
         "weighted: values out of range"
     );
     #[cfg(target_arch = "x86_64")]
-    if hd % 8 == 0 && super::simd().avx2().is_some() {
+    if hd.is_multiple_of(8) && super::simd().avx2().is_some() {
         // SAFETY: as in `scores`: the CPU has AVX2 and FMA, and every read
         // and write lies inside its slice (checked above).
         return unsafe {
