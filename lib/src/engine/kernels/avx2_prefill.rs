@@ -4,12 +4,12 @@
 //!
 //! The AVX2 matmul without these converts every block of weight rows to f32
 //! and multiplies in FMAs: 8 products per instruction, and the conversion
-//! was a third of prefill. Here a block of 8 rows is first transposed into
-//! a tile where each 32-byte vector holds two columns of all 8 rows as
-//! int16 (int4 nibbles and int8 bytes widened while transposing). A token's
+//! was a third of prefill. Here a block of 16 rows is first transposed into
+//! a tile of two halves where each 32-byte vector holds two columns of 8
+//! rows as int16 (int4 nibbles and int8 bytes widened while transposing). A token's
 //! activations are int16 per weight group (`x ≈ d * xq`, `|xq| <= 32767`);
 //! each pair of columns is broadcast to every lane and `vpmaddwd` adds 16
-//! exact products into the 8 rows' i32 sums. A group's sums are converted
+//! exact products into 8 rows' i32 sums; each broadcast feeds both halves. A group's sums are converted
 //! and scaled for 8 rows at once, so the per-element work is one multiply-
 //! add and one add for 16 products, against one FMA for 8.
 //!
@@ -37,13 +37,25 @@ use std::arch::x86_64::*;
 use super::avx2::{Avx2, QuantView};
 use crate::tensor::{QuantMatrix, QBLOCK};
 
-/// Weight rows in one tile: one per 32-bit lane of a 256-bit vector.
-pub(crate) const TILE_ROWS: usize = 8;
+/// Weight rows in one half of a tile: one per 32-bit lane of a 256-bit
+/// vector.
+const HALF: usize = 8;
 
-/// The most tokens one pass over a tile takes, each with an i32 sum in a
-/// register while the tile's vectors stream through (plus an f32 total
-/// the compiler may keep in a register or spill once per group).
-pub(crate) const TOKENS: usize = 8;
+/// Weight rows in one tile: two halves, whose vectors for the same pair of
+/// columns lie side by side. A pass multiplies both halves with its
+/// tokens, so each token's broadcast activations feed two `vpmaddwd`
+/// (16 rows) instead of one: with 8 rows and 8 tokens a pass loaded 9
+/// vectors per 8 multiplies and the loads, not the multiplies, set the
+/// pace; 16 rows and 6 tokens load 8 per 12.
+pub(crate) const TILE_ROWS: usize = 2 * HALF;
+
+/// The most tokens one pass over a whole tile takes: 12 i32 sums, two
+/// weight vectors and a broadcast fill 15 of the 16 registers (the f32
+/// totals are kept per group, spilled if need be).
+const TOKENS: usize = 6;
+
+/// The most tokens one pass over a half tile (at most 8 rows) takes.
+const TOKENS_HALF: usize = 8;
 
 /// The largest int16 activation.
 const ACT_MAX: f32 = 32767.0;
@@ -98,11 +110,12 @@ fn flush_cols(bits: u8) -> usize {
 /// [`Avx2::tile_multiply`], with their scales per group. Reused from tile
 /// to tile.
 pub(crate) struct Tile {
-    /// `cols / 2` vectors of 8 lanes, each two int16 weights of one row.
+    /// `cols / 2` pairs of vectors of 8 lanes (rows `0..8`, then
+    /// `8..16`), each lane two int16 weights of one row.
     w: Vec<i16>,
-    /// Per group, 8 rows' scales.
+    /// Per group, 16 rows' scales.
     scale: Vec<f32>,
-    /// Per group, 8 rows' `scale * zero`.
+    /// Per group, 16 rows' `scale * zero`.
     scale_zero: Vec<f32>,
     rows: usize,
     cols: usize,
@@ -201,43 +214,71 @@ impl Avx2 {
             }
         }
         assert!(v.q.len() >= (r0 + nr) * v.row_bytes);
+        assert!(tile.w.len() >= v.cols * TILE_ROWS);
         // SAFETY: features proven by `self`; rows `r0..r0 + nr` exist, each
-        // `row_bytes` long (checked above), and `tile.w` holds `cols * 8`
-        // int16 values, what `cols` columns of 8 rows become.
-        unsafe { transpose_rows(v, r0, nr, tile.w.as_mut_ptr()) }
+        // `row_bytes` long (checked above), and `tile.w` holds `cols * 16`
+        // int16 values, what `cols` columns of 16 rows become; the second
+        // half starts one vector (16 int16) in.
+        unsafe {
+            transpose_rows(v, r0, nr.min(HALF), tile.w.as_mut_ptr());
+            if nr > HALF {
+                transpose_rows(v, r0 + HALF, nr - HALF, tile.w.as_mut_ptr().add(16));
+            }
+        }
     }
 
-    /// `out[t * ldo + i] = row i of tile · token t` for every token of
-    /// `acts` and the tile's rows.
-    pub(crate) fn tile_multiply(self, tile: &Tile, acts: &PairActs, out: &mut [f32], ldo: usize) {
-        let n = acts.n;
+    /// `out[(t - tokens.start) * ldo + i] = row i of tile · token t` for the
+    /// tokens `tokens` of `acts` and the tile's rows `i`.
+    ///
+    /// # Safety
+    /// For every token `t` of `tokens`, `out + (t - tokens.start) * ldo`
+    /// must be valid for writes of `tile.rows` values that nothing else
+    /// reads or writes during the call (a task's columns of a shared
+    /// token-major output).
+    pub(crate) unsafe fn tile_multiply(
+        self,
+        tile: &Tile,
+        acts: &PairActs,
+        tokens: std::ops::Range<usize>,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let (first, n) = (tokens.start, tokens.len());
+        assert!(tokens.end <= acts.n, "tile_multiply: tokens out of range");
         assert!(acts.cols == tile.cols && acts.n_groups == tile.n_groups);
-        assert!(acts.group_size * (tile.n_groups - 1) < tile.cols);
-        assert!(tile.rows <= ldo && (n == 0 || out.len() >= (n - 1) * ldo + tile.rows));
+        assert!(tile.rows <= ldo);
+        let halves = if tile.rows > HALF { 2 } else { 1 };
         // Passes of equal size: ten tokens go as two passes of five, not
-        // eight and two.
-        let passes = n.div_ceil(TOKENS).max(1);
+        // six and four.
+        let most = if halves == 2 { TOKENS } else { TOKENS_HALF };
+        let passes = n.div_ceil(most).max(1);
         let per_pass = n.div_ceil(passes);
-        let mut t0 = 0;
-        while t0 < n {
-            let nt = per_pass.min(n - t0);
+        let mut done = 0;
+        while done < n {
+            let nt = per_pass.min(n - done);
+            let (o, t0) = (out.add(done * ldo), first + done);
             // SAFETY: features proven by `self`; tokens `t0..t0 + nt` exist
-            // in `acts` (whose shape matches the tile) and their output rows
-            // were checked above.
+            // in `acts` (whose shape matches the tile, checked above) and
+            // their output rows are the caller's to write.
             unsafe {
-                let o = out.as_mut_ptr().add(t0 * ldo);
-                match nt {
-                    8 => tile_tokens::<8>(tile, acts, t0, o, ldo),
-                    7 => tile_tokens::<7>(tile, acts, t0, o, ldo),
-                    6 => tile_tokens::<6>(tile, acts, t0, o, ldo),
-                    5 => tile_tokens::<5>(tile, acts, t0, o, ldo),
-                    4 => tile_tokens::<4>(tile, acts, t0, o, ldo),
-                    3 => tile_tokens::<3>(tile, acts, t0, o, ldo),
-                    2 => tile_tokens::<2>(tile, acts, t0, o, ldo),
-                    _ => tile_tokens::<1>(tile, acts, t0, o, ldo),
+                match (halves, nt) {
+                    (2, 6) => tile_tokens::<6, 2>(tile, acts, t0, o, ldo),
+                    (2, 5) => tile_tokens::<5, 2>(tile, acts, t0, o, ldo),
+                    (2, 4) => tile_tokens::<4, 2>(tile, acts, t0, o, ldo),
+                    (2, 3) => tile_tokens::<3, 2>(tile, acts, t0, o, ldo),
+                    (2, 2) => tile_tokens::<2, 2>(tile, acts, t0, o, ldo),
+                    (2, _) => tile_tokens::<1, 2>(tile, acts, t0, o, ldo),
+                    (_, 8) => tile_tokens::<8, 1>(tile, acts, t0, o, ldo),
+                    (_, 7) => tile_tokens::<7, 1>(tile, acts, t0, o, ldo),
+                    (_, 6) => tile_tokens::<6, 1>(tile, acts, t0, o, ldo),
+                    (_, 5) => tile_tokens::<5, 1>(tile, acts, t0, o, ldo),
+                    (_, 4) => tile_tokens::<4, 1>(tile, acts, t0, o, ldo),
+                    (_, 3) => tile_tokens::<3, 1>(tile, acts, t0, o, ldo),
+                    (_, 2) => tile_tokens::<2, 1>(tile, acts, t0, o, ldo),
+                    _ => tile_tokens::<1, 1>(tile, acts, t0, o, ldo),
                 }
             }
-            t0 += nt;
+            done += nt;
         }
     }
 }
@@ -336,7 +377,8 @@ unsafe fn transpose8(r: &mut [__m256i; 8]) {
     }
 }
 
-/// Writes rows `r0..r0 + nr` of `v` to `dst` as `cols / 2` vectors, each
+/// Writes rows `r0..r0 + nr` (`nr <= 8`) of `v` to `dst` as `cols / 2`
+/// vectors two vectors apart (the other half tile's lie between), each
 /// two int16 weights (tile columns `2p, 2p + 1`) of 8 rows (missing rows
 /// zero). Works 32 packed bytes of each row at a time: one 8x8 dword
 /// transpose, then each dword of 4 bytes splits into two vectors (int8:
@@ -349,16 +391,16 @@ unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut i16) {
     let mask = _mm256_set1_epi32(if int4 { 0x000F_000F } else { 0x00FF_00FF });
     let mut out = dst as *mut __m256i;
     // As on AVX-512: the weights come from memory eight short rows at a
-    // time, so each step prefetches the next tile's lines (the 8 rows
-    // after these, contiguous in the matrix) in address order, a whole
-    // tile ahead: 8 rows x 32 bytes per step is 4 lines of the next tile.
+    // time, so each step prefetches the same half of the next tile (the 8
+    // rows 16 after these, contiguous in the matrix) in address order, a
+    // whole tile ahead: 8 rows x 32 bytes per step is 4 lines of it.
     // Prefetches never fault; the next tile is cut at the end of the
     // matrix.
     let next = base.wrapping_add(TILE_ROWS * row_bytes);
     let next_lines =
         v.q.len()
             .saturating_sub((r0 + TILE_ROWS) * row_bytes)
-            .min(TILE_ROWS * row_bytes)
+            .min(HALF * row_bytes)
             / 64;
     let mut off = 0;
     while off < row_bytes {
@@ -386,34 +428,35 @@ unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut i16) {
             if int4 {
                 _mm256_storeu_si256(out, _mm256_and_si256(*d, mask));
                 _mm256_storeu_si256(
-                    out.add(1),
+                    out.add(2),
                     _mm256_and_si256(_mm256_srli_epi32::<4>(*d), mask),
                 );
+                _mm256_storeu_si256(
+                    out.add(4),
+                    _mm256_and_si256(_mm256_srli_epi32::<8>(*d), mask),
+                );
+                _mm256_storeu_si256(
+                    out.add(6),
+                    _mm256_and_si256(_mm256_srli_epi32::<12>(*d), mask),
+                );
+                out = out.add(8);
+            } else {
+                _mm256_storeu_si256(out, _mm256_and_si256(*d, mask));
                 _mm256_storeu_si256(
                     out.add(2),
                     _mm256_and_si256(_mm256_srli_epi32::<8>(*d), mask),
                 );
-                _mm256_storeu_si256(
-                    out.add(3),
-                    _mm256_and_si256(_mm256_srli_epi32::<12>(*d), mask),
-                );
                 out = out.add(4);
-            } else {
-                _mm256_storeu_si256(out, _mm256_and_si256(*d, mask));
-                _mm256_storeu_si256(
-                    out.add(1),
-                    _mm256_and_si256(_mm256_srli_epi32::<8>(*d), mask),
-                );
-                out = out.add(2);
             }
         }
         off += len;
     }
 }
 
-/// The tile's rows times tokens `t0..t0 + T` of `acts`, written to
-/// `out[t * ldo + i]` for `t` in `0..T` and the tile's rows `i`.
-unsafe fn tile_tokens<const T: usize>(
+/// The tile's rows (its first `H` halves) times tokens `t0..t0 + T` of
+/// `acts`, written to `out[t * ldo + i]` for `t` in `0..T` and the tile's
+/// rows `i`.
+unsafe fn tile_tokens<const T: usize, const H: usize>(
     tile: &Tile,
     acts: &PairActs,
     t0: usize,
@@ -431,42 +474,55 @@ unsafe fn tile_tokens<const T: usize>(
     }
     let d = acts.d.as_ptr().add(t0 * ng);
     let gsum = acts.gsum.as_ptr().add(t0 * ng);
-    let mut tot = [_mm256_setzero_ps(); T];
+    let mut tot = [[_mm256_setzero_ps(); T]; H];
     for g in 0..ng {
         let k0 = g * gs;
         let k1 = (k0 + gs).min(cols);
-        let sv = _mm256_loadu_ps(tile.scale.as_ptr().add(g * TILE_ROWS));
         let mut c0 = k0;
         while c0 < k1 {
             let c1 = (c0 + flush).min(k1);
-            let mut acc = [_mm256_setzero_si256(); T];
+            let mut acc = [[_mm256_setzero_si256(); T]; H];
             for p in c0 / 2..c1 / 2 {
-                let wv = _mm256_loadu_si256(w.add(p));
+                let mut wv = [_mm256_setzero_si256(); H];
+                for (h, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_si256(w.add(2 * p + h));
+                }
                 for t in 0..T {
                     let xv = _mm256_set1_epi32(*xs[t].add(p));
-                    acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(wv, xv));
+                    for h in 0..H {
+                        acc[h][t] = _mm256_add_epi32(acc[h][t], _mm256_madd_epi16(wv[h], xv));
+                    }
                 }
             }
-            for t in 0..T {
-                let sd = _mm256_mul_ps(sv, _mm256_set1_ps(*d.add(t * ng + g)));
-                tot[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), sd, tot[t]);
+            for h in 0..H {
+                let sv = _mm256_loadu_ps(tile.scale.as_ptr().add(g * TILE_ROWS + HALF * h));
+                for t in 0..T {
+                    let sd = _mm256_mul_ps(sv, _mm256_set1_ps(*d.add(t * ng + g)));
+                    tot[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h][t]), sd, tot[h][t]);
+                }
             }
             c0 = c1;
         }
-        let szv = _mm256_loadu_ps(tile.scale_zero.as_ptr().add(g * TILE_ROWS));
-        for (t, tv) in tot.iter_mut().enumerate() {
-            *tv = _mm256_fnmadd_ps(szv, _mm256_set1_ps(*gsum.add(t * ng + g)), *tv);
+        for (h, th) in tot.iter_mut().enumerate() {
+            let szv = _mm256_loadu_ps(tile.scale_zero.as_ptr().add(g * TILE_ROWS + HALF * h));
+            for (t, tv) in th.iter_mut().enumerate() {
+                *tv = _mm256_fnmadd_ps(szv, _mm256_set1_ps(*gsum.add(t * ng + g)), *tv);
+            }
         }
     }
-    if tile.rows == TILE_ROWS {
-        for (t, v) in tot.iter().enumerate() {
-            _mm256_storeu_ps(out.add(t * ldo), *v);
-        }
-    } else {
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(tile.rows as i32), lanes);
-        for (t, v) in tot.iter().enumerate() {
-            _mm256_maskstore_ps(out.add(t * ldo), keep, *v);
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (h, th) in tot.iter().enumerate() {
+        let rows = tile.rows.saturating_sub(HALF * h).min(HALF);
+        let o = out.add(HALF * h);
+        if rows == HALF {
+            for (t, v) in th.iter().enumerate() {
+                _mm256_storeu_ps(o.add(t * ldo), *v);
+            }
+        } else {
+            let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows as i32), lanes);
+            for (t, v) in th.iter().enumerate() {
+                _mm256_maskstore_ps(o.add(t * ldo), keep, *v);
+            }
         }
     }
 }

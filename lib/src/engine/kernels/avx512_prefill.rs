@@ -191,24 +191,38 @@ impl Avx512 {
         unsafe { transpose_rows(v, r0, nr, tile.w.as_mut_ptr()) }
     }
 
-    /// `out[t * ldo + i] = row i of tile · token t` for every token of
-    /// `acts` and the tile's rows.
-    pub(crate) fn tile_multiply(self, tile: &Tile, acts: &SplitActs, out: &mut [f32], ldo: usize) {
-        let n = acts.n;
+    /// `out[(t - tokens.start) * ldo + i] = row i of tile · token t` for the
+    /// tokens `tokens` of `acts` and the tile's rows `i`.
+    ///
+    /// # Safety
+    /// For every token `t` of `tokens`, `out + (t - tokens.start) * ldo`
+    /// must be valid for writes of `tile.rows` values that nothing else
+    /// reads or writes during the call (a task's columns of a shared
+    /// token-major output).
+    pub(crate) unsafe fn tile_multiply(
+        self,
+        tile: &Tile,
+        acts: &SplitActs,
+        tokens: std::ops::Range<usize>,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let (first, n) = (tokens.start, tokens.len());
+        assert!(tokens.end <= acts.n, "tile_multiply: tokens out of range");
         assert!(acts.cols == tile.cols && acts.n_groups == tile.n_groups);
-        assert!(tile.rows <= ldo && (n == 0 || out.len() >= (n - 1) * ldo + tile.rows));
+        assert!(tile.rows <= ldo);
         // Passes of equal size: ten tokens go as one pass of ten, not
         // eight and two.
         let passes = n.div_ceil(TOKENS).max(1);
         let per_pass = n.div_ceil(passes);
-        let mut t0 = 0;
-        while t0 < n {
-            let nt = per_pass.min(n - t0);
+        let mut done = 0;
+        while done < n {
+            let nt = per_pass.min(n - done);
+            let (o, t0) = (out.add(done * ldo), first + done);
             // SAFETY: features proven by `self`; tokens `t0..t0 + nt` exist
-            // in `acts` (whose shape matches the tile) and their output rows
-            // were checked above.
+            // in `acts` (whose shape matches the tile, checked above) and
+            // their output rows are the caller's to write.
             unsafe {
-                let o = out.as_mut_ptr().add(t0 * ldo);
                 match nt {
                     12 => tile_tokens::<12>(tile, acts, t0, o, ldo),
                     11 => tile_tokens::<11>(tile, acts, t0, o, ldo),
@@ -224,7 +238,7 @@ impl Avx512 {
                     _ => tile_tokens::<1>(tile, acts, t0, o, ldo),
                 }
             }
-            t0 += nt;
+            done += nt;
         }
     }
 }

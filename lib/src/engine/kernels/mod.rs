@@ -22,7 +22,7 @@
 //! each block of 16 quantized weight rows into a tile with one row per
 //! vector lane and multiply it with every token in integers (the private
 //! `avx512_prefill` module); on the AVX2 level they do the same with tiles
-//! of 8 rows of int16 weights and `vpmaddwd` (the private `avx2_prefill`
+//! of 16 rows of int16 weights and `vpmaddwd` (the private `avx2_prefill`
 //! module); otherwise (dense weights, other paths) they use f32 activations
 //! and convert each block of weight rows to f32 once per block of tokens.
 //!
@@ -41,6 +41,7 @@
 //! group sizes that are not multiples of 32) are refused with a panic naming
 //! the problem, never computed.
 
+pub mod attn_prefill;
 pub mod bench;
 pub mod delta_rule;
 pub mod isa;
@@ -867,10 +868,44 @@ fn avx2_matmul(a: avx2::Avx2, w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {
     scatter(&blocks, n, rows, y);
 }
 
+/// The output of a tile matmul, shared by its tasks: `y` (`[n, rows]`),
+/// of which each task writes only its own rows' columns.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: the pointer is only written through by `tile_tasks`' tasks, each
+// its own disjoint range of columns (see there).
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for SharedOut {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for SharedOut {}
+
+#[cfg(target_arch = "x86_64")]
+impl SharedOut {
+    /// `k` values further on (forming the pointer is safe; writing through
+    /// it is the caller's to justify).
+    fn at(self, k: usize) -> SharedOut {
+        SharedOut(self.0.wrapping_add(k))
+    }
+}
+
+/// Tokens of one block of an integer-tile prefill: each tile multiplies
+/// one block's tokens at a time and is re-made for the next block. A
+/// 2048-token chunk of a long prompt then meets each tile as pp512 does
+/// (2 MiB of activations at 2048 columns per tile, from L3) instead of
+/// streaming 8 MiB per tile. Smaller blocks (activations in L2) measured no
+/// faster in the multiplies and cost more in re-made tiles (the weights
+/// read and transposed again per block).
+#[cfg(target_arch = "x86_64")]
+const TILE_TOKEN_BLOCK: usize = 512;
+
 /// Runs integer-tile prefill over `rows` output rows: the rows go to tasks
 /// of whole tiles (`tile_rows` each; one task unless `split`), each task
-/// `run(first_row, rows, out)` fills its token-major block `out`
-/// (`[n, rows]`), which is then copied into `y` (`[n, all rows]`).
+/// `run(first_row, rows, out)` writing its rows' columns of `y`
+/// (`[n, rows]`, token-major) through `out`, which points at `y[first_row]`.
+/// Writing `y` in place spares a block per task, its page faults and the
+/// copy into `y` (a tenth of pp512 once).
 #[cfg(target_arch = "x86_64")]
 fn tile_tasks(
     rows: usize,
@@ -878,8 +913,9 @@ fn tile_tasks(
     y: &mut [f32],
     tile_rows: usize,
     split: bool,
-    run: impl Fn(usize, usize, &mut [f32]) + Sync,
+    run: impl Fn(usize, usize, SharedOut) + Sync,
 ) {
+    assert_eq!(y.len(), n * rows, "tile_tasks: output length");
     let tiles = rows.div_ceil(tile_rows);
     let tasks = if split {
         rayon::current_num_threads().max(1) * TASKS_PER_THREAD
@@ -888,21 +924,45 @@ fn tile_tasks(
     };
     let tpt = tiles.div_ceil(tasks).max(1);
     let rpt = tpt * tile_rows;
-    let blocks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(rpt))
-        .into_par_iter()
-        .map(|bi| {
-            let r0 = bi * rpt;
-            let nr = rpt.min(rows - r0);
-            // Token-major: each tile's outputs for a token are adjacent.
-            let mut out = vec![0f32; n * nr];
-            run(r0, nr, &mut out);
-            (r0, out)
-        })
-        .collect();
-    for (r0, out) in &blocks {
-        let nr = out.len() / n;
-        for t in 0..n {
-            y[t * rows + r0..t * rows + r0 + nr].copy_from_slice(&out[t * nr..(t + 1) * nr]);
+    let base = SharedOut(y.as_mut_ptr());
+    let task = |bi: usize| {
+        let r0 = bi * rpt;
+        // In bounds: r0 < rows.
+        run(r0, rpt.min(rows - r0), base.at(r0));
+    };
+    let count = rows.div_ceil(rpt);
+    if count == 1 {
+        task(0);
+    } else {
+        (0..count).into_par_iter().for_each(task);
+    }
+}
+
+/// One task of a tile matmul: its rows `r0..r0 + nr` of `v`, a tile of up
+/// to `tile_rows` at a time, for every token in blocks of
+/// [`TILE_TOKEN_BLOCK`]; `load` makes a tile, `multiply` writes it times a
+/// block of tokens to `out` (the task's first column of `y`, rows `ldo`
+/// apart).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn tile_task<T>(
+    r0: usize,
+    nr: usize,
+    n: usize,
+    ldo: usize,
+    tile_rows: usize,
+    out: SharedOut,
+    tile: &mut T,
+    load: impl Fn(usize, usize, &mut T),
+    multiply: impl Fn(&T, std::ops::Range<usize>, *mut f32),
+) {
+    let tb = TILE_TOKEN_BLOCK;
+    for t0 in (0..n).step_by(tb) {
+        let t1 = (t0 + tb).min(n);
+        for i0 in (0..nr).step_by(tile_rows) {
+            load(r0 + i0, tile_rows.min(nr - i0), tile);
+            // In bounds: token t0's row of y, column r0 + i0 < rows.
+            multiply(tile, t0..t1, out.at(t0 * ldo + i0).0);
         }
     }
 }
@@ -910,7 +970,8 @@ fn tile_tasks(
 /// Prefill on the AVX-512 VNNI level: every token's activations quantized
 /// to int16 per group, then each task (one unless `split`) transposes its
 /// blocks of 16 weight rows into tiles, one at a time, and multiplies each
-/// tile with every token while it sits in L2.
+/// tile with every token (of a block, [`TILE_TOKEN_BLOCK`]) while it sits
+/// in L2.
 #[cfg(target_arch = "x86_64")]
 fn avx512_matmul(
     a: avx512::Avx512,
@@ -923,16 +984,20 @@ fn avx512_matmul(
     use avx512_prefill::{Tile, TILE_ROWS};
     let v = avx2::QuantView::new(q).expect("validated");
     let acts = a.split_acts(x, n, q.cols, q.bits, q.group_size);
-    tile_tasks(q.rows, n, y, TILE_ROWS, split, |r0, nr, out| {
+    let rows = q.rows;
+    tile_tasks(rows, n, y, TILE_ROWS, split, |r0, nr, out| {
         let mut tile = Tile::new(&v);
-        for i0 in (0..nr).step_by(TILE_ROWS) {
-            a.tile_load(&v, r0 + i0, TILE_ROWS.min(nr - i0), &mut tile);
-            a.tile_multiply(&tile, &acts, &mut out[i0..], nr);
-        }
+        let load = |r, k, t: &mut Tile| a.tile_load(&v, r, k, t);
+        // SAFETY: `out` points at column `r0 + i0` of token `t0`'s row of
+        // `y` (`[n, rows]`, checked by `tile_tasks`); a tile writes its
+        // rows, inside this task's `r0..r0 + nr`, which no other task
+        // touches, for tokens `t0..t1 <= n`.
+        let mul = |t: &Tile, ts, o| unsafe { a.tile_multiply(t, &acts, ts, o, rows) };
+        tile_task(r0, nr, n, rows, TILE_ROWS, out, &mut tile, load, mul);
     });
 }
 
-/// Prefill on the AVX2 level, as on AVX-512 with tiles of 8 rows of
+/// Prefill on the AVX2 level, as on AVX-512 with tiles of 16 rows of
 /// int16 weights multiplied in `vpmaddwd` (the `avx2_prefill` module).
 #[cfg(target_arch = "x86_64")]
 fn avx2_tile_matmul(
@@ -946,12 +1011,13 @@ fn avx2_tile_matmul(
     use avx2_prefill::{Tile, TILE_ROWS};
     let v = avx2::QuantView::new(q).expect("validated");
     let acts = a.pair_acts(x, n, q.cols, q.bits, q.group_size);
-    tile_tasks(q.rows, n, y, TILE_ROWS, split, |r0, nr, out| {
+    let rows = q.rows;
+    tile_tasks(rows, n, y, TILE_ROWS, split, |r0, nr, out| {
         let mut tile = Tile::new(&v);
-        for i0 in (0..nr).step_by(TILE_ROWS) {
-            a.tile_load(&v, r0 + i0, TILE_ROWS.min(nr - i0), &mut tile);
-            a.tile_multiply(&tile, &acts, &mut out[i0..], nr);
-        }
+        let load = |r, k, t: &mut Tile| a.tile_load(&v, r, k, t);
+        // SAFETY: as in `avx512_matmul`.
+        let mul = |t: &Tile, ts, o| unsafe { a.tile_multiply(t, &acts, ts, o, rows) };
+        tile_task(r0, nr, n, rows, TILE_ROWS, out, &mut tile, load, mul);
     });
 }
 

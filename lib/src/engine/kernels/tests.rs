@@ -576,6 +576,42 @@ fn one_task_matmul_equals_the_split_one() {
     }
 }
 
+/// Prefill tiles take a long prompt's tokens in blocks (512): each
+/// token's outputs
+/// are bit for bit what a product of fewer tokens (one block, more than
+/// the small-batch path's few) gives, every column of every row written,
+/// at every level.
+#[test]
+fn int16_matmul_in_token_blocks_equals_short_products() {
+    let mut rng = StdRng::seed_from_u64(53);
+    let (rows, cols, n, part) = (20, 256, 1100, 100);
+    for (bits, group) in [(4u8, 128usize), (8, 64)] {
+        let w = Matrix::Quant(rand_quant(&mut rng, rows, cols, bits, group, bits == 4));
+        let x = rand_x(&mut rng, n * cols);
+        for isa in simd_isas() {
+            let mut all = vec![f32::NAN; n * rows];
+            matmul_isa(isa, &w, &x, n, &mut all, Path::SimdInt16);
+            for t0 in (0..n).step_by(part) {
+                let k = part.min(n - t0);
+                let mut y = vec![f32::NAN; k * rows];
+                matmul_isa(
+                    isa,
+                    &w,
+                    &x[t0 * cols..(t0 + k) * cols],
+                    k,
+                    &mut y,
+                    Path::SimdInt16,
+                );
+                let same = y
+                    .iter()
+                    .zip(&all[t0 * rows..(t0 + k) * rows])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{bits}-bit at {}: tokens {t0}..", isa.name());
+            }
+        }
+    }
+}
+
 #[test]
 fn batched_matvec_equals_one_at_a_time_bit_for_bit() {
     // Quant and dense jobs mixed, some sharing an input (one activation

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::norm::{for_each_row, rms_norm_zc_row, sigmoid};
 use super::{load_matrix, load_vector, ModelError};
 use crate::config::ModelConfig;
-use crate::kernels::{matmul, matmul_batch, vector, Product};
+use crate::kernels::{attn_prefill, matmul, matmul_batch, vector, Product};
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
 
@@ -54,7 +54,7 @@ impl Projected {
 
 /// Prefill attention's tokens per task (their query rows share each block
 /// of the KV cache).
-const ATTN_TOKENS_PER_TASK: usize = 4;
+const ATTN_TOKENS_PER_TASK: usize = 8;
 
 /// KV cache positions per block (64 keys of 256 dims: 64 KiB, in L2).
 const ATTN_KEYS_PER_BLOCK: usize = 64;
@@ -231,15 +231,17 @@ impl Attention {
     }
 
     /// Attention for many tokens (prefill): one task per block of
-    /// [`ATTN_TOKENS_PER_TASK`] tokens, which walks each KV head's cache in
-    /// blocks of [`ATTN_KEYS_PER_BLOCK`] positions and uses every block for
-    /// all its query rows (the block's tokens times the heads sharing the
-    /// KV head) while it sits in L2. One task per (token, head) read the
-    /// whole cache for each: with 4096 positions that is 8 MiB of keys and
-    /// values per row, from memory, and attention became most of pp4096.
-    /// The per-head path's arithmetic up to the order of additions: scores
-    /// four keys at a time, each row's weighted sum of values added block
-    /// by block.
+    /// [`ATTN_TOKENS_PER_TASK`] tokens, which for each KV head gathers its
+    /// query rows (the block's tokens times the heads sharing the KV head)
+    /// and walks the head's cache in blocks of [`ATTN_KEYS_PER_BLOCK`]
+    /// positions, using every block for all those rows while it sits in
+    /// L2: scores block by block, a softmax per row, then the weighted sum
+    /// of values block by block (`attn_prefill`'s register-blocked
+    /// kernels). One task per (token, head) read the whole cache for each:
+    /// with 4096 positions that is 8 MiB of keys and values per row, from
+    /// memory, and attention became most of pp4096. The per-head path's
+    /// arithmetic up to the order of additions; a row's positions past its
+    /// own (causal mask) get weight 0.
     fn attend_blocked(&self, q: &[f32], gate: &[f32], pos0: usize, cache: &KvCache, o: &mut [f32]) {
         let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
         let group = nh / nkv;
@@ -254,56 +256,58 @@ impl Attention {
                 let nt = ob.len() / (nh * hd);
                 // Longest row of the block: its last token's.
                 let width = pos0 + t0 + nt;
+                // Row r: token r / group, head kvh * group + r % group; a
+                // token's rows for one KV head are adjacent in q and o.
                 let rows = nt * group;
+                let len = |r: usize| pos0 + t0 + r / group + 1;
                 let mut scores = vec![0f32; rows * width];
-                let mut part = vec![0f32; hd];
+                let mut qb = vec![0f32; rows * hd];
+                let mut ok = vec![0f32; rows * hd];
                 for kvh in 0..nkv {
-                    // Row r: token t0 + r / group, head kvh * group + r % group.
-                    let row = |r: usize| (r / group, kvh * group + r % group);
-                    let len = |r: usize| pos0 + t0 + r / group + 1;
+                    for t in 0..nt {
+                        let at = ((t0 + t) * nh + kvh * group) * hd;
+                        qb[t * group * hd..(t + 1) * group * hd]
+                            .copy_from_slice(&q[at..at + group * hd]);
+                    }
                     for s0 in (0..width).step_by(ATTN_KEYS_PER_BLOCK) {
-                        let s1 = (s0 + ATTN_KEYS_PER_BLOCK).min(width);
-                        for r in 0..rows {
-                            let (t, h) = row(r);
-                            let qh = &q[((t0 + t) * nh + h) * hd..][..hd];
-                            let sr = &mut scores[r * width..][..len(r)];
-                            let end = s1.min(len(r));
-                            let mut s = s0;
-                            // Four keys per pass over the query row.
-                            while s + 4 <= end {
-                                let d = vector::dot4(qh, &ck[s * kvw + kvh * hd..], kvw);
-                                for (j, dj) in d.iter().enumerate() {
-                                    sr[s + j] = dj * scale;
-                                }
-                                s += 4;
-                            }
-                            for s in s..end {
-                                let ks = &ck[s * kvw + kvh * hd..][..hd];
-                                sr[s] = vector::dot(qh, ks) * scale;
-                            }
-                        }
+                        let nk = ATTN_KEYS_PER_BLOCK.min(width - s0);
+                        attn_prefill::scores(
+                            &qb,
+                            hd,
+                            rows,
+                            &ck[s0 * kvw + kvh * hd..],
+                            kvw,
+                            nk,
+                            hd,
+                            scale,
+                            &mut scores[s0..],
+                            width,
+                        );
                     }
                     for r in 0..rows {
-                        super::norm::softmax(&mut scores[r * width..][..len(r)]);
+                        let sr = &mut scores[r * width..(r + 1) * width];
+                        super::norm::softmax(&mut sr[..len(r)]);
+                        sr[len(r)..].fill(0.0);
                     }
                     for s0 in (0..width).step_by(ATTN_KEYS_PER_BLOCK) {
-                        let s1 = (s0 + ATTN_KEYS_PER_BLOCK).min(width);
-                        for r in 0..rows {
-                            let end = s1.min(len(r));
-                            if end <= s0 {
-                                continue;
-                            }
-                            let (t, h) = row(r);
-                            let oh = &mut ob[(t * nh + h) * hd..][..hd];
-                            let w = &scores[r * width + s0..r * width + end];
-                            let vs = &cv[s0 * kvw + kvh * hd..];
-                            if s0 == 0 {
-                                vector::weighted_rows(w, vs, kvw, oh);
-                            } else {
-                                vector::weighted_rows(w, vs, kvw, &mut part);
-                                vector::axpy(1.0, &part, oh);
-                            }
-                        }
+                        let nk = ATTN_KEYS_PER_BLOCK.min(width - s0);
+                        attn_prefill::weighted(
+                            &scores[s0..],
+                            width,
+                            rows,
+                            &cv[s0 * kvw + kvh * hd..],
+                            kvw,
+                            nk,
+                            hd,
+                            &mut ok,
+                            hd,
+                            s0 > 0,
+                        );
+                    }
+                    for t in 0..nt {
+                        let at = (t * nh + kvh * group) * hd;
+                        ob[at..at + group * hd]
+                            .copy_from_slice(&ok[t * group * hd..(t + 1) * group * hd]);
                     }
                 }
                 for (j, oh) in ob.chunks_exact_mut(hd).enumerate() {
