@@ -500,31 +500,10 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
         let per_call = secs / mats.len() as f64;
         rep.rows
             .push(row("matvec", isa, path, 1, per_call, passes * mats.len()));
-        // Decode runs a layer's experts as one batch of matvecs in one
-        // parallel region (`kernels::matvec_batch`): time them that way,
-        // DECODE_BATCH matrices per call, as a routed layer's gates and
-        // ups are (the figure per matrix, comparable to the row above).
+        // Routed experts also as decode runs them: a batch per call.
         if shape.name.starts_with("expert") && mats.len() >= DECODE_BATCH {
-            let mut ys = vec![vec![0f32; rows]; DECODE_BATCH];
-            let (secs, passes) = time_best(opts.seconds, || {
-                for group in mats.chunks_exact(DECODE_BATCH) {
-                    let mut jobs: Vec<Product> = group
-                        .iter()
-                        .zip(ys.iter_mut())
-                        .map(|(m, y)| Product::new(m, &x, y))
-                        .collect();
-                    matvec_batch_isa(isa, &mut jobs, path);
-                }
-            });
-            let calls = mats.len() / DECODE_BATCH * DECODE_BATCH;
-            rep.rows.push(row(
-                "batch",
-                isa,
-                path,
-                1,
-                secs / calls as f64,
-                passes * calls,
-            ));
+            let (per_matrix, calls) = time_decode_batch(&mats, &x, rows, isa, path, opts);
+            rep.rows.push(row("batch", isa, path, 1, per_matrix, calls));
         }
     }
     // Prefill's few-token products (a routed expert meets about ten
@@ -542,34 +521,73 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
             .extend(activation_errors(shape, w, &x, best, avx2));
     }
     if opts.matmul && shape.matmul && opts.tokens > 1 {
-        let n = opts.tokens;
-        let xs = activations(n * cols, 9);
-        let mut ys = vec![0f32; n * rows];
-        let copies = matmul_mats.len();
-        let mut timed = |isa: Isa, path: Path| {
-            let (secs, passes) = time_best(opts.seconds, || {
-                for m in &matmul_mats {
-                    matmul_isa(isa, m, &xs, n, &mut ys, path);
-                }
-            });
-            (secs / copies as f64, passes * copies)
-        };
-        // Quantized weights: the integer tiles of every SIMD level up to
-        // the one in use.
-        if shape.kind != WeightKind::Bf16 {
-            for &isa in levels.iter().rev().filter(|&&i| i != Isa::Scalar) {
-                if isa > super::simd().isa() {
-                    continue;
-                }
-                let (secs, calls) = timed(isa, Path::SimdInt16);
-                rep.rows
-                    .push(row("matmul", isa, Path::SimdInt16, n, secs, calls));
+        for (isa, path, secs, calls) in time_matmuls(shape, &matmul_mats, &levels, avx2, opts) {
+            rep.rows
+                .push(row("matmul", isa, path, opts.tokens, secs, calls));
+        }
+    }
+}
+
+/// Decode runs a layer's experts as one batch of matvecs in one parallel
+/// region (`kernels::matvec_batch`): times them that way, DECODE_BATCH
+/// matrices per call, as a routed layer's gates and ups are. Returns the
+/// seconds per matrix (comparable to a lone matvec) and the matrices run.
+fn time_decode_batch(
+    mats: &[Matrix],
+    x: &[f32],
+    rows: usize,
+    isa: Isa,
+    path: Path,
+    opts: &KernelOpts,
+) -> (f64, usize) {
+    let mut ys = vec![vec![0f32; rows]; DECODE_BATCH];
+    let (secs, passes) = time_best(opts.seconds, || {
+        for group in mats.chunks_exact(DECODE_BATCH) {
+            let mut jobs: Vec<Product> = group
+                .iter()
+                .zip(ys.iter_mut())
+                .map(|(m, y)| Product::new(m, x, y))
+                .collect();
+            matvec_batch_isa(isa, &mut jobs, path);
+        }
+    });
+    let calls = mats.len() / DECODE_BATCH * DECODE_BATCH;
+    (secs / calls as f64, passes * calls)
+}
+
+/// Times the many-token products of `opts.tokens` tokens on every copy:
+/// for quantized weights the integer tiles of every SIMD level up to the
+/// one in use, then the f32 path. Returns (level, path, seconds per call,
+/// calls) per measurement.
+fn time_matmuls(
+    shape: &Shape,
+    mats: &[Matrix],
+    levels: &[Isa],
+    avx2: Isa,
+    opts: &KernelOpts,
+) -> Vec<(Isa, Path, f64, usize)> {
+    let (rows, cols, n) = (shape.rows, shape.cols, opts.tokens);
+    let xs = activations(n * cols, 9);
+    let mut ys = vec![0f32; n * rows];
+    let copies = mats.len();
+    let mut timed = |isa: Isa, path: Path| {
+        let (secs, passes) = time_best(opts.seconds, || {
+            for m in mats {
+                matmul_isa(isa, m, &xs, n, &mut ys, path);
+            }
+        });
+        (isa, path, secs / copies as f64, passes * copies)
+    };
+    let mut out = Vec::new();
+    if shape.kind != WeightKind::Bf16 {
+        for &isa in levels.iter().rev().filter(|&&i| i != Isa::Scalar) {
+            if isa <= super::simd().isa() {
+                out.push(timed(isa, Path::SimdInt16));
             }
         }
-        let (secs, calls) = timed(avx2, Path::SimdF32);
-        rep.rows
-            .push(row("matmul", avx2, Path::SimdF32, n, secs, calls));
     }
+    out.push(timed(avx2, Path::SimdF32));
+    out
 }
 
 /// The matvec paths measured for a shape: f32 activations for dense
