@@ -350,6 +350,29 @@ fn strategy_kernel_caps_the_kernels_bench_runs() {
             "RH_KERNELS below the strategy wins"
         );
     }
+    // A misspelt level is no cap, and says so on stderr rather than
+    // silently running (and benchmarking) at the detected level.
+    assert_eq!(
+        backend(&written_kernel(detected), Some("avx-2")),
+        format!("CPU ({})", detected.name())
+    );
+    let o = run(rh("rh-bench")
+        .arg("--pipeline")
+        .arg(&m)
+        .arg(&model)
+        .args(["-p", "4", "-n", "2", "-r", "1", "--no-warmup"])
+        .env("RH_KERNELS", "avx-2")
+        .env("RH_ACTIVATIONS", "int4")
+        .current_dir(dir.path()));
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("RH_KERNELS=avx-2 is not"), "{err}");
+    assert!(err.contains("RH_ACTIVATIONS=int4 is not"), "{err}");
+    assert_eq!(
+        err.matches("RH_KERNELS=avx-2").count(),
+        1,
+        "warned once: {err}"
+    );
 }
 
 /// How strategy.toml spells a level.

@@ -17,6 +17,11 @@
 //! | `RH_EXPERT_PREFAULT` | [`crate::model::experts`] | `0`: the expert cache's buffers are faulted in by the first read into each (default: touched ahead on a low-priority thread), for measurements |
 //! | `RH_HUGE_PAGES` | [`crate::model`] | `0`: leave the weights every token reads (all but the embedding and the routed experts) where the source put them instead of copying them onto huge pages, for measurements |
 //!
+//! A value a knob cannot use (not a number, out of its range, a switch set
+//! to neither `0` nor `1`, an unknown level or path) is ignored with one
+//! warning on stderr naming the variable and what it takes; the default
+//! applies. Only `RH_REPACK_ABORT_AFTER_UNITS`, a test hook, is an error.
+//!
 //! Not here: the Hugging Face variables (`HF_HOME`, `HF_TOKEN`, ...), read by
 //! `fetch::hf_cache` with the hub's own precedence, `RH_API_KEY`, which
 //! rh-serve takes through its `--api-key` flag, and `RUST_LOG`, read by the
@@ -81,54 +86,123 @@ pub fn activations() -> Option<String> {
     text(RH_ACTIVATIONS)
 }
 
-/// `RH_PREFETCH` in bytes, when set to a number (anything else is ignored,
-/// as a tuning knob should be).
+/// Warns once per variable that a knob is set to something it cannot use
+/// and is left at its default: a typo (`RH_KERNELS=avx-2`) must not pass
+/// silently for the setting it names, least of all in a benchmark.
+fn ignored(name: &'static str, value: &str, expected: &str) {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static WARNED: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let first = WARNED
+        .get_or_init(Default::default)
+        .lock()
+        .map(|mut w| w.insert(name))
+        .unwrap_or(true);
+    if first {
+        tracing::warn!("{name}={value} is not {expected}; ignored (the default applies)");
+    }
+}
+
+/// A tuning knob: its number when set to one in `range`; any other value
+/// is ignored with a warning ([`ignored`]).
+fn number<T>(name: &'static str, range: std::ops::RangeInclusive<T>) -> Option<T>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    number_in(name, text(name)?, range)
+}
+
+fn number_in<T>(name: &'static str, v: String, range: std::ops::RangeInclusive<T>) -> Option<T>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    match v.trim().parse::<T>() {
+        Ok(n) if range.contains(&n) => Some(n),
+        _ => {
+            let expected = format!("a number from {} to {}", range.start(), range.end());
+            ignored(name, &v, &expected);
+            None
+        }
+    }
+}
+
+/// A switch that is on unless set to `0` (`default_on`), or off unless set
+/// to `1`; any value but `0` and `1` is ignored with a warning.
+fn switch(name: &'static str, default_on: bool) -> bool {
+    switch_of(name, text(name), default_on)
+}
+
+fn switch_of(name: &'static str, v: Option<String>, default_on: bool) -> bool {
+    match v.as_deref().map(str::trim) {
+        None => default_on,
+        Some("1") => true,
+        Some("0") => false,
+        Some(v) => {
+            ignored(name, v, "0 or 1");
+            default_on
+        }
+    }
+}
+
+/// Called by the kernels when `RH_KERNELS` names no level: warns once (no
+/// cap applies).
+pub fn kernels_cap_unknown(value: &str) {
+    ignored(RH_KERNELS, value, "scalar, avx2, avx512 or avx512-vnni");
+}
+
+/// `RH_ACTIVATIONS`'s value when it names no path (warned once; the
+/// default path applies).
+pub fn activations_unknown(value: &str) {
+    ignored(RH_ACTIVATIONS, value, "f32, int16, int8 or scalar");
+}
+
+/// `RH_PREFETCH` in bytes (a tuning knob, 0 to 64 MiB; anything else is
+/// ignored with a warning).
 pub fn prefetch_bytes() -> Option<usize> {
-    text(RH_PREFETCH).and_then(|v| v.parse().ok())
+    number(RH_PREFETCH, 0..=64 << 20)
 }
 
-/// `RH_EXPERT_IO_THREADS`, when set to a number (a tuning knob: anything
-/// else is ignored).
+/// `RH_EXPERT_IO_THREADS` (1-256; a tuning knob, see [`number`]).
 pub fn expert_io_threads() -> Option<usize> {
-    text(RH_EXPERT_IO_THREADS).and_then(|v| v.parse().ok())
+    number(RH_EXPERT_IO_THREADS, 1..=256)
 }
 
-/// `RH_EXPERT_PREDICT_EXTRA`, when set to a number (a tuning knob).
+/// `RH_EXPERT_PREDICT_EXTRA` (0-1024; a tuning knob).
 pub fn expert_predict_extra() -> Option<usize> {
-    text(RH_EXPERT_PREDICT_EXTRA).and_then(|v| v.parse().ok())
+    number(RH_EXPERT_PREDICT_EXTRA, 0..=1024)
 }
 
-/// `RH_EXPERT_PREDICT_DEPTH`, when set to a number (a tuning knob).
+/// `RH_EXPERT_PREDICT_DEPTH` (1 or 2; a tuning knob).
 pub fn expert_predict_depth() -> Option<usize> {
-    text(RH_EXPERT_PREDICT_DEPTH).and_then(|v| v.parse().ok())
+    number(RH_EXPERT_PREDICT_DEPTH, 1..=2)
 }
 
-/// `RH_EXPERT_AHEAD_INFLIGHT`, when set to a number (a tuning knob).
+/// `RH_EXPERT_AHEAD_INFLIGHT` (1-256; a tuning knob).
 pub fn expert_ahead_inflight() -> Option<usize> {
-    text(RH_EXPERT_AHEAD_INFLIGHT).and_then(|v| v.parse().ok())
+    number(RH_EXPERT_AHEAD_INFLIGHT, 1..=256)
 }
 
 /// `RH_EXPERT_AHEAD_IDLE`: true only when set to `1` (a knob for
 /// measurements).
 pub fn expert_ahead_when_idle() -> bool {
-    text(RH_EXPERT_AHEAD_IDLE).as_deref() == Some("1")
+    switch(RH_EXPERT_AHEAD_IDLE, false)
 }
 
-/// `RH_EXPERT_IO_NICE`, when set to a number (a tuning knob).
+/// `RH_EXPERT_IO_NICE` (-20 to 19; a tuning knob).
 pub fn expert_io_nice() -> Option<i32> {
-    text(RH_EXPERT_IO_NICE).and_then(|v| v.parse().ok())
+    number(RH_EXPERT_IO_NICE, -20..=19)
 }
 
 /// `RH_EXPERT_PREFAULT`: false only when set to `0` (a knob for
 /// measurements).
 pub fn expert_prefault() -> bool {
-    text(RH_EXPERT_PREFAULT).as_deref() != Some("0")
+    switch(RH_EXPERT_PREFAULT, true)
 }
 
 /// `RH_HUGE_PAGES`: false only when set to `0` (a knob for measurements;
-/// anything else keeps the default, on).
+/// the default is on).
 pub fn huge_pages() -> bool {
-    text(RH_HUGE_PAGES).as_deref() != Some("0")
+    switch(RH_HUGE_PAGES, true)
 }
 
 /// `RH_REPACK_ABORT_AFTER_UNITS`, when set; a value that is not a number is
@@ -141,5 +215,35 @@ pub fn repack_abort_after_units() -> Result<Option<usize>, EnvError> {
             value: v,
             expected: "a number",
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knobs_take_numbers_in_range_and_ignore_the_rest() {
+        let n = |v: &str| number_in(RH_EXPERT_IO_THREADS, v.to_string(), 1usize..=256);
+        assert_eq!(n("16"), Some(16));
+        assert_eq!(n(" 256 "), Some(256));
+        assert_eq!(n("0"), None, "below the range");
+        assert_eq!(n("1000"), None, "above the range");
+        assert_eq!(n("sixteen"), None);
+        assert_eq!(n("-3"), None);
+        let nice = |v: &str| number_in(RH_EXPERT_IO_NICE, v.to_string(), -20i32..=19);
+        assert_eq!(nice("-10"), Some(-10));
+        assert_eq!(nice("20"), None);
+    }
+
+    #[test]
+    fn switches_take_0_and_1_and_keep_the_default_otherwise() {
+        let s = |v: Option<&str>, on| switch_of(RH_HUGE_PAGES, v.map(String::from), on);
+        assert!(s(None, true));
+        assert!(!s(None, false));
+        assert!(!s(Some("0"), true));
+        assert!(s(Some("1"), false));
+        assert!(s(Some("off"), true), "not 0 or 1: the default");
+        assert!(!s(Some("yes"), false), "not 0 or 1: the default");
     }
 }

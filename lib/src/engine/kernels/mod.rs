@@ -218,9 +218,14 @@ fn simd() -> Simd {
     })
 }
 
-/// `RH_KERNELS=scalar|avx2|avx512` (anything else: no cap).
+/// `RH_KERNELS=scalar|avx2|avx512` (anything else: no cap, and a warning).
 fn env_cap() -> Option<Isa> {
-    crate::env::kernels_cap().and_then(|v| Isa::parse(&v))
+    let v = crate::env::kernels_cap()?;
+    let isa = Isa::parse(&v);
+    if isa.is_none() {
+        crate::env::kernels_cap_unknown(&v);
+    }
+    isa
 }
 
 fn strategy_cap() -> Option<Isa> {
@@ -276,7 +281,11 @@ pub fn default_path() -> Path {
         Some("int8") => Path::SimdInt8,
         Some("f32") => Path::SimdF32,
         Some("scalar") => Path::Scalar,
-        _ => Path::SimdInt16,
+        None | Some("int16") => Path::SimdInt16,
+        Some(other) => {
+            crate::env::activations_unknown(other);
+            Path::SimdInt16
+        }
     })
 }
 
