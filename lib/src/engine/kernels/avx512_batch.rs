@@ -299,31 +299,26 @@ unsafe fn dense_block<const DT: u8, const T: usize>(args: BlockArgs) {
     let mut k0 = 0;
     while k0 < n32 {
         let k1 = (k0 + SLICE).min(n32);
-        for (i, ai) in acc.iter_mut().take(rows).enumerate() {
+        // Where row `i` is read next: its next slice, or after the last
+        // one the next block's row (prefetches never fault).
+        let at = |i: usize| {
             let row = w.add(i * stride);
-            // Where this row is read next: its next slice, or after the
-            // last one the next block's row (prefetches never fault).
             let next = if k1 < n32 {
                 row.wrapping_add(SLICE * es)
             } else {
                 row.wrapping_add(BLOCK_ROWS * stride - k0 * es)
             };
-            let mut a = *ai;
-            let mut k = k0;
-            while k < k1 {
-                prefetch(next.wrapping_add(k * es));
-                if es == 4 {
-                    prefetch(next.wrapping_add(k * es + 64));
-                }
-                let w0 = load16::<DT>(row.add(k * es));
-                let w1 = load16::<DT>(row.add((k + 16) * es));
-                for t in 0..T {
-                    a[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[t].add(k)), a[t][0]);
-                    a[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[t].add(k + 16)), a[t][1]);
-                }
-                k += 32;
-            }
-            *ai = a;
+            (row, next)
+        };
+        let mut i = 0;
+        while i + 2 <= rows {
+            let ((r0, n0), (r1, n1)) = (at(i), at(i + 1));
+            slice_rows::<DT, T, 2>([r0, r1], [n0, n1], xs, (k0, k1), &mut acc[i..i + 2]);
+            i += 2;
+        }
+        if i < rows {
+            let (r0, n0) = at(i);
+            slice_rows::<DT, T, 1>([r0], [n0], xs, (k0, k1), &mut acc[i..i + 1]);
         }
         k0 = k1;
     }
@@ -346,6 +341,52 @@ unsafe fn dense_block<const DT: u8, const T: usize>(args: BlockArgs) {
                 k += 1;
             }
             dots[i][t] = s;
+        }
+    }
+}
+
+/// Columns `k0..k1` (whole 32-column steps) of `R` rows into their `T`
+/// tokens' accumulators `acc[r][t]`, one half at a time: half `h` holds
+/// `dot_dense`'s accumulators `2h` and `2h + 1`, which see only columns
+/// `k + 16h .. k + 16h + 16` of each step, so walking the halves one after
+/// the other keeps every lane's FMAs in order. Each activation vector
+/// loaded serves all `R` rows, and every row's weights are loaded and
+/// converted once.
+#[inline]
+unsafe fn slice_rows<const DT: u8, const T: usize, const R: usize>(
+    rows: [*const u8; R],
+    next: [*const u8; R],
+    xs: &[*const f32; MAX_TOKENS],
+    (k0, k1): (usize, usize),
+    acc: &mut [[[__m512; 2]; T]],
+) {
+    let es = if DT == DT_F32 { 4 } else { 2 };
+    for h in 0..2 {
+        let mut a: [[__m512; T]; R] = std::array::from_fn(|r| std::array::from_fn(|t| acc[r][t][h]));
+        let mut k = k0;
+        while k < k1 {
+            if h == 0 {
+                for r in 0..R {
+                    prefetch(next[r].wrapping_add(k * es));
+                    if es == 4 {
+                        prefetch(next[r].wrapping_add(k * es + 64));
+                    }
+                }
+            }
+            let c = k + 16 * h;
+            let wv: [__m512; R] = std::array::from_fn(|r| load16::<DT>(rows[r].add(c * es)));
+            for t in 0..T {
+                let x = _mm512_loadu_ps(xs[t].add(c));
+                for r in 0..R {
+                    a[r][t] = _mm512_fmadd_ps(wv[r], x, a[r][t]);
+                }
+            }
+            k += 32;
+        }
+        for r in 0..R {
+            for t in 0..T {
+                acc[r][t][h] = a[r][t];
+            }
         }
     }
 }
