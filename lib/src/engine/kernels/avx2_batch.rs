@@ -21,7 +21,8 @@
 //! activations are 8 KiB on a 2048-column matrix). Every token's result is
 //! what its lone `dense_rows` gives, bit for bit: each keeps `dot_dense`'s
 //! four 8-lane accumulators, stored between slices, and adds them up in
-//! its order.
+//! its order. Two rows go together, so each activation vector loaded
+//! serves both (loads, not FMAs, were what a row at a time ran out of).
 //!
 //! Safety: as in the `avx2` module. An [`Avx2`] exists only after its
 //! `detect` saw the features on the running CPU; the view was checked
@@ -45,12 +46,21 @@ use crate::tensor::{FloatType, QBLOCK};
 /// Most tokens one call takes (the small-batch path's limit).
 pub(crate) const MAX_TOKENS: usize = super::SMALL_BATCH_TOKENS;
 
-/// Tokens one pass over a row slice multiplies: their 4 accumulators each
-/// and the weights fill the 16 vector registers.
-const PASS_TOKENS: usize = 3;
+/// Tokens one pass over a pair of row slices multiplies: one of their four
+/// accumulators each for both rows, the two rows' weights and an
+/// activation vector take 11 of the 16 vector registers.
+const PASS_TOKENS: usize = 4;
 
 /// Rows whose accumulators a block keeps between slices.
 const BLOCK_ROWS: usize = 8;
+
+/// Prefetches the line at `p` into L2: the next block's weights, a block
+/// ahead of their use, which would crowd the slice's activations and
+/// accumulators out of L1.
+#[inline]
+unsafe fn prefetch_l2(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+}
 
 /// Columns of a slice.
 const SLICE: usize = 256;
@@ -392,7 +402,7 @@ type BlockArgs<'a> = (
 
 avx2_fn! {
 /// `dot_dense` of `rows` rows with `tokens` tokens, slice by slice and, in
-/// each slice, row by row in passes of [`PASS_TOKENS`] tokens.
+/// each slice, two rows at a time in passes of [`PASS_TOKENS`] tokens.
 unsafe fn dense_block<const DT: u8>(args: BlockArgs) {
     let (w, rows, xs, tokens, n, dots) = args;
     let es = if DT == DT_F32 { 4 } else { 2 };
@@ -402,26 +412,40 @@ unsafe fn dense_block<const DT: u8>(args: BlockArgs) {
     let mut k0 = 0;
     while k0 < n32 {
         let k1 = (k0 + SLICE).min(n32);
-        for (i, ai) in acc.iter_mut().take(rows).enumerate() {
+        // Where row `i` prefetches from: the next block, walked in
+        // address order as this block is walked slice by slice, so memory
+        // sees one sequential stream (prefetching each row's next slice,
+        // eight streams 4 KiB apart, read the lm_head at half the speed
+        // of the lone matvec). Prefetches never fault.
+        let at = |i: usize| {
             let row = w.add(i * stride);
-            // Where this row is read next: its next slice, or after the
-            // last one the next block's row (prefetches never fault).
-            let next = if k1 < n32 {
-                row.wrapping_add(SLICE * es)
-            } else {
-                row.wrapping_add(BLOCK_ROWS * stride - k0 * es)
-            };
+            let next = w
+                .wrapping_add(BLOCK_ROWS * stride + (k0 * rows + i * (k1 - k0)) * es)
+                .wrapping_sub(k0 * es);
+            (row, next)
+        };
+        let mut i = 0;
+        while i < rows {
+            let r = if i + 2 <= rows { 2 } else { 1 };
+            let (r0, n0) = at(i);
+            let (r1, n1) = at(i + r - 1);
             let mut t0 = 0;
             while t0 < tokens {
-                let pass = &mut ai[t0..];
-                let x = &xs[t0..];
-                match tokens - t0 {
-                    1 => slice_pass::<DT, 1>(row, next, x, k0, k1, pass, t0 == 0),
-                    2 => slice_pass::<DT, 2>(row, next, x, k0, k1, pass, t0 == 0),
-                    _ => slice_pass::<DT, 3>(row, next, x, k0, k1, pass, t0 == 0),
+                let args = (&xs[t0..], (k0, k1), t0 == 0, t0);
+                let acc = &mut acc[i..i + r];
+                match (r, tokens - t0) {
+                    (2, 1) => slice_rows::<DT, 1, 2>([r0, r1], [n0, n1], args, acc),
+                    (2, 2) => slice_rows::<DT, 2, 2>([r0, r1], [n0, n1], args, acc),
+                    (2, 3) => slice_rows::<DT, 3, 2>([r0, r1], [n0, n1], args, acc),
+                    (2, _) => slice_rows::<DT, 4, 2>([r0, r1], [n0, n1], args, acc),
+                    (_, 1) => slice_rows::<DT, 1, 1>([r0], [n0], args, acc),
+                    (_, 2) => slice_rows::<DT, 2, 1>([r0], [n0], args, acc),
+                    (_, 3) => slice_rows::<DT, 3, 1>([r0], [n0], args, acc),
+                    _ => slice_rows::<DT, 4, 1>([r0], [n0], args, acc),
                 }
                 t0 += PASS_TOKENS;
             }
+            i += r;
         }
         k0 = k1;
     }
@@ -445,39 +469,51 @@ unsafe fn dense_block<const DT: u8>(args: BlockArgs) {
     }
 }
 
-/// Columns `k0..k1` of one row into `T` tokens' accumulators; the first
-/// pass of a slice prefetches where the row is read next.
+/// Columns `k0..k1` (whole 32-column steps) of `R` rows into the
+/// accumulators `acc[r][t0 + t]` of `T` tokens (`xs[t]`), one of
+/// `dot_dense`'s four accumulators at a time: accumulator `j` sees only
+/// columns `k + 8j .. k + 8j + 8` of each step, so walking them one after
+/// the other keeps every lane's FMAs in order. Each activation vector
+/// loaded serves all `R` rows; the first pass of tokens prefetches where
+/// the rows are read next.
 #[inline]
-unsafe fn slice_pass<const DT: u8, const T: usize>(
-    row: *const u8,
-    next: *const u8,
-    xs: &[*const f32],
-    k0: usize,
-    k1: usize,
-    acc: &mut [[__m256; 4]],
-    first: bool,
+unsafe fn slice_rows<const DT: u8, const T: usize, const R: usize>(
+    rows: [*const u8; R],
+    next: [*const u8; R],
+    (xs, (k0, k1), first, t0): (&[*const f32], (usize, usize), bool, usize),
+    acc: &mut [[[__m256; 4]; MAX_TOKENS]],
 ) {
     let es = if DT == DT_F32 { 4 } else { 2 };
-    let mut a: [[__m256; 4]; T] = std::array::from_fn(|t| acc[t]);
     let x: [*const f32; T] = std::array::from_fn(|t| xs[t]);
-    let mut k = k0;
-    while k < k1 {
-        if first {
-            prefetch(next.wrapping_add(k * es));
-            if es == 4 {
-                prefetch(next.wrapping_add(k * es + 64));
+    for j in 0..4 {
+        let mut a: [[__m256; T]; R] =
+            std::array::from_fn(|r| std::array::from_fn(|t| acc[r][t0 + t][j]));
+        let mut k = k0;
+        while k < k1 {
+            if first && j == 0 {
+                for r in 0..R {
+                    prefetch_l2(next[r].wrapping_add(k * es));
+                    if es == 4 {
+                        prefetch_l2(next[r].wrapping_add(k * es + 64));
+                    }
+                }
             }
-        }
-        for j in 0..4 {
-            let o = k + 8 * j;
-            let wv = load8::<DT>(row.add(o * es));
+            let c = k + 8 * j;
+            let wv: [__m256; R] = std::array::from_fn(|r| load8::<DT>(rows[r].add(c * es)));
             for t in 0..T {
-                a[t][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[t].add(o)), a[t][j]);
+                let xv = _mm256_loadu_ps(x[t].add(c));
+                for r in 0..R {
+                    a[r][t] = _mm256_fmadd_ps(wv[r], xv, a[r][t]);
+                }
+            }
+            k += 32;
+        }
+        for r in 0..R {
+            for t in 0..T {
+                acc[r][t0 + t][j] = a[r][t];
             }
         }
-        k += 32;
     }
-    acc[..T].copy_from_slice(&a);
 }
 }
 

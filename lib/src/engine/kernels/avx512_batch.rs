@@ -50,6 +50,28 @@ macro_rules! by_tokens {
     };
 }
 
+/// Tokens one pass of the quantized kernels multiplies, two rows at a
+/// time: their integer sums and two group totals for both rows take 24 of
+/// the 32 vector registers.
+const QUANT_PASS: usize = 4;
+
+/// Calls `$f::<T, R>($args)` for the token count `$n` (1 to
+/// [`QUANT_PASS`]) and the row count `$r` (1 or 2).
+macro_rules! by_pass_rows {
+    ($n:expr, $r:expr, $f:ident, $($args:expr),*) => {
+        match ($n, $r) {
+            (1, 1) => $f::<1, 1>($($args),*),
+            (2, 1) => $f::<2, 1>($($args),*),
+            (3, 1) => $f::<3, 1>($($args),*),
+            (_, 1) => $f::<4, 1>($($args),*),
+            (1, _) => $f::<1, 2>($($args),*),
+            (2, _) => $f::<2, 2>($($args),*),
+            (3, _) => $f::<3, 2>($($args),*),
+            _ => $f::<4, 2>($($args),*),
+        }
+    };
+}
+
 impl Avx512 {
     /// `out[t * nr + i] = row (r0 + i) · x_t` for `nr` rows of a quantized
     /// matrix and the tokens whose activations `acts` holds (quantized by
@@ -71,27 +93,36 @@ impl Avx512 {
             assert!(a.xq.len() == v.cols && a.d.len() == v.n_groups);
             assert!(a.gsum.len() == v.n_groups);
         }
+        // Passes of a few tokens over all the rows: a pass's activations
+        // stay in L1 while the rows stream past, two at a time (the rows
+        // come from memory in the first pass, from L2 in the others).
         let n = acts.len();
         let mut t0 = 0;
         while t0 < n {
-            let nt = (n - t0).min(MAX_TOKENS);
+            let nt = (n - t0).min(QUANT_PASS);
             let pass = &acts[t0..t0 + nt];
-            for i in 0..nr {
+            let mut i = 0;
+            while i < nr {
+                let rr = if i + 2 <= nr { 2 } else { 1 };
                 let r = r0 + i;
-                let mut dots = [0f32; MAX_TOKENS];
-                // SAFETY: `self` proves the features; the row is in range
-                // and every activation matches the view's checked shape
-                // (asserted above).
+                let mut dots = [[0f32; MAX_TOKENS]; 2];
+                // SAFETY: `self` proves the features; rows `r..r + rr` are
+                // in range and every activation matches the view's checked
+                // shape (asserted above).
                 unsafe {
                     if v.bits == 4 {
-                        by_tokens!(nt, dot_i4_tokens, v, r, pass, &mut dots)
+                        by_pass_rows!(nt, rr, dot_i4_tokens, v, r, pass, &mut dots)
                     } else {
-                        by_tokens!(nt, dot_i8_tokens, v, r, pass, &mut dots)
+                        by_pass_rows!(nt, rr, dot_i8_tokens, v, r, pass, &mut dots)
                     }
                 }
-                for (t, a) in pass.iter().enumerate() {
-                    out[(t0 + t) * nr + i] = dots[t] + self.avx2.zero_correction(v, r, &a.gsum);
+                for (k, d) in dots.iter().take(rr).enumerate() {
+                    for (t, a) in pass.iter().enumerate() {
+                        let z = self.avx2.zero_correction(v, r + k, &a.gsum);
+                        out[(t0 + t) * nr + i + k] = d[t] + z;
+                    }
                 }
+                i += rr;
             }
             t0 += nt;
         }
@@ -147,100 +178,142 @@ impl Avx512 {
 }
 
 avx512_vnni_fn! {
-/// Row `r` of an int4 matrix times `T` tokens' group-quantized activations,
-/// without the zero-point term; `dots[t]` is `dot_i4` for token `t`.
-unsafe fn dot_i4_tokens<const T: usize>(
+/// Rows `r..r + R` of an int4 matrix times `T` tokens' group-quantized
+/// activations, without the zero-point term; `dots[k][t]` is `dot_i4` of
+/// row `r + k` for token `t`. Each activation vector loaded serves all `R`
+/// rows.
+unsafe fn dot_i4_tokens<const T: usize, const R: usize>(
     v: &QuantView,
     r: usize,
     acts: &[&GroupAct],
-    dots: &mut [f32; MAX_TOKENS],
+    dots: &mut [[f32; MAX_TOKENS]; 2],
 ) {
     let gs = v.group_size;
-    let qrow = v.q.as_ptr().add(r * v.row_bytes);
-    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let qrow: [*const u8; R] = std::array::from_fn(|k| v.q.as_ptr().add((r + k) * v.row_bytes));
+    let srow: [*const u8; R] =
+        std::array::from_fn(|k| v.scales.as_ptr().add((r + k) * v.n_groups * 2));
     let xq: [*const i16; T] = std::array::from_fn(|t| acts[t].xq.as_ptr());
     let m = _mm512_set1_epi16(0x0F);
     let pfb = pf_bytes();
-    // `tot[h][t]`: token t's even (h = 0) and odd groups, as `dot_i4`
-    // alternates its two totals.
-    let mut tot = [[_mm512_setzero_ps(); T]; 2];
+    // `tot[h][k][t]`: row k's token t's even (h = 0) and odd groups, as
+    // `dot_i4` alternates its two totals.
+    let mut tot = [[[_mm512_setzero_ps(); T]; R]; 2];
     for g in 0..v.n_groups {
         let k0 = g * gs;
         let nb = (gs.min(v.cols - k0)) / QBLOCK;
-        let qg = qrow.add(k0 / 2);
-        let mut acc = [_mm512_setzero_si512(); T];
+        let qg: [*const u8; R] = std::array::from_fn(|k| qrow[k].add(k0 / 2));
+        let mut acc = [[_mm512_setzero_si512(); T]; R];
         for p in 0..nb / 2 {
-            prefetch(qg.wrapping_add(p * 32 + pfb));
-            let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg.add(p * 32) as *const __m256i));
-            let lo = _mm512_and_si512(w, m);
-            let hi = _mm512_srli_epi16::<4>(w);
+            let mut lo = [_mm512_setzero_si512(); R];
+            let mut hi = [_mm512_setzero_si512(); R];
+            for k in 0..R {
+                prefetch(qg[k].wrapping_add(p * 32 + pfb));
+                let w =
+                    _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg[k].add(p * 32) as *const __m256i));
+                lo[k] = _mm512_and_si512(w, m);
+                hi[k] = _mm512_srli_epi16::<4>(w);
+            }
             for t in 0..T {
                 let x = xq[t].add(k0 + p * 64);
-                acc[t] = _mm512_dpwssd_epi32(acc[t], lo, _mm512_loadu_si512(x as *const _));
-                acc[t] = _mm512_dpwssd_epi32(acc[t], hi, _mm512_loadu_si512(x.add(32) as *const _));
+                let xl = _mm512_loadu_si512(x as *const _);
+                let xh = _mm512_loadu_si512(x.add(32) as *const _);
+                for k in 0..R {
+                    acc[k][t] = _mm512_dpwssd_epi32(acc[k][t], lo[k], xl);
+                    acc[k][t] = _mm512_dpwssd_epi32(acc[k][t], hi[k], xh);
+                }
             }
         }
         if nb % 2 == 1 {
             let b = nb - 1;
-            let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(qg.add(b * 16) as *const __m128i));
-            let lo = _mm256_and_si256(w, _mm256_set1_epi16(0x0F));
-            let hi = _mm256_srli_epi16::<4>(w);
-            let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            let w: [__m512i; R] = std::array::from_fn(|k| {
+                let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(qg[k].add(b * 16) as *const __m128i));
+                let lo = _mm256_and_si256(w, _mm256_set1_epi16(0x0F));
+                let hi = _mm256_srli_epi16::<4>(w);
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+            });
             for t in 0..T {
                 let x = _mm512_loadu_si512(xq[t].add(k0 + b * QBLOCK) as *const _);
-                acc[t] = _mm512_dpwssd_epi32(acc[t], w, x);
+                for k in 0..R {
+                    acc[k][t] = _mm512_dpwssd_epi32(acc[k][t], w[k], x);
+                }
             }
         }
-        let s = f16_at(srow, g);
-        for t in 0..T {
-            let sd = _mm512_set1_ps(s * *acts[t].d.as_ptr().add(g));
-            let i = _mm512_cvtepi32_ps(acc[t]);
-            tot[g % 2][t] = _mm512_fmadd_ps(i, sd, tot[g % 2][t]);
-        }
+        group_totals::<T, R>(&srow, g, acts, &acc, &mut tot[g % 2]);
     }
-    for t in 0..T {
-        dots[t] = _mm512_reduce_add_ps(_mm512_add_ps(tot[0][t], tot[1][t]));
-    }
+    finish_dots::<T, R>(&tot, dots);
 }
 
-/// Row `r` of an int8 matrix times `T` tokens' group-quantized activations,
-/// without the zero-point term; `dots[t]` is `dot_i8` for token `t`.
-unsafe fn dot_i8_tokens<const T: usize>(
+/// Rows `r..r + R` of an int8 matrix times `T` tokens' group-quantized
+/// activations, without the zero-point term; `dots[k][t]` is `dot_i8` of
+/// row `r + k` for token `t`. Each activation vector loaded serves all `R`
+/// rows.
+unsafe fn dot_i8_tokens<const T: usize, const R: usize>(
     v: &QuantView,
     r: usize,
     acts: &[&GroupAct],
-    dots: &mut [f32; MAX_TOKENS],
+    dots: &mut [[f32; MAX_TOKENS]; 2],
 ) {
     let gs = v.group_size;
-    let qrow = v.q.as_ptr().add(r * v.row_bytes);
-    let srow = v.scales.as_ptr().add(r * v.n_groups * 2);
+    let qrow: [*const u8; R] = std::array::from_fn(|k| v.q.as_ptr().add((r + k) * v.row_bytes));
+    let srow: [*const u8; R] =
+        std::array::from_fn(|k| v.scales.as_ptr().add((r + k) * v.n_groups * 2));
     let xq: [*const i16; T] = std::array::from_fn(|t| acts[t].xq.as_ptr());
     let pfb = pf_bytes();
-    let mut tot = [[_mm512_setzero_ps(); T]; 2];
+    let mut tot = [[[_mm512_setzero_ps(); T]; R]; 2];
     for g in 0..v.n_groups {
         let k0 = g * gs;
         let nb = (gs.min(v.cols - k0)) / QBLOCK;
-        let qg = qrow.add(k0);
-        let mut acc = [_mm512_setzero_si512(); T];
+        let mut acc = [[_mm512_setzero_si512(); T]; R];
         for b in 0..nb {
-            if b % 2 == 0 {
-                prefetch(qg.wrapping_add(b * QBLOCK + pfb));
-            }
-            let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg.add(b * QBLOCK) as *const __m256i));
+            let at = k0 + b * QBLOCK;
+            let w: [__m512i; R] = std::array::from_fn(|k| {
+                if b % 2 == 0 {
+                    prefetch(qrow[k].wrapping_add(at + pfb));
+                }
+                _mm512_cvtepu8_epi16(_mm256_loadu_si256(qrow[k].add(at) as *const __m256i))
+            });
             for t in 0..T {
-                let x = _mm512_loadu_si512(xq[t].add(k0 + b * QBLOCK) as *const _);
-                acc[t] = _mm512_dpwssd_epi32(acc[t], w, x);
+                let x = _mm512_loadu_si512(xq[t].add(at) as *const _);
+                for k in 0..R {
+                    acc[k][t] = _mm512_dpwssd_epi32(acc[k][t], w[k], x);
+                }
             }
         }
-        let s = f16_at(srow, g);
+        group_totals::<T, R>(&srow, g, acts, &acc, &mut tot[g % 2]);
+    }
+    finish_dots::<T, R>(&tot, dots);
+}
+
+/// Adds group `g`'s integer sums, scaled by the row's and the token's
+/// scales, to the totals, as `dot_i4` / `dot_i8` do.
+#[inline]
+unsafe fn group_totals<const T: usize, const R: usize>(
+    srow: &[*const u8; R],
+    g: usize,
+    acts: &[&GroupAct],
+    acc: &[[__m512i; T]; R],
+    tot: &mut [[__m512; T]; R],
+) {
+    for k in 0..R {
+        let s = f16_at(srow[k], g);
         for t in 0..T {
             let sd = _mm512_set1_ps(s * *acts[t].d.as_ptr().add(g));
-            let i = _mm512_cvtepi32_ps(acc[t]);
-            tot[g % 2][t] = _mm512_fmadd_ps(i, sd, tot[g % 2][t]);
+            let i = _mm512_cvtepi32_ps(acc[k][t]);
+            tot[k][t] = _mm512_fmadd_ps(i, sd, tot[k][t]);
         }
     }
-    for t in 0..T {
-        dots[t] = _mm512_reduce_add_ps(_mm512_add_ps(tot[0][t], tot[1][t]));
+}
+
+/// Each row's and token's two group totals added up as `dot_i4` does.
+#[inline]
+unsafe fn finish_dots<const T: usize, const R: usize>(
+    tot: &[[[__m512; T]; R]; 2],
+    dots: &mut [[f32; MAX_TOKENS]; 2],
+) {
+    for k in 0..R {
+        for t in 0..T {
+            dots[k][t] = _mm512_reduce_add_ps(_mm512_add_ps(tot[0][k][t], tot[1][k][t]));
+        }
     }
 }
 
@@ -265,6 +338,14 @@ unsafe fn hi256(v: __m512) -> __m256 {
 
 /// Rows of a dense block [`dense_block`] keeps accumulators for.
 const BLOCK_ROWS: usize = 8;
+
+/// Prefetches the line at `p` into L2: the next block's weights, a block
+/// ahead of their use, which would crowd the slice's activations and
+/// accumulators out of L1.
+#[inline]
+unsafe fn prefetch_l2(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+}
 
 /// Columns of a [`dense_block`] slice: the slice of eight tokens' f32
 /// activations (8 KiB), the block's weights and accumulators stay in L1
@@ -299,31 +380,27 @@ unsafe fn dense_block<const DT: u8, const T: usize>(args: BlockArgs) {
     let mut k0 = 0;
     while k0 < n32 {
         let k1 = (k0 + SLICE).min(n32);
-        for (i, ai) in acc.iter_mut().take(rows).enumerate() {
+        // Where row `i` prefetches from: the next block, walked in
+        // address order as this block is walked slice by slice, so memory
+        // sees one sequential stream (prefetching each row's next slice,
+        // eight streams 4 KiB apart, read the lm_head at half the speed
+        // of the lone matvec). Prefetches never fault.
+        let at = |i: usize| {
             let row = w.add(i * stride);
-            // Where this row is read next: its next slice, or after the
-            // last one the next block's row (prefetches never fault).
-            let next = if k1 < n32 {
-                row.wrapping_add(SLICE * es)
-            } else {
-                row.wrapping_add(BLOCK_ROWS * stride - k0 * es)
-            };
-            let mut a = *ai;
-            let mut k = k0;
-            while k < k1 {
-                prefetch(next.wrapping_add(k * es));
-                if es == 4 {
-                    prefetch(next.wrapping_add(k * es + 64));
-                }
-                let w0 = load16::<DT>(row.add(k * es));
-                let w1 = load16::<DT>(row.add((k + 16) * es));
-                for t in 0..T {
-                    a[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[t].add(k)), a[t][0]);
-                    a[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[t].add(k + 16)), a[t][1]);
-                }
-                k += 32;
-            }
-            *ai = a;
+            let next = w
+                .wrapping_add(BLOCK_ROWS * stride + (k0 * rows + i * (k1 - k0)) * es)
+                .wrapping_sub(k0 * es);
+            (row, next)
+        };
+        let mut i = 0;
+        while i + 2 <= rows {
+            let ((r0, n0), (r1, n1)) = (at(i), at(i + 1));
+            slice_rows::<DT, T, 2>([r0, r1], [n0, n1], xs, (k0, k1), &mut acc[i..i + 2]);
+            i += 2;
+        }
+        if i < rows {
+            let (r0, n0) = at(i);
+            slice_rows::<DT, T, 1>([r0], [n0], xs, (k0, k1), &mut acc[i..i + 1]);
         }
         k0 = k1;
     }
@@ -346,6 +423,52 @@ unsafe fn dense_block<const DT: u8, const T: usize>(args: BlockArgs) {
                 k += 1;
             }
             dots[i][t] = s;
+        }
+    }
+}
+
+/// Columns `k0..k1` (whole 32-column steps) of `R` rows into their `T`
+/// tokens' accumulators `acc[r][t]`, one half at a time: half `h` holds
+/// `dot_dense`'s accumulators `2h` and `2h + 1`, which see only columns
+/// `k + 16h .. k + 16h + 16` of each step, so walking the halves one after
+/// the other keeps every lane's FMAs in order. Each activation vector
+/// loaded serves all `R` rows, and every row's weights are loaded and
+/// converted once.
+#[inline]
+unsafe fn slice_rows<const DT: u8, const T: usize, const R: usize>(
+    rows: [*const u8; R],
+    next: [*const u8; R],
+    xs: &[*const f32; MAX_TOKENS],
+    (k0, k1): (usize, usize),
+    acc: &mut [[[__m512; 2]; T]],
+) {
+    let es = if DT == DT_F32 { 4 } else { 2 };
+    for h in 0..2 {
+        let mut a: [[__m512; T]; R] = std::array::from_fn(|r| std::array::from_fn(|t| acc[r][t][h]));
+        let mut k = k0;
+        while k < k1 {
+            if h == 0 {
+                for r in 0..R {
+                    prefetch_l2(next[r].wrapping_add(k * es));
+                    if es == 4 {
+                        prefetch_l2(next[r].wrapping_add(k * es + 64));
+                    }
+                }
+            }
+            let c = k + 16 * h;
+            let wv: [__m512; R] = std::array::from_fn(|r| load16::<DT>(rows[r].add(c * es)));
+            for t in 0..T {
+                let x = _mm512_loadu_ps(xs[t].add(c));
+                for r in 0..R {
+                    a[r][t] = _mm512_fmadd_ps(wv[r], x, a[r][t]);
+                }
+            }
+            k += 32;
+        }
+        for r in 0..R {
+            for t in 0..T {
+                acc[r][t][h] = a[r][t];
+            }
         }
     }
 }
@@ -408,7 +531,10 @@ mod tests {
             let v = QuantView::new(&m).unwrap();
             let w = Matrix::Quant(m.clone());
             let wf = dense_f32(&w);
-            for n in TOKENS {
+            for (n, (r0, nr)) in TOKENS
+                .into_iter()
+                .flat_map(|n| [(n, (1, rows - 1)), (n, (0, rows))])
+            {
                 let mut x: Vec<f32> = rand_x(&mut rng, n * cols)
                     .iter()
                     .map(|v| v * 50.0)
@@ -422,7 +548,6 @@ mod tests {
                     .map(|xt| b.group_act(xt, bits, group))
                     .collect();
                 let refs: Vec<&GroupAct> = acts.iter().collect();
-                let (r0, nr) = (1, rows - 1);
                 let mut got = vec![0f32; n * nr];
                 b.quant_rows_tokens(&v, r0, nr, &refs, &mut got);
                 for (t, xt) in x.chunks_exact(cols).enumerate() {

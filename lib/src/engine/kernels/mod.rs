@@ -559,7 +559,11 @@ mod batch {
             Matrix::Quant(q) => View::Q(avx2::QuantView::new(q).expect("validated")),
             Matrix::Dense(d) => View::D(avx2::DenseView::new(d).expect("validated")),
         };
-        let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
+        let padded = padded_copy(w, x, n, cols);
+        let xs: Vec<&[f32]> = match &padded {
+            Some((p, stride)) => p.chunks(*stride).map(|c| &c[..cols]).collect(),
+            None => x.chunks_exact(cols).collect(),
+        };
         let acts: Vec<Act> = xs.iter().map(|xt| prepare(s, w, xt, path)).collect();
         // The AVX-512 level's group activations, for its many-token kernel.
         let groups: Vec<&avx512::GroupAct> = acts
@@ -626,6 +630,26 @@ mod batch {
                 y[t * rows + r0..t * rows + r0 + nr].copy_from_slice(&out[t * nr..(t + 1) * nr]);
             }
         }
+    }
+
+    /// The dense kernels' tokens at a stride of a quarter of a 4 KiB
+    /// page past a whole number of pages: tokens whose activations lie a
+    /// multiple of 4 KiB apart (2048 columns of f32) share their L1 sets,
+    /// so the eight tokens' slices fill those sets' eight ways and the
+    /// weights streaming past evict them, while at this stride they spread
+    /// over all the sets. `None` for one token or quantized weights (their
+    /// activations are copies of their own).
+    fn padded_copy(w: &Matrix, x: &[f32], n: usize, cols: usize) -> Option<(Vec<f32>, usize)> {
+        if n < 2 || !matches!(w, Matrix::Dense(_)) {
+            return None;
+        }
+        let page = 1024;
+        let stride = cols.next_multiple_of(page) + page / 4;
+        let mut p = vec![0f32; n * stride];
+        for (d, s) in p.chunks_mut(stride).zip(x.chunks_exact(cols)) {
+            d[..cols].copy_from_slice(s);
+        }
+        Some((p, stride))
     }
 
     pub(super) fn run(s: Simd, jobs: &mut [Product], path: Path) {
