@@ -277,6 +277,30 @@ fn gaps(chunks: &[Instant], from: Instant, to: Instant) -> Vec<f64> {
         .collect()
 }
 
+/// Why the arrival figure cannot be taken: the first stream that ended
+/// before its first [`arrival`] chunks, as it ended.
+fn early_end(
+    streams: Vec<std::thread::ScopedJoinHandle<'_, Result<Timed, StreamError>>>,
+) -> CliError {
+    for (c, h) in streams.into_iter().enumerate() {
+        if !h.is_finished() {
+            continue;
+        }
+        let why = match h.join() {
+            Ok(Ok(t)) => format!(
+                "HTTP {}, {} chunks with text, {} tokens generated",
+                t.status,
+                t.chunks.len(),
+                t.completion_tokens
+            ),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "its thread panicked".to_string(),
+        };
+        return CliError::failure(format!("stream {c} never produced its first chunks: {why}"));
+    }
+    CliError::failure("a stream never produced its first chunks within an hour")
+}
+
 fn arrival(a: &HttpArgs, words: usize) -> Result<(), CliError> {
     // Each stream's first few chunks set the pace before the arrival.
     const WARM_CHUNKS: usize = 6;
@@ -295,9 +319,14 @@ fn arrival(a: &HttpArgs, words: usize) -> Result<(), CliError> {
                 })
             })
             .collect();
+        // Only the streams hold senders now: a stream that ends (an error, an
+        // early stop) before its first chunks disconnects instead of leaving
+        // this wait to its hour-long timeout.
+        drop(tx);
         for _ in 0..a.clients {
-            rx.recv_timeout(Duration::from_secs(3600))
-                .map_err(|_| CliError::failure("a stream never produced its first chunks"))?;
+            if rx.recv_timeout(Duration::from_secs(3600)).is_err() {
+                return Err(early_end(streams));
+            }
         }
         let sent = Instant::now();
         let long = stream_timed(a, &filler(words, 999), 2, |_| {})
