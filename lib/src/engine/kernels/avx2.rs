@@ -546,6 +546,14 @@ pub(super) unsafe fn prefetch(p: *const u8) {
     _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
 }
 
+/// Hints the cache line at `p` into L2 only: the batched kernels' next
+/// block of weights, a block ahead of its use, which in L1 would crowd out
+/// the slice's activations and accumulators. Never faults, like [`prefetch`].
+#[inline]
+pub(super) unsafe fn prefetch_l2(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+}
+
 #[inline]
 pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

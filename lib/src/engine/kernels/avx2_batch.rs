@@ -38,8 +38,8 @@ use crate::kernels::isa::avx2_fn;
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    f16_at, hsum, load1, load8, pf_bytes, prefetch, Avx2, DenseView, Q16Act, QuantView, DT_BF16,
-    DT_F16, DT_F32,
+    f16_at, hsum, load1, load8, pf_bytes, prefetch, prefetch_l2, Avx2, DenseView, Q16Act,
+    QuantView, DT_BF16, DT_F16, DT_F32,
 };
 use crate::tensor::{FloatType, QBLOCK};
 
@@ -53,14 +53,6 @@ const PASS_TOKENS: usize = 4;
 
 /// Rows whose accumulators a block keeps between slices.
 const BLOCK_ROWS: usize = 8;
-
-/// Prefetches the line at `p` into L2: the next block's weights, a block
-/// ahead of their use, which would crowd the slice's activations and
-/// accumulators out of L1.
-#[inline]
-unsafe fn prefetch_l2(p: *const u8) {
-    _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
-}
 
 /// Columns of a slice.
 const SLICE: usize = 256;

@@ -25,7 +25,8 @@ use crate::kernels::isa::avx512_vnni_fn;
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    f16_at, hsum, load1, load8, pf_bytes, prefetch, DenseView, QuantView, DT_BF16, DT_F16, DT_F32,
+    f16_at, hsum, load1, load8, pf_bytes, prefetch, prefetch_l2, DenseView, QuantView, DT_BF16,
+    DT_F16, DT_F32,
 };
 use super::avx512::{Avx512, GroupAct};
 use crate::tensor::{FloatType, QBLOCK};
@@ -338,14 +339,6 @@ unsafe fn hi256(v: __m512) -> __m256 {
 
 /// Rows of a dense block [`dense_block`] keeps accumulators for.
 const BLOCK_ROWS: usize = 8;
-
-/// Prefetches the line at `p` into L2: the next block's weights, a block
-/// ahead of their use, which would crowd the slice's activations and
-/// accumulators out of L1.
-#[inline]
-unsafe fn prefetch_l2(p: *const u8) {
-    _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
-}
 
 /// Columns of a [`dense_block`] slice: the slice of eight tokens' f32
 /// activations (8 KiB), the block's weights and accumulators stay in L1
