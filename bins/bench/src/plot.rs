@@ -384,6 +384,7 @@ mod tests {
             prefill_macs_per_token: 700_000_000,
             prefill_gflops: None,
             fma_peak_gflops: Some(500.0),
+            mapped: None,
         }
     }
 

@@ -367,6 +367,13 @@ fn report(
         prefill_macs_per_token: macs,
         prefill_gflops,
         fma_peak_gflops: fma_peak,
+        mapped: model
+            .weights()
+            .mapped_pages()
+            .map(|m| speedbench::MappedShare {
+                resident_bytes: m.resident,
+                huge_page_bytes: m.huge,
+            }),
     }
 }
 

@@ -113,6 +113,19 @@ pub trait WeightSource: Send + Sync {
         Ok(())
     }
 
+    /// Asks for the source's mapped files on 2 MiB pages (`huge`), or on
+    /// 4 KiB pages only; sources without mappings, or whose routed experts
+    /// are read into buffers of their own (the expert cache), do nothing.
+    fn map_pages(&self, huge: bool) {
+        let _ = huge;
+    }
+
+    /// How much of the source's mapped files is resident and how much of
+    /// that on 2 MiB pages; `None` for sources that map nothing.
+    fn mapped_pages(&self) -> Option<crate::mmap::MappedPages> {
+        None
+    }
+
     /// The source as `Any`, for the engine to recognise a source it made
     /// itself (the expert cache's `model::experts::PagedCache`) without
     /// this interface naming engine types. `None` for every other source.

@@ -158,6 +158,20 @@ pub struct SpeedReport {
     /// FMA peak of this machine on the same threads (GFLOP/s, measured in
     /// the same run), which prefill is compared with.
     pub fma_peak_gflops: Option<f64>,
+    /// The mapped weight files at the end of the run: bytes resident and,
+    /// of those, bytes on 2 MiB pages (routed experts are read from the
+    /// mapping; on 4 KiB pages each page costs a TLB miss).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapped: Option<MappedShare>,
+}
+
+/// Resident bytes of the mapped weight files and how many are on 2 MiB pages.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct MappedShare {
+    /// Bytes resident in the process.
+    pub resident_bytes: u64,
+    /// Of those, bytes mapped on 2 MiB pages.
+    pub huge_page_bytes: u64,
 }
 
 fn gib(b: u64) -> String {
@@ -226,6 +240,13 @@ impl SpeedReport {
                 "machine read bandwidth:  {b:.2} GB/s ({}); decode reaches {:.0}% of it\n",
                 self.bandwidth_source.as_deref().unwrap_or("measured"),
                 r * 100.0
+            ));
+        }
+        if let Some(m) = self.mapped.filter(|m| m.resident_bytes > 0) {
+            s.push_str(&format!(
+                "mapped weights:          {} resident, {:.0}% of it on 2 MiB pages\n",
+                crate::cli::human_bytes(m.resident_bytes),
+                m.huge_page_bytes as f64 / m.resident_bytes as f64 * 100.0
             ));
         }
         if let Some(g) = self.prefill_gflops {
@@ -374,8 +395,16 @@ mod tests {
             prefill_macs_per_token: 3_000_000,
             prefill_gflops: Some(6.0),
             fma_peak_gflops: Some(60.0),
+            mapped: Some(MappedShare {
+                resident_bytes: 4 << 30,
+                huge_page_bytes: 3 << 30,
+            }),
         };
         let table = r.table();
+        assert!(
+            table.contains("mapped weights:          4.00 GiB resident, 75% of it on 2 MiB pages"),
+            "{table}"
+        );
         assert!(
             table.contains("prefill compute:         6.0 GFLOP/s (2 x 3.0 M multiply-adds per prompt token in the layers' matrices); 10% of the 60.0 GFLOP/s FMA peak"),
             "{table}"
@@ -394,6 +423,7 @@ mod tests {
         assert_eq!(r.csv().lines().count(), 4);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["parallel"][1]["per_stream_tps"], 2.0);
+        assert_eq!(json["mapped"]["huge_page_bytes"], 3u64 << 30);
         assert!(peak_rss_bytes() > 0);
     }
 }

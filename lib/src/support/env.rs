@@ -15,7 +15,7 @@
 //! | `RH_EXPERT_AHEAD_IDLE` | [`crate::model::experts`] | `1`: read-ahead starts only while no demand read runs (default: beside them), for measurements |
 //! | `RH_EXPERT_IO_NICE` | [`crate::model::experts`] | nice value of the expert cache's I/O threads (default 0: left as they are; below 0 where allowed), for measurements |
 //! | `RH_EXPERT_PREFAULT` | [`crate::model::experts`] | `0`: the expert cache's buffers are faulted in by the first read into each (default: touched ahead on a low-priority thread), for measurements |
-//! | `RH_HUGE_PAGES` | [`crate::model`] | `0`: leave the weights every token reads (all but the embedding and the routed experts) where the source put them instead of copying them onto huge pages, for measurements |
+//! | `RH_HUGE_PAGES` | [`crate::model`] | `0`: leave the weights every token reads (all but the embedding and the routed experts) where the source put them instead of copying them onto huge pages, and map the cache files on 4 KiB pages only (`MADV_NOHUGEPAGE`; otherwise `MADV_HUGEPAGE`), for measurements |
 //!
 //! A value a knob cannot use (not a number, out of its range, a switch set
 //! to neither `0` nor `1`, an unknown level or path) is ignored with one

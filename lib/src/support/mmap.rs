@@ -103,6 +103,128 @@ impl MappedFile {
     pub fn raw(&self) -> Option<&memmap2::Mmap> {
         self.map.as_ref()
     }
+
+    /// Asks the kernel to map this file on 2 MiB pages (`huge`) or never
+    /// on them (4 KiB pages, for measurements). A file whose page cache
+    /// holds 2 MiB folios (ext4 and XFS since Linux 6.16 read files into
+    /// them) is then mapped with one page-table entry per 2 MiB, and a
+    /// fault on a range not yet cached reads 2 MiB folios so it can be.
+    /// Why: the routed experts are read from this mapping, and under a
+    /// hypervisor each 4 KiB page costs a nested page walk (the copies of
+    /// the per-token weights are on huge pages for the same reason; see
+    /// `model::reads_every_token`).
+    pub fn advise_page_size(&self, huge: bool) {
+        #[cfg(target_os = "linux")]
+        if let Some(m) = &self.map {
+            let advice = if huge {
+                memmap2::Advice::HugePage
+            } else {
+                memmap2::Advice::NoHugePage
+            };
+            // A refusal (THP compiled out) leaves 4 KiB pages: nothing to report.
+            let _ = m.advise(advice);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = huge;
+    }
+}
+
+/// How much of some mappings is in RAM, and how much of that is mapped on
+/// 2 MiB pages (`/proc/self/smaps`: `Rss`, `FilePmdMapped`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappedPages {
+    /// Bytes of the mappings resident in this process.
+    pub resident: u64,
+    /// Of those, bytes mapped by 2 MiB page-table entries.
+    pub huge: u64,
+}
+
+/// [`MappedPages`] over `maps`; `None` where `/proc/self/smaps` cannot be
+/// read (not Linux) or no mapping is live.
+pub fn mapped_pages(maps: &[Arc<MappedFile>]) -> Option<MappedPages> {
+    let ranges: Vec<(u64, u64)> = maps
+        .iter()
+        .filter_map(|m| m.map.as_ref())
+        .map(|m| (m.as_ptr() as u64, m.as_ptr() as u64 + m.len() as u64))
+        .collect();
+    if ranges.is_empty() {
+        return None;
+    }
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    Some(pages_in(&smaps, &ranges))
+}
+
+/// Sums `Rss` and `FilePmdMapped` of the `smaps` entries overlapping any of
+/// `ranges` (start, end).
+fn pages_in(smaps: &str, ranges: &[(u64, u64)]) -> MappedPages {
+    let mut out = MappedPages::default();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let mut it = line.split_whitespace();
+        let Some(first) = it.next() else { continue };
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                inside = ranges.iter().any(|&(lo, hi)| a < hi && b > lo);
+                continue;
+            }
+        }
+        if !inside {
+            continue;
+        }
+        let mut kib = || it.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) << 10;
+        match first {
+            "Rss:" => out.resident += kib(),
+            "FilePmdMapped:" => out.huge += kib(),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    #[test]
+    fn pages_in_sums_only_the_overlapping_mappings() {
+        let smaps = "\
+7f0000000000-7f0000400000 r--s 00000000 fd:00 12 /cache/data-00001.rhd
+Size:               4096 kB
+Rss:                4096 kB
+FilePmdMapped:      2048 kB
+7f0000400000-7f0000401000 rw-p 00000000 00:00 0
+Rss:                   4 kB
+FilePmdMapped:         0 kB
+7f1000000000-7f1000200000 r--s 00000000 fd:00 13 /cache/data-00002.rhd
+Rss:                1024 kB
+FilePmdMapped:         0 kB
+";
+        let ranges = [
+            (0x7f00_0000_0000, 0x7f00_0040_0000),
+            (0x7f10_0000_0000, 0x7f10_0020_0000),
+        ];
+        let p = pages_in(smaps, &ranges);
+        assert_eq!(p.resident, (4096 + 1024) << 10);
+        assert_eq!(p.huge, 2048 << 10);
+        assert_eq!(pages_in(smaps, &[(0x10, 0x20)]), MappedPages::default());
+    }
+
+    #[test]
+    fn a_mapped_file_reports_its_resident_pages() {
+        let dir = std::env::temp_dir().join(format!("rh-mapped-pages-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.bin");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let m = MappedFile::open(&path).unwrap();
+        m.advise_page_size(true);
+        let sum: u64 = m.bytes().iter().step_by(4096).map(|&b| b as u64).sum();
+        assert_eq!(sum, 7 * 256);
+        if let Some(p) = mapped_pages(std::slice::from_ref(&m)) {
+            assert!(p.resident >= 4096 && p.resident <= 1 << 20, "{p:?}");
+            assert!(p.huge <= p.resident);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 impl Drop for MappedFile {

@@ -242,6 +242,9 @@ impl Model {
         let config = weights.config().clone();
         config.validate(Path::new(&weights.path()))?;
         let w: &dyn WeightSource = weights.as_ref();
+        // Before the first touch, so the weights copied onto huge pages are
+        // read from 2 MiB mappings too.
+        w.map_pages(huge_pages());
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed = load_matrix(w, "model.embed_tokens", v, h)?;
         let layers = (0..config.num_hidden_layers)

@@ -215,6 +215,16 @@ impl Cache {
 }
 
 impl WeightSource for Cache {
+    fn map_pages(&self, huge: bool) {
+        for m in &self.maps {
+            m.advise_page_size(huge);
+        }
+    }
+
+    fn mapped_pages(&self) -> Option<crate::mmap::MappedPages> {
+        crate::mmap::mapped_pages(&self.maps)
+    }
+
     fn residency(&self, populate: bool, lock: bool) -> Result<(), LockRefused> {
         for m in &self.maps {
             if populate {

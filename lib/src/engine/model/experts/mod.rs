@@ -1454,6 +1454,12 @@ impl WeightSource for PagedCache {
         }
         refused.map_or(Ok(()), Err)
     }
+    // `map_pages` stays a no-op: the routed experts are read into the
+    // pager's buffers, and the rest is copied or locked; a 2 MiB readaround
+    // would only add reads under a budget.
+    fn mapped_pages(&self) -> Option<crate::mmap::MappedPages> {
+        self.cache.mapped_pages()
+    }
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
