@@ -1,7 +1,12 @@
 //! AVX-512 kernels for a few tokens at once: several sequences decoding
 //! together ([`super::matmul`]'s small-batch path). Each weight row is
 //! unpacked (int4/int8) or converted (BF16/F16) once and multiplied into
-//! every token's accumulators, instead of once per token.
+//! every token's accumulators, instead of once per token. Quantized rows
+//! take up to four tokens two rows at a time with their group totals in
+//! registers, five to eight in one wide pass (totals in memory), so a
+//! decoding batch of eight reads and unpacks each row once; at eight
+//! tokens the wide pass is compute-bound (each row and token adds a
+//! convert and an FMA per group), about as fast as the integer tiles.
 //!
 //! Every token's result is what its lone matvec gives, bit for bit: the
 //! quantized kernels add the same integer products per weight group (i32
@@ -115,9 +120,10 @@ impl Avx512 {
             assert!(a.xq.len() == v.cols && a.d.len() == v.n_groups);
             assert!(a.gsum.len() == v.n_groups);
         }
-        // Passes of a few tokens over all the rows: a pass's activations
-        // stay in L1 while the rows stream past, two at a time (the rows
-        // come from memory in the first pass, from L2 in the others).
+        // Passes over all the rows: up to QUANT_PASS tokens two rows at a
+        // time, their activations in L1 while the rows stream past; more
+        // in wide passes of up to MAX_TOKENS (a later pass finds the rows
+        // in L2).
         let n = acts.len();
         let mut t0 = 0;
         while t0 < n {
