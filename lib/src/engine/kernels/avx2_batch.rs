@@ -5,8 +5,9 @@
 //! Quantized rows are read and unpacked once and multiplied into up to
 //! [`QUANT_PASS`] tokens' accumulators with `vpmaddwd`; more tokens go in
 //! further passes over a block of [`QUANT_BLOCK_ROWS`] rows, then in L2.
-//! (The small-batch path sends at most 4 tokens here: from 5 on the prefill
-//! tiles are cheaper.) Every token's result is
+//! (The small-batch path sends up to 6 tokens of int8 rows of 1024 columns
+//! or more here, else at most 4: beyond, the prefill tiles are cheaper.)
+//! Every token's result is
 //! what its lone `quant_rows_q16` gives, bit for bit: the integer sums per
 //! block are exact, and each token's floats see the same conversions and
 //! FMAs in the same order as that kernel (`dot_q16_i4_paired` /

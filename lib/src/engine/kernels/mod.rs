@@ -118,6 +118,14 @@ pub const SMALL_BATCH_QUANT_TOKENS: usize = 4;
 #[cfg(target_arch = "x86_64")]
 pub const WIDE_QUANT_TOKENS: usize = 8;
 
+/// The same at the AVX2 level (int16 activations), whose rows go in
+/// passes of four tokens: one call's thread CPU time against the tiles,
+/// int8 12288x2048 at 5 tokens 4.0 against 4.6 ms, 6: 4.4 / 4.9, 7: 5.1
+/// / 5.2, 8: 5.8-5.9 / 5.5; 8192x2048 and 2048x4096 at 6: 2.9-3.2 /
+/// 3.3, 1.5 / 1.6.
+#[cfg(target_arch = "x86_64")]
+pub const AVX2_ROW_QUANT_TOKENS: usize = 6;
+
 /// Fewest columns an int8 product takes through the wide rows kernel: each
 /// row and token ends with a zero-point term and a horizontal sum, which
 /// short rows do not amortize (2048x512 at 8 tokens: 0.27 ms against the
@@ -815,17 +823,19 @@ fn matmul_on(s: Simd, w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path
 /// small-batch rows rather than the integer tiles: a few tokens (see
 /// [`SMALL_BATCH_QUANT_TOKENS`], [`ONE_TASK_ROW_TOKENS`]), or at the
 /// AVX-512 VNNI level with int16 activations up to [`WIDE_QUANT_TOKENS`]
-/// split over the threads for int8 rows of at least [`WIDE_MIN_COLS`]
-/// (a decoding batch's linears).
+/// (AVX2: [`AVX2_ROW_QUANT_TOKENS`]) split over the threads for int8 rows
+/// of at least [`WIDE_MIN_COLS`] (a decoding batch's linears).
 #[cfg(target_arch = "x86_64")]
 fn small_quant(s: Simd, q: &crate::tensor::QuantMatrix, n: usize, path: Path, split: bool) -> bool {
     if n <= SMALL_BATCH_QUANT_TOKENS {
         return split || n <= ONE_TASK_ROW_TOKENS;
     }
-    let wide = matches!(s, Simd::Avx512(_))
-        && path == Path::SimdInt16
-        && avx512::Avx512::supports(q.bits, q.group_size);
-    wide && split && q.bits == 8 && q.cols >= WIDE_MIN_COLS && n <= WIDE_QUANT_TOKENS
+    let most = match s {
+        Simd::Avx512(_) if avx512::Avx512::supports(q.bits, q.group_size) => WIDE_QUANT_TOKENS,
+        Simd::Avx512(_) | Simd::Avx2(_) => AVX2_ROW_QUANT_TOKENS,
+        Simd::None => return false,
+    };
+    path == Path::SimdInt16 && split && q.bits == 8 && q.cols >= WIDE_MIN_COLS && n <= most
 }
 
 fn scalar_matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {

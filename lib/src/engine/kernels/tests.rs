@@ -683,11 +683,13 @@ fn small_batch_matmul_is_each_tokens_matvec_bit_for_bit() {
                         Matrix::Dense(_) => n <= super::SMALL_BATCH_TOKENS,
                         Matrix::Quant(q) => {
                             n <= super::SMALL_BATCH_QUANT_TOKENS
-                                || (isa == Isa::Avx512Vnni
-                                    && path == Path::SimdInt16
+                                || (path == Path::SimdInt16
                                     && q.bits == 8
                                     && q.cols >= super::WIDE_MIN_COLS
-                                    && n <= super::WIDE_QUANT_TOKENS)
+                                    && n <= match isa {
+                                        Isa::Avx512Vnni => super::WIDE_QUANT_TOKENS,
+                                        _ => super::AVX2_ROW_QUANT_TOKENS,
+                                    })
                         }
                     };
                     if !small {
