@@ -5,8 +5,9 @@
 //! Quantized rows are read and unpacked once and multiplied into up to
 //! [`QUANT_PASS`] tokens' accumulators with `vpmaddwd`; more tokens go in
 //! further passes over a block of [`QUANT_BLOCK_ROWS`] rows, then in L2.
-//! (The small-batch path sends at most 4 tokens here: from 5 on the prefill
-//! tiles are cheaper.) Every token's result is
+//! (The small-batch path sends up to 6 tokens of int8 rows of 1024 columns
+//! or more here, else at most 4: beyond, the prefill tiles are cheaper.)
+//! Every token's result is
 //! what its lone `quant_rows_q16` gives, bit for bit: the integer sums per
 //! block are exact, and each token's floats see the same conversions and
 //! FMAs in the same order as that kernel (`dot_q16_i4_paired` /
@@ -38,8 +39,8 @@ use crate::kernels::isa::avx2_fn;
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    f16_at, hsum, load1, load8, pf_bytes, prefetch, prefetch_l2, Avx2, DenseView, Q16Act,
-    QuantView, DT_BF16, DT_F16, DT_F32,
+    f16_at, hsum, load1, load8, prefetch_l2, Avx2, DenseView, Q16Act, QuantView, DT_BF16, DT_F16,
+    DT_F32,
 };
 use crate::tensor::{FloatType, QBLOCK};
 
@@ -170,9 +171,17 @@ impl Avx2 {
                 let pass = &acts[t0..t0 + nt];
                 for i in 0..rows {
                     let r = r0 + b0 + i;
-                    // The first pass reads the block from memory and
-                    // prefetches ahead in it; later ones find it in L2.
-                    let pf = v.q.as_ptr().wrapping_add(r * v.row_bytes + pf_bytes());
+                    // The first pass reads the block from memory while it
+                    // prefetches the next block into L2 in address order
+                    // (row i's bytes map to the next block's row i; a
+                    // prefetch never faults, past the end too); later
+                    // passes find the block in L2 and hint lines already
+                    // there.
+                    let pf = if t0 == 0 {
+                        v.q.as_ptr().wrapping_add((r + rows) * v.row_bytes)
+                    } else {
+                        v.q.as_ptr().wrapping_add(r * v.row_bytes)
+                    };
                     let tots = &mut tot[i * n + t0..i * n + t0 + nt];
                     // SAFETY: `self` proves AVX2/FMA/F16C; the row is in
                     // range, the groups are the view's, and every
@@ -294,7 +303,7 @@ unsafe fn dot_i4_paired_tokens<const T: usize>(args: QuantArgs) {
         let mut acc1 = [_mm256_setzero_ps(); T];
         let mut b = b0;
         while b + 1 < b1 {
-            prefetch(pf.wrapping_add(b * 16 - first));
+            prefetch_l2(pf.wrapping_add(b * 16 - first));
             let w = _mm256_loadu_si256(qrow.add(b * 16) as *const __m256i);
             let w0 = _mm256_and_si256(w, m);
             let w1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);
@@ -353,7 +362,7 @@ unsafe fn dot_bits_tokens<const BITS: usize, const T: usize>(args: QuantArgs) {
         let mut acc0 = [_mm256_setzero_ps(); T];
         let mut acc1 = [_mm256_setzero_ps(); T];
         while b + 1 < b1 {
-            prefetch(pf.wrapping_add(b * bb - first));
+            prefetch_l2(pf.wrapping_add(b * bb - first));
             let wa = unpack_q16::<BITS>(qrow.add(b * bb));
             let wb = unpack_q16::<BITS>(qrow.add((b + 1) * bb));
             for t in 0..T {

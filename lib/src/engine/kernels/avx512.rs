@@ -58,6 +58,39 @@ impl Avx512 {
 /// uses the same steps so a prompt gives the same numbers either way.
 pub(crate) const ACT_MAX: f32 = 32639.0;
 
+/// A cache-line-aligned buffer of int16 values (a multiple of 32): the
+/// many-token kernels load every token's activations as whole 64-byte
+/// vectors, which at the allocator's 16-byte alignment would each cross a
+/// line three times in four.
+pub(crate) struct Int16Lines {
+    lines: Vec<Line>,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([i16; 32]);
+
+impl Int16Lines {
+    fn zeroed(len: usize) -> Self {
+        assert!(len % 32 == 0, "whole lines of int16");
+        Int16Lines {
+            lines: vec![Line([0; 32]); len / 32],
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.lines.len() * 32
+    }
+
+    pub(super) fn as_ptr(&self) -> *const i16 {
+        self.lines.as_ptr() as *const i16
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut i16 {
+        self.lines.as_mut_ptr() as *mut i16
+    }
+}
+
 /// Activations quantized to int16 per weight group: `x[k] ≈ d[g] * xq[k]`
 /// with `d[g] = max|x| / 32639` ([`ACT_MAX`]) over group `g` (half a step is
 /// 1.5e-5 of the group's largest value).
@@ -69,7 +102,7 @@ pub(crate) const ACT_MAX: f32 = 32639.0;
 /// `x_{b+1}[16..32]` (the high nibbles). A group's last block when its count
 /// is odd, and every int8 block, is stored plainly.
 pub(crate) struct GroupAct {
-    pub(super) xq: Vec<i16>,
+    pub(super) xq: Int16Lines,
     pub(super) d: Vec<f32>,
     /// Per group: `d[g] * Σ xq` over the group, the sum of the dequantized
     /// activations, for the zero-point correction.
@@ -85,7 +118,7 @@ impl Avx512 {
         assert!(x.len() % QBLOCK == 0 && group_size % QBLOCK == 0 && group_size > 0);
         let ng = x.len().div_ceil(group_size);
         let mut act = GroupAct {
-            xq: vec![0; x.len()],
+            xq: Int16Lines::zeroed(x.len()),
             d: vec![0.0; ng],
             gsum: vec![0.0; ng],
             bits,

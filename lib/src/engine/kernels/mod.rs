@@ -103,8 +103,35 @@ pub const SMALL_BATCH_TOKENS: usize = 8;
 /// speed when they took this path). Measured again with the row-once
 /// kernels at both levels (thread CPU time of one call, int8 12288x2048
 /// and int4 shapes): rows win up to 4 tokens (AVX2 int8 at 4 tokens: 3.8
-/// against 4.9 ms), the tiles from 6 (AVX-512 int8 at 8: 5.0 against 6.2).
+/// against 4.9 ms), the tiles from 6 (AVX-512 int8 at 8: 5.0 against 6.2),
+/// except where the AVX-512 level's wide kernel takes int8 rows in one
+/// pass (see [`WIDE_QUANT_TOKENS`]).
 pub const SMALL_BATCH_QUANT_TOKENS: usize = 4;
+
+/// Most tokens a split product of int8 weights takes through the rows
+/// at the AVX-512 VNNI level ([`small_quant`]): from five on one pass of
+/// the wide kernel reads and unpacks each row once for all of them. Thread
+/// CPU time of one call on one thread, weights from memory, against the
+/// tiles: int8 12288x2048 at 5 tokens 3.0 against 3.9 ms, 6: 3.4 / 4.2,
+/// 7: 3.9 / 4.5, 8: 4.4 / 4.5; 2048x4096 at 8: 1.3 / 1.6. The int4 tiles
+/// stay ahead at 8 tokens (12288x2048: 3.8 against 4.8 ms).
+#[cfg(target_arch = "x86_64")]
+pub const WIDE_QUANT_TOKENS: usize = 8;
+
+/// The same at the AVX2 level (int16 activations), whose rows go in
+/// passes of four tokens: one call's thread CPU time against the tiles,
+/// int8 12288x2048 at 5 tokens 4.0 against 4.6 ms, 6: 4.4 / 4.9, 7: 5.1
+/// / 5.2, 8: 5.8-5.9 / 5.5; 8192x2048 and 2048x4096 at 6: 2.9-3.2 /
+/// 3.3, 1.5 / 1.6.
+#[cfg(target_arch = "x86_64")]
+pub const AVX2_ROW_QUANT_TOKENS: usize = 6;
+
+/// Fewest columns an int8 product takes through the wide rows kernel: each
+/// row and token ends with a zero-point term and a horizontal sum, which
+/// short rows do not amortize (2048x512 at 8 tokens: 0.27 ms against the
+/// tiles' 0.21).
+#[cfg(target_arch = "x86_64")]
+pub const WIDE_MIN_COLS: usize = 1024;
 
 /// Most tokens a quantized matmul run as one task ([`matmul_one_task`]:
 /// a routed expert beside the others) takes through the small-batch rows
@@ -763,7 +790,7 @@ fn matmul_on(s: Simd, w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path
     #[cfg(target_arch = "x86_64")]
     let small = match w {
         Matrix::Dense(_) => n <= SMALL_BATCH_TOKENS,
-        Matrix::Quant(_) => (split || n <= ONE_TASK_ROW_TOKENS) && n <= SMALL_BATCH_QUANT_TOKENS,
+        Matrix::Quant(q) => small_quant(s, q, n, path, split),
     };
     if small && !scalar {
         // Matmul keeps f32 activations where decode would take int8 ones
@@ -790,6 +817,25 @@ fn matmul_on(s: Simd, w: &Matrix, x: &[f32], n: usize, y: &mut [f32], path: Path
         #[cfg(target_arch = "x86_64")]
         (s, _) => avx2_matmul(s.avx2().expect("a SIMD level"), w, x, n, y),
     }
+}
+
+/// Whether a quantized matmul of `n` tokens (more than one) takes the
+/// small-batch rows rather than the integer tiles: a few tokens (see
+/// [`SMALL_BATCH_QUANT_TOKENS`], [`ONE_TASK_ROW_TOKENS`]), or at the
+/// AVX-512 VNNI level with int16 activations up to [`WIDE_QUANT_TOKENS`]
+/// (AVX2: [`AVX2_ROW_QUANT_TOKENS`]) split over the threads for int8 rows
+/// of at least [`WIDE_MIN_COLS`] (a decoding batch's linears).
+#[cfg(target_arch = "x86_64")]
+fn small_quant(s: Simd, q: &crate::tensor::QuantMatrix, n: usize, path: Path, split: bool) -> bool {
+    if n <= SMALL_BATCH_QUANT_TOKENS {
+        return split || n <= ONE_TASK_ROW_TOKENS;
+    }
+    let most = match s {
+        Simd::Avx512(_) if avx512::Avx512::supports(q.bits, q.group_size) => WIDE_QUANT_TOKENS,
+        Simd::Avx512(_) | Simd::Avx2(_) => AVX2_ROW_QUANT_TOKENS,
+        Simd::None => return false,
+    };
+    path == Path::SimdInt16 && split && q.bits == 8 && q.cols >= WIDE_MIN_COLS && n <= most
 }
 
 fn scalar_matmul(w: &Matrix, x: &[f32], n: usize, y: &mut [f32]) {

@@ -666,23 +666,35 @@ fn small_batch_matmul_is_each_tokens_matvec_bit_for_bit() {
     let mats = [
         Matrix::Quant(rand_quant(&mut rng, 300, 512, 4, 128, false)),
         Matrix::Quant(rand_quant(&mut rng, 77, 256, 8, 32, true)),
+        // Wide enough for the AVX-512 level's wide rows kernel.
+        Matrix::Quant(rand_quant(&mut rng, 45, 1024, 8, 128, false)),
+        Matrix::Quant(rand_quant(&mut rng, 19, 1152, 8, 64, true)),
         Matrix::Dense(rand_dense(&mut rng, 129, 101, FloatType::BF16)),
         Matrix::Dense(rand_dense(&mut rng, 40, 64, FloatType::F32)),
         Matrix::Dense(rand_dense(&mut rng, 33, 77, FloatType::F16)),
     ];
     for w in &mats {
         let cols = w.cols();
-        for n in [2, 3, 4, 5, super::SMALL_BATCH_TOKENS] {
+        for n in [2, 3, 4, 5, 6, 7, super::SMALL_BATCH_TOKENS] {
             let x = rand_x(&mut rng, n * cols);
             for isa in simd_isas() {
-                let small = match w {
-                    Matrix::Dense(_) => n <= super::SMALL_BATCH_TOKENS,
-                    Matrix::Quant(_) => n <= super::SMALL_BATCH_QUANT_TOKENS,
-                };
-                if !small {
-                    continue;
-                }
                 for path in [Path::SimdF32, Path::SimdInt16] {
+                    let small = match w {
+                        Matrix::Dense(_) => n <= super::SMALL_BATCH_TOKENS,
+                        Matrix::Quant(q) => {
+                            n <= super::SMALL_BATCH_QUANT_TOKENS
+                                || (path == Path::SimdInt16
+                                    && q.bits == 8
+                                    && q.cols >= super::WIDE_MIN_COLS
+                                    && n <= match isa {
+                                        Isa::Avx512Vnni => super::WIDE_QUANT_TOKENS,
+                                        _ => super::AVX2_ROW_QUANT_TOKENS,
+                                    })
+                        }
+                    };
+                    if !small {
+                        continue;
+                    }
                     let mut y = vec![f32::NAN; n * w.rows()];
                     matmul_isa(isa, w, &x, n, &mut y, path);
                     for t in 0..n {
