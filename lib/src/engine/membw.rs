@@ -385,22 +385,8 @@ pub fn huge_page_share(buf: &[u8]) -> Option<f64> {
     }
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let (lo, hi) = (buf.as_ptr() as u64, buf.as_ptr() as u64 + buf.len() as u64);
-    let mut huge_kib = 0u64;
-    let mut overlapping = false;
-    for line in smaps.lines() {
-        let mut it = line.split_whitespace();
-        let Some(first) = it.next() else { continue };
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                overlapping = a < hi && b > lo;
-                continue;
-            }
-        }
-        if overlapping && first == "AnonHugePages:" {
-            huge_kib += it.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        }
-    }
-    Some(((huge_kib << 10) as f64 / buf.len() as f64).min(1.0))
+    let [huge] = crate::mmap::smaps_sums(&smaps, &[(lo, hi)], ["AnonHugePages:"]);
+    Some((huge as f64 / buf.len() as f64).min(1.0))
 }
 
 /// The AVX2 read loops. Sound because each loop runs only after

@@ -157,7 +157,19 @@ pub fn mapped_pages(maps: &[Arc<MappedFile>]) -> Option<MappedPages> {
 /// Sums `Rss` and `FilePmdMapped` of the `smaps` entries overlapping any of
 /// `ranges` (start, end).
 fn pages_in(smaps: &str, ranges: &[(u64, u64)]) -> MappedPages {
-    let mut out = MappedPages::default();
+    let [resident, huge] = smaps_sums(smaps, ranges, ["Rss:", "FilePmdMapped:"]);
+    MappedPages { resident, huge }
+}
+
+/// Bytes of each of `fields` (e.g. `"Rss:"`, `"AnonHugePages:"`, in KiB in
+/// the file) summed over the `/proc/self/smaps` entries (`smaps`, its text)
+/// whose address range overlaps any of `ranges` (start, end).
+pub fn smaps_sums<const N: usize>(
+    smaps: &str,
+    ranges: &[(u64, u64)],
+    fields: [&str; N],
+) -> [u64; N] {
+    let mut out = [0u64; N];
     let mut inside = false;
     for line in smaps.lines() {
         let mut it = line.split_whitespace();
@@ -168,14 +180,8 @@ fn pages_in(smaps: &str, ranges: &[(u64, u64)]) -> MappedPages {
                 continue;
             }
         }
-        if !inside {
-            continue;
-        }
-        let mut kib = || it.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) << 10;
-        match first {
-            "Rss:" => out.resident += kib(),
-            "FilePmdMapped:" => out.huge += kib(),
-            _ => {}
+        if let Some(i) = fields.iter().position(|f| *f == first).filter(|_| inside) {
+            out[i] += it.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) << 10;
         }
     }
     out
