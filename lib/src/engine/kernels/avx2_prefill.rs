@@ -120,6 +120,11 @@ pub(crate) struct Tile {
     rows: usize,
     cols: usize,
     n_groups: usize,
+    /// Address of the matrix's next tile (the 16 rows after these), which
+    /// the first pass of [`Avx2::tile_multiply`] prefetches, and how many
+    /// 64-byte lines of it exist (0 at the end of the matrix).
+    next: usize,
+    next_lines: usize,
 }
 
 impl Tile {
@@ -132,6 +137,8 @@ impl Tile {
             rows: 0,
             cols: v.cols,
             n_groups: v.n_groups,
+            next: 0,
+            next_lines: 0,
         }
     }
 }
@@ -193,6 +200,9 @@ impl Avx2 {
         assert!(v.bits == 4 || v.bits == 8);
         assert!(v.scales.len() >= 2 * v.rows * v.n_groups);
         tile.rows = nr;
+        let after = (r0 + TILE_ROWS) * v.row_bytes;
+        tile.next = v.q.as_ptr().wrapping_add(after) as usize;
+        tile.next_lines = v.q.len().saturating_sub(after).min(TILE_ROWS * v.row_bytes) / 64;
         let ng = v.n_groups;
         let sym = QuantMatrix::symmetric_zero(v.bits) as f32;
         tile.scale.fill(0.0);
@@ -262,20 +272,20 @@ impl Avx2 {
             // their output rows are the caller's to write.
             unsafe {
                 match (halves, nt) {
-                    (2, 6) => tile_tokens::<6, 2>(tile, acts, t0, o, ldo),
-                    (2, 5) => tile_tokens::<5, 2>(tile, acts, t0, o, ldo),
-                    (2, 4) => tile_tokens::<4, 2>(tile, acts, t0, o, ldo),
-                    (2, 3) => tile_tokens::<3, 2>(tile, acts, t0, o, ldo),
-                    (2, 2) => tile_tokens::<2, 2>(tile, acts, t0, o, ldo),
-                    (2, _) => tile_tokens::<1, 2>(tile, acts, t0, o, ldo),
-                    (_, 8) => tile_tokens::<8, 1>(tile, acts, t0, o, ldo),
-                    (_, 7) => tile_tokens::<7, 1>(tile, acts, t0, o, ldo),
-                    (_, 6) => tile_tokens::<6, 1>(tile, acts, t0, o, ldo),
-                    (_, 5) => tile_tokens::<5, 1>(tile, acts, t0, o, ldo),
-                    (_, 4) => tile_tokens::<4, 1>(tile, acts, t0, o, ldo),
-                    (_, 3) => tile_tokens::<3, 1>(tile, acts, t0, o, ldo),
-                    (_, 2) => tile_tokens::<2, 1>(tile, acts, t0, o, ldo),
-                    _ => tile_tokens::<1, 1>(tile, acts, t0, o, ldo),
+                    (2, 6) => tile_tokens::<6, 2>(tile, acts, t0, o, ldo, done == 0),
+                    (2, 5) => tile_tokens::<5, 2>(tile, acts, t0, o, ldo, done == 0),
+                    (2, 4) => tile_tokens::<4, 2>(tile, acts, t0, o, ldo, done == 0),
+                    (2, 3) => tile_tokens::<3, 2>(tile, acts, t0, o, ldo, done == 0),
+                    (2, 2) => tile_tokens::<2, 2>(tile, acts, t0, o, ldo, done == 0),
+                    (2, _) => tile_tokens::<1, 2>(tile, acts, t0, o, ldo, done == 0),
+                    (_, 8) => tile_tokens::<8, 1>(tile, acts, t0, o, ldo, done == 0),
+                    (_, 7) => tile_tokens::<7, 1>(tile, acts, t0, o, ldo, done == 0),
+                    (_, 6) => tile_tokens::<6, 1>(tile, acts, t0, o, ldo, done == 0),
+                    (_, 5) => tile_tokens::<5, 1>(tile, acts, t0, o, ldo, done == 0),
+                    (_, 4) => tile_tokens::<4, 1>(tile, acts, t0, o, ldo, done == 0),
+                    (_, 3) => tile_tokens::<3, 1>(tile, acts, t0, o, ldo, done == 0),
+                    (_, 2) => tile_tokens::<2, 1>(tile, acts, t0, o, ldo, done == 0),
+                    _ => tile_tokens::<1, 1>(tile, acts, t0, o, ldo, done == 0),
                 }
             }
             done += nt;
@@ -390,24 +400,10 @@ unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut i16) {
     let int4 = v.bits == 4;
     let mask = _mm256_set1_epi32(if int4 { 0x000F_000F } else { 0x00FF_00FF });
     let mut out = dst as *mut __m256i;
-    // As on AVX-512: the weights come from memory eight short rows at a
-    // time, so each step prefetches the same half of the next tile (the 8
-    // rows 16 after these, contiguous in the matrix) in address order, a
-    // whole tile ahead: 8 rows x 32 bytes per step is 4 lines of it.
-    // Prefetches never fault; the next tile is cut at the end of the
-    // matrix.
-    let next = base.wrapping_add(TILE_ROWS * row_bytes);
-    let next_lines =
-        v.q.len()
-            .saturating_sub((r0 + TILE_ROWS) * row_bytes)
-            .min(HALF * row_bytes)
-            / 64;
+    // The weights come from memory (a routed expert is read once per
+    // prompt chunk); the multiply of the tile before prefetched these.
     let mut off = 0;
     while off < row_bytes {
-        let l0 = off / 32 * 4;
-        for l in l0..(l0 + 4).min(next_lines) {
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(l * 64) as *const i8);
-        }
         // A row is a multiple of 16 bytes (one int4 block, half an int8
         // one), so a step is 32 bytes or a last 16.
         let len = 32.min(row_bytes - off);
@@ -462,6 +458,7 @@ unsafe fn tile_tokens<const T: usize, const H: usize>(
     t0: usize,
     out: *mut f32,
     ldo: usize,
+    prefetch: bool,
 ) {
     let cols = tile.cols;
     let ng = tile.n_groups;
@@ -474,6 +471,15 @@ unsafe fn tile_tokens<const T: usize, const H: usize>(
     }
     let d = acts.d.as_ptr().add(t0 * ng);
     let gsum = acts.gsum.as_ptr().add(t0 * ng);
+    // The first pass brings the matrix's next tile toward L1, one line
+    // every `stride` column pairs (int4: a 16-row tile of `cols` columns
+    // is `cols / 8` lines over `cols / 2` pairs), so that its transpose
+    // finds it there. Spread out, the reads never fill the core's queue of
+    // misses; issued in bursts while transposing (as before), they did,
+    // and the transpose's own loads waited behind them.
+    let stride = if acts.bits == 4 { 4 } else { 2 };
+    let mut pf = tile.next as *const i8;
+    let pf_end = if prefetch { pf.wrapping_add(64 * tile.next_lines) } else { pf };
     let mut tot = [[_mm256_setzero_ps(); T]; H];
     for g in 0..ng {
         let k0 = g * gs;
@@ -483,6 +489,10 @@ unsafe fn tile_tokens<const T: usize, const H: usize>(
             let c1 = (c0 + flush).min(k1);
             let mut acc = [[_mm256_setzero_si256(); T]; H];
             for p in c0 / 2..c1 / 2 {
+                if p % stride == 0 && pf < pf_end {
+                    _mm_prefetch::<_MM_HINT_T0>(pf);
+                    pf = pf.wrapping_add(64);
+                }
                 let mut wv = [_mm256_setzero_si256(); H];
                 for (h, v) in wv.iter_mut().enumerate() {
                     *v = _mm256_loadu_si256(w.add(2 * p + h));

@@ -98,6 +98,11 @@ pub(crate) struct Tile {
     rows: usize,
     cols: usize,
     n_groups: usize,
+    /// Address of the matrix's next tile (the 16 rows after these), which
+    /// the first pass of [`Avx512::tile_multiply`] prefetches, and how
+    /// many 64-byte lines of it exist (0 at the end of the matrix).
+    next: usize,
+    next_lines: usize,
 }
 
 impl Tile {
@@ -110,6 +115,8 @@ impl Tile {
             rows: 0,
             cols: v.cols,
             n_groups: v.n_groups,
+            next: 0,
+            next_lines: 0,
         }
     }
 }
@@ -167,6 +174,9 @@ impl Avx512 {
         assert!(tile.cols == v.cols && tile.n_groups == v.n_groups);
         assert!(v.bits == 4 || v.bits == 8);
         tile.rows = nr;
+        let after = (r0 + TILE_ROWS) * v.row_bytes;
+        tile.next = v.q.as_ptr().wrapping_add(after) as usize;
+        tile.next_lines = v.q.len().saturating_sub(after).min(TILE_ROWS * v.row_bytes) / 64;
         let ng = v.n_groups;
         let sym = QuantMatrix::symmetric_zero(v.bits) as f32;
         tile.scale.fill(0.0);
@@ -224,18 +234,18 @@ impl Avx512 {
             // their output rows are the caller's to write.
             unsafe {
                 match nt {
-                    12 => tile_tokens::<12>(tile, acts, t0, o, ldo),
-                    11 => tile_tokens::<11>(tile, acts, t0, o, ldo),
-                    10 => tile_tokens::<10>(tile, acts, t0, o, ldo),
-                    9 => tile_tokens::<9>(tile, acts, t0, o, ldo),
-                    8 => tile_tokens::<8>(tile, acts, t0, o, ldo),
-                    7 => tile_tokens::<7>(tile, acts, t0, o, ldo),
-                    6 => tile_tokens::<6>(tile, acts, t0, o, ldo),
-                    5 => tile_tokens::<5>(tile, acts, t0, o, ldo),
-                    4 => tile_tokens::<4>(tile, acts, t0, o, ldo),
-                    3 => tile_tokens::<3>(tile, acts, t0, o, ldo),
-                    2 => tile_tokens::<2>(tile, acts, t0, o, ldo),
-                    _ => tile_tokens::<1>(tile, acts, t0, o, ldo),
+                    12 => tile_tokens::<12>(tile, acts, t0, o, ldo, done == 0),
+                    11 => tile_tokens::<11>(tile, acts, t0, o, ldo, done == 0),
+                    10 => tile_tokens::<10>(tile, acts, t0, o, ldo, done == 0),
+                    9 => tile_tokens::<9>(tile, acts, t0, o, ldo, done == 0),
+                    8 => tile_tokens::<8>(tile, acts, t0, o, ldo, done == 0),
+                    7 => tile_tokens::<7>(tile, acts, t0, o, ldo, done == 0),
+                    6 => tile_tokens::<6>(tile, acts, t0, o, ldo, done == 0),
+                    5 => tile_tokens::<5>(tile, acts, t0, o, ldo, done == 0),
+                    4 => tile_tokens::<4>(tile, acts, t0, o, ldo, done == 0),
+                    3 => tile_tokens::<3>(tile, acts, t0, o, ldo, done == 0),
+                    2 => tile_tokens::<2>(tile, acts, t0, o, ldo, done == 0),
+                    _ => tile_tokens::<1>(tile, acts, t0, o, ldo, done == 0),
                 }
             }
             done += nt;
@@ -360,18 +370,10 @@ unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut u8) {
     let mut out = dst as *mut __m512i;
     // The weights come from memory (a routed expert is read once per
     // prompt chunk) sixteen short rows at a time, a pattern the hardware
-    // prefetchers barely follow. So each step prefetches 16 lines of the
-    // next tile (the 16 rows after these, contiguous in the matrix) in
-    // address order, a whole tile ahead; the first chunks of this tile are
-    // asked for up front in case no earlier tile did. Prefetches never
-    // fault; the next tile is cut at the end of the matrix.
+    // prefetchers barely follow. The multiply of the tile before
+    // prefetched these; the first chunks are asked for up front in case no
+    // earlier tile did (the first of a task). Prefetches never fault.
     let chunks = row_bytes.div_ceil(64);
-    let next = base.wrapping_add(TILE_ROWS * row_bytes);
-    let next_lines =
-        v.q.len()
-            .saturating_sub((r0 + TILE_ROWS) * row_bytes)
-            .min(TILE_ROWS * row_bytes)
-            / 64;
     for c in 0..PREFETCH_CHUNKS.min(chunks) {
         for i in 0..nr {
             _mm_prefetch::<_MM_HINT_T0>(base.add(i * row_bytes + c * 64) as *const i8);
@@ -379,10 +381,6 @@ unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut u8) {
     }
     let mut off = 0;
     while off < row_bytes {
-        let l0 = off / 64 * TILE_ROWS;
-        for l in l0..(l0 + TILE_ROWS).min(next_lines) {
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(l * 64) as *const i8);
-        }
         let len = 64.min(row_bytes - off);
         let mask: __mmask64 = if len == 64 { !0 } else { (1u64 << len) - 1 };
         let mut r = [_mm512_setzero_si512(); 16];
@@ -422,6 +420,7 @@ unsafe fn tile_tokens<const T: usize>(
     t0: usize,
     out: *mut f32,
     ldo: usize,
+    prefetch: bool,
 ) {
     let cols = tile.cols;
     let ng = tile.n_groups;
@@ -435,6 +434,15 @@ unsafe fn tile_tokens<const T: usize>(
     }
     let d = acts.d.as_ptr().add(t0 * ng);
     let gsum = acts.gsum.as_ptr().add(t0 * ng);
+    // The first pass brings the matrix's next tile toward L1, one line
+    // every `stride` vectors (int4: a 16-row tile of `cols` columns is
+    // `cols / 8` lines over `cols / 4` vectors), so that its transpose
+    // finds it there. Spread out, the reads never fill the core's queue of
+    // misses; issued in bursts while transposing (as before), they did,
+    // and the transpose's own loads waited behind them.
+    let stride = if acts.bits == 4 { 2 } else { 1 };
+    let mut pf = tile.next as *const i8;
+    let pf_end = if prefetch { pf.wrapping_add(64 * tile.next_lines) } else { pf };
     let mut tot = [_mm512_setzero_ps(); T];
     for g in 0..ng {
         let k0 = g * gs;
@@ -445,6 +453,10 @@ unsafe fn tile_tokens<const T: usize>(
             let c1 = (c0 + flush).min(k1);
             let (mut ah, mut al) = ([_mm512_setzero_si512(); T], [_mm512_setzero_si512(); T]);
             for p in c0 / 4..c1 / 4 {
+                if p % stride == 0 && pf < pf_end {
+                    _mm_prefetch::<_MM_HINT_T0>(pf);
+                    pf = pf.wrapping_add(64);
+                }
                 let wv = _mm512_loadu_si512(w.add(p) as *const _);
                 for t in 0..T {
                     ah[t] = _mm512_dpbusd_epi32(ah[t], wv, _mm512_set1_epi32(*xh[t].add(p)));
