@@ -56,6 +56,17 @@ pub(crate) struct QuantView<'a> {
 }
 
 impl<'a> QuantView<'a> {
+    /// The addresses of the whole 64-byte lines of the `n` rows after rows
+    /// `r0..r0 + n` (cut at the end of the matrix; empty at its end): what
+    /// the prefill tiles prefetch while the tile of rows `r0..r0 + n`
+    /// multiplies. Only addresses: nothing is read.
+    pub(crate) fn next_rows_lines(&self, r0: usize, n: usize) -> std::ops::Range<usize> {
+        let after = (r0 + n) * self.row_bytes;
+        let len = self.q.len().saturating_sub(after).min(n * self.row_bytes) / 64 * 64;
+        let start = self.q.as_ptr().wrapping_add(after) as usize;
+        start..start + len
+    }
+
     /// Checks `m`'s shape and byte lengths.
     pub(crate) fn new(m: &'a QuantMatrix) -> Result<Self, LayoutError> {
         m.check()?;

@@ -120,11 +120,9 @@ pub(crate) struct Tile {
     rows: usize,
     cols: usize,
     n_groups: usize,
-    /// Address of the matrix's next tile (the 16 rows after these), which
-    /// the first pass of [`Avx2::tile_multiply`] prefetches, and how many
-    /// 64-byte lines of it exist (0 at the end of the matrix).
-    next: usize,
-    next_lines: usize,
+    /// The lines of the matrix's next tile (the 16 rows after these),
+    /// which the first pass of [`Avx2::tile_multiply`] prefetches.
+    next: std::ops::Range<usize>,
 }
 
 impl Tile {
@@ -137,8 +135,7 @@ impl Tile {
             rows: 0,
             cols: v.cols,
             n_groups: v.n_groups,
-            next: 0,
-            next_lines: 0,
+            next: 0..0,
         }
     }
 }
@@ -200,9 +197,7 @@ impl Avx2 {
         assert!(v.bits == 4 || v.bits == 8);
         assert!(v.scales.len() >= 2 * v.rows * v.n_groups);
         tile.rows = nr;
-        let after = (r0 + TILE_ROWS) * v.row_bytes;
-        tile.next = v.q.as_ptr().wrapping_add(after) as usize;
-        tile.next_lines = v.q.len().saturating_sub(after).min(TILE_ROWS * v.row_bytes) / 64;
+        tile.next = v.next_rows_lines(r0, TILE_ROWS);
         let ng = v.n_groups;
         let sym = QuantMatrix::symmetric_zero(v.bits) as f32;
         tile.scale.fill(0.0);
@@ -478,8 +473,8 @@ unsafe fn tile_tokens<const T: usize, const H: usize>(
     // misses; issued in bursts while transposing (as before), they did,
     // and the transpose's own loads waited behind them.
     let stride = if acts.bits == 4 { 4 } else { 2 };
-    let mut pf = tile.next as *const i8;
-    let pf_end = if prefetch { pf.wrapping_add(64 * tile.next_lines) } else { pf };
+    let mut pf = tile.next.start as *const i8;
+    let pf_end = if prefetch { tile.next.end } else { tile.next.start } as *const i8;
     let mut tot = [[_mm256_setzero_ps(); T]; H];
     for g in 0..ng {
         let k0 = g * gs;
