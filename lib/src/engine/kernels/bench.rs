@@ -586,6 +586,14 @@ fn time_matmuls(
             }
         }
     }
+    // Dense weights: AVX-512 converts each row once for all the tokens
+    // (`dense_rows_tokens`), which is what batched decode runs there.
+    if shape.kind == WeightKind::Bf16 && n <= super::SMALL_BATCH_TOKENS {
+        let best = super::simd().isa();
+        if best > avx2 {
+            out.push(timed(best, Path::SimdF32));
+        }
+    }
     out.push(timed(avx2, Path::SimdF32));
     out
 }
