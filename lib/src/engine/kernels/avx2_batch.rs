@@ -39,8 +39,8 @@ use crate::kernels::isa::avx2_fn;
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    f16_at, hsum, load1, load8, prefetch_l2, Avx2, DenseView, Q16Act, QuantView, DT_BF16, DT_F16,
-    DT_F32,
+    dense_block_row, f16_at, hsum, load1, load8, prefetch_l2, Avx2, DenseView, Q16Act, QuantView,
+    DT_BF16, DT_F16, DT_F32,
 };
 use crate::tensor::{FloatType, QBLOCK};
 
@@ -413,18 +413,7 @@ unsafe fn dense_block<const DT: u8>(args: BlockArgs) {
     let mut k0 = 0;
     while k0 < n32 {
         let k1 = (k0 + SLICE).min(n32);
-        // Where row `i` prefetches from: the same row of the next block,
-        // at the columns this slice reads, so every line is asked for one
-        // whole block before its use. (Walking the next block in address
-        // order instead left its last rows a slice ahead at best: 12-15%
-        // slower on one core. Each row's own next slice, eight streams
-        // only a slice ahead, read the lm_head at half the lone matvec's
-        // speed.) Prefetches never fault.
-        let at = |i: usize| {
-            let row = w.add(i * stride);
-            let next = w.wrapping_add((BLOCK_ROWS + i) * stride);
-            (row, next)
-        };
+        let at = |i: usize| dense_block_row(w, i, stride, BLOCK_ROWS);
         let mut i = 0;
         while i < rows {
             let r = if i + 2 <= rows { 2 } else { 1 };
