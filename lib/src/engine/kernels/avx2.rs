@@ -549,12 +549,35 @@ pub(super) fn prefetch_distance(b: &crate::tensor::Bytes) -> usize {
 /// Whether `RH_PREFETCH` set the distance.
 static PREFETCH_SET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-avx2_fn! {
-/// Hints the cache line at `p` into L1. Prefetches never fault, so `p` may
-/// point past the end of the weights (it is formed with `wrapping_add`).
-#[inline]
-pub(super) unsafe fn prefetch(p: *const u8) {
-    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+/// A range of cache lines asked for one at a time, spread over a loop's
+/// steps (the prefill tiles' next tile, during the current tile's first
+/// pass): spread out, the hints never fill the core's queue of misses,
+/// as bursts of them did.
+pub(super) struct SpreadPrefetch {
+    at: *const i8,
+    end: *const i8,
+}
+
+impl SpreadPrefetch {
+    /// The lines of `lines` (addresses), or none when `on` is false.
+    pub(super) fn new(lines: &std::ops::Range<usize>, on: bool) -> Self {
+        let end = if on { lines.end } else { lines.start };
+        SpreadPrefetch {
+            at: lines.start as *const i8,
+            end: end as *const i8,
+        }
+    }
+
+    /// Asks for the next line, while any is left.
+    #[inline(always)]
+    pub(super) fn step(&mut self) {
+        if self.at < self.end {
+            // SAFETY: a prefetch hint never faults, whatever the address,
+            // and SSE is part of every x86-64 CPU.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.at) };
+            self.at = self.at.wrapping_add(64);
+        }
+    }
 }
 
 /// Row `i` of a many-token dense block starting at `w` (rows `stride`
@@ -576,6 +599,14 @@ pub(super) fn dense_block_row(
         w.wrapping_add(i * stride),
         w.wrapping_add((block + i) * stride),
     )
+}
+
+avx2_fn! {
+/// Hints the cache line at `p` into L1. Prefetches never fault, so `p` may
+/// point past the end of the weights (it is formed with `wrapping_add`).
+#[inline]
+pub(super) unsafe fn prefetch(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
 }
 
 /// Hints the cache line at `p` into L2 only: the batched kernels' next

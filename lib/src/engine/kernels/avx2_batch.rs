@@ -410,10 +410,10 @@ unsafe fn dense_block<const DT: u8>(args: BlockArgs) {
     let stride = n * es;
     let n32 = n / 32 * 32;
     let mut acc: Acc = [[[_mm256_setzero_ps(); 4]; MAX_TOKENS]; BLOCK_ROWS];
+    let at = |i: usize| dense_block_row(w, i, stride, BLOCK_ROWS);
     let mut k0 = 0;
     while k0 < n32 {
         let k1 = (k0 + SLICE).min(n32);
-        let at = |i: usize| dense_block_row(w, i, stride, BLOCK_ROWS);
         let mut i = 0;
         while i < rows {
             let r = if i + 2 <= rows { 2 } else { 1 };

@@ -34,7 +34,7 @@
 use crate::kernels::isa::avx2_fn;
 use std::arch::x86_64::*;
 
-use super::avx2::{Avx2, QuantView};
+use super::avx2::{Avx2, QuantView, SpreadPrefetch};
 use crate::tensor::{QuantMatrix, QBLOCK};
 
 /// Weight rows in one half of a tile: one per 32-bit lane of a 256-bit
@@ -473,8 +473,7 @@ unsafe fn tile_tokens<const T: usize, const H: usize>(
     // misses; issued in bursts while transposing (as before), they did,
     // and the transpose's own loads waited behind them.
     let stride = if acts.bits == 4 { 4 } else { 2 };
-    let mut pf = tile.next.start as *const i8;
-    let pf_end = if prefetch { tile.next.end } else { tile.next.start } as *const i8;
+    let mut pf = SpreadPrefetch::new(&tile.next, prefetch);
     let mut tot = [[_mm256_setzero_ps(); T]; H];
     for g in 0..ng {
         let k0 = g * gs;
@@ -484,9 +483,8 @@ unsafe fn tile_tokens<const T: usize, const H: usize>(
             let c1 = (c0 + flush).min(k1);
             let mut acc = [[_mm256_setzero_si256(); T]; H];
             for p in c0 / 2..c1 / 2 {
-                if p % stride == 0 && pf < pf_end {
-                    _mm_prefetch::<_MM_HINT_T0>(pf);
-                    pf = pf.wrapping_add(64);
+                if p % stride == 0 {
+                    pf.step();
                 }
                 let mut wv = [_mm256_setzero_si256(); H];
                 for (h, v) in wv.iter_mut().enumerate() {

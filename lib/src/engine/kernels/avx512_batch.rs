@@ -603,10 +603,10 @@ unsafe fn dense_block<const DT: u8, const T: usize>(args: BlockArgs) {
     let stride = n * es;
     let n32 = n / 32 * 32;
     let mut acc = [[[_mm512_setzero_ps(); 2]; T]; BLOCK_ROWS];
+    let at = |i: usize| dense_block_row(w, i, stride, BLOCK_ROWS);
     let mut k0 = 0;
     while k0 < n32 {
         let k1 = (k0 + SLICE).min(n32);
-        let at = |i: usize| dense_block_row(w, i, stride, BLOCK_ROWS);
         let mut i = 0;
         while i + 2 <= rows {
             let ((r0, n0), (r1, n1)) = (at(i), at(i + 1));

@@ -35,7 +35,7 @@
 use crate::kernels::isa::avx512_vnni_fn;
 use std::arch::x86_64::*;
 
-use super::avx2::QuantView;
+use super::avx2::{QuantView, SpreadPrefetch};
 use super::avx512::{group_amax, Avx512, ACT_MAX};
 use crate::tensor::{QuantMatrix, QBLOCK};
 
@@ -436,8 +436,7 @@ unsafe fn tile_tokens<const T: usize>(
     // misses; issued in bursts while transposing (as before), they did,
     // and the transpose's own loads waited behind them.
     let stride = if acts.bits == 4 { 2 } else { 1 };
-    let mut pf = tile.next.start as *const i8;
-    let pf_end = if prefetch { tile.next.end } else { tile.next.start } as *const i8;
+    let mut pf = SpreadPrefetch::new(&tile.next, prefetch);
     let mut tot = [_mm512_setzero_ps(); T];
     for g in 0..ng {
         let k0 = g * gs;
@@ -448,9 +447,8 @@ unsafe fn tile_tokens<const T: usize>(
             let c1 = (c0 + flush).min(k1);
             let (mut ah, mut al) = ([_mm512_setzero_si512(); T], [_mm512_setzero_si512(); T]);
             for p in c0 / 4..c1 / 4 {
-                if p % stride == 0 && pf < pf_end {
-                    _mm_prefetch::<_MM_HINT_T0>(pf);
-                    pf = pf.wrapping_add(64);
+                if p % stride == 0 {
+                    pf.step();
                 }
                 let wv = _mm512_loadu_si512(w.add(p) as *const _);
                 for t in 0..T {
