@@ -409,8 +409,9 @@ fn admit(w: &mut Worker, job: Job, running: &mut Vec<Sequence>) {
     );
     match admitted {
         Err((mut sink, f)) => {
-            sink(Event::Failed(f));
+            // The slot is freed before the client hears (as in `leave`).
             w.shared.depth.fetch_sub(1, Ordering::AcqRel);
+            sink(Event::Failed(f));
         }
         Ok(mut seq) => {
             if seq.prompt_left() == 0 {
@@ -635,8 +636,10 @@ fn leave(w: &mut Worker, seq: Sequence, outcome: Result<Summary, Failure>) {
         .store(w.cache.bytes() as u64, Ordering::Relaxed);
     m.cache_entries
         .store(w.cache.len() as u64, Ordering::Relaxed);
-    seq.close(outcome);
+    // The slot is freed before the last event goes out: a client that has
+    // its answer and then reads /metrics must not still count itself.
     w.shared.depth.fetch_sub(1, Ordering::AcqRel);
+    seq.close(outcome);
 }
 
 /// How many prompt tokens a step takes while other sequences decode.
