@@ -17,6 +17,8 @@ pub struct PagingReport {
     pub plan: BudgetPlan,
     /// Whether reads bypassed the page cache.
     pub direct_reads: bool,
+    /// Whether the buffers lie in one mapping advised onto 2 MiB pages.
+    pub huge_buffers: bool,
     /// Tokens decoded while counting.
     pub tokens: u64,
     /// The counters over those tokens.
@@ -72,6 +74,7 @@ impl PagingReport {
         PagingReport {
             plan: pager.plan().clone(),
             direct_reads: pager.direct_reads(),
+            huge_buffers: pager.huge_buffers(),
             tokens,
             stats,
             hit_rate: stats.hit_rate(),
@@ -91,14 +94,15 @@ impl PagingReport {
         let p = &self.plan;
         let s = &self.stats;
         let mut out = format!(
-            "memory budget:           {} = {} resident weights + {} working memory + {} experts x {} (of {}; {})\n",
+            "memory budget:           {} = {} resident weights + {} working memory + {} experts x {} (of {}; {}, {})\n",
             h(p.budget),
             h(p.resident_bytes),
             h(p.overhead_bytes),
             p.slots,
             h(p.slot_bytes),
             p.experts,
-            if self.direct_reads { "O_DIRECT reads" } else { "buffered reads, pages dropped" }
+            if self.direct_reads { "O_DIRECT reads" } else { "buffered reads, pages dropped" },
+            if self.huge_buffers { "buffers on 2 MiB pages" } else { "buffers on 4 KiB pages" }
         );
         out.push_str(&format!(
             "expert cache (tg):       {:.1}% hits, {} missed and {} read per token ({} reads), waited {:.1} ms per token\n",

@@ -2,11 +2,12 @@
 //! kernels (`kernels`), `config.json` (`config`), the weight-source
 //! interface (`weights`), the Qwen3-Next forward pass and expert cache
 //! (`model`), token choice (`sample`) and the memory-bandwidth probe
-//! (`membw`).
+//! (`membw`), and the expert cache's huge-page buffers (`arena`).
 //!
 //! Each module keeps its top-level path (`crate::NAME`): lib.rs
 //! re-exports it. scripts/group-modules.sh made this layout.
 
+pub mod arena;
 pub mod config;
 pub mod kernels;
 pub mod membw;

@@ -36,10 +36,16 @@ pub enum Bytes {
     },
 }
 
-/// A heap buffer aligned to 8 bytes.
+/// A heap buffer aligned to 8 bytes, or a slot of a huge-page arena
+/// (page-aligned; the expert cache's buffers).
 pub struct AlignedBuf {
-    words: Vec<u64>,
+    store: Store,
     len: usize,
+}
+
+enum Store {
+    Words(Vec<u64>),
+    Slot(crate::engine::arena::ArenaSlot),
 }
 
 /// Whether the kernel backs memory with transparent huge pages on request
@@ -100,17 +106,30 @@ impl AlignedBuf {
     /// A zero-filled buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Self {
         AlignedBuf {
-            words: vec![0u64; len.div_ceil(8)],
+            store: Store::Words(vec![0u64; len.div_ceil(8)]),
             len,
+        }
+    }
+    /// A whole arena slot (zeroed until written).
+    pub fn from_slot(slot: crate::engine::arena::ArenaSlot) -> Self {
+        AlignedBuf {
+            len: slot.len(),
+            store: Store::Slot(slot),
         }
     }
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
-        &bytemuck::cast_slice(&self.words)[..self.len]
+        match &self.store {
+            Store::Words(w) => &bytemuck::cast_slice(w)[..self.len],
+            Store::Slot(s) => s.as_slice(),
+        }
     }
     /// The bytes, mutably.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
+        match &mut self.store {
+            Store::Words(w) => &mut bytemuck::cast_slice_mut(w)[..self.len],
+            Store::Slot(s) => s.as_mut_slice(),
+        }
     }
 }
 

@@ -15,6 +15,7 @@
 //! | `RH_EXPERT_AHEAD_IDLE` | [`crate::model::experts`] | `1`: read-ahead starts only while no demand read runs (default: beside them), for measurements |
 //! | `RH_EXPERT_IO_NICE` | [`crate::model::experts`] | nice value of the expert cache's I/O threads (default 0: left as they are; below 0 where allowed), for measurements |
 //! | `RH_EXPERT_PREFAULT` | [`crate::model::experts`] | `0`: the expert cache's buffers are faulted in by the first read into each (default: touched ahead on a low-priority thread), for measurements |
+//! | `RH_EXPERT_HUGE_PAGES` | [`crate::model::experts`] | `0`: the expert cache's buffers are separate heap allocations on 4 KiB pages (default: slots of one mapping on 2 MiB pages), for measurements |
 //! | `RH_HUGE_PAGES` | [`crate::model`] | `0`: leave the weights every token reads (all but the embedding and the routed experts) where the source put them instead of copying them onto huge pages, and map the cache files on 4 KiB pages only (`MADV_NOHUGEPAGE`; otherwise `MADV_HUGEPAGE`), for measurements |
 //!
 //! A value a knob cannot use (not a number, out of its range, a switch set
@@ -51,6 +52,8 @@ pub const RH_EXPERT_AHEAD_IDLE: &str = "RH_EXPERT_AHEAD_IDLE";
 pub const RH_EXPERT_IO_NICE: &str = "RH_EXPERT_IO_NICE";
 /// Whether the expert cache touches its buffers ahead of use.
 pub const RH_EXPERT_PREFAULT: &str = "RH_EXPERT_PREFAULT";
+/// Whether the expert cache's buffers lie on huge pages.
+pub const RH_EXPERT_HUGE_PAGES: &str = "RH_EXPERT_HUGE_PAGES";
 /// Whether the per-token weights are copied onto huge pages.
 pub const RH_HUGE_PAGES: &str = "RH_HUGE_PAGES";
 
@@ -197,6 +200,12 @@ pub fn expert_io_nice() -> Option<i32> {
 /// measurements).
 pub fn expert_prefault() -> bool {
     switch(RH_EXPERT_PREFAULT, true)
+}
+
+/// `RH_EXPERT_HUGE_PAGES`: false only when set to `0` (a knob for
+/// measurements).
+pub fn expert_huge_pages() -> bool {
+    switch(RH_EXPERT_HUGE_PAGES, true)
 }
 
 /// `RH_HUGE_PAGES`: false only when set to `0` (a knob for measurements;

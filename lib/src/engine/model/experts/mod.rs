@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use crate::cache::Cache;
 use crate::cli::{Classify, Exit};
 use crate::config::ModelConfig;
+use crate::engine::arena::SlotArena;
 use crate::mmap::MappedFile;
 use crate::model::moe::Expert;
 use crate::tensor::{AlignedBuf, Bytes, Matrix, Zeros};
@@ -584,6 +585,9 @@ pub struct PagerOptions {
     /// from the first forward pass on, so that no read faults its
     /// buffer's pages in while a layer waits for it.
     pub prefault: bool,
+    /// Cut the buffers from one mapping on 2 MiB pages
+    /// ([`crate::engine::arena`]) instead of one heap allocation each.
+    pub huge_buffers: bool,
 }
 
 impl PagerOptions {
@@ -611,6 +615,7 @@ impl PagerOptions {
                 .unwrap_or(DEFAULT_IO_NICE)
                 .clamp(-20, 19),
             prefault: crate::env::expert_prefault(),
+            huge_buffers: crate::env::expert_huge_pages(),
         }
     }
 }
@@ -637,6 +642,8 @@ pub struct ExpertPager {
     io_threads: usize,
     prefault: bool,
     started_prefault: AtomicBool,
+    /// Where new buffers come from, when on huge pages.
+    arena: Option<Arc<SlotArena>>,
 }
 
 /// Below this accuracy (after [`PREDICT_TRIAL`] predictions) next-layer
@@ -701,6 +708,11 @@ impl ExpertPager {
             .as_deref()
             .and_then(|p| usage::load(p, &cache_id, n_layers, n_experts))
             .unwrap_or_else(|| vec![vec![0; n_experts]; n_layers]);
+        // Without transparent huge pages the slots would gain nothing over
+        // heap buffers.
+        let arena = (opts.huge_buffers && crate::tensor::huge_pages_available())
+            .then(|| SlotArena::new(plan.slots, plan.slot_bytes as usize))
+            .flatten();
         Ok(ExpertPager {
             files,
             maps: cache.maps().to_vec(),
@@ -735,6 +747,7 @@ impl ExpertPager {
             predict2: AtomicBool::new(opts.predict && opts.predict_depth >= 2),
             prefault: opts.prefault,
             started_prefault: AtomicBool::new(false),
+            arena,
         })
     }
 
@@ -746,6 +759,12 @@ impl ExpertPager {
     /// I/O threads: the most reads in flight.
     pub fn io_threads(&self) -> usize {
         self.io_threads
+    }
+
+    /// Whether the buffers are slots of one mapping advised onto 2 MiB
+    /// pages ([`crate::engine::arena`]).
+    pub fn huge_buffers(&self) -> bool {
+        self.arena.is_some()
     }
 
     /// Whether reads bypass the page cache (O_DIRECT).
@@ -1054,7 +1073,7 @@ impl ExpertPager {
             }
             st.allocated += 1;
         }
-        let mut buf = AlignedBuf::zeroed(self.plan.slot_bytes as usize);
+        let mut buf = self.new_buffer();
         // Any value: reads overwrite what a buffer is used for. A store of
         // zero into fresh zeroed memory could be elided.
         for page in buf.as_mut_slice().chunks_mut(io::DIRECT_ALIGN) {
@@ -1064,6 +1083,15 @@ impl ExpertPager {
         self.stats.prefaulted.fetch_add(1, Ordering::Relaxed);
         self.lock().free.push(Arc::new(buf));
         true
+    }
+
+    /// One more buffer (the caller counted it in `allocated`): a slot of
+    /// the huge-page arena, or a heap buffer without one.
+    fn new_buffer(&self) -> AlignedBuf {
+        match self.arena.as_ref().and_then(|a| a.take()) {
+            Some(slot) => AlignedBuf::from_slot(slot),
+            None => AlignedBuf::zeroed(self.plan.slot_bytes as usize),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -1080,7 +1108,7 @@ impl ExpertPager {
             }
             if st.allocated < self.plan.slots {
                 st.allocated += 1;
-                return Some(Arc::new(AlignedBuf::zeroed(self.plan.slot_bytes as usize)));
+                return Some(Arc::new(self.new_buffer()));
             }
             let mut busy = Vec::new();
             let mut victim = None;
