@@ -92,6 +92,28 @@ fn paged_logits_equal_mapped_logits_bit_for_bit() {
 }
 
 #[test]
+fn heap_and_huge_page_buffers_give_the_same_logits() {
+    // The buffers are slots of one huge-page mapping where the kernel
+    // offers transparent huge pages, else one heap allocation each; the
+    // numbers must not depend on which.
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tiny_cache(tmp.path());
+    let plain = run(&Model::load(crate::open::open_weights(&cache).unwrap()).unwrap());
+    for huge in [false, true] {
+        let mut opts = PagerOptions::new(budget_for(&cache, 8));
+        opts.huge_buffers = huge;
+        let (w, _) = open_with_budget(&cache, &opts).unwrap();
+        let model = Model::load(w).unwrap();
+        assert_eq!(run(&model), plain, "huge = {huge}");
+        let pager = pager_of(&**model.weights()).unwrap();
+        let expect = huge && crate::tensor::huge_pages_available();
+        assert_eq!(pager.huge_buffers(), expect);
+        let s = pager.stats();
+        assert!(s.evictions > 0 && s.read_errors == 0, "{s:?}");
+    }
+}
+
+#[test]
 fn predicting_two_layers_ahead_with_one_read_ahead_thread_keeps_the_logits() {
     // Three layers, so layer 0 predicts layer 2 too; one read-ahead read
     // in flight at a time, so guesses queue up and are promoted or
