@@ -71,11 +71,22 @@ fn run(model: &Model) -> Vec<Vec<f32>> {
     out
 }
 
+/// [`run`] on `cache` mapped whole (no budget): what paging must reproduce.
+fn mapped_run(cache: &Path) -> Vec<Vec<f32>> {
+    run(&Model::load(crate::open::open_weights(cache).unwrap()).unwrap())
+}
+
+/// The model of `cache` under the budget and options `opts`.
+fn paged_with(cache: &Path, opts: &PagerOptions) -> Model {
+    let (w, _) = open_with_budget(cache, opts).unwrap();
+    Model::load(w).unwrap()
+}
+
 #[test]
 fn paged_logits_equal_mapped_logits_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tiny_cache(tmp.path());
-    let plain = run(&Model::load(crate::open::open_weights(&cache).unwrap()).unwrap());
+    let plain = mapped_run(&cache);
     // 8 slots for 16 experts: evictions, misses and (with prediction)
     // read-ahead all happen; the numbers must not change.
     for predict in [false, true] {
@@ -98,12 +109,11 @@ fn heap_and_huge_page_buffers_give_the_same_logits() {
     // numbers must not depend on which.
     let tmp = tempfile::tempdir().unwrap();
     let cache = tiny_cache(tmp.path());
-    let plain = run(&Model::load(crate::open::open_weights(&cache).unwrap()).unwrap());
+    let plain = mapped_run(&cache);
     for huge in [false, true] {
         let mut opts = PagerOptions::new(budget_for(&cache, 8));
         opts.huge_buffers = huge;
-        let (w, _) = open_with_budget(&cache, &opts).unwrap();
-        let model = Model::load(w).unwrap();
+        let model = paged_with(&cache, &opts);
         assert_eq!(run(&model), plain, "huge = {huge}");
         let pager = pager_of(&**model.weights()).unwrap();
         let expect = huge && crate::tensor::huge_pages_available();
@@ -120,13 +130,12 @@ fn predicting_two_layers_ahead_with_one_read_ahead_thread_keeps_the_logits() {
     // cancelled when their layer routes.
     let tmp = tempfile::tempdir().unwrap();
     let cache = tiny_cache_layers(tmp.path(), 3);
-    let plain = run(&Model::load(crate::open::open_weights(&cache).unwrap()).unwrap());
+    let plain = mapped_run(&cache);
     let mut opts = PagerOptions::new(budget_for(&cache, 8));
     opts.io_threads = 2;
     opts.predict_depth = 2;
     opts.ahead_inflight = 1;
-    let (w, _) = open_with_budget(&cache, &opts).unwrap();
-    let model = Model::load(w).unwrap();
+    let model = paged_with(&cache, &opts);
     assert_eq!(run(&model), plain);
     let s = pager_of(&**model.weights()).unwrap().stats();
     assert!(s.predicted > 0 && s.predicted2 > 0, "{s:?}");
