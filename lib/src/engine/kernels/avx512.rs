@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 
 // `f16_at` and `prefetch` are the AVX2 level's: their instructions are
 // the same at this level, and they inline into these kernels.
-use super::avx2::{f16_at, prefetch, Avx2, QuantView};
+use super::avx2::{f16_at, hsum, prefetch, Avx2, QuantView};
 use crate::tensor::QBLOCK;
 
 /// Proof that the running CPU has AVX-512 F, BW and VNNI besides what
@@ -170,7 +170,15 @@ impl Avx512 {
             // range and the activations match the view's checked shape.
             let dot = unsafe {
                 if v.bits == 4 && g128 {
-                    dot_i4_g128(v, r, a)
+                    let (dot, t) = dot_i4_g128(v, r, a);
+                    if v.zeros.is_none() {
+                        // The symmetric zero-point term, as the AVX2
+                        // `correction` forms it: its sum came with the
+                        // scales the kernel loaded anyway.
+                        *o = dot + SYMMETRIC_I4_OFFSET * t;
+                        continue;
+                    }
+                    dot
                 } else if v.bits == 4 {
                     dot_i4(v, r, a)
                 } else {
@@ -357,19 +365,23 @@ unsafe fn dot_i4(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
 /// puts the two sums together. On Zen 4, whose AVX-512 runs at half width,
 /// the kernel was bound by vector instructions, not memory: eleven per 128
 /// weights here against fifteen with the nibbles widened to int16.
-unsafe fn dot_i4_g128(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
+unsafe fn dot_i4_g128(v: &QuantView, r: usize, a: &GroupAct) -> (f32, f32) {
     let ng = v.n_groups;
     let qrow = v.q.as_ptr().add(r * v.row_bytes);
     let srow = v.scales.as_ptr().add(r * ng * 2);
     let planes = a.planes.as_ref().expect("byte planes for groups of 128");
     let xb = planes.as_ptr() as *const u8;
     let d = a.d.as_ptr();
+    let gsum = a.gsum.as_ptr();
     let pfb = v.pf;
     let group = |g: usize| group_i4_g128(qrow.add(g * 64), xb.add(g * 256), pfb);
     // Even groups add into `tot0`, odd ones into `tot1`, as in `dot_i4`.
     let mut tot0 = _mm512_setzero_ps();
     let mut tot1 = _mm512_setzero_ps();
     let mut sd = [0f32; 16];
+    // `Σ_g s_g gsum_g` in `correction`'s order: eight groups at a time,
+    // then the rest one by one after the horizontal sum.
+    let mut corr = _mm256_setzero_ps();
     let mut g0 = 0;
     while g0 < ng {
         let n = (ng - g0).min(16);
@@ -378,6 +390,10 @@ unsafe fn dot_i4_g128(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
         let s = _mm512_cvtph_ps(_mm512_castsi512_si256(s16));
         let dv = _mm512_maskz_loadu_ps(mask as __mmask16, d.add(g0));
         _mm512_storeu_ps(sd.as_mut_ptr(), _mm512_mul_ps(s, dv));
+        let halves = [_mm512_castps512_ps256(s), hi256(s)];
+        for (h, sh) in halves.into_iter().enumerate().take(n / 8) {
+            corr = _mm256_fmadd_ps(sh, _mm256_loadu_ps(gsum.add(g0 + 8 * h)), corr);
+        }
         // `g0` is even (chunks of 16), so `j`'s parity is the group's.
         let mut j = 0;
         while j + 2 <= n {
@@ -390,7 +406,17 @@ unsafe fn dot_i4_g128(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
         }
         g0 += n;
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(tot0, tot1))
+    let mut t = hsum(corr);
+    for g in ng - ng % 8..ng {
+        t += f16_at(srow, g) * *gsum.add(g);
+    }
+    (_mm512_reduce_add_ps(_mm512_add_ps(tot0, tot1)), t)
+}
+
+/// Lanes 8..16 of `v`.
+#[inline]
+unsafe fn hi256(v: __m512) -> __m256 {
+    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
 }
 
 /// Word `2L` of the result is word `L` of `v`, word `2L + 1` its word
@@ -472,6 +498,9 @@ unsafe fn dot_i8(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
 }
 }
 
+/// `offset − z` of `correction` for symmetric int4 weights (zero 8).
+const SYMMETRIC_I4_OFFSET: f32 = -8.0;
+
 /// Whether `v` takes [`dot_i4_g128`]: groups of 128 (AutoRound's), every
 /// group whole.
 fn is_g128(v: &QuantView) -> bool {
@@ -485,6 +514,7 @@ mod tests {
 
     use super::super::tests::rand_quant;
     use super::*;
+    use crate::tensor::Zeros;
 
     /// The groups-of-128 kernel gives the generic one's bits on every row:
     /// widths of 1 to 20 groups (a chunk of 16 scales and a short one),
@@ -515,12 +545,21 @@ mod tests {
             assert!(a.planes.is_some());
             for r in 0..v.rows {
                 // SAFETY: row in range, activations of the view's shape.
-                let (want, got) = unsafe { (dot_i4(&v, r, &a), dot_i4_g128(&v, r, &a)) };
+                let (want, (got, t)) = unsafe { (dot_i4(&v, r, &a), dot_i4_g128(&v, r, &a)) };
                 assert_eq!(
                     got.to_bits(),
                     want.to_bits(),
                     "{ng} groups, row {r}: {got} vs {want}"
                 );
+                if matches!(m.zeros, Zeros::Symmetric) {
+                    let want = b.avx2.zero_correction(&v, r, &a.gsum);
+                    let got = SYMMETRIC_I4_OFFSET * t;
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{ng} groups, row {r}: zero term"
+                    );
+                }
             }
         }
     }
