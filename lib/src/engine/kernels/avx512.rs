@@ -9,6 +9,13 @@
 //! about six instructions per 64 int4 weights, few enough for two cores to
 //! keep up with the memory bus.
 //!
+//! Zen 4 runs AVX-512 at half width, and there one core's int4 matvec was
+//! bound by those instructions, not by memory. For groups of 128 (what
+//! AutoRound writes) a token's int16 activations are therefore also split
+//! into their low and high bytes, and `vpdpbusd` meets a group's 64 weight
+//! bytes as stored: eleven vector instructions per 128 weights against
+//! fifteen, with the same i32 lane sums, so the same bits (`dot_i4_g128`).
+//!
 //! Safety: as in the `avx2` module. An [`Avx512`] exists only after
 //! [`Avx512::detect`] saw the features on the running CPU; the views were
 //! checked against their shapes, and the safe wrappers check row indices and
@@ -116,8 +123,23 @@ pub(crate) struct GroupAct {
 
 impl Avx512 {
     /// Quantizes `x` (length a multiple of 32) for `bits`-bit weights with
-    /// `group_size` (a multiple of 32); the last group may be short.
+    /// `group_size` (a multiple of 32); the last group may be short. With
+    /// the byte planes [`Avx512::quant_rows`] takes for groups of 128.
     pub(crate) fn group_act(self, x: &[f32], bits: u8, group_size: usize) -> GroupAct {
+        let mut act = self.group_act_tokens(x, bits, group_size);
+        if bits == 4 && group_size == 128 && x.len() % 128 == 0 {
+            let mut planes = Int16Lines::zeroed(x.len());
+            // SAFETY: both buffers hold `x.len()` int16 values (a multiple
+            // of 128); features proven by `self`.
+            unsafe { byte_planes(act.xq.as_ptr(), planes.as_mut_ptr() as *mut u8, x.len()) };
+            act.planes = Some(planes);
+        }
+        act
+    }
+
+    /// [`Avx512::group_act`] without the byte planes, for the many-token
+    /// kernels, which do not read them.
+    pub(crate) fn group_act_tokens(self, x: &[f32], bits: u8, group_size: usize) -> GroupAct {
         assert!(x.len() % QBLOCK == 0 && group_size % QBLOCK == 0 && group_size > 0);
         let ng = x.len().div_ceil(group_size);
         let mut act = GroupAct {
@@ -145,13 +167,6 @@ impl Avx512 {
             };
             act.d[g] = d;
             act.gsum[g] = d * s as f32;
-        }
-        if bits == 4 && group_size == 128 && x.len() % 128 == 0 {
-            let mut planes = Int16Lines::zeroed(x.len());
-            // SAFETY: both buffers hold `x.len()` int16 values (a multiple
-            // of 128); features proven by `self`.
-            unsafe { byte_planes(act.xq.as_ptr(), planes.as_mut_ptr() as *mut u8, x.len()) };
-            act.planes = Some(planes);
         }
         act
     }

@@ -530,7 +530,9 @@ mod batch {
         quant: Option<(u8, usize)>,
     }
 
-    fn prepare(s: Simd, w: &Matrix, x: &[f32], path: Path) -> Act {
+    /// `alone`: the activations go to a one-token kernel (the AVX-512
+    /// level's then also wants them split into bytes).
+    fn prepare(s: Simd, w: &Matrix, x: &[f32], path: Path, alone: bool) -> Act {
         let a = s.avx2().expect("a SIMD level");
         match w {
             Matrix::Dense(_) => Act::Dense,
@@ -538,7 +540,11 @@ mod batch {
                 (Simd::Avx512(b), Path::SimdInt16)
                     if avx512::Avx512::supports(q.bits, q.group_size) =>
                 {
-                    Act::Group(b.group_act(x, q.bits, q.group_size))
+                    Act::Group(if alone {
+                        b.group_act(x, q.bits, q.group_size)
+                    } else {
+                        b.group_act_tokens(x, q.bits, q.group_size)
+                    })
                 }
                 (_, Path::SimdInt8) => Act::Q8(avx2::Q8Act::new(x, q.bits, q.group_size)),
                 (_, Path::SimdInt16) => Act::Q16(a.q16_act(x, q.bits, q.group_size)),
@@ -591,7 +597,10 @@ mod batch {
             Some((p, stride)) => p.chunks(*stride).map(|c| &c[..cols]).collect(),
             None => x.chunks_exact(cols).collect(),
         };
-        let acts: Vec<Act> = xs.iter().map(|xt| prepare(s, w, xt, path)).collect();
+        let acts: Vec<Act> = xs
+            .iter()
+            .map(|xt| prepare(s, w, xt, path, n == 1))
+            .collect();
         // The AVX-512 level's group activations, for its many-token kernel.
         let groups: Vec<&avx512::GroupAct> = acts
             .iter()
@@ -697,7 +706,7 @@ mod batch {
                 Some(i) => i,
                 None => {
                     keys.push(key);
-                    acts.push(prepare(s, j.w, j.x, path));
+                    acts.push(prepare(s, j.w, j.x, path, true));
                     acts.len() - 1
                 }
             };
