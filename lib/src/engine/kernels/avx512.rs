@@ -13,8 +13,9 @@
 //! bound by those instructions, not by memory. For groups of 128 (what
 //! AutoRound writes) a token's int16 activations are therefore also split
 //! into their low and high bytes, and `vpdpbusd` meets a group's 64 weight
-//! bytes as stored: eleven vector instructions per 128 weights against
-//! fifteen, with the same i32 lane sums, so the same bits (`dot_i4_g128`).
+//! bytes (one word permutation away from as stored): twelve vector
+//! instructions per 128 weights against fifteen, with the same i32 lane
+//! sums, so the same bits (`dot_i4_g128`).
 //!
 //! Safety: as in the `avx2` module. An [`Avx512`] exists only after
 //! [`Avx512::detect`] saw the features on the running CPU; the views were
@@ -374,12 +375,13 @@ unsafe fn dot_i4(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
 /// [`dot_i4`] for groups of 128 (AutoRound's) with every group whole, on
 /// the activations' [`byte_planes`]: the same integer sums and the same
 /// float steps in the same order, so the same bits, in fewer vector
-/// instructions. A group's 64 weight bytes load as they are stored; their
-/// nibbles meet the activations' low bytes (unsigned) and high bytes
-/// (signed) in `vpdpbusd`, 64 products an instruction, and `256 hi + lo`
-/// puts the two sums together. On Zen 4, whose AVX-512 runs at half width,
-/// the kernel was bound by vector instructions, not memory: eleven per 128
-/// weights here against fifteen with the nibbles widened to int16.
+/// instructions. A group's 64 weight bytes load whole (one word
+/// permutation, [`pair_words`], and no widening); their nibbles meet the
+/// activations' low bytes (unsigned) and high bytes (signed) in
+/// `vpdpbusd`, 64 products an instruction, and `256 hi + lo` puts the two
+/// sums together. On Zen 4, whose AVX-512 runs at half width, the kernel
+/// was bound by vector instructions, not memory: twelve per 128 weights
+/// here against fifteen with the nibbles widened to int16.
 unsafe fn dot_i4_g128(v: &QuantView, r: usize, a: &GroupAct) -> (f32, f32) {
     let ng = v.n_groups;
     let qrow = v.q.as_ptr().add(r * v.row_bytes);
@@ -430,7 +432,7 @@ unsafe fn dot_i4_g128(v: &QuantView, r: usize, a: &GroupAct) -> (f32, f32) {
 
 /// Lanes 8..16 of `v`.
 #[inline]
-unsafe fn hi256(v: __m512) -> __m256 {
+pub(super) unsafe fn hi256(v: __m512) -> __m256 {
     _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
 }
 
@@ -449,8 +451,8 @@ unsafe fn pair_words(v: __m512i) -> __m512i {
 
 /// One group of 128 for [`dot_i4_g128`]: its 64 bytes of nibbles at `qg`
 /// against its 256 activation bytes at `xb`, as converted floats. Every
-/// i32 lane stays exact: at most 16 * 15 * 255 for the low bytes and
-/// 16 * 15 * 128 * 256 for the high ones.
+/// i32 lane adds eight products per sum and stays exact: at most
+/// 8 * 15 * 255 for the low bytes and 8 * 15 * 128 * 256 for the high ones.
 #[inline]
 unsafe fn group_i4_g128(qg: *const u8, xb: *const u8, pfb: usize) -> __m512 {
     prefetch(qg.wrapping_add(pfb));

@@ -33,7 +33,7 @@ use super::avx2::{
     dense_block_row, f16_at, hsum, load1, load8, pf_bytes, prefetch, prefetch_l2, DenseView,
     QuantView, DT_BF16, DT_F16, DT_F32,
 };
-use super::avx512::{Avx512, GroupAct};
+use super::avx512::{hi256, Avx512, GroupAct};
 use crate::tensor::{FloatType, QBLOCK};
 
 /// Most tokens one pass of these kernels takes (their accumulators fill
@@ -432,11 +432,6 @@ unsafe fn load16<const DT: u8>(p: *const u8) -> __m512 {
     }
 }
 
-/// Lanes 8..16 of `v`.
-#[inline]
-unsafe fn hi256(v: __m512) -> __m256 {
-    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
-}
 }
 
 /// One row's two group totals per token, `[h][t]` (even and odd groups,
