@@ -92,11 +92,6 @@ impl SlotArena {
             offset: i * self.stride,
         })
     }
-
-    /// Bytes per slot.
-    pub fn stride(&self) -> usize {
-        self.stride
-    }
 }
 
 /// One slot of a [`SlotArena`], owned alone.
