@@ -153,6 +153,16 @@ pub fn advise_willneed(bytes: &[u8], offset: usize, len: usize) {
     }
 }
 
+/// Tells the kernel that `len` bytes at `offset` of a mapping are read at
+/// random: a fault reads its own page, without read-around.
+pub fn advise_random(bytes: &[u8], offset: usize, len: usize) {
+    if let Some((p, n)) = page_span(bytes, offset, len) {
+        // SAFETY: as in `advise_willneed`; RANDOM only changes how much a
+        // fault reads ahead, never what the pages hold.
+        unsafe { libc::madvise(p, n, libc::MADV_RANDOM) };
+    }
+}
+
 /// Pins `len` bytes at `offset` of a mapping in RAM.
 pub fn lock(bytes: &[u8], offset: usize, len: usize) -> io::Result<()> {
     if let Some((p, n)) = page_span(bytes, offset, len) {

@@ -108,8 +108,9 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
 pub struct BudgetPlan {
     /// The budget, bytes.
     pub budget: u64,
-    /// Weights outside the routed experts (attention, DeltaNet, shared
-    /// experts, routers, embeddings, lm_head): resident.
+    /// Weights outside the routed experts and the embedding (attention,
+    /// DeltaNet, shared experts, routers, lm_head): resident. The
+    /// embedding is read a row a token from the mapping ([`read_by_rows`]).
     pub resident_bytes: u64,
     /// All routed experts.
     pub expert_bytes: u64,
@@ -138,6 +139,18 @@ fn expert_of(name: &str) -> Option<(usize, usize)> {
     let rest = rest.strip_prefix("mlp.experts.")?;
     let (e, _) = rest.split_once('.')?;
     Some((l.parse().ok()?, e.parse().ok()?))
+}
+
+/// Whether decode reads tensor `name` of `cache` one row a token rather
+/// than whole: the token embedding, unless the lm_head is tied to it (then
+/// every token reads it whole as the lm_head). Under a budget such a tensor
+/// is neither read ahead nor locked, and its bytes are not set aside: a
+/// token faults in its one row (4 KiB for a 2048-wide BF16 row) from the
+/// mapping, a clean page the kernel can drop again, so the expert cache
+/// gets the rest (593 MiB of the 8-layer model's 1.4 GiB resident weights).
+fn read_by_rows(cache: &Cache, name: &str) -> bool {
+    name.strip_suffix(".weight").unwrap_or(name) == "model.embed_tokens"
+        && !(cache.config().tie_word_embeddings && cache.entry("lm_head.weight").is_none())
 }
 
 /// One read of an expert: `len` (block-aligned) bytes at the aligned
@@ -193,7 +206,11 @@ pub fn plan_budget(cache: &Cache, budget: u64) -> BudgetPlan {
     type Spans = Vec<(usize, u64, u64)>;
     let mut per_expert: HashMap<(usize, usize), Spans> = HashMap::new();
     let mut expert_bytes = 0u64;
+    let mut row_read_bytes = 0u64;
     for t in cache.index().tensors.iter() {
+        if read_by_rows(cache, &t.name) {
+            row_read_bytes += t.spans().iter().map(|s| s.len).sum::<u64>();
+        }
         if let Some(k) = expert_of(&t.name) {
             for s in t.spans() {
                 expert_bytes += s.len;
@@ -210,7 +227,9 @@ pub fn plan_budget(cache: &Cache, budget: u64) -> BudgetPlan {
         .max()
         .unwrap_or(0)
         + DIRECT_ALIGN;
-    let resident_bytes = cache.data_bytes().saturating_sub(expert_bytes);
+    let resident_bytes = cache
+        .data_bytes()
+        .saturating_sub(expert_bytes + row_read_bytes);
     let overhead_bytes = (256 << 20) + budget / 33;
     let free = budget.saturating_sub(resident_bytes + overhead_bytes);
     BudgetPlan {
@@ -1458,7 +1477,8 @@ impl WeightSource for PagedCache {
         self.cache.aux_file(name)
     }
     /// Reads ahead (always) and locks (when asked) the weights outside the
-    /// routed experts only: those are what must stay resident.
+    /// routed experts and the embedding only: those are what must stay
+    /// resident ([`read_by_rows`]).
     fn residency(&self, _populate: bool, lock: bool) -> Result<(), crate::weights::LockRefused> {
         let maps = self.cache.maps();
         let mut refused = None;
@@ -1466,8 +1486,15 @@ impl WeightSource for PagedCache {
             if expert_of(&t.name).is_some() {
                 continue;
             }
+            let by_rows = read_by_rows(&self.cache, &t.name);
             for s in t.spans() {
                 let bytes = maps[s.file as usize].bytes();
+                if by_rows {
+                    // One 4 KiB page a row, not the fault's default
+                    // read-around of 128 KiB.
+                    io::advise_random(bytes, s.offset as usize, s.len as usize);
+                    continue;
+                }
                 io::advise_willneed(bytes, s.offset as usize, s.len as usize);
                 if lock && refused.is_none() {
                     if let Err(source) = io::lock(bytes, s.offset as usize, s.len as usize) {

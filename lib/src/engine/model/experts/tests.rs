@@ -222,6 +222,29 @@ fn a_budget_below_the_resident_weights_is_a_usage_error() {
     assert!(plan.is_none());
 }
 
+/// The embedding (one row a token) is not part of what a budget keeps
+/// resident: the plan counts every other non-expert byte, and no more.
+#[test]
+fn the_embedding_is_read_by_rows_not_kept_resident() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&tiny_cache(tmp.path())).unwrap();
+    let bytes_of = |pred: &dyn Fn(&str) -> bool| -> u64 {
+        let tensors = cache.index().tensors.iter();
+        tensors
+            .filter(|t| pred(&t.name))
+            .flat_map(|t| t.spans())
+            .map(|s| s.len)
+            .sum()
+    };
+    let embed = bytes_of(&|n| n.starts_with("model.embed_tokens"));
+    let experts = bytes_of(&|n| expert_of(n).is_some());
+    assert!(embed > 0 && experts > 0);
+    assert!(read_by_rows(&cache, "model.embed_tokens.weight"));
+    assert!(!read_by_rows(&cache, "lm_head.weight"));
+    let plan = plan_budget(&cache, 1 << 30);
+    assert_eq!(plan.resident_bytes, cache.data_bytes() - experts - embed);
+}
+
 #[test]
 fn sizes_parse() {
     assert_eq!(parse_size("24G").unwrap(), 24 << 30);
