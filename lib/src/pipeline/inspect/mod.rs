@@ -470,6 +470,7 @@ fn advise_paging(
         &storage::AdviceInputs {
             model_bytes: m.total_bytes,
             expert_bytes: m.expert_bytes,
+            row_read_bytes: m.row_read_bytes,
             per_token_bytes: m.per_token_bytes,
             fits: s.fits_in_ram,
             usable_memory: s.usable_memory,

@@ -23,6 +23,8 @@ pub const PRESET_PER_TOKEN_BYTES: u64 = 3_240_000_000;
 /// Its routed-expert bytes (512 experts x 48 layers; 10 read per token
 /// make 0.785 GB of the per-token figure).
 pub const PRESET_EXPERT_BYTES: u64 = 40_166_000_000;
+/// Its BF16 token embedding, 151,936 x 2,048 (not tied to the lm_head).
+pub const PRESET_EMBED_BYTES: u64 = 151_936 * 2_048 * 2;
 
 /// Errors reading the model's sizes.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,11 @@ pub struct ModelSizes {
     pub expert_bytes: u64,
     /// MTP (multi-token prediction) bytes, not used for decode.
     pub mtp_bytes: u64,
+    /// Bytes of the token embedding when a token reads one row of it (0
+    /// when the lm_head is tied to it): a memory budget does not keep
+    /// them resident.
+    #[serde(default)]
+    pub row_read_bytes: u64,
     /// Tensors counted (0 when not counted).
     pub tensors: usize,
 }
@@ -98,6 +105,7 @@ impl ModelSizes {
             per_token_bytes: PRESET_PER_TOKEN_BYTES,
             expert_bytes: PRESET_EXPERT_BYTES,
             mtp_bytes: 0,
+            row_read_bytes: PRESET_EMBED_BYTES,
             tensors: 0,
         }
     }
@@ -159,8 +167,10 @@ impl ModelSizes {
             }
         }
         let mut per_token = dense + embed / embed_rows;
+        let mut row_read = embed;
         if tied && !has_lm_head {
             per_token += embed; // lm_head reads the whole shared matrix
+            row_read = 0;
         }
         // Only num_experts_per_tok of num_experts routed experts are read.
         per_token += (expert * per_tok).checked_div(experts).unwrap_or(expert);
@@ -175,6 +185,7 @@ impl ModelSizes {
             per_token_bytes: per_token,
             expert_bytes: expert,
             mtp_bytes: mtp,
+            row_read_bytes: row_read,
             tensors,
         })
     }
@@ -193,6 +204,7 @@ impl ModelSizes {
             per_token_bytes: scale(PRESET_PER_TOKEN_BYTES),
             expert_bytes: scale(PRESET_EXPERT_BYTES),
             mtp_bytes: 0,
+            row_read_bytes: scale(PRESET_EMBED_BYTES),
             tensors: 0,
         })
     }
@@ -329,6 +341,24 @@ mod tests {
         // one embedding row (10) + q_proj (50) + lm_head (100) + 1/4 of experts
         assert_eq!(s.per_token_bytes, 10 + 50 + 100 + 100);
         assert_eq!(s.tensors, 8);
+        // Read a row a token, so a memory budget does not keep it.
+        assert_eq!(s.row_read_bytes, 100);
+        // Tied without an lm_head: every token reads the embedding whole.
+        std::fs::write(
+            d.path().join("config.json"),
+            r#"{"num_experts": 4, "num_experts_per_tok": 1, "tie_word_embeddings": true}"#,
+        )
+        .unwrap();
+        write_st(
+            &d.path().join("model.safetensors"),
+            &[
+                ("model.embed_tokens.weight", vec![10, 10], 100),
+                ("model.layers.0.self_attn.q_proj.weight", vec![50], 50),
+            ],
+        );
+        let tied = ModelSizes::from_checkpoint(d.path()).unwrap();
+        assert_eq!(tied.row_read_bytes, 0);
+        assert_eq!(tied.per_token_bytes, 10 + 50 + 100);
     }
 
     #[test]

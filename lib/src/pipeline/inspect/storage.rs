@@ -338,6 +338,8 @@ pub struct AdviceInputs<'a> {
     pub model_bytes: u64,
     /// Routed-expert bytes.
     pub expert_bytes: u64,
+    /// Embedding bytes read a row a token (not kept resident).
+    pub row_read_bytes: u64,
     /// Weight bytes read per decoded token.
     pub per_token_bytes: u64,
     /// Whether the model fits in RAM.
@@ -387,7 +389,11 @@ pub fn advise(model_dir: Option<&Path>, i: &AdviceInputs) -> PagingAdvice {
             .map(|c| crate::model::experts::plan_budget(&c, budget));
         let (resident, experts) = match &exact {
             Some(p) => (p.resident_bytes, p.expert_bytes),
-            None => (i.model_bytes.saturating_sub(i.expert_bytes), i.expert_bytes),
+            None => (
+                i.model_bytes
+                    .saturating_sub(i.expert_bytes + i.row_read_bytes),
+                i.expert_bytes,
+            ),
         };
         a.estimate = estimate(
             budget,
