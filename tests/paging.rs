@@ -118,9 +118,13 @@ fn bench_under_a_budget_pages_experts_inside_a_cgroup_of_that_size() {
         .current_dir(tmp.path()));
     assert!(o.status.success(), "{}", text(&o));
     // 12 of the 32 experts (4 layers x 8) fit.
+    // The bench sets aside one sequence of 32 tokens (-n 16 after the
+    // default 16-token --parallel-ctx; -p 8 is shorter).
+    use roundhouse::weights::WeightSource;
     let c = roundhouse::cache::Cache::open(&cache).unwrap();
-    let budget = roundhouse::model::experts::budget_for_slots(&c, 12);
-    let plan = roundhouse::model::experts::plan_budget(&c, budget);
+    let held = c.config().state_bytes(32);
+    let budget = roundhouse::model::experts::budget_for_slots(&c, 12, held);
+    let plan = roundhouse::model::experts::plan_budget(&c, budget, held);
     drop(c);
     assert!(!plan.fits() && plan.slots == 12, "{plan:?}");
 
@@ -191,8 +195,10 @@ fn a_chat_turn_under_a_budget_reports_the_expert_cache() {
         .arg("-q")
         .current_dir(tmp.path()));
     assert!(o.status.success(), "{}", text(&o));
+    // rh-serve sets aside its one conversation at --ctx-size.
+    use roundhouse::weights::WeightSource;
     let c = roundhouse::cache::Cache::open(&cache).unwrap();
-    let budget = roundhouse::model::experts::budget_for_slots(&c, 12);
+    let budget = roundhouse::model::experts::budget_for_slots(&c, 12, c.config().state_bytes(64));
     drop(c);
     let chat = |budget: Option<u64>| {
         let mut cmd = rh("rh-serve");
@@ -200,6 +206,8 @@ fn a_chat_turn_under_a_budget_reports_the_expert_cache() {
             .args([
                 "--prompt",
                 "Hello",
+                "--ctx-size",
+                "64",
                 "--max-tokens",
                 "4",
                 "--temperature",

@@ -33,10 +33,13 @@ pub fn budget(
 }
 
 /// Loads the model, under `budget` when given.
+/// `held`: the sequences the benchmark keeps at once and the context
+/// each reaches, set aside from the budget.
 pub fn load(
     dir: &Path,
     budget: Option<u64>,
     predict: bool,
+    held: (usize, usize),
     p: &Pipeline,
 ) -> Result<(Model, Option<BudgetPlan>), CliError> {
     let Some(budget) = budget else {
@@ -45,6 +48,7 @@ pub fn load(
     };
     let mut opts = PagerOptions::new(budget);
     opts.predict = predict;
+    (opts.sequences, opts.context_tokens) = held;
     let work = p.work_dir();
     if work.is_dir() {
         opts.usage_file = Some(experts::usage_path(&work));

@@ -93,8 +93,13 @@ impl PagingReport {
         let h = crate::cli::human_bytes;
         let p = &self.plan;
         let s = &self.stats;
+        let held = if p.reserved_bytes > 0 {
+            format!(" + {} sequence states", h(p.reserved_bytes))
+        } else {
+            String::new()
+        };
         let mut out = format!(
-            "memory budget:           {} = {} resident weights + {} working memory + {} experts x {} (of {}; {}, {})\n",
+            "memory budget:           {} = {} resident weights + {} working memory{held} + {} experts x {} (of {}; {}, {})\n",
             h(p.budget),
             h(p.resident_bytes),
             h(p.overhead_bytes),

@@ -417,7 +417,14 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
 
     let budget = crate::paging::budget(args.memory_budget.as_deref(), pipeline, strategy.as_ref())?;
     let t0 = Instant::now();
-    let (model, _plan) = crate::paging::load(&dir, budget, !args.no_expert_prediction, pipeline)?;
+    // The most streams at once, each holding its prompt or its context
+    // and generated tokens.
+    let held = (
+        args.parallel.iter().copied().max().unwrap_or(1).max(1),
+        p.max(n + args.parallel_ctx),
+    );
+    let (model, _plan) =
+        crate::paging::load(&dir, budget, !args.no_expert_prediction, held, pipeline)?;
     let pager = crate::paging::pager(&model);
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = model.config();

@@ -138,7 +138,16 @@ fn model_dir(args: &Args, p: &Pipeline) -> PathBuf {
 
 /// Opens a model directory (cache or checkpoint) through the library's
 /// opener, so serve opens whatever bench and verify open.
-fn open(dir: &Path, budget: Option<u64>, p: &Pipeline) -> Result<Arc<dyn WeightSource>, CliError> {
+///
+/// Under a budget, `held` is what the caller keeps beside the model:
+/// `(sequences, context tokens each, other bytes)`, set aside before the
+/// expert cache gets the rest.
+fn open(
+    dir: &Path,
+    budget: Option<u64>,
+    p: &Pipeline,
+    held: (usize, usize, u64),
+) -> Result<Arc<dyn WeightSource>, CliError> {
     if !dir.exists() {
         return Err(CliError::failure(format!(
             "{}: model directory not found (pass MODEL_DIR, set [serve] model, or run the pipeline: rh-fetch, rh-repack)",
@@ -151,6 +160,7 @@ fn open(dir: &Path, budget: Option<u64>, p: &Pipeline) -> Result<Arc<dyn WeightS
         None => Ok(roundhouse::evaluate::open_weights(dir)?),
         Some(b) => {
             let mut opts = roundhouse::model::experts::PagerOptions::new(b);
+            (opts.sequences, opts.context_tokens, opts.other_bytes) = held;
             let work = p.work_dir();
             if work.is_dir() {
                 opts.usage_file = Some(roundhouse::model::experts::usage_path(&work));
@@ -218,11 +228,7 @@ fn options(args: &Args, p: &Pipeline, chat: &ChatModel) -> GenOptions {
             .or(s.max_tokens)
             .unwrap_or(defaults::SERVE_MAX_TOKENS)
             .max(1),
-        ctx_size: args
-            .ctx_size
-            .or(s.ctx_size)
-            .unwrap_or(defaults::SERVE_CTX_SIZE)
-            .clamp(2, max_pos.max(2)),
+        ctx_size: ctx_size(args, p).clamp(2, max_pos.max(2)),
         enable_thinking: true,
     }
 }
@@ -293,7 +299,8 @@ fn run() -> Result<(), CliError> {
     let dir = model_dir(&args, &p);
     let t0 = Instant::now();
     let budget = memory_budget(&args, &p, strategy.as_ref())?;
-    let weights = open(&dir, budget, &p)?;
+    // One conversation, no prompt cache.
+    let weights = open(&dir, budget, &p, (1, ctx_size(&args, &p), 0))?;
     // inspect's memory decision: read ahead when the model fits, pin it
     // when RAM and RLIMIT_MEMLOCK allow; a refused lock is a warning.
     if let Some(st) = &strategy {
@@ -381,19 +388,33 @@ fn one_shot(
     Ok(())
 }
 
-/// `--listen`'s engine settings: flags, else `[serve]`, else defaults.
-fn engine_config(args: &Args, p: &Pipeline) -> roundhouse::serve::EngineConfig {
+/// The context size: the flag, else `[serve] ctx_size`, else the default.
+fn ctx_size(args: &Args, p: &Pipeline) -> usize {
+    args.ctx_size
+        .or(p.serve.ctx_size)
+        .unwrap_or(defaults::SERVE_CTX_SIZE)
+}
+
+/// `--listen`'s engine settings: flags, else `[serve]`, else defaults
+/// (the prompt cache's default comes out of a memory budget when there
+/// is one).
+fn engine_config(
+    args: &Args,
+    p: &Pipeline,
+    budget: Option<u64>,
+) -> roundhouse::serve::EngineConfig {
+    use roundhouse::serve::prefix_cache;
     let s = &p.serve;
     roundhouse::serve::EngineConfig {
-        ctx_size: args
-            .ctx_size
-            .or(s.ctx_size)
-            .unwrap_or(defaults::SERVE_CTX_SIZE),
+        ctx_size: ctx_size(args, p),
         cache_bytes: args
             .cache_ram
             .or(s.cache_ram)
             .map(|mib| mib.saturating_mul(1 << 20))
-            .unwrap_or_else(roundhouse::serve::prefix_cache::default_budget_bytes),
+            .unwrap_or_else(|| match budget {
+                Some(b) => prefix_cache::default_budget_bytes_within(b),
+                None => prefix_cache::default_budget_bytes(),
+            }),
         queue: args.queue.or(s.queue).unwrap_or(defaults::SERVE_QUEUE),
         parallel: args
             .parallel
@@ -525,10 +546,11 @@ fn serve(
 ) -> Result<(), CliError> {
     let dir = model_dir(args, p);
     let budget = memory_budget(args, p, strategy.as_ref())?;
-    let weights = open(&dir, budget, p)?;
+    let config = engine_config(args, p, budget);
+    let held = (config.parallel, config.ctx_size, config.cache_bytes as u64);
+    let weights = open(&dir, budget, p, held)?;
     let expert_pager = roundhouse::model::experts::pager_of(&*weights);
     let api_key = args.api_key.clone().filter(|k| !k.is_empty());
-    let config = engine_config(args, p);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -650,6 +650,24 @@ impl ModelConfig {
         2 * self.linear_key_dim() + self.linear_value_dim()
     }
 
+    /// Bytes one sequence's state holds at `tokens` of context, as
+    /// `State::bytes` counts them: every DeltaNet layer's conv and
+    /// recurrent state (a fixed size) and every full-attention layer's
+    /// keys and values (f32, a token at a time).
+    pub fn state_bytes(&self, tokens: usize) -> u64 {
+        let linear = (self.linear_conv_kernel_dim.saturating_sub(1) * self.conv_dim()
+            + self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim)
+            as u64;
+        let kv_per_token = (2 * self.num_key_value_heads * self.head_dim) as u64;
+        (0..self.num_hidden_layers)
+            .map(|i| match self.layer_type(i) {
+                LayerType::LinearAttention => linear,
+                LayerType::FullAttention => kv_per_token.saturating_mul(tokens as u64),
+            })
+            .fold(0u64, |a, b| a.saturating_add(b))
+            .saturating_mul(4)
+    }
+
     /// Precision of a linear module (float when the checkpoint is unquantized).
     pub fn precision(&self, module: &str) -> Precision {
         match &self.quantization_config {

@@ -332,6 +332,18 @@ pub fn estimate(
     })
 }
 
+/// What `rh-serve --listen` keeps beside the model under `budget` with
+/// its defaults: `parallel` sequences at the full `ctx_size` (when the
+/// model's config is known) and its prompt cache.
+fn serve_reserve(config: Option<&crate::config::ModelConfig>, budget: u64) -> u64 {
+    use crate::pipeline::manifest::defaults::{SERVE_CTX_SIZE, SERVE_PARALLEL};
+    let held = config.map_or(0, |c| {
+        c.state_bytes(SERVE_CTX_SIZE.min(c.max_position_embeddings))
+            .saturating_mul(SERVE_PARALLEL as u64)
+    });
+    held.saturating_add(crate::serve::prefix_cache::default_budget_bytes_within(budget) as u64)
+}
+
 /// Inputs of [`advise`] beyond the model's directory.
 pub struct AdviceInputs<'a> {
     /// Weight bytes the engine maps.
@@ -383,17 +395,29 @@ pub fn advise(model_dir: Option<&Path>, i: &AdviceInputs) -> PagingAdvice {
         a.memory_budget = Some(budget);
         let counts = read_usage_counts(i.work_dir, routing);
         // A cache gives the exact split; a checkpoint the sizes' figures.
+        // Either way the server's sequences and prompt cache (its
+        // defaults) come out of the budget too.
         let exact = model_dir
             .filter(|d| crate::cache::is_cache(d))
             .and_then(|d| crate::cache::Cache::open(d).ok())
-            .map(|c| crate::model::experts::plan_budget(&c, budget));
+            .map(|c| {
+                use crate::weights::WeightSource;
+                let held = serve_reserve(Some(c.config()), budget);
+                crate::model::experts::plan_budget(&c, budget, held)
+            });
         let (resident, experts) = match &exact {
-            Some(p) => (p.resident_bytes, p.expert_bytes),
-            None => (
-                i.model_bytes
-                    .saturating_sub(i.expert_bytes + i.row_read_bytes),
-                i.expert_bytes,
-            ),
+            Some(p) => (p.resident_bytes + p.reserved_bytes, p.expert_bytes),
+            None => {
+                let config = model_dir
+                    .and_then(|d| crate::config::ModelConfig::load(&d.join("config.json")).ok());
+                let held = serve_reserve(config.as_ref(), budget);
+                (
+                    i.model_bytes
+                        .saturating_sub(i.expert_bytes + i.row_read_bytes)
+                        .saturating_add(held),
+                    i.expert_bytes,
+                )
+            }
         };
         a.estimate = estimate(
             budget,

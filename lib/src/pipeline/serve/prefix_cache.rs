@@ -140,6 +140,13 @@ impl PrefixCache {
     }
 }
 
+/// Default `--cache-ram` under `--memory-budget`: a sixteenth of the
+/// budget (it comes out of the budget), at most [`default_budget_bytes`].
+pub fn default_budget_bytes_within(memory_budget: u64) -> usize {
+    let share = usize::try_from(memory_budget / 16).unwrap_or(usize::MAX);
+    default_budget_bytes().min(share)
+}
+
 /// Default `--cache-ram`: a quarter of the RAM the system reports as
 /// available, at most 8 GiB; 1 GiB when it cannot be read.
 pub fn default_budget_bytes() -> usize {

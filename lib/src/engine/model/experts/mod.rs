@@ -114,9 +114,14 @@ pub struct BudgetPlan {
     pub resident_bytes: u64,
     /// All routed experts.
     pub expert_bytes: u64,
-    /// Kept for activations, KV caches, buffers in flight and the
-    /// allocator: 256 MiB plus 3% of the budget.
+    /// Kept for activations, buffers in flight and the allocator: 256 MiB
+    /// plus 3% of the budget.
     pub overhead_bytes: u64,
+    /// Set aside for what the caller holds beside the model: its
+    /// sequences' states at their full context (KV caches, recurrent
+    /// states) and other caches (the server's prompt cache); see
+    /// [`PagerOptions::sequences`].
+    pub reserved_bytes: u64,
     /// Bytes of one cache buffer (the largest expert, block-aligned).
     pub slot_bytes: u64,
     /// Experts the cache holds.
@@ -128,7 +133,8 @@ pub struct BudgetPlan {
 impl BudgetPlan {
     /// Whether the whole model fits: then nothing is paged.
     pub fn fits(&self) -> bool {
-        self.resident_bytes + self.expert_bytes + self.overhead_bytes <= self.budget
+        self.resident_bytes + self.expert_bytes + self.overhead_bytes + self.reserved_bytes
+            <= self.budget
     }
 }
 
@@ -201,8 +207,9 @@ fn plan_pieces(spans: &[(usize, u64, u64)]) -> Vec<Piece> {
         .collect()
 }
 
-/// Splits `budget` for `cache`: resident weights, overhead, expert slots.
-pub fn plan_budget(cache: &Cache, budget: u64) -> BudgetPlan {
+/// Splits `budget` for `cache`: resident weights, overhead, `reserved`
+/// bytes the caller holds beside the model, expert slots.
+pub fn plan_budget(cache: &Cache, budget: u64, reserved: u64) -> BudgetPlan {
     type Spans = Vec<(usize, u64, u64)>;
     let mut per_expert: HashMap<(usize, usize), Spans> = HashMap::new();
     let mut expert_bytes = 0u64;
@@ -231,31 +238,42 @@ pub fn plan_budget(cache: &Cache, budget: u64) -> BudgetPlan {
         .data_bytes()
         .saturating_sub(expert_bytes + row_read_bytes);
     let overhead_bytes = (256 << 20) + budget / 33;
-    let free = budget.saturating_sub(resident_bytes + overhead_bytes);
+    let free = budget.saturating_sub(resident_bytes + overhead_bytes + reserved);
     BudgetPlan {
         budget,
         resident_bytes,
         expert_bytes,
         overhead_bytes,
+        reserved_bytes: reserved,
         slot_bytes: slot_bytes as u64,
         slots: (free / slot_bytes as u64) as usize,
         experts: per_expert.len(),
     }
 }
 
-/// The smallest budget (to 4 KiB) whose plan for `cache` holds `slots`
-/// experts.
-pub fn budget_for_slots(cache: &Cache, slots: usize) -> u64 {
-    let p = plan_budget(cache, 0);
-    let need = p.resident_bytes + (256 << 20) + slots as u64 * p.slot_bytes;
+/// The smallest budget (to 4 KiB) whose plan for `cache`, with
+/// `reserved` bytes set aside, holds `slots` experts.
+pub fn budget_for_slots(cache: &Cache, slots: usize, reserved: u64) -> u64 {
+    let p = plan_budget(cache, 0, reserved);
+    let need = p.resident_bytes + (256 << 20) + reserved + slots as u64 * p.slot_bytes;
     let mut b = need + need / 32;
-    while plan_budget(cache, b).slots < slots {
+    while plan_budget(cache, b, reserved).slots < slots {
         b += 4096;
     }
-    while b > 4096 && plan_budget(cache, b - 4096).slots >= slots {
+    while b > 4096 && plan_budget(cache, b - 4096, reserved).slots >= slots {
         b -= 4096;
     }
     b
+}
+
+/// What a caller holds beside the model under a budget: `sequences`
+/// states at `context_tokens` each ([`ModelConfig::state_bytes`]) and
+/// `other_bytes`.
+pub fn reserved_bytes(config: &ModelConfig, opts: &PagerOptions) -> u64 {
+    config
+        .state_bytes(opts.context_tokens.min(config.max_position_embeddings))
+        .saturating_mul(opts.sequences as u64)
+        .saturating_add(opts.other_bytes)
 }
 
 /// Counters of the expert cache (monotonic; take differences).
@@ -607,6 +625,17 @@ pub struct PagerOptions {
     /// Cut the buffers from one mapping on 2 MiB pages
     /// ([`crate::engine::arena`]) instead of one heap allocation each.
     pub huge_buffers: bool,
+    /// Sequences the caller holds at once (the server's `--parallel`),
+    /// each up to `context_tokens` (its `--ctx-size`): their states come
+    /// out of the budget before the expert cache gets the rest, so a full
+    /// context cannot push the process past it (default 0: callers that
+    /// hold sequences say how many).
+    pub sequences: usize,
+    /// The context each of `sequences` may reach, tokens.
+    pub context_tokens: usize,
+    /// Other bytes the caller keeps within the budget (the server's
+    /// prompt cache).
+    pub other_bytes: u64,
 }
 
 impl PagerOptions {
@@ -635,6 +664,9 @@ impl PagerOptions {
                 .clamp(-20, 19),
             prefault: crate::env::expert_prefault(),
             huge_buffers: crate::env::expert_huge_pages(),
+            sequences: 0,
+            context_tokens: 0,
+            other_bytes: 0,
         }
     }
 }
@@ -1547,17 +1579,31 @@ pub fn open_with_budget(
     }
     drop(weights);
     let cache = Cache::open(dir).map_err(|e| PagingError::Open(e.into()))?;
-    let plan = plan_budget(&cache, opts.budget);
+    let reserved = reserved_bytes(cache.config(), opts);
+    let plan = plan_budget(&cache, opts.budget, reserved);
     if plan.fits() {
         return Ok((Arc::new(cache), None));
     }
     let top_k = cache.config().num_experts_per_tok.max(1);
     let min_slots = 4 * top_k;
     if plan.slots < min_slots {
-        let need = plan.resident_bytes + plan.overhead_bytes + min_slots as u64 * plan.slot_bytes;
+        let need = plan.resident_bytes
+            + plan.overhead_bytes
+            + plan.reserved_bytes
+            + min_slots as u64 * plan.slot_bytes;
         let h = crate::cli::human_bytes;
+        let reserved = if plan.reserved_bytes > 0 {
+            format!(
+                ", {} for {} sequence(s) of {} tokens and caches beside the model (lower --parallel, --ctx-size or --cache-ram to need less)",
+                h(plan.reserved_bytes),
+                opts.sequences,
+                opts.context_tokens
+            )
+        } else {
+            String::new()
+        };
         return Err(PagingError::Budget(format!(
-            "memory budget {} is too small for {}: it needs at least {} ({} of weights that stay resident, {} of working memory, {} routed experts of {} each)",
+            "memory budget {} is too small for {}: it needs at least {} ({} of weights that stay resident, {} of working memory{reserved}, {} routed experts of {} each)",
             h(opts.budget),
             dir.display(),
             h(need),

@@ -46,8 +46,8 @@ fn tiny_cache_layers(dir: &Path, layers: usize) -> PathBuf {
 /// The smallest budget whose plan holds exactly `slots` experts.
 fn budget_for(cache: &Path, slots: usize) -> u64 {
     let c = Cache::open(cache).unwrap();
-    let b = budget_for_slots(&c, slots);
-    assert_eq!(plan_budget(&c, b).slots, slots);
+    let b = budget_for_slots(&c, slots, 0);
+    assert_eq!(plan_budget(&c, b, 0).slots, slots);
     b
 }
 
@@ -241,8 +241,45 @@ fn the_embedding_is_read_by_rows_not_kept_resident() {
     assert!(embed > 0 && experts > 0);
     assert!(read_by_rows(&cache, "model.embed_tokens.weight"));
     assert!(!read_by_rows(&cache, "lm_head.weight"));
-    let plan = plan_budget(&cache, 1 << 30);
+    let plan = plan_budget(&cache, 1 << 30, 0);
     assert_eq!(plan.resident_bytes, cache.data_bytes() - experts - embed);
+}
+
+/// What a budget sets aside for the caller's sequences is what their
+/// states hold at that context, and it comes out of the expert cache.
+#[test]
+fn sequences_at_full_context_come_out_of_the_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Four layers: three DeltaNet, one full attention.
+    let dir = tiny_cache_layers(tmp.path(), 4);
+    let model = Model::load(crate::open::open_weights(&dir).unwrap()).unwrap();
+    let mut st = model.new_state();
+    let ids: Vec<u32> = (0..40).map(|i| 3 + 7 * i).collect();
+    model.forward(&mut st, &ids);
+    assert_eq!(model.config().state_bytes(40), st.bytes() as u64);
+    assert!(model.config().state_bytes(41) > model.config().state_bytes(40));
+
+    let b = budget_for(&dir, 20);
+    let mut opts = PagerOptions::new(b);
+    opts.sequences = 1;
+    opts.context_tokens = 40;
+    opts.other_bytes = 1000;
+    let held = st.bytes() as u64 + 1000;
+    let cache = Cache::open(&dir).unwrap();
+    assert_eq!(reserved_bytes(cache.config(), &opts), held);
+    let (_, plan) = open_with_budget(&dir, &opts).unwrap();
+    let plan = plan.unwrap();
+    assert_eq!(plan.reserved_bytes, held);
+    assert_eq!(plan.slots, plan_budget(&cache, b, held).slots);
+    assert!(plan.slots < 20, "{plan:?}");
+    // Too many sequences for the budget: a usage error that says what to lower.
+    opts.sequences = 1 << 20;
+    let e = match open_with_budget(&dir, &opts) {
+        Err(e) => e,
+        Ok(_) => panic!("a million sequences accepted"),
+    };
+    assert_eq!(e.exit(), Exit::Usage);
+    assert!(e.to_string().contains("--parallel"), "{e}");
 }
 
 #[test]
