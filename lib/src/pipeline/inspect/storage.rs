@@ -336,12 +336,13 @@ pub fn estimate(
 /// its defaults: `parallel` sequences at the full `ctx_size` (when the
 /// model's config is known) and its prompt cache.
 fn serve_reserve(config: Option<&crate::config::ModelConfig>, budget: u64) -> u64 {
+    use crate::model::experts::{reserved_bytes, PagerOptions};
     use crate::pipeline::manifest::defaults::{SERVE_CTX_SIZE, SERVE_PARALLEL};
-    let held = config.map_or(0, |c| {
-        c.state_bytes(SERVE_CTX_SIZE.min(c.max_position_embeddings))
-            .saturating_mul(SERVE_PARALLEL as u64)
-    });
-    held.saturating_add(crate::serve::prefix_cache::default_budget_bytes_within(budget) as u64)
+    let mut o = PagerOptions::new(budget);
+    o.sequences = SERVE_PARALLEL;
+    o.context_tokens = SERVE_CTX_SIZE;
+    o.other_bytes = crate::serve::prefix_cache::default_budget_bytes_within(budget) as u64;
+    config.map_or(o.other_bytes, |c| reserved_bytes(c, &o))
 }
 
 /// Inputs of [`advise`] beyond the model's directory.
