@@ -120,9 +120,12 @@ fn bench_under_a_budget_pages_experts_inside_a_cgroup_of_that_size() {
     // 12 of the 32 experts (4 layers x 8) fit.
     // The bench sets aside one sequence of 32 tokens (-n 16 after the
     // default 16-token --parallel-ctx; -p 8 is shorter).
+    use roundhouse::model::experts::{reserved_bytes, PagerOptions};
     use roundhouse::weights::WeightSource;
     let c = roundhouse::cache::Cache::open(&cache).unwrap();
-    let held = c.config().state_bytes(32);
+    let mut o = PagerOptions::new(0);
+    (o.sequences, o.context_tokens) = (1, 32);
+    let held = reserved_bytes(c.config(), &o);
     let budget = roundhouse::model::experts::budget_for_slots(&c, 12, held);
     let plan = roundhouse::model::experts::plan_budget(&c, budget, held);
     drop(c);
@@ -196,9 +199,13 @@ fn a_chat_turn_under_a_budget_reports_the_expert_cache() {
         .current_dir(tmp.path()));
     assert!(o.status.success(), "{}", text(&o));
     // rh-serve sets aside its one conversation at --ctx-size.
+    use roundhouse::model::experts::{reserved_bytes, PagerOptions};
     use roundhouse::weights::WeightSource;
     let c = roundhouse::cache::Cache::open(&cache).unwrap();
-    let budget = roundhouse::model::experts::budget_for_slots(&c, 12, c.config().state_bytes(64));
+    let mut o = PagerOptions::new(0);
+    (o.sequences, o.context_tokens) = (1, 64);
+    let budget =
+        roundhouse::model::experts::budget_for_slots(&c, 12, reserved_bytes(c.config(), &o));
     drop(c);
     let chat = |budget: Option<u64>| {
         let mut cmd = rh("rh-serve");

@@ -23,6 +23,28 @@ pub struct KvCache {
     pub v: Vec<f32>,
 }
 
+/// Tokens by which a KV cache's buffers grow: a long context then holds at
+/// most this many positions more than it uses, where `Vec`'s doubling could
+/// hold half as many again as the context (a memory budget sets the
+/// context's states aside, see `experts::reserved_bytes`). The price is a
+/// copy of the cache every `KV_GROW_TOKENS` positions: for 8,192 tokens of
+/// the real model about 6 GiB of copying over the whole conversation.
+pub const KV_GROW_TOKENS: usize = 256;
+
+impl KvCache {
+    /// Appends `k` and `v` (whole positions of `row` values each).
+    fn append(&mut self, k: &[f32], v: &[f32], row: usize) {
+        for (buf, x) in [(&mut self.k, k), (&mut self.v, v)] {
+            let need = buf.len() + x.len();
+            if need > buf.capacity() {
+                let step = KV_GROW_TOKENS * row.max(1);
+                buf.reserve_exact(need.div_ceil(step) * step - buf.len());
+            }
+            buf.extend_from_slice(x);
+        }
+    }
+}
+
 /// The projections of a set of tokens ([`Attention::project`]).
 pub struct Projected {
     /// `[n, heads * 2 * head_dim]`: per head `[q | gate]`.
@@ -182,8 +204,7 @@ impl Attention {
             }
             rope(kt, hd, &self.inv_freq, pos0 + t);
         });
-        cache.k.extend_from_slice(&k);
-        cache.v.extend_from_slice(v);
+        cache.append(&k, v, nkv * hd);
 
         let mut o = vec![0f32; n * nh * hd];
         if n < ATTN_TOKENS_PER_TASK {

@@ -267,11 +267,13 @@ pub fn budget_for_slots(cache: &Cache, slots: usize, reserved: u64) -> u64 {
 }
 
 /// What a caller holds beside the model under a budget: `sequences`
-/// states at `context_tokens` each ([`ModelConfig::state_bytes`]) and
-/// `other_bytes`.
+/// states at `context_tokens` each ([`ModelConfig::state_bytes`], the
+/// context rounded up to the KV caches' growth step) and `other_bytes`.
 pub fn reserved_bytes(config: &ModelConfig, opts: &PagerOptions) -> u64 {
+    use crate::model::attention::KV_GROW_TOKENS;
+    let context = opts.context_tokens.min(config.max_position_embeddings);
     config
-        .state_bytes(opts.context_tokens.min(config.max_position_embeddings))
+        .state_bytes(context.next_multiple_of(KV_GROW_TOKENS))
         .saturating_mul(opts.sequences as u64)
         .saturating_add(opts.other_bytes)
 }
