@@ -672,21 +672,9 @@ unsafe fn slice_rows<const DT: u8, const T: usize, const R: usize>(
         let mut k = k0;
         while k < k1 {
             if h == 0 {
-                for r in 0..R {
-                    prefetch_l2(next[r].wrapping_add(k * es));
-                    if es == 4 {
-                        prefetch_l2(next[r].wrapping_add(k * es + 64));
-                    }
-                }
+                prefetch_next::<R>(next, k * es, es);
             }
-            let c = k + 16 * h;
-            let wv: [__m512; R] = std::array::from_fn(|r| load16::<DT>(rows[r].add(c * es)));
-            for t in 0..T {
-                let x = _mm512_loadu_ps(xs[t].add(c));
-                for r in 0..R {
-                    a[r][t] = _mm512_fmadd_ps(wv[r], x, a[r][t]);
-                }
-            }
+            half_step::<DT, T, R>(&rows, xs, k + 16 * h, es, &mut a);
             k += 32;
         }
         for r in 0..R {
@@ -713,29 +701,52 @@ unsafe fn slice_rows_both<const DT: u8, const T: usize, const R: usize>(
     acc: &mut [[[__m512; 2]; T]],
 ) {
     let es = if DT == DT_F32 { 4 } else { 2 };
-    let mut a: [[[__m512; 2]; T]; R] = std::array::from_fn(|r| acc[r]);
+    let mut halves: [[[__m512; T]; R]; 2] =
+        std::array::from_fn(|h| std::array::from_fn(|r| std::array::from_fn(|t| acc[r][t][h])));
     let mut k = k0;
     while k < k1 {
-        for r in 0..R {
-            prefetch_l2(next[r].wrapping_add(k * es));
-            if es == 4 {
-                prefetch_l2(next[r].wrapping_add(k * es + 64));
-            }
-        }
-        for h in 0..2 {
-            let c = k + 16 * h;
-            let wv: [__m512; R] = std::array::from_fn(|r| load16::<DT>(rows[r].add(c * es)));
-            for t in 0..T {
-                let x = _mm512_loadu_ps(xs[t].add(c));
-                for r in 0..R {
-                    a[r][t][h] = _mm512_fmadd_ps(wv[r], x, a[r][t][h]);
-                }
-            }
+        prefetch_next::<R>(next, k * es, es);
+        for (h, a) in halves.iter_mut().enumerate() {
+            half_step::<DT, T, R>(&rows, xs, k + 16 * h, es, a);
         }
         k += 32;
     }
     for r in 0..R {
-        acc[r] = a[r];
+        for t in 0..T {
+            acc[r][t] = [halves[0][r][t], halves[1][r][t]];
+        }
+    }
+}
+
+/// Hints into L2 the bytes at `off` of the rows read next (two lines of
+/// f32 weights, `es == 4`, one of 16-bit ones).
+#[inline]
+unsafe fn prefetch_next<const R: usize>(next: [*const u8; R], off: usize, es: usize) {
+    for n in next {
+        prefetch_l2(n.wrapping_add(off));
+        if es == 4 {
+            prefetch_l2(n.wrapping_add(off + 64));
+        }
+    }
+}
+
+/// Columns `c..c + 16` of `R` rows times `T` tokens into `a[r][t]`: each
+/// row's 16 weights loaded and converted once, each token's activations
+/// once for all the rows.
+#[inline]
+unsafe fn half_step<const DT: u8, const T: usize, const R: usize>(
+    rows: &[*const u8; R],
+    xs: &[*const f32; MAX_TOKENS],
+    c: usize,
+    es: usize,
+    a: &mut [[__m512; T]; R],
+) {
+    let wv: [__m512; R] = std::array::from_fn(|r| load16::<DT>(rows[r].add(c * es)));
+    for t in 0..T {
+        let x = _mm512_loadu_ps(xs[t].add(c));
+        for r in 0..R {
+            a[r][t] = _mm512_fmadd_ps(wv[r], x, a[r][t]);
+        }
     }
 }
 
