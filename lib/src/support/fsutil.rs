@@ -417,6 +417,146 @@ impl<W: Write> Write for HashingWriter<'_, W> {
     }
 }
 
+/// Bytes per write of a [`FolioWriter`]: one 2 MiB huge page.
+pub const FOLIO_BYTES: usize = 2 << 20;
+
+/// A buffered writer for files that are later mapped and streamed whole
+/// (the cache's data files): it writes in whole 2 MiB blocks at 2
+/// MiB-aligned file offsets.
+///
+/// Why: Linux (6.x, ext4 and XFS with large folios) sizes the page cache's
+/// folios by the writes that create them, and only a 2 MiB folio at an
+/// aligned offset is mapped by one 2 MiB page table entry. A file written
+/// through a 64 KiB buffer stays on 4 KiB folios for as long as it stays
+/// cached, so right after `rh-repack` every weight read of a decode paid a
+/// TLB miss per 4 KiB (measured here: a fresh cache 19% on 2 MiB pages,
+/// the same bytes written in aligned 2 MiB blocks 100%). Elsewhere it is
+/// an ordinary buffered writer.
+///
+/// [`FolioWriter::flush`] writes a partial block (a durable point for the
+/// caller's fsync); writing then resumes in blocks that end on the next
+/// boundary.
+pub struct FolioWriter<W: Write = File> {
+    file: W,
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`: where the file's cursor stands.
+    at: u64,
+}
+
+impl<W: Write> FolioWriter<W> {
+    /// Wraps `file`, whose cursor stands at offset `at`.
+    pub fn new(file: W, at: u64) -> Self {
+        FolioWriter {
+            file,
+            buf: Vec::with_capacity(FOLIO_BYTES),
+            at,
+        }
+    }
+
+    /// The offset the next byte goes to.
+    pub fn position(&self) -> u64 {
+        self.at + self.buf.len() as u64
+    }
+
+    /// The file (for a second handle that fsyncs).
+    pub fn get_ref(&self) -> &W {
+        &self.file
+    }
+
+    /// Writes what is buffered and returns the file.
+    pub fn into_inner(mut self) -> io::Result<W> {
+        self.write_buffer()?;
+        Ok(self.file)
+    }
+
+    /// Bytes from `at` to the end of its 2 MiB block.
+    fn block_len(&self) -> usize {
+        let block = FOLIO_BYTES as u64;
+        ((self.at / block + 1) * block - self.at) as usize
+    }
+
+    fn write_buffer(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.file.write_all(&self.buf)?;
+            self.at += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes all of `bytes`.
+    fn put(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let aligned = self.at % FOLIO_BYTES as u64 == 0;
+            if self.buf.is_empty() && aligned && bytes.len() >= FOLIO_BYTES {
+                // Whole blocks go straight from the caller's slice.
+                let n = bytes.len() / FOLIO_BYTES * FOLIO_BYTES;
+                self.file.write_all(&bytes[..n])?;
+                self.at += n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let block = self.block_len();
+            let n = (block - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.buf.len() == block {
+                self.write_buffer()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies up to `len` bytes of `src` (from its cursor) into the file,
+    /// reading straight into the block buffer; returns the bytes copied
+    /// (fewer only when `src` ends first).
+    pub fn copy_from(&mut self, src: &mut impl io::Read, len: u64) -> io::Result<u64> {
+        let mut left = len;
+        while left > 0 {
+            let block = self.block_len();
+            let have = self.buf.len();
+            let want = ((block - have) as u64).min(left) as usize;
+            self.buf.resize(have + want, 0);
+            let n = loop {
+                match src.read(&mut self.buf[have..]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
+            };
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    self.buf.truncate(have);
+                    return Err(e);
+                }
+            };
+            self.buf.truncate(have + n);
+            if n == 0 {
+                break;
+            }
+            left -= n as u64;
+            if self.buf.len() == block {
+                self.write_buffer()?;
+            }
+        }
+        Ok(len - left)
+    }
+}
+
+impl<W: Write> Write for FolioWriter<W> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.put(bytes)?;
+        Ok(bytes.len())
+    }
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.put(bytes)
+    }
+    /// Writes the partial block (the caller fsyncs after).
+    fn flush(&mut self) -> io::Result<()> {
+        self.write_buffer()
+    }
+}
+
 /// Free bytes on the filesystem holding `dir` (None where unknown).
 pub fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -434,6 +574,82 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records each write the inner writer sees: (offset, length).
+    #[derive(Default)]
+    struct Writes {
+        data: Vec<u8>,
+        calls: Vec<(u64, usize)>,
+    }
+    impl Write for Writes {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.calls.push((self.data.len() as u64, b.len()));
+            self.data.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn folio_writer_writes_whole_aligned_blocks_between_flushes() {
+        const B: usize = FOLIO_BYTES;
+        let start = 4096u64;
+        let mut w = FolioWriter::new(
+            Writes {
+                data: vec![7u8; start as usize],
+                calls: Vec::new(),
+            },
+            start,
+        );
+        let mut expect = vec![7u8; start as usize];
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = |m: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % m as u64) as usize
+        };
+        let mut flushes = Vec::new();
+        for step in 0..60 {
+            let len = match step % 5 {
+                0 => next(64),
+                1 => next(3 * B),
+                2 => B + next(B),
+                _ => next(200_000),
+            };
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 31 + step) as u8).collect();
+            if step % 4 == 3 {
+                let got = w.copy_from(&mut &bytes[..], len as u64 + 10).unwrap();
+                assert_eq!(got, len as u64, "copy stops where the source ends");
+            } else {
+                w.write_all(&bytes).unwrap();
+            }
+            expect.extend_from_slice(&bytes);
+            assert_eq!(w.position(), expect.len() as u64);
+            if step % 13 == 12 {
+                w.flush().unwrap();
+                flushes.push(w.position());
+            }
+        }
+        let end = w.position();
+        let inner = w.into_inner().unwrap();
+        assert_eq!(inner.data, expect, "bytes in order");
+        for &(off, len) in &inner.calls {
+            let stop = off + len as u64;
+            let ends_on_boundary = stop % B as u64 == 0;
+            let is_flush = flushes.contains(&stop) || stop == end;
+            assert!(
+                ends_on_boundary || is_flush,
+                "write [{off}, {stop}) ends off a 2 MiB boundary without a flush"
+            );
+            if off % B as u64 == 0 && !is_flush {
+                assert_eq!(len % B, 0, "an aligned write at {off} of {len} bytes");
+            }
+        }
+        assert!(inner.calls.len() > 10);
+    }
 
     #[test]
     fn failed_fill_leaves_old_file() {

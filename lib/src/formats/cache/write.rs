@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -25,7 +25,7 @@ use safetensors::Dtype;
 
 use crate::checkpoint::{float_type, Checkpoint, TensorEntry as CkEntry};
 use crate::config::Precision;
-use crate::fsutil::{self, FsError};
+use crate::fsutil::{self, FolioWriter, FsError};
 use crate::pipeline::{
     defaults, setting_name, threads_setting, Pipeline, SettingError, SettingsError,
 };
@@ -905,7 +905,7 @@ pub fn quantize_int8(
 
 /// Writes planned payloads at their offsets (zero padding in between).
 struct PayloadWriter {
-    w: BufWriter<File>,
+    w: FolioWriter,
     pos: u64,
     path: PathBuf,
 }
@@ -949,11 +949,12 @@ impl PayloadWriter {
         len: u64,
     ) -> Result<(), CacheError> {
         self.pad_to(offset)?;
-        self.w.flush().map_err(|e| FsError::io(&self.path, e))?;
         let mut f = File::open(src).map_err(|e| FsError::io(src, e))?;
         f.seek(SeekFrom::Start(src_offset))
             .map_err(|e| FsError::io(src, e))?;
-        let n = std::io::copy(&mut f.take(len), self.w.get_mut()).map_err(|e| {
+        // Through the block buffer, not `copy_file_range`: the copy's
+        // page cache folios then come out 2 MiB like the rest.
+        let n = self.w.copy_from(&mut f, len).map_err(|e| {
             // A read error names the source, a write error the output.
             FsError::io(&self.path, e)
         })?;
@@ -1231,8 +1232,8 @@ impl DataFileWriter<'_> {
         };
         self.bar.inc(pos);
         let mut w = PayloadWriter {
-            // Payloads of at least this size bypass the buffer (no copy).
-            w: BufWriter::with_capacity(64 << 10, file),
+            // 2 MiB-aligned writes, so the fresh cache maps on 2 MiB pages.
+            w: FolioWriter::new(file, pos),
             pos,
             path: tmp.clone(),
         };
@@ -1253,9 +1254,7 @@ impl DataFileWriter<'_> {
                 df.size
             )));
         }
-        let f =
-            w.w.into_inner()
-                .map_err(|e| FsError::io(&tmp, e.into_error()))?;
+        let f = w.w.into_inner().map_err(|e| FsError::io(&tmp, e))?;
         f.sync_all().map_err(|e| FsError::io(&tmp, e))?;
         drop(f);
         index.retire()?;

@@ -451,7 +451,7 @@ fn fetch_file(ctx: &Ctx, e: &FileEntry) -> Result<bool, FetchError> {
     }
     let bar = ctx.bars.file_bar(&e.path, e.size);
     let url = ctx.origin.url(ctx.client, &e.path);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; crate::fsutil::FOLIO_BYTES];
     for i in 0..chunk_count(e.size, ctx.chunk) {
         if units.aborted() {
             return Err(FetchError::Aborted);
@@ -665,9 +665,15 @@ fn get_chunk(
     let mut h = ChunkHasher::new(e.size, ctx.chunk, a);
     let mut rd = resp.into_reader();
     let mut pos = a;
+    // Bytes of `buf` received but not yet written: the file gets whole
+    // 2 MiB blocks at aligned offsets, so the fresh cache maps on 2 MiB
+    // pages (`fsutil::FolioWriter` says why).
+    let mut held = 0usize;
     while pos < b {
-        let want = ((b - pos) as usize).min(buf.len());
-        let n = match rd.read(&mut buf[..want]) {
+        let block = crate::fsutil::FOLIO_BYTES as u64;
+        let block_end = ((pos - held as u64) / block + 1) * block;
+        let want = ((b.min(block_end) - pos) as usize).min(buf.len() - held);
+        let n = match rd.read(&mut buf[held..held + want]) {
             Ok(0) => {
                 return Err(ChunkFail::Retry(Fail::Transport(format!(
                     "connection broke at byte {pos}"
@@ -681,10 +687,14 @@ fn get_chunk(
                 ))))
             }
         };
-        file.write_all_at(&buf[..n], pos)
-            .map_err(|err| ChunkFail::Fatal(FsError::io(part, err).into()))?;
-        h.update(&buf[..n]);
+        h.update(&buf[held..held + n]);
+        held += n;
         pos += n as u64;
+        if pos == b || pos == block_end || held == buf.len() {
+            file.write_all_at(&buf[..held], pos - held as u64)
+                .map_err(|err| ChunkFail::Fatal(FsError::io(part, err).into()))?;
+            held = 0;
+        }
         ctx.transferred.fetch_add(n as u64, Ordering::Relaxed);
         bar.set_position(pos);
     }

@@ -669,9 +669,10 @@ impl Unpacking<'_> {
         let bundle = self.bundle;
         let name = &entry.path;
         let mut h = ChunkHasher::new(entry.size, self.chunk_size);
-        let mut w = BufWriter::with_capacity(
-            1 << 20,
+        // 2 MiB-aligned writes: the unpacked cache maps on 2 MiB pages.
+        let mut w = crate::fsutil::FolioWriter::new(
             File::create(tmp).map_err(|e| VerifyError::io(tmp, e))?,
+            0,
         );
         loop {
             let n = e
@@ -703,9 +704,7 @@ impl Unpacking<'_> {
                 more: 0,
             });
         }
-        let f = w
-            .into_inner()
-            .map_err(|e| VerifyError::io(tmp, e.into_error()))?;
+        let f = w.into_inner().map_err(|e| VerifyError::io(tmp, e))?;
         f.sync_all().map_err(|e| VerifyError::io(tmp, e))?;
         Ok(())
     }
