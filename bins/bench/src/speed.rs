@@ -2,7 +2,8 @@
 //! tokens) and token generation (tg, `-n` single-token forwards) in
 //! llama-bench's table, then load time, peak RSS, weight bytes per token,
 //! the effective bandwidth of decode and its ratio to the machine's read
-//! bandwidth (from inspect's strategy file, else probed now and said so).
+//! bandwidth (from inspect's strategy file, else probed before the load
+//! and after the runs, the better kept, and said so).
 //! `--parallel 1,2,4,8` adds batched decode of several streams at once
 //! (aggregate and per-stream tokens/s, as llama.cpp's batched-bench).
 
@@ -286,19 +287,53 @@ fn time_generation(
     (TestResult::from_times(format!("tg{n}"), n, &secs), paging)
 }
 
+/// The bandwidth probe's buffer: under a memory budget it must fit in the
+/// working memory the budget keeps (256 MiB + 3%).
+fn probe_mib(budgeted: bool) -> usize {
+    if budgeted {
+        64
+    } else {
+        512
+    }
+}
+
+/// The probe taken before the model loads when no strategy file gives the
+/// bandwidth (`None` otherwise), its buffer freed again and the peak RSS
+/// reset so that it does not count.
+fn probe_before(strategy: Option<&Strategy>, budgeted: bool) -> Option<f64> {
+    if strategy
+        .and_then(|s| s.bandwidth_gbs)
+        .is_some_and(|g| g > 0.0)
+    {
+        return None;
+    }
+    let bw = roundhouse::membw::measure(probe_mib(budgeted) << 20, 1.0);
+    speedbench::reset_peak_rss();
+    Some(bw.all_threads_gbs)
+}
+
 /// The machine's read bandwidth and where it came from: inspect's
-/// strategy file, else probed now.
-fn read_bandwidth(pipeline: &Pipeline, strategy: Option<&Strategy>, paged: bool) -> (f64, String) {
+/// strategy file, else the better of the probe before the load and one
+/// now. A virtual machine's bandwidth moves with its host's load (one
+/// probe here read 37 GB/s, the next run's 63), and decode compared with
+/// a probe from a slow spell would read above 100% of it.
+fn read_bandwidth(
+    pipeline: &Pipeline,
+    strategy: Option<&Strategy>,
+    budgeted: bool,
+    before: Option<f64>,
+) -> (f64, String) {
     match strategy.and_then(|s| s.bandwidth_gbs).filter(|&g| g > 0.0) {
         Some(g) => (g, format!("from {}", pipeline.strategy_path().display())),
         None => {
-            // Under a memory budget the probe's buffer must fit in the
-            // working memory the budget keeps (256 MiB + 3%).
-            let mib = if paged { 64 } else { 512 };
-            let bw = roundhouse::membw::measure(mib << 20, 1.0);
+            let mib = probe_mib(budgeted);
+            let after = roundhouse::membw::measure(mib << 20, 1.0).all_threads_gbs;
+            let before = before.unwrap_or(0.0);
             (
-                bw.all_threads_gbs,
-                format!("no strategy file: probed now with membw, {mib} MiB, all threads"),
+                before.max(after),
+                format!(
+                    "no strategy file: membw, {mib} MiB, all threads, the better of {before:.2} before the load and {after:.2} after the runs"
+                ),
             )
         }
     }
@@ -309,9 +344,11 @@ struct Measured {
     tests: Vec<TestResult>,
     parallel: Vec<ParallelResult>,
     load_s: f64,
-    /// Whether the routed experts are paged (the probe's buffer is then
+    /// Whether a memory budget applies (the probe's buffer is then
     /// smaller).
-    paged: bool,
+    budgeted: bool,
+    /// The bandwidth probed before the load, GB/s.
+    probe_before: Option<f64>,
 }
 
 /// Relates the measurements to the model's bytes and MACs per token and to
@@ -335,7 +372,8 @@ fn report(
     };
     let per_token = model.weight_bytes_per_token();
     let effective = mean_tps("tg").map(|tps| per_token as f64 * tps / 1e9);
-    let (bandwidth, source) = read_bandwidth(pipeline, strategy, measured.paged);
+    let (bandwidth, source) =
+        read_bandwidth(pipeline, strategy, measured.budgeted, measured.probe_before);
     // Prefill is compared with the machine's FMA peak on the same threads,
     // measured now (half a second) rather than assumed.
     let macs = model.prefill_macs_per_token();
@@ -416,6 +454,7 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     let dir = model_dir(args, pipeline)?;
 
     let budget = crate::paging::budget(args.memory_budget.as_deref(), pipeline, strategy.as_ref())?;
+    let probe_before = probe_before(strategy.as_ref(), budget.is_some());
     let t0 = Instant::now();
     // The most streams at once, each holding its prompt or its context
     // and generated tokens.
@@ -463,7 +502,8 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         tests,
         parallel,
         load_s,
-        paged: pager.is_some(),
+        budgeted: budget.is_some(),
+        probe_before,
     };
     let report = report(args, pipeline, strategy.as_ref(), &model, &dir, measured);
     print_report(args, &report, paging.as_ref())

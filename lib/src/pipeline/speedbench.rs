@@ -343,6 +343,14 @@ pub fn peak_rss_bytes() -> u64 {
     proc_status_kib("VmHWM:") * 1024
 }
 
+/// Resets the peak resident set size to the current one (`clear_refs` 5,
+/// Linux 4.0 and later), so that a buffer freed before the measured work
+/// (a bandwidth probe's) does not count in [`peak_rss_bytes`]; false where
+/// that is not possible.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Anonymous (non-file) resident memory of this process (RssAnon), in bytes.
 pub fn anon_rss_bytes() -> u64 {
     proc_status_kib("RssAnon:") * 1024
