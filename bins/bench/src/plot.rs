@@ -456,6 +456,7 @@ mod tests {
                 threads: 2,
                 buffer_bytes: 1 << 30,
             },
+            bandwidth_probes: vec![18.3, 17.1],
             bandwidth_methods: vec![("sum", 9.5, 18.3, 17.0)],
             bandwidth_windows: 80,
             bandwidth_huge_page_share: Some(1.0),

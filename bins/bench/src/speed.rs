@@ -47,7 +47,9 @@ pub struct SpeedArgs {
     /// Also decode this many sequences at once, for each count in the
     /// list (e.g. `1,2,4,8`): every step is one batched forward over all
     /// the streams' next tokens (llama.cpp's batched-bench); reports
-    /// aggregate and per-stream tokens/s over `-n` tokens per stream.
+    /// aggregate and per-stream tokens/s over `-n` tokens per stream. The
+    /// counts take turns step by step, so that all meet the same spells of
+    /// a machine whose speed moves.
     #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
     pub parallel: Vec<usize>,
     /// Prompt tokens each stream of `--parallel` holds before its decode
@@ -80,59 +82,81 @@ fn bench_ids(n: usize, vocab: usize) -> Vec<u32> {
 /// activations are held at once).
 const MAX_STREAMS: usize = 256;
 
-/// `streams` sequences, each first fed its own `ctx`-token prompt
-/// (untimed, one batched forward), then `n` timed steps in which every
-/// stream decodes one token, all in one batched forward per step.
+/// For each stream count of `counts`, that many sequences, each first fed
+/// its own `ctx`-token prompt (untimed, one batched forward), then `n`
+/// timed steps in which every stream decodes one token, all in one batched
+/// forward per step. The counts take turns step by step, each step timed
+/// alone: the memory bandwidth of a shared machine (a VM here) swings by
+/// 1.7x for seconds at a time, and counts run one after the other met
+/// different spells, so their ratios (4 streams against 1) measured the
+/// spells as much as the batching. Taking turns, every count meets the
+/// same ones.
 fn parallel_decode(
     model: &Model,
-    streams: usize,
+    counts: &[usize],
     ctx: usize,
     n: usize,
     reps: usize,
-) -> ParallelResult {
+) -> Vec<ParallelResult> {
     let vocab = model.config().vocab_size;
+    let most = counts.iter().copied().max().unwrap_or(0);
     // Each stream its own ids: the same deterministic sequence from a
     // different offset.
-    let ids: Vec<Vec<u32>> = (0..streams)
+    let ids: Vec<Vec<u32>> = (0..most)
         .map(|s| bench_ids(ctx + n + 97 * s, vocab)[97 * s..].to_vec())
         .collect();
-    let mut secs = Vec::with_capacity(reps);
+    let mut secs = vec![Vec::with_capacity(reps); counts.len()];
     for r in 0..reps {
-        let mut states: Vec<_> = (0..streams).map(|_| model.new_state()).collect();
+        let mut states: Vec<Vec<_>> = counts
+            .iter()
+            .map(|&c| (0..c).map(|_| model.new_state()).collect())
+            .collect();
         if ctx > 0 {
-            let mut batch: Vec<BatchSeq> = states
-                .iter_mut()
-                .zip(&ids)
-                .map(|(state, ids)| BatchSeq {
-                    state,
-                    ids: &ids[..ctx],
-                    logits: false,
-                })
-                .collect();
-            model.forward_batch(&mut batch);
+            for st in states.iter_mut() {
+                let mut batch: Vec<BatchSeq> = st
+                    .iter_mut()
+                    .zip(&ids)
+                    .map(|(state, ids)| BatchSeq {
+                        state,
+                        ids: &ids[..ctx],
+                        logits: false,
+                    })
+                    .collect();
+                model.forward_batch(&mut batch);
+            }
         }
-        let t = Instant::now();
+        let mut spent = vec![0f64; counts.len()];
         for step in 0..n {
-            let mut batch: Vec<BatchSeq> = states
-                .iter_mut()
-                .zip(&ids)
-                .map(|(state, ids)| BatchSeq {
-                    state,
-                    ids: &ids[ctx + step..ctx + step + 1],
-                    logits: true,
-                })
-                .collect();
-            std::hint::black_box(model.forward_batch(&mut batch));
+            for (st, spent) in states.iter_mut().zip(spent.iter_mut()) {
+                let mut batch: Vec<BatchSeq> = st
+                    .iter_mut()
+                    .zip(&ids)
+                    .map(|(state, ids)| BatchSeq {
+                        state,
+                        ids: &ids[ctx + step..ctx + step + 1],
+                        logits: true,
+                    })
+                    .collect();
+                let t = Instant::now();
+                std::hint::black_box(model.forward_batch(&mut batch));
+                *spent += t.elapsed().as_secs_f64();
+            }
         }
-        secs.push(t.elapsed().as_secs_f64());
-        tracing::info!(
-            "tg{n} x{streams} run {}: {:.3} s ({:.2} t/s together)",
-            r + 1,
-            secs[r],
-            (streams * n) as f64 / secs[r]
-        );
+        for ((&streams, spent), secs) in counts.iter().zip(spent).zip(secs.iter_mut()) {
+            tracing::info!(
+                "tg{n} x{streams} run {}: {:.3} s ({:.2} t/s together)",
+                r + 1,
+                spent,
+                (streams * n) as f64 / spent
+            );
+            secs.push(spent);
+        }
     }
-    ParallelResult::from_times(streams, n, ctx, &secs)
+    counts
+        .iter()
+        .zip(secs)
+        .map(|(&streams, secs)| ParallelResult::from_times(streams, n, ctx, &secs))
+        .collect()
 }
 
 /// The kernels' instruction set, as llama-bench names its backend.
@@ -456,10 +480,10 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     let budget = crate::paging::budget(args.memory_budget.as_deref(), pipeline, strategy.as_ref())?;
     let probe_before = probe_before(strategy.as_ref(), budget.is_some());
     let t0 = Instant::now();
-    // The most streams at once, each holding its prompt or its context
-    // and generated tokens.
+    // The streams held at once (every `--parallel` count's, which take
+    // turns), each holding its prompt or its context and generated tokens.
     let held = (
-        args.parallel.iter().copied().max().unwrap_or(1).max(1),
+        args.parallel.iter().sum::<usize>().max(1),
         p.max(n + args.parallel_ctx),
     );
     let (model, _plan) =
@@ -491,11 +515,11 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     if let Some(p) = &pager {
         p.save_usage();
     }
-    let mut parallel: Vec<ParallelResult> = args
-        .parallel
-        .iter()
-        .map(|&streams| parallel_decode(&model, streams, args.parallel_ctx, n, reps))
-        .collect();
+    let mut parallel = if args.parallel.is_empty() {
+        Vec::new()
+    } else {
+        parallel_decode(&model, &args.parallel, args.parallel_ctx, n, reps)
+    };
     ParallelResult::relate(&mut parallel);
 
     let measured = Measured {
