@@ -28,9 +28,9 @@
 use crate::kernels::isa::avx512_vnni_fn;
 use std::arch::x86_64::*;
 
-// `f16_at` and `prefetch` are the AVX2 level's: their instructions are
+// `f16_at` and `prefetch_ahead` are the AVX2 level's: their instructions are
 // the same at this level, and they inline into these kernels.
-use super::avx2::{f16_at, hsum, prefetch, Avx2, QuantView};
+use super::avx2::{f16_at, hsum, prefetch_ahead, Avx2, QuantView};
 use crate::tensor::QBLOCK;
 
 /// Proof that the running CPU has AVX-512 F, BW and VNNI besides what
@@ -342,7 +342,7 @@ unsafe fn dot_i4(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
         let mut acc0 = _mm512_setzero_si512();
         let mut acc1 = _mm512_setzero_si512();
         for p in 0..nb / 2 {
-            prefetch(qg.wrapping_add(p * 32 + pfb));
+            prefetch_ahead(qg.wrapping_add(p * 32), pfb);
             // 32 bytes (two blocks) widened to 16-bit lanes: the low nibble
             // of lane j is element j % 16 of block j / 16, the high nibble
             // element 16 + j % 16; a 16-bit shift by 4 leaves the high one.
@@ -455,7 +455,7 @@ unsafe fn pair_words(v: __m512i) -> __m512i {
 /// 8 * 15 * 255 for the low bytes and 8 * 15 * 128 * 256 for the high ones.
 #[inline]
 unsafe fn group_i4_g128(qg: *const u8, xb: *const u8, pfb: usize) -> __m512 {
-    prefetch(qg.wrapping_add(pfb));
+    prefetch_ahead(qg, pfb);
     let m = _mm512_set1_epi8(0x0F);
     let w = pair_words(_mm512_loadu_si512(qg as *const _));
     let lo_nib = _mm512_and_si512(w, m);
@@ -491,7 +491,7 @@ unsafe fn dot_i8(v: &QuantView, r: usize, a: &GroupAct) -> f32 {
         let mut acc1 = _mm512_setzero_si512();
         let mut b = 0;
         while b + 1 < nb {
-            prefetch(qg.wrapping_add(b * QBLOCK + pfb));
+            prefetch_ahead(qg.wrapping_add(b * QBLOCK), pfb);
             let w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg.add(b * QBLOCK) as *const __m256i));
             let w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
                 qg.add((b + 1) * QBLOCK) as *const __m256i

@@ -30,7 +30,7 @@ use crate::kernels::isa::avx512_vnni_fn;
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    dense_block_row, f16_at, hsum, load1, load8, pf_bytes, prefetch, prefetch_l2, DenseView,
+    dense_block_row, f16_at, hsum, load1, load8, pf_bytes, prefetch_ahead, prefetch_l2, DenseView,
     QuantView, DT_BF16, DT_F16, DT_F32,
 };
 use super::avx512::{hi256, Avx512, GroupAct};
@@ -316,7 +316,7 @@ unsafe fn dot_i4_tokens<const T: usize, const R: usize>(
             let mut lo = [_mm512_setzero_si512(); R];
             let mut hi = [_mm512_setzero_si512(); R];
             for k in 0..R {
-                prefetch(qg[k].wrapping_add(p * 32 + pfb));
+                prefetch_ahead(qg[k].wrapping_add(p * 32), pfb);
                 let w =
                     _mm512_cvtepu8_epi16(_mm256_loadu_si256(qg[k].add(p * 32) as *const __m256i));
                 lo[k] = _mm512_and_si512(w, m);
@@ -377,7 +377,7 @@ unsafe fn dot_i8_tokens<const T: usize, const R: usize>(
             let at = k0 + b * QBLOCK;
             let w: [__m512i; R] = std::array::from_fn(|k| {
                 if b % 2 == 0 {
-                    prefetch(qrow[k].wrapping_add(at + pfb));
+                    prefetch_ahead(qrow[k].wrapping_add(at), pfb);
                 }
                 _mm512_cvtepu8_epi16(_mm256_loadu_si256(qrow[k].add(at) as *const __m256i))
             });
