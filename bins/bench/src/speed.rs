@@ -311,48 +311,56 @@ fn time_generation(
     (TestResult::from_times(format!("tg{n}"), n, &secs), paging)
 }
 
-/// The bandwidth probe's buffer: under a memory budget it must fit in the
-/// working memory the budget keeps (256 MiB + 3%).
-fn probe_mib(budgeted: bool) -> usize {
-    if budgeted {
-        64
-    } else {
-        512
-    }
+/// MiB of the bandwidth probe's buffer before the load: 512, several
+/// times any last-level cache (a 64 MiB buffer partly stays in a 32 MiB
+/// L3 and read 81 GB/s here, above what the memory gives), or a quarter
+/// of a smaller memory budget. Before the load the budget's memory is
+/// still free, and the buffer is freed again before the model loads.
+fn probe_mib_before(budget: Option<u64>) -> usize {
+    let cap = budget.map_or(512, |b| (b >> 20) as usize / 4);
+    cap.clamp(16, 512)
 }
 
 /// The probe taken before the model loads when no strategy file gives the
 /// bandwidth (`None` otherwise), its buffer freed again and the peak RSS
 /// reset so that it does not count.
-fn probe_before(strategy: Option<&Strategy>, budgeted: bool) -> Option<f64> {
+fn probe_before(strategy: Option<&Strategy>, budget: Option<u64>) -> Option<f64> {
     if strategy
         .and_then(|s| s.bandwidth_gbs)
         .is_some_and(|g| g > 0.0)
     {
         return None;
     }
-    let bw = roundhouse::membw::measure(probe_mib(budgeted) << 20, 1.0);
+    let bw = roundhouse::membw::measure(probe_mib_before(budget) << 20, 1.0);
     speedbench::reset_peak_rss();
     Some(bw.all_threads_gbs)
 }
 
 /// The machine's read bandwidth and where it came from: inspect's
 /// strategy file, else the better of the probe before the load and one
-/// now. A virtual machine's bandwidth moves with its host's load (one
-/// probe here read 37 GB/s, the next run's 63), and decode compared with
-/// a probe from a slow spell would read above 100% of it.
+/// after the runs. A virtual machine's bandwidth moves with its host's
+/// load (one probe here read 37 GB/s, the next run's 63), and decode
+/// compared with a probe from a slow spell would read above 100% of it.
+/// Under a memory budget only the probe before the load counts: after the
+/// runs the expert cache holds the budget, and a buffer small enough to
+/// fit beside it would read from the last-level cache.
 fn read_bandwidth(
     pipeline: &Pipeline,
     strategy: Option<&Strategy>,
-    budgeted: bool,
+    budget: Option<u64>,
     before: Option<f64>,
 ) -> (f64, String) {
     match strategy.and_then(|s| s.bandwidth_gbs).filter(|&g| g > 0.0) {
         Some(g) => (g, format!("from {}", pipeline.strategy_path().display())),
         None => {
-            let mib = probe_mib(budgeted);
-            let after = roundhouse::membw::measure(mib << 20, 1.0).all_threads_gbs;
             let before = before.unwrap_or(0.0);
+            let mib = probe_mib_before(budget);
+            if budget.is_some() {
+                let source =
+                    format!("no strategy file: membw, {mib} MiB, all threads, before the load");
+                return (before, source);
+            }
+            let after = roundhouse::membw::measure(mib << 20, 1.0).all_threads_gbs;
             (
                 before.max(after),
                 format!(
@@ -368,9 +376,8 @@ struct Measured {
     tests: Vec<TestResult>,
     parallel: Vec<ParallelResult>,
     load_s: f64,
-    /// Whether a memory budget applies (the probe's buffer is then
-    /// smaller).
-    budgeted: bool,
+    /// The memory budget, if any (the probes then differ).
+    budget: Option<u64>,
     /// The bandwidth probed before the load, GB/s.
     probe_before: Option<f64>,
 }
@@ -397,7 +404,7 @@ fn report(
     let per_token = model.weight_bytes_per_token();
     let effective = mean_tps("tg").map(|tps| per_token as f64 * tps / 1e9);
     let (bandwidth, source) =
-        read_bandwidth(pipeline, strategy, measured.budgeted, measured.probe_before);
+        read_bandwidth(pipeline, strategy, measured.budget, measured.probe_before);
     // Prefill is compared with the machine's FMA peak on the same threads,
     // measured now (half a second) rather than assumed.
     let macs = model.prefill_macs_per_token();
@@ -478,7 +485,7 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
     let dir = model_dir(args, pipeline)?;
 
     let budget = crate::paging::budget(args.memory_budget.as_deref(), pipeline, strategy.as_ref())?;
-    let probe_before = probe_before(strategy.as_ref(), budget.is_some());
+    let probe_before = probe_before(strategy.as_ref(), budget);
     let t0 = Instant::now();
     // The streams held at once (every `--parallel` count's, which take
     // turns), each holding its prompt or its context and generated tokens.
@@ -526,7 +533,7 @@ pub fn run(args: &SpeedArgs, pipeline: &Pipeline) -> Result<(), CliError> {
         tests,
         parallel,
         load_s,
-        budgeted: budget.is_some(),
+        budget,
         probe_before,
     };
     let report = report(args, pipeline, strategy.as_ref(), &model, &dir, measured);
