@@ -557,6 +557,33 @@ impl<W: Write> Write for FolioWriter<W> {
     }
 }
 
+/// A [`Write`] that writes a file by position (`pwrite`), from `at` on:
+/// for a [`FolioWriter`] over a file other writers share by offset (the
+/// published-cache download's ranges).
+pub struct WriteAt<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl<'a> WriteAt<'a> {
+    /// Writes `file` from offset `at`.
+    pub fn new(file: &'a File, at: u64) -> Self {
+        WriteAt { file, at }
+    }
+}
+
+impl Write for WriteAt<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.write_at(bytes, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Free bytes on the filesystem holding `dir` (None where unknown).
 pub fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;

@@ -22,7 +22,7 @@
 //! then records that it had nothing to do, and why ([`skip_repack`]).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,7 +36,7 @@ use super::{
     check_disk, ensure_parent, parallel, reserved, safe_relative, with_suffix, FetchError,
     FetchOptions, Fetched, Units,
 };
-use crate::fsutil::{self, FsError};
+use crate::fsutil::{self, FolioWriter, FsError};
 use crate::verify::hash::{chunk_count, file_root, parse_hex};
 use crate::verify::{FileEntry, Manifest, MANIFEST_NAME};
 
@@ -451,7 +451,7 @@ fn fetch_file(ctx: &Ctx, e: &FileEntry) -> Result<bool, FetchError> {
     }
     let bar = ctx.bars.file_bar(&e.path, e.size);
     let url = ctx.origin.url(ctx.client, &e.path);
-    let mut buf = vec![0u8; crate::fsutil::FOLIO_BYTES];
+    let mut buf = vec![0u8; 1 << 20];
     for i in 0..chunk_count(e.size, ctx.chunk) {
         if units.aborted() {
             return Err(FetchError::Aborted);
@@ -665,15 +665,12 @@ fn get_chunk(
     let mut h = ChunkHasher::new(e.size, ctx.chunk, a);
     let mut rd = resp.into_reader();
     let mut pos = a;
-    // Bytes of `buf` received but not yet written: the file gets whole
-    // 2 MiB blocks at aligned offsets, so the fresh cache maps on 2 MiB
-    // pages (`fsutil::FolioWriter` says why).
-    let mut held = 0usize;
+    // Through 2 MiB-aligned blocks, so the fresh cache maps on 2 MiB pages.
+    let fatal = |err| ChunkFail::Fatal(FsError::io(part, err).into());
+    let mut out = FolioWriter::new(fsutil::WriteAt::new(file, a), a);
     while pos < b {
-        let block = crate::fsutil::FOLIO_BYTES as u64;
-        let block_end = ((pos - held as u64) / block + 1) * block;
-        let want = ((b.min(block_end) - pos) as usize).min(buf.len() - held);
-        let n = match rd.read(&mut buf[held..held + want]) {
+        let want = ((b - pos) as usize).min(buf.len());
+        let n = match rd.read(&mut buf[..want]) {
             Ok(0) => {
                 return Err(ChunkFail::Retry(Fail::Transport(format!(
                     "connection broke at byte {pos}"
@@ -687,16 +684,12 @@ fn get_chunk(
                 ))))
             }
         };
-        h.update(&buf[held..held + n]);
-        held += n;
+        out.write_all(&buf[..n]).map_err(fatal)?;
+        h.update(&buf[..n]);
         pos += n as u64;
-        if pos == b || pos == block_end || held == buf.len() {
-            file.write_all_at(&buf[..held], pos - held as u64)
-                .map_err(|err| ChunkFail::Fatal(FsError::io(part, err).into()))?;
-            held = 0;
-        }
         ctx.transferred.fetch_add(n as u64, Ordering::Relaxed);
         bar.set_position(pos);
     }
+    out.flush().map_err(fatal)?;
     Ok(h.finish())
 }
