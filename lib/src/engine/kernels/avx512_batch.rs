@@ -61,6 +61,12 @@ macro_rules! by_tokens {
 /// the 32 vector registers.
 const QUANT_PASS: usize = 4;
 
+/// Most tokens whose group totals [`dot_i8_wide`] keeps in registers: at
+/// four tokens of two rows, 16 totals beside 8 sums, two weight vectors
+/// and an activation; at six, the totals spilled and the call ran 13%
+/// slower than with them in memory.
+const REGISTER_TOTALS_TOKENS: usize = 4;
+
 /// Rows of a block [`Avx512::quant_rows_wide`] multiplies while it
 /// prefetches the next into L2 (16 KiB of int8 at 2048 columns).
 const WIDE_BLOCK_ROWS: usize = 8;
@@ -180,7 +186,8 @@ impl Avx512 {
     /// [`Avx512::quant_rows_tokens`] for a pass of two to eight tokens
     /// (five to eight for int4 and short int8 rows; `out[t * nr + i]`),
     /// each row read and unpacked once for all of them, two rows at a time: the integer sums then take 16 registers,
-    /// so the group totals (32 at eight tokens) live in memory. Rows go in
+    /// so the group totals (32 at eight tokens) live in memory (int8 rows
+    /// of up to four tokens keep them in registers, see `dot_i8_wide`). Rows go in
     /// blocks of [`WIDE_BLOCK_ROWS`] while the next block is prefetched
     /// into L2.
     fn quant_rows_wide(
@@ -479,34 +486,97 @@ avx512_vnni_fn! {
 /// Rows `r..r + R` of an int8 matrix times `T` tokens' group-quantized
 /// activations, without the zero-point term, added into `tot[k]` as
 /// `dot_i8` adds them. Each weight vector serves all `T` tokens, each
-/// activation vector all `R` rows.
+/// activation vector all `R` rows. Up to [`REGISTER_TOTALS_TOKENS`]
+/// tokens the totals stay in registers from the first group to the last
+/// (even and odd groups in turn), where storing and reloading them after
+/// every group of 128 cost 8% of a four-token call; beyond, they no
+/// longer fit beside the sums and go through memory.
 unsafe fn dot_i8_wide<const T: usize, const R: usize>(args: WideArgs) {
     let (v, r, acts, pf, tot) = args;
-    let gs = v.group_size;
     let qrow: [*const u8; R] = std::array::from_fn(|k| v.q.as_ptr().add((r + k) * v.row_bytes));
     let srow: [*const u8; R] =
         std::array::from_fn(|k| v.scales.as_ptr().add((r + k) * v.n_groups * 2));
     let xq: [*const i16; T] = std::array::from_fn(|t| acts[t].xq.as_ptr());
-    for g in 0..v.n_groups {
-        let k0 = g * gs;
-        let nb = (gs.min(v.cols - k0)) / QBLOCK;
-        let mut acc = [[_mm512_setzero_si512(); T]; R];
-        for b in 0..nb {
-            let at = k0 + b * QBLOCK;
-            let w: [__m512i; R] = std::array::from_fn(|k| {
-                if b % 2 == 0 {
-                    prefetch_l2(pf.wrapping_add(k * v.row_bytes + at));
-                }
-                _mm512_cvtepu8_epi16(_mm256_loadu_si256(qrow[k].add(at) as *const __m256i))
-            });
-            for t in 0..T {
-                let x = _mm512_loadu_si512(xq[t].add(at) as *const _);
-                for k in 0..R {
-                    acc[k][t] = _mm512_dpwssd_epi32(acc[k][t], w[k], x);
-                }
+    let ng = v.n_groups;
+    if T > REGISTER_TOTALS_TOKENS {
+        for g in 0..ng {
+            let acc = i8_group_sums::<T, R>(v, g, &qrow, &xq, pf);
+            wide_totals!(srow, g, acts, acc, tot);
+        }
+        return;
+    }
+    let mut even: [[__m512; T]; R] =
+        std::array::from_fn(|k| std::array::from_fn(|t| _mm512_loadu_ps(tot[k][0][t].as_ptr())));
+    let mut odd: [[__m512; T]; R] =
+        std::array::from_fn(|k| std::array::from_fn(|t| _mm512_loadu_ps(tot[k][1][t].as_ptr())));
+    let mut g = 0;
+    while g < ng {
+        let acc = i8_group_sums::<T, R>(v, g, &qrow, &xq, pf);
+        add_group_totals::<T, R>(&srow, g, acts, &acc, &mut even);
+        if g + 1 < ng {
+            let acc = i8_group_sums::<T, R>(v, g + 1, &qrow, &xq, pf);
+            add_group_totals::<T, R>(&srow, g + 1, acts, &acc, &mut odd);
+        }
+        g += 2;
+    }
+    for k in 0..R {
+        for t in 0..T {
+            _mm512_storeu_ps(tot[k][0][t].as_mut_ptr(), even[k][t]);
+            _mm512_storeu_ps(tot[k][1][t].as_mut_ptr(), odd[k][t]);
+        }
+    }
+}
+
+/// Group `g`'s integer sums of rows `qrow` (int8, widened to words) and
+/// `T` tokens' int16 activations `xq`, `[k][t]`; hints the rows' bytes at
+/// `pf` into L2 on the way.
+#[inline]
+unsafe fn i8_group_sums<const T: usize, const R: usize>(
+    v: &QuantView,
+    g: usize,
+    qrow: &[*const u8; R],
+    xq: &[*const i16; T],
+    pf: *const u8,
+) -> [[__m512i; T]; R] {
+    let gs = v.group_size;
+    let k0 = g * gs;
+    let nb = (gs.min(v.cols - k0)) / QBLOCK;
+    let mut acc = [[_mm512_setzero_si512(); T]; R];
+    for b in 0..nb {
+        let at = k0 + b * QBLOCK;
+        let w: [__m512i; R] = std::array::from_fn(|k| {
+            if b % 2 == 0 {
+                prefetch_l2(pf.wrapping_add(k * v.row_bytes + at));
+            }
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256(qrow[k].add(at) as *const __m256i))
+        });
+        for t in 0..T {
+            let x = _mm512_loadu_si512(xq[t].add(at) as *const _);
+            for k in 0..R {
+                acc[k][t] = _mm512_dpwssd_epi32(acc[k][t], w[k], x);
             }
         }
-        wide_totals!(srow, g, acts, acc, tot);
+    }
+    acc
+}
+
+/// [`wide_totals`] into totals held in registers: the same conversion,
+/// scale product and FMA for every row and token, so the same bits.
+#[inline]
+unsafe fn add_group_totals<const T: usize, const R: usize>(
+    srow: &[*const u8; R],
+    g: usize,
+    acts: &[&GroupAct],
+    acc: &[[__m512i; T]; R],
+    tot: &mut [[__m512; T]; R],
+) {
+    let bd: [__m512; T] = std::array::from_fn(|t| _mm512_set1_ps(*acts[t].d.as_ptr().add(g)));
+    for k in 0..R {
+        let bs = _mm512_set1_ps(f16_at(srow[k], g));
+        for t in 0..T {
+            let i = _mm512_cvtepi32_ps(acc[k][t]);
+            tot[k][t] = _mm512_fmadd_ps(i, _mm512_mul_ps(bs, bd[t]), tot[k][t]);
+        }
     }
 }
 
