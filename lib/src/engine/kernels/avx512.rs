@@ -180,21 +180,34 @@ impl Avx512 {
         assert!(a.bits == v.bits && a.group_size == v.group_size);
         assert!(a.xq.len() == v.cols && a.d.len() == v.n_groups && a.gsum.len() == v.n_groups);
         let g128 = is_g128(v) && a.planes.is_some();
-        for (i, o) in out.iter_mut().enumerate() {
+        // The symmetric zero-point term, as the AVX2 `correction` forms
+        // it, from the sum that came with the scales the kernel loaded
+        // anyway; else the zero points' own term.
+        let finish = |r: usize, dot: f32, t: f32| match v.zeros {
+            None => dot + SYMMETRIC_I4_OFFSET * t,
+            Some(_) => dot + self.avx2.zero_correction(v, r, &a.gsum),
+        };
+        let mut start = 0;
+        if v.bits == 4 && g128 && v.n_groups == 4 {
+            for (c, o4) in out.chunks_exact_mut(4).enumerate() {
+                let r = r0 + 4 * c;
+                // SAFETY: as below, for rows `r..r + 4` (in range).
+                let (dots, ts) = unsafe { dot_i4_g128_rows4(v, r, a) };
+                for (k, o) in o4.iter_mut().enumerate() {
+                    *o = finish(r + k, dots[k], ts[k]);
+                }
+            }
+            start = out.len() / 4 * 4;
+        }
+        for (i, o) in out.iter_mut().enumerate().skip(start) {
             let r = r0 + i;
             // SAFETY: `self` proves the features; the row index is in
             // range and the activations match the view's checked shape.
             let dot = unsafe {
                 if v.bits == 4 && g128 {
                     let (dot, t) = dot_i4_g128(v, r, a);
-                    if v.zeros.is_none() {
-                        // The symmetric zero-point term, as the AVX2
-                        // `correction` forms it: its sum came with the
-                        // scales the kernel loaded anyway.
-                        *o = dot + SYMMETRIC_I4_OFFSET * t;
-                        continue;
-                    }
-                    dot
+                    *o = finish(r, dot, t);
+                    continue;
                 } else if v.bits == 4 {
                     dot_i4(v, r, a)
                 } else {
@@ -430,6 +443,52 @@ unsafe fn dot_i4_g128(v: &QuantView, r: usize, a: &GroupAct) -> (f32, f32) {
     (_mm512_reduce_add_ps(_mm512_add_ps(tot0, tot1)), t)
 }
 
+/// [`dot_i4_g128`] of four rows `r..r + 4` of four groups each (512
+/// columns: the routed experts' down projections), each row's result the
+/// same bits. With four groups a row, a row's scales, their products with
+/// the activations' and the zero-point sum (a scalar loop there) cost about
+/// as much as its groups' products: here one 32-byte load brings the four
+/// rows' 16 scales, one product forms all 16 `s * d`, and the four sums
+/// `Σ_g s_g gsum_g` run side by side in the lanes of one vector, in the
+/// same order and roundings as the scalar loop (from `0.0`, one group at
+/// a time, product then sum).
+unsafe fn dot_i4_g128_rows4(v: &QuantView, r: usize, a: &GroupAct) -> ([f32; 4], [f32; 4]) {
+    debug_assert!(v.n_groups == 4 && v.group_size == 128);
+    let planes = a.planes.as_ref().expect("byte planes for groups of 128");
+    let xb = planes.as_ptr() as *const u8;
+    let pfb = v.pf;
+    // Lane 4k + g: row r + k, group g.
+    let s = _mm512_cvtph_ps(_mm256_loadu_si256(
+        v.scales.as_ptr().add(r * 4 * 2) as *const __m256i
+    ));
+    let sd = _mm512_mul_ps(s, _mm512_broadcast_f32x4(_mm_loadu_ps(a.d.as_ptr())));
+    let sg = _mm512_mul_ps(s, _mm512_broadcast_f32x4(_mm_loadu_ps(a.gsum.as_ptr())));
+    // Group g's products of the four rows in lanes 0..4.
+    let group_lanes = |g: i32| {
+        let idx = _mm512_setr_epi32(g, 4 + g, 8 + g, 12 + g, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+        _mm512_castps512_ps128(_mm512_permutexvar_ps(idx, sg))
+    };
+    let mut t = _mm_add_ps(_mm_setzero_ps(), group_lanes(0));
+    for g in 1..4 {
+        t = _mm_add_ps(t, group_lanes(g));
+    }
+    let mut ts = [0f32; 4];
+    _mm_storeu_ps(ts.as_mut_ptr(), t);
+    let mut dots = [0f32; 4];
+    for (k, dot) in dots.iter_mut().enumerate() {
+        let qrow = v.q.as_ptr().add((r + k) * v.row_bytes);
+        let lane = |g: usize| _mm512_permutexvar_ps(_mm512_set1_epi32((4 * k + g) as i32), sd);
+        let group = |g: usize| group_i4_g128(qrow.add(g * 64), xb.add(g * 256), pfb);
+        // Even groups into `tot0`, odd ones into `tot1`, as in `dot_i4`.
+        let tot0 = _mm512_fmadd_ps(group(0), lane(0), _mm512_setzero_ps());
+        let tot1 = _mm512_fmadd_ps(group(1), lane(1), _mm512_setzero_ps());
+        let tot0 = _mm512_fmadd_ps(group(2), lane(2), tot0);
+        let tot1 = _mm512_fmadd_ps(group(3), lane(3), tot1);
+        *dot = _mm512_reduce_add_ps(_mm512_add_ps(tot0, tot1));
+    }
+    (dots, ts)
+}
+
 /// Lanes 8..16 of `v`.
 #[inline]
 pub(super) unsafe fn hi256(v: __m512) -> __m256 {
@@ -537,7 +596,7 @@ mod tests {
     /// widths of 1 to 20 groups (a chunk of 16 scales and a short one),
     /// symmetric and per-group zeros, activations at the int16 extremes
     /// (both bytes of `256 hi + lo` at their limits), an all-zero group and
-    /// a group holding NaN.
+    /// a group holding NaN; and so does the four-row kernel at four groups.
     #[test]
     fn groups_of_128_kernel_is_the_generic_one_bit_for_bit() {
         let Some(b) = Avx2::detect().and_then(Avx512::detect) else {
@@ -576,6 +635,25 @@ mod tests {
                         want.to_bits(),
                         "{ng} groups, row {r}: zero term"
                     );
+                }
+            }
+            // Four rows at a time (four groups a row): each row's dot and
+            // zero-point sum as the one-row kernel's.
+            if ng == 4 {
+                for r in (0..v.rows - 3).step_by(4) {
+                    // SAFETY: rows `r..r + 4` in range, activations as above.
+                    let (dots, ts) = unsafe { dot_i4_g128_rows4(&v, r, &a) };
+                    for k in 0..4 {
+                        // SAFETY: as above.
+                        let (want, want_t) = unsafe { dot_i4_g128(&v, r + k, &a) };
+                        assert_eq!(dots[k].to_bits(), want.to_bits(), "rows4, row {}", r + k);
+                        assert_eq!(
+                            ts[k].to_bits(),
+                            want_t.to_bits(),
+                            "rows4, row {} sum",
+                            r + k
+                        );
+                    }
                 }
             }
         }
