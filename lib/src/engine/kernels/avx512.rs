@@ -451,12 +451,15 @@ unsafe fn dot_i4_g128(v: &QuantView, r: usize, a: &GroupAct) -> (f32, f32) {
 /// rows' 16 scales, one product forms all 16 `s * d`, and the four sums
 /// `Σ_g s_g gsum_g` run side by side in the lanes of one vector, in the
 /// same order and roundings as the scalar loop (from `0.0`, one group at
-/// a time, product then sum).
+/// a time, product then sum). The rows take no software prefetch hints:
+/// without them a down projection read from memory on one thread took
+/// 0.031-0.032 ms against 0.035 with them (`rh-bench kernels --shapes
+/// expert-down --no-matmul --threads 1`; 0.040 before this kernel), where
+/// a gate of 2048 columns still needs them (0.039 against 0.031).
 unsafe fn dot_i4_g128_rows4(v: &QuantView, r: usize, a: &GroupAct) -> ([f32; 4], [f32; 4]) {
     debug_assert!(v.n_groups == 4 && v.group_size == 128);
     let planes = a.planes.as_ref().expect("byte planes for groups of 128");
     let xb = planes.as_ptr() as *const u8;
-    let pfb = v.pf;
     // Lane 4k + g: row r + k, group g.
     let s = _mm512_cvtph_ps(_mm256_loadu_si256(
         v.scales.as_ptr().add(r * 4 * 2) as *const __m256i
@@ -478,7 +481,10 @@ unsafe fn dot_i4_g128_rows4(v: &QuantView, r: usize, a: &GroupAct) -> ([f32; 4],
     for (k, dot) in dots.iter_mut().enumerate() {
         let qrow = v.q.as_ptr().add((r + k) * v.row_bytes);
         let lane = |g: usize| _mm512_permutexvar_ps(_mm512_set1_epi32((4 * k + g) as i32), sd);
-        let group = |g: usize| group_i4_g128(qrow.add(g * 64), xb.add(g * 256), pfb);
+        // No software hints: the four rows' 1 KiB run on, and the
+        // hardware prefetcher keeps ahead of these rows, which compute
+        // longer per byte than long ones (see the doc above).
+        let group = |g: usize| group_i4_g128(qrow.add(g * 64), xb.add(g * 256), 0);
         // Even groups into `tot0`, odd ones into `tot1`, as in `dot_i4`.
         let tot0 = _mm512_fmadd_ps(group(0), lane(0), _mm512_setzero_ps());
         let tot1 = _mm512_fmadd_ps(group(1), lane(1), _mm512_setzero_ps());
