@@ -369,32 +369,15 @@ unsafe fn dot_i8_tokens<const T: usize, const R: usize>(
     acts: &[&GroupAct],
     dots: &mut [[f32; MAX_TOKENS]; 2],
 ) {
-    let gs = v.group_size;
     let qrow: [*const u8; R] = std::array::from_fn(|k| v.q.as_ptr().add((r + k) * v.row_bytes));
     let srow: [*const u8; R] =
         std::array::from_fn(|k| v.scales.as_ptr().add((r + k) * v.n_groups * 2));
     let xq: [*const i16; T] = std::array::from_fn(|t| acts[t].xq.as_ptr());
     let pfb = pf_bytes();
+    let hint = |k: usize, at: usize| prefetch_ahead(qrow[k].wrapping_add(at), pfb);
     let mut tot = [[[_mm512_setzero_ps(); T]; R]; 2];
     for g in 0..v.n_groups {
-        let k0 = g * gs;
-        let nb = (gs.min(v.cols - k0)) / QBLOCK;
-        let mut acc = [[_mm512_setzero_si512(); T]; R];
-        for b in 0..nb {
-            let at = k0 + b * QBLOCK;
-            let w: [__m512i; R] = std::array::from_fn(|k| {
-                if b % 2 == 0 {
-                    prefetch_ahead(qrow[k].wrapping_add(at), pfb);
-                }
-                _mm512_cvtepu8_epi16(_mm256_loadu_si256(qrow[k].add(at) as *const __m256i))
-            });
-            for t in 0..T {
-                let x = _mm512_loadu_si512(xq[t].add(at) as *const _);
-                for k in 0..R {
-                    acc[k][t] = _mm512_dpwssd_epi32(acc[k][t], w[k], x);
-                }
-            }
-        }
+        let acc = i8_group_sums::<T, R>(v, g, &qrow, &xq, hint);
         group_totals::<T, R>(&srow, g, acts, &acc, &mut tot[g % 2]);
     }
     finish_dots::<T, R>(&tot, dots);
@@ -498,9 +481,10 @@ unsafe fn dot_i8_wide<const T: usize, const R: usize>(args: WideArgs) {
         std::array::from_fn(|k| v.scales.as_ptr().add((r + k) * v.n_groups * 2));
     let xq: [*const i16; T] = std::array::from_fn(|t| acts[t].xq.as_ptr());
     let ng = v.n_groups;
+    let hint = |k: usize, at: usize| prefetch_l2(pf.wrapping_add(k * v.row_bytes + at));
     if T > REGISTER_TOTALS_TOKENS {
         for g in 0..ng {
-            let acc = i8_group_sums::<T, R>(v, g, &qrow, &xq, pf);
+            let acc = i8_group_sums::<T, R>(v, g, &qrow, &xq, hint);
             wide_totals!(srow, g, acts, acc, tot);
         }
         return;
@@ -511,11 +495,11 @@ unsafe fn dot_i8_wide<const T: usize, const R: usize>(args: WideArgs) {
         std::array::from_fn(|k| std::array::from_fn(|t| _mm512_loadu_ps(tot[k][1][t].as_ptr())));
     let mut g = 0;
     while g < ng {
-        let acc = i8_group_sums::<T, R>(v, g, &qrow, &xq, pf);
-        add_group_totals::<T, R>(&srow, g, acts, &acc, &mut even);
+        let acc = i8_group_sums::<T, R>(v, g, &qrow, &xq, hint);
+        group_totals::<T, R>(&srow, g, acts, &acc, &mut even);
         if g + 1 < ng {
-            let acc = i8_group_sums::<T, R>(v, g + 1, &qrow, &xq, pf);
-            add_group_totals::<T, R>(&srow, g + 1, acts, &acc, &mut odd);
+            let acc = i8_group_sums::<T, R>(v, g + 1, &qrow, &xq, hint);
+            group_totals::<T, R>(&srow, g + 1, acts, &acc, &mut odd);
         }
         g += 2;
     }
@@ -528,15 +512,15 @@ unsafe fn dot_i8_wide<const T: usize, const R: usize>(args: WideArgs) {
 }
 
 /// Group `g`'s integer sums of rows `qrow` (int8, widened to words) and
-/// `T` tokens' int16 activations `xq`, `[k][t]`; hints the rows' bytes at
-/// `pf` into L2 on the way.
+/// `T` tokens' int16 activations `xq`, `[k][t]`; `hint(k, at)` hints row
+/// `k`'s weights ahead of column `at` every other block.
 #[inline]
 unsafe fn i8_group_sums<const T: usize, const R: usize>(
     v: &QuantView,
     g: usize,
     qrow: &[*const u8; R],
     xq: &[*const i16; T],
-    pf: *const u8,
+    hint: impl Fn(usize, usize),
 ) -> [[__m512i; T]; R] {
     let gs = v.group_size;
     let k0 = g * gs;
@@ -546,7 +530,7 @@ unsafe fn i8_group_sums<const T: usize, const R: usize>(
         let at = k0 + b * QBLOCK;
         let w: [__m512i; R] = std::array::from_fn(|k| {
             if b % 2 == 0 {
-                prefetch_l2(pf.wrapping_add(k * v.row_bytes + at));
+                hint(k, at);
             }
             _mm512_cvtepu8_epi16(_mm256_loadu_si256(qrow[k].add(at) as *const __m256i))
         });
@@ -560,25 +544,6 @@ unsafe fn i8_group_sums<const T: usize, const R: usize>(
     acc
 }
 
-/// [`wide_totals`] into totals held in registers: the same conversion,
-/// scale product and FMA for every row and token, so the same bits.
-#[inline]
-unsafe fn add_group_totals<const T: usize, const R: usize>(
-    srow: &[*const u8; R],
-    g: usize,
-    acts: &[&GroupAct],
-    acc: &[[__m512i; T]; R],
-    tot: &mut [[__m512; T]; R],
-) {
-    let bd: [__m512; T] = std::array::from_fn(|t| _mm512_set1_ps(*acts[t].d.as_ptr().add(g)));
-    for k in 0..R {
-        let bs = _mm512_set1_ps(f16_at(srow[k], g));
-        for t in 0..T {
-            let i = _mm512_cvtepi32_ps(acc[k][t]);
-            tot[k][t] = _mm512_fmadd_ps(i, _mm512_mul_ps(bs, bd[t]), tot[k][t]);
-        }
-    }
-}
 
 /// Rows `r..r + R` of an int4 matrix times `T` tokens' group-quantized
 /// activations, without the zero-point term, added into `tot[k]` as
