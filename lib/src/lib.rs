@@ -62,4 +62,5 @@ pub use support::cli;
 pub use support::direct_io;
 pub use support::env;
 pub use support::fsutil;
+pub use support::heap;
 pub use support::mmap;

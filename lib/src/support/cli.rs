@@ -93,8 +93,10 @@ pub fn one_line(e: &dyn std::error::Error) -> String {
 }
 
 /// Runs a binary's body and turns its result into an exit code, printing
-/// errors as a single `error: ...` line on stderr.
+/// errors as a single `error: ...` line on stderr. The heap settings
+/// ([`crate::heap`]) apply first.
 pub fn main_with(tool: &str, body: impl FnOnce() -> Result<(), CliError>) -> ExitCode {
+    crate::heap::tune();
     match body() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -16,6 +16,8 @@
 //! | `RH_EXPERT_IO_NICE` | [`crate::model::experts`] | nice value of the expert cache's I/O threads (default 0: left as they are; below 0 where allowed), for measurements |
 //! | `RH_EXPERT_PREFAULT` | [`crate::model::experts`] | `0`: the expert cache's buffers are faulted in by the first read into each (default: touched ahead on a low-priority thread), for measurements |
 //! | `RH_EXPERT_HUGE_PAGES` | [`crate::model::experts`] | `0`: the expert cache's buffers are separate heap allocations on 4 KiB pages (default: slots of one mapping on 2 MiB pages), for measurements |
+//! | `RH_HEAP` | [`crate::heap`] | `0`: leave glibc's heap thresholds at their defaults (default: large transient buffers stay on the heap between layers), for measurements |
+//! | `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_` | [`crate::heap`] | glibc's own; when any is set, Roundhouse leaves the heap settings to glibc |
 //! | `RH_HUGE_PAGES` | [`crate::model`] | `0`: leave the weights every token reads (all but the embedding and the routed experts) where the source put them instead of copying them onto huge pages, and map the cache files on 4 KiB pages only (`MADV_NOHUGEPAGE`; otherwise `MADV_HUGEPAGE`), for measurements |
 //!
 //! A value a knob cannot use (not a number, out of its range, a switch set
@@ -54,6 +56,14 @@ pub const RH_EXPERT_IO_NICE: &str = "RH_EXPERT_IO_NICE";
 pub const RH_EXPERT_PREFAULT: &str = "RH_EXPERT_PREFAULT";
 /// Whether the expert cache's buffers lie on huge pages.
 pub const RH_EXPERT_HUGE_PAGES: &str = "RH_EXPERT_HUGE_PAGES";
+/// Whether the heap keeps large transient buffers between layers.
+pub const RH_HEAP: &str = "RH_HEAP";
+/// glibc's own heap variables ([`malloc_set_by_user`]).
+pub const GLIBC_MALLOC_VARS: [&str; 3] = [
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+];
 /// Whether the per-token weights are copied onto huge pages.
 pub const RH_HUGE_PAGES: &str = "RH_HUGE_PAGES";
 
@@ -206,6 +216,17 @@ pub fn expert_prefault() -> bool {
 /// measurements).
 pub fn expert_huge_pages() -> bool {
     switch(RH_EXPERT_HUGE_PAGES, true)
+}
+
+/// `RH_HEAP`: false only when set to `0` (a knob for measurements).
+pub fn heap_tuning() -> bool {
+    switch(RH_HEAP, true)
+}
+
+/// Whether one of glibc's own heap variables is set, whose value glibc
+/// has already applied and Roundhouse must not override.
+pub fn malloc_set_by_user() -> bool {
+    GLIBC_MALLOC_VARS.iter().any(|v| std::env::var_os(v).is_some())
 }
 
 /// `RH_HUGE_PAGES`: false only when set to `0` (a knob for measurements;
