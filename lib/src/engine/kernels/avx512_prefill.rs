@@ -116,6 +116,12 @@ impl Tile {
             next: 0..0,
         }
     }
+
+    /// Whether this tile can take rows of `v` (the same columns and
+    /// groups as the matrix it was made for).
+    pub(crate) fn fits(&self, v: &QuantView) -> bool {
+        self.cols == v.cols && self.n_groups == v.n_groups
+    }
 }
 
 impl Avx512 {

@@ -1055,6 +1055,58 @@ fn tile_task<T>(
     }
 }
 
+/// Tiles kept on each thread between matmuls. A prefill makes a tile task
+/// for each routed expert's three products (12,000 of them for 512 tokens
+/// on the 8-layer bench model), and a fresh tile was a zeroed allocation
+/// (32 KiB of weights at 2048 columns) that `tile_load` then rewrote: a
+/// memset for nothing. A tile serves any matrix of its shape (its columns
+/// and groups); every `tile_load` rewrites the rows it loads and their
+/// scales, and a multiply reads only the tile's loaded rows' outputs, as
+/// within one task already (the last tile of a task meets the rows left
+/// over from the one before).
+#[cfg(target_arch = "x86_64")]
+struct TilePool;
+
+#[cfg(target_arch = "x86_64")]
+type TileStack<T> = std::cell::RefCell<Vec<T>>;
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    static AVX512_TILES: TileStack<avx512_prefill::Tile> = const { std::cell::RefCell::new(Vec::new()) };
+    static AVX2_TILES: TileStack<avx2_prefill::Tile> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TilePool {
+    /// Shapes a thread keeps tiles for (a model has a few: its experts'
+    /// gate/up and down, its projections).
+    const KEEP: usize = 6;
+
+    /// A kept tile that `fits`, else a new one.
+    fn take<T: 'static>(
+        pool: &'static std::thread::LocalKey<TileStack<T>>,
+        fits: impl Fn(&T) -> bool,
+        make: impl FnOnce() -> T,
+    ) -> T {
+        let kept = pool.with_borrow_mut(|p| {
+            let i = p.iter().position(&fits)?;
+            Some(p.swap_remove(i))
+        });
+        kept.unwrap_or_else(make)
+    }
+
+    /// Keeps `tile` for the next task on this thread (the oldest goes
+    /// beyond [`TilePool::KEEP`]).
+    fn put<T: 'static>(pool: &'static std::thread::LocalKey<TileStack<T>>, tile: T) {
+        pool.with_borrow_mut(|p| {
+            if p.len() >= Self::KEEP {
+                p.remove(0);
+            }
+            p.push(tile);
+        });
+    }
+}
+
 /// Prefill on the AVX-512 VNNI level: every token's activations quantized
 /// to int16 per group, then each task (one unless `split`) transposes its
 /// blocks of 16 weight rows into tiles, one at a time, and multiplies each
@@ -1074,7 +1126,7 @@ fn avx512_matmul(
     let acts = a.split_acts(x, n, q.cols, q.bits, q.group_size);
     let rows = q.rows;
     tile_tasks(rows, n, y, TILE_ROWS, split, |r0, nr, out| {
-        let mut tile = Tile::new(&v);
+        let mut tile = TilePool::take(&AVX512_TILES, |t| t.fits(&v), || Tile::new(&v));
         let load = |r, k, t: &mut Tile| a.tile_load(&v, r, k, t);
         // SAFETY: `out` points at column `r0 + i0` of token `t0`'s row of
         // `y` (`[n, rows]`, checked by `tile_tasks`); a tile writes its
@@ -1082,6 +1134,7 @@ fn avx512_matmul(
         // touches, for tokens `t0..t1 <= n`.
         let mul = |t: &Tile, ts, o| unsafe { a.tile_multiply(t, &acts, ts, o, rows) };
         tile_task(r0, nr, n, rows, TILE_ROWS, out, &mut tile, load, mul);
+        TilePool::put(&AVX512_TILES, tile);
     });
 }
 
@@ -1101,11 +1154,12 @@ fn avx2_tile_matmul(
     let acts = a.pair_acts(x, n, q.cols, q.bits, q.group_size);
     let rows = q.rows;
     tile_tasks(rows, n, y, TILE_ROWS, split, |r0, nr, out| {
-        let mut tile = Tile::new(&v);
+        let mut tile = TilePool::take(&AVX2_TILES, |t| t.fits(&v), || Tile::new(&v));
         let load = |r, k, t: &mut Tile| a.tile_load(&v, r, k, t);
         // SAFETY: as in `avx512_matmul`.
         let mul = |t: &Tile, ts, o| unsafe { a.tile_multiply(t, &acts, ts, o, rows) };
         tile_task(r0, nr, n, rows, TILE_ROWS, out, &mut tile, load, mul);
+        TilePool::put(&AVX2_TILES, tile);
     });
 }
 
