@@ -75,10 +75,43 @@ pub fn l2_norm(x: &mut [f32], eps: f32) {
     }
 }
 
-/// SiLU, `x * sigmoid(x)`.
+/// SiLU, `x * sigmoid(x)`, on [`exp_poly`]: branch-free, so the loops
+/// over a layer's activations vectorize, where libm's `expf` was a call
+/// per element (1.7-2.3% of a prefill's forward in `perf`).
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp_poly(-x))
+}
+
+/// `e^x` in plain f32 arithmetic, within 3e-7 relative of the exact value
+/// (about two units in the last place; `exp_poly_is_within_two_ulp`):
+/// Cephes' `expf`, its range reduction by rounding (a magic-number add,
+/// no libm `floor`) and its degree-6 polynomial, `2^n` put together in the
+/// exponent bits. `x` is clamped to [-87, 88], where `2^n` stays a normal
+/// number, so large negative `x` give ~1e-38 instead of 0 and large
+/// positive ones ~1.7e38 instead of infinity; NaN stays NaN.
+#[inline]
+pub fn exp_poly(x: f32) -> f32 {
+    // 1.5 * 2^23: adding it rounds x * log2(e) to an integer held in the
+    // low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    // ln 2 in two parts: n * LN2_HI is exact for |n| <= 127.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    // t's bits are those of ROUND plus n; shifted up by 23 with 127 added,
+    // the biased exponent of 2^n (ROUND's own bits shift out).
+    y * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
 /// Logistic sigmoid.
@@ -113,6 +146,37 @@ pub fn softmax(x: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn exp_poly_is_within_two_ulp() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp();
+            let rel = ((super::exp_poly(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.000_731;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst:e}");
+        assert!(super::exp_poly(f32::NAN).is_nan());
+        assert_eq!(super::exp_poly(0.0), 1.0);
+        assert!(super::exp_poly(-1000.0) < 1e-37 && super::exp_poly(-1000.0) > 0.0);
+        assert!(super::exp_poly(1000.0).is_finite() && super::exp_poly(1000.0) > 1e38);
+        assert!(super::exp_poly(f32::INFINITY) > 1e38);
+    }
+
+    #[test]
+    fn silu_matches_its_definition_and_keeps_nan() {
+        for i in -4000..4000 {
+            let x = i as f32 * 0.01;
+            let want = x as f64 / (1.0 + (-(x as f64)).exp());
+            let got = super::silu(x) as f64;
+            assert!((got - want).abs() <= 4e-7 * want.abs().max(1e-30), "silu({x}) = {got}, want {want}");
+        }
+        assert!(super::silu(f32::NAN).is_nan());
+        assert_eq!(super::silu(f32::INFINITY), f32::INFINITY);
+        assert!(super::silu(-200.0).abs() < 1e-30);
+    }
+
     use super::*;
 
     #[test]
