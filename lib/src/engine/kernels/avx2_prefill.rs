@@ -120,6 +120,9 @@ pub(crate) struct Tile {
     rows: usize,
     cols: usize,
     n_groups: usize,
+    /// One row's scales as f32, while loading (kept to spare an
+    /// allocation per tile).
+    row: Vec<f32>,
     /// The lines of the matrix's next tile (the 16 rows after these),
     /// which the first pass of [`Avx2::tile_multiply`] prefetches.
     next: std::ops::Range<usize>,
@@ -135,6 +138,7 @@ impl Tile {
             rows: 0,
             cols: v.cols,
             n_groups: v.n_groups,
+            row: vec![0.0; v.n_groups],
             next: 0..0,
         }
     }
@@ -208,22 +212,35 @@ impl Avx2 {
         let sym = QuantMatrix::symmetric_zero(v.bits) as f32;
         tile.scale.fill(0.0);
         tile.scale_zero.fill(0.0);
-        let mut row = vec![0f32; ng];
+        let mut row = std::mem::take(&mut tile.row);
+        row.resize(ng, 0.0);
         for i in 0..nr {
             let at = (r0 + i) * ng;
             // SAFETY: features proven by `self`; the view's scales hold
-            // `rows * n_groups` f16 values (checked above) and row `r0 + i`
-            // exists.
+            // `rows * n_groups` f16 values and row `r0 + i` exists.
             unsafe { f16_to_f32(v.scales.as_ptr().add(2 * at), &mut row) };
-            for (g, s) in row.iter().enumerate() {
-                let z = match v.zeros {
-                    Some(z) => u16::from_le_bytes([z[2 * (at + g)], z[2 * (at + g) + 1]]) as f32,
-                    None => sym,
-                };
-                tile.scale[g * TILE_ROWS + i] = *s;
-                tile.scale_zero[g * TILE_ROWS + i] = s * z;
+            // Row i's lane of every group's 16 scales (and scale * zero).
+            let lanes = tile
+                .scale
+                .chunks_exact_mut(TILE_ROWS)
+                .zip(tile.scale_zero.chunks_exact_mut(TILE_ROWS))
+                .zip(&row);
+            match v.zeros {
+                None => {
+                    for ((sc, sz), s) in lanes {
+                        sc[i] = *s;
+                        sz[i] = s * sym;
+                    }
+                }
+                Some(z) => {
+                    for (((sc, sz), s), zb) in lanes.zip(z[2 * at..2 * (at + ng)].chunks_exact(2)) {
+                        sc[i] = *s;
+                        sz[i] = s * u16::from_le_bytes([zb[0], zb[1]]) as f32;
+                    }
+                }
             }
         }
+        tile.row = row;
         assert!(v.q.len() >= (r0 + nr) * v.row_bytes);
         assert!(tile.w.len() >= v.cols * TILE_ROWS);
         // SAFETY: features proven by `self`; rows `r0..r0 + nr` exist, each

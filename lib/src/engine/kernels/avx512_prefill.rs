@@ -68,6 +68,9 @@ pub(crate) struct SplitActs {
 /// `16 + 4c + m` (high nibble), and a tile vector takes the low nibbles of
 /// bytes `4c..4c + 4`, then the next their high nibbles; int8 keeps the
 /// plain order.
+// The layout's definition: `quantize_group` moves whole dwords by
+// [`PAIR_DWORDS`], which `slots_move_whole_dwords` checks against it.
+#[cfg_attr(not(test), allow(dead_code))]
 fn slot(bits: u8, e: usize) -> usize {
     if bits != 4 {
         return e;
@@ -75,6 +78,10 @@ fn slot(bits: u8, e: usize) -> usize {
     let (hi, j) = (e / 16, e % 16);
     4 * (2 * (j / 4) + hi) + j % 4
 }
+
+/// Which dword of a block each dword of its int4 tile columns comes from
+/// ([`slot`] moves the four bytes of a dword together).
+const PAIR_DWORDS: [i32; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
 
 /// The most columns whose products one i32 lane may add before it is
 /// scaled: `(2^bits - 1) * 32639 * cols` stays below 2^31.
@@ -98,6 +105,9 @@ pub(crate) struct Tile {
     rows: usize,
     cols: usize,
     n_groups: usize,
+    /// One row's scales as f32, while loading (kept to spare an
+    /// allocation per tile).
+    row: Vec<f32>,
     /// The lines of the matrix's next tile (the 16 rows after these),
     /// which the first pass of [`Avx512::tile_multiply`] prefetches.
     next: std::ops::Range<usize>,
@@ -113,6 +123,7 @@ impl Tile {
             rows: 0,
             cols: v.cols,
             n_groups: v.n_groups,
+            row: vec![0.0; v.n_groups],
             next: 0..0,
         }
     }
@@ -182,21 +193,35 @@ impl Avx512 {
         let sym = QuantMatrix::symmetric_zero(v.bits) as f32;
         tile.scale.fill(0.0);
         tile.scale_zero.fill(0.0);
-        let mut row = vec![0f32; ng];
+        let mut row = std::mem::take(&mut tile.row);
+        row.resize(ng, 0.0);
         for i in 0..nr {
             let at = (r0 + i) * ng;
             // SAFETY: features proven by `self`; the view's scales hold
             // `rows * n_groups` f16 values and row `r0 + i` exists.
             unsafe { f16_to_f32(v.scales.as_ptr().add(2 * at), &mut row) };
-            for (g, s) in row.iter().enumerate() {
-                let z = match v.zeros {
-                    Some(z) => u16::from_le_bytes([z[2 * (at + g)], z[2 * (at + g) + 1]]) as f32,
-                    None => sym,
-                };
-                tile.scale[g * TILE_ROWS + i] = *s;
-                tile.scale_zero[g * TILE_ROWS + i] = s * z;
+            // Row i's lane of every group's 16 scales (and scale * zero).
+            let lanes = tile
+                .scale
+                .chunks_exact_mut(TILE_ROWS)
+                .zip(tile.scale_zero.chunks_exact_mut(TILE_ROWS))
+                .zip(&row);
+            match v.zeros {
+                None => {
+                    for ((sc, sz), s) in lanes {
+                        sc[i] = *s;
+                        sz[i] = s * sym;
+                    }
+                }
+                Some(z) => {
+                    for (((sc, sz), s), zb) in lanes.zip(z[2 * at..2 * (at + ng)].chunks_exact(2)) {
+                        sc[i] = *s;
+                        sz[i] = s * u16::from_le_bytes([zb[0], zb[1]]) as f32;
+                    }
+                }
             }
         }
+        tile.row = row;
         // SAFETY: features proven by `self`; rows `r0..r0 + nr` exist, each
         // `row_bytes` long, and `tile.w` holds `cols * 16` bytes.
         unsafe { transpose_rows(v, r0, nr, tile.w.as_mut_ptr()) }
@@ -294,8 +319,16 @@ unsafe fn quantize_group(src: &[f32], hi: &mut [i8], lo: &mut [i8], bits: u8) ->
         _mm512_set1_epi32(ACT_MAX as i32),
     );
     let mut sum = _mm512_setzero_si512();
-    let (mut bh, mut bl) = ([0i8; QBLOCK], [0i8; QBLOCK]);
+    // `slot` moves whole dwords: int4 tile dword k holds block dword
+    // PAIR_DWORDS[k] (see `slots_move_whole_dwords`); int8 keeps its order.
+    let order = if bits == 4 {
+        _mm256_loadu_si256(PAIR_DWORDS.as_ptr() as *const __m256i)
+    } else {
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
+    };
+    assert!(hi.len() == n && lo.len() == n);
     for b in 0..n / QBLOCK {
+        let (mut bh, mut bl) = ([_mm_setzero_si128(); 2], [_mm_setzero_si128(); 2]);
         for h in 0..2 {
             // Round to nearest; the clamp only catches rounding at the edge.
             let q = _mm512_cvtps_epi32(_mm512_mul_ps(
@@ -307,24 +340,17 @@ unsafe fn quantize_group(src: &[f32], hi: &mut [i8], lo: &mut [i8], bits: u8) ->
             // hi = round(q / 256) and lo = q - 256 hi, both in -127..=127.
             let qh = _mm512_srai_epi32::<8>(_mm512_add_epi32(q, _mm512_set1_epi32(128)));
             let ql = _mm512_sub_epi32(q, _mm512_slli_epi32::<8>(qh));
-            _mm_storeu_si128(
-                bh.as_mut_ptr().add(16 * h) as *mut __m128i,
-                _mm512_cvtepi32_epi8(qh),
-            );
-            _mm_storeu_si128(
-                bl.as_mut_ptr().add(16 * h) as *mut __m128i,
-                _mm512_cvtepi32_epi8(ql),
-            );
+            bh[h] = _mm512_cvtepi32_epi8(qh);
+            bl[h] = _mm512_cvtepi32_epi8(ql);
         }
-        let (oh, ol) = (
-            &mut hi[b * QBLOCK..(b + 1) * QBLOCK],
-            &mut lo[b * QBLOCK..(b + 1) * QBLOCK],
-        );
-        for e in 0..QBLOCK {
-            let s = slot(bits, e);
-            oh[s] = bh[e];
-            ol[s] = bl[e];
-        }
+        // The block's 32 bytes in tile column order; in bounds: block b
+        // lies inside the group, whose length `hi` and `lo` have.
+        let tile_order = |x: [__m128i; 2]| {
+            let v = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(x[0]), x[1]);
+            _mm256_permutevar8x32_epi32(v, order)
+        };
+        _mm256_storeu_si256(hi.as_mut_ptr().add(b * QBLOCK) as *mut __m256i, tile_order(bh));
+        _mm256_storeu_si256(lo.as_mut_ptr().add(b * QBLOCK) as *mut __m256i, tile_order(bl));
     }
     (amax / ACT_MAX, _mm512_reduce_add_epi32(sum))
 }
@@ -514,6 +540,17 @@ mod tests {
             for i in 0..16 {
                 assert_eq!(got[16 * j + i], input[16 * i + j], "dword {j} of input {i}");
             }
+        }
+    }
+
+    #[test]
+    fn slots_move_whole_dwords() {
+        // quantize_group permutes dwords by PAIR_DWORDS in place of `slot`.
+        for e in 0..QBLOCK {
+            let s = slot(4, e);
+            assert_eq!(PAIR_DWORDS[s / 4] as usize, e / 4, "element {e}");
+            assert_eq!(s % 4, e % 4, "element {e}");
+            assert_eq!(slot(8, e), e);
         }
     }
 
