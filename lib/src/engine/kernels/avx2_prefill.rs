@@ -85,6 +85,9 @@ pub(crate) struct PairActs {
 /// low nibbles of bytes 0 and 2, their high nibbles, then the same for
 /// bytes 1 and 3. Int8 dword `c` gives two vectors: elements `4c, 4c + 2`,
 /// then `4c + 1, 4c + 3`.
+// The layout's definition: `quantize_group` builds it with vector
+// shuffles (`tile_order`), which `tile_order_is_slot` checks against it.
+#[cfg_attr(not(test), allow(dead_code))]
 fn slot(bits: u8, e: usize) -> usize {
     if bits == 4 {
         let (hi, j) = (e / 16, e % 16);
@@ -176,21 +179,18 @@ impl Avx2 {
             bits,
             group_size,
         };
-        let mut q = vec![0i16; group_size.min(cols)];
+        // A pair is two int16 in one i32, the first in the low half: on
+        // this little-endian target, the int16 values in order.
+        let halves: &mut [i16] = bytemuck::cast_slice_mut(&mut a.pairs[..]);
         for t in 0..n {
             for g in 0..ng {
-                let k0 = g * group_size;
-                let k1 = ((g + 1) * group_size).min(cols);
-                let src = &x[t * cols + k0..t * cols + k1];
-                // SAFETY: features proven by `self`; `q` holds at least
-                // `src.len()` values, a multiple of 32.
-                let (d, s) = unsafe { quantize_group(src, &mut q[..k1 - k0], bits) };
+                let k0 = t * cols + g * group_size;
+                let k1 = t * cols + ((g + 1) * group_size).min(cols);
+                // SAFETY: features proven by `self`; source and
+                // destination have the group's length, a multiple of 32.
+                let (d, s) = unsafe { quantize_group(&x[k0..k1], &mut halves[k0..k1], bits) };
                 a.d[t * ng + g] = d;
                 a.gsum[t * ng + g] = d * s as f32;
-                let dst = &mut a.pairs[(t * cols + k0) / 2..(t * cols + k1) / 2];
-                for (p, v) in dst.iter_mut().enumerate() {
-                    *v = (q[2 * p] as u16 as u32 | ((q[2 * p + 1] as u16 as u32) << 16)) as i32;
-                }
             }
         }
         a
@@ -361,23 +361,56 @@ unsafe fn quantize_group(src: &[f32], out: &mut [i16], bits: u8) -> (f32, i32) {
     let lim = _mm256_set1_ps(ACT_MAX);
     let neg = _mm256_set1_ps(-ACT_MAX);
     let mut sum = _mm256_setzero_si256();
-    let mut block = [0i32; QBLOCK];
+    let op = out.as_mut_ptr();
     for b in 0..n / QBLOCK {
-        for h in 0..4 {
+        let mut q = [_mm256_setzero_si256(); 4];
+        for (h, qh) in q.iter_mut().enumerate() {
             // Round to nearest; the clamp only catches rounding at the edge.
             let v = _mm256_mul_ps(_mm256_loadu_ps(xp.add(b * QBLOCK + 8 * h)), inv);
-            let q = _mm256_cvtps_epi32(_mm256_min_ps(lim, _mm256_max_ps(neg, v)));
-            sum = _mm256_add_epi32(sum, q);
-            _mm256_storeu_si256(block.as_mut_ptr().add(8 * h) as *mut __m256i, q);
+            *qh = _mm256_cvtps_epi32(_mm256_min_ps(lim, _mm256_max_ps(neg, v)));
+            sum = _mm256_add_epi32(sum, *qh);
         }
-        let o = &mut out[b * QBLOCK..(b + 1) * QBLOCK];
-        for (e, q) in block.iter().enumerate() {
-            o[slot(bits, e)] = *q as i16;
-        }
+        // In bounds: block b of the group, whose length `out` has.
+        let (lo, hi) = tile_order(bits, q);
+        _mm256_storeu_si256(op.add(b * QBLOCK) as *mut __m256i, lo);
+        _mm256_storeu_si256(op.add(b * QBLOCK + 16) as *mut __m256i, hi);
     }
     let mut s = [0i32; 8];
     _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, sum);
     (amax / ACT_MAX, s.iter().sum())
+}
+
+/// A block's 32 int16 values (`q`, elements `8h..8h + 8` in `q[h]`, each
+/// within int16) in tile column order ([`slot`]): elements 0..16 of the
+/// result in the first vector, 16..32 in the second.
+#[inline]
+unsafe fn tile_order(bits: u8, q: [__m256i; 4]) -> (__m256i, __m256i) {
+    // Elements 0..16 and 16..32 as int16, in order (the pack works per
+    // 128-bit lane; the permutation puts the lanes back in order).
+    let a = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(q[0], q[1]));
+    let b = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(q[2], q[3]));
+    if bits == 4 {
+        // Tile dword c takes elements 4c..4c + 4 and 16 + 4c..20 + 4c as
+        // [x0, x2, y0, y2, x1, x3, y1, y3]: interleave the two halves,
+        // then order the words within each 128-bit lane.
+        let words = _mm256_setr_epi8(
+            0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, //
+            0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+        );
+        let lo = _mm256_shuffle_epi8(_mm256_unpacklo_epi16(a, b), words);
+        let hi = _mm256_shuffle_epi8(_mm256_unpackhi_epi16(a, b), words);
+        (
+            _mm256_permute2x128_si256::<0x20>(lo, hi),
+            _mm256_permute2x128_si256::<0x31>(lo, hi),
+        )
+    } else {
+        // Each four elements as [x0, x2, x1, x3].
+        let words = _mm256_setr_epi8(
+            0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15, //
+            0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
+        );
+        (_mm256_shuffle_epi8(a, words), _mm256_shuffle_epi8(b, words))
+    }
 }
 
 /// Transposes 8 vectors of 8 dwords: on return `r[j]` holds dword `j` of
@@ -580,6 +613,30 @@ mod tests {
         for j in 0..8 {
             for i in 0..8 {
                 assert_eq!(got[8 * j + i], input[8 * i + j], "dword {j} of input {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn tile_order_is_slot() {
+        if Avx2::detect().is_none() {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        for bits in [4u8, 8] {
+            let mut got = [0i16; QBLOCK];
+            // SAFETY: AVX2 detected above; `got` holds the two vectors.
+            unsafe {
+                let q: [__m256i; 4] = std::array::from_fn(|h| {
+                    let e = 8 * h as i32;
+                    _mm256_setr_epi32(e, e + 1, e + 2, e + 3, e + 4, e + 5, e + 6, e + 7)
+                });
+                let (lo, hi) = tile_order(bits, q);
+                _mm256_storeu_si256(got.as_mut_ptr() as *mut __m256i, lo);
+                _mm256_storeu_si256(got.as_mut_ptr().add(16) as *mut __m256i, hi);
+            }
+            for e in 0..QBLOCK {
+                assert_eq!(got[slot(bits, e)] as usize, e, "bits {bits}, element {e}");
             }
         }
     }
