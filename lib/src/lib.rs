@@ -42,6 +42,7 @@ pub use engine::kernels;
 pub use engine::membw;
 pub use engine::model;
 pub use engine::sample;
+pub use engine::scratch;
 pub use engine::tensor;
 pub use engine::weights;
 pub use formats::assets;

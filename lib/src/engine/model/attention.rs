@@ -10,6 +10,7 @@ use super::norm::{for_each_row, rms_norm_zc_row, sigmoid};
 use super::{load_matrix, load_vector, ModelError};
 use crate::config::ModelConfig;
 use crate::kernels::{attn_prefill, matmul, matmul_batch, vector, Product};
+use crate::scratch::{self, Buf};
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
 
@@ -48,7 +49,7 @@ impl KvCache {
 /// The projections of a set of tokens ([`Attention::project`]).
 pub struct Projected {
     /// `[n, heads * 2 * head_dim]`: per head `[q | gate]`.
-    pub qg: Vec<f32>,
+    pub qg: Buf,
     /// `[n, kv_heads * head_dim]`.
     pub k: Vec<f32>,
     /// `[n, kv_heads * head_dim]`.
@@ -151,7 +152,8 @@ impl Attention {
     /// sequences: each row is one token's).
     pub fn project(&self, x: &[f32], n: usize) -> Projected {
         let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
-        let mut qg = vec![0f32; n * nh * 2 * hd];
+        // Written whole by the product (see `scratch`).
+        let mut qg = scratch::take(n * nh * 2 * hd);
         let mut k = vec![0f32; n * nkv * hd];
         let mut v = vec![0f32; n * nkv * hd];
         matmul_batch(
@@ -181,8 +183,9 @@ impl Attention {
         let n = p.k.len() / (nkv * hd);
         let (qg, k, v) = (p.qg, p.k, p.v);
         let mut k = k.to_vec();
-        let mut q = vec![0f32; n * nh * hd];
-        let mut gate = vec![0f32; n * nh * hd];
+        // Both written whole below, head by head (see `scratch`).
+        let mut q = scratch::take(n * nh * hd);
+        let mut gate = scratch::take(n * nh * hd);
         // Per token: split [q | gate] per head, norm per head, rotate.
         for_each_row(&mut q, nh * hd, |t, qt| {
             for (h, qh) in qt.chunks_exact_mut(hd).enumerate() {

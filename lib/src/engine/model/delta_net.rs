@@ -24,6 +24,7 @@ use super::{load_matrix, load_vector, ModelError};
 use crate::config::ModelConfig;
 use crate::kernels::delta_rule::{delta_rule, DeltaToken};
 use crate::kernels::{matmul, matmul_batch, Product};
+use crate::scratch::{self, Buf};
 use crate::tensor::Matrix;
 use crate::weights::WeightSource;
 
@@ -166,9 +167,10 @@ impl DeltaNet {
 
     /// The input projections of `n` tokens (any mix of sequences: each row
     /// is one token's): `([n, qkvz rows], [n, 2 * nv])`.
-    pub fn project(&self, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+    pub fn project(&self, x: &[f32], n: usize) -> (Buf, Vec<f32>) {
         let d = self.dims;
-        let mut qkvz = vec![0f32; n * d.qkvz_rows()];
+        // Written whole by the product (see `scratch`).
+        let mut qkvz = scratch::take(n * d.qkvz_rows());
         let mut ba = vec![0f32; n * 2 * d.nv];
         matmul_batch(
             &mut [
@@ -203,7 +205,8 @@ impl DeltaNet {
         // is read where it lies, below).
         let blk = 2 * d.dk + 2 * r * d.dv;
         let rv = r * d.dv;
-        let mut mixed = vec![0f32; n * cd];
+        // Written whole: each row's q, k and v parts cover its cd columns.
+        let mut mixed = scratch::take(n * cd);
         for_each_row(&mut mixed, cd, |t, m| {
             for g in 0..d.nk {
                 let s = &qkvz[t * rows + g * blk..t * rows + (g + 1) * blk];
@@ -281,7 +284,7 @@ impl DeltaNet {
     }
 
     /// The causal conv with SiLU; updates the conv state to the last K-1 inputs.
-    fn conv(&self, mixed: &[f32], n: usize, st: &mut DeltaState) -> Vec<f32> {
+    fn conv(&self, mixed: &[f32], n: usize, st: &mut DeltaState) -> Buf {
         let d = self.dims;
         let (cd, kk) = (d.conv_dim(), d.kernel);
         let hist = kk - 1;
@@ -295,7 +298,8 @@ impl DeltaNet {
                 &mixed[s as usize * cd..(s as usize + 1) * cd]
             }
         };
-        let mut out = vec![0f32; n * cd];
+        // Written whole: the first tap writes every element.
+        let mut out = scratch::take(n * cd);
         for_each_row(&mut out, cd, |t, o| {
             for j in 0..kk {
                 let src = input(t as isize - hist as isize + j as isize);

@@ -340,6 +340,11 @@ impl Model {
             }];
             out.extend(on_pool(|| qwen3_next::forward(self, &mut step)).remove(0));
         }
+        if ids.len() > 1 {
+            // A prefill's reused temporaries stay only for its own layers
+            // and chunks (see `scratch`).
+            rayon::broadcast(|_| crate::scratch::release());
+        }
         out
     }
 
@@ -368,6 +373,7 @@ impl Model {
         if batch.is_empty() {
             return Vec::new();
         }
+        let prefills = batch.iter().any(|b| b.ids.len() > 1);
         let mut steps: Vec<qwen3_next::Step> = batch
             .iter_mut()
             .map(|b| qwen3_next::Step {
@@ -380,7 +386,12 @@ impl Model {
                 },
             })
             .collect();
-        on_pool(|| qwen3_next::forward(self, &mut steps))
+        let out = on_pool(|| qwen3_next::forward(self, &mut steps));
+        if prefills {
+            // As in `run_chunked`: nothing kept beyond the step.
+            rayon::broadcast(|_| crate::scratch::release());
+        }
+        out
     }
 
     /// Bytes of weights read to decode one token: one embedding row, every
