@@ -36,8 +36,9 @@ pub enum Bytes {
     },
 }
 
-/// A heap buffer aligned to 8 bytes, or a slot of a huge-page arena
-/// (page-aligned; the expert cache's buffers).
+/// A heap buffer aligned to 8 bytes, a slot of a huge-page arena
+/// (page-aligned; the expert cache's buffers), or a mapping of its own
+/// (page-aligned; the per-token weights copied onto huge pages).
 pub struct AlignedBuf {
     store: Store,
     len: usize,
@@ -46,6 +47,8 @@ pub struct AlignedBuf {
 enum Store {
     Words(Vec<u64>),
     Slot(crate::engine::arena::ArenaSlot),
+    /// A private anonymous mapping of its own (page-aligned).
+    Anon(memmap2::MmapMut),
 }
 
 /// Whether the kernel backs memory with transparent huge pages on request
@@ -97,8 +100,24 @@ impl AlignedBuf {
     /// costs one TLB entry per 2 MiB instead of per 4 KiB, which under a
     /// hypervisor's nested page tables is most of a 4 KiB page walk's
     /// cost. Elsewhere, or when the kernel declines, a plain copy.
+    ///
+    /// A buffer of 2 MiB or more is a mapping of its own, not a heap block:
+    /// the advice only backs pages not yet touched, and a heap block may
+    /// reuse memory already backed by 4 KiB pages (since the heap keeps
+    /// freed blocks up to 32 MiB, `crate::heap`, 174 MiB of the bench
+    /// model's copies lost their huge pages that way).
     pub fn from_slice_huge(bytes: &[u8]) -> Self {
-        let mut b = Self::zeroed(bytes.len());
+        const HUGE: usize = 2 << 20;
+        let fresh = (bytes.len() >= HUGE)
+            .then(|| memmap2::MmapOptions::new().len(bytes.len()).map_anon().ok())
+            .flatten();
+        let mut b = match fresh {
+            Some(map) => AlignedBuf {
+                store: Store::Anon(map),
+                len: bytes.len(),
+            },
+            None => Self::zeroed(bytes.len()),
+        };
         advise_huge(b.as_mut_slice());
         b.as_mut_slice().copy_from_slice(bytes);
         b
@@ -122,6 +141,7 @@ impl AlignedBuf {
         match &self.store {
             Store::Words(w) => &bytemuck::cast_slice(w)[..self.len],
             Store::Slot(s) => s.as_slice(),
+            Store::Anon(m) => &m[..self.len],
         }
     }
     /// The bytes, mutably.
@@ -129,6 +149,7 @@ impl AlignedBuf {
         match &mut self.store {
             Store::Words(w) => &mut bytemuck::cast_slice_mut(w)[..self.len],
             Store::Slot(s) => s.as_mut_slice(),
+            Store::Anon(m) => &mut m[..self.len],
         }
     }
 }
