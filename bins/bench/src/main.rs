@@ -165,6 +165,8 @@ fn main() -> ExitCode {
         quiet: cli.quiet,
     };
     cli::init_logging(&v);
+    // glibc heap thresholds for the model's large buffers (roundhouse::heap).
+    roundhouse::heap::tune();
     cli::main_with("rh-bench", || {
         let p = Pipeline::discover(cli.pipeline.as_deref())?;
         match &cli.mode {

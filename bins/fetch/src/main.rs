@@ -193,5 +193,7 @@ fn body(a: Args) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // glibc heap thresholds for the model's large buffers (roundhouse::heap).
+    roundhouse::heap::tune();
     cli::main_with("rh-fetch", || body(args))
 }

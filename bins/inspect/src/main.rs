@@ -92,5 +92,7 @@ fn run(a: Args) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // glibc heap thresholds for the model's large buffers (roundhouse::heap).
+    roundhouse::heap::tune();
     cli::main_with("rh-inspect", || run(args))
 }

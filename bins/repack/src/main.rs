@@ -118,5 +118,7 @@ fn run(args: Args) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // glibc heap thresholds for the model's large buffers (roundhouse::heap).
+    roundhouse::heap::tune();
     cli::main_with("rh-repack", || run(args))
 }

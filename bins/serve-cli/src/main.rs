@@ -116,6 +116,8 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    // glibc heap thresholds for the model's large buffers (roundhouse::heap).
+    roundhouse::heap::tune();
     cli::main_with("rh-serve", run)
 }
 

@@ -93,10 +93,8 @@ pub fn one_line(e: &dyn std::error::Error) -> String {
 }
 
 /// Runs a binary's body and turns its result into an exit code, printing
-/// errors as a single `error: ...` line on stderr. The heap settings
-/// ([`crate::heap`]) apply first.
+/// errors as a single `error: ...` line on stderr.
 pub fn main_with(tool: &str, body: impl FnOnce() -> Result<(), CliError>) -> ExitCode {
-    crate::heap::tune();
     match body() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -226,7 +226,9 @@ pub fn heap_tuning() -> bool {
 /// Whether one of glibc's own heap variables is set, whose value glibc
 /// has already applied and Roundhouse must not override.
 pub fn malloc_set_by_user() -> bool {
-    GLIBC_MALLOC_VARS.iter().any(|v| std::env::var_os(v).is_some())
+    GLIBC_MALLOC_VARS
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
 }
 
 /// `RH_HUGE_PAGES`: false only when set to `0` (a knob for measurements;
