@@ -56,6 +56,42 @@ pub(crate) struct QuantView<'a> {
 }
 
 impl<'a> QuantView<'a> {
+    /// Puts row `r`'s scales (`row`, its groups' f16 scales already in
+    /// f32) and their products with its zero points into lane `i` of a
+    /// prefill tile's per-group scales: `lanes` values a group in `scale`
+    /// and `scale_zero`.
+    pub(crate) fn tile_scale_lane(
+        &self,
+        r: usize,
+        i: usize,
+        row: &[f32],
+        lanes: usize,
+        scale: &mut [f32],
+        scale_zero: &mut [f32],
+    ) {
+        let at = r * self.n_groups;
+        let groups = scale
+            .chunks_exact_mut(lanes)
+            .zip(scale_zero.chunks_exact_mut(lanes))
+            .zip(row);
+        match self.zeros {
+            None => {
+                let sym = QuantMatrix::symmetric_zero(self.bits) as f32;
+                for ((sc, sz), s) in groups {
+                    sc[i] = *s;
+                    sz[i] = s * sym;
+                }
+            }
+            Some(z) => {
+                let zs = z[2 * at..2 * (at + self.n_groups)].chunks_exact(2);
+                for (((sc, sz), s), zb) in groups.zip(zs) {
+                    sc[i] = *s;
+                    sz[i] = s * u16::from_le_bytes([zb[0], zb[1]]) as f32;
+                }
+            }
+        }
+    }
+
     /// The addresses of the whole 64-byte lines of the `n` rows after rows
     /// `r0..r0 + n` (cut at the end of the matrix; empty at its end): what
     /// the prefill tiles prefetch while the tile of rows `r0..r0 + n`

@@ -35,7 +35,7 @@ use crate::kernels::isa::avx2_fn;
 use std::arch::x86_64::*;
 
 use super::avx2::{Avx2, QuantView, SpreadPrefetch};
-use crate::tensor::{QuantMatrix, QBLOCK};
+use crate::tensor::QBLOCK;
 
 /// Weight rows in one half of a tile: one per 32-bit lane of a 256-bit
 /// vector.
@@ -209,7 +209,6 @@ impl Avx2 {
         tile.rows = nr;
         tile.next = v.next_rows_lines(r0, TILE_ROWS);
         let ng = v.n_groups;
-        let sym = QuantMatrix::symmetric_zero(v.bits) as f32;
         tile.scale.fill(0.0);
         tile.scale_zero.fill(0.0);
         let mut row = std::mem::take(&mut tile.row);
@@ -219,26 +218,14 @@ impl Avx2 {
             // SAFETY: features proven by `self`; the view's scales hold
             // `rows * n_groups` f16 values and row `r0 + i` exists.
             unsafe { f16_to_f32(v.scales.as_ptr().add(2 * at), &mut row) };
-            // Row i's lane of every group's 16 scales (and scale * zero).
-            let lanes = tile
-                .scale
-                .chunks_exact_mut(TILE_ROWS)
-                .zip(tile.scale_zero.chunks_exact_mut(TILE_ROWS))
-                .zip(&row);
-            match v.zeros {
-                None => {
-                    for ((sc, sz), s) in lanes {
-                        sc[i] = *s;
-                        sz[i] = s * sym;
-                    }
-                }
-                Some(z) => {
-                    for (((sc, sz), s), zb) in lanes.zip(z[2 * at..2 * (at + ng)].chunks_exact(2)) {
-                        sc[i] = *s;
-                        sz[i] = s * u16::from_le_bytes([zb[0], zb[1]]) as f32;
-                    }
-                }
-            }
+            v.tile_scale_lane(
+                r0 + i,
+                i,
+                &row,
+                TILE_ROWS,
+                &mut tile.scale,
+                &mut tile.scale_zero,
+            );
         }
         tile.row = row;
         assert!(v.q.len() >= (r0 + nr) * v.row_bytes);
