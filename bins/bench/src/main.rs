@@ -165,7 +165,7 @@ fn main() -> ExitCode {
         quiet: cli.quiet,
     };
     cli::init_logging(&v);
-    // glibc heap thresholds for the model's large buffers (roundhouse::heap).
+    // After the logs, so a bad RH_HEAP is reported (roundhouse::heap).
     roundhouse::heap::tune();
     cli::main_with("rh-bench", || {
         let p = Pipeline::discover(cli.pipeline.as_deref())?;

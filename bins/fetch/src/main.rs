@@ -118,6 +118,8 @@ fn body(a: Args) -> Result<(), CliError> {
         quiet: a.quiet,
     };
     cli::init_logging(&verbosity);
+    // After the logs, so a bad RH_HEAP is reported (roundhouse::heap).
+    roundhouse::heap::tune();
     let p = Pipeline::discover(a.pipeline.as_deref())?;
     let manifest_work = p.model.work_dir.is_some();
     let out = a.out.clone().unwrap_or_else(|| p.checkpoint_dir());
@@ -193,7 +195,5 @@ fn body(a: Args) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // glibc heap thresholds for the model's large buffers (roundhouse::heap).
-    roundhouse::heap::tune();
     cli::main_with("rh-fetch", || body(args))
 }

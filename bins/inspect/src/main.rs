@@ -59,6 +59,8 @@ fn run(a: Args) -> Result<(), CliError> {
         verbose: a.verbose,
         quiet: a.quiet,
     });
+    // After the logs, so a bad RH_HEAP is reported (roundhouse::heap).
+    roundhouse::heap::tune();
     let mut p = Pipeline::discover(a.pipeline.as_deref())?;
     if let Some(out) = a.out {
         // A flag path is relative to the current directory, not the manifest.
@@ -92,7 +94,5 @@ fn run(a: Args) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // glibc heap thresholds for the model's large buffers (roundhouse::heap).
-    roundhouse::heap::tune();
     cli::main_with("rh-inspect", || run(args))
 }

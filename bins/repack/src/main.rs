@@ -67,6 +67,8 @@ fn run(args: Args) -> Result<(), CliError> {
         verbose: args.verbose,
         quiet: args.quiet,
     });
+    // After the logs, so a bad RH_HEAP is reported (roundhouse::heap).
+    roundhouse::heap::tune();
     let p = Pipeline::discover(args.pipeline.as_deref())?;
     let opts = RepackOptions::resolve(
         &RepackFlags {
@@ -118,7 +120,5 @@ fn run(args: Args) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // glibc heap thresholds for the model's large buffers (roundhouse::heap).
-    roundhouse::heap::tune();
     cli::main_with("rh-repack", || run(args))
 }

@@ -116,8 +116,6 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    // glibc heap thresholds for the model's large buffers (roundhouse::heap).
-    roundhouse::heap::tune();
     cli::main_with("rh-serve", run)
 }
 
@@ -241,6 +239,8 @@ fn run() -> Result<(), CliError> {
         verbose: args.verbose,
         quiet: args.quiet,
     });
+    // After the logs, so a bad RH_HEAP is reported (roundhouse::heap).
+    roundhouse::heap::tune();
     let p = Pipeline::discover(args.pipeline.as_deref())?;
     if args.parallel.or(p.serve.parallel) == Some(0) {
         return Err(CliError::usage(

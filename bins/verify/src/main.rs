@@ -118,6 +118,8 @@ fn run(a: Args) -> Result<(), CliError> {
         verbose: a.verbose,
         quiet: a.quiet,
     });
+    // After the logs, so a bad RH_HEAP is reported (roundhouse::heap).
+    roundhouse::heap::tune();
     let (json, quiet) = (a.json, a.quiet);
     match a.cmd {
         Some(Cmd::Write { dir, chunk_mib }) => {
@@ -211,7 +213,5 @@ fn run(a: Args) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // glibc heap thresholds for the model's large buffers (roundhouse::heap).
-    roundhouse::heap::tune();
     cli::main_with("rh-verify", || run(args))
 }
