@@ -197,6 +197,31 @@ mod x86 {
         j
     }
 
+    /// Rows ahead of the first column block's walk whose lines are hinted.
+    const AHEAD: usize = 4;
+
+    /// Hints row `i` of the state (all its lines) into the caches, when
+    /// there is such a row. In decode the state comes from memory, and
+    /// the column blocks walk it with a 512-byte stride, which the
+    /// hardware prefetchers follow poorly: with these hints the first
+    /// block's walk pulls whole rows in and the later blocks find them in
+    /// L2 (one thread, 768 heads' states of 64 KiB, one decode step each:
+    /// 0.73-0.81 of the time without).
+    ///
+    /// Safety: `sp` points at `rows * dv` floats; only rows below `rows`
+    /// are hinted, and a prefetch never faults.
+    #[inline]
+    unsafe fn hint_row(sp: *const f32, dv: usize, i: usize, rows: usize) {
+        if i < rows {
+            let row = sp.add(i * dv) as *const i8;
+            let mut at = 0;
+            while at < dv * 4 {
+                _mm_prefetch::<_MM_HINT_T0>(row.add(at));
+                at += 64;
+            }
+        }
+    }
+
     avx2_fn! {
     pub(super) unsafe fn read(
         s: &[f32],
@@ -206,6 +231,11 @@ mod x86 {
         a: &mut [f32],
         b: &mut [f32],
     ) {
+        // The first block's walk hints the rows `AHEAD` below it; these
+        // are the rows above the first it hints.
+        for i in 0..AHEAD {
+            hint_row(s.as_ptr(), dv, i, k.len());
+        }
         let tail = blocks(dv, |j, w| match w {
             4 => read_block::<4>(s, dv, j, k, q, a, b),
             2 => read_block::<2>(s, dv, j, k, q, a, b),
@@ -234,7 +264,12 @@ mod x86 {
     ) {
         let (mut x, mut y) = ([_mm256_setzero_ps(); W], [_mm256_setzero_ps(); W]);
         let sp = s.as_ptr();
-        for i in 0..k.len() {
+        let rows = k.len();
+        let hint = j == 0;
+        for i in 0..rows {
+            if hint {
+                hint_row(sp, dv, i + AHEAD, rows);
+            }
             let (ki, qi) = (_mm256_set1_ps(k[i]), _mm256_set1_ps(q[i]));
             for w in 0..W {
                 let v = _mm256_loadu_ps(sp.add(i * dv + j + 8 * w));
