@@ -55,12 +55,69 @@ pub(crate) struct QuantView<'a> {
     pub(super) pf: usize,
 }
 
+/// A prefill tile's per-group scales, the same at every level: per group,
+/// one lane per tile row of the row's scale and of `scale * zero` (zero
+/// for lanes past the tile's rows).
+pub(crate) struct TileScales {
+    /// Per group, `lanes` rows' scales.
+    pub(crate) scale: Vec<f32>,
+    /// Per group, `lanes` rows' `scale * zero`.
+    pub(crate) scale_zero: Vec<f32>,
+    lanes: usize,
+    /// One row's scales as f32, while loading (kept to spare an
+    /// allocation per tile).
+    row: Vec<f32>,
+}
+
+impl TileScales {
+    /// Scales for tiles of `lanes` rows of matrices of `v`'s shape.
+    pub(crate) fn new(v: &QuantView, lanes: usize) -> TileScales {
+        TileScales {
+            scale: vec![0.0; v.n_groups * lanes],
+            scale_zero: vec![0.0; v.n_groups * lanes],
+            lanes,
+            row: vec![0.0; v.n_groups],
+        }
+    }
+
+    /// Loads rows `r0..r0 + nr` of `v` (lane `i` for row `r0 + i`).
+    /// `to_f32` converts one row's f16 scales (its `n_groups`
+    /// little-endian values) into the f32 slice it is given: each level
+    /// passes its own conversion.
+    #[inline]
+    pub(crate) fn load(
+        &mut self,
+        v: &QuantView,
+        r0: usize,
+        nr: usize,
+        to_f32: impl Fn(&[u8], &mut [f32]),
+    ) {
+        assert!(nr <= self.lanes && self.scale.len() == v.n_groups * self.lanes);
+        let ng = v.n_groups;
+        self.scale.fill(0.0);
+        self.scale_zero.fill(0.0);
+        self.row.resize(ng, 0.0);
+        for i in 0..nr {
+            let at = (r0 + i) * ng;
+            to_f32(&v.scales[2 * at..2 * (at + ng)], &mut self.row);
+            v.tile_scale_lane(
+                r0 + i,
+                i,
+                &self.row,
+                self.lanes,
+                &mut self.scale,
+                &mut self.scale_zero,
+            );
+        }
+    }
+}
+
 impl<'a> QuantView<'a> {
     /// Puts row `r`'s scales (`row`, its groups' f16 scales already in
     /// f32) and their products with its zero points into lane `i` of a
     /// prefill tile's per-group scales: `lanes` values a group in `scale`
     /// and `scale_zero`.
-    pub(crate) fn tile_scale_lane(
+    fn tile_scale_lane(
         &self,
         r: usize,
         i: usize,

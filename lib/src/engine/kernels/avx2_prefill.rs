@@ -34,7 +34,7 @@
 use crate::kernels::isa::avx2_fn;
 use std::arch::x86_64::*;
 
-use super::avx2::{Avx2, QuantView, SpreadPrefetch};
+use super::avx2::{Avx2, QuantView, SpreadPrefetch, TileScales};
 use crate::tensor::QBLOCK;
 
 /// Weight rows in one half of a tile: one per 32-bit lane of a 256-bit
@@ -116,16 +116,11 @@ pub(crate) struct Tile {
     /// `cols / 2` pairs of vectors of 8 lanes (rows `0..8`, then
     /// `8..16`), each lane two int16 weights of one row.
     w: Vec<i16>,
-    /// Per group, 16 rows' scales.
-    scale: Vec<f32>,
-    /// Per group, 16 rows' `scale * zero`.
-    scale_zero: Vec<f32>,
+    /// Per group, 16 rows' scales and `scale * zero`.
+    scales: TileScales,
     rows: usize,
     cols: usize,
     n_groups: usize,
-    /// One row's scales as f32, while loading (kept to spare an
-    /// allocation per tile).
-    row: Vec<f32>,
     /// The lines of the matrix's next tile (the 16 rows after these),
     /// which the first pass of [`Avx2::tile_multiply`] prefetches.
     next: std::ops::Range<usize>,
@@ -136,12 +131,10 @@ impl Tile {
     pub(crate) fn new(v: &QuantView) -> Tile {
         Tile {
             w: vec![0; v.cols * TILE_ROWS],
-            scale: vec![0.0; v.n_groups * TILE_ROWS],
-            scale_zero: vec![0.0; v.n_groups * TILE_ROWS],
+            scales: TileScales::new(v, TILE_ROWS),
             rows: 0,
             cols: v.cols,
             n_groups: v.n_groups,
-            row: vec![0.0; v.n_groups],
             next: 0..0,
         }
     }
@@ -208,26 +201,10 @@ impl Avx2 {
         assert!(v.scales.len() >= 2 * v.rows * v.n_groups);
         tile.rows = nr;
         tile.next = v.next_rows_lines(r0, TILE_ROWS);
-        let ng = v.n_groups;
-        tile.scale.fill(0.0);
-        tile.scale_zero.fill(0.0);
-        let mut row = std::mem::take(&mut tile.row);
-        row.resize(ng, 0.0);
-        for i in 0..nr {
-            let at = (r0 + i) * ng;
-            // SAFETY: features proven by `self`; the view's scales hold
-            // `rows * n_groups` f16 values and row `r0 + i` exists.
-            unsafe { f16_to_f32(v.scales.as_ptr().add(2 * at), &mut row) };
-            v.tile_scale_lane(
-                r0 + i,
-                i,
-                &row,
-                TILE_ROWS,
-                &mut tile.scale,
-                &mut tile.scale_zero,
-            );
-        }
-        tile.row = row;
+        // SAFETY: features proven by `self`; `scales` holds one row's
+        // `out.len()` f16 values.
+        let to_f32 = |scales: &[u8], out: &mut [f32]| unsafe { f16_to_f32(scales.as_ptr(), out) };
+        tile.scales.load(v, r0, nr, to_f32);
         assert!(v.q.len() >= (r0 + nr) * v.row_bytes);
         assert!(tile.w.len() >= v.cols * TILE_ROWS);
         // SAFETY: features proven by `self`; rows `r0..r0 + nr` exist, each
@@ -541,7 +518,7 @@ unsafe fn tile_tokens<const T: usize, const H: usize>(
                 }
             }
             for h in 0..H {
-                let sv = _mm256_loadu_ps(tile.scale.as_ptr().add(g * TILE_ROWS + HALF * h));
+                let sv = _mm256_loadu_ps(tile.scales.scale.as_ptr().add(g * TILE_ROWS + HALF * h));
                 for t in 0..T {
                     let sd = _mm256_mul_ps(sv, _mm256_set1_ps(*d.add(t * ng + g)));
                     tot[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h][t]), sd, tot[h][t]);
@@ -550,7 +527,7 @@ unsafe fn tile_tokens<const T: usize, const H: usize>(
             c0 = c1;
         }
         for (h, th) in tot.iter_mut().enumerate() {
-            let szv = _mm256_loadu_ps(tile.scale_zero.as_ptr().add(g * TILE_ROWS + HALF * h));
+            let szv = _mm256_loadu_ps(tile.scales.scale_zero.as_ptr().add(g * TILE_ROWS + HALF * h));
             for (t, tv) in th.iter_mut().enumerate() {
                 *tv = _mm256_fnmadd_ps(szv, _mm256_set1_ps(*gsum.add(t * ng + g)), *tv);
             }

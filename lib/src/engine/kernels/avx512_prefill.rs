@@ -35,7 +35,7 @@
 use crate::kernels::isa::avx512_vnni_fn;
 use std::arch::x86_64::*;
 
-use super::avx2::{QuantView, SpreadPrefetch};
+use super::avx2::{QuantView, SpreadPrefetch, TileScales};
 use super::avx512::{group_amax, Avx512, ACT_MAX};
 use crate::tensor::QBLOCK;
 
@@ -98,16 +98,11 @@ fn flush_cols(bits: u8) -> usize {
 pub(crate) struct Tile {
     /// `cols / 4` vectors of 16 lanes, each four unsigned weights of one row.
     w: Vec<u8>,
-    /// Per group, 16 rows' scales.
-    scale: Vec<f32>,
-    /// Per group, 16 rows' `scale * zero`.
-    scale_zero: Vec<f32>,
+    /// Per group, 16 rows' scales and `scale * zero`.
+    scales: TileScales,
     rows: usize,
     cols: usize,
     n_groups: usize,
-    /// One row's scales as f32, while loading (kept to spare an
-    /// allocation per tile).
-    row: Vec<f32>,
     /// The lines of the matrix's next tile (the 16 rows after these),
     /// which the first pass of [`Avx512::tile_multiply`] prefetches.
     next: std::ops::Range<usize>,
@@ -118,12 +113,10 @@ impl Tile {
     pub(crate) fn new(v: &QuantView) -> Tile {
         Tile {
             w: vec![0; v.cols * TILE_ROWS],
-            scale: vec![0.0; v.n_groups * TILE_ROWS],
-            scale_zero: vec![0.0; v.n_groups * TILE_ROWS],
+            scales: TileScales::new(v, TILE_ROWS),
             rows: 0,
             cols: v.cols,
             n_groups: v.n_groups,
-            row: vec![0.0; v.n_groups],
             next: 0..0,
         }
     }
@@ -189,26 +182,10 @@ impl Avx512 {
         assert!(v.bits == 4 || v.bits == 8);
         tile.rows = nr;
         tile.next = v.next_rows_lines(r0, TILE_ROWS);
-        let ng = v.n_groups;
-        tile.scale.fill(0.0);
-        tile.scale_zero.fill(0.0);
-        let mut row = std::mem::take(&mut tile.row);
-        row.resize(ng, 0.0);
-        for i in 0..nr {
-            let at = (r0 + i) * ng;
-            // SAFETY: features proven by `self`; the view's scales hold
-            // `rows * n_groups` f16 values and row `r0 + i` exists.
-            unsafe { f16_to_f32(v.scales.as_ptr().add(2 * at), &mut row) };
-            v.tile_scale_lane(
-                r0 + i,
-                i,
-                &row,
-                TILE_ROWS,
-                &mut tile.scale,
-                &mut tile.scale_zero,
-            );
-        }
-        tile.row = row;
+        // SAFETY: features proven by `self`; `scales` holds one row's
+        // `out.len()` f16 values.
+        let to_f32 = |scales: &[u8], out: &mut [f32]| unsafe { f16_to_f32(scales.as_ptr(), out) };
+        tile.scales.load(v, r0, nr, to_f32);
         // SAFETY: features proven by `self`; rows `r0..r0 + nr` exist, each
         // `row_bytes` long, and `tile.w` holds `cols * 16` bytes.
         unsafe { transpose_rows(v, r0, nr, tile.w.as_mut_ptr()) }
@@ -460,7 +437,7 @@ unsafe fn tile_tokens<const T: usize>(
     for g in 0..ng {
         let k0 = g * gs;
         let k1 = (k0 + gs).min(cols);
-        let sv = _mm512_loadu_ps(tile.scale.as_ptr().add(g * TILE_ROWS));
+        let sv = _mm512_loadu_ps(tile.scales.scale.as_ptr().add(g * TILE_ROWS));
         let mut c0 = k0;
         while c0 < k1 {
             let c1 = (c0 + flush).min(k1);
@@ -483,7 +460,7 @@ unsafe fn tile_tokens<const T: usize>(
             }
             c0 = c1;
         }
-        let szv = _mm512_loadu_ps(tile.scale_zero.as_ptr().add(g * TILE_ROWS));
+        let szv = _mm512_loadu_ps(tile.scales.scale_zero.as_ptr().add(g * TILE_ROWS));
         for (t, tv) in tot.iter_mut().enumerate() {
             *tv = _mm512_fnmadd_ps(szv, _mm512_set1_ps(*gsum.add(t * ng + g)), *tv);
         }
