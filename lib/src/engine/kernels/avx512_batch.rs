@@ -28,6 +28,7 @@
 
 use crate::kernels::isa::avx512_vnni_fn;
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use super::avx2::{
     dense_block_row, f16_at, hsum, load1, load8, pf_bytes, prefetch_ahead, prefetch_l2, DenseView,
@@ -66,6 +67,10 @@ const QUANT_PASS: usize = 4;
 /// and an activation; at six, the totals spilled and the call ran 13%
 /// slower than with them in memory.
 const REGISTER_TOTALS_TOKENS: usize = 4;
+
+/// Groups whose scale products [`scale_products`] forms at once: one
+/// vector of 16.
+const SCALE_CHUNK: usize = 16;
 
 /// Rows of a block [`Avx512::quant_rows_wide`] multiplies while it
 /// prefetches the next into L2 (16 KiB of int8 at 2048 columns).
@@ -455,19 +460,17 @@ type WideArgs<'a, 'b> = (
 );
 
 /// Adds group `$g`'s integer sums `$acc[k][t]`, scaled by row `k`'s scale
-/// and token `t`'s, to the totals in `$tot`, as `dot_i4` / `dot_i8` do
-/// (the product of the two scales rounds the same as a vector product of
-/// their broadcasts). A macro, so that the sums stay in registers.
+/// and token `t`'s (their product `$sd[k][t][$j]`, see
+/// [`scale_products`]), to the totals in `$tot`, as `dot_i4` / `dot_i8`
+/// do. A macro, so that the sums stay in registers.
 macro_rules! wide_totals {
-    ($srow:ident, $g:expr, $acts:ident, $acc:ident, $tot:ident) => {
-        let g = $g;
-        let bd: [__m512; T] = std::array::from_fn(|t| _mm512_set1_ps(*$acts[t].d.as_ptr().add(g)));
+    ($sd:ident, $j:expr, $g:expr, $acc:ident, $tot:ident) => {
+        let (j, g) = ($j, $g);
         for k in 0..R {
-            let bs = _mm512_set1_ps(f16_at($srow[k], g));
             for t in 0..T {
                 let i = _mm512_cvtepi32_ps($acc[k][t]);
                 let p = $tot[k][g % 2][t].as_mut_ptr();
-                let s = _mm512_fmadd_ps(i, _mm512_mul_ps(bs, bd[t]), _mm512_loadu_ps(p));
+                let s = _mm512_fmadd_ps(i, _mm512_set1_ps($sd[k][t][j]), _mm512_loadu_ps(p));
                 _mm512_storeu_ps(p, s);
             }
         }
@@ -493,9 +496,15 @@ unsafe fn dot_i8_wide<const T: usize, const R: usize>(args: WideArgs) {
     let ng = v.n_groups;
     let hint = |k: usize, at: usize| prefetch_l2(pf.wrapping_add(k * v.row_bytes + at));
     if T > REGISTER_TOTALS_TOKENS {
-        for g in 0..ng {
-            let acc = i8_group_sums::<T, R>(v, g, &qrow, &xq, hint);
-            wide_totals!(srow, g, acts, acc, tot);
+        let mut g0 = 0;
+        while g0 < ng {
+            let n = (ng - g0).min(SCALE_CHUNK);
+            let sd = scale_products::<T, R>(&srow, g0, n, acts);
+            for j in 0..n {
+                let acc = i8_group_sums::<T, R>(v, g0 + j, &qrow, &xq, hint);
+                wide_totals!(sd, j, g0 + j, acc, tot);
+            }
+            g0 += n;
         }
         return;
     }
@@ -503,20 +512,74 @@ unsafe fn dot_i8_wide<const T: usize, const R: usize>(args: WideArgs) {
     // 0.0 first rounds the same either way), and are written at the end.
     let mut even: [[__m512; T]; R] = [[_mm512_setzero_ps(); T]; R];
     let mut odd: [[__m512; T]; R] = [[_mm512_setzero_ps(); T]; R];
-    let mut g = 0;
-    while g < ng {
-        let acc = i8_group_sums::<T, R>(v, g, &qrow, &xq, hint);
-        group_totals::<T, R>(&srow, g, acts, &acc, &mut even);
-        if g + 1 < ng {
-            let acc = i8_group_sums::<T, R>(v, g + 1, &qrow, &xq, hint);
-            group_totals::<T, R>(&srow, g + 1, acts, &acc, &mut odd);
+    let mut g0 = 0;
+    while g0 < ng {
+        let n = (ng - g0).min(SCALE_CHUNK);
+        let sd = scale_products::<T, R>(&srow, g0, n, acts);
+        // `g0` is a multiple of SCALE_CHUNK (even), so `j`'s parity is
+        // the group's.
+        let mut j = 0;
+        while j < n {
+            let acc = i8_group_sums::<T, R>(v, g0 + j, &qrow, &xq, hint);
+            scaled_totals::<T, R>(&sd, j, &acc, &mut even);
+            if j + 1 < n {
+                let acc = i8_group_sums::<T, R>(v, g0 + j + 1, &qrow, &xq, hint);
+                scaled_totals::<T, R>(&sd, j + 1, &acc, &mut odd);
+            }
+            j += 2;
         }
-        g += 2;
+        g0 += n;
     }
     for k in 0..R {
         for t in 0..T {
             _mm512_storeu_ps(tot[k][0][t].as_mut_ptr(), even[k][t]);
             _mm512_storeu_ps(tot[k][1][t].as_mut_ptr(), odd[k][t]);
+        }
+    }
+}
+
+/// `sd[k][t][j]`: row `k`'s scale times token `t`'s for group `g0 + j`,
+/// `j < n` (at most [`SCALE_CHUNK`]), the same product `group_totals`
+/// forms one group at a time (a lane-wise vector product rounds as the
+/// scalar one). Per group that took a scalar conversion, a product and a
+/// broadcast for every row and token, a quarter of a four-token call's
+/// instructions; these come from memory as broadcast loads.
+#[inline]
+unsafe fn scale_products<const T: usize, const R: usize>(
+    srow: &[*const u8; R],
+    g0: usize,
+    n: usize,
+    acts: &[&GroupAct],
+) -> [[[f32; SCALE_CHUNK]; T]; R] {
+    debug_assert!(n <= SCALE_CHUNK);
+    let mask = (1u32 << n).wrapping_sub(1);
+    let d: [__m512; T] = std::array::from_fn(|t| {
+        _mm512_maskz_loadu_ps(mask as __mmask16, acts[t].d.as_ptr().add(g0))
+    });
+    let mut sd = [[[0f32; SCALE_CHUNK]; T]; R];
+    for k in 0..R {
+        let s16 = _mm512_maskz_loadu_epi16(mask, srow[k].add(2 * g0) as *const i16);
+        let s = _mm512_cvtph_ps(_mm512_castsi512_si256(s16));
+        for t in 0..T {
+            _mm512_storeu_ps(sd[k][t].as_mut_ptr(), _mm512_mul_ps(s, d[t]));
+        }
+    }
+    sd
+}
+
+/// [`group_totals`] with the scale products of [`scale_products`]'s
+/// column `j`.
+#[inline]
+unsafe fn scaled_totals<const T: usize, const R: usize>(
+    sd: &[[[f32; SCALE_CHUNK]; T]; R],
+    j: usize,
+    acc: &[[__m512i; T]; R],
+    tot: &mut [[__m512; T]; R],
+) {
+    for k in 0..R {
+        for t in 0..T {
+            let i = _mm512_cvtepi32_ps(acc[k][t]);
+            tot[k][t] = _mm512_fmadd_ps(i, _mm512_set1_ps(sd[k][t][j]), tot[k][t]);
         }
     }
 }
@@ -567,7 +630,12 @@ unsafe fn dot_i4_wide<const T: usize, const R: usize>(args: WideArgs) {
         std::array::from_fn(|k| v.scales.as_ptr().add((r + k) * v.n_groups * 2));
     let xq: [*const i16; T] = std::array::from_fn(|t| acts[t].xq.as_ptr());
     let m = _mm512_set1_epi16(0x0F);
+    let mut sd = [[[0f32; SCALE_CHUNK]; T]; R];
     for g in 0..v.n_groups {
+        if g % SCALE_CHUNK == 0 {
+            let n = (v.n_groups - g).min(SCALE_CHUNK);
+            sd = scale_products::<T, R>(&srow, g, n, acts);
+        }
         let k0 = g * gs;
         let nb = (gs.min(v.cols - k0)) / QBLOCK;
         let mut acc = [[_mm512_setzero_si512(); T]; R];
@@ -604,7 +672,7 @@ unsafe fn dot_i4_wide<const T: usize, const R: usize>(args: WideArgs) {
                 }
             }
         }
-        wide_totals!(srow, g, acts, acc, tot);
+        wide_totals!(sd, g % SCALE_CHUNK, g, acc, tot);
     }
 }
 
@@ -652,7 +720,9 @@ unsafe fn dense_block<const DT: u8, const T: usize>(args: BlockArgs) {
     let es = if DT == DT_F32 { 4 } else { 2 };
     let stride = n * es;
     let n32 = n / 32 * 32;
-    let mut acc = [[[_mm512_setzero_ps(); 2]; T]; BLOCK_ROWS];
+    // Not zeroed (4 KiB a block of rows at four tokens, 78 MB a call on
+    // the lm_head): the first slice starts from zero and writes them.
+    let mut acc = [[[MaybeUninit::<__m512>::uninit(); 2]; T]; BLOCK_ROWS];
     let at = |i: usize| dense_block_row(w, i, stride, BLOCK_ROWS);
     let mut k0 = 0;
     while k0 < n32 {
@@ -673,10 +743,17 @@ unsafe fn dense_block<const DT: u8, const T: usize>(args: BlockArgs) {
         let row = w.add(i * stride);
         for t in 0..T {
             let x = xs[t];
-            let mut a0 = _mm512_castps512_ps256(ai[t][0]);
-            let a1 = hi256(ai[t][0]);
-            let a2 = _mm512_castps512_ps256(ai[t][1]);
-            let a3 = hi256(ai[t][1]);
+            // SAFETY: with a slice at all (`n32 > 0`), the first wrote
+            // every accumulator of rows `..rows`.
+            let [lo, hi] = if n32 == 0 {
+                [_mm512_setzero_ps(); 2]
+            } else {
+                ai[t].map(|a| a.assume_init())
+            };
+            let mut a0 = _mm512_castps512_ps256(lo);
+            let a1 = hi256(lo);
+            let a2 = _mm512_castps512_ps256(hi);
+            let a3 = hi256(hi);
             let mut k = n32;
             while k + 8 <= n {
                 a0 = _mm256_fmadd_ps(load8::<DT>(row.add(k * es)), _mm256_loadu_ps(x.add(k)), a0);
@@ -689,6 +766,19 @@ unsafe fn dense_block<const DT: u8, const T: usize>(args: BlockArgs) {
             }
             dots[i][t] = s;
         }
+    }
+}
+
+/// An accumulator at the start of the slice from column `k0`: zero for
+/// the first slice (what adding to 0.0 gives), else what the previous
+/// slice wrote.
+#[inline]
+unsafe fn slice_start(a: MaybeUninit<__m512>, k0: usize) -> __m512 {
+    if k0 == 0 {
+        _mm512_setzero_ps()
+    } else {
+        // SAFETY: the slice from column 0 wrote it (`dense_block`).
+        a.assume_init()
     }
 }
 
@@ -706,14 +796,15 @@ unsafe fn slice_rows<const DT: u8, const T: usize, const R: usize>(
     next: [*const u8; R],
     xs: &[*const f32; MAX_TOKENS],
     (k0, k1): (usize, usize),
-    acc: &mut [[[__m512; 2]; T]],
+    acc: &mut [[[MaybeUninit<__m512>; 2]; T]],
 ) {
     let es = if DT == DT_F32 { 4 } else { 2 };
     if 2 * R * T + 2 * R + 2 <= 32 {
         return slice_rows_both::<DT, T, R>(rows, next, xs, (k0, k1), acc);
     }
     for h in 0..2 {
-        let mut a: [[__m512; T]; R] = std::array::from_fn(|r| std::array::from_fn(|t| acc[r][t][h]));
+        let mut a: [[__m512; T]; R] =
+            std::array::from_fn(|r| std::array::from_fn(|t| slice_start(acc[r][t][h], k0)));
         let mut k = k0;
         while k < k1 {
             if h == 0 {
@@ -724,7 +815,7 @@ unsafe fn slice_rows<const DT: u8, const T: usize, const R: usize>(
         }
         for r in 0..R {
             for t in 0..T {
-                acc[r][t][h] = a[r][t];
+                acc[r][t][h] = MaybeUninit::new(a[r][t]);
             }
         }
     }
@@ -743,11 +834,12 @@ unsafe fn slice_rows_both<const DT: u8, const T: usize, const R: usize>(
     next: [*const u8; R],
     xs: &[*const f32; MAX_TOKENS],
     (k0, k1): (usize, usize),
-    acc: &mut [[[__m512; 2]; T]],
+    acc: &mut [[[MaybeUninit<__m512>; 2]; T]],
 ) {
     let es = if DT == DT_F32 { 4 } else { 2 };
-    let mut halves: [[[__m512; T]; R]; 2] =
-        std::array::from_fn(|h| std::array::from_fn(|r| std::array::from_fn(|t| acc[r][t][h])));
+    let mut halves: [[[__m512; T]; R]; 2] = std::array::from_fn(|h| {
+        std::array::from_fn(|r| std::array::from_fn(|t| slice_start(acc[r][t][h], k0)))
+    });
     let mut k = k0;
     while k < k1 {
         prefetch_next::<R>(next, k * es, es);
@@ -758,7 +850,7 @@ unsafe fn slice_rows_both<const DT: u8, const T: usize, const R: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            acc[r][t] = [halves[0][r][t], halves[1][r][t]];
+            acc[r][t] = [MaybeUninit::new(halves[0][r][t]), MaybeUninit::new(halves[1][r][t])];
         }
     }
 }
