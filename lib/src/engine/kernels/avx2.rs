@@ -477,6 +477,37 @@ impl Avx2 {
         unsafe { correction(v, r, gsum, 0.0) }
     }
 
+    /// [`Avx2::zero_correction`] of row `r` for several tokens at once
+    /// (`out[t]` from `gsums[t]`, at most [`super::SMALL_BATCH_TOKENS`]),
+    /// each the same bits: the row's scales and zero points are converted
+    /// once for all of them instead of once per token.
+    pub(crate) fn zero_corrections(
+        self,
+        v: &QuantView,
+        r: usize,
+        gsums: &[&[f32]],
+        out: &mut [f32],
+    ) {
+        assert!(r < v.rows && gsums.len() == out.len());
+        assert!(gsums.iter().all(|g| g.len() == v.n_groups));
+        // SAFETY: row in range, every `gsums[t]` has one value per group,
+        // features proven by `self`.
+        unsafe {
+            match out.len() {
+                0 => {}
+                1 => corrections::<1>(v, r, gsums, out),
+                2 => corrections::<2>(v, r, gsums, out),
+                3 => corrections::<3>(v, r, gsums, out),
+                4 => corrections::<4>(v, r, gsums, out),
+                5 => corrections::<5>(v, r, gsums, out),
+                6 => corrections::<6>(v, r, gsums, out),
+                7 => corrections::<7>(v, r, gsums, out),
+                8 => corrections::<8>(v, r, gsums, out),
+                n => panic!("zero_corrections: {n} tokens (at most 8)"),
+            }
+        }
+    }
+
     /// `out[i] = row (r0 + i) · x` with f32 activations; `gsum[g]` is the sum
     /// of `x` over group `g`.
     pub(crate) fn quant_rows_f32(
@@ -854,6 +885,49 @@ unsafe fn correction(v: &QuantView, r: usize, gsum: &[f32], offset: f32) -> f32 
             }
             t
         }
+    }
+}
+
+/// [`correction`] with offset 0 of row `r` for `T` tokens' group sums,
+/// `out[t]` from `gsums[t]`, each in `correction`'s order and roundings.
+unsafe fn corrections<const T: usize>(v: &QuantView, r: usize, gsums: &[&[f32]], out: &mut [f32]) {
+    let ng = v.n_groups;
+    let srow = v.scales.as_ptr().add(r * ng * 2);
+    let gs: [*const f32; T] = std::array::from_fn(|t| gsums[t].as_ptr());
+    let zrow = v.zeros.map(|z| z.as_ptr().add(r * ng * 2));
+    let k = 0.0 - QuantMatrix::symmetric_zero(v.bits) as f32;
+    if zrow.is_none() && k == 0.0 {
+        out[..T].fill(0.0);
+        return;
+    }
+    let zero_at = |z: *const u8, g: usize| u16::from_le_bytes([*z.add(2 * g), *z.add(2 * g + 1)]) as f32;
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut g = 0;
+    while g + 8 <= ng {
+        let s8 = _mm256_cvtph_ps(_mm_loadu_si128(srow.add(2 * g) as *const __m128i));
+        let f = match zrow {
+            None => s8,
+            Some(z) => {
+                let z8 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                    z.add(2 * g) as *const __m128i,
+                )));
+                _mm256_mul_ps(s8, _mm256_sub_ps(_mm256_setzero_ps(), z8))
+            }
+        };
+        for t in 0..T {
+            acc[t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(gs[t].add(g)), acc[t]);
+        }
+        g += 8;
+    }
+    for t in 0..T {
+        let mut x = hsum(acc[t]);
+        for g in g..ng {
+            x += match zrow {
+                None => f16_at(srow, g) * *gs[t].add(g),
+                Some(z) => f16_at(srow, g) * (0.0 - zero_at(z, g)) * *gs[t].add(g),
+            };
+        }
+        out[t] = if zrow.is_none() { k * x } else { x };
     }
 }
 

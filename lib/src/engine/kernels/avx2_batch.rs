@@ -160,6 +160,8 @@ impl Avx2 {
             assert!(a.group_size == v.group_size && a.paired == paired);
         }
         let n = acts.len();
+        assert!(n <= MAX_TOKENS, "at most {MAX_TOKENS} tokens");
+        let gsums: Vec<&[f32]> = acts.iter().map(|a| &a.gsum[..]).collect();
         // Each token's two group totals per row of a block, as
         // `dot_q16_*` keeps them in registers (lanes 0..8 and 8..16).
         let mut tot = vec![[0f32; 16]; QUANT_BLOCK_ROWS * n];
@@ -204,10 +206,12 @@ impl Avx2 {
             }
             for i in 0..rows {
                 let r = r0 + b0 + i;
-                for (t, a) in acts.iter().enumerate() {
+                let mut z = [0f32; MAX_TOKENS];
+                self.zero_corrections(v, r, &gsums, &mut z[..n]);
+                for t in 0..n {
                     // SAFETY: features proven by `self`.
                     let dot = unsafe { finish(&tot[i * n + t]) };
-                    out[t * nr + b0 + i] = dot + self.zero_correction(v, r, &a.gsum);
+                    out[t * nr + b0 + i] = dot + z[t];
                 }
             }
         }
