@@ -598,6 +598,51 @@ mod tests {
     use super::*;
     use crate::tensor::Zeros;
 
+    /// The many-token rows give every token its lone `quant_rows` bits at
+    /// every count up to eight, int4 and int8, symmetric and with zero
+    /// points, long (the wide int8 pass from two tokens) and short rows,
+    /// group counts past one vector of scale products (16): including the
+    /// counts `matmul` never sends here (more than four tokens of int4
+    /// rows), which go in passes of four.
+    #[test]
+    fn many_token_rows_are_each_tokens_lone_rows_bit_for_bit() {
+        let Some(b) = Avx2::detect().and_then(Avx512::detect) else {
+            return;
+        };
+        let mut rng = StdRng::seed_from_u64(67);
+        for (bits, cols, gs, zeros) in [
+            (4, 512, 128, false),
+            (4, 1152, 64, true),
+            (8, 256, 32, true),
+            (8, 2304, 128, false),
+            (8, 1152, 64, true),
+        ] {
+            let m = rand_quant(&mut rng, 21, cols, bits, gs, zeros);
+            let v = QuantView::new(&m).unwrap();
+            for n in 1..=crate::kernels::SMALL_BATCH_TOKENS {
+                let acts: Vec<GroupAct> = (0..n)
+                    .map(|_| {
+                        let x: Vec<f32> = (0..cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
+                        b.group_act(&x, bits, gs)
+                    })
+                    .collect();
+                let refs: Vec<&GroupAct> = acts.iter().collect();
+                let (r0, nr) = (1, v.rows - 2);
+                let mut got = vec![f32::NAN; n * nr];
+                b.quant_rows_tokens(&v, r0, nr, &refs, &mut got);
+                for (t, a) in acts.iter().enumerate() {
+                    let mut want = vec![0f32; nr];
+                    b.quant_rows(&v, r0, a, &mut want);
+                    let same = got[t * nr..(t + 1) * nr]
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(same, "int{bits} {cols} cols gs{gs}: {n} tokens, token {t}");
+                }
+            }
+        }
+    }
+
     /// The groups-of-128 kernel gives the generic one's bits on every row:
     /// widths of 1 to 20 groups (a chunk of 16 scales and a short one),
     /// symmetric and per-group zeros, activations at the int16 extremes

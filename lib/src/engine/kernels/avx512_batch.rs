@@ -3,10 +3,11 @@
 //! unpacked (int4/int8) or converted (BF16/F16) once and multiplied into
 //! every token's accumulators, instead of once per token. Quantized rows
 //! take up to four tokens two rows at a time with their group totals in
-//! registers, five to eight in one wide pass (totals in memory), so a
-//! decoding batch of eight reads and unpacks each row once; at eight
-//! tokens the wide pass is compute-bound (each row and token adds a
-//! convert and an FMA per group), about as fast as the integer tiles.
+//! registers; int8 rows take five to eight in one wide pass (totals in
+//! memory), so a decoding batch of eight reads and unpacks each row once;
+//! at eight tokens the wide pass is compute-bound (each row and token adds
+//! a convert and an FMA per group), about as fast as the integer tiles.
+//! (More than four tokens of int4 rows go to the tiles, see `matmul`.)
 //!
 //! Every token's result is what its lone matvec gives, bit for bit: the
 //! quantized kernels add the same integer products per weight group (i32
@@ -146,13 +147,15 @@ impl Avx512 {
         // tokens on: one call's thread CPU time, weights from memory, on
         // 12288x2048 at 2 tokens 1.4 against 2.6 ms, at 4 2.3 against
         // 2.9; 2048x4096 at 2 0.45 against 0.7. Int4 and shorter int8
-        // rows were as fast or faster in passes of two rows.
+        // rows were as fast or faster in passes of two rows. Int4 rows
+        // always go in passes of QUANT_PASS: `matmul` sends more than four
+        // tokens of them to the integer tiles, which are faster there.
         let wide = v.bits == 8 && v.cols >= super::WIDE_MIN_COLS;
         let mut t0 = 0;
         while t0 < n {
             // More tokens than a pass of two rows takes go in one wide
             // pass of up to eight, each row read and unpacked once.
-            if n - t0 > QUANT_PASS || (wide && n - t0 > 1) {
+            if v.bits == 8 && (n - t0 > QUANT_PASS || (wide && n - t0 > 1)) {
                 let nt = (n - t0).min(MAX_TOKENS);
                 let o = &mut out[t0 * nr..(t0 + nt) * nr];
                 self.quant_rows_wide(v, r0, nr, &acts[t0..t0 + nt], o);
@@ -190,13 +193,13 @@ impl Avx512 {
         }
     }
 
-    /// [`Avx512::quant_rows_tokens`] for a pass of two to eight tokens
-    /// (five to eight for int4 and short int8 rows; `out[t * nr + i]`),
-    /// each row read and unpacked once for all of them, two rows at a time: the integer sums then take 16 registers,
-    /// so the group totals (32 at eight tokens) live in memory (int8 rows
-    /// of up to four tokens keep them in registers, see `dot_i8_wide`). Rows go in
-    /// blocks of [`WIDE_BLOCK_ROWS`] while the next block is prefetched
-    /// into L2.
+    /// [`Avx512::quant_rows_tokens`] of int8 rows for a pass of two to
+    /// eight tokens (five to eight for rows under [`super::WIDE_MIN_COLS`];
+    /// `out[t * nr + i]`), each row read and unpacked once for all of them,
+    /// two rows at a time: the integer sums then take 16 registers, so the
+    /// group totals (32 at eight tokens) live in memory (up to four tokens
+    /// keep them in registers, see `dot_i8_wide`). Rows go in blocks of
+    /// [`WIDE_BLOCK_ROWS`] while the next block is prefetched into L2.
     fn quant_rows_wide(
         self,
         v: &QuantView,
@@ -207,13 +210,13 @@ impl Avx512 {
     ) {
         let nt = pass.len();
         assert!(r0 + nr <= v.rows && out.len() == nt * nr);
-        assert!(nt > 1 && nt <= MAX_TOKENS);
+        assert!(nt > 1 && nt <= MAX_TOKENS && v.bits == 8);
         let mut tot = [[[[0f32; 16]; MAX_TOKENS]; 2]; WIDE_BLOCK_ROWS];
-        // Int8 rows of up to four tokens write their totals whole (see
-        // `dot_i8_wide`); the others add into them, so the block's totals
-        // of this pass's tokens start at zero. Filling all eight tokens'
-        // 8 KiB per block took 1.3% of a four-stream step.
-        let written = v.bits == 8 && nt <= REGISTER_TOTALS_TOKENS;
+        // Up to four tokens write their totals whole (see `dot_i8_wide`);
+        // more add into them, so the block's totals of this pass's tokens
+        // start at zero. Filling all eight tokens' 8 KiB per block took
+        // 1.3% of a four-stream step.
+        let written = nt <= REGISTER_TOTALS_TOKENS;
         let gsums: Vec<&[f32]> = pass.iter().map(|a| &a.gsum[..]).collect();
         for b0 in (0..nr).step_by(WIDE_BLOCK_ROWS) {
             let rows = WIDE_BLOCK_ROWS.min(nr - b0);
@@ -237,11 +240,7 @@ impl Avx512 {
                 // checked shape (asserted by `quant_rows_tokens`).
                 unsafe {
                     let args = (v, r + i, pass, pf, &mut tot[i..i + rr]);
-                    if v.bits == 4 {
-                        by_wide!(nt, rr, dot_i4_wide, args)
-                    } else {
-                        by_wide!(nt, rr, dot_i8_wide, args)
-                    }
+                    by_wide!(nt, rr, dot_i8_wide, args)
                 }
                 i += rr;
             }
@@ -621,64 +620,6 @@ unsafe fn i8_group_sums<const T: usize, const R: usize>(
     acc
 }
 
-
-/// Rows `r..r + R` of an int4 matrix times `T` tokens' group-quantized
-/// activations, without the zero-point term, added into `tot[k]` as
-/// `dot_i4` adds them. Each weight vector serves all `T` tokens, each
-/// activation vector all `R` rows.
-unsafe fn dot_i4_wide<const T: usize, const R: usize>(args: WideArgs) {
-    let (v, r, acts, pf, tot) = args;
-    let gs = v.group_size;
-    let qrow: [*const u8; R] = std::array::from_fn(|k| v.q.as_ptr().add((r + k) * v.row_bytes));
-    let srow: [*const u8; R] =
-        std::array::from_fn(|k| v.scales.as_ptr().add((r + k) * v.n_groups * 2));
-    let xq: [*const i16; T] = std::array::from_fn(|t| acts[t].xq.as_ptr());
-    let m = _mm512_set1_epi16(0x0F);
-    let mut sd = [[[0f32; SCALE_CHUNK]; T]; R];
-    for g in 0..v.n_groups {
-        if g % SCALE_CHUNK == 0 {
-            let n = (v.n_groups - g).min(SCALE_CHUNK);
-            sd = scale_products::<T, R>(&srow, g, n, acts);
-        }
-        let k0 = g * gs;
-        let nb = (gs.min(v.cols - k0)) / QBLOCK;
-        let mut acc = [[_mm512_setzero_si512(); T]; R];
-        for p in 0..nb / 2 {
-            let at = k0 / 2 + p * 32;
-            let w: [(__m512i, __m512i); R] = std::array::from_fn(|k| {
-                prefetch_l2(pf.wrapping_add(k * v.row_bytes + at));
-                let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qrow[k].add(at) as *const __m256i));
-                (_mm512_and_si512(w, m), _mm512_srli_epi16::<4>(w))
-            });
-            for t in 0..T {
-                let x = xq[t].add(k0 + p * 64);
-                let xl = _mm512_loadu_si512(x as *const _);
-                let xh = _mm512_loadu_si512(x.add(32) as *const _);
-                for k in 0..R {
-                    acc[k][t] = _mm512_dpwssd_epi32(acc[k][t], w[k].0, xl);
-                    acc[k][t] = _mm512_dpwssd_epi32(acc[k][t], w[k].1, xh);
-                }
-            }
-        }
-        if nb % 2 == 1 {
-            let b = nb - 1;
-            let w: [__m512i; R] = std::array::from_fn(|k| {
-                let at = qrow[k].add(k0 / 2 + b * 16);
-                let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(at as *const __m128i));
-                let lo = _mm256_and_si256(w, _mm256_set1_epi16(0x0F));
-                let hi = _mm256_srli_epi16::<4>(w);
-                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-            });
-            for t in 0..T {
-                let x = _mm512_loadu_si512(xq[t].add(k0 + b * QBLOCK) as *const _);
-                for k in 0..R {
-                    acc[k][t] = _mm512_dpwssd_epi32(acc[k][t], w[k], x);
-                }
-            }
-        }
-        wide_totals!(sd, g % SCALE_CHUNK, g, acc, tot);
-    }
-}
 
 /// A row's token `t`: its two group totals added up as `dot_i4` does.
 #[inline]
