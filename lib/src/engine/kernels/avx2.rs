@@ -495,14 +495,14 @@ impl Avx2 {
         unsafe {
             match out.len() {
                 0 => {}
-                1 => corrections::<1>(v, r, gsums, out),
-                2 => corrections::<2>(v, r, gsums, out),
-                3 => corrections::<3>(v, r, gsums, out),
-                4 => corrections::<4>(v, r, gsums, out),
-                5 => corrections::<5>(v, r, gsums, out),
-                6 => corrections::<6>(v, r, gsums, out),
-                7 => corrections::<7>(v, r, gsums, out),
-                8 => corrections::<8>(v, r, gsums, out),
+                1 => corrections::<1>(v, r, gsums, 0.0, out),
+                2 => corrections::<2>(v, r, gsums, 0.0, out),
+                3 => corrections::<3>(v, r, gsums, 0.0, out),
+                4 => corrections::<4>(v, r, gsums, 0.0, out),
+                5 => corrections::<5>(v, r, gsums, 0.0, out),
+                6 => corrections::<6>(v, r, gsums, 0.0, out),
+                7 => corrections::<7>(v, r, gsums, 0.0, out),
+                8 => corrections::<8>(v, r, gsums, 0.0, out),
                 n => panic!("zero_corrections: {n} tokens (at most 8)"),
             }
         }
@@ -840,67 +840,34 @@ avx2_fn! {
 /// The zero-point term of row `r`: `Σ_g s_g (offset − z_g) gsum_g`, where
 /// the main kernels computed `Σ_g s_g Σ_k (q_k − offset) x_k`.
 unsafe fn correction(v: &QuantView, r: usize, gsum: &[f32], offset: f32) -> f32 {
-    let ng = v.n_groups;
-    let srow = v.scales.as_ptr().add(r * ng * 2);
-    let gs = gsum.as_ptr();
-    match v.zeros {
-        None => {
-            let k = offset - QuantMatrix::symmetric_zero(v.bits) as f32;
-            if k == 0.0 {
-                return 0.0;
-            }
-            let mut acc = _mm256_setzero_ps();
-            let mut g = 0;
-            while g + 8 <= ng {
-                let s8 = _mm256_cvtph_ps(_mm_loadu_si128(srow.add(2 * g) as *const __m128i));
-                acc = _mm256_fmadd_ps(s8, _mm256_loadu_ps(gs.add(g)), acc);
-                g += 8;
-            }
-            let mut t = hsum(acc);
-            while g < ng {
-                t += f16_at(srow, g) * *gs.add(g);
-                g += 1;
-            }
-            k * t
-        }
-        Some(z) => {
-            let zrow = z.as_ptr().add(r * ng * 2);
-            let off = _mm256_set1_ps(offset);
-            let mut acc = _mm256_setzero_ps();
-            let mut g = 0;
-            while g + 8 <= ng {
-                let s8 = _mm256_cvtph_ps(_mm_loadu_si128(srow.add(2 * g) as *const __m128i));
-                let z8 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_loadu_si128(
-                    zrow.add(2 * g) as *const __m128i,
-                )));
-                let sz = _mm256_mul_ps(s8, _mm256_sub_ps(off, z8));
-                acc = _mm256_fmadd_ps(sz, _mm256_loadu_ps(gs.add(g)), acc);
-                g += 8;
-            }
-            let mut t = hsum(acc);
-            while g < ng {
-                let zg = u16::from_le_bytes([*zrow.add(2 * g), *zrow.add(2 * g + 1)]) as f32;
-                t += f16_at(srow, g) * (offset - zg) * *gs.add(g);
-                g += 1;
-            }
-            t
-        }
-    }
+    let mut out = [0f32];
+    corrections::<1>(v, r, &[gsum], offset, &mut out);
+    out[0]
 }
 
-/// [`correction`] with offset 0 of row `r` for `T` tokens' group sums,
-/// `out[t]` from `gsums[t]`, each in `correction`'s order and roundings.
-unsafe fn corrections<const T: usize>(v: &QuantView, r: usize, gsums: &[&[f32]], out: &mut [f32]) {
+/// [`correction`] of row `r` for `T` tokens' group sums at once, `out[t]`
+/// from `gsums[t]`: the row's scales (and zero points) are converted once
+/// for all of them, and each token's sum keeps the one-token order and
+/// roundings (eight groups a vector step, the rest one by one after the
+/// horizontal sum).
+unsafe fn corrections<const T: usize>(
+    v: &QuantView,
+    r: usize,
+    gsums: &[&[f32]],
+    offset: f32,
+    out: &mut [f32],
+) {
     let ng = v.n_groups;
     let srow = v.scales.as_ptr().add(r * ng * 2);
     let gs: [*const f32; T] = std::array::from_fn(|t| gsums[t].as_ptr());
     let zrow = v.zeros.map(|z| z.as_ptr().add(r * ng * 2));
-    let k = 0.0 - QuantMatrix::symmetric_zero(v.bits) as f32;
+    let k = offset - QuantMatrix::symmetric_zero(v.bits) as f32;
     if zrow.is_none() && k == 0.0 {
         out[..T].fill(0.0);
         return;
     }
     let zero_at = |z: *const u8, g: usize| u16::from_le_bytes([*z.add(2 * g), *z.add(2 * g + 1)]) as f32;
+    let off = _mm256_set1_ps(offset);
     let mut acc = [_mm256_setzero_ps(); T];
     let mut g = 0;
     while g + 8 <= ng {
@@ -911,7 +878,7 @@ unsafe fn corrections<const T: usize>(v: &QuantView, r: usize, gsums: &[&[f32]],
                 let z8 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_loadu_si128(
                     z.add(2 * g) as *const __m128i,
                 )));
-                _mm256_mul_ps(s8, _mm256_sub_ps(_mm256_setzero_ps(), z8))
+                _mm256_mul_ps(s8, _mm256_sub_ps(off, z8))
             }
         };
         for t in 0..T {
@@ -924,7 +891,7 @@ unsafe fn corrections<const T: usize>(v: &QuantView, r: usize, gsums: &[&[f32]],
         for g in g..ng {
             x += match zrow {
                 None => f16_at(srow, g) * *gs[t].add(g),
-                Some(z) => f16_at(srow, g) * (0.0 - zero_at(z, g)) * *gs[t].add(g),
+                Some(z) => f16_at(srow, g) * (offset - zero_at(z, g)) * *gs[t].add(g),
             };
         }
         out[t] = if zrow.is_none() { k * x } else { x };
