@@ -32,7 +32,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::avx2::{
-    dense_block_row, f16_at, hsum, load1, load8, pf_bytes, prefetch_ahead, prefetch_l2, DenseView,
+    dense_block_row, hsum, load1, load8, pf_bytes, prefetch_ahead, prefetch_l2, DenseView,
     QuantView, DT_BF16, DT_F16, DT_F32,
 };
 use super::avx512::{hi256, Avx512, GroupAct};
@@ -164,6 +164,7 @@ impl Avx512 {
             }
             let nt = (n - t0).min(QUANT_PASS);
             let pass = &acts[t0..t0 + nt];
+            let gsums: Vec<&[f32]> = pass.iter().map(|a| &a.gsum[..]).collect();
             let mut i = 0;
             while i < nr {
                 let rr = if i + 2 <= nr { 2 } else { 1 };
@@ -179,7 +180,6 @@ impl Avx512 {
                         by_pass_rows!(nt, rr, dot_i8_tokens, v, r, pass, &mut dots)
                     }
                 }
-                let gsums: Vec<&[f32]> = pass.iter().map(|a| &a.gsum[..]).collect();
                 for (k, d) in dots.iter().take(rr).enumerate() {
                     let mut z = [0f32; MAX_TOKENS];
                     self.avx2.zero_corrections(v, r + k, &gsums, &mut z[..nt]);
@@ -331,7 +331,11 @@ unsafe fn dot_i4_tokens<const T: usize, const R: usize>(
     // `tot[h][k][t]`: row k's token t's even (h = 0) and odd groups, as
     // `dot_i4` alternates its two totals.
     let mut tot = [[[_mm512_setzero_ps(); T]; R]; 2];
+    let mut sd = [[[0f32; SCALE_CHUNK]; T]; R];
     for g in 0..v.n_groups {
+        if g % SCALE_CHUNK == 0 {
+            sd = scale_products::<T, R>(&srow, g, (v.n_groups - g).min(SCALE_CHUNK), acts);
+        }
         let k0 = g * gs;
         let nb = (gs.min(v.cols - k0)) / QBLOCK;
         let qg: [*const u8; R] = std::array::from_fn(|k| qrow[k].add(k0 / 2));
@@ -371,7 +375,7 @@ unsafe fn dot_i4_tokens<const T: usize, const R: usize>(
                 }
             }
         }
-        group_totals::<T, R>(&srow, g, acts, &acc, &mut tot[g % 2]);
+        scaled_totals::<T, R>(&sd, g % SCALE_CHUNK, &acc, &mut tot[g % 2]);
     }
     finish_dots::<T, R>(&tot, dots);
 }
@@ -393,31 +397,15 @@ unsafe fn dot_i8_tokens<const T: usize, const R: usize>(
     let pfb = pf_bytes();
     let hint = |k: usize, at: usize| prefetch_ahead(qrow[k].wrapping_add(at), pfb);
     let mut tot = [[[_mm512_setzero_ps(); T]; R]; 2];
+    let mut sd = [[[0f32; SCALE_CHUNK]; T]; R];
     for g in 0..v.n_groups {
+        if g % SCALE_CHUNK == 0 {
+            sd = scale_products::<T, R>(&srow, g, (v.n_groups - g).min(SCALE_CHUNK), acts);
+        }
         let acc = i8_group_sums::<T, R>(v, g, &qrow, &xq, hint);
-        group_totals::<T, R>(&srow, g, acts, &acc, &mut tot[g % 2]);
+        scaled_totals::<T, R>(&sd, g % SCALE_CHUNK, &acc, &mut tot[g % 2]);
     }
     finish_dots::<T, R>(&tot, dots);
-}
-
-/// Adds group `g`'s integer sums, scaled by the row's and the token's
-/// scales, to the totals, as `dot_i4` / `dot_i8` do.
-#[inline]
-unsafe fn group_totals<const T: usize, const R: usize>(
-    srow: &[*const u8; R],
-    g: usize,
-    acts: &[&GroupAct],
-    acc: &[[__m512i; T]; R],
-    tot: &mut [[__m512; T]; R],
-) {
-    for k in 0..R {
-        let s = f16_at(srow[k], g);
-        for t in 0..T {
-            let sd = _mm512_set1_ps(s * *acts[t].d.as_ptr().add(g));
-            let i = _mm512_cvtepi32_ps(acc[k][t]);
-            tot[k][t] = _mm512_fmadd_ps(i, sd, tot[k][t]);
-        }
-    }
 }
 
 /// Each row's and token's two group totals added up as `dot_i4` does.
@@ -542,8 +530,8 @@ unsafe fn dot_i8_wide<const T: usize, const R: usize>(args: WideArgs) {
 }
 
 /// `sd[k][t][j]`: row `k`'s scale times token `t`'s for group `g0 + j`,
-/// `j < n` (at most [`SCALE_CHUNK`]), the same product `group_totals`
-/// forms one group at a time (a lane-wise vector product rounds as the
+/// `j < n` (at most [`SCALE_CHUNK`]), the same product `dot_i4` / `dot_i8`
+/// form one group at a time (a lane-wise vector product rounds as the
 /// scalar one). Per group that took a scalar conversion, a product and a
 /// broadcast for every row and token, a quarter of a four-token call's
 /// instructions; these come from memory as broadcast loads.
@@ -570,8 +558,9 @@ unsafe fn scale_products<const T: usize, const R: usize>(
     sd
 }
 
-/// [`group_totals`] with the scale products of [`scale_products`]'s
-/// column `j`.
+/// Adds a group's integer sums, scaled by the product of the row's and
+/// the token's scales (column `j` of [`scale_products`]), to the totals,
+/// as `dot_i4` / `dot_i8` do.
 #[inline]
 unsafe fn scaled_totals<const T: usize, const R: usize>(
     sd: &[[[f32; SCALE_CHUNK]; T]; R],
