@@ -5,8 +5,9 @@
 //! `num_experts_per_tok / num_experts` of the routed experts; the MTP block
 //! is not used. The figures come, best first, from the checkpoint's
 //! `config.json` and safetensors headers (only the headers are read), from
-//! the repacked cache's file sizes, or from the published numbers of the
-//! default model.
+//! the repacked cache's index (its tensor table and the `config.json` it
+//! carries; the data files are not read), or from the published numbers of
+//! the default model.
 
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -59,7 +60,8 @@ impl Classify for SizesError {
 pub enum SizeSource {
     /// Counted from the checkpoint's safetensors headers and config.json.
     Checkpoint,
-    /// The cache's file sizes, per-token share scaled from the preset.
+    /// Counted from the cache's index (or, when it cannot be read, its file
+    /// sizes with the preset's per-token share; the note says which).
     Cache,
     /// The published figures of the default model.
     Preset,
@@ -125,81 +127,60 @@ impl ModelSizes {
             path: cfg_path.clone(),
             source,
         })?;
-        let cfg: serde_json::Value =
-            serde_json::from_slice(&cfg_text).map_err(|e| SizesError::Format {
-                path: cfg_path.clone(),
-                reason: format!("invalid JSON: {e}"),
-            })?;
-        let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64());
-        let experts = get("num_experts").unwrap_or(0);
-        let per_tok = get("num_experts_per_tok").unwrap_or(0);
-        if experts > 0 && (per_tok == 0 || per_tok > experts) {
-            return Err(SizesError::Format {
-                path: cfg_path,
-                reason: format!("num_experts_per_tok {per_tok} does not fit num_experts {experts}"),
-            });
-        }
-        let tied = cfg
-            .get("tie_word_embeddings")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
         let files = Checkpoint::list_files(dir).map_err(|e| SizesError::Format {
             path: dir.to_path_buf(),
             reason: crate::cli::one_line(&e),
         })?;
-        let (mut dense, mut expert, mut mtp, mut embed, mut embed_rows) = (0u64, 0u64, 0, 0, 1);
-        let mut has_lm_head = false;
-        let mut tensors = 0;
+        let mut tensors = Vec::new();
         for f in &files {
-            for (name, rows, bytes) in header_tensors(f)? {
-                tensors += 1;
-                if name.starts_with("mtp.") || name.contains(".mtp.") {
-                    mtp += bytes;
-                } else if name.contains(".mlp.experts.") {
-                    expert += bytes;
-                } else if name.contains("embed_tokens") {
-                    embed += bytes;
-                    embed_rows = rows.max(1);
-                } else {
-                    has_lm_head |= name.contains("lm_head");
-                    dense += bytes;
-                }
-            }
+            tensors.extend(header_tensors(f)?);
         }
-        let mut per_token = dense + embed / embed_rows;
-        let mut row_read = embed;
-        if tied && !has_lm_head {
-            per_token += embed; // lm_head reads the whole shared matrix
-            row_read = 0;
-        }
-        // Only num_experts_per_tok of num_experts routed experts are read.
-        per_token += (expert * per_tok).checked_div(experts).unwrap_or(expert);
-        Ok(ModelSizes {
-            source: SizeSource::Checkpoint,
-            path: Some(dir.to_path_buf()),
-            note: format!(
-                "counted from {} safetensors header(s) and config.json ({per_tok} of {experts} experts per token)",
-                files.len()
-            ),
-            total_bytes: dense + expert + embed,
-            per_token_bytes: per_token,
-            expert_bytes: expert,
-            mtp_bytes: mtp,
-            row_read_bytes: row_read,
-            tensors,
-        })
+        let counted = Counted::new(&cfg_text, &cfg_path, tensors)?;
+        let note = format!(
+            "counted from {} safetensors header(s) and config.json ({})",
+            files.len(),
+            counted.routing()
+        );
+        Ok(counted.sizes(SizeSource::Checkpoint, dir, note))
     }
 
-    /// Estimates from a cache directory's total file size, taking the
-    /// per-token and expert shares from the preset model's proportions.
+    /// Counts a cache directory from its index: the tensor table (every
+    /// tensor's name, shape and spans) and the `config.json` it carries.
+    /// Reads only `index.rhc`, never the data files. A cache whose index
+    /// cannot be read is estimated from its file sizes and the preset
+    /// model's proportions instead (the note says why); loading it will
+    /// report the error.
     pub fn from_cache(dir: &Path) -> Result<ModelSizes, SizesError> {
+        let (_, index) = match crate::formats::cache::read::read_index(dir) {
+            Ok(i) => i,
+            Err(e) => return Self::scaled_from_files(dir, &crate::cli::one_line(&e)),
+        };
+        let cfg_path = dir.join(crate::formats::cache::INDEX_FILE);
+        let tensors = index.tensors.iter().map(|t| {
+            let bytes = t.spans().iter().map(|s| s.len).sum::<u64>();
+            let rows = t.shape.first().copied().unwrap_or(1);
+            (t.name.clone(), rows, bytes)
+        });
+        let counted = Counted::new(&index.config_json, &cfg_path, tensors.collect())?;
+        let note = format!(
+            "counted from the cache index ({} tensors; {})",
+            index.tensors.len(),
+            counted.routing()
+        );
+        Ok(counted.sizes(SizeSource::Cache, dir, note))
+    }
+
+    /// The cache's total file size, with the per-token and expert shares of
+    /// the preset model: for a cache whose index cannot be read (`why`).
+    fn scaled_from_files(dir: &Path, why: &str) -> Result<ModelSizes, SizesError> {
         let total = dir_bytes(dir)?;
         let scale = |x: u64| (total as f64 * x as f64 / PRESET_TOTAL_BYTES as f64) as u64;
         Ok(ModelSizes {
             source: SizeSource::Cache,
             path: Some(dir.to_path_buf()),
-            note: "cache file sizes; per-token share estimated from the preset model's proportions"
-                .into(),
+            note: format!(
+                "cache file sizes, per-token share estimated from the preset model's proportions (index not read: {why})"
+            ),
             total_bytes: total,
             per_token_bytes: scale(PRESET_PER_TOKEN_BYTES),
             expert_bytes: scale(PRESET_EXPERT_BYTES),
@@ -207,6 +188,103 @@ impl ModelSizes {
             row_read_bytes: scale(PRESET_EMBED_BYTES),
             tensors: 0,
         })
+    }
+}
+
+/// A model's tensors sorted into what decode reads, from `(name, first
+/// dimension, bytes)` and its `config.json` (the same for a checkpoint's
+/// safetensors headers and a cache's index).
+struct Counted {
+    dense: u64,
+    expert: u64,
+    mtp: u64,
+    embed: u64,
+    embed_rows: u64,
+    has_lm_head: bool,
+    tied: bool,
+    experts: u64,
+    per_tok: u64,
+    tensors: usize,
+}
+
+impl Counted {
+    fn new(
+        cfg_text: &[u8],
+        cfg_path: &Path,
+        tensors: Vec<(String, u64, u64)>,
+    ) -> Result<Counted, SizesError> {
+        let cfg: serde_json::Value =
+            serde_json::from_slice(cfg_text).map_err(|e| SizesError::Format {
+                path: cfg_path.to_path_buf(),
+                reason: format!("invalid config.json: {e}"),
+            })?;
+        let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64());
+        let experts = get("num_experts").unwrap_or(0);
+        let per_tok = get("num_experts_per_tok").unwrap_or(0);
+        if experts > 0 && (per_tok == 0 || per_tok > experts) {
+            return Err(SizesError::Format {
+                path: cfg_path.to_path_buf(),
+                reason: format!("num_experts_per_tok {per_tok} does not fit num_experts {experts}"),
+            });
+        }
+        let mut c = Counted {
+            dense: 0,
+            expert: 0,
+            mtp: 0,
+            embed: 0,
+            embed_rows: 1,
+            has_lm_head: false,
+            tied: cfg
+                .get("tie_word_embeddings")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            experts,
+            per_tok,
+            tensors: tensors.len(),
+        };
+        for (name, rows, bytes) in tensors {
+            if name.starts_with("mtp.") || name.contains(".mtp.") {
+                c.mtp += bytes;
+            } else if name.contains(".mlp.experts.") {
+                c.expert += bytes;
+            } else if name.contains("embed_tokens") {
+                c.embed += bytes;
+                c.embed_rows = rows.max(1);
+            } else {
+                c.has_lm_head |= name.contains("lm_head");
+                c.dense += bytes;
+            }
+        }
+        Ok(c)
+    }
+
+    /// `k of n experts per token`, for the notes.
+    fn routing(&self) -> String {
+        format!("{} of {} experts per token", self.per_tok, self.experts)
+    }
+
+    fn sizes(&self, source: SizeSource, dir: &Path, note: String) -> ModelSizes {
+        let mut per_token = self.dense + self.embed / self.embed_rows;
+        let mut row_read = self.embed;
+        if self.tied && !self.has_lm_head {
+            per_token += self.embed; // lm_head reads the whole shared matrix
+            row_read = 0;
+        }
+        // Only num_experts_per_tok of num_experts routed experts are read.
+        per_token += (self.expert * self.per_tok)
+            .checked_div(self.experts)
+            .unwrap_or(self.expert);
+        ModelSizes {
+            source,
+            path: Some(dir.to_path_buf()),
+            note,
+            total_bytes: self.dense + self.expert + self.embed,
+            per_token_bytes: per_token,
+            expert_bytes: self.expert,
+            mtp_bytes: self.mtp,
+            row_read_bytes: row_read,
+            tensors: self.tensors,
+        }
     }
 }
 
@@ -376,6 +454,86 @@ mod tests {
             e.contains("model.safetensors") && e.contains("truncated"),
             "{e}"
         );
+    }
+
+    /// A tiny synthetic checkpoint (2 layers, 8 experts, top-2) in
+    /// `dir/checkpoint`, repacked into `dir/cache`.
+    fn tiny_checkpoint_and_cache(dir: &Path) -> (PathBuf, PathBuf) {
+        let ck = dir.join("checkpoint");
+        std::fs::create_dir_all(&ck).unwrap();
+        let spec = crate::synthetic::Spec::preset("tiny", Some(2), 7).unwrap();
+        for (name, bytes) in spec.metadata_files() {
+            std::fs::write(ck.join(name), bytes).unwrap();
+        }
+        for (file, tensors) in spec.shards() {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(ck.join(file)).unwrap());
+            crate::synthetic::write_shard(&mut f, &tensors, 7).unwrap();
+        }
+        let cache = dir.join("cache");
+        crate::cache::repack(&crate::cache::RepackOptions {
+            skip_space_check: true,
+            checkpoint: ck.clone(),
+            cache: cache.clone(),
+            work_dir: dir.to_path_buf(),
+            file_size: 1 << 30,
+            threads: Some(2),
+            force: false,
+            require_fetch: false,
+            quiet: true,
+            stop_after_units: None,
+            lm_head_int8: false,
+        })
+        .unwrap();
+        (ck, cache)
+    }
+
+    #[test]
+    fn cache_is_counted_from_its_index() {
+        let d = tempfile::tempdir().unwrap();
+        let (ck, cache) = tiny_checkpoint_and_cache(d.path());
+        let c = ModelSizes::from_cache(&cache).unwrap();
+        assert_eq!(c.source, SizeSource::Cache);
+        assert!(c.note.contains("cache index"), "{}", c.note);
+        assert!(c.tensors > 0 && c.expert_bytes > 0);
+        // What the engine itself counts for a token, matrices only (the
+        // index adds the norms and the recurrence's small vectors).
+        let model = crate::model::Model::load(crate::open::open_weights(&cache).unwrap()).unwrap();
+        let engine = model.weight_bytes_per_token();
+        assert!(
+            c.per_token_bytes >= engine && c.per_token_bytes < engine + engine / 20,
+            "index {} against the engine's {engine}",
+            c.per_token_bytes
+        );
+        // The checkpoint's counts agree: the same experts (repack drops
+        // only unused quantization metadata) and the same embedding.
+        let k = ModelSizes::from_checkpoint(&ck).unwrap();
+        assert_eq!(c.row_read_bytes, k.row_read_bytes);
+        assert!(c.expert_bytes <= k.expert_bytes && c.expert_bytes > k.expert_bytes / 10 * 9);
+        // A token reads every other weight, one embedding row and top-k of
+        // the experts.
+        let cfg = model.config();
+        let (k, n) = (cfg.num_experts_per_tok as u64, cfg.num_experts as u64);
+        assert_eq!(
+            c.per_token_bytes,
+            c.dense_bytes() - c.row_read_bytes
+                + c.row_read_bytes / cfg.vocab_size as u64
+                + c.expert_bytes * k / n
+        );
+    }
+
+    #[test]
+    fn unreadable_cache_index_falls_back_to_file_sizes() {
+        let d = tempfile::tempdir().unwrap();
+        let (_, cache) = tiny_checkpoint_and_cache(d.path());
+        let index = cache.join(crate::cache::INDEX_FILE);
+        let mut bytes = std::fs::read(&index).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xFF;
+        std::fs::write(&index, bytes).unwrap();
+        let c = ModelSizes::from_cache(&cache).unwrap();
+        assert_eq!(c.tensors, 0);
+        assert!(c.note.contains("index not read"), "{}", c.note);
+        assert!(c.total_bytes > 0);
     }
 
     #[test]
