@@ -382,7 +382,8 @@ pub fn run(p: &Pipeline, o: &InspectOptions) -> Result<Report, InspectError> {
     if o.dry_run {
         probe::probe_bandwidth(&mut probe, o.probe_seconds);
         let mut strategy = decide(&probe, &model, &overrides);
-        strategy.paging = Some(advise_paging(&probe, &model, &strategy, &work, o));
+        let advice = advise_paging(&probe, &model, &strategy, &work, o);
+        strategy::add_paging(&mut strategy, advice);
         return Ok(Report {
             probe,
             model,
@@ -425,7 +426,8 @@ pub fn run(p: &Pipeline, o: &InspectOptions) -> Result<Report, InspectError> {
         Plan::Run(run) => {
             probe::probe_bandwidth(&mut probe, o.probe_seconds);
             let mut strategy = decide(&probe, &model, &overrides);
-            strategy.paging = Some(advise_paging(&probe, &model, &strategy, &work, o));
+            let advice = advise_paging(&probe, &model, &strategy, &work, o);
+            strategy::add_paging(&mut strategy, advice);
             strategy.save(&out)?;
             let size = std::fs::metadata(&out)
                 .map_err(|e| FsError::io(&out, e))?

@@ -248,6 +248,27 @@ fn choose_gpu(p: &Probe, m: &ModelSizes) -> GpuChoice {
     }
 }
 
+/// Records the paging advice in the strategy. When the model does not fit
+/// and the advice predicts decode under its budget, that prediction is the
+/// expected speed: rh-serve and rh-bench run under the budget by default,
+/// so plain mmap's figure would describe a run that does not happen.
+pub(super) fn add_paging(s: &mut Strategy, advice: super::storage::PagingAdvice) {
+    if let (false, Some(e), Some(b)) = (s.fits_in_ram, &advice.estimate, advice.memory_budget) {
+        s.expected_tokens_per_s = Some(e.tokens_per_s);
+        s.reasons.speed = format!(
+            "about {:.1} tokens/s under the proposed --memory-budget {} ({:.1} if routing is uniform): \
+             the weights every token reads stay resident, {} of {} routed experts fit beside them, \
+             and each token reads its missed experts from storage while it computes (see storage)",
+            e.tokens_per_s,
+            human_bytes(b),
+            e.tokens_per_s_uniform,
+            e.cached_experts,
+            e.experts
+        );
+    }
+    s.paging = Some(advice);
+}
+
 /// Expected decode speed: the measured bandwidth over the bytes a token
 /// reads, with the share left on disk read at [`ASSUMED_DISK_GBS`].
 fn expected_speed(
@@ -356,6 +377,42 @@ mod tests {
         let tps = s.expected_tokens_per_s.unwrap();
         assert!(tps < ram_bound / 2.0, "paging must cost: {tps}");
         assert!(s.warnings.iter().any(|w| w.contains("does not fit")));
+    }
+
+    #[test]
+    fn a_budget_estimate_is_the_expected_speed_when_the_model_does_not_fit() {
+        use super::super::storage::{PagingAdvice, PagingEstimate};
+        let advice = || PagingAdvice {
+            memory_budget: Some(13 * GIB),
+            estimate: Some(PagingEstimate {
+                cached_experts: 4000,
+                experts: 24576,
+                tokens_per_s: 3.5,
+                tokens_per_s_uniform: 2.5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut s = decide_preset(&machine(16, 4, None, true, 40.0));
+        add_paging(&mut s, advice());
+        assert_eq!(s.expected_tokens_per_s, Some(3.5));
+        assert!(
+            s.reasons.speed.contains("--memory-budget 13.00 GiB")
+                && s.reasons.speed.contains("2.5 if routing is uniform"),
+            "{}",
+            s.reasons.speed
+        );
+        assert!(s.paging.is_some());
+        // A model that fits keeps the bandwidth bound.
+        let mut fits = decide_preset(&machine(64, 8, None, true, 70.0));
+        let before = fits.expected_tokens_per_s;
+        add_paging(&mut fits, advice());
+        assert_eq!(fits.expected_tokens_per_s, before);
+        assert!(
+            fits.reasons.speed.contains("upper bound"),
+            "{}",
+            fits.reasons.speed
+        );
     }
 
     #[test]
