@@ -709,6 +709,20 @@ pub fn write_tensor(w: &mut impl Write, t: &Planned, seed: u64) -> io::Result<()
     Ok(())
 }
 
+/// Tests: writes `preset`'s checkpoint with `layers` layers (weights and
+/// config from `seed`) into the directory `dir`.
+#[cfg(test)]
+pub(crate) fn write_test_checkpoint(preset: &str, layers: usize, seed: u64, dir: &Path) {
+    let spec = Spec::preset(preset, Some(layers), seed).unwrap();
+    for (name, bytes) in spec.metadata_files() {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    for (file, tensors) in spec.shards() {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join(file)).unwrap());
+        write_shard(&mut f, &tensors, seed).unwrap();
+    }
+}
+
 /// Writes one shard (header + tensors) into `w`.
 pub fn write_shard(w: &mut impl Write, tensors: &[Planned], seed: u64) -> io::Result<()> {
     w.write_all(&safetensors_header(tensors))?;

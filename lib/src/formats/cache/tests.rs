@@ -17,29 +17,14 @@ fn fixture(case: &str) -> PathBuf {
 }
 
 fn tiny(dir: &Path, layers: usize) {
-    let spec = crate::synthetic::Spec::preset("tiny", Some(layers), 3).unwrap();
-    for (name, bytes) in spec.metadata_files() {
-        std::fs::write(dir.join(name), bytes).unwrap();
-    }
-    for (file, tensors) in spec.shards() {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join(file)).unwrap());
-        crate::synthetic::write_shard(&mut f, &tensors, 3).unwrap();
-    }
+    crate::synthetic::write_test_checkpoint("tiny", layers, 3, dir);
 }
 
 fn opts(ck: &Path, work: &Path, file_size: u64) -> RepackOptions {
     RepackOptions {
         skip_space_check: false,
-        checkpoint: ck.to_path_buf(),
-        cache: work.join("cache"),
-        work_dir: work.to_path_buf(),
         file_size,
-        threads: Some(2),
-        force: false,
-        require_fetch: false,
-        quiet: true,
-        stop_after_units: None,
-        lm_head_int8: false,
+        ..super::write::test_options(ck, &work.join("cache"), work)
     }
 }
 

@@ -161,6 +161,25 @@ impl RepackOptions {
     }
 }
 
+/// Tests: repacks `checkpoint` into `cache` with stage records in
+/// `work_dir`, one data file, two threads, quietly.
+#[cfg(test)]
+pub(crate) fn test_options(checkpoint: &Path, cache: &Path, work_dir: &Path) -> RepackOptions {
+    RepackOptions {
+        skip_space_check: true,
+        checkpoint: checkpoint.to_path_buf(),
+        cache: cache.to_path_buf(),
+        work_dir: work_dir.to_path_buf(),
+        file_size: 1 << 30,
+        threads: Some(2),
+        force: false,
+        require_fetch: false,
+        quiet: true,
+        stop_after_units: None,
+        lm_head_int8: false,
+    }
+}
+
 /// Group size of an int8 lm_head (`--lm-head int8`): the group size of the
 /// checkpoint's own int8 linears; scales add 1.6% to the int8 bytes.
 pub const LM_HEAD_GROUP: usize = 128;

@@ -459,31 +459,10 @@ mod tests {
     /// A tiny synthetic checkpoint (2 layers, 8 experts, top-2) in
     /// `dir/checkpoint`, repacked into `dir/cache`.
     fn tiny_checkpoint_and_cache(dir: &Path) -> (PathBuf, PathBuf) {
-        let ck = dir.join("checkpoint");
+        let (ck, cache) = (dir.join("checkpoint"), dir.join("cache"));
         std::fs::create_dir_all(&ck).unwrap();
-        let spec = crate::synthetic::Spec::preset("tiny", Some(2), 7).unwrap();
-        for (name, bytes) in spec.metadata_files() {
-            std::fs::write(ck.join(name), bytes).unwrap();
-        }
-        for (file, tensors) in spec.shards() {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(ck.join(file)).unwrap());
-            crate::synthetic::write_shard(&mut f, &tensors, 7).unwrap();
-        }
-        let cache = dir.join("cache");
-        crate::cache::repack(&crate::cache::RepackOptions {
-            skip_space_check: true,
-            checkpoint: ck.clone(),
-            cache: cache.clone(),
-            work_dir: dir.to_path_buf(),
-            file_size: 1 << 30,
-            threads: Some(2),
-            force: false,
-            require_fetch: false,
-            quiet: true,
-            stop_after_units: None,
-            lm_head_int8: false,
-        })
-        .unwrap();
+        crate::synthetic::write_test_checkpoint("tiny", 2, 7, &ck);
+        crate::cache::repack(&crate::cache::write::test_options(&ck, &cache, dir)).unwrap();
         (ck, cache)
     }
 

@@ -4,7 +4,7 @@
 //! budget too small to run.
 
 use super::*;
-use crate::cache::{repack, RepackOptions};
+use crate::cache::repack;
 use crate::model::Model;
 use std::path::{Path, PathBuf};
 
@@ -15,31 +15,10 @@ fn tiny_cache(dir: &Path) -> PathBuf {
 
 /// [`tiny_cache`] with `layers` layers.
 fn tiny_cache_layers(dir: &Path, layers: usize) -> PathBuf {
-    let ck = dir.join("checkpoint");
+    let (ck, cache) = (dir.join("checkpoint"), dir.join("cache"));
     std::fs::create_dir_all(&ck).unwrap();
-    let spec = crate::synthetic::Spec::preset("tiny,zipf=0.6", Some(layers), 5).unwrap();
-    for (name, bytes) in spec.metadata_files() {
-        std::fs::write(ck.join(name), bytes).unwrap();
-    }
-    for (file, tensors) in spec.shards() {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(ck.join(file)).unwrap());
-        crate::synthetic::write_shard(&mut f, &tensors, 5).unwrap();
-    }
-    let cache = dir.join("cache");
-    repack(&RepackOptions {
-        skip_space_check: true,
-        checkpoint: ck,
-        cache: cache.clone(),
-        work_dir: dir.to_path_buf(),
-        file_size: 1 << 30,
-        threads: Some(2),
-        force: false,
-        require_fetch: false,
-        quiet: true,
-        stop_after_units: None,
-        lm_head_int8: false,
-    })
-    .unwrap();
+    crate::synthetic::write_test_checkpoint("tiny,zipf=0.6", layers, 5, &ck);
+    repack(&crate::cache::write::test_options(&ck, &cache, dir)).unwrap();
     cache
 }
 
