@@ -345,8 +345,13 @@ fn dir_bytes(dir: &Path) -> Result<u64, SizesError> {
         };
         if ft.is_dir() {
             total += dir_bytes(&e.path())?;
-        } else if ft.is_file() {
-            total += e.metadata().map(|m| m.len()).unwrap_or(0);
+        } else if ft.is_file() || ft.is_symlink() {
+            // A file linked from elsewhere (a snapshot's blobs) counts as
+            // its target; a link to a directory or nowhere does not.
+            total += std::fs::metadata(e.path())
+                .ok()
+                .filter(|m| m.is_file())
+                .map_or(0, |m| m.len());
         }
     }
     Ok(total)
@@ -513,6 +518,14 @@ mod tests {
         assert_eq!(c.tensors, 0);
         assert!(c.note.contains("index not read"), "{}", c.note);
         assert!(c.total_bytes > 0);
+        // Data files linked from elsewhere count as their targets.
+        let linked = d.path().join("linked");
+        std::fs::create_dir(&linked).unwrap();
+        for e in std::fs::read_dir(&cache).unwrap().flatten() {
+            std::os::unix::fs::symlink(e.path(), linked.join(e.file_name())).unwrap();
+        }
+        let l = ModelSizes::from_cache(&linked).unwrap();
+        assert_eq!(l.total_bytes, c.total_bytes);
     }
 
     #[test]
