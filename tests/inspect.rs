@@ -380,6 +380,7 @@ fn written_kernel(isa: roundhouse::kernels::Isa) -> String {
     match isa {
         roundhouse::kernels::Isa::Scalar => "scalar",
         roundhouse::kernels::Isa::Avx2 => "avx2",
+        roundhouse::kernels::Isa::AvxVnni => "avx_vnni",
         roundhouse::kernels::Isa::Avx512Vnni => "avx512_vnni",
     }
     .to_string()

@@ -282,11 +282,19 @@ fn level_macros() -> BTreeMap<String, String> {
 fn each_simd_level_has_one_macro_with_its_feature_list() {
     use roundhouse::kernels::Isa;
     let macros = level_macros();
-    let want: BTreeMap<String, String> =
-        [("avx2_fn", Isa::Avx2), ("avx512_vnni_fn", Isa::Avx512Vnni)]
-            .into_iter()
-            .map(|(m, isa)| (m.to_string(), isa.target_features().to_string()))
-            .collect();
+    let mut want: BTreeMap<String, String> = [
+        ("avx2_fn", Isa::Avx2),
+        ("avx_vnni_fn", Isa::AvxVnni),
+        ("avx512_vnni_fn", Isa::Avx512Vnni),
+    ]
+    .into_iter()
+    .map(|(m, isa)| (m.to_string(), isa.target_features().to_string()))
+    .collect();
+    // The AVX-VNNI level's other encoding, which `Isa::runs_on` accepts.
+    want.insert(
+        "avx_vnni_evex_fn".to_string(),
+        roundhouse::kernels::isa::AVX_VNNI_EVEX_FEATURES.to_string(),
+    );
     assert_eq!(macros, want, "kernels/isa.rs's level macros");
     // Every level but the scalar one is covered.
     for isa in Isa::ALL {

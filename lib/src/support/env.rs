@@ -160,7 +160,11 @@ fn switch_of(name: &'static str, v: Option<String>, default_on: bool) -> bool {
 /// Called by the kernels when `RH_KERNELS` names no level: warns once (no
 /// cap applies).
 pub fn kernels_cap_unknown(value: &str) {
-    ignored(RH_KERNELS, value, "scalar, avx2, avx512 or avx512-vnni");
+    ignored(
+        RH_KERNELS,
+        value,
+        "scalar, avx2, avx-vnni, avx512 or avx512-vnni",
+    );
 }
 
 /// `RH_ACTIVATIONS`'s value when it names no path (warned once; the

@@ -22,12 +22,17 @@
 use crate::kernels::isa::avx2_fn;
 use std::arch::x86_64::*;
 
+use super::avx2_prefill::Vnni256;
 use crate::tensor::{DenseMatrix, FloatType, LayoutError, QuantMatrix, Zeros, QBLOCK};
 
 /// Proof that the running CPU has AVX2, FMA and F16C; only
-/// [`Avx2::detect`] makes one.
+/// [`Avx2::detect`] makes one. With `vnni` it also proves the
+/// [`Isa::AvxVnni`](super::Isa::AvxVnni) level, whose prefill tiles
+/// multiply in VNNI (see [`Avx2::with_vnni`]).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Avx2(());
+pub(crate) struct Avx2 {
+    pub(crate) vnni: Option<Vnni256>,
+}
 
 impl Avx2 {
     /// `Some` when the CPU supports the instructions these kernels use.
@@ -36,7 +41,13 @@ impl Avx2 {
             PREFETCH_BYTES.store(v, std::sync::atomic::Ordering::Relaxed);
             PREFETCH_SET.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        super::Isa::Avx2.supported().then_some(Avx2(()))
+        super::Isa::Avx2.supported().then_some(Avx2 { vnni: None })
+    }
+
+    /// This level with the prefill tiles' multiply-adds in VNNI, where the
+    /// CPU runs [`Isa::AvxVnni`](super::Isa::AvxVnni).
+    pub(crate) fn with_vnni(self) -> Option<Avx2> {
+        Vnni256::detect().map(|v| Avx2 { vnni: Some(v) })
     }
 }
 

@@ -1,6 +1,7 @@
 //! Prefill (matrix-matrix) kernels for AVX2: quantized weights times many
 //! tokens' int16 activations in integer multiply-adds, with one weight row
-//! per 32-bit vector lane, for CPUs without AVX-512 (or AVX-VNNI).
+//! per 32-bit vector lane, for CPUs without AVX-512; with AVX-VNNI the
+//! same loop adds each pair of products in `vpdpwssd` ([`Vnni256`]).
 //!
 //! The AVX2 matmul without these converts every block of weight rows to f32
 //! and multiplies in FMAs: 8 products per instruction, and the conversion
@@ -11,7 +12,10 @@
 //! each pair of columns is broadcast to every lane and `vpmaddwd` adds 16
 //! exact products into 8 rows' i32 sums; each broadcast feeds both halves. A group's sums are converted
 //! and scaled for 8 rows at once, so the per-element work is one multiply-
-//! add and one add for 16 products, against one FMA for 8.
+//! add and one add for 16 products, against one FMA for 8. On the AVX-VNNI
+//! level (`vpdpwssd` on 256-bit vectors) the multiply-add and the add are
+//! one instruction; the loop is one source compiled for each level
+//! (`tile_tokens_fn!`), and its sums are the same bits.
 //!
 //! Why not unsigned weight bytes against activations split into two signed
 //! bytes, as the AVX-512 tiles do with `vpdpbusd`: without VNNI that takes
@@ -31,7 +35,7 @@
 
 #![allow(unknown_lints, clippy::manual_is_multiple_of)]
 
-use crate::kernels::isa::avx2_fn;
+use crate::kernels::isa::{avx2_fn, avx_vnni_evex_fn, avx_vnni_fn};
 use std::arch::x86_64::*;
 
 use super::avx2::{Avx2, QuantView, SpreadPrefetch, TileScales};
@@ -106,6 +110,58 @@ fn flush_cols(bits: u8) -> usize {
         4096
     } else {
         256
+    }
+}
+
+/// Calls the tile loop `$f::<T, H>` for `$halves` halves and `$nt` tokens
+/// (the shapes [`Avx2::tile_multiply`] passes take).
+macro_rules! by_shape {
+    ($f:ident, $halves:expr, $nt:expr, ($($arg:expr),*)) => {
+        match ($halves, $nt) {
+            (2, 6) => $f::<6, 2>($($arg),*),
+            (2, 5) => $f::<5, 2>($($arg),*),
+            (2, 4) => $f::<4, 2>($($arg),*),
+            (2, 3) => $f::<3, 2>($($arg),*),
+            (2, 2) => $f::<2, 2>($($arg),*),
+            (2, _) => $f::<1, 2>($($arg),*),
+            (_, 8) => $f::<8, 1>($($arg),*),
+            (_, 7) => $f::<7, 1>($($arg),*),
+            (_, 6) => $f::<6, 1>($($arg),*),
+            (_, 5) => $f::<5, 1>($($arg),*),
+            (_, 4) => $f::<4, 1>($($arg),*),
+            (_, 3) => $f::<3, 1>($($arg),*),
+            (_, 2) => $f::<2, 1>($($arg),*),
+            _ => $f::<1, 1>($($arg),*),
+        }
+    };
+}
+
+/// Proof that the CPU runs [`Isa::AvxVnni`](crate::kernels::Isa::AvxVnni),
+/// and in which encoding: the tile loop then adds its products with one
+/// `vpdpwssd` where AVX2 takes `vpmaddwd` and `vpaddd`. Held by an
+/// [`Avx2`] (see [`Avx2::with_vnni`]); everything else at that level runs
+/// AVX2's kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Vnni256 {
+    /// AVX-VNNI (`avx_vnni_fn!`).
+    Vex,
+    /// The AVX-512 VNNI + VL encoding (`avx_vnni_evex_fn!`), where the CPU
+    /// has those and not AVX-VNNI.
+    Evex,
+}
+
+impl Vnni256 {
+    /// The encoding this CPU runs, if any.
+    pub(crate) fn detect() -> Option<Vnni256> {
+        use crate::kernels::isa::{cpu_has, AVX_VNNI_EVEX_FEATURES};
+        use crate::kernels::Isa;
+        if Isa::AvxVnni.required().all(cpu_has) {
+            Some(Vnni256::Vex)
+        } else if AVX_VNNI_EVEX_FEATURES.split(',').all(cpu_has) {
+            Some(Vnni256::Evex)
+        } else {
+            None
+        }
     }
 }
 
@@ -253,21 +309,24 @@ impl Avx2 {
             // in `acts` (whose shape matches the tile, checked above) and
             // their output rows are the caller's to write.
             unsafe {
-                match (halves, nt) {
-                    (2, 6) => tile_tokens::<6, 2>(tile, acts, t0, o, ldo, done == 0),
-                    (2, 5) => tile_tokens::<5, 2>(tile, acts, t0, o, ldo, done == 0),
-                    (2, 4) => tile_tokens::<4, 2>(tile, acts, t0, o, ldo, done == 0),
-                    (2, 3) => tile_tokens::<3, 2>(tile, acts, t0, o, ldo, done == 0),
-                    (2, 2) => tile_tokens::<2, 2>(tile, acts, t0, o, ldo, done == 0),
-                    (2, _) => tile_tokens::<1, 2>(tile, acts, t0, o, ldo, done == 0),
-                    (_, 8) => tile_tokens::<8, 1>(tile, acts, t0, o, ldo, done == 0),
-                    (_, 7) => tile_tokens::<7, 1>(tile, acts, t0, o, ldo, done == 0),
-                    (_, 6) => tile_tokens::<6, 1>(tile, acts, t0, o, ldo, done == 0),
-                    (_, 5) => tile_tokens::<5, 1>(tile, acts, t0, o, ldo, done == 0),
-                    (_, 4) => tile_tokens::<4, 1>(tile, acts, t0, o, ldo, done == 0),
-                    (_, 3) => tile_tokens::<3, 1>(tile, acts, t0, o, ldo, done == 0),
-                    (_, 2) => tile_tokens::<2, 1>(tile, acts, t0, o, ldo, done == 0),
-                    _ => tile_tokens::<1, 1>(tile, acts, t0, o, ldo, done == 0),
+                match self.vnni {
+                    None => by_shape!(tile_tokens, halves, nt, (tile, acts, t0, o, ldo, done == 0)),
+                    Some(Vnni256::Vex) => {
+                        by_shape!(
+                            tile_tokens_vex,
+                            halves,
+                            nt,
+                            (tile, acts, t0, o, ldo, done == 0)
+                        )
+                    }
+                    Some(Vnni256::Evex) => {
+                        by_shape!(
+                            tile_tokens_evex,
+                            halves,
+                            nt,
+                            (tile, acts, t0, o, ldo, done == 0)
+                        )
+                    }
                 }
             }
             done += nt;
@@ -464,10 +523,34 @@ unsafe fn transpose_rows(v: &QuantView, r0: usize, nr: usize, dst: *mut i16) {
     }
 }
 
+}
+
+/// `acc + ` the 16 products of `w` and `x` (int16 pairs) added in pairs
+/// into 8 i32 lanes: AVX2 multiplies and adds in two instructions, VNNI in
+/// one (the sums are the same: a pair's sum fits an i32, see
+/// [`flush_cols`]).
+macro_rules! multiply_add {
+    (madd_add, $acc:expr, $w:expr, $x:expr) => {
+        _mm256_add_epi32($acc, _mm256_madd_epi16($w, $x))
+    };
+    (vex, $acc:expr, $w:expr, $x:expr) => {
+        _mm256_dpwssd_avx_epi32($acc, $w, $x)
+    };
+    (evex, $acc:expr, $w:expr, $x:expr) => {
+        _mm256_dpwssd_epi32($acc, $w, $x)
+    };
+}
+
+/// Defines `$name`, the tile multiply's loop, compiled through the level
+/// macro `$level` with [`multiply_add!`]'s `$mac`: one source for every
+/// level that runs these tiles.
+macro_rules! tile_tokens_fn {
+    ($level:ident, $name:ident, $mac:ident) => {
+        $level! {
 /// The tile's rows (its first `H` halves) times tokens `t0..t0 + T` of
 /// `acts`, written to `out[t * ldo + i]` for `t` in `0..T` and the tile's
 /// rows `i`.
-unsafe fn tile_tokens<const T: usize, const H: usize>(
+unsafe fn $name<const T: usize, const H: usize>(
     tile: &Tile,
     acts: &PairActs,
     t0: usize,
@@ -513,7 +596,7 @@ unsafe fn tile_tokens<const T: usize, const H: usize>(
                 for t in 0..T {
                     let xv = _mm256_set1_epi32(*xs[t].add(p));
                     for h in 0..H {
-                        acc[h][t] = _mm256_add_epi32(acc[h][t], _mm256_madd_epi16(wv[h], xv));
+                        acc[h][t] = multiply_add!($mac, acc[h][t], wv[h], xv);
                     }
                 }
             }
@@ -550,6 +633,12 @@ unsafe fn tile_tokens<const T: usize, const H: usize>(
     }
 }
 }
+    };
+}
+
+tile_tokens_fn!(avx2_fn, tile_tokens, madd_add);
+tile_tokens_fn!(avx_vnni_fn, tile_tokens_vex, vex);
+tile_tokens_fn!(avx_vnni_evex_fn, tile_tokens_evex, evex);
 
 #[cfg(test)]
 mod tests {

@@ -480,11 +480,8 @@ fn bench_shape(shape: &Shape, opts: &KernelOpts, rep: &mut KernelReport) {
     // kernels at either level.
     let levels: Vec<Isa> = isas();
     let best = *levels.last().expect("scalar is always there");
-    let avx2 = if best == Isa::Avx512Vnni {
-        Isa::Avx2
-    } else {
-        best
-    };
+    // The levels above AVX2 run its kernels for these paths too.
+    let avx2 = best.min(Isa::Avx2);
     let paths = matvec_paths(shape.kind, best, avx2);
     let row = |op, isa: Isa, path: Path, tokens: usize, secs: f64, calls: usize| {
         let gbs = bytes as f64 / secs / 1e9;
@@ -607,7 +604,7 @@ fn time_matmuls(
     // (`dense_rows_tokens`), which is what batched decode runs there.
     if shape.kind == WeightKind::Bf16 && n <= super::SMALL_BATCH_TOKENS {
         let best = super::simd().isa();
-        if best > avx2 {
+        if best == Isa::Avx512Vnni {
             out.push(timed(best, Path::SimdF32));
         }
     }
@@ -811,6 +808,10 @@ mod tests {
             ("matmul", avx2, "simd-int16"),
             ("matmul", avx2, "simd-f32"),
         ];
+        // The matmul rows go from the highest level down.
+        if isas().contains(&Isa::AvxVnni) {
+            want.insert(3, ("matmul", Isa::AvxVnni.name(), "simd-int16"));
+        }
         if isas().contains(&Isa::Avx512Vnni) {
             want.insert(0, ("matvec", Isa::Avx512Vnni.name(), "simd-int16"));
             want.insert(4, ("matmul", Isa::Avx512Vnni.name(), "simd-int16"));

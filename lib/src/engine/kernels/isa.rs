@@ -4,8 +4,9 @@
 //! `rh-inspect` reports the level (`strategy.toml`'s `kernel`), the kernels
 //! run at it, and every SIMD function in `kernels/` is compiled for one
 //! level's [`Isa::target_features`] through that level's macro
-//! (`avx2_fn!`, `avx512_vnni_fn!`; tests/structure.rs reads the sources
-//! and checks), so the features a kernel is compiled for are exactly the
+//! (`avx2_fn!`, `avx_vnni_fn!`, `avx512_vnni_fn!`, and `avx_vnni_evex_fn!`
+//! for the AVX-VNNI level's other encoding; tests/structure.rs reads the
+//! sources and checks), so the features a kernel is compiled for are exactly the
 //! ones detected before it may run.
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,14 @@ pub enum Isa {
     Scalar,
     /// AVX2, FMA and F16C.
     Avx2,
+    /// AVX2's kernels, with the prefill tiles' multiply-adds in 256-bit
+    /// VNNI (`vpdpwssd`, one instruction where AVX2 takes `vpmaddwd` and
+    /// `vpaddd`): AVX-VNNI, on Intel's 12th generation and later and AMD's
+    /// Zen 5, which lack AVX-512 (or have it, and run [`Isa::Avx512Vnni`]).
+    /// The same instruction in its AVX-512 VL encoding stands in where the
+    /// CPU has AVX-512 VNNI and VL but not AVX-VNNI, so the level runs,
+    /// and is tested and measured, there too when capped to it.
+    AvxVnni,
     /// AVX-512 F/BW and VNNI for int16-activation quantized matvec and
     /// matmul; AVX2 for everything else.
     Avx512Vnni,
@@ -69,19 +78,63 @@ macro_rules! avx512_vnni_fn {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx512_vnni_fn;
 
+/// `avx2_fn!` for [`Isa::AvxVnni`]: AVX-VNNI (VEX-encoded `vpdpwssd` on
+/// 256-bit vectors) plus AVX2's list.
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx_vnni_fn {
+    ($($item:item)*) => {
+        $(
+            #[target_feature(enable = "avxvnni,avx2,fma,f16c")]
+            $item
+        )*
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx_vnni_fn;
+
+/// `avx_vnni_fn!` in the AVX-512 encoding ([`AVX_VNNI_EVEX_FEATURES`]):
+/// the same 256-bit `vpdpwssd` where the CPU has AVX-512 VNNI and VL
+/// instead of AVX-VNNI.
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx_vnni_evex_fn {
+    ($($item:item)*) => {
+        $(
+            #[target_feature(enable = "avx512vnni,avx512vl,avx2,fma,f16c")]
+            $item
+        )*
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx_vnni_evex_fn;
+
+/// The features of [`Isa::AvxVnni`]'s other encoding (`avx_vnni_evex_fn!`):
+/// a CPU with these and not AVX-VNNI runs the level's kernels compiled for
+/// them.
+pub const AVX_VNNI_EVEX_FEATURES: &str = "avx512vnni,avx512vl,avx2,fma,f16c";
+
 /// Every CPU feature some level needs, as `is_x86_feature_detected!` and
 /// `#[target_feature]` spell them.
-pub const KERNEL_FEATURES: [&str; 6] = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni"];
+pub const KERNEL_FEATURES: [&str; 8] = [
+    "avx2",
+    "fma",
+    "f16c",
+    "avxvnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vnni",
+    "avx512vl",
+];
 
 impl Isa {
     /// Every level, lowest first.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni];
 
     /// A short name for reports.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2+fma",
+            Isa::AvxVnni => "avx-vnni",
             Isa::Avx512Vnni => "avx512-vnni",
         }
     }
@@ -92,6 +145,7 @@ impl Isa {
         match self {
             Isa::Scalar => "",
             Isa::Avx2 => "avx2,fma,f16c",
+            Isa::AvxVnni => "avxvnni,avx2,fma,f16c",
             Isa::Avx512Vnni => "avx512f,avx512bw,avx512vnni,avx2,fma,f16c",
         }
     }
@@ -101,13 +155,21 @@ impl Isa {
         self.target_features().split(',').filter(|f| !f.is_empty())
     }
 
+    /// Whether a CPU whose features `has` reports runs this level: it has
+    /// the level's features, or for [`Isa::AvxVnni`] those of its other
+    /// encoding ([`AVX_VNNI_EVEX_FEATURES`]).
+    pub fn runs_on(self, has: impl Fn(&str) -> bool) -> bool {
+        self.required().all(&has)
+            || (self == Isa::AvxVnni && AVX_VNNI_EVEX_FEATURES.split(',').all(&has))
+    }
+
     /// The highest level whose features `has` reports (a pure function, so
     /// inspect can decide for a recorded probe and tests can feed any CPU).
     pub fn highest(has: impl Fn(&str) -> bool) -> Isa {
         *Isa::ALL
             .iter()
             .rev()
-            .find(|isa| isa.required().all(&has))
+            .find(|isa| isa.runs_on(&has))
             .unwrap_or(&Isa::Scalar)
     }
 
@@ -118,16 +180,17 @@ impl Isa {
 
     /// Whether the running CPU has every feature this level needs.
     pub fn supported(self) -> bool {
-        self.required().all(cpu_has)
+        self.runs_on(cpu_has)
     }
 
     /// Reads a level as `RH_KERNELS` and strategy files spell it
-    /// (`scalar`, `avx2`, `avx512`, `avx512_vnni`, `avx512-vnni`, any
-    /// case); `None` for anything else.
+    /// (`scalar`, `avx2`, `avx-vnni`, `avx_vnni`, `avx512`, `avx512_vnni`,
+    /// `avx512-vnni`, any case); `None` for anything else.
     pub fn parse(s: &str) -> Option<Isa> {
         match s.trim().to_ascii_lowercase().as_str() {
             "scalar" | "neon" => Some(Isa::Scalar),
             "avx2" | "avx2+fma" => Some(Isa::Avx2),
+            "avx-vnni" | "avx_vnni" | "avxvnni" => Some(Isa::AvxVnni),
             "avx512" | "avx512_vnni" | "avx512-vnni" => Some(Isa::Avx512Vnni),
             _ => None,
         }
@@ -148,6 +211,8 @@ pub fn cpu_has(feature: &str) -> bool {
             "avx512f" => std::is_x86_feature_detected!("avx512f"),
             "avx512bw" => std::is_x86_feature_detected!("avx512bw"),
             "avx512vnni" => std::is_x86_feature_detected!("avx512vnni"),
+            "avx512vl" => std::is_x86_feature_detected!("avx512vl"),
+            "avxvnni" => std::is_x86_feature_detected!("avxvnni"),
             _ => false,
         }
     }
@@ -174,6 +239,28 @@ mod tests {
             "AVX-512 without BW"
         );
         assert_eq!(Isa::highest(only(&KERNEL_FEATURES)), Isa::Avx512Vnni);
+        // Alder Lake and later: AVX-VNNI without AVX-512.
+        assert_eq!(
+            Isa::highest(only(&["avx2", "fma", "f16c", "avxvnni"])),
+            Isa::AvxVnni
+        );
+        // Ice Lake, Zen 4: AVX-512 VNNI and VL without AVX-VNNI run the
+        // level in its other encoding, and the AVX-512 one above it.
+        let zen4 = only(&[
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vnni",
+            "avx512vl",
+        ]);
+        assert!(Isa::AvxVnni.runs_on(zen4));
+        assert_eq!(Isa::highest(zen4), Isa::Avx512Vnni);
+        assert!(
+            !Isa::AvxVnni.runs_on(only(&["avx2", "fma", "f16c", "avx512vnni"])),
+            "no VL"
+        );
         for isa in Isa::ALL {
             assert!(isa.required().all(|f| KERNEL_FEATURES.contains(&f)));
         }

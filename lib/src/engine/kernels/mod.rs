@@ -14,8 +14,8 @@
 //! (f32-grade accuracy) or int8 (as llama.cpp's Q8 dot products do) and
 //! multiplied with integer instructions.
 //! [`default_path`] picks one; `RH_ACTIVATIONS=f32|int16|int8|scalar` overrides it and
-//! `RH_KERNELS=scalar|avx2` caps the instruction set (`scalar` forces the
-//! reference loops), as does strategy.toml's `kernel` through [`limit`]
+//! `RH_KERNELS=scalar|avx2|avx-vnni` caps the instruction set (`scalar`
+//! forces the reference loops), as does strategy.toml's `kernel` through [`limit`]
 //! (the lower cap wins); `RH_PREFETCH=<bytes>`
 //! sets the software-prefetch distance of the matvec kernels. Matrix-matrix
 //! products (prefill) with int16 activations on AVX-512 VNNI transpose
@@ -23,7 +23,8 @@
 //! vector lane and multiply it with every token in integers (the private
 //! `avx512_prefill` module); on the AVX2 level they do the same with tiles
 //! of 16 rows of int16 weights and `vpmaddwd` (the private `avx2_prefill`
-//! module); otherwise (dense weights, other paths) they use f32 activations
+//! module), and on the AVX-VNNI level ([`Isa::AvxVnni`]: AVX2 plus 256-bit
+//! VNNI) the same tiles with `vpdpwssd`; otherwise (dense weights, other paths) they use f32 activations
 //! and convert each block of weight rows to f32 once per block of tokens.
 //!
 //! A few tokens (several sequences decoding together) take the small-batch
@@ -194,6 +195,8 @@ impl Simd {
         match self {
             Simd::None => Isa::Scalar,
             #[cfg(target_arch = "x86_64")]
+            Simd::Avx2(a) if a.vnni.is_some() => Isa::AvxVnni,
+            #[cfg(target_arch = "x86_64")]
             Simd::Avx2(_) => Isa::Avx2,
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512(_) => Isa::Avx512Vnni,
@@ -220,6 +223,9 @@ fn levels() -> &'static [Simd] {
         #[cfg(target_arch = "x86_64")]
         if let Some(a) = avx2::Avx2::detect() {
             v.push(Simd::Avx2(a));
+            if let Some(av) = a.with_vnni() {
+                v.push(Simd::Avx2(av));
+            }
             if let Some(b) = avx512::Avx512::detect(a) {
                 v.push(Simd::Avx512(b));
             }

@@ -451,6 +451,18 @@ fn avx512_vnni_is_detected_when_the_cpu_has_it() {
     assert_eq!(isas()[0], Isa::Scalar);
 }
 
+#[test]
+fn avx_vnni_is_detected_when_the_cpu_runs_it() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = ["avx2", "fma", "f16c"].into_iter().all(super::isa::cpu_has);
+        let vex = std::is_x86_feature_detected!("avxvnni");
+        let evex = std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl");
+        assert_eq!(isas().contains(&Isa::AvxVnni), avx2 && (vex || evex));
+    }
+}
+
 /// `(bits, group size, columns)`: the model's shapes, groups of every size
 /// the cache allows (partial last groups, groups longer than an i32 lane may
 /// add unscaled in some kernels).
@@ -558,6 +570,37 @@ fn int16_matmul_matches_scalar_on_model_shapes() {
                 );
             }
         }
+    }
+}
+
+/// The AVX-VNNI level's tiles add the same integer products as AVX2's in
+/// one instruction instead of two, and scale them in the same order: the
+/// same bits, on every model shape (with large activations, where the
+/// sums of a flush are largest) and token counts around one pass's.
+#[test]
+fn avx_vnni_matmul_is_avx2s_bit_for_bit() {
+    if !isas().contains(&Isa::AvxVnni) {
+        eprintln!("skipped: this CPU runs neither AVX-VNNI nor AVX-512 VNNI with VL");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(37);
+    for (case, (bits, group, cols)) in MODEL_SHAPES.into_iter().enumerate() {
+        let rows = [16, 15, 17, 33, 8, 40, 1, 50, 9, 18][case];
+        let n = [6, 12, 5, 13, 8, 7, 30, 3, 11, 9][case];
+        let w = Matrix::Quant(rand_quant(&mut rng, rows, cols, bits, group, case % 2 == 1));
+        let x: Vec<f32> = rand_x(&mut rng, n * cols).iter().map(|v| v * 1e4).collect();
+        let mut want = vec![f32::NAN; n * rows];
+        matmul_isa(Isa::Avx2, &w, &x, n, &mut want, Path::SimdInt16);
+        let mut got = vec![f32::NAN; n * rows];
+        matmul_isa(Isa::AvxVnni, &w, &x, n, &mut got, Path::SimdInt16);
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "case {case}: {bits}-bit g{group} [{rows}x{cols}] n={n}"
+        );
     }
 }
 

@@ -32,6 +32,9 @@ pub struct CpuFeatures {
     /// AVX-512 byte and word instructions (x86).
     #[serde(default)]
     pub avx512bw: bool,
+    /// AVX-512 on 128- and 256-bit vectors (x86).
+    #[serde(default)]
+    pub avx512vl: bool,
     /// AVX-VNNI (VEX-encoded VNNI, x86).
     pub avx_vnni: bool,
     /// AMX tiles (x86, from `/proc/cpuinfo` flags).
@@ -59,6 +62,8 @@ impl CpuFeatures {
         f.avx512f = cpu_has("avx512f");
         f.avx512vnni = cpu_has("avx512vnni");
         f.avx512bw = cpu_has("avx512bw");
+        f.avx512vl = cpu_has("avx512vl");
+        f.avx_vnni |= cpu_has("avxvnni");
         #[cfg(target_arch = "aarch64")]
         {
             f.neon = std::arch::is_aarch64_feature_detected!("neon");
@@ -77,6 +82,8 @@ impl CpuFeatures {
             "avx512f" => self.avx512f,
             "avx512bw" => self.avx512bw,
             "avx512vnni" => self.avx512vnni,
+            "avx512vl" => self.avx512vl,
+            "avxvnni" => self.avx_vnni,
             _ => false,
         }
     }
@@ -90,6 +97,7 @@ impl CpuFeatures {
             (self.avx512f, "avx512f"),
             (self.avx512vnni, "avx512vnni"),
             (self.avx512bw, "avx512bw"),
+            (self.avx512vl, "avx512vl"),
             (self.avx_vnni, "avx-vnni"),
             (self.amx, "amx"),
             (self.neon, "neon"),

@@ -108,6 +108,9 @@ fn choose_kernel(p: &Probe, warnings: &mut Vec<String>) -> (Isa, String) {
              the rest runs AVX2"
                 .to_string()
         }
+        Isa::AvxVnni => "avx-vnni: the CPU has AVX2, FMA, F16C and AVX-VNNI: prefill's integer \
+                         tiles multiply-add in vpdpwssd, the rest runs AVX2"
+            .to_string(),
         Isa::Avx2 => {
             let extra = if f.avx512f {
                 "; AVX-512 is present without VNNI/BW, which the integer kernels need"
