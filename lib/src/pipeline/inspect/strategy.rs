@@ -435,6 +435,26 @@ mod tests {
     }
 
     #[test]
+    fn avx_vnni_cpu_without_avx512_gets_its_level() {
+        // Alder Lake and later: AVX-VNNI, no AVX-512.
+        let mut m = machine(64, 8, None, true, 70.0);
+        m.features.avx_vnni = true;
+        let s = decide_preset(&m);
+        assert_eq!(s.kernel, Isa::AvxVnni);
+        assert!(
+            s.reasons.kernel.starts_with("avx-vnni"),
+            "{}",
+            s.reasons.kernel
+        );
+        // With AVX-512 F/BW/VNNI as well (Sapphire Rapids), the AVX-512 level.
+        m.features.avx512f = true;
+        m.features.avx512bw = true;
+        m.features.avx512vnni = true;
+        m.features.avx512vl = true;
+        assert_eq!(decide_preset(&m).kernel, Isa::Avx512Vnni);
+    }
+
+    #[test]
     fn desktop_64gb_with_16gb_gpu_puts_attention_on_gpu() {
         let s = decide_preset(&machine(64, 8, Some(16), true, 70.0));
         assert!(s.fits_in_ram && s.populate);
