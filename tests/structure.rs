@@ -290,10 +290,16 @@ fn each_simd_level_has_one_macro_with_its_feature_list() {
     .into_iter()
     .map(|(m, isa)| (m.to_string(), isa.target_features().to_string()))
     .collect();
-    // The AVX-VNNI level's other encoding, which `Isa::runs_on` accepts.
+    // The AVX-VNNI level's other encoding.
     want.insert(
         "avx_vnni_evex_fn".to_string(),
-        roundhouse::kernels::isa::AVX_VNNI_EVEX_FEATURES.to_string(),
+        Isa::AvxVnni.encodings()[1].to_string(),
+    );
+    let encodings: usize = Isa::ALL.iter().map(|i| i.encodings().len()).sum();
+    assert_eq!(
+        macros.len() + 1,
+        encodings,
+        "one macro per encoding (scalar has none)"
     );
     assert_eq!(macros, want, "kernels/isa.rs's level macros");
     // Every level but the scalar one is covered.

@@ -153,14 +153,12 @@ pub(crate) enum Vnni256 {
 impl Vnni256 {
     /// The encoding this CPU runs, if any.
     pub(crate) fn detect() -> Option<Vnni256> {
-        use crate::kernels::isa::{cpu_has, AVX_VNNI_EVEX_FEATURES};
+        use crate::kernels::isa::cpu_has;
         use crate::kernels::Isa;
-        if Isa::AvxVnni.required().all(cpu_has) {
-            Some(Vnni256::Vex)
-        } else if AVX_VNNI_EVEX_FEATURES.split(',').all(cpu_has) {
-            Some(Vnni256::Evex)
-        } else {
-            None
+        // In the order of `Isa::AvxVnni.encodings()`.
+        match Isa::AvxVnni.encoding_on(cpu_has)? {
+            0 => Some(Vnni256::Vex),
+            _ => Some(Vnni256::Evex),
         }
     }
 }

@@ -92,9 +92,9 @@ macro_rules! avx_vnni_fn {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx_vnni_fn;
 
-/// `avx_vnni_fn!` in the AVX-512 encoding ([`AVX_VNNI_EVEX_FEATURES`]):
-/// the same 256-bit `vpdpwssd` where the CPU has AVX-512 VNNI and VL
-/// instead of AVX-VNNI.
+/// `avx_vnni_fn!` in the AVX-512 encoding (the second of
+/// [`Isa::AvxVnni`]'s [`Isa::encodings`]): the same 256-bit `vpdpwssd`
+/// where the CPU has AVX-512 VNNI and VL instead of AVX-VNNI.
 #[cfg(target_arch = "x86_64")]
 macro_rules! avx_vnni_evex_fn {
     ($($item:item)*) => {
@@ -106,11 +106,6 @@ macro_rules! avx_vnni_evex_fn {
 }
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx_vnni_evex_fn;
-
-/// The features of [`Isa::AvxVnni`]'s other encoding (`avx_vnni_evex_fn!`):
-/// a CPU with these and not AVX-VNNI runs the level's kernels compiled for
-/// them.
-pub const AVX_VNNI_EVEX_FEATURES: &str = "avx512vnni,avx512vl,avx2,fma,f16c";
 
 /// Every CPU feature some level needs, as `is_x86_feature_detected!` and
 /// `#[target_feature]` spell them.
@@ -139,15 +134,24 @@ impl Isa {
         }
     }
 
-    /// The features this level's kernels are compiled for, exactly as the
-    /// level's macro (`avx2_fn!`, `avx512_vnni_fn!`) lists them.
-    pub const fn target_features(self) -> &'static str {
+    /// The feature lists this level's kernels are compiled for, one per
+    /// encoding of its instructions, the preferred first; each exactly as
+    /// its macro lists it (`avx2_fn!`, `avx_vnni_fn!` then
+    /// `avx_vnni_evex_fn!`, `avx512_vnni_fn!`). Only AVX-VNNI has two: a
+    /// CPU with AVX-512 VNNI and VL but not AVX-VNNI runs the same
+    /// instructions in their AVX-512 encoding.
+    pub const fn encodings(self) -> &'static [&'static str] {
         match self {
-            Isa::Scalar => "",
-            Isa::Avx2 => "avx2,fma,f16c",
-            Isa::AvxVnni => "avxvnni,avx2,fma,f16c",
-            Isa::Avx512Vnni => "avx512f,avx512bw,avx512vnni,avx2,fma,f16c",
+            Isa::Scalar => &[""],
+            Isa::Avx2 => &["avx2,fma,f16c"],
+            Isa::AvxVnni => &["avxvnni,avx2,fma,f16c", "avx512vnni,avx512vl,avx2,fma,f16c"],
+            Isa::Avx512Vnni => &["avx512f,avx512bw,avx512vnni,avx2,fma,f16c"],
         }
+    }
+
+    /// The features of this level's preferred encoding.
+    pub const fn target_features(self) -> &'static str {
+        self.encodings()[0]
     }
 
     /// The features this level needs, one by one.
@@ -155,12 +159,18 @@ impl Isa {
         self.target_features().split(',').filter(|f| !f.is_empty())
     }
 
-    /// Whether a CPU whose features `has` reports runs this level: it has
-    /// the level's features, or for [`Isa::AvxVnni`] those of its other
-    /// encoding ([`AVX_VNNI_EVEX_FEATURES`]).
+    /// Which of [`Isa::encodings`] a CPU whose features `has` reports runs
+    /// (the first it has every feature of), if any.
+    pub fn encoding_on(self, has: impl Fn(&str) -> bool) -> Option<usize> {
+        self.encodings()
+            .iter()
+            .position(|list| list.split(',').filter(|f| !f.is_empty()).all(&has))
+    }
+
+    /// Whether a CPU whose features `has` reports runs this level, in any
+    /// of its encodings.
     pub fn runs_on(self, has: impl Fn(&str) -> bool) -> bool {
-        self.required().all(&has)
-            || (self == Isa::AvxVnni && AVX_VNNI_EVEX_FEATURES.split(',').all(&has))
+        self.encoding_on(has).is_some()
     }
 
     /// The highest level whose features `has` reports (a pure function, so
@@ -263,6 +273,10 @@ mod tests {
         );
         for isa in Isa::ALL {
             assert!(isa.required().all(|f| KERNEL_FEATURES.contains(&f)));
+            for list in isa.encodings() {
+                let mut fs = list.split(',').filter(|f| !f.is_empty());
+                assert!(fs.all(|f| KERNEL_FEATURES.contains(&f)), "{list}");
+            }
         }
     }
 
